@@ -1,0 +1,81 @@
+//! Input validation shared by every implementation, run before any work or launch.
+
+use crate::error::{Error, Result};
+
+/// Dimensions of one head call: x [B, D], W [C, D], labels [B].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadShape {
+    /// Rows (batch size).
+    pub b: usize,
+    /// Classes.
+    pub c: usize,
+    /// Embedding dimension.
+    pub d: usize,
+}
+
+impl HeadShape {
+    /// Checks that no dimension is zero.
+    pub fn check_nonempty(&self) -> Result<()> {
+        for (name, v) in [("B", self.b), ("C", self.c), ("D", self.d)] {
+            if v == 0 {
+                return Err(Error::Empty(format!("{name} = 0 (shape B={}, C={}, D={})", self.b, self.c, self.d)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks the lengths of x, W, labels and sigma_cloud against `shape`, the label range,
+/// and that sigma_cloud is finite and >= 0. Negative labels (ignored rows) are allowed.
+pub fn check_head_inputs(
+    shape: HeadShape,
+    x_len: usize,
+    w_len: usize,
+    labels: &[i32],
+    sigma_cloud_len: Option<usize>,
+) -> Result<()> {
+    shape.check_nonempty()?;
+    let HeadShape { b, c, d } = shape;
+    if x_len != b * d {
+        return Err(Error::Shape(format!("x has {x_len} elements, expected B*D = {b}*{d}")));
+    }
+    if w_len != c * d {
+        return Err(Error::Shape(format!("W has {w_len} elements, expected C*D = {c}*{d}")));
+    }
+    if labels.len() != b {
+        return Err(Error::Shape(format!("labels has {} entries, expected B = {b}", labels.len())));
+    }
+    if let Some(n) = sigma_cloud_len {
+        if n != c {
+            return Err(Error::Shape(format!("sigma_cloud has {n} entries, expected C = {c}")));
+        }
+    }
+    check_labels(labels, c)
+}
+
+/// Every label must be < C; negative labels mark ignored rows.
+pub fn check_labels(labels: &[i32], c: usize) -> Result<()> {
+    for (row, &y) in labels.iter().enumerate() {
+        if y >= 0 && y as usize >= c {
+            return Err(Error::LabelOutOfRange { row, label: y as i64, classes: c });
+        }
+    }
+    Ok(())
+}
+
+/// First non-finite value in `v`, as an error naming `what`.
+pub fn check_finite(what: &str, v: &[f32]) -> Result<()> {
+    match v.iter().position(|x| !x.is_finite()) {
+        Some(index) => Err(Error::NonFinite { what: what.to_string(), index }),
+        None => Ok(()),
+    }
+}
+
+/// sigma_cloud must be finite and non-negative.
+pub fn check_sigma(sigma: &[f32]) -> Result<()> {
+    check_finite("sigma_cloud", sigma)?;
+    if let Some(i) = sigma.iter().position(|&s| s < 0.0) {
+        return Err(Error::InvalidConfig(format!("sigma_cloud[{i}] = {} is negative", sigma[i])));
+    }
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! (module cli: in progress)

@@ -1,0 +1,1 @@
+//! (module cpu: in progress)

@@ -1,0 +1,1 @@
+//! (module cuda: in progress)

@@ -1,0 +1,1 @@
+//! (module data: in progress)

@@ -1,0 +1,101 @@
+//! The crate's error type: every fallible public function returns [`Result`].
+
+use thiserror::Error;
+
+/// Everything that can go wrong in featcloud, typed so callers can react.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// Tensor shapes do not fit together (message names the tensors).
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    /// A dimension that must be positive is zero.
+    #[error("empty input: {0}")]
+    Empty(String),
+    /// A label is >= C (negative labels mark ignored rows and are allowed).
+    #[error("label {label} at row {row} is out of range for C = {classes}")]
+    LabelOutOfRange {
+        /// Row index.
+        row: usize,
+        /// The offending label.
+        label: i64,
+        /// Number of classes.
+        classes: usize,
+    },
+    /// A NaN or infinity where finite values are required.
+    #[error("non-finite value in {what} at index {index}")]
+    NonFinite {
+        /// Which tensor.
+        what: String,
+        /// Flat index of the first bad value.
+        index: usize,
+    },
+    /// An option is out of range.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// The CUDA driver library could not be loaded.
+    #[error("no CUDA driver: {0}")]
+    NoDriver(String),
+    /// The driver loaded but there is no usable device.
+    #[error("no CUDA device: {0}")]
+    NoDevice(String),
+    /// The device is older than the kernels support.
+    #[error("GPU {name} has compute capability {major}.{minor}; featcloud kernels need 8.0 or newer")]
+    UnsupportedDevice {
+        /// Device name.
+        name: String,
+        /// Compute capability major.
+        major: i32,
+        /// Compute capability minor.
+        minor: i32,
+    },
+    /// The crate was built without NVRTC, so no kernels are embedded.
+    #[error("featcloud was built without CUDA kernels (NVRTC was not found at build time); rebuild with NVRTC available, see README")]
+    KernelsNotBuilt,
+    /// A CUDA driver call failed.
+    #[error("CUDA error in {context}: {message}")]
+    Cuda {
+        /// What was being done (module/kernel name).
+        context: String,
+        /// The driver's message.
+        message: String,
+    },
+    /// cuBLAS failed.
+    #[error("cuBLAS error in {context}: {message}")]
+    Cublas {
+        /// What was being done.
+        context: String,
+        /// The library's message.
+        message: String,
+    },
+    /// A file could not be read or written.
+    #[error("{path}: {message}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A file exists but its contents are not what was expected.
+    #[error("{path}: invalid file: {message}")]
+    Format {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Shorthand for `std::result::Result<T, featcloud::Error>`.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: impl AsRef<std::path::Path>, err: impl std::fmt::Display) -> Self {
+        Error::Io { path: path.as_ref().display().to_string(), message: err.to_string() }
+    }
+
+    /// A format error for a file.
+    pub fn format(path: impl AsRef<std::path::Path>, msg: impl Into<String>) -> Self {
+        Error::Format { path: path.as_ref().display().to_string(), message: msg.into() }
+    }
+}

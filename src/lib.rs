@@ -1,0 +1,23 @@
+//! featcloud: normalized-softmax margin heads (ArcFace / CosFace / combined) with
+//! LEAP feature-cloud augmentation for long-tailed data, as hand-written CUDA
+//! kernels with a CPU oracle, a CPU backend and a small training engine.
+//!
+//! The exact math is in `SPEC.md` (shipped as `docs/SPEC.md`); every
+//! implementation in this crate computes it:
+//! - [`oracle`]: plain f64 loops, the truth;
+//! - [`cpu`]: the fast CPU backend;
+//! - [`cuda`]: the reference and fused CUDA paths.
+#![warn(missing_docs)]
+
+pub mod check;
+pub mod config;
+pub mod error;
+pub mod oracle;
+
+pub use config::{CenterMode, CloudMode, DType, Fallback, HeadConfig, MarginGrad, Reduction, Split, StatsConfig};
+pub use error::{Error, Result};
+pub mod cli;
+pub mod cpu;
+pub mod cuda;
+pub mod data;
+pub mod engine;
