@@ -21,3 +21,6 @@ pub mod cpu;
 pub mod cuda;
 pub mod data;
 pub mod engine;
+pub mod eval;
+pub mod io;
+pub mod plot;

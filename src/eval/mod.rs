@@ -1,0 +1,1 @@
+//! (module eval: in progress)

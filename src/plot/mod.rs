@@ -1,0 +1,1 @@
+//! (module plot: in progress)
