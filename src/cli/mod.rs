@@ -1,1 +1,4 @@
-//! (module cli: in progress)
+//! The `featcloud` command line.
+pub mod bench;
+pub mod info;
+pub mod smoke;
