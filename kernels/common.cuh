@@ -1,0 +1,134 @@
+// common.cuh — device-only helpers shared by every featcloud kernel.
+//
+// NVRTC compiles this without a CUDA toolkit install, so nothing here includes
+// a host or toolkit header: bf16/f16 are carried as raw 16-bit patterns and
+// converted with PTX `cvt`, fixed-width integers come from the built-in
+// compiler types, and the math functions are NVRTC's built-in device
+// functions (sqrtf, logf, cosf, acosf, ...).
+#pragma once
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef unsigned short u16;
+
+// Raw storage types. Kernels take `const bf16_t*` / `const f16_t*` arguments;
+// the Rust side passes `half::bf16` / `half::f16` buffers with the same bits.
+struct __align__(2) bf16_t { u16 bits; };
+struct __align__(2) f16_t { u16 bits; };
+
+#define FC_EPS_NORM 1e-12f
+#define FC_PI 3.14159265358979323846f
+#define WARP_SIZE 32
+// No <math.h> under NVRTC without a toolkit: spell infinity by its bits.
+#define FC_INF __int_as_float(0x7f800000)
+
+// ---- dtype conversion -------------------------------------------------------
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(bf16_t v) {
+    // bf16 is the top half of an f32: exact widening.
+    return __uint_as_float(((u32)v.bits) << 16);
+}
+__device__ __forceinline__ float to_f32(f16_t v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+    return f;
+}
+
+// Round-to-nearest-even narrowing, the same rounding `half` uses on the host.
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float v) {
+    bf16_t r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));
+    return r;
+}
+template <> __device__ __forceinline__ f16_t from_f32<f16_t>(float v) {
+    f16_t r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));
+    return r;
+}
+
+// ---- reductions ---------------------------------------------------------------
+// Fixed shuffle trees: the result is the same bits run after run (SPEC 4).
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = WARP_SIZE / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = WARP_SIZE / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Block-wide sum; every thread gets the result. `scratch` holds >= 32 floats.
+// The leading __syncthreads protects `scratch` when the helper is called twice in a row.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+    const int nwarps = (blockDim.x + WARP_SIZE - 1) / WARP_SIZE;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = (lane < nwarps) ? scratch[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+    const int nwarps = (blockDim.x + WARP_SIZE - 1) / WARP_SIZE;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = (lane < nwarps) ? scratch[lane] : -FC_INF;
+    return warp_max(v);
+}
+
+// Merge two online-softmax partials (m, s) where s = sum exp(z - m).
+__device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
+    if (m2 == -FC_INF) return;
+    if (m == -FC_INF) { m = m2; s = s2; return; }
+    const float mn = fmaxf(m, m2);
+    s = s * expf(m - mn) + s2 * expf(m2 - mn);
+    m = mn;
+}
+
+// ---- Philox4x32-10 and the cloud normal (SPEC section 6) -----------------------
+
+struct philox_u4 { u32 x, y, z, w; };
+
+__device__ __forceinline__ philox_u4 philox4x32_10(philox_u4 ctr, u32 k0, u32 k1) {
+    const u32 M0 = 0xD2511F53u, M1 = 0xCD9E8D57u;
+    const u32 W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+#pragma unroll
+    for (int r = 0; r < 10; ++r) {
+        const u32 hi0 = __umulhi(M0, ctr.x), lo0 = M0 * ctr.x;
+        const u32 hi1 = __umulhi(M1, ctr.z), lo1 = M1 * ctr.z;
+        ctr = philox_u4{hi1 ^ ctr.y ^ k0, lo1, hi0 ^ ctr.w ^ k1, lo0};
+        k0 += W0;
+        k1 += W1;
+    }
+    return ctr;
+}
+
+// eps_i for row `row` at (seed, step): Box-Muller on the first two outputs.
+// f32 arithmetic in this order (the oracle's cloud_normal_f32 mirrors it):
+//   u1 = (r0 + 1) * 2^-32  (as float(r0) * 2^-32 + 2^-32, never 0)
+//   u2 = r1 * 2^-32
+//   eps = sqrt(-2 * log(u1)) * cos(2 * pi * u2)
+__device__ __forceinline__ float cloud_normal(u64 seed, u64 step, u32 row) {
+    philox_u4 ctr = {row, 0u, (u32)(step & 0xffffffffu), (u32)(step >> 32)};
+    const philox_u4 r = philox4x32_10(ctr, (u32)(seed & 0xffffffffu), (u32)(seed >> 32));
+    const float two_m32 = 2.3283064365386963e-10f;  // 2^-32
+    const float u1 = fmaf((float)r.x, two_m32, two_m32);
+    const float u2 = (float)r.y * two_m32;
+    return sqrtf(-2.0f * logf(u1)) * cosf(2.0f * FC_PI * u2);
+}
+
+// ---- misc ------------------------------------------------------------------------
+
+__device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }

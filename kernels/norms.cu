@@ -1,0 +1,41 @@
+// norms.cu — row L2 norms and inverse norms (SPEC section 3).
+//
+//   norm[r] = ||x_r||_2,   inv[r] = 1 / max(norm[r], 1e-12)
+//
+// The fused head folds inv into its epilogue instead of materializing a
+// normalized copy; the reference path and the statistics use it directly.
+// Launch: one warp per row, 8 warps (256 threads) per block, grid = ceil(rows / 8).
+// Accumulation is f32 in a fixed lane order, then a fixed shuffle tree, so the
+// result is bitwise reproducible.
+#include "common.cuh"
+
+template <typename T>
+__device__ __forceinline__ void row_norms(const T* __restrict__ x, float* __restrict__ norm,
+                                          float* __restrict__ inv, int rows, int d) {
+    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    const int lane = threadIdx.x % WARP_SIZE;
+    if (row >= rows) return;
+    const T* xr = x + (size_t)row * d;
+    float acc = 0.0f;
+    for (int k = lane; k < d; k += WARP_SIZE) {
+        const float v = to_f32(xr[k]);
+        acc = fmaf(v, v, acc);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) {
+        const float n = sqrtf(acc);
+        if (norm) norm[row] = n;
+        if (inv) inv[row] = 1.0f / fmaxf(n, FC_EPS_NORM);
+    }
+}
+
+// x [rows, d] in; norm [rows] out (may be null); inv [rows] out (may be null). No aliasing.
+extern "C" __global__ void __launch_bounds__(256) row_norms_f32(const float* x, float* norm, float* inv, int rows, int d) {
+    row_norms(x, norm, inv, rows, d);
+}
+extern "C" __global__ void __launch_bounds__(256) row_norms_bf16(const bf16_t* x, float* norm, float* inv, int rows, int d) {
+    row_norms(x, norm, inv, rows, d);
+}
+extern "C" __global__ void __launch_bounds__(256) row_norms_f16(const f16_t* x, float* norm, float* inv, int rows, int d) {
+    row_norms(x, norm, inv, rows, d);
+}
