@@ -229,6 +229,8 @@ fn main() {
         if require {
             panic!("FEATCLOUD_REQUIRE_KERNELS=1 but NVRTC was not found; {NVRTC_HINT}");
         }
+        // Look again on the next build once a .venv with the wheel appears.
+        println!("cargo:rerun-if-changed={}", manifest.join(".venv").display());
         println!("cargo:warning=featcloud: NVRTC not found, building CPU-only (no CUDA kernels embedded); {NVRTC_HINT}");
     }
 

@@ -7,6 +7,7 @@
 //! typed [`Error`], and any panic from inside the driver bindings is caught and
 //! turned into [`Error::NoDriver`].
 
+pub mod bench;
 pub mod kernels;
 pub mod norms;
 pub mod tensor;
@@ -120,6 +121,9 @@ impl Device {
             } else {
                 format!("compute_{} PTX (JIT)", kernels::PTX_ARCH)
             };
+            // SAFETY: featcloud queues all work on this one stream, so cudarc's per-buffer
+            // event tracking (which costs an event record per kernel argument) is not needed.
+            unsafe { ctx.disable_event_tracking() };
             let stream = ctx.default_stream();
             Ok(Arc::new(Device {
                 ctx,

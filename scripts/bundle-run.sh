@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine from inside the bundle folder (see scripts/gpu-bundle.sh).
+# Writes few files to $OUT: summary.txt, tests.txt, sanitizer.txt, smoke.txt,
+# bench.txt, bench.json, compare.txt, peers.txt.
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+OUT="${OUT:-$here/out}"
+mkdir -p "$OUT"
+cd "$here"
+export FEATCLOUD_REQUIRE_GPU=1
+status=0
+step() { # name, logfile, command...
+  local name="$1" log="$2"; shift 2
+  local t0=$SECONDS
+  echo "== $name: $*" >> "$OUT/$log"
+  if "$@" >> "$OUT/$log" 2>&1; then r=pass; else r="FAIL (rc $?)"; status=1; fi
+  echo "$name: $r ($((SECONDS - t0)) s)" | tee -a "$OUT/summary.txt"
+}
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; date; } > "$OUT/summary.txt" 2>&1
+step info summary.txt ./featcloud info --arch 90
+for t in tests/*; do
+  step "test $(basename "$t")" tests.txt "$t" --test-threads=1
+done
+if command -v compute-sanitizer >/dev/null; then
+  step "memcheck smoke" sanitizer.txt compute-sanitizer --tool memcheck --error-exitcode 1 ./featcloud smoke --quick
+  step "racecheck smoke" sanitizer.txt compute-sanitizer --tool racecheck --error-exitcode 1 ./featcloud smoke --quick
+  step "synccheck smoke" sanitizer.txt compute-sanitizer --tool synccheck --error-exitcode 1 ./featcloud smoke --quick
+else
+  echo "compute-sanitizer: not found" | tee -a "$OUT/summary.txt"; status=1
+fi
+step smoke smoke.txt ./featcloud smoke
+step "bench --quick" bench.txt ./featcloud bench --quick --json "$OUT/bench.json"
+step "compare (cuda)" compare.txt ./featcloud compare --backend cuda --out "$OUT/compare"
+if [ -f peers.py ] && [ "${PEERS:-1}" = 1 ]; then
+  step "peers (torch eager)" peers.txt timeout 240 python3 peers.py
+fi
+echo "overall: $([ $status = 0 ] && echo pass || echo FAIL)" | tee -a "$OUT/summary.txt"
+exit $status

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Builds everything a GPU check needs into ./bundle (ignored by git, < 64 MiB):
+# the featcloud CLI, every test binary, the example, the peers scripts and
+# run.sh. On a GPU machine with the NVIDIA driver and CUDA (no Rust needed):
+#
+#     OUT=/some/dir bash bundle/run.sh        # logs land in $OUT (default bundle/out)
+#
+# run.sh runs the GPU tests with FEATCLOUD_REQUIRE_GPU=1 (so nothing passes by
+# skipping), compute-sanitizer memcheck and racecheck on `featcloud smoke
+# --quick`, the full smoke, a quick benchmark (JSON), and the compare demo on
+# the CUDA backend.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/nvrtc.sh
+export FEATCLOUD_REQUIRE_KERNELS=1
+rm -rf bundle && mkdir -p bundle/tests
+cargo build --release --bins --examples
+cp target/release/featcloud bundle/
+for ex in target/release/examples/*; do
+  [ -f "$ex" ] && [ -x "$ex" ] && case "$ex" in *-*|*.d) ;; *) cp "$ex" bundle/ ;; esac
+done
+# Test executables, found from cargo's JSON messages.
+cargo test --release --no-run --message-format=json 2>/dev/null |
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    try: m = json.loads(line)
+    except ValueError: continue
+    if m.get("reason") == "compiler-artifact" and m.get("profile", {}).get("test") and m.get("executable"):
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do cp "$exe" "bundle/tests/$name"; done
+strip bundle/featcloud bundle/tests/* 2>/dev/null || true
+[ -d ../shared/peers ] && cp ../shared/peers/*.py bundle/ || true
+cp scripts/bundle-run.sh bundle/run.sh
+chmod +x bundle/run.sh
+du -sh bundle
+ls bundle bundle/tests

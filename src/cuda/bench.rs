@@ -1,0 +1,217 @@
+//! Measurement tools for `featcloud bench`: CUDA-event timing with the L2
+//! flushed between repetitions, the memory pool's high-water mark (measured
+//! extra device memory), and the cuBLAS GEMMs that set the floor and the peak.
+
+use super::{cuda_err, Device, DeviceElem, Tensor};
+use crate::config::DType;
+use crate::error::{Error, Result};
+use cudarc::cublas::sys as cb;
+use cudarc::driver::{sys as cu, CudaSlice, DevicePtr, DevicePtrMut};
+use std::ffi::c_void;
+
+/// Bytes written between timed repetitions to evict the L2 (larger than any current L2).
+pub const L2_FLUSH_BYTES: usize = 256 << 20;
+
+/// Times GPU work with CUDA events, flushing the L2 before each repetition.
+pub struct Timer<'a> {
+    dev: &'a Device,
+    flush: CudaSlice<u8>,
+}
+
+/// Median, min and max of the repetitions, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Timing {
+    /// Median over the repetitions.
+    pub median_ms: f64,
+    /// Fastest repetition.
+    pub min_ms: f64,
+    /// Slowest repetition.
+    pub max_ms: f64,
+    /// Number of timed repetitions.
+    pub reps: usize,
+}
+
+impl<'a> Timer<'a> {
+    /// Allocates the flush buffer.
+    pub fn new(dev: &'a Device) -> Result<Self> {
+        let flush = dev.stream().alloc_zeros::<u8>(L2_FLUSH_BYTES).map_err(cuda_err("L2 flush buffer"))?;
+        Ok(Self { dev, flush })
+    }
+
+    /// Runs `f` `warmup` times, then `reps` times with the L2 flushed before each and
+    /// an event pair around each; returns the statistics.
+    pub fn time(&mut self, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
+        for _ in 0..warmup {
+            f()?;
+        }
+        let ctx = self.dev.context();
+        let flags = Some(cu::CUevent_flags::CU_EVENT_DEFAULT);
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps.max(1) {
+            self.dev.stream().memset_zeros(&mut self.flush).map_err(cuda_err("L2 flush"))?;
+            let start = ctx.new_event(flags).map_err(cuda_err("event"))?;
+            let end = ctx.new_event(flags).map_err(cuda_err("event"))?;
+            start.record(self.dev.stream()).map_err(cuda_err("event record"))?;
+            f()?;
+            end.record(self.dev.stream()).map_err(cuda_err("event record"))?;
+            end.synchronize().map_err(cuda_err("event sync"))?;
+            times.push(start.elapsed_ms(&end).map_err(cuda_err("elapsed"))? as f64);
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        let n = times.len();
+        let median = if n % 2 == 1 { times[n / 2] } else { 0.5 * (times[n / 2 - 1] + times[n / 2]) };
+        Ok(Timing { median_ms: median, min_ms: times[0], max_ms: times[n - 1], reps: n })
+    }
+}
+
+/// Peak device memory that `f` allocated from the stream-ordered pool (which every
+/// cudarc allocation on this device uses), above what was in use before it ran.
+pub fn measure_extra_memory(dev: &Device, f: impl FnOnce() -> Result<()>) -> Result<usize> {
+    dev.synchronize()?;
+    let mut pool: cu::CUmemoryPool = std::ptr::null_mut();
+    let ordinal = dev.info().ordinal as cu::CUdevice;
+    // SAFETY: queries the device's default pool into a valid out-pointer.
+    unsafe { cu::cuDeviceGetDefaultMemPool(&mut pool, ordinal) }.result().map_err(cuda_err("default pool"))?;
+    let attr = |a: cu::CUmemPool_attribute| -> Result<u64> {
+        let mut v: u64 = 0;
+        // SAFETY: USED_MEM_* attributes are u64 (cuuint64_t) values.
+        unsafe { cu::cuMemPoolGetAttribute(pool, a, &mut v as *mut u64 as *mut c_void) }
+            .result()
+            .map_err(cuda_err("pool attribute"))?;
+        Ok(v)
+    };
+    let before = attr(cu::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
+    let mut zero: u64 = 0;
+    // SAFETY: resetting the high-water mark takes a u64 zero.
+    unsafe {
+        cu::cuMemPoolSetAttribute(
+            pool,
+            cu::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            &mut zero as *mut u64 as *mut c_void,
+        )
+    }
+    .result()
+    .map_err(cuda_err("pool reset"))?;
+    f()?;
+    dev.synchronize()?;
+    let high = attr(cu::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?;
+    Ok(high.saturating_sub(before) as usize)
+}
+
+fn data_type(dtype: DType) -> cb::cudaDataType {
+    match dtype {
+        DType::F32 => cb::cudaDataType::CUDA_R_32F,
+        DType::BF16 => cb::cudaDataType::CUDA_R_16BF,
+        DType::F16 => cb::cudaDataType::CUDA_R_16F,
+    }
+}
+
+/// A column-major GEMM C[m, n] = op(A) op(B) with f32 accumulation, all of dtype T.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm<T: DeviceElem>(
+    dev: &Device,
+    trans_a: bool,
+    trans_b: bool,
+    (m, n, k): (usize, usize, usize),
+    a: &CudaSlice<T>,
+    lda: usize,
+    b: &CudaSlice<T>,
+    ldb: usize,
+    c: &mut CudaSlice<T>,
+    ldc: usize,
+) -> Result<()> {
+    let op = |t| if t { cb::cublasOperation_t::CUBLAS_OP_T } else { cb::cublasOperation_t::CUBLAS_OP_N };
+    let rows_a = if trans_a { k } else { m };
+    let cols_a = if trans_a { m } else { k };
+    let rows_b = if trans_b { n } else { k };
+    let cols_b = if trans_b { k } else { n };
+    if lda < rows_a || ldb < rows_b || ldc < m || a.len() < lda * cols_a || b.len() < ldb * cols_b || c.len() < ldc * n
+    {
+        return Err(Error::Shape(format!("gemm operands too small for m={m} n={n} k={k}")));
+    }
+    let blas = dev.cublas()?;
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    let dt = data_type(T::DTYPE);
+    let stream = dev.stream();
+    let (pa, _ga) = a.device_ptr(stream);
+    let (pb, _gb) = b.device_ptr(stream);
+    let (pc, _gc) = c.device_ptr_mut(stream);
+    // SAFETY: sizes checked above; pointers are live device buffers on the handle's stream;
+    // alpha/beta are f32 as CUBLAS_COMPUTE_32F requires.
+    unsafe {
+        cudarc::cublas::result::gemm_ex(
+            *blas.handle(),
+            op(trans_a),
+            op(trans_b),
+            m as i32,
+            n as i32,
+            k as i32,
+            &alpha as *const f32 as *const c_void,
+            pa as *const c_void,
+            dt,
+            lda as i32,
+            pb as *const c_void,
+            dt,
+            ldb as i32,
+            &beta as *const f32 as *const c_void,
+            pc as *mut c_void,
+            dt,
+            ldc as i32,
+            cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| Error::Cublas { context: format!("gemm m={m} n={n} k={k}"), message: e.to_string() })
+}
+
+/// Buffers for the three B x D x C products of a head's forward and backward.
+pub struct ThreeGemm<T: DeviceElem> {
+    x: Tensor<T>,
+    w: Tensor<T>,
+    logits: Tensor<T>,
+    dx: Tensor<T>,
+    dw: Tensor<T>,
+    b: usize,
+    c: usize,
+    d: usize,
+}
+
+impl<T: DeviceElem> ThreeGemm<T> {
+    /// Allocates random-ish inputs and the outputs for shape (B, D, C).
+    pub fn new(dev: &Device, b: usize, d: usize, c: usize) -> Result<Self> {
+        let fill = |n: usize, salt: usize| -> Vec<f32> {
+            (0..n).map(|i| (((i * 2654435761 + salt) % 1000) as f32 / 1000.0 - 0.5) * 0.1).collect()
+        };
+        Ok(Self {
+            x: Tensor::from_f32(dev, &fill(b * d, 1), &[b, d])?,
+            w: Tensor::from_f32(dev, &fill(c * d, 2), &[c, d])?,
+            logits: Tensor::zeros(dev, &[b, c])?,
+            dx: Tensor::zeros(dev, &[b, d])?,
+            dw: Tensor::zeros(dev, &[c, d])?,
+            b,
+            c,
+            d,
+        })
+    }
+
+    /// logits = X W^T, dX = G W, dW = G^T X (G = the logits buffer), row-major,
+    /// i.e. exactly the GEMM work of one fwd+bwd and nothing else.
+    pub fn run(&mut self, dev: &Device) -> Result<()> {
+        let (b, c, d) = (self.b, self.c, self.d);
+        // Row-major M is column-major M^T: see each call's shape in column-major terms.
+        gemm(dev, true, false, (c, b, d), self.w.slice(), d, self.x.slice(), d, self.logits.slice_mut(), c)?;
+        gemm(dev, false, false, (d, b, c), self.w.slice(), d, self.logits.slice(), c, self.dx.slice_mut(), d)?;
+        gemm(dev, false, true, (d, c, b), self.x.slice(), d, self.logits.slice(), c, self.dw.slice_mut(), d)?;
+        Ok(())
+    }
+}
+
+/// Square n x n x n GEMM throughput in TFLOP/s (2 n^3 / time), the chip's measured peak.
+pub fn gemm_peak_tflops<T: DeviceElem>(dev: &Device, n: usize, warmup: usize, reps: usize) -> Result<(f64, Timing)> {
+    let a = Tensor::<T>::from_f32(dev, &vec![0.01; n * n], &[n, n])?;
+    let bm = Tensor::<T>::from_f32(dev, &vec![0.02; n * n], &[n, n])?;
+    let mut cm = Tensor::<T>::zeros(dev, &[n, n])?;
+    let mut timer = Timer::new(dev)?;
+    let t = timer.time(warmup, reps, || gemm(dev, false, false, (n, n, n), a.slice(), n, bm.slice(), n, cm.slice_mut(), n))?;
+    Ok((2.0 * (n as f64).powi(3) / (t.median_ms * 1e-3) / 1e12, t))
+}
