@@ -116,17 +116,23 @@ __device__ __forceinline__ philox_u4 philox4x32_10(philox_u4 ctr, u32 k0, u32 k1
 }
 
 // eps_i for row `row` at (seed, step): Box-Muller on the first two outputs.
-// f32 arithmetic in this order (the oracle's cloud_normal_f32 mirrors it):
-//   u1 = (r0 + 1) * 2^-32  (as float(r0) * 2^-32 + 2^-32, never 0)
-//   u2 = r1 * 2^-32
-//   eps = sqrt(-2 * log(u1)) * cos(2 * pi * u2)
+// f32 arithmetic in exactly the order of the oracle's `box_muller_f32`:
+//   ln_u1 = logf((r0 + 1) * 2^-32)            when r0 <  2^31
+//         = log1pf(-(~r0) * 2^-32)            when r0 >= 2^31 (1 - u1 exactly, so
+//                                              ln u1 keeps its precision near 1)
+//   eps   = sqrtf(-2 ln_u1) * cosf(6.2831855f * (r1 * 2^-32))
+// Needs fast-math off (build.rs does not pass --use_fast_math).
+__device__ __forceinline__ float box_muller_f32(u32 r0, u32 r1) {
+    const float two_m32 = 2.3283064365386963e-10f;  // 2^-32
+    const float ln_u1 = (r0 < 0x80000000u) ? logf(((float)r0 + 1.0f) * two_m32)
+                                           : log1pf(-((float)(~r0) * two_m32));
+    return sqrtf(-2.0f * ln_u1) * cosf(6.2831855f * ((float)r1 * two_m32));
+}
+
 __device__ __forceinline__ float cloud_normal(u64 seed, u64 step, u32 row) {
     philox_u4 ctr = {row, 0u, (u32)(step & 0xffffffffu), (u32)(step >> 32)};
     const philox_u4 r = philox4x32_10(ctr, (u32)(seed & 0xffffffffu), (u32)(seed >> 32));
-    const float two_m32 = 2.3283064365386963e-10f;  // 2^-32
-    const float u1 = fmaf((float)r.x, two_m32, two_m32);
-    const float u2 = (float)r.y * two_m32;
-    return sqrtf(-2.0f * logf(u1)) * cosf(2.0f * FC_PI * u2);
+    return box_muller_f32(r.x, r.y);
 }
 
 // ---- misc ------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 
-/// Dimensions of one head call: x [B, D], W [C, D], labels [B].
+/// Dimensions of one head call: `x [B, D]`, `W [C, D]`, `labels [B]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeadShape {
     /// Rows (batch size).

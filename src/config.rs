@@ -12,10 +12,10 @@ use serde::{Deserialize, Serialize};
 pub enum CloudMode {
     /// No augmentation: alpha_i = 0.
     Off,
-    /// alpha_i = sigma_cloud[y_i] * eps_i.
+    /// `alpha_i = sigma_cloud[y_i] * eps_i`.
     #[default]
     Symmetric,
-    /// alpha_i = sigma_cloud[y_i] * |eps_i| (only ever makes the target harder).
+    /// `alpha_i = sigma_cloud[y_i] * |eps_i|` (only ever makes the target harder).
     OneSided,
 }
 

@@ -1,0 +1,448 @@
+//! The margin head with the LEAP feature cloud as plain f64 loops (SPEC sections 3 and 4).
+//!
+//! This is the truth that the CPU backend and both CUDA paths are checked
+//! against, so it favours the obvious over the fast: every row and class is a
+//! loop, every sum is an f64 sum in index order, and the code follows the SPEC
+//! line by line (the SPEC's names are used for the variables). Inputs given as
+//! f32 ([`HeadProblem`]) are widened to f64 before any arithmetic; the f64
+//! entry points ([`forward_f64`], [`backward_f64`]) exist so that finite
+//! differences of the forward can check the backward.
+//!
+//! Conventions that the SPEC leaves to the implementation:
+//! - `Reduction::None`: [`ForwardOutput::loss`] is the sum of the row losses
+//!   (the per-row losses are in [`RowOutputs::loss`]); the backward takes
+//!   [`Upstream::PerRow`].
+//! - `Reduction::Mean` with no valid row: the loss is 0 and every gradient is 0.
+//! - eps_i is drawn with the row index `i` as counter, whether or not other rows
+//!   are ignored, so ignoring a row never changes another row's cloud.
+//! - With `CloudMode::Off`, `sigma_cloud` may be empty (or have C entries, unused).
+
+use crate::check::{check_finite, check_head_inputs, check_sigma, HeadShape};
+use crate::config::{CloudMode, Fallback, HeadConfig, MarginGrad, Reduction};
+use crate::error::{Error, Result};
+use crate::oracle::philox::cloud_normal;
+use std::f64::consts::PI;
+
+/// Floor on vector norms before dividing (SPEC section 3: `max(||v||, 1e-12)`).
+pub const NORM_EPS: f64 = 1e-12;
+
+/// How far inside [-1, 1] the target cosine is clamped before `acos` (SPEC section 3).
+pub const ACOS_CLAMP: f64 = 1e-7;
+
+/// One head call with f32 inputs, as the GPU paths receive them.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadProblem<'a> {
+    /// Dimensions B, C, D.
+    pub shape: HeadShape,
+    /// Features x `[B, D]`, row-major.
+    pub x: &'a [f32],
+    /// Class weights W `[C, D]`, row-major.
+    pub w: &'a [f32],
+    /// Labels y `[B]` in [0, C); negative marks an ignored row.
+    pub labels: &'a [i32],
+    /// Per-class cloud std `[C]` in radians, finite and >= 0 (may be empty when the cloud is off).
+    pub sigma_cloud: &'a [f32],
+    /// RNG seed (Philox key).
+    pub seed: u64,
+    /// Training step (high half of the Philox counter).
+    pub step: u64,
+}
+
+/// One head call with f64 features and weights, for gradient checks.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadProblemF64<'a> {
+    /// Dimensions B, C, D.
+    pub shape: HeadShape,
+    /// Features x `[B, D]`, row-major.
+    pub x: &'a [f64],
+    /// Class weights W `[C, D]`, row-major.
+    pub w: &'a [f64],
+    /// Labels y `[B]` in [0, C); negative marks an ignored row.
+    pub labels: &'a [i32],
+    /// Per-class cloud std `[C]` in radians, finite and >= 0 (may be empty when the cloud is off).
+    pub sigma_cloud: &'a [f32],
+    /// RNG seed (Philox key).
+    pub seed: u64,
+    /// Training step (high half of the Philox counter).
+    pub step: u64,
+}
+
+/// Which branch of the target logit (SPEC section 3) a row took.
+///
+/// With `Fallback::Clamp` this is where phi_i was before clamping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Region {
+    /// 0 <= phi_i <= pi: t_i = cos(phi_i) - m3.
+    Regular,
+    /// phi_i > pi: linear fallback (or clamped to pi).
+    Fallback,
+    /// phi_i < 0: t_i = 1 - m3 (or clamped to 0, the same value).
+    Saturated,
+    /// Negative label: no loss, no gradient.
+    Ignored,
+}
+
+/// Per-row results of the forward pass, each of length B (0 for ignored rows).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RowOutputs {
+    /// loss_i (before the reduction).
+    pub loss: Vec<f64>,
+    /// lse_i = log sum_j exp(z_ij).
+    pub lse: Vec<f64>,
+    /// Target cosine c_iy (clamped to [-1, 1]).
+    pub c_iy: Vec<f64>,
+    /// Margin-transformed target cosine t_i (z_iy = s * t_i).
+    pub t: Vec<f64>,
+    /// Cloud perturbation alpha_i actually applied.
+    pub alpha: Vec<f64>,
+    /// Branch taken by the target logit.
+    pub region: Vec<Region>,
+}
+
+/// Result of [`forward`] / [`forward_f64`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct ForwardOutput {
+    /// Reduced loss: mean over valid rows (0 if none), their sum, or for
+    /// `Reduction::None` the sum of the row losses.
+    pub loss: f64,
+    /// Per-row outputs.
+    pub rows: RowOutputs,
+    /// Number of rows with a non-negative label.
+    pub n_valid: usize,
+}
+
+/// Upstream gradient of the backward pass.
+#[derive(Clone, Copy, Debug)]
+pub enum Upstream<'a> {
+    /// dLoss for `Reduction::Mean` and `Reduction::Sum` (1 for a plain loss).
+    Scalar(f64),
+    /// d loss_i `[B]` for `Reduction::None`; all finite, entries of ignored rows are otherwise unused.
+    PerRow(&'a [f64]),
+}
+
+/// Gradients of the head with respect to its inputs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gradients {
+    /// dx `[B, D]`, row-major.
+    pub dx: Vec<f64>,
+    /// dW `[C, D]`, row-major.
+    pub dw: Vec<f64>,
+}
+
+/// theta_i = acos(clamp(c_iy, -1 + 1e-7, 1 - 1e-7)) for each row (SPEC section 3).
+///
+/// This is the angle that `CenterMode::ClassWeight` statistics consume
+/// ([`crate::oracle::stats::OracleStats::update_from_angles`]).
+pub fn target_angles(rows: &RowOutputs) -> Vec<f64> {
+    rows.c_iy.iter().map(|&c| target_angle(c)).collect()
+}
+
+fn target_angle(c_iy: f64) -> f64 {
+    c_iy.clamp(-1.0 + ACOS_CLAMP, 1.0 - ACOS_CLAMP).acos()
+}
+
+/// Loss and per-row outputs for f32 inputs (SPEC section 3).
+pub fn forward(cfg: &HeadConfig, p: &HeadProblem) -> Result<ForwardOutput> {
+    validate(cfg, p.shape, p.x.len(), p.w.len(), p.labels, p.sigma_cloud)?;
+    check_finite("x", p.x)?;
+    check_finite("W", p.w)?;
+    let x = widen(p.x);
+    let w = widen(p.w);
+    let ev = evaluate(cfg, &problem64(p, &x, &w));
+    Ok(reduce(cfg, &ev))
+}
+
+/// Gradients dx and dW for f32 inputs (SPEC section 4).
+pub fn backward(cfg: &HeadConfig, p: &HeadProblem, g: Upstream) -> Result<Gradients> {
+    validate(cfg, p.shape, p.x.len(), p.w.len(), p.labels, p.sigma_cloud)?;
+    check_finite("x", p.x)?;
+    check_finite("W", p.w)?;
+    check_upstream(cfg, p.shape, g)?;
+    let x = widen(p.x);
+    let w = widen(p.w);
+    let ev = evaluate(cfg, &problem64(p, &x, &w));
+    Ok(gradients(cfg, &ev, g))
+}
+
+/// Loss and per-row outputs for f64 features and weights (SPEC section 3).
+pub fn forward_f64(cfg: &HeadConfig, p: &HeadProblemF64) -> Result<ForwardOutput> {
+    validate(cfg, p.shape, p.x.len(), p.w.len(), p.labels, p.sigma_cloud)?;
+    check_finite_f64("x", p.x)?;
+    check_finite_f64("W", p.w)?;
+    let ev = evaluate(cfg, p);
+    Ok(reduce(cfg, &ev))
+}
+
+/// Gradients dx and dW for f64 features and weights (SPEC section 4).
+pub fn backward_f64(cfg: &HeadConfig, p: &HeadProblemF64, g: Upstream) -> Result<Gradients> {
+    validate(cfg, p.shape, p.x.len(), p.w.len(), p.labels, p.sigma_cloud)?;
+    check_finite_f64("x", p.x)?;
+    check_finite_f64("W", p.w)?;
+    check_upstream(cfg, p.shape, g)?;
+    let ev = evaluate(cfg, p);
+    Ok(gradients(cfg, &ev, g))
+}
+
+fn validate(
+    cfg: &HeadConfig,
+    shape: HeadShape,
+    x_len: usize,
+    w_len: usize,
+    labels: &[i32],
+    sigma: &[f32],
+) -> Result<()> {
+    cfg.validate()?;
+    // The cloud std is only read when the cloud is on, so it may be omitted then.
+    let sigma_len = if cfg.cloud == CloudMode::Off && sigma.is_empty() { None } else { Some(sigma.len()) };
+    check_head_inputs(shape, x_len, w_len, labels, sigma_len)?;
+    check_sigma(sigma)
+}
+
+fn check_finite_f64(what: &str, v: &[f64]) -> Result<()> {
+    match v.iter().position(|x| !x.is_finite()) {
+        Some(index) => Err(Error::NonFinite { what: what.to_string(), index }),
+        None => Ok(()),
+    }
+}
+
+fn check_upstream(cfg: &HeadConfig, shape: HeadShape, g: Upstream) -> Result<()> {
+    match (cfg.reduction, g) {
+        (Reduction::None, Upstream::PerRow(gs)) => {
+            if gs.len() != shape.b {
+                return Err(Error::Shape(format!(
+                    "per-row upstream gradient has {} entries, expected B = {}",
+                    gs.len(),
+                    shape.b
+                )));
+            }
+            check_finite_f64("upstream gradient", gs)
+        }
+        (Reduction::None, Upstream::Scalar(_)) => Err(Error::InvalidConfig(
+            "reduction none needs a per-row upstream gradient (Upstream::PerRow)".into(),
+        )),
+        (_, Upstream::PerRow(_)) => Err(Error::InvalidConfig(
+            "reductions mean and sum take a scalar upstream gradient (Upstream::Scalar)".into(),
+        )),
+        (_, Upstream::Scalar(g)) => check_finite_f64("upstream gradient", &[g]),
+    }
+}
+
+fn widen(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&a| a as f64).collect()
+}
+
+fn problem64<'a>(p: &HeadProblem<'a>, x: &'a [f64], w: &'a [f64]) -> HeadProblemF64<'a> {
+    HeadProblemF64 {
+        shape: p.shape,
+        x,
+        w,
+        labels: p.labels,
+        sigma_cloud: p.sigma_cloud,
+        seed: p.seed,
+        step: p.step,
+    }
+}
+
+/// Unit rows of an `[n, d]` matrix and their norms: v / max(||v||, eps).
+fn normalize_rows(v: &[f64], n: usize, d: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut unit = vec![0.0; n * d];
+    let mut norms = vec![0.0; n];
+    for r in 0..n {
+        let row = &v[r * d..(r + 1) * d];
+        let norm = row.iter().map(|a| a * a).sum::<f64>().sqrt();
+        let denom = norm.max(NORM_EPS);
+        for k in 0..d {
+            unit[r * d + k] = row[k] / denom;
+        }
+        norms[r] = norm;
+    }
+    (unit, norms)
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(p, q)| p * q).sum()
+}
+
+/// Everything the forward computes, kept for the backward.
+struct Evaluation {
+    shape: HeadShape,
+    labels: Vec<i32>,
+    /// xh `[B, D]`, ||x_i|| `[B]`.
+    xh: Vec<f64>,
+    nx: Vec<f64>,
+    /// wh `[C, D]`, ||W_j|| `[C]`.
+    wh: Vec<f64>,
+    nw: Vec<f64>,
+    /// Logits z `[B, C]` (target column already margin-transformed).
+    z: Vec<f64>,
+    /// dt_i / dc_iy as the backward uses it (SPEC section 4), 0 for ignored rows.
+    dt: Vec<f64>,
+    rows: RowOutputs,
+    n_valid: usize,
+}
+
+/// Target logit t_i, its region and dt_i / dc_iy for one valid row.
+fn target_logit(cfg: &HeadConfig, c_iy: f64, alpha: f64) -> (f64, Region, f64) {
+    let (m1, m2, m3) = (cfg.m1 as f64, cfg.m2 as f64, cfg.m3 as f64);
+    let cc = c_iy.clamp(-1.0 + ACOS_CLAMP, 1.0 - ACOS_CLAMP);
+    let theta = cc.acos();
+    let delta = m2 + alpha;
+    let phi = m1 * theta + delta;
+    let region = if phi > PI {
+        Region::Fallback
+    } else if phi < 0.0 {
+        Region::Saturated
+    } else {
+        Region::Regular
+    };
+    // d cos(m1 acos(c) + delta) / dc = m1 sin(phi) / sqrt(1 - c^2), with c the clamped cosine.
+    let regular_dt = m1 * phi.sin() / (1.0 - cc * cc).sqrt();
+    // `region` is one of the three phi branches here; Ignored only completes the match.
+    let (t, exact_dt) = match (cfg.fallback, region) {
+        (_, Region::Regular) => (phi.cos() - m3, regular_dt),
+        (Fallback::Linear, Region::Fallback) => (c_iy - m3 - delta * delta.sin(), 1.0),
+        (Fallback::Linear, Region::Saturated | Region::Ignored) => (1.0 - m3, 0.0),
+        (Fallback::Clamp, _) => (phi.clamp(0.0, PI).cos() - m3, 0.0),
+    };
+    let dt = match cfg.margin_grad {
+        MarginGrad::Exact => exact_dt,
+        MarginGrad::StraightThrough => 1.0,
+    };
+    (t, region, dt)
+}
+
+fn evaluate(cfg: &HeadConfig, p: &HeadProblemF64) -> Evaluation {
+    let HeadShape { b, c, d } = p.shape;
+    let s = cfg.s as f64;
+    let ls = cfg.label_smoothing as f64;
+    let (xh, nx) = normalize_rows(p.x, b, d);
+    let (wh, nw) = normalize_rows(p.w, c, d);
+
+    let mut z = vec![0.0; b * c];
+    let mut dt = vec![0.0; b];
+    let mut rows = RowOutputs {
+        loss: vec![0.0; b],
+        lse: vec![0.0; b],
+        c_iy: vec![0.0; b],
+        t: vec![0.0; b],
+        alpha: vec![0.0; b],
+        region: vec![Region::Ignored; b],
+    };
+    let mut n_valid = 0;
+    for i in 0..b {
+        let Ok(y) = usize::try_from(p.labels[i]) else {
+            continue; // ignored row: everything stays 0
+        };
+        n_valid += 1;
+        let xi = &xh[i * d..(i + 1) * d];
+        let cos: Vec<f64> = (0..c).map(|j| dot(xi, &wh[j * d..(j + 1) * d]).clamp(-1.0, 1.0)).collect();
+        let c_iy = cos[y];
+
+        let eps = match cfg.cloud {
+            CloudMode::Off => 0.0,
+            CloudMode::Symmetric | CloudMode::OneSided => cloud_normal(p.seed, p.step, i as u64),
+        };
+        let alpha = match cfg.cloud {
+            CloudMode::Off => 0.0,
+            CloudMode::Symmetric => p.sigma_cloud[y] as f64 * eps,
+            CloudMode::OneSided => p.sigma_cloud[y] as f64 * eps.abs(),
+        };
+        let (t, region, dti) = target_logit(cfg, c_iy, alpha);
+        for j in 0..c {
+            z[i * c + j] = if j == y { s * t } else { s * cos[j] };
+        }
+
+        let zi = &z[i * c..(i + 1) * c];
+        let zmax = zi.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = zmax + zi.iter().map(|&v| (v - zmax).exp()).sum::<f64>().ln();
+        let loss = if ls == 0.0 {
+            lse - zi[y]
+        } else {
+            lse - (1.0 - ls) * zi[y] - (ls / c as f64) * zi.iter().sum::<f64>()
+        };
+
+        rows.loss[i] = loss;
+        rows.lse[i] = lse;
+        rows.c_iy[i] = c_iy;
+        rows.t[i] = t;
+        rows.alpha[i] = alpha;
+        rows.region[i] = region;
+        dt[i] = dti;
+    }
+    Evaluation { shape: p.shape, labels: p.labels.to_vec(), xh, nx, wh, nw, z, dt, rows, n_valid }
+}
+
+fn reduce(cfg: &HeadConfig, ev: &Evaluation) -> ForwardOutput {
+    let total: f64 = ev.rows.loss.iter().sum();
+    let loss = match cfg.reduction {
+        Reduction::Mean if ev.n_valid == 0 => 0.0,
+        Reduction::Mean => total / ev.n_valid as f64,
+        Reduction::Sum | Reduction::None => total,
+    };
+    ForwardOutput { loss, rows: ev.rows.clone(), n_valid: ev.n_valid }
+}
+
+fn gradients(cfg: &HeadConfig, ev: &Evaluation, g: Upstream) -> Gradients {
+    let HeadShape { b, c, d } = ev.shape;
+    let s = cfg.s as f64;
+    let ls = cfg.label_smoothing as f64;
+
+    // dc [B, C] (SPEC section 4); ignored rows stay 0.
+    let mut dc = vec![0.0; b * c];
+    for i in 0..b {
+        let Ok(y) = usize::try_from(ev.labels[i]) else {
+            continue;
+        };
+        let wi = match (cfg.reduction, g) {
+            (Reduction::Mean, Upstream::Scalar(g)) => g / ev.n_valid as f64,
+            (_, Upstream::Scalar(g)) => g,
+            (_, Upstream::PerRow(gs)) => gs[i],
+        };
+        let lse = ev.rows.lse[i];
+        for j in 0..c {
+            let p = (ev.z[i * c + j] - lse).exp();
+            let q = if j == y { 1.0 - ls + ls / c as f64 } else { ls / c as f64 };
+            let mut dcij = wi * s * (p - q);
+            if j == y {
+                dcij *= ev.dt[i];
+            }
+            dc[i * c + j] = dcij;
+        }
+    }
+
+    let mut dx = vec![0.0; b * d];
+    for i in 0..b {
+        let mut dxh = vec![0.0; d];
+        for j in 0..c {
+            let dcij = dc[i * c + j];
+            for (acc, wjk) in dxh.iter_mut().zip(&ev.wh[j * d..(j + 1) * d]) {
+                *acc += dcij * wjk;
+            }
+        }
+        let xi = &ev.xh[i * d..(i + 1) * d];
+        project_out(xi, &dxh, ev.nx[i], &mut dx[i * d..(i + 1) * d]);
+    }
+
+    let mut dw = vec![0.0; c * d];
+    for j in 0..c {
+        let mut dwh = vec![0.0; d];
+        for i in 0..b {
+            let dcij = dc[i * c + j];
+            for (acc, xik) in dwh.iter_mut().zip(&ev.xh[i * d..(i + 1) * d]) {
+                *acc += dcij * xik;
+            }
+        }
+        let wj = &ev.wh[j * d..(j + 1) * d];
+        project_out(wj, &dwh, ev.nw[j], &mut dw[j * d..(j + 1) * d]);
+    }
+    Gradients { dx, dw }
+}
+
+/// Backward of v -> v / max(||v||, eps): out = (g - u (u . g)) / max(||v||, eps), u = unit vector.
+fn project_out(u: &[f64], g: &[f64], norm: f64, out: &mut [f64]) {
+    let ug = dot(u, g);
+    let denom = norm.max(NORM_EPS);
+    for k in 0..u.len() {
+        out[k] = (g[k] - u[k] * ug) / denom;
+    }
+}

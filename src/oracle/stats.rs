@@ -1,0 +1,260 @@
+//! LEAP angular statistics and the per-class cloud std, in f64 (SPEC section 5).
+//!
+//! Per class k the state is a unit center (EMA mode only), EMA moments
+//! mu_k = `E[a]`, v_k = `E[a^2]` of the angle a between a normalized feature and
+//! the center, a sample count n_k and an initialized flag. From the moments,
+//! var_k = max(v_k - mu_k^2, 0), a head variance var_h and the cloud std
+//! `sigma_cloud[k]` = sqrt(max(var_h - var_k, 0)) for the classes that get a cloud.
+//!
+//! Order inside a training step: [`OracleStats::cloud_sigma`] from the current
+//! state, then the head forward/backward with that cloud, then
+//! [`OracleStats::update`] (or [`OracleStats::update_from_angles`]) with the batch.
+//!
+//! Conventions that the SPEC leaves to the implementation:
+//! - classes of a batch are processed in ascending class order;
+//! - the EMA-mode angle is `acos(clamp(xh_i . center_k, -1, 1))` with the
+//!   center already updated by this batch;
+//! - every successful update call counts as one step for the warm-up, even a
+//!   batch whose rows are all ignored;
+//! - in adaptive mode "a head class exists" means some initialized class has N_k > 0.
+
+use crate::check::{check_finite, check_labels};
+use crate::config::{CenterMode, Split, StatsConfig};
+use crate::error::{Error, Result};
+use crate::oracle::head::NORM_EPS;
+
+/// Per-class angular statistics, the f64 twin of the device-side state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OracleStats {
+    /// Configuration (validated against `c`).
+    pub cfg: StatsConfig,
+    /// Number of classes C.
+    pub c: usize,
+    /// Embedding dimension D.
+    pub d: usize,
+    /// Unit class centers `[C, D]` (EMA mode); empty for `CenterMode::ClassWeight`.
+    pub centers: Vec<f64>,
+    /// EMA of the mean angle per class `[C]`.
+    pub mu: Vec<f64>,
+    /// EMA of the mean squared angle per class `[C]`.
+    pub v: Vec<f64>,
+    /// Samples seen per class `[C]`.
+    pub n: Vec<u64>,
+    /// Whether class k has been seen at least once `[C]`.
+    pub initialized: Vec<bool>,
+    /// Number of update calls so far (for the warm-up).
+    pub updates: u64,
+}
+
+impl OracleStats {
+    /// Empty statistics for `c` classes of dimension `d`; errors if `cfg` is invalid or c, d = 0.
+    pub fn new(c: usize, d: usize, cfg: StatsConfig) -> Result<Self> {
+        if c == 0 || d == 0 {
+            return Err(Error::Empty(format!("statistics need C > 0 and D > 0, got C={c}, D={d}")));
+        }
+        cfg.validate(c)?;
+        let centers = match cfg.center {
+            CenterMode::Ema => vec![0.0; c * d],
+            CenterMode::ClassWeight => Vec::new(),
+        };
+        Ok(Self {
+            cfg,
+            c,
+            d,
+            centers,
+            mu: vec![0.0; c],
+            v: vec![0.0; c],
+            n: vec![0; c],
+            initialized: vec![false; c],
+            updates: 0,
+        })
+    }
+
+    /// EMA-center update from a batch of features x `[B, D]` (row-normalized here)
+    /// and labels `[B]` (negative labels skipped). Only for `CenterMode::Ema`.
+    pub fn update(&mut self, x: &[f32], labels: &[i32]) -> Result<()> {
+        if self.cfg.center != CenterMode::Ema {
+            return Err(Error::InvalidConfig(
+                "center = class_weight: use update_from_angles with the head's target angles".into(),
+            ));
+        }
+        let d = self.d;
+        if x.len() != labels.len() * d {
+            return Err(Error::Shape(format!(
+                "x has {} elements, expected B*D = {}*{d}",
+                x.len(),
+                labels.len()
+            )));
+        }
+        check_labels(labels, self.c)?;
+        check_finite("x", x)?;
+
+        let beta = self.cfg.beta as f64;
+        for (k, rows) in rows_by_class(labels, self.c) {
+            let xh: Vec<Vec<f64>> = rows.iter().map(|&i| unit(&x[i * d..(i + 1) * d])).collect();
+            let count = xh.len() as f64;
+            let mut mbar = vec![0.0; d];
+            for v in &xh {
+                for (m, a) in mbar.iter_mut().zip(v) {
+                    *m += a / count;
+                }
+            }
+            let center = &mut self.centers[k * d..(k + 1) * d];
+            let blended: Vec<f64> = if self.initialized[k] {
+                center.iter().zip(&mbar).map(|(c, m)| beta * c + (1.0 - beta) * m).collect()
+            } else {
+                mbar
+            };
+            let norm = blended.iter().map(|a| a * a).sum::<f64>().sqrt().max(NORM_EPS);
+            for (c, b) in center.iter_mut().zip(&blended) {
+                *c = b / norm;
+            }
+            // The angles use the center just updated with this batch (SPEC section 5).
+            let angles: Vec<f64> = xh
+                .iter()
+                .map(|v| v.iter().zip(center.iter()).map(|(a, b)| a * b).sum::<f64>().clamp(-1.0, 1.0).acos())
+                .collect();
+            self.accumulate(k, &angles);
+        }
+        self.updates += 1;
+        Ok(())
+    }
+
+    /// Class-weight update from the target angles theta_i of the head forward
+    /// (see [`crate::oracle::head::target_angles`]) and labels `[B]`. Only for
+    /// `CenterMode::ClassWeight`. Angles of ignored rows are not read.
+    pub fn update_from_angles(&mut self, labels: &[i32], theta: &[f64]) -> Result<()> {
+        if self.cfg.center != CenterMode::ClassWeight {
+            return Err(Error::InvalidConfig(
+                "center = ema: use update with the batch features, not update_from_angles".into(),
+            ));
+        }
+        if theta.len() != labels.len() {
+            return Err(Error::Shape(format!(
+                "theta has {} entries, expected B = {}",
+                theta.len(),
+                labels.len()
+            )));
+        }
+        check_labels(labels, self.c)?;
+        if let Some(index) = labels.iter().zip(theta).position(|(&y, t)| y >= 0 && !t.is_finite()) {
+            return Err(Error::NonFinite { what: "theta".into(), index });
+        }
+        for (k, rows) in rows_by_class(labels, self.c) {
+            let angles: Vec<f64> = rows.iter().map(|&i| theta[i]).collect();
+            self.accumulate(k, &angles);
+        }
+        self.updates += 1;
+        Ok(())
+    }
+
+    /// Moments of class k from this batch's angles: set if new, else EMA with beta.
+    fn accumulate(&mut self, k: usize, angles: &[f64]) {
+        let count = angles.len() as f64;
+        let mean_a = angles.iter().sum::<f64>() / count;
+        let mean_a2 = angles.iter().map(|a| a * a).sum::<f64>() / count;
+        if self.initialized[k] {
+            let beta = self.cfg.beta as f64;
+            self.mu[k] = beta * self.mu[k] + (1.0 - beta) * mean_a;
+            self.v[k] = beta * self.v[k] + (1.0 - beta) * mean_a2;
+        } else {
+            self.mu[k] = mean_a;
+            self.v[k] = mean_a2;
+            self.initialized[k] = true;
+        }
+        self.n[k] += angles.len() as u64;
+    }
+
+    /// var_k = max(v_k - mu_k^2, 0) per class; 0 for classes never seen.
+    pub fn variances(&self) -> Vec<f64> {
+        (0..self.c)
+            .map(|k| if self.initialized[k] { (self.v[k] - self.mu[k] * self.mu[k]).max(0.0) } else { 0.0 })
+            .collect()
+    }
+
+    /// N_k: the dataset's class counts when configured, else the running counts n_k.
+    pub fn counts(&self) -> Vec<u64> {
+        match &self.cfg.class_counts {
+            Some(counts) => counts.clone(),
+            None => self.n.clone(),
+        }
+    }
+
+    /// Head variance var_h, or `None` while no head class exists.
+    ///
+    /// Threshold(T): unweighted mean of var_k over initialized classes with N_k >= T.
+    /// Adaptive: sum N_k var_k / sum N_k over initialized classes (None if that sum is 0).
+    pub fn head_variance(&self) -> Option<f64> {
+        let var = self.variances();
+        let counts = self.counts();
+        match self.cfg.split {
+            Split::Threshold(t) => {
+                let head: Vec<usize> =
+                    (0..self.c).filter(|&k| self.initialized[k] && counts[k] >= t).collect();
+                if head.is_empty() {
+                    return None;
+                }
+                Some(head.iter().map(|&k| var[k]).sum::<f64>() / head.len() as f64)
+            }
+            Split::Adaptive => {
+                let (mut num, mut den) = (0.0, 0.0);
+                for k in (0..self.c).filter(|&k| self.initialized[k]) {
+                    num += counts[k] as f64 * var[k];
+                    den += counts[k] as f64;
+                }
+                if den > 0.0 {
+                    Some(num / den)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    /// sigma_cloud `[C]` from the current state (SPEC section 5).
+    ///
+    /// 0 everywhere while `updates < warmup_steps` or no head class exists.
+    /// Threshold(T): sqrt(max(var_h - var_k, 0)) for classes with N_k < T, else 0.
+    /// Adaptive: sqrt(max(var_h - var_k, 0)) for every class.
+    pub fn cloud_sigma(&self) -> Vec<f64> {
+        if self.updates < self.cfg.warmup_steps {
+            return vec![0.0; self.c];
+        }
+        let Some(var_h) = self.head_variance() else {
+            return vec![0.0; self.c];
+        };
+        let var = self.variances();
+        let counts = self.counts();
+        (0..self.c)
+            .map(|k| {
+                let gets_cloud = match self.cfg.split {
+                    Split::Threshold(t) => counts[k] < t,
+                    Split::Adaptive => true,
+                };
+                if gets_cloud {
+                    (var_h - var[k]).max(0.0).sqrt()
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    }
+}
+
+/// x / max(||x||, eps) in f64.
+fn unit(x: &[f32]) -> Vec<f64> {
+    let v: Vec<f64> = x.iter().map(|&a| a as f64).collect();
+    let norm = v.iter().map(|a| a * a).sum::<f64>().sqrt().max(NORM_EPS);
+    v.iter().map(|a| a / norm).collect()
+}
+
+/// (class, its row indices) for every class present, in ascending class order.
+fn rows_by_class(labels: &[i32], c: usize) -> Vec<(usize, Vec<usize>)> {
+    let mut rows = vec![Vec::new(); c];
+    for (i, &y) in labels.iter().enumerate() {
+        if let Ok(k) = usize::try_from(y) {
+            rows[k].push(i);
+        }
+    }
+    rows.into_iter().enumerate().filter(|(_, r)| !r.is_empty()).collect()
+}
