@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from inside the bundle folder (see scripts/gpu-bundle.sh).
-# Writes few files to $OUT: summary.txt, tests.txt, sanitizer.txt, smoke.txt,
-# bench.txt, bench.json, compare.txt, peers.txt.
+# Writes at most 8 files to $OUT: summary.txt, tests.txt, sanitizer.txt, smoke.txt,
+# bench.txt, bench.json, compare.txt, peers.txt (the device tool returns 8).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 OUT="${OUT:-$here/out}"
@@ -22,17 +22,17 @@ for t in tests/*; do
   step "test $(basename "$t")" tests.txt "$t" --test-threads=1
 done
 if command -v compute-sanitizer >/dev/null; then
-  step "memcheck smoke" sanitizer.txt compute-sanitizer --tool memcheck --error-exitcode 1 ./featcloud smoke --quick
-  step "racecheck smoke" sanitizer.txt compute-sanitizer --tool racecheck --error-exitcode 1 ./featcloud smoke --quick
-  step "synccheck smoke" sanitizer.txt compute-sanitizer --tool synccheck --error-exitcode 1 ./featcloud smoke --quick
+  step "memcheck smoke" sanitizer.txt compute-sanitizer --tool memcheck --error-exitcode 1 ./featcloud smoke
+  step "racecheck smoke" sanitizer.txt compute-sanitizer --tool racecheck --error-exitcode 1 ./featcloud smoke
+  step "synccheck smoke" sanitizer.txt compute-sanitizer --tool synccheck --error-exitcode 1 ./featcloud smoke
 else
   echo "compute-sanitizer: not found" | tee -a "$OUT/summary.txt"; status=1
 fi
 step smoke smoke.txt ./featcloud smoke
 step "bench --quick" bench.txt ./featcloud bench --quick --json "$OUT/bench.json"
-step "compare (cuda)" compare.txt ./featcloud compare --backend cuda --out "$OUT/compare"
+step "compare (cuda)" compare.txt ./featcloud compare --backend cuda --out /tmp/featcloud-compare
 if [ -f peers.py ] && [ "${PEERS:-1}" = 1 ]; then
-  step "peers (torch eager)" peers.txt timeout 240 python3 peers.py
+  step "peers (torch eager)" peers.txt env OUT=/tmp timeout 240 python3 peers.py
 fi
 echo "overall: $([ $status = 0 ] && echo pass || echo FAIL)" | tee -a "$OUT/summary.txt"
 exit $status
