@@ -26,6 +26,8 @@ const NVRTC_HINT: &str = "install it with `python3 -m venv .venv && .venv/bin/pi
 (or set NVRTC_PATH / CUDA_HOME), then rebuild";
 
 type NvrtcProgram = *mut std::ffi::c_void;
+/// One compile's outcome: (PTX or cubin bytes, NVRTC log), or the log of a failure.
+type Compiled = Result<(Vec<u8>, String), String>;
 
 /// The handful of NVRTC entry points we need, resolved from a dlopen'ed library.
 struct Nvrtc {
@@ -91,7 +93,7 @@ impl Nvrtc {
     }
 
     /// Compiles one translation unit; returns (PTX or cubin bytes, log) or the log as error.
-    fn compile(&self, src: &Src, headers: &[(String, String)], arch: Target) -> Result<(Vec<u8>, String), String> {
+    fn compile(&self, src: &Src, headers: &[(String, String)], arch: Target) -> Compiled {
         let c_src = CString::new(src.text.as_str()).unwrap();
         let c_name = CString::new(src.file_name.as_str()).unwrap();
         let h_src: Vec<CString> = headers.iter().map(|(_, t)| CString::new(t.as_str()).unwrap()).collect();
@@ -239,11 +241,11 @@ fn main() {
     targets.extend(CUBIN_ARCHS.iter().map(|&a| Target::Cubin(a)));
     let jobs: Vec<(usize, Target)> =
         (0..sources.len()).flat_map(|s| targets.iter().map(move |&t| (s, t))).collect();
-    let mut results: Vec<Option<Result<(Vec<u8>, String), String>>> = (0..jobs.len()).map(|_| None).collect();
+    let mut results: Vec<Option<Compiled>> = (0..jobs.len()).map(|_| None).collect();
     if let Some(nv) = &nvrtc {
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(8);
         let next = std::sync::atomic::AtomicUsize::new(0);
-        let slots: Vec<std::sync::Mutex<Option<Result<(Vec<u8>, String), String>>>> =
+        let slots: Vec<std::sync::Mutex<Option<Compiled>>> =
             (0..jobs.len()).map(|_| std::sync::Mutex::new(None)).collect();
         std::thread::scope(|sc| {
             for _ in 0..threads {

@@ -24,3 +24,4 @@ pub mod engine;
 pub mod eval;
 pub mod io;
 pub mod plot;
+pub mod statsfile;

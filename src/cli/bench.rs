@@ -1,10 +1,390 @@
-//! `featcloud bench` (being written by another helper; this placeholder only keeps the crate compiling).
+//! `featcloud bench`: forward+backward of the fused path, the reference path
+//! and the bare cuBLAS 3-GEMM time, side by side in one process, with the
+//! device's measured tensor-core peak, on the SPEC section 9 shapes.
+//!
+//! Timing: CUDA events around each repetition, warm-up first, the L2 flushed
+//! before every repetition, median of N. Memory: the stream-ordered pool's
+//! high-water mark during one call, above what was in use before it (inputs
+//! excluded; outputs dx, dW and every workspace included). Each path's result
+//! is checked against the reference path before anything is timed.
+
+use crate::config::{DType, HeadConfig};
+use crate::cuda::bench::{gemm_peak_tflops, measure_extra_memory, ThreeGemm, Timer, Timing};
+use crate::cuda::head::{CudaHead, GradDtype, HeadPath, HeadUpstream};
+use crate::cuda::{Device, DeviceElem, Tensor};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Arguments of `featcloud bench`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// A subset that runs in under a minute: re-ID and the two smaller face shapes, bf16, fewer repetitions.
+    #[arg(long)]
+    pub quick: bool,
+    /// Write the results as JSON to this file (atomically).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Timed repetitions per measurement (median reported).
+    #[arg(long, default_value_t = 20)]
+    pub reps: usize,
+    /// Only shapes whose name contains this (reid, lt, face-93k, face-360k, face-1m).
+    #[arg(long)]
+    pub only: Option<String>,
+}
 
-/// Runs `featcloud bench`.
-pub fn run(_args: &Args) -> anyhow::Result<()> {
-    anyhow::bail!("featcloud bench is not available in this build yet")
+/// One SPEC section 9 shape with its peers' numbers from the SPEC table.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct BenchShape {
+    /// Short name.
+    pub name: &'static str,
+    /// Rows.
+    pub b: usize,
+    /// Embedding dimension.
+    pub d: usize,
+    /// Classes.
+    pub c: usize,
+    /// torch.compile ms per fwd+bwd (SPEC table, H200, bf16).
+    pub torch_compile_ms: f64,
+    /// Cut Cross-Entropy extra MiB (SPEC table).
+    pub cce_mib: f64,
+    /// Launch-bound shape (target 20x torch.compile instead of 2x).
+    pub small: bool,
+}
+
+/// The SPEC section 9 shapes.
+pub const SHAPES: [BenchShape; 5] = [
+    BenchShape { name: "reid", b: 64, d: 2048, c: 751, torch_compile_ms: 1.12, cce_mib: 15.0, small: true },
+    BenchShape { name: "lt", b: 512, d: 2048, c: 1000, torch_compile_ms: 1.13, cce_mib: 22.0, small: true },
+    BenchShape {
+        name: "face-93k",
+        b: 512,
+        d: 512,
+        c: 93431,
+        torch_compile_ms: 1.54,
+        cce_mib: 461.0,
+        small: false,
+    },
+    BenchShape {
+        name: "face-360k",
+        b: 1024,
+        d: 512,
+        c: 360232,
+        torch_compile_ms: 5.87,
+        cce_mib: 1762.0,
+        small: false,
+    },
+    BenchShape {
+        name: "face-1m",
+        b: 2048,
+        d: 512,
+        c: 1_000_000,
+        torch_compile_ms: 30.1,
+        cce_mib: 4889.0,
+        small: false,
+    },
+];
+
+/// Timing and memory of one path.
+#[derive(Debug, Clone, Serialize)]
+pub struct PathResult {
+    /// Event timing.
+    pub timing: Timing,
+    /// TFLOP/s counting 6*B*C*D per fwd+bwd.
+    pub tflops: f64,
+    /// Measured extra device memory of one call, MiB.
+    pub extra_mib: f64,
+}
+
+/// One row of the table.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchRow {
+    /// The shape.
+    pub shape: BenchShape,
+    /// Storage dtype.
+    pub dtype: String,
+    /// Fused path.
+    pub fused: PathResult,
+    /// Reference path.
+    pub reference: PathResult,
+    /// The three GEMMs alone.
+    pub cublas_3gemm: PathResult,
+    /// Fused vs reference: max normalized error of (loss, dx, dW) and the tolerance.
+    pub fused_vs_reference_err: f64,
+    /// Tolerance used for that check.
+    pub tolerance: f64,
+    /// Fused TFLOP/s as a fraction of the measured peak for this dtype.
+    pub fraction_of_peak: f64,
+    /// reference ms / fused ms.
+    pub speedup_vs_reference: f64,
+    /// fused ms / 3-GEMM ms.
+    pub ratio_vs_3gemm: f64,
+    /// The tensor-core limit 6BCD/peak, times 1.5 (SPEC target for face shapes), ms.
+    pub target_limit_ms: Option<f64>,
+    /// torch.compile ms / 2 (or / 20 on launch-bound shapes): the SPEC target, ms.
+    pub target_peer_ms: f64,
+    /// Cut Cross-Entropy's extra MiB (memory target).
+    pub target_mib: f64,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Device name.
+    pub device: String,
+    /// Measured peak, TFLOP/s, per dtype (n^3 cuBLAS GEMM).
+    pub peak_tflops: Vec<(String, f64, usize)>,
+    /// Rows.
+    pub rows: Vec<BenchRow>,
+}
+
+fn flops(s: &BenchShape) -> f64 {
+    6.0 * s.b as f64 * s.c as f64 * s.d as f64
+}
+
+/// Deterministic pseudo-random host data in [-1, 1) (fast for 10^8 elements).
+fn fill(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32) / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+struct Inputs<T: DeviceElem> {
+    x: Tensor<T>,
+    w: Tensor<T>,
+    labels: Vec<i32>,
+    sigma: Tensor<f32>,
+}
+
+fn inputs<T: DeviceElem>(dev: &Device, s: &BenchShape) -> anyhow::Result<Inputs<T>> {
+    let labels: Vec<i32> =
+        fill(s.b, 3).iter().map(|v| (((v + 1.0) * 0.5 * s.c as f32) as i32).min(s.c as i32 - 1)).collect();
+    let sigma: Vec<f32> = (0..s.c).map(|k| if k % 3 == 0 { 0.1 } else { 0.0 }).collect();
+    Ok(Inputs {
+        x: Tensor::from_f32(dev, &fill(s.b * s.d, 1), &[s.b, s.d])?,
+        w: Tensor::from_f32(dev, &fill(s.c * s.d, 2), &[s.c, s.d])?,
+        labels,
+        sigma: Tensor::from_f32(dev, &sigma, &[s.c])?,
+    })
+}
+
+/// Max |a - b| / max |b| (0 when b is all zero).
+fn rel_max_err(a: &[f32], b: &[f32]) -> f64 {
+    let scale = b.iter().fold(0.0f64, |m, &v| m.max(v.abs() as f64));
+    let err = a.iter().zip(b).fold(0.0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
+    if scale > 0.0 {
+        err / scale
+    } else {
+        err
+    }
+}
+
+fn bench_shape<T: DeviceElem>(
+    dev: &Arc<Device>,
+    s: &BenchShape,
+    reps: usize,
+    peak: f64,
+) -> anyhow::Result<BenchRow> {
+    let cfg = HeadConfig::default();
+    let inp = inputs::<T>(dev, s)?;
+    let fused = CudaHead::new(dev.clone(), cfg, HeadPath::Fused)?;
+    let reference = CudaHead::new(dev.clone(), cfg, HeadPath::Reference)?;
+    let run = |h: &CudaHead| {
+        h.forward_backward(
+            &inp.x,
+            &inp.w,
+            &inp.labels,
+            &inp.sigma,
+            7,
+            11,
+            HeadUpstream::Scalar(1.0),
+            GradDtype::Input,
+        )
+    };
+
+    // Correctness first: fused against reference on these very inputs.
+    let (rf, rg) = run(&reference)?;
+    let (ff, fg) = run(&fused)?;
+    let loss_err = ((ff.loss - rf.loss) as f64).abs() / (rf.loss as f64).abs().max(1e-30);
+    let dx_err = rel_max_err(&fg.dx.to_f32_host(dev)?, &rg.dx.to_f32_host(dev)?);
+    let dw_err = rel_max_err(&fg.dw.to_f32_host(dev)?, &rg.dw.to_f32_host(dev)?);
+    let (tol_loss, tol_grad) = if T::DTYPE == DType::F32 { (1e-5, 1e-4) } else { (2e-3, 1e-2) };
+    let err = (loss_err / tol_loss).max(dx_err / tol_grad).max(dw_err / tol_grad);
+    drop((rf, rg, ff, fg));
+    if err > 1.0 {
+        anyhow::bail!(
+            "{} {}: fused disagrees with reference (loss rel {loss_err:.2e}, dx {dx_err:.2e}, dW {dw_err:.2e}); not timing it",
+            s.name,
+            T::DTYPE.name()
+        );
+    }
+
+    let mut timer = Timer::new(dev)?;
+    let warm = 3;
+    let mut measure = |h: &CudaHead| -> anyhow::Result<PathResult> {
+        let timing = timer.time(warm, reps, || run(h).map(|_| ()))?;
+        let extra = measure_extra_memory(dev, || run(h).map(|_| ()))?;
+        Ok(PathResult {
+            tflops: flops(s) / (timing.median_ms * 1e-3) / 1e12,
+            timing,
+            extra_mib: extra as f64 / (1 << 20) as f64,
+        })
+    };
+    let f = measure(&fused)?;
+    let r = measure(&reference)?;
+    let mut g3 = ThreeGemm::<T>::new(dev, s.b, s.d, s.c)?;
+    let timing = timer.time(warm, reps, || g3.run(dev))?;
+    let extra = measure_extra_memory(dev, || g3.run(dev))?;
+    let g = PathResult {
+        tflops: flops(s) / (timing.median_ms * 1e-3) / 1e12,
+        timing,
+        extra_mib: extra as f64 / (1 << 20) as f64,
+    };
+    Ok(BenchRow {
+        shape: *s,
+        dtype: T::DTYPE.name().into(),
+        fraction_of_peak: f.tflops / peak,
+        speedup_vs_reference: r.timing.median_ms / f.timing.median_ms,
+        ratio_vs_3gemm: f.timing.median_ms / g.timing.median_ms,
+        target_limit_ms: (!s.small).then(|| 1.5 * flops(s) / (peak * 1e12) * 1e3),
+        target_peer_ms: s.torch_compile_ms / if s.small { 20.0 } else { 2.0 },
+        target_mib: s.cce_mib,
+        fused_vs_reference_err: err,
+        tolerance: 1.0,
+        fused: f,
+        reference: r,
+        cublas_3gemm: g,
+    })
+}
+
+fn print_row(r: &BenchRow) {
+    let s = &r.shape;
+    println!(
+        "{:<10} {:<5} {:>9.3} {:>9.3} {:>9.3} {:>8.1} {:>6.1}% {:>8.2}x {:>7.2}x {:>9.1} {:>9.1}",
+        s.name,
+        r.dtype,
+        r.fused.timing.median_ms,
+        r.reference.timing.median_ms,
+        r.cublas_3gemm.timing.median_ms,
+        r.fused.tflops,
+        100.0 * r.fraction_of_peak,
+        r.speedup_vs_reference,
+        r.ratio_vs_3gemm,
+        r.fused.extra_mib,
+        r.reference.extra_mib,
+    );
+    let mut goals = vec![];
+    let fm = r.fused.timing.median_ms;
+    if let Some(lim) = r.target_limit_ms {
+        goals.push(format!("1.5x TC limit {lim:.3} ms: {}", verdict(fm, lim)));
+    }
+    goals.push(format!(
+        "{}x torch.compile ({:.3} ms): {}",
+        if s.small { 20 } else { 2 },
+        r.target_peer_ms,
+        verdict(fm, r.target_peer_ms)
+    ));
+    goals.push(format!(
+        "memory < CCE {:.0} MiB: {}",
+        r.target_mib,
+        if r.fused.extra_mib < r.target_mib {
+            "met".to_string()
+        } else {
+            format!("missed ({:.0} MiB)", r.fused.extra_mib)
+        }
+    ));
+    println!("{:<16} targets: {}", "", goals.join("; "));
+}
+
+fn verdict(got: f64, target: f64) -> String {
+    if got <= target {
+        "met".into()
+    } else {
+        format!("missed by {:.2}x", got / target)
+    }
+}
+
+/// Runs `featcloud bench`. Without a GPU it says so and exits 0.
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    let dev = match Device::new(0) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("featcloud bench needs a CUDA GPU and found none ({e}).");
+            println!("Nothing was timed. The CPU backend is benchmarked by `cargo bench` instead.");
+            return Ok(());
+        }
+    };
+    let reps = if args.quick { args.reps.min(5) } else { args.reps };
+    println!("device: {} ({})", dev.info().name, dev.info().code);
+    let peak_n = if args.quick { 4096 } else { 8192 };
+    let (bf16_peak, _) = gemm_peak_tflops::<half::bf16>(&dev, peak_n, 2, reps.min(10))?;
+    let mut peaks = vec![("bf16".to_string(), bf16_peak, peak_n)];
+    println!("measured peak: bf16 {bf16_peak:.1} TFLOP/s (cuBLAS {peak_n}^3)");
+    let f32_peak = if args.quick {
+        None
+    } else {
+        let (p, _) = gemm_peak_tflops::<f32>(&dev, peak_n, 2, reps.min(10))?;
+        peaks.push(("f32".to_string(), p, peak_n));
+        println!("measured peak: f32 {p:.1} TFLOP/s (cuBLAS {peak_n}^3)");
+        Some(p)
+    };
+    println!(
+        "\n{:<10} {:<5} {:>9} {:>9} {:>9} {:>8} {:>7} {:>9} {:>8} {:>9} {:>9}",
+        "shape",
+        "dtype",
+        "fused ms",
+        "ref ms",
+        "3gemm ms",
+        "TFLOP/s",
+        "%peak",
+        "vs ref",
+        "vs 3gemm",
+        "fused MiB",
+        "ref MiB"
+    );
+    let mut rows = Vec::new();
+    let mut failures = Vec::new();
+    for s in SHAPES.iter() {
+        if args.quick && !matches!(s.name, "reid" | "face-93k" | "face-360k") {
+            continue;
+        }
+        if args.only.as_deref().is_some_and(|o| !s.name.contains(o)) {
+            continue;
+        }
+        let mut dtypes = vec![DType::BF16];
+        if !args.quick && s.c < 1_000_000 && f32_peak.is_some() {
+            dtypes.push(DType::F32);
+        }
+        for dt in dtypes {
+            let res = match dt {
+                DType::F32 => bench_shape::<f32>(&dev, s, reps, f32_peak.unwrap_or(bf16_peak)),
+                _ => bench_shape::<half::bf16>(&dev, s, reps, bf16_peak),
+            };
+            match res {
+                Ok(r) => {
+                    print_row(&r);
+                    rows.push(r);
+                }
+                Err(e) => {
+                    println!("{:<10} {:<5} ERROR: {e}", s.name, dt.name());
+                    failures.push(format!("{} {}: {e}", s.name, dt.name()));
+                }
+            }
+        }
+    }
+    let report = BenchReport { device: dev.info().name.clone(), peak_tflops: peaks, rows };
+    if let Some(path) = &args.json {
+        crate::io::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        println!("\nwrote {}", path.display());
+    }
+    if !failures.is_empty() {
+        anyhow::bail!("{} shape(s) failed: {}", failures.len(), failures.join(" | "));
+    }
+    Ok(())
 }

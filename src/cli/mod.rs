@@ -1,4 +1,649 @@
-//! The `featcloud` command line.
+//! The `featcloud` command line: `train`, `eval`, `compare`, `smoke`, `info`, `bench`.
+//!
+//! Errors are one line on stderr (`error: ...`, naming the file or flag),
+//! exit code non-zero, never a panic; output files are written atomically, so
+//! a failed command leaves no partial file behind.
+
 pub mod bench;
+pub mod compare;
+pub mod eval;
 pub mod info;
 pub mod smoke;
+pub mod train;
+
+use crate::config::{CenterMode, CloudMode, Fallback, HeadConfig, MarginGrad, Reduction, Split, StatsConfig};
+use crate::cpu::CpuBackend;
+use crate::cuda::backend::{CudaBackend, Precision};
+use crate::data::{self, Splits, SyntheticConfig};
+use crate::engine::{OptimizerConfig, OptimizerKind, StepInfo, TrainConfig};
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+/// Top-level command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "featcloud",
+    version,
+    about = "Margin heads (ArcFace/CosFace) with LEAP feature clouds for long-tailed data"
+)]
+pub struct Cli {
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Sub-commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train an embedding model + margin head; writes a checkpoint and metrics.
+    Train(train::Args),
+    /// Evaluate a checkpoint (closed set, open set, angular spread).
+    Eval(eval::Args),
+    /// Train baseline and LEAP from the same seed and data; print them side by side.
+    Compare(compare::Args),
+    /// Quick self-check of the kernels against the oracle.
+    Smoke(smoke::Args),
+    /// What was built in and which device is present.
+    Info(info::Args),
+    /// Benchmark the head kernels.
+    Bench(bench::Args),
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: &Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Compare(a) => compare::run(a),
+        Command::Smoke(a) => smoke::run(a),
+        Command::Info(a) => info::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}
+
+/// Entry point of the binary: parse, run, and turn every failure into one line.
+pub fn main() -> ExitCode {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info.to_string().replace('\n', " ");
+        eprintln!("error: internal error (please report): {msg}");
+    }));
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => return clap_error(e),
+    };
+    match std::panic::catch_unwind(|| run(&cli)) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+        Err(_) => ExitCode::from(101),
+    }
+}
+
+/// An error chain as one line: `outer: inner: ...`.
+pub fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").replace('\n', " ")
+}
+
+/// clap errors as one line (help and version are printed as usual).
+fn clap_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            return ExitCode::from(2);
+        }
+        _ => {}
+    }
+    let text = e.render().to_string();
+    let first = text.lines().next().unwrap_or("invalid arguments");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let extra = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("[possible values:") || l.starts_with("tip:"))
+        .map(|l| format!(" {l}"))
+        .unwrap_or_default();
+    eprintln!("error: {first}{extra}");
+    ExitCode::from(2)
+}
+
+/// `--backend`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
+    /// CUDA when a GPU and the CUDA training backend are available, else CPU.
+    Auto,
+    /// The CUDA backend (error if unavailable).
+    Cuda,
+    /// The CPU backend.
+    Cpu,
+}
+
+/// `--precision` (CUDA only; the CPU backend is always f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PrecisionArg {
+    /// bf16 copies of the GEMM and head operands, f32 master weights and accumulation.
+    Bf16,
+    /// f32 everywhere.
+    F32,
+}
+
+/// The backend a command runs on. Commands are generic over [`crate::engine::Backend`]
+/// and match on this once.
+pub enum SelectedBackend {
+    /// The CPU backend.
+    Cpu(CpuBackend),
+    /// The CUDA backend on GPU 0.
+    Cuda(CudaBackend),
+}
+
+fn cuda_backend(precision: PrecisionArg) -> crate::Result<CudaBackend> {
+    let p = match precision {
+        PrecisionArg::Bf16 => Precision::Bf16,
+        PrecisionArg::F32 => Precision::F32,
+    };
+    CudaBackend::new(crate::cuda::Device::new(0)?, p)
+}
+
+/// Picks the backend for `choice` (auto: CUDA when GPU 0 starts and the kernels
+/// are built, else CPU); prints which one is used.
+pub fn select_backend(choice: BackendChoice, precision: PrecisionArg) -> anyhow::Result<SelectedBackend> {
+    let cpu = |why: String| {
+        let be = CpuBackend::new();
+        eprintln!("backend: {}{why}", crate::engine::Backend::name(&be));
+        SelectedBackend::Cpu(be)
+    };
+    match choice {
+        BackendChoice::Cpu => Ok(cpu(String::new())),
+        BackendChoice::Cuda => {
+            let be = cuda_backend(precision).map_err(|e| anyhow::anyhow!("--backend cuda: {e}"))?;
+            eprintln!("backend: {}", crate::engine::Backend::name(&be));
+            Ok(SelectedBackend::Cuda(be))
+        }
+        BackendChoice::Auto => match cuda_backend(precision) {
+            Ok(be) => {
+                eprintln!("backend: {} (auto)", crate::engine::Backend::name(&be));
+                Ok(SelectedBackend::Cuda(be))
+            }
+            Err(e) => Ok(cpu(format!(" (auto: {e})"))),
+        },
+    }
+}
+
+/// Where the data comes from: the built-in synthetic benchmark (default) or files.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DataArgs {
+    /// Training features, .npy [N, F] f32/f64 or .safetensors (then also holds labels).
+    #[arg(long, value_name = "PATH")]
+    pub features: Option<PathBuf>,
+    /// Training labels, .npy [N] integers in [0, C).
+    #[arg(long, value_name = "PATH", requires = "features")]
+    pub labels: Option<PathBuf>,
+    /// Number of classes C (default: max label + 1).
+    #[arg(long)]
+    pub num_classes: Option<usize>,
+    /// Test features (default: a --test-fraction split of the training files).
+    #[arg(long, value_name = "PATH", requires = "features")]
+    pub test_features: Option<PathBuf>,
+    /// Test labels.
+    #[arg(long, value_name = "PATH", requires = "test_features")]
+    pub test_labels: Option<PathBuf>,
+    /// Fraction of the training files held out as the test set when no test files are given.
+    #[arg(long, default_value_t = 0.2)]
+    pub test_fraction: f64,
+    /// Open-set features (classes never trained on) for retrieval metrics.
+    #[arg(long, value_name = "PATH", requires = "features")]
+    pub open_features: Option<PathBuf>,
+    /// Open-set labels.
+    #[arg(long, value_name = "PATH", requires = "open_features")]
+    pub open_labels: Option<PathBuf>,
+    /// Seed of the synthetic benchmark and of the --test-fraction split.
+    #[arg(long, default_value_t = 0)]
+    pub data_seed: u64,
+    /// Synthetic: number of training classes.
+    #[arg(long, default_value_t = 100)]
+    pub classes: usize,
+    /// Synthetic: input feature dimension.
+    #[arg(long, default_value_t = 64)]
+    pub input_dim: usize,
+    /// Synthetic: training samples of the largest class.
+    #[arg(long, default_value_t = 300)]
+    pub max_per_class: usize,
+    /// Synthetic: head/tail count ratio.
+    #[arg(long, default_value_t = 100.0)]
+    pub imbalance: f64,
+    /// Synthetic: test samples per class.
+    #[arg(long, default_value_t = 20)]
+    pub test_per_class: usize,
+    /// Synthetic: held-out open-set classes.
+    #[arg(long, default_value_t = 20)]
+    pub open_classes: usize,
+    /// Synthetic: samples per open-set class.
+    #[arg(long, default_value_t = 20)]
+    pub open_per_class: usize,
+}
+
+impl DataArgs {
+    /// A short description of the data source.
+    pub fn describe(&self) -> String {
+        match &self.features {
+            Some(p) => format!("files ({})", p.display()),
+            None => format!("synthetic (seed {})", self.data_seed),
+        }
+    }
+
+    /// Loads or generates the splits.
+    pub fn load(&self) -> anyhow::Result<Splits> {
+        let Some(features) = &self.features else {
+            let cfg = SyntheticConfig {
+                num_classes: self.classes,
+                input_dim: self.input_dim,
+                max_per_class: self.max_per_class,
+                imbalance: self.imbalance,
+                test_per_class: self.test_per_class,
+                open_classes: self.open_classes,
+                open_per_class: self.open_per_class,
+                seed: self.data_seed,
+                ..SyntheticConfig::default()
+            };
+            return data::generate(&cfg).context("synthetic benchmark");
+        };
+        let labels = labels_for(features, self.labels.as_deref(), "--labels")?;
+        let ds = data::load_dataset(features, labels, self.num_classes)?;
+        let (train, test) = match &self.test_features {
+            Some(tf) => {
+                let tl = labels_for(tf, self.test_labels.as_deref(), "--test-labels")?;
+                let test = data::load_dataset(tf, tl, Some(ds.num_classes))?;
+                if test.f != ds.f {
+                    anyhow::bail!(
+                        "{}: test features have {} columns, training features {}",
+                        tf.display(),
+                        test.f,
+                        ds.f
+                    );
+                }
+                (ds, test)
+            }
+            None => {
+                if !(self.test_fraction > 0.0 && self.test_fraction < 1.0) {
+                    anyhow::bail!("--test-fraction must be in (0, 1), got {}", self.test_fraction);
+                }
+                data::split_fraction(&ds, self.test_fraction, self.data_seed)?
+            }
+        };
+        let open_set = match &self.open_features {
+            Some(of) => {
+                let ol = labels_for(of, self.open_labels.as_deref(), "--open-labels")?;
+                let open = data::load_dataset(of, ol, None)?;
+                if open.f != train.f {
+                    anyhow::bail!(
+                        "{}: open-set features have {} columns, training features {}",
+                        of.display(),
+                        open.f,
+                        train.f
+                    );
+                }
+                Some(open)
+            }
+            None => None,
+        };
+        Ok(Splits { train, test, open_set })
+    }
+}
+
+/// The labels file for `features`: the given one, or the same file when it is a
+/// `.safetensors` holding both (an `.npy` needs its own labels file).
+fn labels_for<'a>(features: &'a Path, labels: Option<&'a Path>, flag: &str) -> anyhow::Result<&'a Path> {
+    match labels {
+        Some(l) => Ok(l),
+        None if features.extension().is_some_and(|e| e == "safetensors") => Ok(features),
+        None => anyhow::bail!(
+            "{flag} is required with {} (only a .safetensors file holds both)",
+            features.display()
+        ),
+    }
+}
+
+/// `--margin` presets (SPEC section 2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum MarginPreset {
+    /// (m1, m2, m3) = (1, 0.5, 0).
+    Arcface,
+    /// (1, 0, 0.35).
+    Cosface,
+    /// (1, 0.3, 0.2).
+    Combined,
+}
+
+/// `--cloud`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CloudArg {
+    /// No feature cloud.
+    Off,
+    /// alpha = sigma * eps.
+    Symmetric,
+    /// alpha = sigma * |eps|.
+    OneSided,
+}
+
+/// `--reduction`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReductionArg {
+    /// Mean over valid rows.
+    Mean,
+    /// Sum over valid rows.
+    Sum,
+    /// Per-row losses (trained with upstream 1 per row, i.e. like sum).
+    None,
+}
+
+/// `--margin-grad`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum MarginGradArg {
+    /// Exact derivative of the margin.
+    Exact,
+    /// dt = 1 (current insightface).
+    StraightThrough,
+}
+
+/// `--fallback`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FallbackArg {
+    /// Linear fallback above pi.
+    Linear,
+    /// Clamp phi to [0, pi].
+    Clamp,
+}
+
+/// `--center`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CenterArg {
+    /// EMA of the normalized batch features.
+    Ema,
+    /// The normalized class weight.
+    ClassWeight,
+}
+
+/// `--split`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SplitArg {
+    /// Head = classes with at least --threshold training samples.
+    Threshold,
+    /// Count-weighted head variance; every class below it gets a cloud.
+    Adaptive,
+}
+
+/// `--optimizer`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OptimizerArg {
+    /// SGD with momentum.
+    Sgd,
+    /// AdamW.
+    Adamw,
+}
+
+/// Model, head, statistics and optimizer options (every SPEC option has a flag).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// Seed of model init, batch order and the cloud RNG.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Passes over the training set.
+    #[arg(long, default_value_t = 100)]
+    pub epochs: u64,
+    /// Rows per step.
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// Hidden width of the MLP.
+    #[arg(long, default_value_t = 256)]
+    pub hidden: usize,
+    /// Embedding dimension D.
+    #[arg(long, default_value_t = 64)]
+    pub embed_dim: usize,
+    /// Margin preset; --m1/--m2/--m3 override its values.
+    #[arg(long, value_enum, default_value_t = MarginPreset::Arcface)]
+    pub margin: MarginPreset,
+    /// Logit scale s.
+    #[arg(long, default_value_t = 64.0)]
+    pub scale: f32,
+    /// Multiplicative angular margin m1.
+    #[arg(long)]
+    pub m1: Option<f32>,
+    /// Additive angular margin m2.
+    #[arg(long)]
+    pub m2: Option<f32>,
+    /// Additive cosine margin m3.
+    #[arg(long)]
+    pub m3: Option<f32>,
+    /// Feature-cloud mode (compare: the LEAP run's mode).
+    #[arg(long, value_enum, default_value_t = CloudArg::Symmetric)]
+    pub cloud: CloudArg,
+    /// Loss reduction.
+    #[arg(long, value_enum, default_value_t = ReductionArg::Mean)]
+    pub reduction: ReductionArg,
+    /// Label smoothing in [0, 1).
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f32,
+    /// Gradient of the margin.
+    #[arg(long, value_enum, default_value_t = MarginGradArg::Exact)]
+    pub margin_grad: MarginGradArg,
+    /// What happens when the margin pushes the angle past pi.
+    #[arg(long, value_enum, default_value_t = FallbackArg::Linear)]
+    pub fallback: FallbackArg,
+    /// EMA momentum of the class statistics.
+    #[arg(long, default_value_t = 0.9)]
+    pub beta: f32,
+    /// Center of the angular statistics.
+    #[arg(long, value_enum, default_value_t = CenterArg::Ema)]
+    pub center: CenterArg,
+    /// Head/tail split of the statistics.
+    #[arg(long, value_enum, default_value_t = SplitArg::Threshold)]
+    pub split: SplitArg,
+    /// Head threshold T (training samples), for --split threshold and the spread report.
+    #[arg(long, default_value_t = 100)]
+    pub threshold: u64,
+    /// Steps before the cloud turns on.
+    #[arg(long, default_value_t = 100)]
+    pub warmup_steps: u64,
+    /// Optimizer.
+    #[arg(long, value_enum, default_value_t = OptimizerArg::Sgd)]
+    pub optimizer: OptimizerArg,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 0.1)]
+    pub lr: f32,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f32,
+    /// Weight decay (not on biases).
+    #[arg(long, default_value_t = 5e-4)]
+    pub weight_decay: f32,
+    /// Linear learning-rate warm-up steps (then cosine decay).
+    #[arg(long, default_value_t = 100)]
+    pub lr_warmup: u64,
+    /// Backend.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+    /// CUDA precision: bf16 operand copies with f32 master weights, or f32.
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Bf16)]
+    pub precision: PrecisionArg,
+}
+
+impl ModelArgs {
+    /// The training configuration these flags describe (validated).
+    pub fn config(&self, cloud: CloudMode) -> anyhow::Result<TrainConfig> {
+        let preset = match self.margin {
+            MarginPreset::Arcface => HeadConfig::arcface(),
+            MarginPreset::Cosface => HeadConfig::cosface(),
+            MarginPreset::Combined => HeadConfig::combined(),
+        };
+        let head = HeadConfig {
+            s: self.scale,
+            m1: self.m1.unwrap_or(preset.m1),
+            m2: self.m2.unwrap_or(preset.m2),
+            m3: self.m3.unwrap_or(preset.m3),
+            cloud,
+            reduction: match self.reduction {
+                ReductionArg::Mean => Reduction::Mean,
+                ReductionArg::Sum => Reduction::Sum,
+                ReductionArg::None => Reduction::None,
+            },
+            label_smoothing: self.label_smoothing,
+            margin_grad: match self.margin_grad {
+                MarginGradArg::Exact => MarginGrad::Exact,
+                MarginGradArg::StraightThrough => MarginGrad::StraightThrough,
+            },
+            fallback: match self.fallback {
+                FallbackArg::Linear => Fallback::Linear,
+                FallbackArg::Clamp => Fallback::Clamp,
+            },
+        };
+        head.validate().context("head options (--scale, --m1/2/3, --label-smoothing)")?;
+        let stats = StatsConfig {
+            beta: self.beta,
+            center: match self.center {
+                CenterArg::Ema => CenterMode::Ema,
+                CenterArg::ClassWeight => CenterMode::ClassWeight,
+            },
+            split: match self.split {
+                SplitArg::Threshold => Split::Threshold(self.threshold),
+                SplitArg::Adaptive => Split::Adaptive,
+            },
+            warmup_steps: self.warmup_steps,
+            class_counts: None,
+        };
+        if !(self.beta.is_finite() && (0.0..1.0).contains(&self.beta)) {
+            anyhow::bail!("--beta must be in [0, 1), got {}", self.beta);
+        }
+        if self.threshold == 0 {
+            anyhow::bail!("--threshold must be > 0");
+        }
+        let optim = OptimizerConfig {
+            kind: match self.optimizer {
+                OptimizerArg::Sgd => OptimizerKind::Sgd,
+                OptimizerArg::Adamw => OptimizerKind::AdamW,
+            },
+            lr: self.lr,
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
+            warmup_steps: self.lr_warmup,
+            ..OptimizerConfig::default()
+        };
+        optim.validate()?;
+        let cfg = TrainConfig {
+            seed: self.seed,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            hidden: self.hidden,
+            embed_dim: self.embed_dim,
+            head,
+            stats,
+            optim,
+        };
+        for (flag, v) in [
+            ("--epochs", self.epochs as usize),
+            ("--batch-size", self.batch_size),
+            ("--hidden", self.hidden),
+            ("--embed-dim", self.embed_dim),
+        ] {
+            if v == 0 {
+                anyhow::bail!("{flag} must be > 0");
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+/// Maps the `--cloud` flag to the config type.
+pub fn cloud_mode(c: CloudArg) -> CloudMode {
+    match c {
+        CloudArg::Off => CloudMode::Off,
+        CloudArg::Symmetric => CloudMode::Symmetric,
+        CloudArg::OneSided => CloudMode::OneSided,
+    }
+}
+
+/// A progress bar (hidden when stderr is not a terminal) showing loss and throughput.
+pub struct Progress {
+    bar: ProgressBar,
+    start: Instant,
+    rows: u64,
+    loss_ema: Option<f64>,
+}
+
+impl Progress {
+    /// A bar for `total` steps starting at `done`, labelled `label`.
+    pub fn new(label: &str, done: u64, total: u64) -> Self {
+        let bar = ProgressBar::new(total);
+        let style =
+            ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ");
+        bar.set_style(style);
+        bar.set_prefix(label.to_string());
+        bar.set_position(done);
+        Self { bar, start: Instant::now(), rows: 0, loss_ema: None }
+    }
+
+    /// Records one step.
+    pub fn step(&mut self, info: &StepInfo) {
+        self.rows += info.rows as u64;
+        let ema = match self.loss_ema {
+            Some(e) => 0.95 * e + 0.05 * info.loss,
+            None => info.loss,
+        };
+        self.loss_ema = Some(ema);
+        self.bar.set_position(info.step + 1);
+        let quarter = (info.total_steps / 4).max(1);
+        // Without a terminal the bar is hidden: log a line at each quarter instead.
+        let log_line = self.bar.is_hidden() && (info.step + 1) % quarter == 0;
+        if info.step % 10 == 0 || info.step + 1 == info.total_steps || log_line {
+            let rate = self.rows as f64 / self.start.elapsed().as_secs_f64().max(1e-9);
+            let msg = format!("loss {ema:.4} | {rate:.0} rows/s | sigma_max {:.3}", info.max_sigma);
+            if log_line {
+                eprintln!("{}: step {}/{} | {msg}", self.bar.prefix(), info.step + 1, info.total_steps);
+            }
+            self.bar.set_message(msg);
+        }
+    }
+
+    /// Smoothed loss so far.
+    pub fn loss(&self) -> Option<f64> {
+        self.loss_ema
+    }
+
+    /// Removes the bar.
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// Creates `dir` (and parents) for output files.
+pub fn ensure_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("{}: cannot create the output directory", dir.display()))
+}
+
+/// Writes pretty JSON atomically.
+pub fn write_json(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(value).context("serializing metrics")?;
+    crate::io::write_atomic(path, format!("{text}\n").as_bytes())?;
+    Ok(())
+}
+
+/// Percent with two decimals, or "n/a" for NaN.
+pub fn pct(v: f64) -> String {
+    if v.is_finite() {
+        format!("{:.2}%", 100.0 * v)
+    } else {
+        "n/a".into()
+    }
+}

@@ -1,10 +1,42 @@
-//! `featcloud smoke` (being written by another helper; this placeholder only keeps the crate compiling).
+//! `featcloud smoke`: every kernel at small sizes against the CPU oracle, one
+//! pass/fail line per kernel, dtype and option set, with the worst error.
+
+use crate::cuda::{self, Device, SmokeLine};
 
 /// Arguments of `featcloud smoke`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Also write the lines as JSON to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
 
-/// Runs `featcloud smoke`.
-pub fn run(_args: &Args) -> anyhow::Result<()> {
-    anyhow::bail!("featcloud smoke is not available in this build yet")
+/// Runs `featcloud smoke`; fails (non-zero exit) when any line fails or there is no GPU.
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    let dev = Device::new(0).map_err(|e| anyhow::anyhow!("smoke needs a GPU: {e}"))?;
+    println!("device: {} ({})", dev.info().name, dev.info().code);
+    let mut lines: Vec<SmokeLine> = Vec::new();
+    lines.extend(cuda::head::smoke(&dev)?);
+    lines.extend(cuda::stats::smoke(&dev)?);
+    let mut failed = 0;
+    for l in &lines {
+        println!(
+            "{:<4} {:<28} {:<5} {:<48} err {:.3e} (tol {:.1e})",
+            if l.passed { "PASS" } else { "FAIL" },
+            l.kernel,
+            l.dtype,
+            l.options,
+            l.max_err,
+            l.tolerance
+        );
+        failed += usize::from(!l.passed);
+    }
+    if let Some(path) = &args.json {
+        crate::io::write_atomic(path, serde_json::to_string_pretty(&lines)?.as_bytes())?;
+    }
+    println!("{} passed, {} failed", lines.len() - failed, failed);
+    if failed > 0 {
+        anyhow::bail!("{failed} smoke check(s) failed");
+    }
+    Ok(())
 }

@@ -1,1 +1,291 @@
-//! (module cpu: in progress)
+//! CPU backend: the engine's [`Backend`] on host memory, with a threaded sgemm
+//! (matrixmultiply through ndarray) and rayon for everything row-parallel.
+//!
+//! - [`head`]: the fast margin head (checked against [`crate::oracle::head`]);
+//! - [`gemm`]: safe row-major sgemm;
+//! - statistics: [`crate::oracle::stats::OracleStats`] (f64, C x D is small);
+//! - bias/ReLU and the optimizers: elementwise loops here.
+//!
+//! Every operation is bitwise deterministic for a given input, independent of
+//! the number of threads (no order-dependent parallel reductions).
+
+pub mod gemm;
+pub mod head;
+
+use crate::check::HeadShape;
+use crate::config::{CenterMode, HeadConfig, StatsConfig};
+use crate::engine::backend::{Activation, Backend, Gemm, HeadStep, OptimStep, StatsState};
+use crate::engine::optim::{OptimizerConfig, OptimizerKind};
+use crate::error::{Error, Result};
+use crate::oracle::stats::OracleStats;
+use rayon::prelude::*;
+
+/// Elements per parallel task in elementwise loops (fixed: results never depend on it).
+const CHUNK: usize = 4096;
+
+/// Class statistics of the CPU backend: the oracle's f64 statistics plus the center mode.
+#[derive(Clone, Debug)]
+pub struct CpuStats {
+    /// The statistics themselves.
+    pub inner: OracleStats,
+    /// Where the angles come from (EMA centers or class weights).
+    pub center: CenterMode,
+}
+
+/// The CPU backend (host `Vec<f32>` buffers).
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    /// A CPU backend using rayon's global pool.
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+fn same_len(what: &str, a: usize, b: usize) -> Result<()> {
+    if a != b {
+        return Err(Error::Shape(format!("{what}: {a} vs {b} elements")));
+    }
+    Ok(())
+}
+
+fn rows_of(what: &str, len: usize, cols: usize) -> Result<usize> {
+    if cols == 0 || len % cols != 0 {
+        return Err(Error::Shape(format!("{what}: {len} elements is not a multiple of {cols} columns")));
+    }
+    Ok(len / cols)
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Stats = CpuStats;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn zeros(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+
+    fn upload(&self, host: &[f32]) -> Result<Vec<f32>> {
+        Ok(host.to_vec())
+    }
+
+    fn write(&self, buf: &mut Vec<f32>, host: &[f32]) -> Result<()> {
+        same_len("write", buf.len(), host.len())?;
+        buf.copy_from_slice(host);
+        Ok(())
+    }
+
+    fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(buf.clone())
+    }
+
+    fn len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+
+    fn gemm(&self, g: Gemm, a: &Vec<f32>, b: &Vec<f32>, c: &mut Vec<f32>) -> Result<()> {
+        gemm::sgemm(g.trans_a, g.trans_b, g.m, g.n, g.k, g.alpha, a, b, g.beta, c)
+    }
+
+    fn bias_act_forward(&self, y: &mut Vec<f32>, bias: &Vec<f32>, act: Activation) -> Result<()> {
+        let cols = bias.len();
+        rows_of("bias_act_forward y", y.len(), cols)?;
+        y.par_chunks_mut(cols).for_each(|row| {
+            for (v, &b) in row.iter_mut().zip(bias.iter()) {
+                let z = *v + b;
+                *v = match act {
+                    Activation::Identity => z,
+                    Activation::Relu => z.max(0.0),
+                };
+            }
+        });
+        Ok(())
+    }
+
+    fn bias_act_backward(
+        &self,
+        dy: &mut Vec<f32>,
+        y: &Vec<f32>,
+        dbias: &mut Vec<f32>,
+        act: Activation,
+    ) -> Result<()> {
+        let cols = dbias.len();
+        same_len("bias_act_backward dy/y", dy.len(), y.len())?;
+        rows_of("bias_act_backward dy", dy.len(), cols)?;
+        if act == Activation::Relu {
+            dy.par_chunks_mut(CHUNK).zip(y.par_chunks(CHUNK)).for_each(|(d, yv)| {
+                for (g, &o) in d.iter_mut().zip(yv) {
+                    if o <= 0.0 {
+                        *g = 0.0;
+                    }
+                }
+            });
+        }
+        // Column sums in row order, f64 accumulation, one task per column block.
+        let dyr: &[f32] = dy;
+        dbias.par_chunks_mut(64).enumerate().for_each(|(blk, out)| {
+            let c0 = blk * 64;
+            let mut acc = vec![0.0f64; out.len()];
+            for row in dyr.chunks(cols) {
+                for (a, &g) in acc.iter_mut().zip(&row[c0..c0 + out.len()]) {
+                    *a += g as f64;
+                }
+            }
+            for (o, a) in out.iter_mut().zip(acc) {
+                *o = a as f32;
+            }
+        });
+        Ok(())
+    }
+
+    fn head_forward_backward(
+        &self,
+        cfg: &HeadConfig,
+        shape: HeadShape,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        labels: &[i32],
+        sigma_cloud: &Vec<f32>,
+        seed: u64,
+        step: u64,
+        dx: &mut Vec<f32>,
+        dw: &mut Vec<f32>,
+    ) -> Result<HeadStep> {
+        let p = head::HeadProblem { shape, x, w, labels, sigma_cloud, seed, step };
+        let ones;
+        let up = if cfg.reduction == crate::config::Reduction::None {
+            ones = vec![1.0f32; shape.b];
+            head::Upstream::PerRow(&ones)
+        } else {
+            head::Upstream::Scalar(1.0)
+        };
+        let (fwd, grads) = head::forward_backward(cfg, &p, up)?;
+        same_len("head dx", dx.len(), grads.dx.len())?;
+        same_len("head dw", dw.len(), grads.dw.len())?;
+        *dx = grads.dx;
+        *dw = grads.dw;
+        Ok(HeadStep { loss: fwd.loss, n_valid: fwd.n_valid, c_iy: fwd.rows.c_iy })
+    }
+
+    fn stats_new(&self, c: usize, d: usize, cfg: &StatsConfig) -> Result<CpuStats> {
+        Ok(CpuStats { inner: OracleStats::new(c, d, cfg.clone())?, center: cfg.center })
+    }
+
+    fn stats_cloud_sigma(&self, stats: &CpuStats, out: &mut Vec<f32>) -> Result<()> {
+        let sigma = stats.inner.cloud_sigma();
+        same_len("cloud sigma", out.len(), sigma.len())?;
+        for (o, s) in out.iter_mut().zip(sigma) {
+            *o = s as f32;
+        }
+        Ok(())
+    }
+
+    fn stats_update(&self, stats: &mut CpuStats, x: &Vec<f32>, labels: &[i32], c_iy: &[f32]) -> Result<()> {
+        match stats.center {
+            CenterMode::Ema => stats.inner.update(x, labels),
+            CenterMode::ClassWeight => {
+                let theta: Vec<f64> =
+                    c_iy.iter().map(|&c| (c as f64).clamp(-1.0 + 1e-7, 1.0 - 1e-7).acos()).collect();
+                stats.inner.update_from_angles(labels, &theta)
+            }
+        }
+    }
+
+    fn stats_export(&self, s: &CpuStats) -> Result<StatsState> {
+        let s = &s.inner;
+        Ok(StatsState {
+            c: s.mu.len(),
+            d: s.d,
+            mu: s.mu.clone(),
+            v: s.v.clone(),
+            n: s.n.clone(),
+            initialized: s.initialized.clone(),
+            centers: s.centers.clone(),
+            updates: s.updates,
+        })
+    }
+
+    fn stats_import(&self, st: &StatsState, cfg: &StatsConfig) -> Result<CpuStats> {
+        let mut s = OracleStats::new(st.c, st.d, cfg.clone())?;
+        let bad = |what: &str| {
+            Error::Shape(format!("class statistics: {what} does not match C = {}, D = {}", st.c, st.d))
+        };
+        if st.mu.len() != st.c || st.v.len() != st.c || st.n.len() != st.c || st.initialized.len() != st.c {
+            return Err(bad("per-class vectors"));
+        }
+        if st.centers.len() != s.centers.len() {
+            return Err(bad("centers"));
+        }
+        s.mu.clone_from(&st.mu);
+        s.v.clone_from(&st.v);
+        s.n.clone_from(&st.n);
+        s.initialized.clone_from(&st.initialized);
+        s.centers.clone_from(&st.centers);
+        s.updates = st.updates;
+        Ok(CpuStats { inner: s, center: cfg.center })
+    }
+
+    fn optimizer_step(
+        &self,
+        opt: &OptimizerConfig,
+        hp: OptimStep,
+        param: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        state: &mut [Vec<f32>],
+    ) -> Result<()> {
+        same_len("optimizer param/grad", param.len(), grad.len())?;
+        if state.len() != opt.kind.state_count() {
+            return Err(Error::Shape(format!(
+                "optimizer state: {} buffers, expected {}",
+                state.len(),
+                opt.kind.state_count()
+            )));
+        }
+        for s in state.iter() {
+            same_len("optimizer state", s.len(), param.len())?;
+        }
+        let (lr, wd) = (hp.lr, hp.weight_decay);
+        match opt.kind {
+            OptimizerKind::Sgd => {
+                let mom = opt.momentum;
+                let buf = &mut state[0];
+                param
+                    .par_chunks_mut(CHUNK)
+                    .zip(grad.par_chunks(CHUNK))
+                    .zip(buf.par_chunks_mut(CHUNK))
+                    .for_each(|((p, g), m)| {
+                        for ((p, &g), m) in p.iter_mut().zip(g).zip(m.iter_mut()) {
+                            let g = g + wd * *p;
+                            *m = mom * *m + g;
+                            *p -= lr * *m;
+                        }
+                    });
+            }
+            OptimizerKind::AdamW => {
+                let (b1, b2, eps) = (opt.beta1, opt.beta2, opt.eps);
+                let t = hp.t.max(1) as i32;
+                let c1 = 1.0 - b1.powi(t);
+                let c2 = 1.0 - b2.powi(t);
+                let (ms, vs) = state.split_at_mut(1);
+                param
+                    .par_chunks_mut(CHUNK)
+                    .zip(grad.par_chunks(CHUNK))
+                    .zip(ms[0].par_chunks_mut(CHUNK))
+                    .zip(vs[0].par_chunks_mut(CHUNK))
+                    .for_each(|(((p, g), m), v)| {
+                        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                            *m = b1 * *m + (1.0 - b1) * g;
+                            *v = b2 * *v + (1.0 - b2) * g * g;
+                            let upd = (*m / c1) / ((*v / c2).sqrt() + eps);
+                            *p -= lr * (upd + wd * *p);
+                        }
+                    });
+            }
+        }
+        Ok(())
+    }
+}

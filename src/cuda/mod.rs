@@ -7,9 +7,12 @@
 //! typed [`Error`], and any panic from inside the driver bindings is caught and
 //! turned into [`Error::NoDriver`].
 
+pub mod backend;
 pub mod bench;
+pub mod head;
 pub mod kernels;
 pub mod norms;
+pub mod stats;
 pub mod tensor;
 
 use crate::error::{Error, Result};

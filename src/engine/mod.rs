@@ -1,1 +1,22 @@
-//! (module engine: in progress)
+//! The training engine: one loop, generic over a compute [`Backend`].
+//!
+//! - [`backend`]: the trait a backend implements (GEMM, bias/activation, head
+//!   forward+backward, class statistics, optimizer step);
+//! - [`train`]: the model (MLP + head), the LEAP step order, the loop;
+//! - [`optim`]: SGD with momentum / AdamW and the warm-up + cosine schedule;
+//! - [`sampler`]: the seeded shuffling sampler;
+//! - [`checkpoint`]: safetensors checkpoints for exact resume;
+//! - [`report`]: evaluation of a trained model (closed set, open set, spread).
+
+pub mod backend;
+pub mod checkpoint;
+pub mod optim;
+pub mod report;
+pub mod sampler;
+pub mod train;
+
+pub use backend::{Activation, Backend, Gemm, HeadStep, OptimStep, StatsState};
+pub use checkpoint::{Checkpoint, NamedTensor};
+pub use optim::{OptimizerConfig, OptimizerKind};
+pub use sampler::Sampler;
+pub use train::{StepInfo, TrainConfig, Trainer};

@@ -1,0 +1,366 @@
+// head_fused.cu — the fused CUDA path of the margin head (SPEC 3, 4, 7.4).
+//
+// Forward (fused_fwd_<T>, then fused_combine_fwd_f32, then head_reduce_fwd_f32 in head_ref.cu):
+//   one CTA per (class tile of 128, row tile of 128); grid = (ceil(C/128), ceil(B/128)), 256 threads.
+//   The raw products x_i . W_j come from tensor cores (bf16/f16: mma.sync m16n8k16, f32
+//   accumulation) or exact SIMT FMAs (f32 storage); the epilogue multiplies by the
+//   inverse norms (no normalized copy of x or W exists), clamps to [-1, 1], applies the
+//   margin and the cloud to the target element (one warp per row computes t_i from an
+//   f64 c_iy; Philox in-kernel draws the oracle's eps_i), and folds each row's 128 logits into a partial
+//   (max, sum exp, sum z) written to part[3][n_ct][B]. The combine kernel merges a row's
+//   n_ct partials in class-tile order: lse_i and loss_i. Extra memory: 3 * B * n_ct floats.
+//
+// Backward (fused_bwd_<T>, then head_normback_bwd_* from head_ref.cu for dx and for dW):
+//   G CTAs (G <= n_ct); CTA g owns the class tiles ct = g, g + G, ... and, for each, walks
+//   every row tile of 64 in order. Per (row tile, class tile) it recomputes the cosine tile
+//   (same mainloop), forms dc in registers (SPEC 4: p from the stored lse_i, the target
+//   from the stored t_i and dt_i), stores two scaled copies in smem (dc * inv_w for dx,
+//   dc * inv_x for dW, in the storage dtype for the tensor cores), then
+//     dxp[g][rows, :]   += (dc * inv_w) . W[classes, :]    (64 x D, d-chunks of BD)
+//     dwh[classes, :]   += (dc * inv_x)^T . x[rows, :]      (128 x D)
+//   with plain read-modify-write: CTA g is the only writer of dxp[g] and of the dwh rows of
+//   its class tiles, and within the CTA every element has one owner thread, so there are no
+//   atomics and the summation order is fixed (bitwise deterministic). The dx combine sums
+//   dxp over g = 0..G-1 in order. Extra memory: G * B * D floats (+ C * D floats for dwh
+//   when the gradient is written in 16 bits; an f32 dW is accumulated in place).
+//
+// VEC kernels move 16-byte chunks with cp.async and need D % 8 == 0 (16-bit) or
+// D % 4 == 0 (f32); the *_scalar_* kernels take any D with element loads (the
+// dispatcher routes there; tests cover both).
+#include "common.cuh"
+#include "head.cuh"
+#include "mma.cuh"
+#include "tile.cuh"
+
+#define FWD_BM 128
+#define FWD_BN 128
+#define BWD_BM 64
+#define BWD_BN 128
+#define NTHREADS 256
+
+// ---- forward tile ---------------------------------------------------------------------
+// x [B, D], w [C, D] (T); inv_x [B], inv_w [C]; labels [B]; sigma [C] (unread when the cloud
+// is off). Out: part [3][n_ct][B] (max, sum exp, sum z); for valid rows, in the one CTA
+// that holds column y_i: c_iy, t, alpha, dt [B]. Nothing aliases.
+template <typename T, bool VEC>
+__device__ __forceinline__ void fused_fwd(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ inv_x,
+                                          const float* __restrict__ inv_w, const int* __restrict__ labels,
+                                          const float* __restrict__ sigma, const HeadParams& p, float* __restrict__ part,
+                                          float* __restrict__ c_iy, float* __restrict__ t_out, float* __restrict__ alpha_out,
+                                          float* __restrict__ dt_out, int B, int C, int D) {
+    constexpr int BM = FWD_BM, BN = FWD_BN, WM = 2, WN = 4;
+    constexpr int MI = BM / WM / 16, NI = BN / WN / 8;  // 4 x 4 mma tiles per warp
+    constexpr int P = TileCfg<T>::PITCH;
+    static_assert(BM + BN == NTHREADS, "the prologue gives each thread one row or one class");
+    __shared__ __align__(16) unsigned char smem[2 * (BM + BN) * P * sizeof(T)];
+    __shared__ float s_invx[BM], s_invw[BN], s_zt[BM];
+    __shared__ int s_y[BM];
+    T* sA = reinterpret_cast<T*>(smem);
+    T* sB = sA + 2 * BM * P;
+
+    const int tid = threadIdx.x, lane = tid % WARP_SIZE, warp = tid / WARP_SIZE;
+    const int g = lane >> 2, q = lane & 3;
+    const int wm = warp / WN, wn = warp % WN;
+    const int n_ct = gridDim.x, ct = blockIdx.x, r0 = blockIdx.y * BM, c0 = ct * BN;
+
+    if (tid < BM) {
+        const int r = r0 + tid;
+        s_invx[tid] = r < B ? inv_x[r] : 0.0f;
+        s_y[tid] = r < B ? labels[r] : -1;
+    } else {
+        const int j = c0 + tid - BM;
+        s_invw[tid - BM] = j < C ? inv_w[j] : 0.0f;
+    }
+    // (published by the mainloop's first __syncthreads)
+
+    float acc[MI][NI][4];
+    cos_mainloop<T, VEC, BM, BN, WM, WN, NTHREADS>(acc, sA, sB, x, w, r0, B, c0, C, D);
+
+    // Rows whose target class lies in this tile: warp w takes rows w, w+8, ... and computes
+    // c_iy in f64 from x and W (head.cuh: target_cos says why; the tile's f32 value is not
+    // used), then lane 0 forms t_i. The branch is warp-uniform, so the shuffles are whole.
+    for (int rl = warp; rl < BM; rl += NTHREADS / WARP_SIZE) {
+        const int y = s_y[rl], r = r0 + rl;
+        if (y >= c0 && y < c0 + BN) {  // y >= 0 and in this tile, hence r < B
+            const double c = target_cos_warp(x + (size_t)r * D, w + (size_t)y * D, D, lane);
+            if (lane == 0) {
+                const TargetLogit tl = target_logit(p, c, p.cloud != 0 ? sigma[y] : 0.0f, (u32)r);
+                c_iy[r] = tl.c;
+                t_out[r] = tl.t;
+                alpha_out[r] = tl.alpha;
+                dt_out[r] = tl.dt;
+                s_zt[rl] = p.s * tl.t;
+            }
+        }
+    }
+    __syncthreads();
+
+    // Pass 2: per-thread online softmax over its 8 classes of each of its 8 rows, then the
+    // 4 lanes of a quad (xor 1, 2), then the WN warps that share the rows (smem, in order).
+    LseAcc* red = reinterpret_cast<LseAcc*>(smem);  // [WN][BM]; the stages are free now
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int rl = wm * (BM / WM) + mi * 16 + g + 8 * h;
+            const int yl = s_y[rl] - c0;
+            const float sx = s_invx[rl];
+            LseAcc a = lse_empty();
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int cl = wn * (BN / WN) + ni * 8 + 2 * q + e;
+                    if (c0 + cl < C) {
+                        const float c = fminf(fmaxf(acc[mi][ni][2 * h + e] * sx * s_invw[cl], -1.0f), 1.0f);
+                        lse_add(a, cl == yl ? s_zt[rl] : p.s * c);
+                    }
+                }
+            a = lse_shfl_xor(a, 1);
+            a = lse_shfl_xor(a, 2);
+            if (q == 0) red[wn * BM + rl] = a;
+        }
+    __syncthreads();
+    if (tid < BM) {
+        const int r = r0 + tid;
+        if (r < B) {
+            LseAcc a = red[tid];
+#pragma unroll
+            for (int k = 1; k < WN; ++k) lse_combine(a, red[k * BM + tid]);
+            part[(size_t)ct * B + r] = a.m;
+            part[((size_t)n_ct + ct) * B + r] = a.s;
+            part[((size_t)2 * n_ct + ct) * B + r] = a.sz;
+        }
+    }
+}
+
+#define FUSED_FWD_ARGS                                                                                              \
+    const T *x, const T *w, const float *inv_x, const float *inv_w, const int *labels, const float *sigma, HeadParams p, \
+        float *part, float *c_iy, float *t, float *alpha, float *dt, int B, int C, int D
+#define FUSED_FWD_PASS x, w, inv_x, inv_w, labels, sigma, p, part, c_iy, t, alpha, dt, B, C, D
+
+// Entry points: x [B, D], w [C, D]; see fused_fwd for every argument.
+#define T bf16_t
+// hot
+extern "C" __global__ void __launch_bounds__(256) fused_fwd_bf16(FUSED_FWD_ARGS) { fused_fwd<T, true>(FUSED_FWD_PASS); }
+// hot
+extern "C" __global__ void __launch_bounds__(256) fused_scalar_fwd_bf16(FUSED_FWD_ARGS) { fused_fwd<T, false>(FUSED_FWD_PASS); }
+#undef T
+#define T f16_t
+// hot
+extern "C" __global__ void __launch_bounds__(256) fused_fwd_f16(FUSED_FWD_ARGS) { fused_fwd<T, true>(FUSED_FWD_PASS); }
+// hot
+extern "C" __global__ void __launch_bounds__(256) fused_scalar_fwd_f16(FUSED_FWD_ARGS) { fused_fwd<T, false>(FUSED_FWD_PASS); }
+#undef T
+#define T float
+// hot
+extern "C" __global__ void __launch_bounds__(256) fused_fwd_f32(FUSED_FWD_ARGS) { fused_fwd<T, true>(FUSED_FWD_PASS); }
+// hot
+extern "C" __global__ void __launch_bounds__(256) fused_scalar_fwd_f32(FUSED_FWD_ARGS) { fused_fwd<T, false>(FUSED_FWD_PASS); }
+#undef T
+
+// ---- forward combine --------------------------------------------------------------------------
+// One warp per row, 8 rows per 256-thread block; grid = ceil(B / 8). Lane k merges the
+// partials of class tiles k, k+32, ... in order, then a fixed xor tree merges the lanes.
+// part [3][n_ct][B], labels [B], t [B] in; lse [B], loss [B] out (0 for ignored rows).
+extern "C" __global__ void __launch_bounds__(256) fused_combine_fwd_f32(const float* __restrict__ part, int n_ct,
+                                                                         const int* __restrict__ labels, const float* __restrict__ t,
+                                                                         HeadParams p, float* __restrict__ lse,
+                                                                         float* __restrict__ loss, int B) {
+    const int i = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    const int lane = threadIdx.x % WARP_SIZE;
+    if (i >= B) return;  // the whole warp leaves: no shuffle is split
+    const int y = labels[i];
+    if (y < 0) {
+        if (lane == 0) {
+            lse[i] = 0.0f;
+            loss[i] = 0.0f;
+        }
+        return;
+    }
+    LseAcc a = lse_empty();
+    for (int k = lane; k < n_ct; k += WARP_SIZE) {
+        const LseAcc b = {part[(size_t)k * B + i], part[((size_t)n_ct + k) * B + i], part[((size_t)2 * n_ct + k) * B + i]};
+        lse_combine(a, b);
+    }
+    a = warp_lse(a);
+    if (lane == 0) {
+        lse[i] = a.m + logf(a.s);
+        loss[i] = row_loss(p, a, p.s * t[i]);
+    }
+}
+
+// ---- backward tile ----------------------------------------------------------------------------
+// x [B, D], w [C, D] (T); inv_x [B], inv_w [C]; labels, t, dt, lse [B] from the forward;
+// row_g [B] per-row upstream (null: 1); g_scale multiplies it (1/N_valid for mean).
+// Out (accumulated, must be zeroed before the launch): dxp [G][B][D], dwh [C][D] (f32).
+// Dynamic smem: bwd_smem_bytes<T>() (65,536 for 16-bit, 98,304 for f32).
+template <typename T> __host__ __device__ constexpr int bwd_smem_bytes() {
+    return (2 * (BWD_BM + BWD_BN) * TileCfg<T>::PITCH + 2 * BWD_BM * TileCfg<T>::DPITCH) * (int)sizeof(T);
+}
+static_assert(bwd_smem_bytes<bf16_t>() == 65536, "keep src/cuda/head.rs in sync");
+static_assert(bwd_smem_bytes<float>() == 98304, "keep src/cuda/head.rs in sync");
+
+template <typename T, bool VEC>
+__device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ inv_x,
+                                          const float* __restrict__ inv_w, const int* __restrict__ labels,
+                                          const float* __restrict__ t, const float* __restrict__ dt, const float* __restrict__ lse,
+                                          const float* __restrict__ row_g, float g_scale, const HeadParams& p,
+                                          float* __restrict__ dxp, float* __restrict__ dwh, int B, int C, int D) {
+    constexpr int BM = BWD_BM, BN = BWD_BN, WM = 2, WN = 4;
+    constexpr int MI = BM / WM / 16, NI = BN / WN / 8;  // 2 x 4
+    constexpr int P = TileCfg<T>::PITCH, BD = TileCfg<T>::BD, CP = TileCfg<T>::CPITCH, DP = TileCfg<T>::DPITCH;
+    static_assert(BM + BN <= NTHREADS, "the prologue gives each thread at most one row or class");
+    // dx product: 64 rows x BD, warps 2 x 4 -> warp tile 32 x BD/4.
+    constexpr int XMI = BM / 2 / 16, XNI = BD / 4 / 8;
+    // dW product: 128 classes x BD, warps 4 x 2 -> warp tile 32 x BD/2.
+    constexpr int WMI = BN / 4 / 16, WNI = BD / 2 / 8;
+    static_assert(BN * CP <= 2 * (BM + BN) * P && BM * CP <= 2 * (BM + BN) * P, "chunk fits the stage buffers");
+
+    extern __shared__ __align__(16) unsigned char dyn_smem[];
+    T* sA = reinterpret_cast<T*>(dyn_smem);
+    T* sB = sA + 2 * BM * P;
+    T* sChunk = sA;                    // aliases the stages: used only between mainloops
+    T* sDx = sA + 2 * (BM + BN) * P;   // [BM][DP]: dc * inv_w
+    T* sDw = sDx + BM * DP;            // [BM][DP]: dc * inv_x
+    __shared__ float s_invw[BN], s_invx[BM], s_lse[BM], s_zt[BM], s_dt[BM], s_w[BM];
+    __shared__ int s_y[BM];
+
+    const int tid = threadIdx.x, lane = tid % WARP_SIZE, warp = tid / WARP_SIZE;
+    const int g = lane >> 2, q = lane & 3;
+    const int wm = warp / WN, wn = warp % WN;
+    const int G = gridDim.x, n_ct = ceil_div(C, BN), n_rt = ceil_div(B, BM);
+    float* my_dxp = dxp + (size_t)blockIdx.x * B * D;
+
+    for (int ct = blockIdx.x; ct < n_ct; ct += G) {
+        const int c0 = ct * BN;
+        for (int rt = 0; rt < n_rt; ++rt) {
+            const int r0 = rt * BM;
+            // The previous iteration ended with __syncthreads: the s_* arrays are free.
+            if (tid < BN) {
+                const int j = c0 + tid;
+                s_invw[tid] = j < C ? inv_w[j] : 0.0f;
+            } else if (tid < BN + BM) {
+                const int rl = tid - BN, r = r0 + rl;
+                const int y = r < B ? labels[r] : -1;
+                s_y[rl] = y;
+                s_invx[rl] = y >= 0 ? inv_x[r] : 0.0f;
+                s_lse[rl] = y >= 0 ? lse[r] : 0.0f;
+                s_zt[rl] = y >= 0 ? p.s * t[r] : 0.0f;
+                s_dt[rl] = y >= 0 ? dt[r] : 0.0f;
+                s_w[rl] = y >= 0 ? g_scale * (row_g ? row_g[r] : 1.0f) : 0.0f;
+            }
+            float acc[MI][NI][4];
+            cos_mainloop<T, VEC, BM, BN, WM, WN, NTHREADS>(acc, sA, sB, x, w, r0, B, c0, C, D);
+
+            // dc for every element of the tile (0 for ignored rows, rows >= B, classes >= C).
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int rl = wm * (BM / WM) + mi * 16 + g + 8 * h;
+                    const int y = s_y[rl];
+#pragma unroll
+                    for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int cl = wn * (BN / WN) + ni * 8 + 2 * q + e;
+                            float dc = 0.0f;
+                            if (y >= 0 && c0 + cl < C) {
+                                const bool tgt = (c0 + cl == y);
+                                const float c = fminf(fmaxf(acc[mi][ni][2 * h + e] * s_invx[rl] * s_invw[cl], -1.0f), 1.0f);
+                                const float z = tgt ? s_zt[rl] : p.s * c;
+                                const float pr = expf(z - s_lse[rl]);
+                                const float qq = (tgt ? 1.0f - p.ls : 0.0f) + p.ls_over_c;
+                                dc = s_w[rl] * p.s * (pr - qq);
+                                if (tgt) dc *= s_dt[rl];
+                            }
+                            sDx[rl * DP + cl] = from_f32<T>(dc * s_invw[cl]);
+                            sDw[rl * DP + cl] = from_f32<T>(dc * s_invx[rl]);
+                        }
+                }
+            // (the first __syncthreads below, after the chunk load, publishes sDx / sDw)
+
+            // dxp[g][r0.., d0..] += sDx[64 x 128] . W[c0.., d0..]   (K = the 128 classes)
+            for (int d0 = 0; d0 < D; d0 += BD) {
+                load_tile<T, VEC, BN, BD, NTHREADS>(sChunk, CP, w, c0, C, d0, D);
+                cp_async_commit();
+                cp_async_wait<0>();
+                __syncthreads();
+                float ax[XMI][XNI][4];
+#pragma unroll
+                for (int mi = 0; mi < XMI; ++mi)
+#pragma unroll
+                    for (int ni = 0; ni < XNI; ++ni)
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) ax[mi][ni][r] = 0.0f;
+                const int m0 = (warp / 4) * (BM / 2), n0 = (warp % 4) * (BD / 4);
+                warp_gemm<T, XMI, XNI, BN, false, true>(ax, sDx, DP, m0, sChunk, CP, n0);
+#pragma unroll
+                for (int mi = 0; mi < XMI; ++mi)
+#pragma unroll
+                    for (int ni = 0; ni < XNI; ++ni)
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) {
+                            const int row = r0 + m0 + mi * 16 + g + 8 * (r >> 1);
+                            const int col = d0 + n0 + ni * 8 + 2 * q + (r & 1);
+                            if (row < B && col < D) my_dxp[(size_t)row * D + col] += ax[mi][ni][r];
+                        }
+                __syncthreads();  // sChunk is refilled next
+            }
+
+            // dwh[c0.., d0..] += sDw^T[128 x 64] . x[r0.., d0..]   (K = the 64 rows)
+            for (int d0 = 0; d0 < D; d0 += BD) {
+                load_tile<T, VEC, BM, BD, NTHREADS>(sChunk, CP, x, r0, B, d0, D);
+                cp_async_commit();
+                cp_async_wait<0>();
+                __syncthreads();
+                float aw[WMI][WNI][4];
+#pragma unroll
+                for (int mi = 0; mi < WMI; ++mi)
+#pragma unroll
+                    for (int ni = 0; ni < WNI; ++ni)
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) aw[mi][ni][r] = 0.0f;
+                const int m0 = (warp / 2) * (BN / 4), n0 = (warp % 2) * (BD / 2);
+                warp_gemm<T, WMI, WNI, BM, true, true>(aw, sDw, DP, m0, sChunk, CP, n0);
+#pragma unroll
+                for (int mi = 0; mi < WMI; ++mi)
+#pragma unroll
+                    for (int ni = 0; ni < WNI; ++ni)
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) {
+                            const int cls = c0 + m0 + mi * 16 + g + 8 * (r >> 1);
+                            const int col = d0 + n0 + ni * 8 + 2 * q + (r & 1);
+                            if (cls < C && col < D) dwh[(size_t)cls * D + col] += aw[mi][ni][r];
+                        }
+                __syncthreads();  // sChunk, sDx, sDw and s_* are rewritten next
+            }
+        }
+    }
+}
+
+#define FUSED_BWD_ARGS                                                                                                      \
+    const T *x, const T *w, const float *inv_x, const float *inv_w, const int *labels, const float *t, const float *dt,       \
+        const float *lse, const float *row_g, float g_scale, HeadParams p, float *dxp, float *dwh, int B, int C, int D
+#define FUSED_BWD_PASS x, w, inv_x, inv_w, labels, t, dt, lse, row_g, g_scale, p, dxp, dwh, B, C, D
+
+// Entry points: see fused_bwd. dxp and dwh never alias each other or the inputs.
+#define T bf16_t
+// hot
+extern "C" __global__ void __launch_bounds__(256, 1) fused_bwd_bf16(FUSED_BWD_ARGS) { fused_bwd<T, true>(FUSED_BWD_PASS); }
+// hot
+extern "C" __global__ void __launch_bounds__(256, 1) fused_scalar_bwd_bf16(FUSED_BWD_ARGS) { fused_bwd<T, false>(FUSED_BWD_PASS); }
+#undef T
+#define T f16_t
+// hot
+extern "C" __global__ void __launch_bounds__(256, 1) fused_bwd_f16(FUSED_BWD_ARGS) { fused_bwd<T, true>(FUSED_BWD_PASS); }
+// hot
+extern "C" __global__ void __launch_bounds__(256, 1) fused_scalar_bwd_f16(FUSED_BWD_ARGS) { fused_bwd<T, false>(FUSED_BWD_PASS); }
+#undef T
+#define T float
+// hot
+extern "C" __global__ void __launch_bounds__(256, 1) fused_bwd_f32(FUSED_BWD_ARGS) { fused_bwd<T, true>(FUSED_BWD_PASS); }
+// hot
+extern "C" __global__ void __launch_bounds__(256, 1) fused_scalar_bwd_f32(FUSED_BWD_ARGS) { fused_bwd<T, false>(FUSED_BWD_PASS); }
+#undef T

@@ -1,0 +1,224 @@
+// head_ref.cu — the reference (unfused) CUDA path of the margin head (SPEC 3, 4, 7.3).
+//
+// Simple on purpose: it materializes the B x C cosine and gradient matrices in
+// f32 and leaves the three products to cuBLAS SGEMM (src/cuda/head.rs):
+//   ref_normalize_fwd_<T>  x [rows, D] (T)   -> xh [rows, D] f32, inv [rows]
+//   cuBLAS                 cos [B, C] = xh . wh^T                      (f32)
+//   ref_margin_fwd_<T>     target column: c_iy (f64 from x, W), t_i, alpha_i, dt_i per row
+//   ref_softmax_fwd_f32    lse_i and loss_i per row (online max / sum-exp)
+//   head_reduce_fwd_f32    the reduced loss (fixed order; also used by the fused path)
+//   ref_grad_bwd_f32       dc [B, C] (SPEC 4)
+//   cuBLAS                 dxh = dc . wh,  dwh = dc^T . xh                  (f32)
+//   head_normback_bwd_<T>  dx = (dxh - xh (xh . dxh)) * inv   (also the fused path's
+//                          combine of its dx partials; writes T or f32)
+// Every reduction is a fixed shuffle tree or a fixed sequential loop, so two runs
+// give the same bits (cuBLAS SGEMM is deterministic for a fixed stream and shape).
+#include "common.cuh"
+#include "head.cuh"
+
+// ---- normalize --------------------------------------------------------------------
+// One warp per row, 8 rows per 256-thread block; grid = ceil(rows / 8).
+template <typename T>
+__device__ __forceinline__ void ref_normalize(const T* __restrict__ x, float* __restrict__ xh,
+                                              float* __restrict__ inv, int rows, int d) {
+    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    const int lane = threadIdx.x % WARP_SIZE;
+    if (row >= rows) return;  // whole warp leaves together: no shuffle below is split
+    const T* xr = x + (size_t)row * d;
+    float acc = 0.0f;
+    for (int k = lane; k < d; k += WARP_SIZE) {
+        const float v = to_f32(xr[k]);
+        acc = fmaf(v, v, acc);
+    }
+    acc = warp_sum(acc);
+    const float r = 1.0f / fmaxf(sqrtf(acc), FC_EPS_NORM);
+    float* out = xh + (size_t)row * d;
+    for (int k = lane; k < d; k += WARP_SIZE) out[k] = to_f32(xr[k]) * r;
+    if (lane == 0) inv[row] = r;
+}
+
+// x [rows, d] in; xh [rows, d] out; inv [rows] out. No aliasing.
+extern "C" __global__ void __launch_bounds__(256) ref_normalize_fwd_f32(const float* x, float* xh, float* inv, int rows, int d) {
+    ref_normalize(x, xh, inv, rows, d);
+}
+extern "C" __global__ void __launch_bounds__(256) ref_normalize_fwd_bf16(const bf16_t* x, float* xh, float* inv, int rows, int d) {
+    ref_normalize(x, xh, inv, rows, d);
+}
+extern "C" __global__ void __launch_bounds__(256) ref_normalize_fwd_f16(const f16_t* x, float* xh, float* inv, int rows, int d) {
+    ref_normalize(x, xh, inv, rows, d);
+}
+
+// ---- margin + cloud on the target column ---------------------------------------------
+// One thread per row; grid = ceil(B / 256). Ignored rows (label < 0) write zeros.
+// c_iy is recomputed in f64 from x and W (head.cuh: target_cos says why) instead of
+// read from the f32 cos matrix.
+// x [B, D], w [C, D] (T); labels [B]; sigma [C] (unread when the cloud is off);
+// c_iy, t, alpha, dt [B] out.
+template <typename T>
+__device__ __forceinline__ void ref_margin(const T* __restrict__ x, const T* __restrict__ w, const int* __restrict__ labels,
+                                           const float* __restrict__ sigma, const HeadParams& p, float* __restrict__ c_iy,
+                                           float* __restrict__ t, float* __restrict__ alpha, float* __restrict__ dt, int B,
+                                           int D) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= B) return;
+    const int y = labels[i];
+    if (y < 0) {
+        c_iy[i] = 0.0f;
+        t[i] = 0.0f;
+        alpha[i] = 0.0f;
+        dt[i] = 0.0f;
+        return;
+    }
+    const double c = target_cos(x + (size_t)i * D, w + (size_t)y * D, D);
+    const TargetLogit tl = target_logit(p, c, p.cloud != 0 ? sigma[y] : 0.0f, (u32)i);
+    c_iy[i] = tl.c;
+    t[i] = tl.t;
+    alpha[i] = tl.alpha;
+    dt[i] = tl.dt;
+}
+
+#define REF_MARGIN_ARGS                                                                                           \
+    const T *x, const T *w, const int *labels, const float *sigma, HeadParams p, float *c_iy, float *t, float *alpha, \
+        float *dt, int B, int D
+#define REF_MARGIN_PASS x, w, labels, sigma, p, c_iy, t, alpha, dt, B, D
+// Entry points: see ref_margin for every argument.
+#define T float
+extern "C" __global__ void __launch_bounds__(256) ref_margin_fwd_f32(REF_MARGIN_ARGS) { ref_margin<T>(REF_MARGIN_PASS); }
+#undef T
+#define T bf16_t
+extern "C" __global__ void __launch_bounds__(256) ref_margin_fwd_bf16(REF_MARGIN_ARGS) { ref_margin<T>(REF_MARGIN_PASS); }
+#undef T
+#define T f16_t
+extern "C" __global__ void __launch_bounds__(256) ref_margin_fwd_f16(REF_MARGIN_ARGS) { ref_margin<T>(REF_MARGIN_PASS); }
+#undef T
+
+// ---- softmax cross-entropy ---------------------------------------------------------------
+// One 256-thread block per row (grid = B). Thread k folds z_ij for j = k, k+256, ...
+// into an online (max, sum-exp, sum z), then a fixed warp tree and a fixed pass
+// over the 8 warp results in smem.
+// cos [B, C], labels [B], t [B] in; lse [B], loss [B] out (0 for ignored rows).
+extern "C" __global__ void __launch_bounds__(256) ref_softmax_fwd_f32(const float* __restrict__ cos, const int* __restrict__ labels,
+                                                                       const float* __restrict__ t, HeadParams p,
+                                                                       float* __restrict__ lse, float* __restrict__ loss, int C) {
+    __shared__ LseAcc warp_acc[8];
+    const int i = blockIdx.x;
+    const int y = labels[i];  // uniform across the block
+    if (y < 0) {
+        if (threadIdx.x == 0) {
+            lse[i] = 0.0f;
+            loss[i] = 0.0f;
+        }
+        return;
+    }
+    const float zy = p.s * t[i];
+    const float* row = cos + (size_t)i * C;
+    LseAcc a = lse_empty();
+    for (int j = threadIdx.x; j < C; j += blockDim.x) {
+        const float z = (j == y) ? zy : p.s * fminf(fmaxf(row[j], -1.0f), 1.0f);
+        lse_add(a, z);
+    }
+    a = warp_lse(a);
+    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+    if (lane == 0) warp_acc[warp] = a;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        LseAcc r = warp_acc[0];
+        for (int w = 1; w < (int)(blockDim.x / WARP_SIZE); ++w) lse_combine(r, warp_acc[w]);
+        lse[i] = r.m + logf(r.s);
+        loss[i] = row_loss(p, r, zy);
+    }
+}
+
+// ---- reduced loss (shared with the fused path) ------------------------------------------------
+// One 256-thread block. Thread k sums rows k, k+256, ... in order, then block_sum.
+// loss_rows [B] in (0 for ignored rows); out [1] = scale * sum.
+extern "C" __global__ void __launch_bounds__(256) head_reduce_fwd_f32(const float* __restrict__ loss_rows, int B, float scale,
+                                                                       float* __restrict__ out) {
+    __shared__ float scratch[32];
+    float acc = 0.0f;
+    for (int i = threadIdx.x; i < B; i += blockDim.x) acc += loss_rows[i];
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) out[0] = acc * scale;
+}
+
+// ---- logit gradient ------------------------------------------------------------------------
+// Grid (ceil(C / 256), B), 256 threads: one element (i, j) per thread.
+//   w_i = g_scale * (row_g ? row_g[i] : 1)             (0 for ignored rows)
+//   dc_ij = w_i * s * (p_ij - q_ij) * (j == y_i ? dt_i : 1)
+// cos [B, C], labels, t, dt, lse [B], row_g [B] or null in; dc [B, C] out.
+extern "C" __global__ void __launch_bounds__(256) ref_grad_bwd_f32(const float* __restrict__ cos, const int* __restrict__ labels,
+                                                                    const float* __restrict__ t, const float* __restrict__ dt,
+                                                                    const float* __restrict__ lse, const float* __restrict__ row_g,
+                                                                    float g_scale, HeadParams p, float* __restrict__ dc, int C) {
+    const int i = blockIdx.y;
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= C) return;
+    const int y = labels[i];
+    float out = 0.0f;
+    if (y >= 0) {
+        const float w = g_scale * (row_g ? row_g[i] : 1.0f);
+        const bool tgt = (j == y);
+        const float z = tgt ? p.s * t[i] : p.s * fminf(fmaxf(cos[(size_t)i * C + j], -1.0f), 1.0f);
+        const float pr = expf(z - lse[i]);
+        const float q = (tgt ? 1.0f - p.ls : 0.0f) + p.ls_over_c;
+        out = w * p.s * (pr - q);
+        if (tgt) out *= dt[i];
+    }
+    dc[(size_t)i * C + j] = out;
+}
+
+// ---- normalization backward (and the fused path's dx combine) ------------------------------
+// One warp per row, 8 rows per block; grid = ceil(rows / 8).
+//   g_r = sum_{p < nparts} parts[p * part_stride + r * d + k]   (fixed order p = 0, 1, ...)
+//   u_r = x_r * inv_r,  out_r = (g_r - u_r (u_r . g_r)) * inv_r
+// Pass 1 stores g_r back into parts[0] (each element by the thread that read it),
+// pass 2 reads it once more and writes out; out == null writes the result over
+// parts[0] in place (only for TO = float: the fused path's f32 dW).
+// parts [nparts, rows, d] f32 in/out; x [rows, d] (T); inv [rows]; out [rows, d] (TO) or null.
+template <typename T, typename TO>
+__device__ __forceinline__ void normback(float* parts, int nparts, long long part_stride, const T* __restrict__ x,
+                                         const float* __restrict__ inv, TO* out, int rows, int d) {
+    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    const int lane = threadIdx.x % WARP_SIZE;
+    if (row >= rows) return;
+    const float r = inv[row];
+    const T* xr = x + (size_t)row * d;
+    float* g0 = parts + (size_t)row * d;
+    float dot = 0.0f;
+    for (int k = lane; k < d; k += WARP_SIZE) {
+        float g = g0[k];
+        for (int q = 1; q < nparts; ++q) g += g0[(size_t)q * part_stride + k];
+        if (nparts > 1) g0[k] = g;
+        dot = fmaf(to_f32(xr[k]) * r, g, dot);
+    }
+    dot = warp_sum(dot);
+    TO* o = (out ? out : reinterpret_cast<TO*>(parts)) + (size_t)row * d;
+    for (int k = lane; k < d; k += WARP_SIZE) {
+        const float u = to_f32(xr[k]) * r;
+        o[k] = from_f32<TO>((g0[k] - u * dot) * r);
+    }
+}
+
+// parts [nparts, rows, d] f32; x [rows, d]; inv [rows]; out [rows, d] or null (f32 only: in place).
+extern "C" __global__ void __launch_bounds__(256) head_normback_bwd_f32(float* parts, int nparts, long long part_stride, const float* x,
+                                                                         const float* inv, float* out, int rows, int d) {
+    normback<float, float>(parts, nparts, part_stride, x, inv, out, rows, d);
+}
+extern "C" __global__ void __launch_bounds__(256) head_normback_bwd_bf16(float* parts, int nparts, long long part_stride, const bf16_t* x,
+                                                                          const float* inv, bf16_t* out, int rows, int d) {
+    normback<bf16_t, bf16_t>(parts, nparts, part_stride, x, inv, out, rows, d);
+}
+extern "C" __global__ void __launch_bounds__(256) head_normback_bwd_f16(float* parts, int nparts, long long part_stride, const f16_t* x,
+                                                                         const float* inv, f16_t* out, int rows, int d) {
+    normback<f16_t, f16_t>(parts, nparts, part_stride, x, inv, out, rows, d);
+}
+extern "C" __global__ void __launch_bounds__(256) head_normback32_bwd_bf16(float* parts, int nparts, long long part_stride,
+                                                                            const bf16_t* x, const float* inv, float* out, int rows,
+                                                                            int d) {
+    normback<bf16_t, float>(parts, nparts, part_stride, x, inv, out, rows, d);
+}
+extern "C" __global__ void __launch_bounds__(256) head_normback32_bwd_f16(float* parts, int nparts, long long part_stride,
+                                                                           const f16_t* x, const float* inv, float* out, int rows,
+                                                                           int d) {
+    normback<f16_t, float>(parts, nparts, part_stride, x, inv, out, rows, d);
+}

@@ -1,0 +1,394 @@
+//! Fast CPU margin head: SPEC sections 3-4 with f32 storage.
+//!
+//! Twin of `src/oracle/head.rs` (the f64 truth) and of the CUDA head. Plan:
+//! 1. normalize rows of x and W (norms accumulated in f64);
+//! 2. cosines `C = xh . wh^T` [B, C] with one threaded sgemm;
+//! 3. per row, in parallel (rayon): the target cosine recomputed in f64 from the
+//!    raw x_i and W_y, the target-logit math (theta, cloud, margin, region, dt)
+//!    and the row's log-sum-exp in f64, then the logit gradient row `dc` [C]
+//!    stored as f32 with the target column kept aside in f64;
+//! 4. `dxh = dc . wh`, `dwh = dc^T . xh` (two sgemms over the non-target
+//!    columns), the normalization backward per row, then the target terms
+//!    added in f64.
+//!
+//! Why the target column is handled in f64: near theta = 0 the factor
+//! dt = m1 sin(phi) / sin(theta) is huge while the normalization backward
+//! removes almost all of dc_iy * wh_y (wh_y is nearly parallel to xh_i); in f32
+//! that cancellation loses the result, so the projected target direction
+//! `wh_y - xh_i (xh_i . wh_y)` (and its twin for dW) is formed in f64.
+//!
+//! Bitwise deterministic: every parallel task owns whole rows; the batch loss is
+//! summed sequentially in row order; the sgemms reduce each element in a fixed
+//! order. Materializes the B x C cosines (fine for the CPU sizes this serves).
+
+use crate::check::{check_finite, check_head_inputs, check_sigma, HeadShape};
+use crate::config::{CloudMode, Fallback, HeadConfig, MarginGrad, Reduction};
+use crate::cpu::gemm::sgemm;
+use crate::error::{Error, Result};
+use crate::oracle::philox::cloud_normal;
+use rayon::prelude::*;
+use std::f64::consts::PI;
+
+const NORM_EPS: f64 = 1e-12;
+const THETA_EPS: f64 = 1e-7;
+
+/// One head call: x [B, D], W [C, D], labels [B], sigma_cloud [C], RNG (seed, step).
+#[derive(Clone, Copy, Debug)]
+pub struct HeadProblem<'a> {
+    /// Dimensions B, C, D.
+    pub shape: HeadShape,
+    /// Features x [B, D], row-major.
+    pub x: &'a [f32],
+    /// Class weights W [C, D], row-major.
+    pub w: &'a [f32],
+    /// Labels [B]; negative = ignored row.
+    pub labels: &'a [i32],
+    /// Per-class cloud std [C] (radians, >= 0).
+    pub sigma_cloud: &'a [f32],
+    /// Philox key.
+    pub seed: u64,
+    /// Philox counter (training step).
+    pub step: u64,
+}
+
+/// Upstream gradient of the reduced loss.
+#[derive(Clone, Copy, Debug)]
+pub enum Upstream<'a> {
+    /// dL/dL = g for `mean` and `sum`.
+    Scalar(f32),
+    /// One g_i per row, for reduction `none`.
+    PerRow(&'a [f32]),
+}
+
+/// Per-row outputs of the forward pass (SPEC section 3), [B] each.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HeadRows {
+    /// loss_i (0 for ignored rows).
+    pub loss: Vec<f32>,
+    /// lse_i (0 for ignored rows).
+    pub lse: Vec<f32>,
+    /// c_iy, the clamped target cosine (0 for ignored rows).
+    pub c_iy: Vec<f32>,
+    /// t_i, the margin-transformed target cosine.
+    pub t: Vec<f32>,
+    /// alpha_i, the cloud perturbation actually used.
+    pub alpha: Vec<f32>,
+}
+
+/// Forward result.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HeadForward {
+    /// Reduced loss: mean or sum over valid rows (for `none`: the sum of the rows).
+    pub loss: f64,
+    /// Per-row values.
+    pub rows: HeadRows,
+    /// Number of non-ignored rows.
+    pub n_valid: usize,
+}
+
+/// Gradients with respect to the stored inputs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HeadGrads {
+    /// dL/dx [B, D].
+    pub dx: Vec<f32>,
+    /// dL/dW [C, D].
+    pub dw: Vec<f32>,
+}
+
+/// Per-row scalars kept between the target math and the gradient.
+#[derive(Clone, Copy, Default)]
+struct RowOut {
+    loss: f64,
+    lse: f64,
+    c_iy: f64,
+    t: f64,
+    alpha: f64,
+    /// dt_i (SPEC section 4), 0 for ignored rows.
+    dt: f64,
+    /// dc_iy, the target column of the logit gradient (backward only).
+    dc_target: f64,
+    valid: bool,
+}
+
+/// Normalized rows (f32) and their norms (f64, before the eps clamp) of `v` [rows, d].
+fn normalize_rows(v: &[f32], d: usize) -> (Vec<f32>, Vec<f64>) {
+    let rows = v.len() / d;
+    let mut vh = vec![0.0f32; v.len()];
+    let mut norms = vec![0.0f64; rows];
+    vh.par_chunks_mut(d).zip(norms.par_iter_mut()).zip(v.par_chunks(d)).for_each(|((out, n), row)| {
+        let sq: f64 = row.iter().map(|&a| a as f64 * a as f64).sum();
+        *n = sq.sqrt();
+        let inv = 1.0 / n.max(NORM_EPS);
+        for (o, &a) in out.iter_mut().zip(row) {
+            *o = (a as f64 * inv) as f32;
+        }
+    });
+    (vh, norms)
+}
+
+/// Backward through `vh = v / max(||v||, eps)`, row by row, in place on `g` [rows, d].
+fn normalize_backward(g: &mut [f32], vh: &[f32], norms: &[f64], d: usize) {
+    g.par_chunks_mut(d).zip(vh.par_chunks(d)).zip(norms.par_iter()).for_each(|((gr, hr), &n)| {
+        let dot: f64 = gr.iter().zip(hr).map(|(&a, &b)| a as f64 * b as f64).sum();
+        let inv = 1.0 / n.max(NORM_EPS);
+        for (gv, &hv) in gr.iter_mut().zip(hr) {
+            *gv = ((*gv as f64 - hv as f64 * dot) * inv) as f32;
+        }
+    });
+}
+
+/// Target logit t_i and dt_i for one row (SPEC sections 3-4), all in f64.
+fn target(cfg: &HeadConfig, c_iy: f64, alpha: f64) -> (f64, f64) {
+    let cc = c_iy.clamp(-1.0 + THETA_EPS, 1.0 - THETA_EPS);
+    let theta = cc.acos();
+    let sin_theta = (1.0 - cc * cc).sqrt();
+    let (m1, m3) = (cfg.m1 as f64, cfg.m3 as f64);
+    let delta = cfg.m2 as f64 + alpha;
+    let phi = m1 * theta + delta;
+    let regular = (0.0..=PI).contains(&phi);
+    let (t, dt) = match cfg.fallback {
+        _ if regular => (phi.cos() - m3, m1 * phi.sin() / sin_theta),
+        Fallback::Clamp => (phi.clamp(0.0, PI).cos() - m3, 0.0),
+        Fallback::Linear if phi > PI => (c_iy - m3 - delta * delta.sin(), 1.0),
+        Fallback::Linear => (1.0 - m3, 0.0),
+    };
+    let dt = match cfg.margin_grad {
+        MarginGrad::Exact => dt,
+        MarginGrad::StraightThrough => 1.0,
+    };
+    (t, dt)
+}
+
+/// Validates a problem against the config (SPEC section 2 preconditions).
+fn validate(cfg: &HeadConfig, p: &HeadProblem) -> Result<()> {
+    cfg.validate()?;
+    // Like the oracle: sigma_cloud is only read when the cloud is on, so it may be empty then.
+    let sigma_len = if cfg.cloud == CloudMode::Off && p.sigma_cloud.is_empty() {
+        None
+    } else {
+        Some(p.sigma_cloud.len())
+    };
+    check_head_inputs(p.shape, p.x.len(), p.w.len(), p.labels, sigma_len)?;
+    check_sigma(p.sigma_cloud)?;
+    check_finite("x", p.x)?;
+    check_finite("W", p.w)
+}
+
+/// Shared forward; returns the outputs plus what the backward needs.
+struct Fwd {
+    rows: Vec<RowOut>,
+    /// Cosines [B, C], overwritten by the logit gradient in the backward.
+    cos: Vec<f32>,
+    xh: Vec<f32>,
+    nx: Vec<f64>,
+    wh: Vec<f32>,
+    nw: Vec<f64>,
+}
+
+fn forward_impl(cfg: &HeadConfig, p: &HeadProblem) -> Result<Fwd> {
+    validate(cfg, p)?;
+    let HeadShape { b, c, d } = p.shape;
+    let (xh, nx) = normalize_rows(p.x, d);
+    let (wh, nw) = normalize_rows(p.w, d);
+    let mut cos = vec![0.0f32; b * c];
+    sgemm(false, true, b, c, d, 1.0, &xh, &wh, 0.0, &mut cos)?;
+    let s = cfg.s as f64;
+    let ls = cfg.label_smoothing as f64;
+    let rows: Vec<RowOut> = cos
+        .par_chunks_mut(c)
+        .enumerate()
+        .map(|(i, row)| {
+            row.iter_mut().for_each(|v| *v = v.clamp(-1.0, 1.0));
+            let y = p.labels[i];
+            if y < 0 {
+                return RowOut::default();
+            }
+            let y = y as usize;
+            // f64 target cosine from the raw inputs (see the module docs).
+            let dot: f64 = p.x[i * d..(i + 1) * d]
+                .iter()
+                .zip(&p.w[y * d..(y + 1) * d])
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum();
+            let c_iy = (dot / (nx[i].max(NORM_EPS) * nw[y].max(NORM_EPS))).clamp(-1.0, 1.0);
+            let eps = match cfg.cloud {
+                CloudMode::Off => 0.0,
+                CloudMode::Symmetric => cloud_normal(p.seed, p.step, i as u64),
+                CloudMode::OneSided => cloud_normal(p.seed, p.step, i as u64).abs(),
+            };
+            let alpha = if eps == 0.0 { 0.0 } else { p.sigma_cloud[y] as f64 * eps };
+            let (t, dt) = target(cfg, c_iy, alpha);
+            let z_y = s * t;
+            let mut zmax = z_y;
+            for (j, &v) in row.iter().enumerate() {
+                if j != y {
+                    zmax = zmax.max(s * v as f64);
+                }
+            }
+            let mut sum = 0.0f64;
+            let mut zsum = 0.0f64;
+            for (j, &v) in row.iter().enumerate() {
+                let z = if j == y { z_y } else { s * v as f64 };
+                sum += (z - zmax).exp();
+                zsum += z;
+            }
+            let lse = zmax + sum.ln();
+            let loss = if ls == 0.0 { lse - z_y } else { lse - (1.0 - ls) * z_y - ls / c as f64 * zsum };
+            RowOut { loss, lse, c_iy, t, alpha, dt, dc_target: 0.0, valid: true }
+        })
+        .collect();
+    Ok(Fwd { rows, cos, xh, nx, wh, nw })
+}
+
+fn pack(cfg: &HeadConfig, rows: &[RowOut]) -> HeadForward {
+    let n_valid = rows.iter().filter(|r| r.valid).count();
+    // Sequential in row order: the reduction never depends on the thread count.
+    let sum: f64 = rows.iter().filter(|r| r.valid).map(|r| r.loss).sum();
+    let loss = match cfg.reduction {
+        Reduction::Mean if n_valid > 0 => sum / n_valid as f64,
+        Reduction::Mean => 0.0,
+        Reduction::Sum | Reduction::None => sum,
+    };
+    let col = |f: fn(&RowOut) -> f64| rows.iter().map(|r| f(r) as f32).collect::<Vec<f32>>();
+    HeadForward {
+        loss,
+        rows: HeadRows {
+            loss: col(|r| r.loss),
+            lse: col(|r| r.lse),
+            c_iy: col(|r| r.c_iy),
+            t: col(|r| r.t),
+            alpha: col(|r| r.alpha),
+        },
+        n_valid,
+    }
+}
+
+/// `v / max(||v||, eps)` in f64 with the norm `n` already known.
+fn unit64(v: &[f32], n: f64) -> Vec<f64> {
+    let inv = 1.0 / n.max(NORM_EPS);
+    v.iter().map(|&a| a as f64 * inv).collect()
+}
+
+/// Adds the target-column terms of the backward in f64:
+/// dx_i += dc_iy (wh_y - xh_i (xh_i . wh_y)) / max(nx_i, eps) and
+/// dW_y += sum_i dc_iy (xh_i - wh_y (wh_y . xh_i)) / max(nw_y, eps).
+fn add_target_terms(
+    p: &HeadProblem,
+    rows: &[RowOut],
+    nx: &[f64],
+    nw: &[f64],
+    dx: &mut [f32],
+    dw: &mut [f32],
+) {
+    let HeadShape { c, d, .. } = p.shape;
+    let proj = |a: &[f64], b: &[f64]| -> Vec<f64> {
+        let dot: f64 = a.iter().zip(b).map(|(u, v)| u * v).sum();
+        b.iter().zip(a).map(|(bv, av)| bv - av * dot).collect()
+    };
+    dx.par_chunks_mut(d).enumerate().for_each(|(i, out)| {
+        let r = &rows[i];
+        if !r.valid || r.dc_target == 0.0 {
+            return;
+        }
+        let y = p.labels[i] as usize;
+        let xh = unit64(&p.x[i * d..(i + 1) * d], nx[i]);
+        let wh = unit64(&p.w[y * d..(y + 1) * d], nw[y]);
+        let scale = r.dc_target / nx[i].max(NORM_EPS);
+        for (o, v) in out.iter_mut().zip(proj(&xh, &wh)) {
+            *o = (*o as f64 + scale * v) as f32;
+        }
+    });
+    let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); c];
+    for (i, r) in rows.iter().enumerate() {
+        if r.valid && r.dc_target != 0.0 {
+            by_class[p.labels[i] as usize].push(i);
+        }
+    }
+    dw.par_chunks_mut(d).zip(by_class.par_iter()).enumerate().for_each(|(k, (out, members))| {
+        if members.is_empty() {
+            return;
+        }
+        let wh = unit64(&p.w[k * d..(k + 1) * d], nw[k]);
+        let mut acc = vec![0.0f64; d];
+        for &i in members {
+            let xh = unit64(&p.x[i * d..(i + 1) * d], nx[i]);
+            for (a, v) in acc.iter_mut().zip(proj(&wh, &xh)) {
+                *a += rows[i].dc_target * v;
+            }
+        }
+        let inv = 1.0 / nw[k].max(NORM_EPS);
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = (*o as f64 + a * inv) as f32;
+        }
+    });
+}
+
+/// Forward only: the loss and the per-row outputs.
+pub fn forward(cfg: &HeadConfig, p: &HeadProblem) -> Result<HeadForward> {
+    let f = forward_impl(cfg, p)?;
+    Ok(pack(cfg, &f.rows))
+}
+
+/// Forward and backward in one pass (the training path).
+pub fn forward_backward(cfg: &HeadConfig, p: &HeadProblem, up: Upstream) -> Result<(HeadForward, HeadGrads)> {
+    if let Upstream::PerRow(g) = up {
+        if cfg.reduction != Reduction::None {
+            return Err(Error::InvalidConfig("a per-row upstream gradient needs reduction none".into()));
+        }
+        if g.len() != p.shape.b {
+            return Err(Error::Shape(format!(
+                "upstream has {} entries, expected B = {}",
+                g.len(),
+                p.shape.b
+            )));
+        }
+        check_finite("upstream", g)?;
+    }
+    if let Upstream::Scalar(g) = up {
+        if cfg.reduction == Reduction::None {
+            return Err(Error::InvalidConfig("reduction none needs a per-row upstream gradient".into()));
+        }
+        check_finite("upstream", &[g])?;
+    }
+    let Fwd { mut rows, mut cos, xh, nx, wh, nw } = forward_impl(cfg, p)?;
+    let out = pack(cfg, &rows);
+    let HeadShape { b, c, d } = p.shape;
+    let s = cfg.s as f64;
+    let ls = cfg.label_smoothing as f64;
+    let row_w = |i: usize| -> f64 {
+        match (up, cfg.reduction) {
+            (Upstream::PerRow(g), _) => g[i] as f64,
+            (Upstream::Scalar(g), Reduction::Mean) => g as f64 / out.n_valid.max(1) as f64,
+            (Upstream::Scalar(g), _) => g as f64,
+        }
+    };
+    // Logit gradient dc [B, C] written over the cosines; the target column is
+    // kept in f64 (`dc_target`) and zeroed in the matrix.
+    cos.par_chunks_mut(c).zip(rows.par_iter_mut()).enumerate().for_each(|(i, (row, r))| {
+        if !r.valid {
+            row.iter_mut().for_each(|v| *v = 0.0);
+            return;
+        }
+        let y = p.labels[i] as usize;
+        let ws = row_w(i) * s;
+        let q_off = ls / c as f64;
+        for (j, v) in row.iter_mut().enumerate() {
+            let z = if j == y { s * r.t } else { s * *v as f64 };
+            let pj = (z - r.lse).exp();
+            if j == y {
+                r.dc_target = ws * (pj - (1.0 - ls) - q_off) * r.dt;
+                *v = 0.0;
+            } else {
+                *v = (ws * (pj - q_off)) as f32;
+            }
+        }
+    });
+    let mut dx = vec![0.0f32; b * d];
+    let mut dw = vec![0.0f32; c * d];
+    sgemm(false, false, b, d, c, 1.0, &cos, &wh, 0.0, &mut dx)?;
+    sgemm(true, false, c, d, b, 1.0, &cos, &xh, 0.0, &mut dw)?;
+    normalize_backward(&mut dx, &xh, &nx, d);
+    normalize_backward(&mut dw, &wh, &nw, d);
+    add_target_terms(p, &rows, &nx, &nw, &mut dx, &mut dw);
+    Ok((out, HeadGrads { dx, dw }))
+}

@@ -1,0 +1,623 @@
+//! The training engine's [`Backend`] on one GPU (`kernels/train_ops.cu` + cuBLAS +
+//! the head and statistics kernels). The CPU twin is [`crate::cpu::CpuBackend`];
+//! every operation here computes what the CPU one does (see its docs) and
+//! `tests/cuda_backend.rs` holds each against it.
+//!
+//! - GEMMs: cuBLAS `cublasGemmEx`, row-major operands mapped onto column-major
+//!   (see [`CudaBackend::gemm`]); f32 in and out with [`Precision::F32`], bf16
+//!   copies of both operands with f32 output and f32 accumulation with
+//!   [`Precision::Bf16`];
+//! - bias + activation, the f32 -> bf16 cast and the optimizers: `train_ops.cu`
+//!   (the optimizer updates are bitwise the CPU's: see the kernel file's header);
+//! - the margin head: [`crate::cuda::head::CudaHead`] (fused path by default) in
+//!   f32 or on bf16 copies of the f32 master embeddings and class weights, with
+//!   f32 gradients either way;
+//! - class statistics: [`ClassStats`], converted to and from the engine's
+//!   [`StatsState`] for checkpoints.
+//!
+//! Mixed precision ([`Precision::Bf16`], the default): every buffer the engine
+//! holds (parameters, gradients, optimizer state, activations) is f32; only the
+//! operands of the GEMMs and of the head are rounded to bf16, into temporary
+//! copies made right before each product. The master weights never lose
+//! precision to the copies.
+//!
+//! Determinism: every launch goes to the device's one stream; cuBLAS gives the
+//! same bits run after run on the same GPU model (its default, atomics-free
+//! mode), the head and the statistics are deterministic by design (SPEC 4, 5), and
+//! the kernels here use no atomics. Two runs with the same inputs are bitwise equal.
+//!
+//! ```no_run
+//! # use featcloud::cuda::{Device, backend::{CudaBackend, Precision}};
+//! # use featcloud::engine::Backend;
+//! # fn main() -> featcloud::Result<()> {
+//! let be = CudaBackend::new(Device::new(0)?, Precision::Bf16)?;
+//! let x = be.upload(&[1.0, -2.0, 3.0, -4.0])?;
+//! assert_eq!(be.download(&x)?, vec![1.0, -2.0, 3.0, -4.0]);
+//! # Ok(()) }
+//! ```
+
+use super::head::{CudaHead, GradDtype, GradTensor, HeadPath, HeadUpstream};
+use super::kernels::{self, train_ops as k};
+use super::stats::ClassStats;
+use super::{cuda_err, Device, DeviceElem, Tensor};
+use crate::check::HeadShape;
+use crate::config::{HeadConfig, Reduction, StatsConfig};
+use crate::engine::backend::{Activation, Backend, Gemm, HeadStep, OptimStep, StatsState};
+use crate::engine::optim::{OptimizerConfig, OptimizerKind};
+use crate::error::{Error, Result};
+use crate::statsfile::{Precision as StatsPrecision, StatsSnapshot};
+use cudarc::cublas::sys as cb;
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+/// Threads per block of every `train_ops.cu` kernel.
+const THREADS: u32 = 256;
+/// Columns and row stripes per block of `bias_act_bwd_f32` (32 x 8 = 256 threads).
+const BIAS_COLS: u32 = 32;
+const BIAS_STRIPES: u32 = 8;
+/// Most blocks of an elementwise launch; the kernels' grid-stride loops cover the rest.
+const MAX_BLOCKS: usize = 1 << 16;
+
+/// Storage precision of the GEMM and head operands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// bf16 copies of the f32 master tensors for the GEMMs and the head (tensor
+    /// cores), f32 accumulation and f32 results.
+    #[default]
+    Bf16,
+    /// f32 everywhere (exact SIMT head tiles, FP32 cuBLAS without TF32).
+    F32,
+}
+
+impl Precision {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Bf16 => "bf16",
+            Precision::F32 => "f32",
+        }
+    }
+}
+
+/// Optimizer step parameters; mirrors `struct OptimParams` in `kernels/train_ops.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct OptimParams {
+    lr: f32,
+    wd: f32,
+    momentum: f32,
+    b1: f32,
+    one_minus_b1: f32,
+    b2: f32,
+    one_minus_b2: f32,
+    c1: f32,
+    c2: f32,
+    eps: f32,
+}
+const _: () = assert!(std::mem::size_of::<OptimParams>() == 40);
+// SAFETY: plain-old-data with the layout of the CUDA struct (size asserted on both sides).
+unsafe impl DeviceRepr for OptimParams {}
+
+/// Class statistics of the CUDA backend: [`ClassStats`] behind a lock, because
+/// computing the cloud refreshes a cache inside it while the engine holds the
+/// statistics by shared reference.
+#[derive(Debug)]
+pub struct CudaStats {
+    inner: Mutex<ClassStats>,
+}
+
+impl CudaStats {
+    /// Runs `f` on the device statistics.
+    pub fn with<R>(&self, f: impl FnOnce(&mut ClassStats) -> R) -> R {
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
+    }
+}
+
+/// The engine's backend on one GPU. Buffers are flat f32 [`Tensor`]s (only their
+/// length matters; see [`Backend::len`]).
+#[derive(Debug, Clone)]
+pub struct CudaBackend {
+    dev: Arc<Device>,
+    precision: Precision,
+    head_path: HeadPath,
+}
+
+fn same_len(what: &str, a: usize, b: usize) -> Result<()> {
+    if a != b {
+        return Err(Error::Shape(format!("{what}: {a} vs {b} elements")));
+    }
+    Ok(())
+}
+
+fn rows_of(what: &str, len: usize, cols: usize) -> Result<usize> {
+    if cols == 0 || len % cols != 0 {
+        return Err(Error::Shape(format!("{what}: {len} elements is not a multiple of {cols} columns")));
+    }
+    Ok(len / cols)
+}
+
+fn i32_of(what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::Shape(format!("{what} = {v} exceeds i32 indexing")))
+}
+
+/// A 1-D grid for a grid-stride kernel over `n` > 0 elements.
+fn grid_1d(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The head's gradient in f32 (the backend always asks for [`GradDtype::F32`]).
+fn f32_grad<T: DeviceElem>(g: GradTensor<T>, what: &str) -> Result<Tensor<f32>> {
+    match g {
+        GradTensor::F32(t) => Ok(t),
+        GradTensor::Input(_) => {
+            Err(Error::Shape(format!("head returned {what} in the storage dtype, f32 was asked")))
+        }
+    }
+}
+
+impl CudaBackend {
+    /// A backend on `dev` computing GEMMs and the head in `precision`.
+    ///
+    /// Errors: [`Error::KernelsNotBuilt`] when the crate was built without NVRTC,
+    /// [`Error::Cublas`] when cuBLAS cannot be loaded, so that a caller choosing a
+    /// backend automatically can fall back to the CPU.
+    pub fn new(dev: Arc<Device>, precision: Precision) -> Result<Self> {
+        if !kernels::KERNELS_BUILT {
+            return Err(Error::KernelsNotBuilt);
+        }
+        dev.cublas()?;
+        Ok(Self { dev, precision, head_path: HeadPath::Fused })
+    }
+
+    /// The same backend running the head on `path` (default [`HeadPath::Fused`]).
+    pub fn with_head_path(mut self, path: HeadPath) -> Self {
+        self.head_path = path;
+        self
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<Device> {
+        &self.dev
+    }
+
+    /// The operand precision.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The head path.
+    pub fn head_path(&self) -> HeadPath {
+        self.head_path
+    }
+
+    /// An f32 tensor of `shape` holding `host` (zeros when empty: no zero-byte copy).
+    fn tensor_from_host(&self, host: &[f32], shape: &[usize]) -> Result<Tensor<f32>> {
+        if host.is_empty() {
+            return Tensor::zeros(&self.dev, shape);
+        }
+        Tensor::from_host(&self.dev, host, shape)
+    }
+
+    /// A device copy of the first `numel(shape)` elements of `src`, with `shape`
+    /// (the head and the statistics check shapes; engine buffers are flat).
+    fn shaped_copy(&self, src: &Tensor<f32>, shape: &[usize]) -> Result<Tensor<f32>> {
+        let n: usize = shape.iter().product();
+        same_len("reshape", src.len(), n)?;
+        if n == 0 {
+            return Tensor::zeros(&self.dev, shape);
+        }
+        let buf = self.dev.stream().clone_dtod(&src.slice().slice(..n)).map_err(cuda_err("device copy"))?;
+        Tensor::from_slice(buf, shape)
+    }
+
+    /// `dst[..n] = src[..n]` on the device (n = both lengths, checked).
+    fn copy_into(&self, src: &Tensor<f32>, dst: &mut Tensor<f32>) -> Result<()> {
+        let n = src.len();
+        same_len("device copy", dst.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.dev
+            .stream()
+            .memcpy_dtod(&src.slice().slice(..n), &mut dst.slice_mut().slice_mut(..n))
+            .map_err(cuda_err("device copy"))
+    }
+
+    /// bf16 copy of `x` with `shape` (round to nearest even), via `cast_fwd_bf16`.
+    fn to_bf16(&self, x: &Tensor<f32>, shape: &[usize]) -> Result<Tensor<half::bf16>> {
+        let n: usize = shape.iter().product();
+        same_len("bf16 cast", x.len(), n)?;
+        let mut out = Tensor::<half::bf16>::zeros(&self.dev, shape)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        let f = self.dev.function(k::CAST_FWD_BF16)?;
+        let n_i = n as i64;
+        let mut b = self.dev.stream().launch_builder(&f);
+        b.arg(x.slice()).arg(out.slice_mut()).arg(&n_i);
+        // SAFETY: x holds >= n f32 and out >= n bf16 (both shapes checked above); they are
+        // distinct allocations; the grid-stride loop touches indices [0, n) only.
+        unsafe { b.launch(grid_1d(n)) }.map_err(cuda_err("train_ops::cast_fwd_bf16"))?;
+        Ok(out)
+    }
+
+    /// One `cublasGemmEx`: row-major `c [m, n] = alpha op(a) op(b) + beta c` with
+    /// `a`, `b` of dtype `T` (f32 or bf16), `c` f32, f32 accumulation. m, n, k > 0.
+    fn blas_gemm<T: DeviceElem>(
+        &self,
+        g: Gemm,
+        a: &CudaSlice<T>,
+        b: &CudaSlice<T>,
+        c: &mut Tensor<f32>,
+    ) -> Result<()> {
+        let (m, n, kk) = (g.m, g.n, g.k);
+        if a.len() < m * kk || b.len() < kk * n || c.len() != m * n {
+            return Err(Error::Shape(format!("gemm m={m} n={n} k={kk}: operands too small")));
+        }
+        let op =
+            |t: bool| if t { cb::cublasOperation_t::CUBLAS_OP_T } else { cb::cublasOperation_t::CUBLAS_OP_N };
+        // Row-major C [m, n] is column-major C^T [n, m] (ldc = n), and
+        // C^T = op(B)^T op(A)^T, so cuBLAS gets (B, A) in that order:
+        // - B row-major [k, n] is column-major B^T [n, k] with ld n: op N;
+        //   B^T stored row-major [n, k] is column-major [k, n] with ld k: op T gives [n, k].
+        // - A row-major [m, k] is column-major A^T [k, m] with ld k: op N;
+        //   A^T stored row-major [k, m] is column-major [m, k] with ld m: op T gives [k, m].
+        let lda_cm = if g.trans_b { kk } else { n };
+        let ldb_cm = if g.trans_a { m } else { kk };
+        let (m_cm, n_cm, k_cm) = (i32_of("gemm n", n)?, i32_of("gemm m", m)?, i32_of("gemm k", kk)?);
+        let (lda_cm, ldb_cm, ldc_cm) = (i32_of("gemm ld", lda_cm)?, i32_of("gemm ld", ldb_cm)?, m_cm);
+        let in_type = match T::DTYPE {
+            crate::config::DType::F32 => cb::cudaDataType::CUDA_R_32F,
+            crate::config::DType::BF16 => cb::cudaDataType::CUDA_R_16BF,
+            crate::config::DType::F16 => cb::cudaDataType::CUDA_R_16F,
+        };
+        let blas = self.dev.cublas()?;
+        let stream = self.dev.stream();
+        let (alpha, beta) = (g.alpha, g.beta);
+        let (pa, _ga) = a.device_ptr(stream);
+        let (pb, _gb) = b.device_ptr(stream);
+        let (pc, _gc) = c.slice_mut().device_ptr_mut(stream);
+        // SAFETY: in column-major terms A_cm = b is [m_cm, k_cm] (op N, ld n) or [k_cm, m_cm]
+        // (op T, ld k) and b holds >= k*n elements; B_cm = a likewise with >= m*k; C holds
+        // exactly m*n f32 with ld n. The pointers are live device buffers on the handle's
+        // stream; alpha/beta are host f32, as CUBLAS_COMPUTE_32F with host pointer mode wants.
+        // CUBLAS_COMPUTE_32F (not *_FAST_TF32) keeps f32 inputs exact f32 products.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *blas.handle(),
+                op(g.trans_b),
+                op(g.trans_a),
+                m_cm,
+                n_cm,
+                k_cm,
+                &alpha as *const f32 as *const c_void,
+                pb as *const c_void,
+                in_type,
+                lda_cm,
+                pa as *const c_void,
+                in_type,
+                ldb_cm,
+                &beta as *const f32 as *const c_void,
+                pc as *mut c_void,
+                cb::cudaDataType::CUDA_R_32F,
+                ldc_cm,
+                cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| Error::Cublas {
+            context: format!("backend gemm m={m} n={n} k={kk}"),
+            message: e.to_string(),
+        })
+    }
+
+    fn check_optimizer(
+        &self,
+        opt: &OptimizerConfig,
+        param: usize,
+        grad: usize,
+        state: &[Tensor<f32>],
+    ) -> Result<()> {
+        same_len("optimizer param/grad", param, grad)?;
+        if state.len() != opt.kind.state_count() {
+            return Err(Error::Shape(format!(
+                "optimizer state: {} buffers, expected {}",
+                state.len(),
+                opt.kind.state_count()
+            )));
+        }
+        for s in state {
+            same_len("optimizer state", s.len(), param)?;
+        }
+        Ok(())
+    }
+}
+
+impl Backend for CudaBackend {
+    type Buf = Tensor<f32>;
+    type Stats = CudaStats;
+
+    fn name(&self) -> String {
+        format!("cuda ({}, {}, {} head)", self.dev.info().name, self.precision.name(), self.head_path.name())
+    }
+
+    fn zeros(&self, len: usize) -> Result<Tensor<f32>> {
+        Tensor::zeros(&self.dev, &[len])
+    }
+
+    fn upload(&self, host: &[f32]) -> Result<Tensor<f32>> {
+        self.tensor_from_host(host, &[host.len()])
+    }
+
+    fn write(&self, buf: &mut Tensor<f32>, host: &[f32]) -> Result<()> {
+        same_len("write", buf.len(), host.len())?;
+        if host.is_empty() {
+            return Ok(());
+        }
+        let n = host.len();
+        self.dev
+            .stream()
+            .memcpy_htod(host, &mut buf.slice_mut().slice_mut(..n))
+            .map_err(cuda_err("host-to-device copy"))
+    }
+
+    fn download(&self, buf: &Tensor<f32>) -> Result<Vec<f32>> {
+        if buf.is_empty() {
+            return Ok(Vec::new());
+        }
+        buf.to_host(&self.dev)
+    }
+
+    fn len(&self, buf: &Tensor<f32>) -> usize {
+        buf.len()
+    }
+
+    /// Row-major GEMM through cuBLAS. f32: FP32 GEMM (no TF32). bf16: both
+    /// operands rounded to bf16 copies, f32 accumulation, f32 `c`. `beta = 0`
+    /// never reads `c` (cuBLAS semantics, as the CPU clears it first); k = 0 gives
+    /// `c = beta * c` as on the CPU.
+    fn gemm(&self, g: Gemm, a: &Tensor<f32>, b: &Tensor<f32>, c: &mut Tensor<f32>) -> Result<()> {
+        let (m, n, kk) = (g.m, g.n, g.k);
+        if a.len() != m * kk || b.len() != kk * n || c.len() != m * n {
+            return Err(Error::Shape(format!(
+                "gemm m={m} n={n} k={kk}: A has {}, B has {}, C has {} elements",
+                a.len(),
+                b.len(),
+                c.len()
+            )));
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if kk == 0 {
+            // Degenerate; done on the host with the CPU's exact rule.
+            let v: Vec<f32> =
+                self.download(c)?.into_iter().map(|v| if g.beta == 0.0 { 0.0 } else { v * g.beta }).collect();
+            return self.write(c, &v);
+        }
+        match self.precision {
+            Precision::F32 => self.blas_gemm(g, a.slice(), b.slice(), c),
+            Precision::Bf16 => {
+                let a16 = self.to_bf16(a, &[a.len()])?;
+                let b16 = self.to_bf16(b, &[b.len()])?;
+                self.blas_gemm(g, a16.slice(), b16.slice(), c)
+            }
+        }
+    }
+
+    fn bias_act_forward(&self, y: &mut Tensor<f32>, bias: &Tensor<f32>, act: Activation) -> Result<()> {
+        let cols = bias.len();
+        rows_of("bias_act_forward y", y.len(), cols)?;
+        let n = y.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let f = self.dev.function(k::BIAS_ACT_FWD_F32)?;
+        let (n_i, cols_i, act_i) =
+            (n as i64, i32_of("bias columns", cols)?, (act == Activation::Relu) as i32);
+        let mut b = self.dev.stream().launch_builder(&f);
+        b.arg(y.slice_mut()).arg(bias.slice()).arg(&n_i).arg(&cols_i).arg(&act_i);
+        // SAFETY: y holds n = rows * cols f32 and bias cols f32 (checked above), separate
+        // allocations (one is &mut); the kernel reads bias[i % cols] and writes y[i], i < n.
+        unsafe { b.launch(grid_1d(n)) }.map_err(cuda_err("train_ops::bias_act_fwd_f32")).map(|_| ())
+    }
+
+    fn bias_act_backward(
+        &self,
+        dy: &mut Tensor<f32>,
+        y: &Tensor<f32>,
+        dbias: &mut Tensor<f32>,
+        act: Activation,
+    ) -> Result<()> {
+        let cols = dbias.len();
+        same_len("bias_act_backward dy/y", dy.len(), y.len())?;
+        let rows = rows_of("bias_act_backward dy", dy.len(), cols)?;
+        let f = self.dev.function(k::BIAS_ACT_BWD_F32)?;
+        let (rows_i, cols_i, act_i) =
+            (i32_of("bias rows", rows)?, i32_of("bias columns", cols)?, (act == Activation::Relu) as i32);
+        let cfg = LaunchConfig {
+            grid_dim: ((cols as u32).div_ceil(BIAS_COLS), 1, 1),
+            block_dim: (BIAS_COLS, BIAS_STRIPES, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.dev.stream().launch_builder(&f);
+        b.arg(dy.slice_mut()).arg(y.slice()).arg(dbias.slice_mut()).arg(&rows_i).arg(&cols_i).arg(&act_i);
+        // SAFETY: dy and y hold rows * cols f32, dbias cols f32 (checked above; cols > 0 so
+        // the grid is non-empty); three distinct allocations (two are &mut). Block x writes
+        // dbias[32x .. 32x + 32) clipped to cols and the dy entries of those columns only.
+        unsafe { b.launch(cfg) }.map_err(cuda_err("train_ops::bias_act_bwd_f32")).map(|_| ())
+    }
+
+    fn head_forward_backward(
+        &self,
+        cfg: &HeadConfig,
+        shape: HeadShape,
+        x: &Tensor<f32>,
+        w: &Tensor<f32>,
+        labels: &[i32],
+        sigma_cloud: &Tensor<f32>,
+        seed: u64,
+        step: u64,
+        dx: &mut Tensor<f32>,
+        dw: &mut Tensor<f32>,
+    ) -> Result<HeadStep> {
+        let HeadShape { b, c, d } = shape;
+        same_len("head x", x.len(), b * d)?;
+        same_len("head w", w.len(), c * d)?;
+        same_len("head dx", dx.len(), b * d)?;
+        same_len("head dw", dw.len(), c * d)?;
+        let head = CudaHead::new(self.dev.clone(), *cfg, self.head_path)?;
+        // Reduction none: d loss / d loss_i = 1 per row, as the CPU backend passes.
+        let ones;
+        let up = if cfg.reduction == Reduction::None {
+            ones = self.tensor_from_host(&vec![1.0f32; b], &[b])?;
+            HeadUpstream::PerRow(&ones)
+        } else {
+            HeadUpstream::Scalar(1.0)
+        };
+        let (fwd, gdx, gdw) = match self.precision {
+            Precision::F32 => {
+                let (xs, ws) = (self.shaped_copy(x, &[b, d])?, self.shaped_copy(w, &[c, d])?);
+                let (fwd, g) =
+                    head.forward_backward(&xs, &ws, labels, sigma_cloud, seed, step, up, GradDtype::F32)?;
+                (fwd, f32_grad(g.dx, "dx")?, f32_grad(g.dw, "dW")?)
+            }
+            Precision::Bf16 => {
+                let (xs, ws) = (self.to_bf16(x, &[b, d])?, self.to_bf16(w, &[c, d])?);
+                let (fwd, g) =
+                    head.forward_backward(&xs, &ws, labels, sigma_cloud, seed, step, up, GradDtype::F32)?;
+                (fwd, f32_grad(g.dx, "dx")?, f32_grad(g.dw, "dW")?)
+            }
+        };
+        same_len("head dx result", gdx.len(), b * d)?;
+        same_len("head dW result", gdw.len(), c * d)?;
+        let c_iy = if b == 0 { Vec::new() } else { fwd.c_iy.to_host(&self.dev)? };
+        // The head's fresh f32 gradients become the engine's buffers (same lengths).
+        *dx = gdx;
+        *dw = gdw;
+        Ok(HeadStep { loss: fwd.loss as f64, n_valid: fwd.n_valid, c_iy })
+    }
+
+    fn stats_new(&self, c: usize, d: usize, cfg: &StatsConfig) -> Result<CudaStats> {
+        Ok(CudaStats { inner: Mutex::new(ClassStats::new(&self.dev, c, d, cfg.clone())?) })
+    }
+
+    fn stats_cloud_sigma(&self, stats: &CudaStats, out: &mut Tensor<f32>) -> Result<()> {
+        stats.with(|s| {
+            let sigma = s.cloud_sigma(&self.dev)?;
+            self.copy_into(sigma, out)
+        })
+    }
+
+    fn stats_update(
+        &self,
+        stats: &mut CudaStats,
+        x: &Tensor<f32>,
+        labels: &[i32],
+        c_iy: &[f32],
+    ) -> Result<()> {
+        stats.with(|s| match s.config().center {
+            crate::config::CenterMode::Ema => {
+                let xs = self.shaped_copy(x, &[labels.len(), s.dim()])?;
+                s.update(&self.dev, &xs, labels)
+            }
+            crate::config::CenterMode::ClassWeight => {
+                same_len("stats update c_iy/labels", c_iy.len(), labels.len())?;
+                let t = self.tensor_from_host(c_iy, &[c_iy.len()])?;
+                s.update_from_cos(&self.dev, labels, &t)
+            }
+        })
+    }
+
+    fn stats_export(&self, stats: &CudaStats) -> Result<StatsState> {
+        let snap = stats.with(|s| s.snapshot(&self.dev))?;
+        Ok(StatsState {
+            c: snap.c,
+            d: snap.d,
+            mu: snap.mu,
+            v: snap.v,
+            n: snap.n,
+            initialized: snap.initialized,
+            centers: snap.centers,
+            updates: snap.updates,
+        })
+    }
+
+    fn stats_import(&self, st: &StatsState, cfg: &StatsConfig) -> Result<CudaStats> {
+        let snap = StatsSnapshot {
+            cfg: cfg.clone(),
+            c: st.c,
+            d: st.d,
+            centers: st.centers.clone(),
+            mu: st.mu.clone(),
+            v: st.v.clone(),
+            n: st.n.clone(),
+            initialized: st.initialized.clone(),
+            updates: st.updates,
+            // Values may come from the CPU's f64 state; from_snapshot rounds them to f32.
+            precision: StatsPrecision::F64,
+        };
+        Ok(CudaStats { inner: Mutex::new(ClassStats::from_snapshot(&self.dev, &snap)?) })
+    }
+
+    fn optimizer_step(
+        &self,
+        opt: &OptimizerConfig,
+        hp: OptimStep,
+        param: &mut Tensor<f32>,
+        grad: &Tensor<f32>,
+        state: &mut [Tensor<f32>],
+    ) -> Result<()> {
+        self.check_optimizer(opt, param.len(), grad.len(), state)?;
+        let n = param.len();
+        if n == 0 {
+            return Ok(());
+        }
+        // Host-side scalars computed exactly as the CPU backend computes them.
+        let t = hp.t.max(1) as i32;
+        let p = OptimParams {
+            lr: hp.lr,
+            wd: hp.weight_decay,
+            momentum: opt.momentum,
+            b1: opt.beta1,
+            one_minus_b1: 1.0 - opt.beta1,
+            b2: opt.beta2,
+            one_minus_b2: 1.0 - opt.beta2,
+            c1: 1.0 - opt.beta1.powi(t),
+            c2: 1.0 - opt.beta2.powi(t),
+            eps: opt.eps,
+        };
+        let n_i = n as i64;
+        match opt.kind {
+            OptimizerKind::Sgd => {
+                let f = self.dev.function(k::SGD_STEP_F32)?;
+                let mut b = self.dev.stream().launch_builder(&f);
+                b.arg(param.slice_mut()).arg(grad.slice()).arg(state[0].slice_mut()).arg(&n_i).arg(&p);
+                // SAFETY: param, grad and the momentum buffer hold n f32 each (checked by
+                // check_optimizer) and are distinct allocations (param and state are &mut);
+                // the kernel touches indices [0, n) only.
+                unsafe { b.launch(grid_1d(n)) }.map_err(cuda_err("train_ops::sgd_step_f32")).map(|_| ())
+            }
+            OptimizerKind::AdamW => {
+                let f = self.dev.function(k::ADAMW_STEP_F32)?;
+                let (ms, vs) = state.split_at_mut(1);
+                let mut b = self.dev.stream().launch_builder(&f);
+                b.arg(param.slice_mut())
+                    .arg(grad.slice())
+                    .arg(ms[0].slice_mut())
+                    .arg(vs[0].slice_mut())
+                    .arg(&n_i)
+                    .arg(&p);
+                // SAFETY: param, grad, m and v hold n f32 each (checked by check_optimizer) and
+                // are distinct allocations (param, m, v are disjoint &mut); indices [0, n) only.
+                unsafe { b.launch(grid_1d(n)) }.map_err(cuda_err("train_ops::adamw_step_f32")).map(|_| ())
+            }
+        }
+    }
+}

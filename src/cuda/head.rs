@@ -1,0 +1,1050 @@
+//! The margin head on the GPU (SPEC sections 3, 4, 7): the reference path
+//! (`kernels/head_ref.cu` + cuBLAS) and the fused path (`kernels/head_fused.cu`).
+//!
+//! [`CudaHead`] checks every shape and label on the host before the first
+//! launch, then queues the kernels of the chosen [`HeadPath`] on the device's
+//! stream. The loss comes back to the host (one 4-byte copy); the per-row
+//! outputs and the gradients stay on the device.
+//!
+//! ```no_run
+//! # use featcloud::cuda::{Device, Tensor, head::{CudaHead, HeadPath, GradDtype, HeadUpstream}};
+//! # fn main() -> featcloud::Result<()> {
+//! let dev = Device::new(0)?;
+//! let head = CudaHead::new(dev.clone(), featcloud::HeadConfig::arcface(), HeadPath::Fused)?;
+//! let (b, c, d) = (4, 10, 16);
+//! let x = Tensor::<half::bf16>::from_f32(&dev, &vec![0.1; b * d], &[b, d])?;
+//! let w = Tensor::<half::bf16>::from_f32(&dev, &vec![0.2; c * d], &[c, d])?;
+//! let sigma = Tensor::<f32>::zeros(&dev, &[c])?;
+//! let labels = [0, 3, 9, -1];
+//! let (fwd, grads) = head.forward_backward(&x, &w, &labels, &sigma, 7, 0, HeadUpstream::Scalar(1.0), GradDtype::Input)?;
+//! println!("loss {} over {} rows", fwd.loss, fwd.n_valid);
+//! # let _ = grads; Ok(()) }
+//! ```
+//!
+//! Workspace: [`CudaHead::workspace_bytes`] tells how many bytes of scratch a
+//! call allocates besides its outputs. The reference path materializes the
+//! B x C cosine and gradient matrices; the fused path never does.
+
+pub mod verify;
+
+use super::kernels::{head_fused as kf, head_ref as kr};
+use super::{cuda_err, Device, DeviceElem, Kernel, Tensor};
+use crate::check::{check_head_inputs, HeadShape};
+use crate::config::{CloudMode, DType, Fallback, HeadConfig, MarginGrad, Reduction};
+use crate::error::{Error, Result};
+use cudarc::cublas::{sys as blas_sys, Gemm, GemmConfig};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::ops::Deref;
+use std::sync::Arc;
+
+/// Which implementation of the head runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum HeadPath {
+    /// Unfused: normalization, cuBLAS SGEMMs on f32 normalized copies, B x C
+    /// logits in memory. Simple; the baseline and a GPU-side oracle.
+    Reference,
+    /// Fused tiles: tensor cores (bf16/f16) or exact SIMT (f32), no B x C buffer.
+    #[default]
+    Fused,
+}
+
+impl HeadPath {
+    /// Both paths, for tests and benches.
+    pub const ALL: [HeadPath; 2] = [HeadPath::Reference, HeadPath::Fused];
+
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            HeadPath::Reference => "reference",
+            HeadPath::Fused => "fused",
+        }
+    }
+}
+
+/// The dtype the gradients are written in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum GradDtype {
+    /// The storage dtype of x and W.
+    #[default]
+    Input,
+    /// f32, whatever the storage dtype.
+    F32,
+}
+
+/// Upstream gradient of the backward pass (see [`crate::oracle::Upstream`]).
+#[derive(Clone, Copy, Debug)]
+pub enum HeadUpstream<'a> {
+    /// d loss for `Reduction::Mean` / `Reduction::Sum` (1.0 for a plain loss).
+    Scalar(f32),
+    /// d loss_i [B] on the device, for `Reduction::None`.
+    PerRow(&'a Tensor<f32>),
+}
+
+/// Kernel parameters; mirrors `struct HeadParams` in `kernels/head.cuh`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct HeadParams {
+    s: f32,
+    m1: f32,
+    m2: f32,
+    m3: f32,
+    ls: f32,
+    ls_over_c: f32,
+    cloud: i32,
+    fallback: i32,
+    margin_grad: i32,
+    _pad: i32,
+    seed: u64,
+    step: u64,
+}
+const _: () = assert!(std::mem::size_of::<HeadParams>() == 56);
+// SAFETY: plain-old-data with the layout of the CUDA struct (asserted on both sides).
+unsafe impl DeviceRepr for HeadParams {}
+
+/// Result of a forward pass. Per-row tensors have B entries (0 for ignored rows).
+#[derive(Debug)]
+pub struct HeadForward {
+    /// The reduced loss (mean over valid rows, their sum, or for `Reduction::None`
+    /// the sum of the row losses), on the host.
+    pub loss: f32,
+    /// Rows with a non-negative label.
+    pub n_valid: usize,
+    /// loss_i [B].
+    pub row_loss: Tensor<f32>,
+    /// lse_i [B].
+    pub lse: Tensor<f32>,
+    /// Target cosine c_iy [B].
+    pub c_iy: Tensor<f32>,
+    /// Margin-transformed target t_i [B].
+    pub t: Tensor<f32>,
+    /// Cloud perturbation alpha_i [B].
+    pub alpha: Tensor<f32>,
+    /// dt_i / dc_iy [B], kept for the backward.
+    dt: Tensor<f32>,
+    shape: HeadShape,
+}
+
+impl HeadForward {
+    /// The shape the forward ran at.
+    pub fn shape(&self) -> HeadShape {
+        self.shape
+    }
+
+    /// dt_i (the backward's target-logit derivative) [B].
+    pub fn dt(&self) -> &Tensor<f32> {
+        &self.dt
+    }
+}
+
+/// A gradient tensor in the dtype that was asked for.
+///
+/// f32 storage always gives [`GradTensor::F32`] (its input dtype is f32).
+#[derive(Debug)]
+pub enum GradTensor<T: DeviceElem> {
+    /// In the storage dtype.
+    Input(Tensor<T>),
+    /// In f32.
+    F32(Tensor<f32>),
+}
+
+impl<T: DeviceElem> GradTensor<T> {
+    /// Copies the gradient to the host as f32.
+    pub fn to_f32_host(&self, dev: &Device) -> Result<Vec<f32>> {
+        match self {
+            GradTensor::Input(t) => t.to_f32_host(dev),
+            GradTensor::F32(t) => t.to_f32_host(dev),
+        }
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            GradTensor::Input(t) => t.shape(),
+            GradTensor::F32(t) => t.shape(),
+        }
+    }
+}
+
+/// dx [B, D] and dW [C, D].
+#[derive(Debug)]
+pub struct Grads<T: DeviceElem> {
+    /// d loss / d x.
+    pub dx: GradTensor<T>,
+    /// d loss / d W.
+    pub dw: GradTensor<T>,
+}
+
+/// Bytes of scratch one call allocates besides its outputs (see [`CudaHead::workspace`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Workspace {
+    /// Forward scratch.
+    pub forward: usize,
+    /// Backward scratch.
+    pub backward: usize,
+}
+
+/// Fused forward tile (rows x classes); keep in sync with `kernels/head_fused.cu`.
+const FWD_BM: usize = 128;
+const FWD_BN: usize = 128;
+/// Fused backward tile.
+const BWD_BN: usize = 128;
+const THREADS: u32 = 256;
+/// The fused backward's dx partials may use this much memory before G shrinks.
+const DXP_BUDGET: usize = 512 << 20;
+
+/// Dynamic shared memory of `fused_bwd_<T>` (asserted in the .cu file).
+fn bwd_smem_bytes(dtype: DType) -> u32 {
+    match dtype {
+        DType::F32 => 98_304,
+        DType::BF16 | DType::F16 => 65_536,
+    }
+}
+
+/// G, the fused backward's CTA count: one per class tile up to one per SM (its
+/// ~180 registers x 256 threads allow one CTA per SM), and fewer when G * B * D f32
+/// dx partials would pass 512 MiB.
+fn bwd_groups(shape: HeadShape, sm_count: usize) -> usize {
+    let n_ct = shape.c.div_ceil(BWD_BN);
+    let per_group = shape.b * shape.d * 4;
+    let by_mem = (DXP_BUDGET / per_group.max(1)).max(1);
+    n_ct.min(sm_count.max(1)).min(by_mem).max(1)
+}
+
+/// Scratch bytes of `path` at `shape` on a GPU with `sm_count` SMs (what
+/// [`HeadOn::workspace`] reports; usable without a device).
+pub fn workspace_for(
+    path: HeadPath,
+    shape: HeadShape,
+    dtype: DType,
+    grad: GradDtype,
+    sm_count: usize,
+) -> Workspace {
+    let HeadShape { b, c, d } = shape;
+    let f = 4;
+    match path {
+        HeadPath::Reference => Workspace {
+            // xh, wh, inverse norms, cos, labels, dt
+            forward: (b * d + c * d + b + c + b * c + 2 * b) * f,
+            // xh, wh, inverse norms, cos, dc, dxh, dwh, labels
+            backward: (2 * b * d + 2 * c * d + b + c + 2 * b * c + b) * f,
+        },
+        HeadPath::Fused => {
+            let n_ct = c.div_ceil(FWD_BN);
+            let g = bwd_groups(shape, sm_count);
+            // A 16-bit dW is accumulated in an f32 buffer first; an f32 dW in place.
+            let dwh = if grad == GradDtype::F32 || dtype == DType::F32 { 0 } else { c * d };
+            Workspace {
+                // norms and inverse norms, partials, labels, dt
+                forward: (2 * b + 2 * c + 3 * n_ct * b + 2 * b) * f,
+                // norms and inverse norms, dx partials, dW accumulator, labels
+                backward: (2 * b + 2 * c + g * b * d + dwh + b) * f,
+            }
+        }
+    }
+}
+
+/// The margin head on one device, holding the device through `D` (an
+/// `Arc<Device>` for [`CudaHead`], a plain `&Device` for short-lived checks).
+#[derive(Debug)]
+pub struct HeadOn<D: Deref<Target = Device>> {
+    dev: D,
+    cfg: HeadConfig,
+    path: HeadPath,
+    tuning: FusedTuning,
+}
+
+/// Overrides of the fused path's dispatcher, so tests and benches can sweep every
+/// configuration it may pick. The defaults are what the dispatcher chooses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FusedTuning {
+    /// Backward CTA count G (clamped to [1, number of class tiles]); `None`: one per
+    /// class tile up to one per SM, fewer when the dx partials would pass 512 MiB.
+    pub backward_ctas: Option<usize>,
+    /// Use the element-load kernels even when D allows 16-byte cp.async.
+    pub scalar_loads: bool,
+}
+
+/// The margin head owning a handle to its device: what trainers keep.
+pub type CudaHead = HeadOn<Arc<Device>>;
+
+/// Every head path x dtype x a few option sets at small sizes against the CPU
+/// oracle (`featcloud smoke`); see [`verify::smoke`].
+pub fn smoke(dev: &Device) -> Result<Vec<super::SmokeLine>> {
+    verify::smoke(dev)
+}
+
+fn blas_err(context: &'static str) -> impl FnOnce(cudarc::cublas::result::CublasError) -> Error {
+    move |e| Error::Cublas { context: context.into(), message: e.to_string() }
+}
+
+fn i32_dim(name: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::Shape(format!("{name} = {v} exceeds i32 indexing")))
+}
+
+fn grid1(n: usize, per_block: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(per_block) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl<D: Deref<Target = Device>> HeadOn<D> {
+    /// A head with options `cfg` (validated here) running `path` on `dev`.
+    pub fn new(dev: D, cfg: HeadConfig, path: HeadPath) -> Result<Self> {
+        cfg.validate()?;
+        Ok(Self { dev, cfg, path, tuning: FusedTuning::default() })
+    }
+
+    /// The same head with the fused dispatcher's choices overridden (tests, benches).
+    pub fn with_tuning(mut self, tuning: FusedTuning) -> Self {
+        self.tuning = tuning;
+        self
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    /// The options.
+    pub fn config(&self) -> &HeadConfig {
+        &self.cfg
+    }
+
+    /// The path.
+    pub fn path(&self) -> HeadPath {
+        self.path
+    }
+
+    /// Number of CTAs (and dx partial buffers) of the fused backward.
+    fn bwd_groups(&self, shape: HeadShape) -> usize {
+        match self.tuning.backward_ctas {
+            Some(g) => g.clamp(1, shape.c.div_ceil(BWD_BN)),
+            None => bwd_groups(shape, self.dev.info().sm_count.max(1) as usize),
+        }
+    }
+
+    /// Scratch bytes (beyond inputs and outputs) of a forward and of a backward
+    /// writing gradients in `grad` at `shape` with storage `dtype`.
+    pub fn workspace(&self, shape: HeadShape, dtype: DType, grad: GradDtype) -> Workspace {
+        let mut w = workspace_for(self.path, shape, dtype, grad, self.dev.info().sm_count.max(1) as usize);
+        if self.path == HeadPath::Fused {
+            let default_g = bwd_groups(shape, self.dev.info().sm_count.max(1) as usize);
+            let g = self.bwd_groups(shape);
+            w.backward = w.backward - default_g * shape.b * shape.d * 4 + g * shape.b * shape.d * 4;
+        }
+        w
+    }
+
+    /// Peak scratch bytes of [`CudaHead::forward_backward`] with gradients in the
+    /// input dtype (the larger case), known before the call is made.
+    pub fn workspace_bytes(&self, shape: HeadShape, dtype: DType) -> usize {
+        let w = self.workspace(shape, dtype, GradDtype::Input);
+        w.forward.max(w.backward)
+    }
+
+    fn params(&self, shape: HeadShape, seed: u64, step: u64) -> HeadParams {
+        let c = &self.cfg;
+        HeadParams {
+            s: c.s,
+            m1: c.m1,
+            m2: c.m2,
+            m3: c.m3,
+            ls: c.label_smoothing,
+            ls_over_c: c.label_smoothing / shape.c as f32,
+            cloud: match c.cloud {
+                CloudMode::Off => 0,
+                CloudMode::Symmetric => 1,
+                CloudMode::OneSided => 2,
+            },
+            fallback: match c.fallback {
+                Fallback::Linear => 0,
+                Fallback::Clamp => 1,
+            },
+            margin_grad: match c.margin_grad {
+                MarginGrad::Exact => 0,
+                MarginGrad::StraightThrough => 1,
+            },
+            _pad: 0,
+            seed,
+            step,
+        }
+    }
+
+    /// Checks x [B, D], W [C, D], labels [B] and sigma_cloud [C] (any length when the
+    /// cloud is off) before anything is launched.
+    fn check<T: DeviceElem>(
+        &self,
+        x: &Tensor<T>,
+        w: &Tensor<T>,
+        labels: &[i32],
+        sigma: &Tensor<f32>,
+    ) -> Result<HeadShape> {
+        let (&[b, d], &[c, d2]) = (x.shape(), w.shape()) else {
+            return Err(Error::Shape(format!(
+                "x must be [B, D] and W [C, D], got {:?} and {:?}",
+                x.shape(),
+                w.shape()
+            )));
+        };
+        if d != d2 {
+            return Err(Error::Shape(format!("x has D = {d} but W has D = {d2}")));
+        }
+        let shape = HeadShape { b, c, d };
+        let sigma_len = if self.cfg.cloud == CloudMode::Off { None } else { Some(sigma.len()) };
+        check_head_inputs(shape, x.len(), w.len(), labels, sigma_len)?;
+        i32_dim("B", b)?;
+        i32_dim("C", c)?;
+        i32_dim("D", d)?;
+        if self.path == HeadPath::Reference {
+            i32_dim("B*C", b * c)?;
+            if b > 65_535 {
+                return Err(Error::Shape(format!("the reference path supports B <= 65535, got {b}")));
+            }
+        }
+        if shape.c.div_ceil(FWD_BN) > i32::MAX as usize || shape.b.div_ceil(FWD_BM) > 65_535 {
+            return Err(Error::Shape(format!("B = {b} is too large for the fused grid")));
+        }
+        Ok(shape)
+    }
+
+    fn upload_labels(&self, labels: &[i32]) -> Result<CudaSlice<i32>> {
+        self.dev.stream().clone_htod(labels).map_err(cuda_err("labels host-to-device copy"))
+    }
+
+    /// Forward pass (SPEC 3): loss and per-row outputs.
+    ///
+    /// x [B, D] and W [C, D] in the storage dtype, labels [B] on the host (negative =
+    /// ignored, >= C is an error), sigma_cloud [C] f32 on the device, Philox (seed, step).
+    pub fn forward<T: DeviceElem>(
+        &self,
+        x: &Tensor<T>,
+        w: &Tensor<T>,
+        labels: &[i32],
+        sigma_cloud: &Tensor<f32>,
+        seed: u64,
+        step: u64,
+    ) -> Result<HeadForward> {
+        let shape = self.check(x, w, labels, sigma_cloud)?;
+        let dl = self.upload_labels(labels)?;
+        self.forward_impl(x, w, labels, &dl, sigma_cloud, shape, seed, step)
+    }
+
+    /// Backward pass (SPEC 4) from a forward of the same inputs.
+    ///
+    /// `upstream` must be [`HeadUpstream::Scalar`] for mean/sum and
+    /// [`HeadUpstream::PerRow`] for `Reduction::None`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<T: DeviceElem>(
+        &self,
+        x: &Tensor<T>,
+        w: &Tensor<T>,
+        labels: &[i32],
+        sigma_cloud: &Tensor<f32>,
+        fwd: &HeadForward,
+        upstream: HeadUpstream,
+        grad_dtype: GradDtype,
+    ) -> Result<Grads<T>> {
+        let shape = self.check(x, w, labels, sigma_cloud)?;
+        if fwd.shape != shape {
+            return Err(Error::Shape(format!(
+                "forward ran at {:?}, backward called at {shape:?}",
+                fwd.shape
+            )));
+        }
+        self.check_upstream(shape, upstream)?;
+        let dl = self.upload_labels(labels)?;
+        self.backward_impl(x, w, labels, &dl, fwd, shape, upstream, grad_dtype)
+    }
+
+    /// Forward and backward in one call: what a training step needs.
+    ///
+    /// Same arguments as [`CudaHead::forward`] plus the upstream gradient and the
+    /// gradient dtype; returns the forward outputs and (dx, dW).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward<T: DeviceElem>(
+        &self,
+        x: &Tensor<T>,
+        w: &Tensor<T>,
+        labels: &[i32],
+        sigma_cloud: &Tensor<f32>,
+        seed: u64,
+        step: u64,
+        upstream: HeadUpstream,
+        grad_dtype: GradDtype,
+    ) -> Result<(HeadForward, Grads<T>)> {
+        let shape = self.check(x, w, labels, sigma_cloud)?;
+        self.check_upstream(shape, upstream)?;
+        let dl = self.upload_labels(labels)?;
+        let fwd = self.forward_impl(x, w, labels, &dl, sigma_cloud, shape, seed, step)?;
+        let grads = self.backward_impl(x, w, labels, &dl, &fwd, shape, upstream, grad_dtype)?;
+        Ok((fwd, grads))
+    }
+
+    fn check_upstream(&self, shape: HeadShape, up: HeadUpstream) -> Result<()> {
+        match (self.cfg.reduction, up) {
+            (Reduction::None, HeadUpstream::PerRow(g)) if g.len() == shape.b => Ok(()),
+            (Reduction::None, HeadUpstream::PerRow(g)) => Err(Error::Shape(format!(
+                "per-row upstream has {} entries, expected B = {}",
+                g.len(),
+                shape.b
+            ))),
+            (Reduction::None, HeadUpstream::Scalar(_)) => {
+                Err(Error::InvalidConfig("reduction none needs HeadUpstream::PerRow".into()))
+            }
+            (_, HeadUpstream::PerRow(_)) => {
+                Err(Error::InvalidConfig("reductions mean and sum take HeadUpstream::Scalar".into()))
+            }
+            (_, HeadUpstream::Scalar(g)) if !g.is_finite() => {
+                Err(Error::NonFinite { what: "upstream gradient".into(), index: 0 })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_impl<T: DeviceElem>(
+        &self,
+        x: &Tensor<T>,
+        w: &Tensor<T>,
+        labels: &[i32],
+        dl: &CudaSlice<i32>,
+        sigma: &Tensor<f32>,
+        shape: HeadShape,
+        seed: u64,
+        step: u64,
+    ) -> Result<HeadForward> {
+        let dev = &*self.dev;
+        let b = shape.b;
+        let p = self.params(shape, seed, step);
+        let z = |n: usize| Tensor::<f32>::zeros(dev, &[n]);
+        let mut out = HeadForward {
+            loss: 0.0,
+            n_valid: labels.iter().filter(|&&y| y >= 0).count(),
+            row_loss: z(b)?,
+            lse: z(b)?,
+            c_iy: z(b)?,
+            t: z(b)?,
+            alpha: z(b)?,
+            dt: z(b)?,
+            shape,
+        };
+        match self.path {
+            HeadPath::Reference => {
+                let (xh, _inv_x) = ref_normalize(dev, x)?;
+                let (wh, _inv_w) = ref_normalize(dev, w)?;
+                let cos = cos_gemm(dev, &xh, &wh, shape)?;
+                ref_margin(dev, x, w, dl, sigma, p, &mut out, shape)?;
+                ref_softmax(dev, &cos, dl, p, &mut out, shape)?;
+            }
+            HeadPath::Fused => {
+                let inv_x = inv_norms(dev, x)?;
+                let inv_w = inv_norms(dev, w)?;
+                let n_ct = shape.c.div_ceil(FWD_BN);
+                let mut part = Tensor::<f32>::zeros(dev, &[3 * n_ct * b])?;
+                fused_fwd(
+                    dev,
+                    x,
+                    w,
+                    &inv_x,
+                    &inv_w,
+                    dl,
+                    sigma,
+                    p,
+                    &mut part,
+                    &mut out,
+                    shape,
+                    self.tuning.scalar_loads,
+                )?;
+                fused_combine(dev, &part, n_ct, dl, p, &mut out, shape)?;
+            }
+        }
+        let scale = match self.cfg.reduction {
+            Reduction::Mean if out.n_valid == 0 => 0.0,
+            Reduction::Mean => 1.0 / out.n_valid as f32,
+            Reduction::Sum | Reduction::None => 1.0,
+        };
+        let mut total = Tensor::<f32>::zeros(dev, &[1])?;
+        reduce_loss(dev, &out.row_loss, scale, &mut total)?;
+        out.loss = total.to_host(dev)?[0];
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward_impl<T: DeviceElem>(
+        &self,
+        x: &Tensor<T>,
+        w: &Tensor<T>,
+        labels: &[i32],
+        dl: &CudaSlice<i32>,
+        fwd: &HeadForward,
+        shape: HeadShape,
+        up: HeadUpstream,
+        grad_dtype: GradDtype,
+    ) -> Result<Grads<T>> {
+        let dev = &*self.dev;
+        let HeadShape { b, c, d } = shape;
+        let p = self.params(shape, 0, 0);
+        let n_valid = labels.iter().filter(|&&y| y >= 0).count();
+        let (g_scale, row_g) = match up {
+            HeadUpstream::Scalar(g) => match self.cfg.reduction {
+                Reduction::Mean if n_valid == 0 => (0.0, None),
+                Reduction::Mean => (g / n_valid as f32, None),
+                _ => (g, None),
+            },
+            HeadUpstream::PerRow(t) => (1.0, Some(t)),
+        };
+        match self.path {
+            HeadPath::Reference => {
+                let (xh, inv_x) = ref_normalize(dev, x)?;
+                let (wh, inv_w) = ref_normalize(dev, w)?;
+                let cos = cos_gemm(dev, &xh, &wh, shape)?;
+                let mut dc = Tensor::<f32>::zeros(dev, &[b * c])?;
+                ref_grad(dev, &cos, dl, fwd, row_g, g_scale, p, &mut dc, shape)?;
+                drop(cos);
+                let mut dxh = Tensor::<f32>::zeros(dev, &[b * d])?;
+                let mut dwh = Tensor::<f32>::zeros(dev, &[c * d])?;
+                grad_gemms(dev, &dc, &xh, &wh, &mut dxh, &mut dwh, shape)?;
+                let dx = normback(dev, &mut dxh, 1, x, &inv_x, grad_dtype, b, d)?;
+                let dw = normback(dev, &mut dwh, 1, w, &inv_w, grad_dtype, c, d)?;
+                Ok(Grads { dx, dw })
+            }
+            HeadPath::Fused => {
+                let inv_x = inv_norms(dev, x)?;
+                let inv_w = inv_norms(dev, w)?;
+                let groups = self.bwd_groups(shape);
+                let mut dxp = Tensor::<f32>::zeros(dev, &[groups * b * d])?;
+                let mut dwh = Tensor::<f32>::zeros(dev, &[c, d])?;
+                fused_bwd(
+                    dev,
+                    x,
+                    w,
+                    &inv_x,
+                    &inv_w,
+                    dl,
+                    fwd,
+                    row_g,
+                    g_scale,
+                    p,
+                    &mut dxp,
+                    &mut dwh,
+                    groups,
+                    shape,
+                    self.tuning.scalar_loads,
+                )?;
+                let dx = normback(dev, &mut dxp, groups, x, &inv_x, grad_dtype, b, d)?;
+                let dw = if grad_dtype == GradDtype::F32 || T::DTYPE == DType::F32 {
+                    // dW was accumulated in f32: normalize it in place, no second buffer.
+                    normback_in_place(dev, &mut dwh, w, &inv_w, c, d)?;
+                    GradTensor::F32(dwh)
+                } else {
+                    normback(dev, &mut dwh, 1, w, &inv_w, grad_dtype, c, d)?
+                };
+                Ok(Grads { dx, dw })
+            }
+        }
+    }
+}
+
+fn dtype_kernel(dtype: DType, f32k: Kernel, bf16k: Kernel, f16k: Kernel) -> Kernel {
+    match dtype {
+        DType::F32 => f32k,
+        DType::BF16 => bf16k,
+        DType::F16 => f16k,
+    }
+}
+
+/// Inverse row norms 1 / max(||v||, 1e-12) (`kernels/norms.cu`).
+fn inv_norms<T: DeviceElem>(dev: &Device, v: &Tensor<T>) -> Result<Tensor<f32>> {
+    Ok(super::norms::row_norms(dev, v)?.1)
+}
+
+/// xh = v / max(||v||, eps) as f32, and the inverse norms.
+fn ref_normalize<T: DeviceElem>(dev: &Device, v: &Tensor<T>) -> Result<(Tensor<f32>, Tensor<f32>)> {
+    let (rows, d) = (v.shape()[0], v.shape()[1]);
+    let mut vh = Tensor::<f32>::zeros(dev, &[rows, d])?;
+    let mut inv = Tensor::<f32>::zeros(dev, &[rows])?;
+    let f = dev.function(dtype_kernel(
+        T::DTYPE,
+        kr::REF_NORMALIZE_FWD_F32,
+        kr::REF_NORMALIZE_FWD_BF16,
+        kr::REF_NORMALIZE_FWD_F16,
+    ))?;
+    let (rows_i, d_i) = (rows as i32, d as i32);
+    let mut bld = dev.stream().launch_builder(&f);
+    bld.arg(v.slice()).arg(vh.slice_mut()).arg(inv.slice_mut()).arg(&rows_i).arg(&d_i);
+    // SAFETY: v holds rows*d T, vh rows*d f32, inv rows f32 (allocated above, no aliasing);
+    // one warp per row, 8 rows per block covers every row once.
+    unsafe { bld.launch(grid1(rows, 8)) }.map_err(cuda_err("head_ref::ref_normalize"))?;
+    Ok((vh, inv))
+}
+
+/// cos [B, C] = xh [B, D] . wh [C, D]^T with cuBLAS SGEMM (column-major view:
+/// cos^T [C, B] = wh^T(op T of the [D, C] view) . xh [D, B]).
+fn cos_gemm(dev: &Device, xh: &Tensor<f32>, wh: &Tensor<f32>, shape: HeadShape) -> Result<Tensor<f32>> {
+    let HeadShape { b, c, d } = shape;
+    let mut cos = Tensor::<f32>::zeros(dev, &[b, c])?;
+    let cfg = GemmConfig {
+        transa: blas_sys::cublasOperation_t::CUBLAS_OP_T,
+        transb: blas_sys::cublasOperation_t::CUBLAS_OP_N,
+        m: c as i32,
+        n: b as i32,
+        k: d as i32,
+        alpha: 1.0f32,
+        lda: d as i32,
+        ldb: d as i32,
+        beta: 0.0f32,
+        ldc: c as i32,
+    };
+    let blas = dev.cublas()?;
+    // SAFETY: wh is [C, D] (lda = D), xh is [B, D] (ldb = D), cos is [B, C] (ldc = C);
+    // all three buffers hold exactly these sizes and are distinct.
+    unsafe { blas.gemm(cfg, wh.slice(), xh.slice(), cos.slice_mut()) }
+        .map_err(blas_err("reference cos GEMM"))?;
+    Ok(cos)
+}
+
+/// dxh [B, D] = dc [B, C] . wh [C, D];  dwh [C, D] = dc^T . xh [B, D] (cuBLAS SGEMM).
+fn grad_gemms(
+    dev: &Device,
+    dc: &Tensor<f32>,
+    xh: &Tensor<f32>,
+    wh: &Tensor<f32>,
+    dxh: &mut Tensor<f32>,
+    dwh: &mut Tensor<f32>,
+    shape: HeadShape,
+) -> Result<()> {
+    let HeadShape { b, c, d } = shape;
+    let blas = dev.cublas()?;
+    let op_n = blas_sys::cublasOperation_t::CUBLAS_OP_N;
+    let op_t = blas_sys::cublasOperation_t::CUBLAS_OP_T;
+    // Column-major: dxh^T [D, B] = wh^T [D, C] . dc^T [C, B].
+    let cfg_x = GemmConfig {
+        transa: op_n,
+        transb: op_n,
+        m: d as i32,
+        n: b as i32,
+        k: c as i32,
+        alpha: 1.0f32,
+        lda: d as i32,
+        ldb: c as i32,
+        beta: 0.0f32,
+        ldc: d as i32,
+    };
+    // SAFETY: wh [C, D] seen as [D, C] col-major (lda = D), dc [B, C] seen as [C, B] (ldb = C),
+    // dxh [B, D] seen as [D, B] (ldc = D); sizes match the allocations, no aliasing.
+    unsafe { blas.gemm(cfg_x, wh.slice(), dc.slice(), dxh.slice_mut()) }
+        .map_err(blas_err("reference dx GEMM"))?;
+    // Column-major: dwh^T [D, C] = xh^T [D, B] . (dc^T [C, B])^T.
+    let cfg_w = GemmConfig {
+        transa: op_n,
+        transb: op_t,
+        m: d as i32,
+        n: c as i32,
+        k: b as i32,
+        alpha: 1.0f32,
+        lda: d as i32,
+        ldb: c as i32,
+        beta: 0.0f32,
+        ldc: d as i32,
+    };
+    // SAFETY: xh [B, D] seen as [D, B] (lda = D), dc [B, C] seen as [C, B] and transposed
+    // (ldb = C), dwh [C, D] seen as [D, C] (ldc = D); sizes match, no aliasing.
+    unsafe { blas.gemm(cfg_w, xh.slice(), dc.slice(), dwh.slice_mut()) }
+        .map_err(blas_err("reference dW GEMM"))?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ref_margin<T: DeviceElem>(
+    dev: &Device,
+    x: &Tensor<T>,
+    w: &Tensor<T>,
+    dl: &CudaSlice<i32>,
+    sigma: &Tensor<f32>,
+    p: HeadParams,
+    out: &mut HeadForward,
+    shape: HeadShape,
+) -> Result<()> {
+    let f = dev.function(dtype_kernel(
+        T::DTYPE,
+        kr::REF_MARGIN_FWD_F32,
+        kr::REF_MARGIN_FWD_BF16,
+        kr::REF_MARGIN_FWD_F16,
+    ))?;
+    let (b, d) = (shape.b as i32, shape.d as i32);
+    let mut bld = dev.stream().launch_builder(&f);
+    bld.arg(x.slice())
+        .arg(w.slice())
+        .arg(dl)
+        .arg(sigma.slice())
+        .arg(&p)
+        .arg(out.c_iy.slice_mut())
+        .arg(out.t.slice_mut())
+        .arg(out.alpha.slice_mut())
+        .arg(out.dt.slice_mut())
+        .arg(&b)
+        .arg(&d);
+    // SAFETY: x is [B, D], w [C, D]; labels, c_iy, t, alpha, dt hold B entries; sigma holds
+    // C entries whenever the cloud is on (checked); labels were checked to be < C.
+    unsafe { bld.launch(grid1(shape.b, THREADS as usize)) }.map_err(cuda_err("head_ref::ref_margin_fwd"))?;
+    Ok(())
+}
+
+fn ref_softmax(
+    dev: &Device,
+    cos: &Tensor<f32>,
+    dl: &CudaSlice<i32>,
+    p: HeadParams,
+    out: &mut HeadForward,
+    shape: HeadShape,
+) -> Result<()> {
+    let f = dev.function(kr::REF_SOFTMAX_FWD_F32)?;
+    let c = shape.c as i32;
+    let cfg =
+        LaunchConfig { grid_dim: (shape.b as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let mut bld = dev.stream().launch_builder(&f);
+    bld.arg(cos.slice())
+        .arg(dl)
+        .arg(out.t.slice())
+        .arg(&p)
+        .arg(out.lse.slice_mut())
+        .arg(out.row_loss.slice_mut())
+        .arg(&c);
+    // SAFETY: one block per row of the [B, C] cos matrix; labels, t, lse, loss hold B entries.
+    unsafe { bld.launch(cfg) }.map_err(cuda_err("head_ref::ref_softmax_fwd_f32"))?;
+    Ok(())
+}
+
+fn reduce_loss(dev: &Device, rows: &Tensor<f32>, scale: f32, out: &mut Tensor<f32>) -> Result<()> {
+    let f = dev.function(kr::HEAD_REDUCE_FWD_F32)?;
+    let b = rows.len() as i32;
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let mut bld = dev.stream().launch_builder(&f);
+    bld.arg(rows.slice()).arg(&b).arg(&scale).arg(out.slice_mut());
+    // SAFETY: rows holds B floats, out one float; a single block reads them all.
+    unsafe { bld.launch(cfg) }.map_err(cuda_err("head_ref::head_reduce_fwd_f32"))?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ref_grad(
+    dev: &Device,
+    cos: &Tensor<f32>,
+    dl: &CudaSlice<i32>,
+    fwd: &HeadForward,
+    row_g: Option<&Tensor<f32>>,
+    g_scale: f32,
+    p: HeadParams,
+    dc: &mut Tensor<f32>,
+    shape: HeadShape,
+) -> Result<()> {
+    let f = dev.function(kr::REF_GRAD_BWD_F32)?;
+    let c = shape.c as i32;
+    let null: u64 = 0;
+    let cfg = LaunchConfig {
+        grid_dim: (shape.c.div_ceil(THREADS as usize) as u32, shape.b as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut bld = dev.stream().launch_builder(&f);
+    bld.arg(cos.slice()).arg(dl).arg(fwd.t.slice()).arg(fwd.dt.slice()).arg(fwd.lse.slice());
+    match row_g {
+        Some(g) => bld.arg(g.slice()),
+        None => bld.arg(&null),
+    };
+    bld.arg(&g_scale).arg(&p).arg(dc.slice_mut()).arg(&c);
+    // SAFETY: cos and dc are [B, C] (grid.y = B <= 65535 checked, grid.x covers C with a
+    // bounds check); labels, t, dt, lse and row_g (or null) hold B entries.
+    unsafe { bld.launch(cfg) }.map_err(cuda_err("head_ref::ref_grad_bwd_f32"))?;
+    Ok(())
+}
+
+fn normback_kernel(dtype: DType, out_f32: bool) -> Kernel {
+    match (dtype, out_f32) {
+        (DType::F32, _) => kr::HEAD_NORMBACK_BWD_F32,
+        (DType::BF16, false) => kr::HEAD_NORMBACK_BWD_BF16,
+        (DType::F16, false) => kr::HEAD_NORMBACK_BWD_F16,
+        (DType::BF16, true) => kr::HEAD_NORMBACK32_BWD_BF16,
+        (DType::F16, true) => kr::HEAD_NORMBACK32_BWD_F16,
+    }
+}
+
+/// out = (g - u (u . g)) * inv with g = sum of `nparts` partials [nparts, rows, d].
+#[allow(clippy::too_many_arguments)]
+fn normback<T: DeviceElem>(
+    dev: &Device,
+    parts: &mut Tensor<f32>,
+    nparts: usize,
+    v: &Tensor<T>,
+    inv: &Tensor<f32>,
+    grad_dtype: GradDtype,
+    rows: usize,
+    d: usize,
+) -> Result<GradTensor<T>> {
+    let out_f32 = grad_dtype == GradDtype::F32 || T::DTYPE == DType::F32;
+    let f = dev.function(normback_kernel(T::DTYPE, out_f32))?;
+    let (np, stride, rows_i, d_i) = (nparts as i32, (rows * d) as i64, rows as i32, d as i32);
+    if out_f32 {
+        let mut out = Tensor::<f32>::zeros(dev, &[rows, d])?;
+        let mut bld = dev.stream().launch_builder(&f);
+        bld.arg(parts.slice_mut()).arg(&np).arg(&stride).arg(v.slice()).arg(inv.slice()).arg(out.slice_mut());
+        bld.arg(&rows_i).arg(&d_i);
+        // SAFETY: parts holds nparts*rows*d f32, v rows*d T, inv rows, out rows*d f32 (distinct
+        // buffers); one warp per row.
+        unsafe { bld.launch(grid1(rows, 8)) }.map_err(cuda_err("head_ref::head_normback (f32 out)"))?;
+        Ok(GradTensor::F32(out))
+    } else {
+        let mut out = Tensor::<T>::zeros(dev, &[rows, d])?;
+        let mut bld = dev.stream().launch_builder(&f);
+        bld.arg(parts.slice_mut()).arg(&np).arg(&stride).arg(v.slice()).arg(inv.slice()).arg(out.slice_mut());
+        bld.arg(&rows_i).arg(&d_i);
+        // SAFETY: as above with out in T; the kernel's TO matches T (kernel picked by T::DTYPE).
+        unsafe { bld.launch(grid1(rows, 8)) }.map_err(cuda_err("head_ref::head_normback (input dtype)"))?;
+        Ok(GradTensor::Input(out))
+    }
+}
+
+/// In-place normalization backward of an f32 gradient buffer [rows, d].
+fn normback_in_place<T: DeviceElem>(
+    dev: &Device,
+    g: &mut Tensor<f32>,
+    v: &Tensor<T>,
+    inv: &Tensor<f32>,
+    rows: usize,
+    d: usize,
+) -> Result<()> {
+    let f = dev.function(normback_kernel(T::DTYPE, true))?;
+    let (np, stride, rows_i, d_i) = (1i32, (rows * d) as i64, rows as i32, d as i32);
+    let null: u64 = 0;
+    let mut bld = dev.stream().launch_builder(&f);
+    bld.arg(g.slice_mut()).arg(&np).arg(&stride).arg(v.slice()).arg(inv.slice()).arg(&null);
+    bld.arg(&rows_i).arg(&d_i);
+    // SAFETY: g holds rows*d f32, v rows*d T, inv rows; out = null makes the kernel write
+    // over g, each element by the thread that read it.
+    unsafe { bld.launch(grid1(rows, 8)) }.map_err(cuda_err("head_ref::head_normback (in place)"))?;
+    Ok(())
+}
+
+/// Whether `fused_*` (16-byte cp.async) can run, else `fused_scalar_*`.
+pub fn fused_vectorized(dtype: DType, d: usize) -> bool {
+    d % (16 / dtype.size()) == 0
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fused_fwd<T: DeviceElem>(
+    dev: &Device,
+    x: &Tensor<T>,
+    w: &Tensor<T>,
+    inv_x: &Tensor<f32>,
+    inv_w: &Tensor<f32>,
+    dl: &CudaSlice<i32>,
+    sigma: &Tensor<f32>,
+    p: HeadParams,
+    part: &mut Tensor<f32>,
+    out: &mut HeadForward,
+    shape: HeadShape,
+    scalar: bool,
+) -> Result<()> {
+    let k = if !scalar && fused_vectorized(T::DTYPE, shape.d) {
+        dtype_kernel(T::DTYPE, kf::FUSED_FWD_F32, kf::FUSED_FWD_BF16, kf::FUSED_FWD_F16)
+    } else {
+        dtype_kernel(T::DTYPE, kf::FUSED_SCALAR_FWD_F32, kf::FUSED_SCALAR_FWD_BF16, kf::FUSED_SCALAR_FWD_F16)
+    };
+    let f = dev.function(k)?;
+    let (b, c, d) = (shape.b as i32, shape.c as i32, shape.d as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (shape.c.div_ceil(FWD_BN) as u32, shape.b.div_ceil(FWD_BM) as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut bld = dev.stream().launch_builder(&f);
+    bld.arg(x.slice())
+        .arg(w.slice())
+        .arg(inv_x.slice())
+        .arg(inv_w.slice())
+        .arg(dl)
+        .arg(sigma.slice())
+        .arg(&p);
+    bld.arg(part.slice_mut())
+        .arg(out.c_iy.slice_mut())
+        .arg(out.t.slice_mut())
+        .arg(out.alpha.slice_mut())
+        .arg(out.dt.slice_mut());
+    bld.arg(&b).arg(&c).arg(&d);
+    // SAFETY: x [B, D], w [C, D] (the VEC kernel only when D is a multiple of the 16-byte
+    // chunk; cudarc buffers are 256-byte aligned), inv_x/labels/outputs [B], inv_w/sigma [C]
+    // (sigma unread when the cloud is off), part [3, n_ct, B] with n_ct = grid.x; every
+    // load is bounds-checked or zero-filled in the kernel; no output aliases an input.
+    unsafe { bld.launch(cfg) }.map_err(cuda_err("head_fused::fused_fwd"))?;
+    Ok(())
+}
+
+fn fused_combine(
+    dev: &Device,
+    part: &Tensor<f32>,
+    n_ct: usize,
+    dl: &CudaSlice<i32>,
+    p: HeadParams,
+    out: &mut HeadForward,
+    shape: HeadShape,
+) -> Result<()> {
+    let f = dev.function(kf::FUSED_COMBINE_FWD_F32)?;
+    let (n_ct_i, b) = (n_ct as i32, shape.b as i32);
+    let mut bld = dev.stream().launch_builder(&f);
+    bld.arg(part.slice()).arg(&n_ct_i).arg(dl).arg(out.t.slice()).arg(&p);
+    bld.arg(out.lse.slice_mut()).arg(out.row_loss.slice_mut()).arg(&b);
+    // SAFETY: part is [3, n_ct, B]; labels, t, lse, loss hold B entries; one warp per row.
+    unsafe { bld.launch(grid1(shape.b, 8)) }.map_err(cuda_err("head_fused::fused_combine_fwd_f32"))?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fused_bwd<T: DeviceElem>(
+    dev: &Device,
+    x: &Tensor<T>,
+    w: &Tensor<T>,
+    inv_x: &Tensor<f32>,
+    inv_w: &Tensor<f32>,
+    dl: &CudaSlice<i32>,
+    fwd: &HeadForward,
+    row_g: Option<&Tensor<f32>>,
+    g_scale: f32,
+    p: HeadParams,
+    dxp: &mut Tensor<f32>,
+    dwh: &mut Tensor<f32>,
+    groups: usize,
+    shape: HeadShape,
+    scalar: bool,
+) -> Result<()> {
+    let k = if !scalar && fused_vectorized(T::DTYPE, shape.d) {
+        dtype_kernel(T::DTYPE, kf::FUSED_BWD_F32, kf::FUSED_BWD_BF16, kf::FUSED_BWD_F16)
+    } else {
+        dtype_kernel(T::DTYPE, kf::FUSED_SCALAR_BWD_F32, kf::FUSED_SCALAR_BWD_BF16, kf::FUSED_SCALAR_BWD_F16)
+    };
+    let f = dev.function(k)?;
+    let smem = bwd_smem_bytes(T::DTYPE);
+    f.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .map_err(cuda_err("head_fused::fused_bwd shared-memory opt-in"))?;
+    let (b, c, d) = (shape.b as i32, shape.c as i32, shape.d as i32);
+    let null: u64 = 0;
+    let cfg =
+        LaunchConfig { grid_dim: (groups as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem };
+    let mut bld = dev.stream().launch_builder(&f);
+    bld.arg(x.slice()).arg(w.slice()).arg(inv_x.slice()).arg(inv_w.slice()).arg(dl);
+    bld.arg(fwd.t.slice()).arg(fwd.dt.slice()).arg(fwd.lse.slice());
+    match row_g {
+        Some(g) => bld.arg(g.slice()),
+        None => bld.arg(&null),
+    };
+    bld.arg(&g_scale).arg(&p).arg(dxp.slice_mut()).arg(dwh.slice_mut()).arg(&b).arg(&c).arg(&d);
+    // SAFETY: x [B, D], w [C, D], per-row inputs [B], inv_w [C]; dxp holds groups*B*D and
+    // dwh C*D zero-initialized f32 (distinct buffers); CTA g writes only dxp[g] and the dwh
+    // rows of its class tiles; the dynamic smem size is the one the kernel was written for.
+    unsafe { bld.launch(cfg) }.map_err(cuda_err("head_fused::fused_bwd"))?;
+    Ok(())
+}

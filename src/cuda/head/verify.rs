@@ -1,0 +1,380 @@
+//! The CUDA head checked against the CPU oracle (SPEC section 8): problem
+//! generation, error measures and `featcloud smoke`'s [`smoke`].
+//!
+//! Problems are adversarial on purpose: most rows sit near their class weight
+//! (peaked logits, not flat ones), one row points away from it (the linear
+//! fallback), one lies within ~0.05 rad of it (saturated when m2 < 0), labels 0 and C-1
+//! occur, and every fifth row can be ignored. Inputs are rounded to the device
+//! dtype before the oracle sees them.
+
+use super::{FusedTuning, GradDtype, GradTensor, HeadOn, HeadPath, HeadUpstream};
+use crate::check::HeadShape;
+use crate::config::{CloudMode, DType, Fallback, HeadConfig, MarginGrad, Reduction};
+use crate::cuda::{Device, DeviceElem, SmokeLine, Tensor};
+use crate::error::Result;
+use crate::oracle::head::{self as oracle, HeadProblem, Upstream};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// One head call's host inputs (already rounded to the device dtype).
+#[derive(Clone, Debug)]
+pub struct Problem {
+    /// B, C, D.
+    pub shape: HeadShape,
+    /// Storage dtype the values were rounded to.
+    pub dtype: DType,
+    /// x [B, D].
+    pub x: Vec<f32>,
+    /// W [C, D].
+    pub w: Vec<f32>,
+    /// y [B].
+    pub labels: Vec<i32>,
+    /// sigma_cloud [C].
+    pub sigma: Vec<f32>,
+    /// Per-row upstream gradient [B] (used with `Reduction::None`).
+    pub row_g: Vec<f32>,
+    /// Philox seed.
+    pub seed: u64,
+    /// Philox step.
+    pub step: u64,
+}
+
+/// Builds a problem at `shape` (see the module docs); `ignore` marks every fifth row ignored.
+pub fn make_problem(shape: HeadShape, dtype: DType, ignore: bool, seed: u64) -> Problem {
+    let HeadShape { b, c, d } = shape;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let w: Vec<f32> = (0..c * d).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let mut labels: Vec<i32> = (0..b).map(|_| rng.random_range(0..c as i32)).collect();
+    if b > 2 {
+        labels[2] = 0;
+    }
+    if b > 3 {
+        labels[3] = c as i32 - 1;
+    }
+    let mut x = vec![0.0f32; b * d];
+    for i in 0..b {
+        let y = labels[i] as usize;
+        let wy = &w[y * d..(y + 1) * d];
+        let xi = &mut x[i * d..(i + 1) * d];
+        match i {
+            // Opposite the class weight: theta ~ pi, the linear-fallback region.
+            0 if b > 1 => xi.iter_mut().zip(wy).for_each(|(a, &v)| *a = -v),
+            // Close to the class weight: theta ~ 0.05 (saturated when m2 < 0).
+            1 => {
+                for (k, v) in xi.iter_mut().enumerate() {
+                    *v = wy[k] + 0.05 * rng.random_range(-1.0f32..1.0);
+                }
+            }
+            _ => {
+                let a: f32 = rng.random_range(0.0..1.5);
+                for (k, v) in xi.iter_mut().enumerate() {
+                    *v = a * wy[k] + rng.random_range(-1.0f32..1.0);
+                }
+            }
+        }
+    }
+    if ignore {
+        for i in (4..b).step_by(5) {
+            labels[i] = -1;
+        }
+    }
+    let sigma: Vec<f32> =
+        (0..c).map(|j| if j % 3 == 0 { 0.0 } else { rng.random_range(0.0f32..0.3) }).collect();
+    let row_g: Vec<f32> = (0..b).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    Problem {
+        shape,
+        dtype,
+        x: x.into_iter().map(|v| dtype.round(v)).collect(),
+        w: w.into_iter().map(|v| dtype.round(v)).collect(),
+        labels,
+        sigma,
+        row_g,
+        seed: seed ^ 0x5eed,
+        step: 3,
+    }
+}
+
+/// Tolerances of SPEC section 8 for a storage dtype: (loss and lse relative, gradient
+/// max-abs relative to max |gradient|).
+pub fn tolerances(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::F32 => (1e-5, 1e-4),
+        DType::BF16 | DType::F16 => (2e-3, 1e-2),
+    }
+}
+
+/// Host copies of one CUDA head call's outputs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceResult {
+    /// Reduced loss.
+    pub loss: f32,
+    /// loss_i, lse_i, c_iy, t_i, alpha_i [B].
+    pub rows: [Vec<f32>; 5],
+    /// dx [B, D] as f32.
+    pub dx: Vec<f32>,
+    /// dW [C, D] as f32.
+    pub dw: Vec<f32>,
+}
+
+/// Runs forward+backward of `path` on `p` and copies everything back.
+pub fn run_device(
+    dev: &Device,
+    path: HeadPath,
+    cfg: &HeadConfig,
+    p: &Problem,
+    grad: GradDtype,
+) -> Result<DeviceResult> {
+    run_device_tuned(dev, path, cfg, p, grad, FusedTuning::default())
+}
+
+/// As [`run_device`] with the fused dispatcher's choices overridden.
+pub fn run_device_tuned(
+    dev: &Device,
+    path: HeadPath,
+    cfg: &HeadConfig,
+    p: &Problem,
+    grad: GradDtype,
+    tuning: FusedTuning,
+) -> Result<DeviceResult> {
+    match p.dtype {
+        DType::F32 => run_typed::<f32>(dev, path, cfg, p, grad, 0, tuning),
+        DType::BF16 => run_typed::<half::bf16>(dev, path, cfg, p, grad, 0, tuning),
+        DType::F16 => run_typed::<half::f16>(dev, path, cfg, p, grad, 0, tuning),
+    }
+}
+
+/// As [`run_device`], with every input buffer followed by `pad` NaNs that a correct
+/// kernel never reads (a stray read turns the outputs non-finite).
+pub fn run_device_poisoned(
+    dev: &Device,
+    path: HeadPath,
+    cfg: &HeadConfig,
+    p: &Problem,
+    grad: GradDtype,
+    pad: usize,
+) -> Result<DeviceResult> {
+    match p.dtype {
+        DType::F32 => run_typed::<f32>(dev, path, cfg, p, grad, pad, FusedTuning::default()),
+        DType::BF16 => run_typed::<half::bf16>(dev, path, cfg, p, grad, pad, FusedTuning::default()),
+        DType::F16 => run_typed::<half::f16>(dev, path, cfg, p, grad, pad, FusedTuning::default()),
+    }
+}
+
+fn padded<T: DeviceElem>(dev: &Device, v: &[f32], shape: &[usize], pad: usize) -> Result<Tensor<T>> {
+    let mut host: Vec<T> = v.iter().map(|&a| T::from_f32(a)).collect();
+    host.resize(host.len() + pad, T::from_f32(f32::NAN));
+    let buf = dev.stream().clone_htod(&host).map_err(crate::cuda::cuda_err("upload"))?;
+    Tensor::from_slice(buf, shape)
+}
+
+fn run_typed<T: DeviceElem>(
+    dev: &Device,
+    path: HeadPath,
+    cfg: &HeadConfig,
+    p: &Problem,
+    grad: GradDtype,
+    pad: usize,
+    tuning: FusedTuning,
+) -> Result<DeviceResult> {
+    let HeadShape { b, c, d } = p.shape;
+    let head = HeadOn::new(dev, *cfg, path)?.with_tuning(tuning);
+    let x = padded::<T>(dev, &p.x, &[b, d], pad)?;
+    let w = padded::<T>(dev, &p.w, &[c, d], pad)?;
+    let sigma = padded::<f32>(dev, &p.sigma, &[c], pad)?;
+    let row_g = padded::<f32>(dev, &p.row_g, &[b], pad)?;
+    let up = match cfg.reduction {
+        Reduction::None => HeadUpstream::PerRow(&row_g),
+        _ => HeadUpstream::Scalar(1.0),
+    };
+    let (fwd, grads) = head.forward_backward(&x, &w, &p.labels, &sigma, p.seed, p.step, up, grad)?;
+    let host = |t: &Tensor<f32>| t.to_host(dev);
+    let dx = grads.dx.to_f32_host(dev)?;
+    let dw = grads.dw.to_f32_host(dev)?;
+    if grad == GradDtype::F32 {
+        debug_assert!(matches!(grads.dx, GradTensor::F32(_)));
+    }
+    Ok(DeviceResult {
+        loss: fwd.loss,
+        rows: [host(&fwd.row_loss)?, host(&fwd.lse)?, host(&fwd.c_iy)?, host(&fwd.t)?, host(&fwd.alpha)?],
+        dx,
+        dw,
+    })
+}
+
+/// Errors of a device result against the oracle, each normalised as SPEC 8 does.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Comparison {
+    /// |loss - loss_o| / max(|loss_o|, 1e-3).
+    pub loss_rel: f64,
+    /// max_i |lse_i - lse_o,i| / max(|lse_o,i|, 1), also over the row losses.
+    pub lse_rel: f64,
+    /// max abs error of c_iy, t_i and alpha_i.
+    pub row_abs: f64,
+    /// max |dx - dx_o| / max |dx_o|.
+    pub dx_rel: f64,
+    /// max |dW - dW_o| / max |dW_o|.
+    pub dw_rel: f64,
+    /// Every device output is finite.
+    pub finite: bool,
+}
+
+impl Comparison {
+    /// Worst forward error relative to its tolerance (<= 1 passes).
+    pub fn forward_ratio(&self, dtype: DType) -> f64 {
+        let (lt, _) = tolerances(dtype);
+        (self.loss_rel / lt).max(self.lse_rel / lt).max(self.row_abs / lt.max(1e-4))
+    }
+
+    /// Worst gradient error relative to its tolerance (<= 1 passes).
+    pub fn backward_ratio(&self, dtype: DType) -> f64 {
+        let (_, gt) = tolerances(dtype);
+        self.dx_rel.max(self.dw_rel) / gt
+    }
+
+    /// Both within tolerance and all outputs finite.
+    pub fn passed(&self, dtype: DType) -> bool {
+        self.finite && self.forward_ratio(dtype) <= 1.0 && self.backward_ratio(dtype) <= 1.0
+    }
+}
+
+fn max_abs(v: impl Iterator<Item = f64>) -> f64 {
+    v.fold(0.0, |m, a| if a.is_nan() { f64::INFINITY } else { m.max(a.abs()) })
+}
+
+fn grad_rel(dev: &[f32], o: &[f64]) -> f64 {
+    let scale = max_abs(o.iter().copied());
+    let err = max_abs(dev.iter().zip(o).map(|(&a, &b)| a as f64 - b));
+    if scale == 0.0 {
+        err
+    } else {
+        err / scale
+    }
+}
+
+/// Compares a device result with the oracle for `cfg` and `p`.
+pub fn compare_with_oracle(cfg: &HeadConfig, p: &Problem, r: &DeviceResult) -> Result<Comparison> {
+    let hp = HeadProblem {
+        shape: p.shape,
+        x: &p.x,
+        w: &p.w,
+        labels: &p.labels,
+        sigma_cloud: &p.sigma,
+        seed: p.seed,
+        step: p.step,
+    };
+    let fo = oracle::forward(cfg, &hp)?;
+    let row_g: Vec<f64> = p.row_g.iter().map(|&g| g as f64).collect();
+    let up = match cfg.reduction {
+        Reduction::None => Upstream::PerRow(&row_g),
+        _ => Upstream::Scalar(1.0),
+    };
+    let go = oracle::backward(cfg, &hp, up)?;
+    let finite = r.loss.is_finite()
+        && r.rows.iter().all(|v| v.iter().all(|a| a.is_finite()))
+        && r.dx.iter().all(|a| a.is_finite())
+        && r.dw.iter().all(|a| a.is_finite());
+    let loss_rel = (r.loss as f64 - fo.loss).abs() / fo.loss.abs().max(1e-3);
+    let o = &fo.rows;
+    let lse_rel = max_abs((0..p.shape.b).flat_map(|i| {
+        let den = o.lse[i].abs().max(1.0);
+        [(r.rows[1][i] as f64 - o.lse[i]) / den, (r.rows[0][i] as f64 - o.loss[i]) / den]
+    }));
+    let row_abs = max_abs((0..p.shape.b).flat_map(|i| {
+        [r.rows[2][i] as f64 - o.c_iy[i], r.rows[3][i] as f64 - o.t[i], r.rows[4][i] as f64 - o.alpha[i]]
+    }));
+    Ok(Comparison {
+        loss_rel: if loss_rel.is_nan() { f64::INFINITY } else { loss_rel },
+        lse_rel,
+        row_abs,
+        dx_rel: grad_rel(&r.dx, &go.dx),
+        dw_rel: grad_rel(&r.dw, &go.dw),
+        finite,
+    })
+}
+
+/// Largest relative difference between two device results (fused vs reference at
+/// sizes the CPU oracle cannot reach): (forward, gradients) normalised as [`Comparison`].
+pub fn compare_results(a: &DeviceResult, b: &DeviceResult) -> (f64, f64) {
+    let fl = (a.loss as f64 - b.loss as f64).abs() / (b.loss as f64).abs().max(1e-3);
+    let lse = max_abs(
+        a.rows[1].iter().zip(&b.rows[1]).map(|(&u, &v)| (u as f64 - v as f64) / (v as f64).abs().max(1.0)),
+    );
+    let rel = |x: &[f32], y: &[f32]| {
+        let yy: Vec<f64> = y.iter().map(|&v| v as f64).collect();
+        grad_rel(x, &yy)
+    };
+    (fl.max(lse), rel(&a.dx, &b.dx).max(rel(&a.dw, &b.dw)))
+}
+
+/// Named option sets the checks sweep.
+pub fn option_sets() -> Vec<(&'static str, HeadConfig)> {
+    vec![
+        ("arcface symmetric mean", HeadConfig::arcface()),
+        (
+            "cosface one_sided sum ls=0.1",
+            HeadConfig {
+                cloud: CloudMode::OneSided,
+                reduction: Reduction::Sum,
+                label_smoothing: 0.1,
+                ..HeadConfig::cosface()
+            },
+        ),
+        (
+            "combined off none clamp straight_through",
+            HeadConfig {
+                cloud: CloudMode::Off,
+                reduction: Reduction::None,
+                fallback: Fallback::Clamp,
+                margin_grad: MarginGrad::StraightThrough,
+                ..HeadConfig::combined()
+            },
+        ),
+        (
+            "saturated m2=-0.3 s=30",
+            HeadConfig { m2: -0.3, s: 30.0, cloud: CloudMode::Off, ..HeadConfig::arcface() },
+        ),
+    ]
+}
+
+/// Every head path x dtype x option set at small sizes (plus a D that routes to the
+/// scalar fallback kernels) against the CPU oracle: one line for the forward and one
+/// for the gradients of each.
+pub fn smoke(dev: &Device) -> Result<Vec<SmokeLine>> {
+    let mut lines = Vec::new();
+    let shapes = [HeadShape { b: 37, c: 300, d: 64 }, HeadShape { b: 5, c: 129, d: 13 }];
+    for path in HeadPath::ALL {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for (name, cfg) in option_sets() {
+                for (k, &shape) in shapes.iter().enumerate() {
+                    if k == 1 && name != "arcface symmetric mean" {
+                        continue;
+                    }
+                    let p = make_problem(shape, dtype, true, 17 + k as u64);
+                    let r = run_device(dev, path, &cfg, &p, GradDtype::Input)?;
+                    let cmp = compare_with_oracle(&cfg, &p, &r)?;
+                    let (lt, gt) = tolerances(dtype);
+                    let opts = format!("{name}; B={} C={} D={}", shape.b, shape.c, shape.d);
+                    let fr = cmp.forward_ratio(dtype) * lt;
+                    let br = cmp.backward_ratio(dtype) * gt;
+                    lines.push(SmokeLine {
+                        kernel: format!("head_{} fwd", path.name()),
+                        dtype: dtype.name().into(),
+                        options: opts.clone(),
+                        max_err: fr,
+                        tolerance: lt,
+                        passed: cmp.finite && fr <= lt,
+                    });
+                    lines.push(SmokeLine {
+                        kernel: format!("head_{} bwd", path.name()),
+                        dtype: dtype.name().into(),
+                        options: opts,
+                        max_err: br,
+                        tolerance: gt,
+                        passed: cmp.finite && br <= gt,
+                    });
+                }
+            }
+        }
+    }
+    Ok(lines)
+}

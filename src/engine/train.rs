@@ -1,0 +1,472 @@
+//! The model (embedding MLP + margin head), one training step in the LEAP
+//! order of SPEC section 5, and the loop around it.
+//!
+//! Model: `x [B, F] -> h = relu(x W1^T + b1) [B, H] -> e = h W2^T + b2 [B, D]`,
+//! then the head W [C, D] on e. Step t:
+//! 1. sigma_cloud [C] from the current class statistics (0 during the warm-up);
+//! 2. head forward + backward with that cloud at RNG (seed, t);
+//! 3. statistics update with this batch's detached embeddings (EMA centers) or
+//!    its target angles (class-weight centers);
+//! 4. MLP backward;
+//! 5. optimizer step with the scheduled learning rate.
+//!
+//! Everything a step reads is a function of (config, data, step, state), and the
+//! state is saved whole in checkpoints, so k steps + resume == one straight run,
+//! bitwise.
+
+use crate::check::HeadShape;
+use crate::config::{CloudMode, HeadConfig, StatsConfig};
+use crate::data::Dataset;
+use crate::engine::backend::{Activation, Backend, Gemm, OptimStep};
+use crate::engine::checkpoint::{Checkpoint, NamedTensor};
+use crate::engine::optim::OptimizerConfig;
+use crate::engine::sampler::Sampler;
+use crate::error::{Error, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// Everything that defines a training run (saved in checkpoints).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Seed of model init, sampler and cloud RNG.
+    pub seed: u64,
+    /// Passes over the training set.
+    pub epochs: u64,
+    /// Rows per step.
+    pub batch_size: usize,
+    /// Hidden width H of the MLP.
+    pub hidden: usize,
+    /// Embedding dimension D.
+    pub embed_dim: usize,
+    /// Margin head options.
+    pub head: HeadConfig,
+    /// LEAP statistics options (class counts are filled from the training set).
+    pub stats: StatsConfig,
+    /// Optimizer and learning-rate schedule.
+    pub optim: OptimizerConfig,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            epochs: 30,
+            batch_size: 128,
+            hidden: 256,
+            embed_dim: 64,
+            head: HeadConfig::default(),
+            stats: StatsConfig::default(),
+            optim: OptimizerConfig::default(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks every option for `num_classes` classes.
+    pub fn validate(&self, num_classes: usize) -> Result<()> {
+        for (name, v) in [("--epochs", self.epochs as usize), ("--batch-size", self.batch_size)] {
+            if v == 0 {
+                return Err(Error::InvalidConfig(format!("{name} must be > 0")));
+            }
+        }
+        for (name, v) in [("--hidden", self.hidden), ("--embed-dim", self.embed_dim)] {
+            if v == 0 {
+                return Err(Error::InvalidConfig(format!("{name} must be > 0")));
+            }
+        }
+        self.head.validate()?;
+        self.stats.validate(num_classes)?;
+        self.optim.validate()
+    }
+}
+
+/// What one step reports.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepInfo {
+    /// 0-based index of the step just taken.
+    pub step: u64,
+    /// Total steps of the run.
+    pub total_steps: u64,
+    /// Batch loss.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f32,
+    /// Rows in the batch.
+    pub rows: usize,
+    /// Largest sigma_cloud used this step (0 when the cloud is off or warming up).
+    pub max_sigma: f32,
+}
+
+/// One learnable tensor with its gradient and optimizer state.
+struct Param<B: Backend> {
+    name: &'static str,
+    shape: Vec<usize>,
+    value: B::Buf,
+    grad: B::Buf,
+    state: Vec<B::Buf>,
+    decay: bool,
+}
+
+const W1: usize = 0;
+const B1: usize = 1;
+const W2: usize = 2;
+const B2: usize = 3;
+const HEAD: usize = 4;
+const PARAM_NAMES: [&str; 5] = ["mlp.w1", "mlp.b1", "mlp.w2", "mlp.b2", "head.w"];
+
+/// FNV-1a over the training labels and feature bits: resuming on other data is an error.
+pub fn fingerprint(ds: &Dataset) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |v: u32| {
+        for b in v.to_le_bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    eat(ds.n as u32);
+    eat(ds.f as u32);
+    eat(ds.num_classes as u32);
+    ds.labels.iter().for_each(|&y| eat(y as u32));
+    ds.features.iter().for_each(|&x| eat(x.to_bits()));
+    h
+}
+
+/// Standard normal draws (Box-Muller on ChaCha8), for the weight init.
+fn normals(rng: &mut ChaCha8Rng, n: usize, std: f64) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let u1: f64 = 1.0 - rng.random::<f64>();
+            let u2: f64 = rng.random::<f64>();
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+        })
+        .collect()
+}
+
+/// The training state on a backend: model, optimizer state, class statistics, step.
+pub struct Trainer<'b, B: Backend> {
+    backend: &'b B,
+    cfg: TrainConfig,
+    input_dim: usize,
+    num_classes: usize,
+    n_train: usize,
+    fingerprint: u64,
+    params: Vec<Param<B>>,
+    stats: B::Stats,
+    sampler: Sampler,
+    step: u64,
+    total_steps: u64,
+}
+
+impl<'b, B: Backend> Trainer<'b, B> {
+    /// A fresh model for `train` (seeded init), with the class counts of `train`
+    /// as the statistics' N_k.
+    pub fn new(backend: &'b B, mut cfg: TrainConfig, train: &Dataset) -> Result<Self> {
+        if train.n == 0 {
+            return Err(Error::Empty("training set has no rows".into()));
+        }
+        cfg.stats.class_counts = Some(train.class_counts());
+        cfg.validate(train.num_classes)?;
+        let (f, h, d, c) = (train.f, cfg.hidden, cfg.embed_dim, train.num_classes);
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let init: [(Vec<usize>, Vec<f32>, bool); 5] = [
+            (vec![h, f], normals(&mut rng, h * f, (2.0 / f as f64).sqrt()), true),
+            (vec![h], vec![0.0; h], false),
+            (vec![d, h], normals(&mut rng, d * h, (1.0 / h as f64).sqrt()), true),
+            (vec![d], vec![0.0; d], false),
+            (vec![c, d], normals(&mut rng, c * d, 1.0), true),
+        ];
+        let mut params = Vec::with_capacity(5);
+        for (name, (shape, value, decay)) in PARAM_NAMES.iter().zip(init) {
+            let len = value.len();
+            let state =
+                (0..cfg.optim.kind.state_count()).map(|_| backend.zeros(len)).collect::<Result<Vec<_>>>()?;
+            params.push(Param {
+                name,
+                shape,
+                value: backend.upload(&value)?,
+                grad: backend.zeros(len)?,
+                state,
+                decay,
+            });
+        }
+        let stats = backend.stats_new(c, d, &cfg.stats)?;
+        let sampler = Sampler::new(train.n, cfg.batch_size, cfg.seed);
+        let total_steps = cfg.epochs * sampler.steps_per_epoch();
+        Ok(Self {
+            backend,
+            input_dim: f,
+            num_classes: c,
+            n_train: train.n,
+            fingerprint: fingerprint(train),
+            params,
+            stats,
+            sampler,
+            step: 0,
+            total_steps,
+            cfg,
+        })
+    }
+
+    /// The run's configuration (with the class counts filled in).
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    /// Steps taken so far.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Steps of the whole run (epochs x batches per epoch).
+    pub fn total_steps(&self) -> u64 {
+        self.total_steps
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        self.backend
+    }
+
+    /// Embedding dimension D.
+    pub fn embed_dim(&self) -> usize {
+        self.cfg.embed_dim
+    }
+
+    /// Number of classes C.
+    pub fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    fn check_data(&self, train: &Dataset) -> Result<()> {
+        if train.f != self.input_dim || train.num_classes != self.num_classes || train.n != self.n_train {
+            return Err(Error::Shape(format!(
+                "training data is [{} x {}] with {} classes, the model expects [{} x {}] with {} classes",
+                train.n, train.f, train.num_classes, self.n_train, self.input_dim, self.num_classes
+            )));
+        }
+        if fingerprint(train) != self.fingerprint {
+            return Err(Error::InvalidConfig(
+                "training data differs from the data this run started on (fingerprint mismatch)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// MLP forward of `x` [rows, F]: returns (h [rows, H], e [rows, D]).
+    fn mlp_forward(&self, x: &B::Buf, rows: usize) -> Result<(B::Buf, B::Buf)> {
+        let be = self.backend;
+        let (f, h, d) = (self.input_dim, self.cfg.hidden, self.cfg.embed_dim);
+        let p = &self.params;
+        let mut hid = be.zeros(rows * h)?;
+        let g1 = Gemm { trans_a: false, trans_b: true, m: rows, n: h, k: f, alpha: 1.0, beta: 0.0 };
+        be.gemm(g1, x, &p[W1].value, &mut hid)?;
+        be.bias_act_forward(&mut hid, &p[B1].value, Activation::Relu)?;
+        let mut emb = be.zeros(rows * d)?;
+        let g2 = Gemm { trans_a: false, trans_b: true, m: rows, n: d, k: h, alpha: 1.0, beta: 0.0 };
+        be.gemm(g2, &hid, &p[W2].value, &mut emb)?;
+        be.bias_act_forward(&mut emb, &p[B2].value, Activation::Identity)?;
+        Ok((hid, emb))
+    }
+
+    /// One training step on `train` (SPEC section 5 order).
+    pub fn train_step(&mut self, train: &Dataset) -> Result<StepInfo> {
+        let be = self.backend;
+        let (f, hdim, d, c) = (self.input_dim, self.cfg.hidden, self.cfg.embed_dim, self.num_classes);
+        let step = self.step;
+        let idx = self.sampler.batch(step);
+        let rows = idx.len();
+        let mut xs = Vec::with_capacity(rows * f);
+        let mut labels = Vec::with_capacity(rows);
+        for &i in &idx {
+            xs.extend_from_slice(train.row(i));
+            labels.push(train.labels[i]);
+        }
+        let x = be.upload(&xs)?;
+        let (hid, emb) = self.mlp_forward(&x, rows)?;
+
+        // 1. The cloud from the statistics as they are before this batch.
+        let mut sigma = be.zeros(c)?;
+        let mut max_sigma = 0.0f32;
+        if self.cfg.head.cloud != CloudMode::Off {
+            be.stats_cloud_sigma(&self.stats, &mut sigma)?;
+            max_sigma = be.download(&sigma)?.into_iter().fold(0.0, f32::max);
+        }
+        // 2. Head forward + backward at RNG (seed, step).
+        let mut demb = be.zeros(rows * d)?;
+        let shape = HeadShape { b: rows, c, d };
+        let (head_w, rest) =
+            self.params.split_last_mut().ok_or_else(|| Error::Empty("no parameters".into()))?;
+        let out = be.head_forward_backward(
+            &self.cfg.head,
+            shape,
+            &emb,
+            &head_w.value,
+            &labels,
+            &sigma,
+            self.cfg.seed,
+            step,
+            &mut demb,
+            &mut head_w.grad,
+        )?;
+        if !out.loss.is_finite() {
+            return Err(Error::NonFinite { what: format!("training loss at step {step}"), index: 0 });
+        }
+        // 3. Statistics with this batch (detached embeddings / target cosines).
+        be.stats_update(&mut self.stats, &emb, &labels, &out.c_iy)?;
+
+        // 4. MLP backward.
+        let [w1, b1, w2, b2] = rest else { return Err(Error::Empty("parameter list".into())) };
+        be.bias_act_backward(&mut demb, &emb, &mut b2.grad, Activation::Identity)?;
+        let gw2 = Gemm { trans_a: true, trans_b: false, m: d, n: hdim, k: rows, alpha: 1.0, beta: 0.0 };
+        be.gemm(gw2, &demb, &hid, &mut w2.grad)?;
+        let mut dhid = be.zeros(rows * hdim)?;
+        let gh = Gemm { trans_a: false, trans_b: false, m: rows, n: hdim, k: d, alpha: 1.0, beta: 0.0 };
+        be.gemm(gh, &demb, &w2.value, &mut dhid)?;
+        be.bias_act_backward(&mut dhid, &hid, &mut b1.grad, Activation::Relu)?;
+        let gw1 = Gemm { trans_a: true, trans_b: false, m: hdim, n: f, k: rows, alpha: 1.0, beta: 0.0 };
+        be.gemm(gw1, &dhid, &x, &mut w1.grad)?;
+
+        // 5. Optimizer.
+        let lr = self.cfg.optim.lr_at(step, self.total_steps);
+        for p in self.params.iter_mut() {
+            let hp = OptimStep {
+                lr,
+                weight_decay: if p.decay { self.cfg.optim.weight_decay } else { 0.0 },
+                t: step + 1,
+            };
+            be.optimizer_step(&self.cfg.optim, hp, &mut p.value, &p.grad, &mut p.state)?;
+        }
+        self.step += 1;
+        Ok(StepInfo { step, total_steps: self.total_steps, loss: out.loss, lr, rows, max_sigma })
+    }
+
+    /// Trains until `until` steps (capped at the run's total), calling `on_step` after each.
+    pub fn run(&mut self, train: &Dataset, until: u64, mut on_step: impl FnMut(&StepInfo)) -> Result<()> {
+        self.check_data(train)?;
+        let until = until.min(self.total_steps);
+        while self.step < until {
+            let info = self.train_step(train)?;
+            on_step(&info);
+        }
+        Ok(())
+    }
+
+    /// Embeddings [n, D] of `features` [n, F] (no cloud, no gradient), in chunks.
+    pub fn embed(&self, features: &[f32]) -> Result<Vec<f32>> {
+        let f = self.input_dim;
+        if features.len() % f != 0 {
+            return Err(Error::Shape(format!(
+                "features have {} values, not a multiple of F = {f}",
+                features.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(features.len() / f * self.cfg.embed_dim);
+        for chunk in features.chunks(1024 * f) {
+            let x = self.backend.upload(chunk)?;
+            let (_, emb) = self.mlp_forward(&x, chunk.len() / f)?;
+            out.extend(self.backend.download(&emb)?);
+        }
+        Ok(out)
+    }
+
+    /// Head weights W [C, D] on the host.
+    pub fn head_weights(&self) -> Result<Vec<f32>> {
+        self.backend.download(&self.params[HEAD].value)
+    }
+
+    /// Every parameter on the host, (name, shape, values), in a fixed order.
+    pub fn parameters(&self) -> Result<Vec<NamedTensor>> {
+        self.params
+            .iter()
+            .map(|p| {
+                Ok(NamedTensor {
+                    name: p.name.to_string(),
+                    shape: p.shape.clone(),
+                    data: self.backend.download(&p.value)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The whole training state as a checkpoint.
+    pub fn to_checkpoint(&self) -> Result<Checkpoint> {
+        let mut optim = Vec::new();
+        for p in &self.params {
+            for (i, s) in p.state.iter().enumerate() {
+                optim.push(NamedTensor {
+                    name: format!("optim.{}.{i}", p.name),
+                    shape: p.shape.clone(),
+                    data: self.backend.download(s)?,
+                });
+            }
+        }
+        // Sorted by name, the order in which a loaded checkpoint lists them.
+        optim.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut params = self.parameters()?;
+        params.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Checkpoint {
+            config: self.cfg.clone(),
+            step: self.step,
+            total_steps: self.total_steps,
+            input_dim: self.input_dim,
+            num_classes: self.num_classes,
+            n_train: self.n_train,
+            fingerprint: self.fingerprint,
+            params,
+            optim,
+            stats: self.backend.stats_export(&self.stats)?,
+        })
+    }
+
+    /// Restores a run from a checkpoint; `train` must be the data it was trained on.
+    pub fn from_checkpoint(backend: &'b B, ck: &Checkpoint, train: &Dataset) -> Result<Self> {
+        if (ck.n_train, ck.input_dim, ck.num_classes) != (train.n, train.f, train.num_classes) {
+            return Err(Error::Shape(format!(
+                "the checkpoint was trained on {} rows x {} features with {} classes, this training data is {} x {} with {}",
+                ck.n_train, ck.input_dim, ck.num_classes, train.n, train.f, train.num_classes
+            )));
+        }
+        let mut t = Self::new(backend, ck.config.clone(), train)?;
+        if ck.fingerprint != t.fingerprint {
+            return Err(Error::InvalidConfig(
+                "the training data has the checkpoint's shape but other values than the data it was trained on".into(),
+            ));
+        }
+        if ck.step > t.total_steps {
+            return Err(Error::InvalidConfig(format!(
+                "checkpoint step {} > total steps {}",
+                ck.step, t.total_steps
+            )));
+        }
+        for p in t.params.iter_mut() {
+            let src = ck
+                .params
+                .iter()
+                .find(|n| n.name == p.name)
+                .ok_or_else(|| Error::InvalidConfig(format!("checkpoint has no tensor {}", p.name)))?;
+            if src.shape != p.shape {
+                return Err(Error::Shape(format!(
+                    "checkpoint tensor {} has shape {:?}, expected {:?}",
+                    p.name, src.shape, p.shape
+                )));
+            }
+            p.value = backend.upload(&src.data)?;
+            for (i, s) in p.state.iter_mut().enumerate() {
+                let name = format!("optim.{}.{i}", p.name);
+                let src = ck
+                    .optim
+                    .iter()
+                    .find(|n| n.name == name)
+                    .ok_or_else(|| Error::InvalidConfig(format!("checkpoint has no tensor {name}")))?;
+                if src.data.len() != backend.len(s) {
+                    return Err(Error::Shape(format!("checkpoint tensor {name} has the wrong size")));
+                }
+                *s = backend.upload(&src.data)?;
+            }
+        }
+        t.stats = backend.stats_import(&ck.stats, &t.cfg.stats)?;
+        t.step = ck.step;
+        Ok(t)
+    }
+}

@@ -1,0 +1,277 @@
+//! The `featcloud` binary on bad inputs (one-line error, non-zero exit, no panic,
+//! no partial output) and a tiny `train` on .npy files, resumed from its checkpoint.
+
+use featcloud::data::{save_npy_f32, save_npy_i64};
+use featcloud::engine::Checkpoint;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_featcloud");
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).env("RAYON_NUM_THREADS", "2").output().expect("the binary runs")
+}
+
+/// Asserts a clean failure: exit code non-zero (not a panic's 101), exactly one
+/// stderr line starting with `error:` that contains every `needles`.
+fn assert_clean_error(out: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should fail; stderr: {err}");
+    assert_ne!(out.status.code(), Some(101), "panicked: {err}");
+    let lines: Vec<&str> =
+        err.lines().filter(|l| !l.trim().is_empty() && !l.starts_with("backend:")).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "error line lacks '{n}': {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// A small long-tailed dataset: 6 classes, 8 features, blobs around class means.
+fn write_data(dir: &Path) -> (PathBuf, PathBuf) {
+    let (c, f) = (6usize, 8usize);
+    let counts = [40, 30, 20, 12, 8, 5];
+    let mut x = Vec::new();
+    let mut y = Vec::new();
+    let mut state = 12345u64;
+    let mut rnd = || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((state >> 33) as f64 / (1u64 << 31) as f64 - 0.5) as f32
+    };
+    for (k, &count) in counts.iter().enumerate() {
+        for _ in 0..count {
+            for j in 0..f {
+                let mean = if j % c == k { 2.0 } else { 0.0 };
+                x.push(mean + rnd());
+            }
+            y.push(k as i64);
+        }
+    }
+    let n = y.len();
+    let xp = dir.join("x.npy");
+    let yp = dir.join("y.npy");
+    save_npy_f32(&xp, &x, &[n, f]).unwrap();
+    save_npy_i64(&yp, &y).unwrap();
+    (xp, yp)
+}
+
+const TINY: &[&str] = &[
+    "--epochs",
+    "3",
+    "--batch-size",
+    "16",
+    "--hidden",
+    "16",
+    "--embed-dim",
+    "8",
+    "--warmup-steps",
+    "3",
+    "--lr-warmup",
+    "2",
+    "--threshold",
+    "20",
+    "--scale",
+    "16",
+    "--backend",
+    "cpu",
+];
+
+fn train_args<'a>(x: &'a str, y: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["train", "--features", x, "--labels", y, "--out", out];
+    v.extend_from_slice(TINY);
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn bad_inputs_give_one_line_errors_and_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let (x, y) = write_data(dir.path());
+    let (xs, ys) = (x.to_str().unwrap(), y.to_str().unwrap());
+    let out = dir.path().join("out");
+    let outs = out.to_str().unwrap();
+
+    // Missing file.
+    let missing = dir.path().join("missing.npy");
+    let o = run(&train_args(missing.to_str().unwrap(), ys, outs, &[]));
+    assert_clean_error(&o, &["missing.npy"]);
+
+    // Corrupt .npy.
+    let corrupt = dir.path().join("corrupt.npy");
+    std::fs::write(&corrupt, b"\x93NUMPY garbage that is not a header").unwrap();
+    let o = run(&train_args(corrupt.to_str().unwrap(), ys, outs, &[]));
+    assert_clean_error(&o, &["corrupt.npy"]);
+
+    // Labels out of range for --num-classes.
+    let o = run(&train_args(xs, ys, outs, &["--num-classes", "4"]));
+    assert_clean_error(&o, &["label"]);
+
+    // Labels / features length mismatch.
+    let short = dir.path().join("short.npy");
+    save_npy_i64(&short, &[0, 1, 2]).unwrap();
+    let o = run(&train_args(xs, short.to_str().unwrap(), outs, &[]));
+    assert_clean_error(&o, &[]);
+
+    // NaN in the features.
+    let nan = dir.path().join("nan.npy");
+    save_npy_f32(&nan, &[0.0, 1.0, f32::NAN, 2.0], &[2, 2]).unwrap();
+    let two = dir.path().join("two.npy");
+    save_npy_i64(&two, &[0, 1]).unwrap();
+    let o = run(&train_args(nan.to_str().unwrap(), two.to_str().unwrap(), outs, &[]));
+    assert_clean_error(&o, &["nan.npy"]);
+
+    // Unknown flag values and bad numbers.
+    let o = run(&["compare", "--cloud", "banana"]);
+    assert_clean_error(&o, &["--cloud", "banana"]);
+    let o = run(&["train", "--backend", "tpu"]);
+    assert_clean_error(&o, &["--backend"]);
+    let o = run(&["train", "--epochs", "many"]);
+    assert_clean_error(&o, &["--epochs"]);
+    let o = run(&train_args(xs, ys, outs, &["--label-smoothing", "1.5"]));
+    assert_clean_error(&o, &["label smoothing"]);
+    let o = run(&train_args(xs, ys, outs, &["--batch-size", "0"]));
+    assert_clean_error(&o, &["--batch-size"]);
+    let o = run(&["train", "--no-such-flag"]);
+    assert_clean_error(&o, &["--no-such-flag"]);
+
+    // A corrupt checkpoint for --resume and for eval.
+    let bad_ck = dir.path().join("bad.safetensors");
+    std::fs::write(&bad_ck, b"not a checkpoint").unwrap();
+    let o = run(&train_args(xs, ys, outs, &["--resume", bad_ck.to_str().unwrap()]));
+    assert_clean_error(&o, &["bad.safetensors"]);
+    let o = run(&["eval", "--checkpoint", bad_ck.to_str().unwrap(), "--features", xs, "--labels", ys]);
+    assert_clean_error(&o, &["bad.safetensors"]);
+
+    // --backend cuda on a machine without a usable CUDA training backend.
+    let o = run(&[
+        "train",
+        "--features",
+        xs,
+        "--labels",
+        ys,
+        "--out",
+        outs,
+        "--epochs",
+        "1",
+        "--backend",
+        "cuda",
+    ]);
+    if !o.status.success() {
+        assert_clean_error(&o, &["--backend cuda"]);
+    }
+
+    assert!(!out.exists(), "a failed command left output behind");
+}
+
+#[test]
+fn train_on_npy_resumes_exactly_and_evals() {
+    let dir = tempfile::tempdir().unwrap();
+    let (x, y) = write_data(dir.path());
+    let (xs, ys) = (x.to_str().unwrap(), y.to_str().unwrap());
+    let straight = dir.path().join("straight");
+    let o = run(&train_args(xs, ys, straight.to_str().unwrap(), &[]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(straight.join("metrics.json")).unwrap()).unwrap();
+    assert!(metrics["eval"]["top1_overall"].as_f64().unwrap() > 0.3, "{metrics}");
+    let full = Checkpoint::load(&straight.join("checkpoint.safetensors")).unwrap();
+    assert_eq!(full.step, full.total_steps);
+
+    // Stop part-way, then resume from the checkpoint (model flags come from it).
+    let part = dir.path().join("part");
+    let o = run(&train_args(xs, ys, part.to_str().unwrap(), &["--stop-at", "5"]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ck = part.join("checkpoint.safetensors");
+    assert_eq!(Checkpoint::load(&ck).unwrap().step, 5);
+    let resumed = dir.path().join("resumed");
+    let o = run(&train_args(xs, ys, resumed.to_str().unwrap(), &["--resume", ck.to_str().unwrap()]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let again = Checkpoint::load(&resumed.join("checkpoint.safetensors")).unwrap();
+    assert!(again.params == full.params, "resumed weights differ from the straight run");
+    assert!(again.optim == full.optim && again.stats == full.stats);
+
+    // Resuming on other data is a clean error.
+    let other = dir.path().join("other.npy");
+    let n = full.n_train + (full.n_train as f64 * 0.25).round() as usize; // any other size
+    save_npy_f32(&other, &vec![0.5; n * 8], &[n, 8]).unwrap();
+    let labels = dir.path().join("other_y.npy");
+    save_npy_i64(&labels, &(0..n as i64).map(|i| i % 6).collect::<Vec<_>>()).unwrap();
+    let o = run(&train_args(
+        other.to_str().unwrap(),
+        labels.to_str().unwrap(),
+        dir.path().join("o").to_str().unwrap(),
+        &["--resume", ck.to_str().unwrap()],
+    ));
+    assert_clean_error(&o, &["--resume"]);
+
+    // eval on the checkpoint.
+    let json = dir.path().join("eval.json");
+    let o = run(&[
+        "eval",
+        "--checkpoint",
+        straight.join("checkpoint.safetensors").to_str().unwrap(),
+        "--features",
+        xs,
+        "--labels",
+        ys,
+        "--json",
+        json.to_str().unwrap(),
+        "--backend",
+        "cpu",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("top-1") && json.exists(), "{stdout}");
+}
+
+#[test]
+fn tiny_compare_writes_table_json_and_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cmp");
+    let o = run(&[
+        "compare",
+        "--out",
+        out.to_str().unwrap(),
+        "--classes",
+        "12",
+        "--max-per-class",
+        "60",
+        "--imbalance",
+        "20",
+        "--open-classes",
+        "4",
+        "--open-per-class",
+        "6",
+        "--test-per-class",
+        "5",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--hidden",
+        "32",
+        "--embed-dim",
+        "8",
+        "--warmup-steps",
+        "5",
+        "--threshold",
+        "20",
+        "--backend",
+        "cpu",
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for row in [
+        "top-1 overall",
+        "few-shot",
+        "open-set Rank-1",
+        "mAP",
+        "TPR@FPR=1e-3",
+        "head angular std",
+        "tail angular std",
+    ] {
+        assert!(stdout.contains(row), "table lacks '{row}':\n{stdout}");
+    }
+    assert!(out.join("metrics.json").exists() && out.join("angular_std.png").exists());
+}

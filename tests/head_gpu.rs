@@ -1,0 +1,303 @@
+//! The CUDA head (reference and fused paths) against the CPU oracle (SPEC section 8),
+//! fused against reference at sizes too large for the oracle, determinism, and
+//! NaN-poisoned padding.
+//!
+//! Tests that need a GPU get it from `featcloud::cuda::test_device()`: without one
+//! they print "skipped" and pass (with FEATCLOUD_REQUIRE_GPU=1 they fail instead).
+//! The tests whose names start with `cpu_` check host-side pieces and always run.
+
+use featcloud::check::HeadShape;
+use featcloud::config::{CloudMode, DType, HeadConfig};
+use featcloud::cuda::head::verify::{
+    compare_results, compare_with_oracle, make_problem, option_sets, run_device, run_device_poisoned,
+    run_device_tuned, tolerances, Problem,
+};
+use featcloud::cuda::head::{
+    fused_vectorized, workspace_for, FusedTuning, GradDtype, HeadPath, HeadUpstream,
+};
+use featcloud::cuda::{test_device, Device, Tensor};
+use featcloud::oracle::head::{forward, HeadProblem, Region};
+use featcloud::Error;
+
+const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+fn hp(p: &Problem) -> HeadProblem<'_> {
+    HeadProblem {
+        shape: p.shape,
+        x: &p.x,
+        w: &p.w,
+        labels: &p.labels,
+        sigma_cloud: &p.sigma,
+        seed: p.seed,
+        step: p.step,
+    }
+}
+
+/// Runs one case on one path and asserts it is within SPEC 8 tolerances, printing the errors.
+fn check_case(dev: &Device, path: HeadPath, name: &str, cfg: &HeadConfig, p: &Problem, grad: GradDtype) {
+    let r = run_device(dev, path, cfg, p, grad).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let c = compare_with_oracle(cfg, p, &r).unwrap();
+    let s = p.shape;
+    println!(
+        "{:<9} {:<5} B={:<5} C={:<6} D={:<5} {:<42} loss {:.2e} lse {:.2e} rows {:.2e} dx {:.2e} dW {:.2e}",
+        path.name(),
+        p.dtype.name(),
+        s.b,
+        s.c,
+        s.d,
+        name,
+        c.loss_rel,
+        c.lse_rel,
+        c.row_abs,
+        c.dx_rel,
+        c.dw_rel
+    );
+    assert!(
+        c.passed(p.dtype),
+        "{} {} {name} at {s:?}: {c:?} (tolerances {:?})",
+        path.name(),
+        p.dtype.name(),
+        tolerances(p.dtype)
+    );
+}
+
+#[test]
+fn oracle_shapes_every_path_and_dtype() {
+    let Some(dev) = test_device() else { return };
+    // SPEC 8: B = 1, odd B, B not a multiple of a tile; C = 1, C < tile, class-tile
+    // remainders; D = 1, 8, not a multiple of 8 (scalar route), 512, 2048.
+    let shapes = [
+        HeadShape { b: 1, c: 1, d: 1 },
+        HeadShape { b: 1, c: 7, d: 8 },
+        HeadShape { b: 37, c: 1, d: 8 },
+        HeadShape { b: 37, c: 300, d: 13 },
+        HeadShape { b: 130, c: 129, d: 64 },
+        HeadShape { b: 65, c: 257, d: 512 },
+        HeadShape { b: 9, c: 131, d: 2048 },
+        HeadShape { b: 6, c: 93_431, d: 8 },
+    ];
+    let cfg = HeadConfig::arcface();
+    for path in HeadPath::ALL {
+        for dtype in DTYPES {
+            for (k, &shape) in shapes.iter().enumerate() {
+                let p = make_problem(shape, dtype, true, 100 + k as u64);
+                check_case(&dev, path, "arcface", &cfg, &p, GradDtype::Input);
+            }
+        }
+    }
+}
+
+#[test]
+fn oracle_every_option_set() {
+    let Some(dev) = test_device() else { return };
+    for path in HeadPath::ALL {
+        for dtype in DTYPES {
+            for (name, cfg) in option_sets() {
+                for (k, shape) in [HeadShape { b: 37, c: 300, d: 64 }, HeadShape { b: 21, c: 140, d: 30 }]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let p = make_problem(shape, dtype, true, 7 + k as u64);
+                    check_case(&dev, path, name, &cfg, &p, GradDtype::Input);
+                    check_case(&dev, path, name, &cfg, &p, GradDtype::F32);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_every_dispatcher_choice() {
+    // Sweep what the dispatcher may pick: backward CTA counts G (1, a few, one per class
+    // tile) and the element-load kernels at a D where cp.async would be chosen.
+    let Some(dev) = test_device() else { return };
+    let cfg = HeadConfig::default();
+    for dtype in DTYPES {
+        let p = make_problem(HeadShape { b: 150, c: 700, d: 72 }, dtype, true, 31);
+        let base = run_device(&dev, HeadPath::Fused, &cfg, &p, GradDtype::Input).unwrap();
+        for g in [1, 2, 3, 6] {
+            for scalar_loads in [false, true] {
+                let tuning = FusedTuning { backward_ctas: Some(g), scalar_loads };
+                let r = run_device_tuned(&dev, HeadPath::Fused, &cfg, &p, GradDtype::Input, tuning).unwrap();
+                let c = compare_with_oracle(&cfg, &p, &r).unwrap();
+                assert!(c.passed(dtype), "{} {tuning:?}: {c:?}", dtype.name());
+                // The forward does not depend on G, and the load kernels do not change any value.
+                assert_eq!(
+                    r.loss.to_bits(),
+                    base.loss.to_bits(),
+                    "{} {tuning:?}: loss changed",
+                    dtype.name()
+                );
+                // dW sums each class tile's row tiles in the same order whatever G is.
+                assert_eq!(r.dw, base.dw, "{} {tuning:?}: dW changed", dtype.name());
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_matches_reference_at_face_shapes() {
+    let Some(dev) = test_device() else { return };
+    let cfg = HeadConfig::arcface();
+    for (k, shape) in [HeadShape { b: 512, c: 93_431, d: 512 }, HeadShape { b: 256, c: 360_232, d: 512 }]
+        .into_iter()
+        .enumerate()
+    {
+        for dtype in [DType::BF16, DType::F32] {
+            let p = make_problem(shape, dtype, true, 900 + k as u64);
+            let f = run_device(&dev, HeadPath::Fused, &cfg, &p, GradDtype::F32).unwrap();
+            let r = run_device(&dev, HeadPath::Reference, &cfg, &p, GradDtype::F32).unwrap();
+            let (fe, ge) = compare_results(&f, &r);
+            let (lt, gt) = tolerances(dtype);
+            println!("fused vs reference {} {shape:?}: forward {fe:.2e} (tol {lt:.0e}), grads {ge:.2e} (tol {gt:.0e})", dtype.name());
+            assert!(fe <= lt && ge <= gt, "fused and reference disagree at {shape:?} {}", dtype.name());
+        }
+    }
+}
+
+#[test]
+fn two_runs_are_bitwise_equal() {
+    let Some(dev) = test_device() else { return };
+    let cfg = HeadConfig::default();
+    for path in HeadPath::ALL {
+        for dtype in DTYPES {
+            let p = make_problem(HeadShape { b: 200, c: 1000, d: 136 }, dtype, true, 5);
+            let a = run_device(&dev, path, &cfg, &p, GradDtype::Input).unwrap();
+            let b = run_device(&dev, path, &cfg, &p, GradDtype::Input).unwrap();
+            assert!(a.loss.to_bits() == b.loss.to_bits(), "{} {}: loss differs", path.name(), dtype.name());
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for k in 0..5 {
+                assert_eq!(
+                    bits(&a.rows[k]),
+                    bits(&b.rows[k]),
+                    "{} {}: row output {k} differs",
+                    path.name(),
+                    dtype.name()
+                );
+            }
+            assert_eq!(bits(&a.dx), bits(&b.dx), "{} {}: dx differs", path.name(), dtype.name());
+            assert_eq!(bits(&a.dw), bits(&b.dw), "{} {}: dW differs", path.name(), dtype.name());
+        }
+    }
+}
+
+#[test]
+fn nan_poisoned_padding_is_never_read() {
+    let Some(dev) = test_device() else { return };
+    let cfg = HeadConfig::default();
+    for path in HeadPath::ALL {
+        for dtype in DTYPES {
+            for shape in [HeadShape { b: 33, c: 131, d: 40 }, HeadShape { b: 33, c: 131, d: 13 }] {
+                let p = make_problem(shape, dtype, true, 77);
+                let r = run_device_poisoned(&dev, path, &cfg, &p, GradDtype::Input, 4096).unwrap();
+                let c = compare_with_oracle(&cfg, &p, &r).unwrap();
+                assert!(
+                    c.finite,
+                    "{} {} {shape:?}: a NaN from the padding reached the outputs",
+                    path.name(),
+                    dtype.name()
+                );
+                assert!(c.passed(dtype), "{} {} {shape:?}: {c:?}", path.name(), dtype.name());
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_inputs_are_rejected_before_any_launch() {
+    let Some(dev) = test_device() else { return };
+    let head =
+        featcloud::cuda::head::CudaHead::new(dev.clone(), HeadConfig::default(), HeadPath::Fused).unwrap();
+    let x = Tensor::<f32>::zeros(&dev, &[4, 8]).unwrap();
+    let w = Tensor::<f32>::zeros(&dev, &[5, 8]).unwrap();
+    let w_bad = Tensor::<f32>::zeros(&dev, &[5, 9]).unwrap();
+    let sigma = Tensor::<f32>::zeros(&dev, &[5]).unwrap();
+    let sigma_bad = Tensor::<f32>::zeros(&dev, &[4]).unwrap();
+    assert!(matches!(
+        head.forward(&x, &w, &[0, 1, 5, 2], &sigma, 1, 1),
+        Err(Error::LabelOutOfRange { row: 2, .. })
+    ));
+    assert!(matches!(head.forward(&x, &w_bad, &[0, 1, 2, 3], &sigma, 1, 1), Err(Error::Shape(_))));
+    assert!(matches!(head.forward(&x, &w, &[0, 1, 2], &sigma, 1, 1), Err(Error::Shape(_))));
+    assert!(matches!(head.forward(&x, &w, &[0, 1, 2, 3], &sigma_bad, 1, 1), Err(Error::Shape(_))));
+    let g = Tensor::<f32>::zeros(&dev, &[4]).unwrap();
+    let r = head.forward_backward(
+        &x,
+        &w,
+        &[0, 1, 2, 3],
+        &sigma,
+        1,
+        1,
+        HeadUpstream::PerRow(&g),
+        GradDtype::Input,
+    );
+    assert!(
+        matches!(r, Err(Error::InvalidConfig(_))),
+        "mean reduction with a per-row upstream must be refused"
+    );
+}
+
+#[test]
+fn cpu_problems_hit_every_target_region() {
+    // The generator must put rows in all three target-logit regions (SPEC 8).
+    let shape = HeadShape { b: 37, c: 300, d: 64 };
+    let mut seen = std::collections::HashSet::new();
+    for (name, cfg) in option_sets() {
+        let p = make_problem(shape, DType::BF16, true, 7);
+        let out = forward(&cfg, &hp(&p)).unwrap();
+        let regions: std::collections::HashSet<_> = out.rows.region.iter().copied().collect();
+        println!("{name}: {regions:?}");
+        seen.extend(regions);
+    }
+    for r in [Region::Regular, Region::Fallback, Region::Saturated, Region::Ignored] {
+        assert!(seen.contains(&r), "no row in region {r:?}");
+    }
+}
+
+#[test]
+fn cpu_scalar_route_is_taken_when_d_is_not_a_chunk_multiple() {
+    assert!(fused_vectorized(DType::BF16, 512));
+    assert!(!fused_vectorized(DType::BF16, 13));
+    assert!(!fused_vectorized(DType::F16, 12));
+    assert!(fused_vectorized(DType::F32, 12));
+    assert!(!fused_vectorized(DType::F32, 1));
+}
+
+#[test]
+fn cpu_fused_workspace_is_never_b_times_c() {
+    // SPEC 9: below Cut Cross-Entropy's extra memory (MiB) at each peer shape, on an H200 (132 SMs).
+    let cce = [
+        ((64, 2048, 751), 15.0),
+        ((512, 512, 93_431), 461.0),
+        ((1024, 512, 360_232), 1762.0),
+        ((2048, 512, 1_000_000), 4889.0),
+    ];
+    for ((b, d, c), mib) in cce {
+        let shape = HeadShape { b, c, d };
+        let fused = workspace_for(HeadPath::Fused, shape, DType::BF16, GradDtype::Input, 132);
+        let reference = workspace_for(HeadPath::Reference, shape, DType::BF16, GradDtype::Input, 132);
+        let peak = fused.forward.max(fused.backward) as f64 / (1 << 20) as f64;
+        println!(
+            "{shape:?}: fused {peak:.1} MiB, reference {:.1} MiB, CCE {mib} MiB",
+            reference.backward as f64 / (1 << 20) as f64
+        );
+        assert!(peak < mib, "fused workspace {peak:.1} MiB at {shape:?} is not below {mib} MiB");
+    }
+    // With an f32 gradient the dW accumulator is the output itself.
+    let s = HeadShape { b: 512, c: 93_431, d: 512 };
+    let a = workspace_for(HeadPath::Fused, s, DType::BF16, GradDtype::F32, 132);
+    let b = workspace_for(HeadPath::Fused, s, DType::BF16, GradDtype::Input, 132);
+    assert!(a.backward < b.backward);
+}
+
+#[test]
+fn cloud_off_accepts_any_sigma_length() {
+    let Some(dev) = test_device() else { return };
+    let cfg = HeadConfig { cloud: CloudMode::Off, ..HeadConfig::default() };
+    let head = featcloud::cuda::head::CudaHead::new(dev.clone(), cfg, HeadPath::Fused).unwrap();
+    let x = Tensor::<f32>::from_f32(&dev, &[1.0, 0.0, 0.0, 1.0], &[2, 2]).unwrap();
+    let w = Tensor::<f32>::from_f32(&dev, &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0], &[3, 2]).unwrap();
+    let sigma = Tensor::<f32>::zeros(&dev, &[1]).unwrap();
+    let f = head.forward(&x, &w, &[0, 1], &sigma, 0, 0).unwrap();
+    assert!(f.loss.is_finite());
+}
