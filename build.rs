@@ -22,7 +22,8 @@ use std::path::{Path, PathBuf};
 /// Portable PTX target, and the archs we ship cubins for.
 const PTX_ARCH: u32 = 80;
 const CUBIN_ARCHS: [u32; 4] = [80, 86, 89, 90];
-const NVRTC_HINT: &str = "install it with `python3 -m venv .venv && .venv/bin/pip install nvidia-cuda-nvrtc-cu12==12.9.86` \
+const NVRTC_HINT: &str =
+    "install it with `python3 -m venv .venv && .venv/bin/pip install nvidia-cuda-nvrtc-cu12==12.9.86` \
 (or set NVRTC_PATH / CUDA_HOME), then rebuild";
 
 type NvrtcProgram = *mut std::ffi::c_void;
@@ -290,7 +291,11 @@ fn main() {
                     cubins.push((arch, f));
                     let table = parse_ptxas_log(log);
                     for e in &src.entries {
-                        let r = table.iter().find(|(n, _)| n == &e.name).map(|(_, r)| r.clone()).unwrap_or_default();
+                        let r = table
+                            .iter()
+                            .find(|(n, _)| n == &e.name)
+                            .map(|(_, r)| r.clone())
+                            .unwrap_or_default();
                         writeln!(
                             resources,
                             "    KernelResources {{ module: {:?}, kernel: {:?}, arch: {arch}, registers: {}, spill_stores: {}, spill_loads: {}, stack_bytes: {}, shared_bytes: {}, hot: {} }},",
@@ -305,8 +310,10 @@ fn main() {
             Some(f) => format!("include_str!({:?})", f.display().to_string()),
             None => "\"\"".to_string(),
         };
-        let cubin_expr: Vec<String> =
-            cubins.iter().map(|(a, f)| format!("({a}, include_bytes!({:?}) as &[u8])", f.display().to_string())).collect();
+        let cubin_expr: Vec<String> = cubins
+            .iter()
+            .map(|(a, f)| format!("({a}, include_bytes!({:?}) as &[u8])", f.display().to_string()))
+            .collect();
         writeln!(gen, "/// Kernels of `kernels/{}`.", src.file_name).unwrap();
         writeln!(gen, "pub mod {} {{", src.stem).unwrap();
         writeln!(gen, "    use super::{{Kernel, Module}};").unwrap();
@@ -319,7 +326,13 @@ fn main() {
         )
         .unwrap();
         for e in &src.entries {
-            writeln!(gen, "    /// Entry point `{}`{}.", e.name, if e.hot { " (hot: must not spill)" } else { "" }).unwrap();
+            writeln!(
+                gen,
+                "    /// Entry point `{}`{}.",
+                e.name,
+                if e.hot { " (hot: must not spill)" } else { "" }
+            )
+            .unwrap();
             writeln!(
                 gen,
                 "    pub const {}: Kernel = Kernel {{ module: &MODULE, name: {:?} }};",
@@ -332,7 +345,11 @@ fn main() {
         module_list.push(format!("&{}::MODULE", src.stem));
     }
     let (built, version, nvrtc_path) = match &nvrtc {
-        Some(nv) => (true, format!("Some(({}, {}))", nv.version.0, nv.version.1), format!("{:?}", nv.path.display().to_string())),
+        Some(nv) => (
+            true,
+            format!("Some(({}, {}))", nv.version.0, nv.version.1),
+            format!("{:?}", nv.path.display().to_string()),
+        ),
         None => (false, "None".to_string(), "\"\"".to_string()),
     };
     if let Some(nv) = &nvrtc {
@@ -386,7 +403,8 @@ fn scan_entries(text: &str) -> Vec<Entry> {
         let rest = strip_launch_bounds(&rest);
         let Some(vpos) = rest.find(" void ") else { continue };
         let after = &rest[vpos + 6..];
-        let name: String = after.trim_start().chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+        let name: String =
+            after.trim_start().chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
         if name.is_empty() {
             continue;
         }

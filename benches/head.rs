@@ -14,7 +14,11 @@ use featcloud::{cpu, oracle, HeadConfig};
 use std::time::Duration;
 
 fn fill(n: usize, seed: u32) -> Vec<f32> {
-    (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / (1 << 24) as f32 - 0.5).collect()
+    (0..n)
+        .map(|i| {
+            ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / (1 << 24) as f32 - 0.5
+        })
+        .collect()
 }
 
 fn gpu(c: &mut Criterion, dev: std::sync::Arc<Device>) {
@@ -30,8 +34,17 @@ fn gpu(c: &mut Criterion, dev: std::sync::Arc<Device>) {
             let head = CudaHead::new(dev.clone(), cfg, path).unwrap();
             group.bench_with_input(BenchmarkId::new(path.name(), s.name), &(), |bch, _| {
                 bch.iter(|| {
-                    head.forward_backward(&x, &w, &labels, &sigma, 1, 2, HeadUpstream::Scalar(1.0), GradDtype::Input)
-                        .unwrap();
+                    head.forward_backward(
+                        &x,
+                        &w,
+                        &labels,
+                        &sigma,
+                        1,
+                        2,
+                        HeadUpstream::Scalar(1.0),
+                        GradDtype::Input,
+                    )
+                    .unwrap();
                     dev.synchronize().unwrap();
                 })
             });
@@ -51,11 +64,27 @@ fn cpu_vs_oracle(c: &mut Criterion) {
         let sigma = vec![0.05f32; cl];
         let name = format!("{b}x{d}x{cl}");
         group.bench_function(BenchmarkId::new("cpu_backend", &name), |bch| {
-            let p = cpu::head::HeadProblem { shape, x: &x, w: &w, labels: &labels, sigma_cloud: &sigma, seed: 1, step: 2 };
+            let p = cpu::head::HeadProblem {
+                shape,
+                x: &x,
+                w: &w,
+                labels: &labels,
+                sigma_cloud: &sigma,
+                seed: 1,
+                step: 2,
+            };
             bch.iter(|| cpu::head::forward_backward(&cfg, &p, cpu::head::Upstream::Scalar(1.0)).unwrap())
         });
         group.bench_function(BenchmarkId::new("oracle", &name), |bch| {
-            let p = oracle::head::HeadProblem { shape, x: &x, w: &w, labels: &labels, sigma_cloud: &sigma, seed: 1, step: 2 };
+            let p = oracle::head::HeadProblem {
+                shape,
+                x: &x,
+                w: &w,
+                labels: &labels,
+                sigma_cloud: &sigma,
+                seed: 1,
+                step: 2,
+            };
             bch.iter(|| {
                 oracle::head::forward(&cfg, &p).unwrap();
                 oracle::head::backward(&cfg, &p, oracle::head::Upstream::Scalar(1.0)).unwrap()

@@ -18,7 +18,10 @@ impl HeadShape {
     pub fn check_nonempty(&self) -> Result<()> {
         for (name, v) in [("B", self.b), ("C", self.c), ("D", self.d)] {
             if v == 0 {
-                return Err(Error::Empty(format!("{name} = 0 (shape B={}, C={}, D={})", self.b, self.c, self.d)));
+                return Err(Error::Empty(format!(
+                    "{name} = 0 (shape B={}, C={}, D={})",
+                    self.b, self.c, self.d
+                )));
             }
         }
         Ok(())

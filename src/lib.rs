@@ -14,7 +14,9 @@ pub mod config;
 pub mod error;
 pub mod oracle;
 
-pub use config::{CenterMode, CloudMode, DType, Fallback, HeadConfig, MarginGrad, Reduction, Split, StatsConfig};
+pub use config::{
+    CenterMode, CloudMode, DType, Fallback, HeadConfig, MarginGrad, Reduction, Split, StatsConfig,
+};
 pub use error::{Error, Result};
 pub mod cli;
 pub mod cpu;

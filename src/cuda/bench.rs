@@ -71,7 +71,9 @@ pub fn measure_extra_memory(dev: &Device, f: impl FnOnce() -> Result<()>) -> Res
     let mut pool: cu::CUmemoryPool = std::ptr::null_mut();
     let ordinal = dev.info().ordinal as cu::CUdevice;
     // SAFETY: queries the device's default pool into a valid out-pointer.
-    unsafe { cu::cuDeviceGetDefaultMemPool(&mut pool, ordinal) }.result().map_err(cuda_err("default pool"))?;
+    unsafe { cu::cuDeviceGetDefaultMemPool(&mut pool, ordinal) }
+        .result()
+        .map_err(cuda_err("default pool"))?;
     let attr = |a: cu::CUmemPool_attribute| -> Result<u64> {
         let mut v: u64 = 0;
         // SAFETY: USED_MEM_* attributes are u64 (cuuint64_t) values.
@@ -125,7 +127,12 @@ pub fn gemm<T: DeviceElem>(
     let cols_a = if trans_a { m } else { k };
     let rows_b = if trans_b { n } else { k };
     let cols_b = if trans_b { k } else { n };
-    if lda < rows_a || ldb < rows_b || ldc < m || a.len() < lda * cols_a || b.len() < ldb * cols_b || c.len() < ldc * n
+    if lda < rows_a
+        || ldb < rows_b
+        || ldc < m
+        || a.len() < lda * cols_a
+        || b.len() < ldb * cols_b
+        || c.len() < ldc * n
     {
         return Err(Error::Shape(format!("gemm operands too small for m={m} n={n} k={k}")));
     }
@@ -200,18 +207,36 @@ impl<T: DeviceElem> ThreeGemm<T> {
         let (b, c, d) = (self.b, self.c, self.d);
         // Row-major M is column-major M^T: see each call's shape in column-major terms.
         gemm(dev, true, false, (c, b, d), self.w.slice(), d, self.x.slice(), d, self.logits.slice_mut(), c)?;
-        gemm(dev, false, false, (d, b, c), self.w.slice(), d, self.logits.slice(), c, self.dx.slice_mut(), d)?;
+        gemm(
+            dev,
+            false,
+            false,
+            (d, b, c),
+            self.w.slice(),
+            d,
+            self.logits.slice(),
+            c,
+            self.dx.slice_mut(),
+            d,
+        )?;
         gemm(dev, false, true, (d, c, b), self.x.slice(), d, self.logits.slice(), c, self.dw.slice_mut(), d)?;
         Ok(())
     }
 }
 
 /// Square n x n x n GEMM throughput in TFLOP/s (2 n^3 / time), the chip's measured peak.
-pub fn gemm_peak_tflops<T: DeviceElem>(dev: &Device, n: usize, warmup: usize, reps: usize) -> Result<(f64, Timing)> {
+pub fn gemm_peak_tflops<T: DeviceElem>(
+    dev: &Device,
+    n: usize,
+    warmup: usize,
+    reps: usize,
+) -> Result<(f64, Timing)> {
     let a = Tensor::<T>::from_f32(dev, &vec![0.01; n * n], &[n, n])?;
     let bm = Tensor::<T>::from_f32(dev, &vec![0.02; n * n], &[n, n])?;
     let mut cm = Tensor::<T>::zeros(dev, &[n, n])?;
     let mut timer = Timer::new(dev)?;
-    let t = timer.time(warmup, reps, || gemm(dev, false, false, (n, n, n), a.slice(), n, bm.slice(), n, cm.slice_mut(), n))?;
+    let t = timer.time(warmup, reps, || {
+        gemm(dev, false, false, (n, n, n), a.slice(), n, bm.slice(), n, cm.slice_mut(), n)
+    })?;
     Ok((2.0 * (n as f64).powi(3) / (t.median_ms * 1e-3) / 1e12, t))
 }

@@ -202,8 +202,9 @@ impl Device {
             if !unsafe { cudarc::cublas::sys::is_culib_present() } {
                 return Err("the cuBLAS library (libcublas.so) was not found".into());
             }
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| CudaBlas::new(self.stream.clone())))
-            {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                CudaBlas::new(self.stream.clone())
+            })) {
                 Ok(Ok(b)) => Ok(b),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err("cuBLAS failed to load".into()),
