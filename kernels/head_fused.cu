@@ -201,6 +201,15 @@ template <typename T> __host__ __device__ constexpr int bwd_smem_bytes() {
 static_assert(bwd_smem_bytes<bf16_t>() == 65536, "keep src/cuda/head.rs in sync");
 static_assert(bwd_smem_bytes<float>() == 98304, "keep src/cuda/head.rs in sync");
 
+// dc * (inverse norm) as a tensor-core operand. f16 saturates at +-65504 instead of rounding
+// to inf: a zero row (or one of norm below ~1e-3) has an inverse norm up to 1e12, and inf times
+// that row's zeros would put NaN into every product of the tile (a zero feature row would turn
+// all of dW into NaN). bf16 and f32 have the range of f32, so they convert plainly.
+template <typename T> __device__ __forceinline__ T to_operand(float v) { return from_f32<T>(v); }
+template <> __device__ __forceinline__ f16_t to_operand<f16_t>(float v) {
+    return from_f32<f16_t>(fminf(fmaxf(v, -65504.0f), 65504.0f));
+}
+
 template <typename T, bool VEC>
 __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ inv_x,
                                           const float* __restrict__ inv_w, const int* __restrict__ labels,
@@ -275,8 +284,8 @@ __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __re
                                 dc = s_w[rl] * p.s * (pr - qq);
                                 if (tgt) dc *= s_dt[rl];
                             }
-                            sDx[rl * DP + cl] = from_f32<T>(dc * s_invw[cl]);
-                            sDw[rl * DP + cl] = from_f32<T>(dc * s_invx[rl]);
+                            sDx[rl * DP + cl] = to_operand<T>(dc * s_invw[cl]);
+                            sDw[rl * DP + cl] = to_operand<T>(dc * s_invx[rl]);
                         }
                 }
             // (the first __syncthreads below, after the chunk load, publishes sDx / sDw)

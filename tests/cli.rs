@@ -259,9 +259,12 @@ fn tiny_compare_writes_table_json_and_plot() {
         "20",
         "--backend",
         "cpu",
+        "--seeds",
+        "2",
     ]);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("mean of 2 seeds") && stdout.contains("/2"), "{stdout}");
     for row in [
         "top-1 overall",
         "few-shot",
@@ -274,4 +277,18 @@ fn tiny_compare_writes_table_json_and_plot() {
         assert!(stdout.contains(row), "table lacks '{row}':\n{stdout}");
     }
     assert!(out.join("metrics.json").exists() && out.join("angular_std.png").exists());
+    // Two paired runs per arm, and a summary row per metric whose means match the runs.
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("metrics.json")).unwrap()).unwrap();
+    let (base, leap) = (m["baseline"]["eval"].as_array().unwrap(), m["leap"]["eval"].as_array().unwrap());
+    assert_eq!((base.len(), leap.len()), (2, 2));
+    let row = &m["summary"][0];
+    assert_eq!(row["metric"], "top-1 overall");
+    let mean = |runs: &[serde_json::Value]| {
+        runs.iter().map(|r| r["top1_overall"].as_f64().unwrap()).sum::<f64>() / 2.0
+    };
+    assert!((row["baseline_mean"].as_f64().unwrap() - mean(base)).abs() < 1e-12);
+    assert!((row["leap_mean"].as_f64().unwrap() - mean(leap)).abs() < 1e-12);
+    let d = row["delta_mean"].as_f64().unwrap();
+    assert!((d - (mean(leap) - mean(base))).abs() < 1e-12);
 }

@@ -7,7 +7,7 @@
 //! The tests whose names start with `cpu_` check host-side pieces and always run.
 
 use featcloud::check::HeadShape;
-use featcloud::config::{CloudMode, DType, HeadConfig};
+use featcloud::config::{CloudMode, DType, HeadConfig, Reduction};
 use featcloud::cuda::head::verify::{
     compare_results, compare_with_oracle, make_problem, option_sets, run_device, run_device_poisoned,
     run_device_tuned, tolerances, Problem,
@@ -199,6 +199,46 @@ fn nan_poisoned_padding_is_never_read() {
                 );
                 assert!(c.passed(dtype), "{} {} {shape:?}: {c:?}", path.name(), dtype.name());
             }
+        }
+    }
+}
+
+#[test]
+fn no_valid_row_gives_zero_loss_and_gradients() {
+    // SPEC 3/4 with every label negative: loss 0 (mean over no rows is defined as 0) and
+    // every gradient exactly 0, on both paths and for both scalar reductions.
+    let Some(dev) = test_device() else { return };
+    for path in HeadPath::ALL {
+        for dtype in DTYPES {
+            for reduction in [Reduction::Mean, Reduction::Sum] {
+                let cfg = HeadConfig { reduction, ..HeadConfig::default() };
+                let mut p = make_problem(HeadShape { b: 9, c: 140, d: 24 }, dtype, false, 41);
+                p.labels.iter_mut().for_each(|y| *y = -1);
+                let r = run_device(&dev, path, &cfg, &p, GradDtype::Input).unwrap();
+                let what = format!("{} {} {reduction:?}", path.name(), dtype.name());
+                assert_eq!(r.loss, 0.0, "{what}: loss");
+                assert!(r.rows.iter().all(|v| v.iter().all(|&a| a == 0.0)), "{what}: row outputs");
+                assert!(r.dx.iter().chain(&r.dw).all(|&a| a == 0.0), "{what}: gradients");
+            }
+        }
+    }
+}
+
+#[test]
+fn zero_feature_row_keeps_gradients_finite() {
+    // A valid row with x_i = 0 has inverse norm 1e12 (SPEC 3's eps). The fused backward feeds
+    // dc * inv_x to the tensor cores in the storage dtype, where f16 overflows: inf times the
+    // row's zeros must not turn dW into NaN. f32 gradients, so that dx_i = dxh_i * 1e12 is
+    // representable and can be compared with the oracle.
+    let Some(dev) = test_device() else { return };
+    let cfg = HeadConfig::arcface();
+    for path in HeadPath::ALL {
+        for dtype in DTYPES {
+            let mut p = make_problem(HeadShape { b: 37, c: 300, d: 64 }, dtype, true, 59);
+            let d = p.shape.d;
+            assert!(p.labels[5] >= 0);
+            p.x[5 * d..6 * d].fill(0.0);
+            check_case(&dev, path, "zero feature row", &cfg, &p, GradDtype::F32);
         }
     }
 }

@@ -8,7 +8,7 @@
 //! cloud on after 100 warm-up steps.
 
 use crate::cli::{
-    cloud_mode, ensure_dir, pct, select_backend, write_json, CloudArg, DataArgs, ModelArgs, Progress,
+    cloud_mode, ensure_dir, select_backend, write_json, CloudArg, DataArgs, ModelArgs, Progress,
     SelectedBackend,
 };
 use crate::config::CloudMode;
@@ -31,6 +31,10 @@ pub struct Args {
     /// Output directory (metrics.json, angular_std.png).
     #[arg(long, default_value = "runs/compare")]
     pub out: PathBuf,
+    /// Paired runs: baseline and LEAP are trained from seeds seed, seed+1, ...
+    /// on the same data; the table shows means and the spread of the paired deltas.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+    pub seeds: u64,
 }
 
 fn train_one<B: Backend>(
@@ -52,53 +56,124 @@ fn train_one<B: Backend>(
     Ok((report, secs, progress.loss(), total))
 }
 
-/// The side-by-side table.
-pub fn table(base: &EvalReport, leap: &EvalReport) -> String {
+/// One row of the table: a metric read off a report (NaN when absent).
+struct Metric {
+    name: String,
+    get: fn(&EvalReport) -> f64,
+    /// Shown as a percentage (accuracies) rather than radians.
+    percent: bool,
+}
+
+fn metrics(first: &EvalReport) -> Vec<Metric> {
+    let [nm, nme, nf] = first.shot_classes;
+    let m = |name: String, get: fn(&EvalReport) -> f64, percent| Metric { name, get, percent };
+    vec![
+        m("top-1 overall".into(), |r| r.top1_overall, true),
+        m(format!("top-1 many-shot ({nm} cls)"), |r| r.top1_many, true),
+        m(format!("top-1 medium-shot ({nme} cls)"), |r| r.top1_medium, true),
+        m(format!("top-1 few-shot ({nf} cls)"), |r| r.top1_few, true),
+        m("open-set Rank-1".into(), |r| r.rank1.unwrap_or(f64::NAN), true),
+        m("open-set mAP".into(), |r| r.map.unwrap_or(f64::NAN), true),
+        m("open-set TPR@FPR=1e-3".into(), |r| r.tpr_at_fpr_1e3.unwrap_or(f64::NAN), true),
+        m("head angular std (rad)".into(), |r| r.head_angular_std, false),
+        m("tail angular std (rad)".into(), |r| r.tail_angular_std, false),
+        m("tail/head std ratio".into(), |r| r.tail_angular_std / r.head_angular_std, false),
+    ]
+}
+
+/// Mean and sample standard deviation (0 for one value) of the finite values.
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 { v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    (mean, var.sqrt())
+}
+
+/// Per metric: mean baseline, mean LEAP, mean and std of the paired delta, seeds where LEAP is higher.
+fn summarize(bases: &[EvalReport], leaps: &[EvalReport]) -> Vec<(Metric, f64, f64, f64, f64, usize)> {
+    metrics(&bases[0])
+        .into_iter()
+        .map(|m| {
+            let b: Vec<f64> = bases.iter().map(m.get).collect();
+            let l: Vec<f64> = leaps.iter().map(m.get).collect();
+            let d: Vec<f64> = b.iter().zip(&l).map(|(x, y)| y - x).collect();
+            let higher = d.iter().filter(|x| **x > 0.0).count();
+            let (mb, _) = mean_std(&b);
+            let (ml, _) = mean_std(&l);
+            let (md, sd) = mean_std(&d);
+            (m, mb, ml, md, sd, higher)
+        })
+        .collect()
+}
+
+fn summary_json(bases: &[EvalReport], leaps: &[EvalReport]) -> serde_json::Value {
+    let rows: Vec<serde_json::Value> = summarize(bases, leaps)
+        .into_iter()
+        .map(|(m, mb, ml, md, sd, higher)| {
+            let f = |v: f64| if v.is_finite() { serde_json::json!(v) } else { serde_json::Value::Null };
+            serde_json::json!({
+                "metric": m.name, "baseline_mean": f(mb), "leap_mean": f(ml),
+                "delta_mean": f(md), "delta_std": f(sd), "leap_higher_in": higher, "runs": bases.len(),
+            })
+        })
+        .collect();
+    serde_json::Value::Array(rows)
+}
+
+/// The side-by-side table: means over the paired seeds, the mean paired delta
+/// with its standard deviation across seeds, and in how many seeds LEAP was higher.
+pub fn table(bases: &[EvalReport], leaps: &[EvalReport]) -> String {
+    let n = bases.len();
     let mut s = String::new();
-    let _ = writeln!(s, "{:<30} {:>10} {:>10} {:>10}", "metric", "baseline", "LEAP", "delta");
-    let [nm, nme, nf] = base.shot_classes;
-    let acc_rows = [
-        ("top-1 overall".to_string(), base.top1_overall, leap.top1_overall),
-        (format!("top-1 many-shot ({nm} cls)"), base.top1_many, leap.top1_many),
-        (format!("top-1 medium-shot ({nme} cls)"), base.top1_medium, leap.top1_medium),
-        (format!("top-1 few-shot ({nf} cls)"), base.top1_few, leap.top1_few),
-    ];
-    let delta_pp = |a: f64, b: f64| {
-        if a.is_finite() && b.is_finite() {
-            format!("{:+.2} pp", 100.0 * (b - a))
-        } else {
-            "n/a".into()
-        }
-    };
-    for (name, a, b) in acc_rows {
-        let _ = writeln!(s, "{name:<30} {:>10} {:>10} {:>10}", pct(a), pct(b), delta_pp(a, b));
-    }
-    let nan = |v: Option<f64>| v.unwrap_or(f64::NAN);
-    for (name, a, b) in [
-        ("open-set Rank-1", nan(base.rank1), nan(leap.rank1)),
-        ("open-set mAP", nan(base.map), nan(leap.map)),
-        ("open-set TPR@FPR=1e-3", nan(base.tpr_at_fpr_1e3), nan(leap.tpr_at_fpr_1e3)),
-    ] {
-        let _ = writeln!(s, "{name:<30} {:>10} {:>10} {:>10}", pct(a), pct(b), delta_pp(a, b));
-    }
-    let rad = |v: f64| if v.is_finite() { format!("{v:.4}") } else { "n/a".into() };
-    let drad =
-        |a: f64, b: f64| if a.is_finite() && b.is_finite() { format!("{:+.4}", b - a) } else { "n/a".into() };
-    for (name, a, b) in [
-        ("head angular std (rad)", base.head_angular_std, leap.head_angular_std),
-        ("tail angular std (rad)", base.tail_angular_std, leap.tail_angular_std),
-    ] {
-        let _ = writeln!(s, "{name:<30} {:>10} {:>10} {:>10}", rad(a), rad(b), drad(a, b));
-    }
-    let ratio = |r: &EvalReport| r.tail_angular_std / r.head_angular_std;
     let _ = writeln!(
         s,
-        "{:<30} {:>10} {:>10} {:>10}",
-        "tail/head std ratio",
-        rad(ratio(base)),
-        rad(ratio(leap)),
-        drad(ratio(base), ratio(leap))
+        "{:<30} {:>10} {:>10} {:>20} {:>8}",
+        if n > 1 { format!("metric (mean of {n} seeds)") } else { "metric".to_string() },
+        "baseline",
+        "LEAP",
+        if n > 1 { "delta (+- std)" } else { "delta" },
+        "LEAP >"
     );
+    for (m, mb, ml, md, sd, higher) in summarize(bases, leaps) {
+        let (val, delta) = if m.percent {
+            let v = |x: f64| if x.is_finite() { format!("{:.2}%", 100.0 * x) } else { "n/a".into() };
+            let d = if md.is_finite() {
+                if n > 1 {
+                    format!("{:+.2} +- {:.2} pp", 100.0 * md, 100.0 * sd)
+                } else {
+                    format!("{:+.2} pp", 100.0 * md)
+                }
+            } else {
+                "n/a".into()
+            };
+            (v(mb), (v(ml), d))
+        } else {
+            let v = |x: f64| if x.is_finite() { format!("{x:.4}") } else { "n/a".into() };
+            let d = if md.is_finite() {
+                if n > 1 {
+                    format!("{md:+.4} +- {sd:.4}")
+                } else {
+                    format!("{md:+.4}")
+                }
+            } else {
+                "n/a".into()
+            };
+            (v(mb), (v(ml), d))
+        };
+        let _ = writeln!(
+            s,
+            "{:<30} {:>10} {:>10} {:>20} {:>8}",
+            m.name,
+            val,
+            delta.0,
+            delta.1,
+            format!("{higher}/{n}")
+        );
+    }
     s
 }
 
@@ -130,8 +205,25 @@ fn run_on<B: Backend>(
 ) -> anyhow::Result<()> {
     let start = Instant::now();
     let threshold = args.model.threshold;
-    let (base, base_secs, base_loss, steps) = train_one(backend, "baseline", base_cfg, splits, threshold)?;
-    let (leap, leap_secs, leap_loss, _) = train_one(backend, "LEAP", leap_cfg.clone(), splits, threshold)?;
+    let (mut bases, mut leaps) = (Vec::new(), Vec::new());
+    let (mut base_secs, mut leap_secs, mut steps) = (0.0, 0.0, 0);
+    let (mut base_losses, mut leap_losses) = (Vec::new(), Vec::new());
+    for i in 0..args.seeds {
+        let seed = leap_cfg.seed + i;
+        let tag = |arm: &str| if args.seeds > 1 { format!("{arm} (seed {seed})") } else { arm.to_string() };
+        let b = TrainConfig { seed, ..base_cfg.clone() };
+        let l = TrainConfig { seed, ..leap_cfg.clone() };
+        let (base, secs, loss, n) = train_one(backend, &tag("baseline"), b, splits, threshold)?;
+        bases.push(base);
+        base_losses.push(loss);
+        base_secs += secs;
+        steps = n;
+        let (leap, secs, loss, _) = train_one(backend, &tag("LEAP"), l, splits, threshold)?;
+        leaps.push(leap);
+        leap_losses.push(loss);
+        leap_secs += secs;
+    }
+    let (base, leap) = (&bases[0], &leaps[0]);
     let wall = start.elapsed().as_secs_f64();
     if steps <= leap_cfg.stats.warmup_steps {
         eprintln!(
@@ -146,7 +238,7 @@ fn run_on<B: Backend>(
     crate::plot::angular_std_vs_size(
         &png,
         &[("baseline", &bp[..]), ("LEAP", &lp[..])],
-        "Per-class angular std of the training embeddings vs class size",
+        &format!("Per-class angular std of the training embeddings vs class size (seed {})", leap_cfg.seed),
     )?;
     let t = &splits.train;
     let metrics = serde_json::json!({
@@ -158,8 +250,10 @@ fn run_on<B: Backend>(
         "open_rows": splits.open_set.as_ref().map(|o| o.n),
         "steps_per_run": steps,
         "wall_seconds": wall,
-        "baseline": { "seconds": base_secs, "final_loss": base_loss, "eval": &base },
-        "leap": { "seconds": leap_secs, "final_loss": leap_loss, "eval": &leap },
+        "seeds": (0..args.seeds).map(|i| leap_cfg.seed + i).collect::<Vec<_>>(),
+        "summary": summary_json(&bases, &leaps),
+        "baseline": { "seconds": base_secs, "final_loss": base_losses, "eval": &bases },
+        "leap": { "seconds": leap_secs, "final_loss": leap_losses, "eval": &leaps },
         "config": leap_cfg,
     });
     let json = args.out.join("metrics.json");
@@ -177,7 +271,7 @@ fn run_on<B: Backend>(
         splits.open_set.as_ref().map_or("none".to_string(), |o| format!("{} rows", o.n)),
     );
     println!(
-        "model {} -> {} -> {} + head [{} x {}] | s={} m=({}, {}, {}) | LEAP cloud {:?}, split {:?}, warm-up {} | {} steps per run ({} epochs, batch {}) | wall {:.1}s",
+        "model {} -> {} -> {} + head [{} x {}] | s={} m=({}, {}, {}) | LEAP cloud {:?}, split {:?}, warm-up {} | {} steps per run ({} epochs, batch {}), {} paired seed(s) | wall {:.1}s",
         t.f,
         leap_cfg.hidden,
         leap_cfg.embed_dim,
@@ -193,10 +287,11 @@ fn run_on<B: Backend>(
         steps,
         leap_cfg.epochs,
         leap_cfg.batch_size,
+        args.seeds,
         wall
     );
     println!();
-    print!("{}", table(&base, &leap));
+    print!("{}", table(&bases, &leaps));
     println!();
     println!("wrote {} and {}", json.display(), png.display());
     Ok(())

@@ -33,7 +33,7 @@ use crate::check::{check_head_inputs, HeadShape};
 use crate::config::{CloudMode, DType, Fallback, HeadConfig, MarginGrad, Reduction};
 use crate::error::{Error, Result};
 use cudarc::cublas::{sys as blas_sys, Gemm, GemmConfig};
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use std::ops::Deref;
 use std::sync::Arc;
 
@@ -932,6 +932,19 @@ pub fn fused_vectorized(dtype: DType, d: usize) -> bool {
     d % (16 / dtype.size()) == 0
 }
 
+/// Whether `t` starts on a 16-byte boundary, which cp.async needs besides a chunk-multiple D.
+/// cudarc's own allocations always do; a buffer wrapped with `upgrade_device_ptr` (an
+/// offset into a larger allocation) need not, and then the element-load kernels run.
+fn aligned16<T: DeviceElem>(dev: &Device, t: &Tensor<T>) -> bool {
+    let (ptr, _sync) = t.slice().device_ptr(dev.stream());
+    ptr % 16 == 0
+}
+
+/// The VEC (cp.async) kernels only when D and both base addresses allow 16-byte chunks.
+fn use_vectorized<T: DeviceElem>(dev: &Device, x: &Tensor<T>, w: &Tensor<T>, d: usize, scalar: bool) -> bool {
+    !scalar && fused_vectorized(T::DTYPE, d) && aligned16(dev, x) && aligned16(dev, w)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn fused_fwd<T: DeviceElem>(
     dev: &Device,
@@ -947,7 +960,7 @@ fn fused_fwd<T: DeviceElem>(
     shape: HeadShape,
     scalar: bool,
 ) -> Result<()> {
-    let k = if !scalar && fused_vectorized(T::DTYPE, shape.d) {
+    let k = if use_vectorized(dev, x, w, shape.d, scalar) {
         dtype_kernel(T::DTYPE, kf::FUSED_FWD_F32, kf::FUSED_FWD_BF16, kf::FUSED_FWD_F16)
     } else {
         dtype_kernel(T::DTYPE, kf::FUSED_SCALAR_FWD_F32, kf::FUSED_SCALAR_FWD_BF16, kf::FUSED_SCALAR_FWD_F16)
@@ -974,8 +987,8 @@ fn fused_fwd<T: DeviceElem>(
         .arg(out.dt.slice_mut());
     bld.arg(&b).arg(&c).arg(&d);
     // SAFETY: x [B, D], w [C, D] (the VEC kernel only when D is a multiple of the 16-byte
-    // chunk; cudarc buffers are 256-byte aligned), inv_x/labels/outputs [B], inv_w/sigma [C]
-    // (sigma unread when the cloud is off), part [3, n_ct, B] with n_ct = grid.x; every
+    // chunk and both base addresses are 16-byte aligned, checked above), inv_x/labels/outputs
+    // [B], inv_w/sigma [C] (sigma unread when the cloud is off), part [3, n_ct, B] with n_ct = grid.x; every
     // load is bounds-checked or zero-filled in the kernel; no output aliases an input.
     unsafe { bld.launch(cfg) }.map_err(cuda_err("head_fused::fused_fwd"))?;
     Ok(())
@@ -1018,7 +1031,7 @@ fn fused_bwd<T: DeviceElem>(
     shape: HeadShape,
     scalar: bool,
 ) -> Result<()> {
-    let k = if !scalar && fused_vectorized(T::DTYPE, shape.d) {
+    let k = if use_vectorized(dev, x, w, shape.d, scalar) {
         dtype_kernel(T::DTYPE, kf::FUSED_BWD_F32, kf::FUSED_BWD_BF16, kf::FUSED_BWD_F16)
     } else {
         dtype_kernel(T::DTYPE, kf::FUSED_SCALAR_BWD_F32, kf::FUSED_SCALAR_BWD_BF16, kf::FUSED_SCALAR_BWD_F16)
@@ -1042,7 +1055,8 @@ fn fused_bwd<T: DeviceElem>(
         None => bld.arg(&null),
     };
     bld.arg(&g_scale).arg(&p).arg(dxp.slice_mut()).arg(dwh.slice_mut()).arg(&b).arg(&c).arg(&d);
-    // SAFETY: x [B, D], w [C, D], per-row inputs [B], inv_w [C]; dxp holds groups*B*D and
+    // SAFETY: x [B, D], w [C, D] (the VEC kernel only when D and both base addresses allow
+    // 16-byte chunks, checked above), per-row inputs [B], inv_w [C]; dxp holds groups*B*D and
     // dwh C*D zero-initialized f32 (distinct buffers); CTA g writes only dxp[g] and the dwh
     // rows of its class tiles; the dynamic smem size is the one the kernel was written for.
     unsafe { bld.launch(cfg) }.map_err(cuda_err("head_fused::fused_bwd"))?;
