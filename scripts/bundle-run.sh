@@ -3,9 +3,12 @@
 # Writes at most 8 files to $OUT: summary.txt, tests.txt, sanitizer.txt, smoke.txt,
 # bench.txt, bench.json, compare.txt, peers.txt (the device tool returns 8).
 set -uo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
-OUT="${OUT:-$here/out}"
+bundle="$(cd "$(dirname "$0")" && pwd)"
+OUT="${OUT:-$bundle/out}"
 mkdir -p "$OUT"
+# Unpack the binaries (python's lzma needs no xz install on the GPU machine).
+here="$(mktemp -d /tmp/featcloud-bundle.XXXXXX)"
+python3 -c 'import sys, tarfile; t = tarfile.open(sys.argv[1]); t.extractall(sys.argv[2], filter="data") if hasattr(tarfile, "data_filter") else t.extractall(sys.argv[2])' "$bundle/payload.tar.xz" "$here"
 cd "$here"
 export FEATCLOUD_REQUIRE_GPU=1
 status=0
