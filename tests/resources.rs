@@ -50,27 +50,18 @@ fn hot_kernels_do_not_spill() {
 }
 
 #[test]
-fn print_resource_table() {
+fn info_prints_one_table_row_per_kernel_and_arch() {
     if !KERNELS_BUILT {
         eprintln!("skipped: the crate was built without NVRTC (no kernels embedded)");
         return;
     }
-    println!(
-        "{:<12} {:<28} {:>5} {:>5} {:>7} {:>7} {:>6} {:>7} {:>4}",
-        "module", "kernel", "arch", "regs", "spill_st", "spill_ld", "stack", "smem", "hot"
-    );
-    for r in RESOURCES {
-        println!(
-            "{:<12} {:<28} {:>5} {:>5} {:>7} {:>7} {:>6} {:>7} {:>4}",
-            r.module,
-            r.kernel,
-            format!("sm_{}", r.arch),
-            r.registers,
-            r.spill_stores,
-            r.spill_loads,
-            r.stack_bytes,
-            r.shared_bytes,
-            if r.hot { "hot" } else { "" }
-        );
+    let table = featcloud::cli::info::resource_table(None);
+    println!("{table}");
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    assert_eq!(rows.len(), RESOURCES.len());
+    for (row, r) in rows.iter().zip(RESOURCES) {
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(&cols[..4], &[r.module, r.kernel, &format!("sm_{}", r.arch), &r.registers.to_string()]);
     }
+    assert_eq!(featcloud::cli::info::resource_table(Some(90)).lines().count() - 1, RESOURCES.len() / 4);
 }

@@ -32,24 +32,8 @@ use std::f64::consts::PI;
 const NORM_EPS: f64 = 1e-12;
 const THETA_EPS: f64 = 1e-7;
 
-/// One head call: x [B, D], W [C, D], labels [B], sigma_cloud [C], RNG (seed, step).
-#[derive(Clone, Copy, Debug)]
-pub struct HeadProblem<'a> {
-    /// Dimensions B, C, D.
-    pub shape: HeadShape,
-    /// Features x [B, D], row-major.
-    pub x: &'a [f32],
-    /// Class weights W [C, D], row-major.
-    pub w: &'a [f32],
-    /// Labels [B]; negative = ignored row.
-    pub labels: &'a [i32],
-    /// Per-class cloud std [C] (radians, >= 0).
-    pub sigma_cloud: &'a [f32],
-    /// Philox key.
-    pub seed: u64,
-    /// Philox counter (training step).
-    pub step: u64,
-}
+/// One head call (the same type the oracle takes, so tests feed both the same problem).
+pub use crate::oracle::head::HeadProblem;
 
 /// Upstream gradient of the reduced loss.
 #[derive(Clone, Copy, Debug)]
