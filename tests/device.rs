@@ -72,3 +72,27 @@ fn row_norms_match_host_on_gpu() {
     let empty = Tensor::<f32>::zeros(&dev, &[0, 4]).unwrap();
     assert!(matches!(norms::row_norms(&dev, &empty), Err(Error::Empty(_))));
 }
+
+#[test]
+fn info_exits_zero_and_reports_kernels_and_device() {
+    let bin = env!("CARGO_BIN_EXE_featcloud");
+    if !std::path::Path::new(bin).exists() {
+        // Only in the GPU bundle, where test binaries run away from their build tree.
+        eprintln!("skipped: {bin} is not here (the bundle's run.sh runs `featcloud info` itself)");
+        return;
+    }
+    let out = std::process::Command::new(bin).arg("info").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("device"), "{stdout}");
+    if kernels::KERNELS_BUILT {
+        let (maj, min) = kernels::NVRTC_VERSION.unwrap();
+        assert!(stdout.contains(&format!("NVRTC {maj}.{min}")), "{stdout}");
+        assert!(stdout.contains("row_norms_bf16") && stdout.contains("sm_90"), "{stdout}");
+    } else {
+        assert!(stdout.contains("NOT built"), "{stdout}");
+    }
+    if Device::new(0).is_err() {
+        assert!(stdout.contains("none usable"), "{stdout}");
+    }
+}
