@@ -31,7 +31,11 @@ __device__ __forceinline__ float to_f32(bf16_t v) {
 }
 __device__ __forceinline__ float to_f32(f16_t v) {
     float f;
+#ifdef FC_EMU
+    f = fc_emu_f16_to_f32(v.bits);
+#else
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+#endif
     return f;
 }
 
@@ -40,12 +44,20 @@ template <typename T> __device__ __forceinline__ T from_f32(float v);
 template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
 template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float v) {
     bf16_t r;
+#ifdef FC_EMU
+    r.bits = fc_emu_f32_to_bf16(v);
+#else
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));
+#endif
     return r;
 }
 template <> __device__ __forceinline__ f16_t from_f32<f16_t>(float v) {
     f16_t r;
+#ifdef FC_EMU
+    r.bits = fc_emu_f32_to_f16(v);
+#else
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));
+#endif
     return r;
 }
 

@@ -23,19 +23,27 @@
 template <typename T> __device__ __forceinline__ void mma_16816(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]);
 
 template <> __device__ __forceinline__ void mma_16816<bf16_t>(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+#ifdef FC_EMU
+    fc_emu_mma_16816<true>(d, a, b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 template <> __device__ __forceinline__ void mma_16816<f16_t>(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+#ifdef FC_EMU
+    fc_emu_mma_16816<false>(d, a, b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 // ---- ldmatrix ---------------------------------------------------------------------
@@ -47,16 +55,24 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
 // Four 8x8 b16 matrices; lane l supplies the row address of matrix l / 8, row l % 8.
 // Without .trans, lane l receives row l/4, columns 2(l%4)..+1 of each matrix.
 __device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* row_ptr) {
+#ifdef FC_EMU
+    fc_emu_ldmatrix_x4(r, row_ptr, false);
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_addr(row_ptr)));
+#endif
 }
 
 // Transposed: lane l receives column l/4, rows 2(l%4)..+1 of each stored matrix.
 __device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], const void* row_ptr) {
+#ifdef FC_EMU
+    fc_emu_ldmatrix_x4(r, row_ptr, true);
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_addr(row_ptr)));
+#endif
 }
 
 // ---- cp.async -----------------------------------------------------------------------
@@ -65,15 +81,25 @@ __device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], const void* row_p
 // and not read, so a tail chunk or an out-of-range row costs no stray load.
 // Both addresses must be 16-byte aligned.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+#ifdef FC_EMU
+    fc_emu_cp_async_16(smem, gmem, src_bytes);
+#else
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
                  "r"(src_bytes));
+#endif
 }
 
+#ifdef FC_EMU
+__device__ __forceinline__ void cp_async_commit() {}  // copies are synchronous under emulation
+#else
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+#endif
 
 // Waits until at most N committed groups are still in flight (this thread's copies).
 template <int N> __device__ __forceinline__ void cp_async_wait() {
+#ifndef FC_EMU
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
 }
 
 // ---- packing ------------------------------------------------------------------------
