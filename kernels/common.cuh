@@ -100,6 +100,19 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return warp_max(v);
 }
 
+// Sum of squares of one row xr[0, d), computed by a whole warp: each lane strides
+// by 32 in a fixed order, then the fixed shuffle tree; every lane gets the sum.
+template <typename T>
+__device__ __forceinline__ float warp_row_sumsq(const T* __restrict__ xr, int d) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    float acc = 0.0f;
+    for (int k = lane; k < d; k += WARP_SIZE) {
+        const float v = to_f32(xr[k]);
+        acc = fmaf(v, v, acc);
+    }
+    return warp_sum(acc);
+}
+
 // Merge two online-softmax partials (m, s) where s = sum exp(z - m).
 __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
     if (m2 == -FC_INF) return;

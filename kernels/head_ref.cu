@@ -25,13 +25,7 @@ __device__ __forceinline__ void ref_normalize(const T* __restrict__ x, float* __
     const int lane = threadIdx.x % WARP_SIZE;
     if (row >= rows) return;  // whole warp leaves together: no shuffle below is split
     const T* xr = x + (size_t)row * d;
-    float acc = 0.0f;
-    for (int k = lane; k < d; k += WARP_SIZE) {
-        const float v = to_f32(xr[k]);
-        acc = fmaf(v, v, acc);
-    }
-    acc = warp_sum(acc);
-    const float r = 1.0f / fmaxf(sqrtf(acc), FC_EPS_NORM);
+    const float r = 1.0f / fmaxf(sqrtf(warp_row_sumsq(xr, d)), FC_EPS_NORM);
     float* out = xh + (size_t)row * d;
     for (int k = lane; k < d; k += WARP_SIZE) out[k] = to_f32(xr[k]) * r;
     if (lane == 0) inv[row] = r;

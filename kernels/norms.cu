@@ -15,13 +15,7 @@ __device__ __forceinline__ void row_norms(const T* __restrict__ x, float* __rest
     const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
     const int lane = threadIdx.x % WARP_SIZE;
     if (row >= rows) return;
-    const T* xr = x + (size_t)row * d;
-    float acc = 0.0f;
-    for (int k = lane; k < d; k += WARP_SIZE) {
-        const float v = to_f32(xr[k]);
-        acc = fmaf(v, v, acc);
-    }
-    acc = warp_sum(acc);
+    const float acc = warp_row_sumsq(x + (size_t)row * d, d);
     if (lane == 0) {
         const float n = sqrtf(acc);
         if (norm) norm[row] = n;
