@@ -10,19 +10,24 @@
 //   (max, sum exp, sum z) written to part[3][n_ct][B]. The combine kernel merges a row's
 //   n_ct partials in class-tile order: lse_i and loss_i. Extra memory: 3 * B * n_ct floats.
 //
-// Backward (fused_bwd_<T>, then head_normback_bwd_* from head_ref.cu for dx and for dW):
+// Backward (fused_bwd_<T>, then head_normback_bwd_* from head_ref.cu for dx):
 //   G CTAs (G <= n_ct); CTA g owns the class tiles ct = g, g + G, ... and, for each, walks
 //   every row tile of 64 in order. Per (row tile, class tile) it recomputes the cosine tile
 //   (same mainloop), forms dc in registers (SPEC 4: p from the stored lse_i, the target
 //   from the stored t_i and dt_i), stores two scaled copies in smem (dc * inv_w for dx,
-//   dc * inv_x for dW, in the storage dtype for the tensor cores), then
-//     dxp[g][rows, :]   += (dc * inv_w) . W[classes, :]    (64 x D, d-chunks of BD)
-//     dwh[classes, :]   += (dc * inv_x)^T . x[rows, :]      (128 x D)
-//   with plain read-modify-write: CTA g is the only writer of dxp[g] and of the dwh rows of
-//   its class tiles, and within the CTA every element has one owner thread, so there are no
-//   atomics and the summation order is fixed (bitwise deterministic). The dx combine sums
-//   dxp over g = 0..G-1 in order. Extra memory: G * B * D floats (+ C * D floats for dwh
-//   when the gradient is written in 16 bits; an f32 dW is accumulated in place).
+//   dc * inv_x for dW, in the storage dtype for the tensor cores; f16 moves the powers of two of the
+//   inverse norms onto the W / x chunks and scales operand rows / columns by powers of
+//   two, see split_pow2 and f16_operand_scale), then
+//     dxp[g][rows, :]  (+)= (dc * inv_w) . W[classes, :]    (64 x D, d-chunks of BD)
+//     dwh[classes, :]  (+)= (dc * inv_x)^T . x[rows, :]      (128 x D, f32)
+//   with plain stores / read-modify-writes: CTA g is the only writer of dxp[g] and of the
+//   dwh rows of its class tile, and within the CTA every element has one owner thread, so
+//   there are no atomics and the summation order is fixed (bitwise deterministic). When a
+//   class tile has seen every row, the same CTA turns its dwh rows into dW (the
+//   normalization backward) and writes them; dwh lives in the f32 dW itself when dW is
+//   f32, else in a per-CTA scratch slice [128][D]. The dx combine sums dxp over
+//   g = 0..G-1 in order. Extra memory: G * B * D floats (+ G * 128 * D floats of dwh
+//   scratch when dW is written in 16 bits), never O(C * D) or O(B * C).
 //
 // VEC kernels move 16-byte chunks with cp.async and need D % 8 == 0 (16-bit) or
 // D % 4 == 0 (f32); the *_scalar_* kernels take any D with element loads (the
@@ -193,7 +198,11 @@ extern "C" __global__ void __launch_bounds__(256) fused_combine_fwd_f32(const fl
 // ---- backward tile ----------------------------------------------------------------------------
 // x [B, D], w [C, D] (T); inv_x [B], inv_w [C]; labels, t, dt, lse [B] from the forward;
 // row_g [B] per-row upstream (null: 1); g_scale multiplies it (1/N_valid for mean).
-// Out (accumulated, must be zeroed before the launch): dxp [G][B][D], dwh [C][D] (f32).
+// Out: dxp [G][B][D] f32 dx partials (every element written; no zeroing needed), and dW,
+// finished in this kernel (SPEC 4's normalization backward included):
+//   dw32 != null: dW in f32 [C, D]; each CTA accumulates its class rows in place;
+//   dw32 == null: dW in T into dw [C, D]; the class tile being worked on accumulates in
+//                 f32 in this CTA's slice of dwacc [G][BWD_BN][D] (scratch, no zeroing).
 // Dynamic smem: bwd_smem_bytes<T>() (65,536 for 16-bit, 98,304 for f32).
 template <typename T> __host__ __device__ constexpr int bwd_smem_bytes() {
     return (2 * (BWD_BM + BWD_BN) * TileCfg<T>::PITCH + 2 * BWD_BM * TileCfg<T>::DPITCH) * (int)sizeof(T);
@@ -202,12 +211,62 @@ static_assert(bwd_smem_bytes<bf16_t>() == 65536, "keep src/cuda/head.rs in sync"
 static_assert(bwd_smem_bytes<float>() == 98304, "keep src/cuda/head.rs in sync");
 
 // dc * (inverse norm) as a tensor-core operand. f16 saturates at +-65504 instead of rounding
-// to inf: a zero row (or one of norm below ~1e-3) has an inverse norm up to 1e12, and inf times
-// that row's zeros would put NaN into every product of the tile (a zero feature row would turn
-// all of dW into NaN). bf16 and f32 have the range of f32, so they convert plainly.
+// to inf (inf times a zero row's zeros would put NaN into a whole tile); with the power-of-two
+// scaling below the saturation is only a last guard. bf16 and f32 have the range of f32.
 template <typename T> __device__ __forceinline__ T to_operand(float v) { return from_f32<T>(v); }
 template <> __device__ __forceinline__ f16_t to_operand<f16_t>(float v) {
     return from_f32<f16_t>(fminf(fmaxf(v, -65504.0f), 65504.0f));
+}
+
+template <typename T> struct IsF16 { static constexpr bool value = false; };
+template <> struct IsF16<f16_t> { static constexpr bool value = true; };
+
+// f16 has 5 exponent bits, too few for dc * inv_x (1e-13 for a class the rows rule out,
+// times a tiny probability; a zero class row then multiplies its dW by inv_w = 1e12) or
+// dc * inv_w (1e12 times a moderate dc for a zero class row). So in the f16 kernels:
+//  - each inverse norm is split as inv = frac * 2^e, frac in [1, 2); the W / x chunk rows
+//    are multiplied by 2^e in smem, which is exact (|result| <= 1 once a row is scaled by
+//    about its inverse norm; only elements below 2^-24 of the row's norm lose bits), and the
+//    operand carries dc * frac instead of dc * inv, so a zero or tiny row no longer puts a
+//    huge factor into the operand (nor rounds W or x: the projection in the normalization
+//    backward cancels most of a near-aligned row, and per-element rounding of a normalized
+//    copy would survive it);
+//  - each row of the dx operand and each column of the dW operand gets its own power of
+//    two 2^k putting its largest |dc * frac| into [2^14, 2^15); every output row of a
+//    product uses exactly one such scale and is multiplied back (exactly) by 2^-k.
+// k is clamped to [-64, 64]; an all-zero (or non-finite) vector gets 1. bf16 and f32 have
+// f32's range and keep the plain operands.
+struct Pow2 {
+    float s, inv;
+};
+__device__ __forceinline__ Pow2 f16_operand_scale(float amax) {
+    if (!(amax > 0.0f) || amax > 3.0e38f) return {1.0f, 1.0f};
+    const int e = (__float_as_int(amax) >> 23) & 0xff;  // amax in [2^(e-127), 2^(e-126)); e = 0: below
+    const int k = min(max(141 - e, -64), 64);            // amax * 2^k in [2^14, 2^15)
+    return {__int_as_float((127 + k) << 23), __int_as_float((127 - k) << 23)};
+}
+
+// inv = frac * pow, pow = 2^e, frac in [1, 2) (both exact); inv == 0 gives frac 0, pow 1.
+__device__ __forceinline__ void split_pow2(float inv, float& frac, float& pow) {
+    const int bits = __float_as_int(inv), e = (bits >> 23) & 0xff;
+    if (e == 0 || e == 0xff) {
+        frac = inv;
+        pow = 1.0f;
+    } else {
+        pow = __int_as_float(e << 23);
+        frac = __int_as_float((bits & 0x807fffff) | (127 << 23));
+    }
+}
+
+// s[ROWS][pitch] *= pow[row] in place (a power of two: exact), then a barrier; the caller's
+// barrier before it made the loaded chunk visible.
+template <typename T, int ROWS, int COLS, int NT>
+__device__ __forceinline__ void scale_chunk_rows(T* s, int pitch, const float* pow) {
+    for (int e = threadIdx.x; e < ROWS * COLS; e += NT) {
+        const int r = e / COLS, k = e % COLS;
+        s[r * pitch + k] = from_f32<T>(to_f32(s[r * pitch + k]) * pow[r]);
+    }
+    __syncthreads();
 }
 
 template <typename T, bool VEC>
@@ -215,10 +274,12 @@ __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __re
                                           const float* __restrict__ inv_w, const int* __restrict__ labels,
                                           const float* __restrict__ t, const float* __restrict__ dt, const float* __restrict__ lse,
                                           const float* __restrict__ row_g, float g_scale, const HeadParams& p,
-                                          float* __restrict__ dxp, float* __restrict__ dwh, int B, int C, int D) {
+                                          float* __restrict__ dxp, float* __restrict__ dwacc, T* __restrict__ dw,
+                                          float* __restrict__ dw32, int B, int C, int D) {
     constexpr int BM = BWD_BM, BN = BWD_BN, WM = 2, WN = 4;
     constexpr int MI = BM / WM / 16, NI = BN / WN / 8;  // 2 x 4
     constexpr int P = TileCfg<T>::PITCH, BD = TileCfg<T>::BD, CP = TileCfg<T>::CPITCH, DP = TileCfg<T>::DPITCH;
+    constexpr bool SCALED = IsF16<T>::value;
     static_assert(BM + BN <= NTHREADS, "the prologue gives each thread at most one row or class");
     // dx product: 64 rows x BD, warps 2 x 4 -> warp tile 32 x BD/4.
     constexpr int XMI = BM / 2 / 16, XNI = BD / 4 / 8;
@@ -234,26 +295,39 @@ __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __re
     T* sDw = sDx + BM * DP;            // [BM][DP]: dc * inv_x
     __shared__ float s_invw[BN], s_invx[BM], s_lse[BM], s_zt[BM], s_dt[BM], s_w[BM];
     __shared__ int s_y[BM];
+    // f16 only (SCALED): inverse norms split as frac * pow; per-warp maxima of the operands,
+    // then the inverse scales of the dx rows / dW columns.
+    __shared__ float s_wfr[SCALED ? BN : 1], s_wpow[SCALED ? BN : 1], s_xfr[SCALED ? BM : 1], s_xpow[SCALED ? BM : 1];
+    __shared__ float s_rmax[SCALED ? WN * BM : 1], s_cmax[SCALED ? WM * BN : 1];
+    __shared__ float s_rinv[SCALED ? BM : 1], s_cinv[SCALED ? BN : 1];
 
     const int tid = threadIdx.x, lane = tid % WARP_SIZE, warp = tid / WARP_SIZE;
     const int g = lane >> 2, q = lane & 3;
     const int wm = warp / WN, wn = warp % WN;
     const int G = gridDim.x, n_ct = ceil_div(C, BN), n_rt = ceil_div(B, BM);
     float* my_dxp = dxp + (size_t)blockIdx.x * B * D;
+    if ((int)blockIdx.x >= n_ct) {  // no class tile (the host never launches more): zero partial
+        for (size_t k = tid; k < (size_t)B * D; k += NTHREADS) my_dxp[k] = 0.0f;
+        return;
+    }
 
     for (int ct = blockIdx.x; ct < n_ct; ct += G) {
         const int c0 = ct * BN;
+        const bool first_ct = ct == (int)blockIdx.x;  // dxp[g] is stored, not added to
+        float* acc_w = dw32 ? dw32 + (size_t)c0 * D : dwacc + (size_t)blockIdx.x * BN * D;  // [BN][D]
         for (int rt = 0; rt < n_rt; ++rt) {
             const int r0 = rt * BM;
             // The previous iteration ended with __syncthreads: the s_* arrays are free.
             if (tid < BN) {
                 const int j = c0 + tid;
                 s_invw[tid] = j < C ? inv_w[j] : 0.0f;
+                if constexpr (SCALED) split_pow2(s_invw[tid], s_wfr[tid], s_wpow[tid]);
             } else if (tid < BN + BM) {
                 const int rl = tid - BN, r = r0 + rl;
                 const int y = r < B ? labels[r] : -1;
                 s_y[rl] = y;
                 s_invx[rl] = y >= 0 ? inv_x[r] : 0.0f;
+                if constexpr (SCALED) split_pow2(s_invx[rl], s_xfr[rl], s_xpow[rl]);
                 s_lse[rl] = y >= 0 ? lse[r] : 0.0f;
                 s_zt[rl] = y >= 0 ? p.s * t[r] : 0.0f;
                 s_dt[rl] = y >= 0 ? dt[r] : 0.0f;
@@ -262,7 +336,8 @@ __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __re
             float acc[MI][NI][4];
             cos_mainloop<T, VEC, BM, BN, WM, WN, NTHREADS>(acc, sA, sB, x, w, r0, B, c0, C, D);
 
-            // dc for every element of the tile (0 for ignored rows, rows >= B, classes >= C).
+            // dc for every element of the tile, in place of the cosines (0 for ignored rows,
+            // rows >= B, classes >= C).
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
@@ -284,18 +359,101 @@ __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __re
                                 dc = s_w[rl] * p.s * (pr - qq);
                                 if (tgt) dc *= s_dt[rl];
                             }
-                            sDx[rl * DP + cl] = to_operand<T>(dc * s_invw[cl]);
-                            sDw[rl * DP + cl] = to_operand<T>(dc * s_invx[rl]);
+                            acc[mi][ni][2 * h + e] = dc;
+                        }
+                }
+            if constexpr (SCALED) {
+                // Row maxima of |dc * frac_w| (over the quad, then the WN warps of these rows) and
+                // column maxima of |dc * frac_x| (over the 8 row groups, then the WM warps).
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int rl = wm * (BM / WM) + mi * 16 + g + 8 * h;
+                        float m = 0.0f;
+#pragma unroll
+                        for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                            for (int e = 0; e < 2; ++e)
+                                m = fmaxf(m, fabsf(acc[mi][ni][2 * h + e] * s_wfr[wn * (BN / WN) + ni * 8 + 2 * q + e]));
+                        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+                        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+                        if (q == 0) s_rmax[wn * BM + rl] = m;
+                    }
+#pragma unroll
+                for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int cl = wn * (BN / WN) + ni * 8 + 2 * q + e;
+                        float m = 0.0f;
+#pragma unroll
+                        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                            for (int h = 0; h < 2; ++h)
+                                m = fmaxf(m, fabsf(acc[mi][ni][2 * h + e] * s_xfr[wm * (BM / WM) + mi * 16 + g + 8 * h]));
+                        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
+                        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
+                        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
+                        if (g == 0) s_cmax[wm * BN + cl] = m;
+                    }
+                __syncthreads();
+                if (tid < BM) {
+                    float m = s_rmax[tid];
+#pragma unroll
+                    for (int k = 1; k < WN; ++k) m = fmaxf(m, s_rmax[k * BM + tid]);
+                    s_rinv[tid] = f16_operand_scale(m).inv;
+                } else if (tid < BM + BN) {
+                    const int cl = tid - BM;
+                    float m = s_cmax[cl];
+#pragma unroll
+                    for (int k = 1; k < WM; ++k) m = fmaxf(m, s_cmax[k * BN + cl]);
+                    s_cinv[cl] = f16_operand_scale(m).inv;
+                }
+                // (published, with sDx / sDw, by the __syncthreads after the first chunk load)
+            }
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int rl = wm * (BM / WM) + mi * 16 + g + 8 * h;
+                    float rs = 1.0f;
+                    if constexpr (SCALED) {
+                        float m = s_rmax[rl];
+#pragma unroll
+                        for (int k = 1; k < WN; ++k) m = fmaxf(m, s_rmax[k * BM + rl]);
+                        rs = f16_operand_scale(m).s;
+                    }
+#pragma unroll
+                    for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int cl = wn * (BN / WN) + ni * 8 + 2 * q + e;
+                            float cs = 1.0f;
+                            if constexpr (SCALED) {
+                                float m = s_cmax[cl];
+#pragma unroll
+                                for (int k = 1; k < WM; ++k) m = fmaxf(m, s_cmax[k * BN + cl]);
+                                cs = f16_operand_scale(m).s;
+                            }
+                            const float dc = acc[mi][ni][2 * h + e];
+                            if constexpr (SCALED) {
+                                sDx[rl * DP + cl] = to_operand<T>(dc * s_wfr[cl] * rs);
+                                sDw[rl * DP + cl] = to_operand<T>(dc * s_xfr[rl] * cs);
+                            } else {
+                                sDx[rl * DP + cl] = to_operand<T>(dc * s_invw[cl]);
+                                sDw[rl * DP + cl] = to_operand<T>(dc * s_invx[rl]);
+                            }
                         }
                 }
             // (the first __syncthreads below, after the chunk load, publishes sDx / sDw)
 
-            // dxp[g][r0.., d0..] += sDx[64 x 128] . W[c0.., d0..]   (K = the 128 classes)
+            // dxp[g][r0.., d0..] (+)= sDx[64 x 128] . W[c0.., d0..]   (K = the 128 classes)
             for (int d0 = 0; d0 < D; d0 += BD) {
                 load_tile<T, VEC, BN, BD, NTHREADS>(sChunk, CP, w, c0, C, d0, D);
                 cp_async_commit();
                 cp_async_wait<0>();
                 __syncthreads();
+                if constexpr (SCALED) scale_chunk_rows<T, BN, BD, NTHREADS>(sChunk, CP, s_wpow);
                 float ax[XMI][XNI][4];
 #pragma unroll
                 for (int mi = 0; mi < XMI; ++mi)
@@ -311,19 +469,27 @@ __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __re
                     for (int ni = 0; ni < XNI; ++ni)
 #pragma unroll
                         for (int r = 0; r < 4; ++r) {
-                            const int row = r0 + m0 + mi * 16 + g + 8 * (r >> 1);
+                            const int rl = m0 + mi * 16 + g + 8 * (r >> 1);
+                            const int row = r0 + rl;
                             const int col = d0 + n0 + ni * 8 + 2 * q + (r & 1);
-                            if (row < B && col < D) my_dxp[(size_t)row * D + col] += ax[mi][ni][r];
+                            float v = ax[mi][ni][r];
+                            if constexpr (SCALED) v *= s_rinv[rl];
+                            if (row < B && col < D) {
+                                float* o = my_dxp + (size_t)row * D + col;
+                                if (first_ct) *o = v;  // never read before written
+                                else *o += v;
+                            }
                         }
                 __syncthreads();  // sChunk is refilled next
             }
 
-            // dwh[c0.., d0..] += sDw^T[128 x 64] . x[r0.., d0..]   (K = the 64 rows)
+            // acc_w[classes, d0..] (+)= sDw^T[128 x 64] . x[r0.., d0..]   (K = the 64 rows)
             for (int d0 = 0; d0 < D; d0 += BD) {
                 load_tile<T, VEC, BM, BD, NTHREADS>(sChunk, CP, x, r0, B, d0, D);
                 cp_async_commit();
                 cp_async_wait<0>();
                 __syncthreads();
+                if constexpr (SCALED) scale_chunk_rows<T, BM, BD, NTHREADS>(sChunk, CP, s_xpow);
                 float aw[WMI][WNI][4];
 #pragma unroll
                 for (int mi = 0; mi < WMI; ++mi)
@@ -339,11 +505,38 @@ __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __re
                     for (int ni = 0; ni < WNI; ++ni)
 #pragma unroll
                         for (int r = 0; r < 4; ++r) {
-                            const int cls = c0 + m0 + mi * 16 + g + 8 * (r >> 1);
+                            const int cl = m0 + mi * 16 + g + 8 * (r >> 1);
                             const int col = d0 + n0 + ni * 8 + 2 * q + (r & 1);
-                            if (cls < C && col < D) dwh[(size_t)cls * D + col] += aw[mi][ni][r];
+                            float v = aw[mi][ni][r];
+                            if constexpr (SCALED) v *= s_cinv[cl];
+                            if (c0 + cl < C && col < D) {
+                                float* o = acc_w + (size_t)cl * D + col;
+                                if (rt == 0) *o = v;
+                                else *o += v;
+                            }
                         }
                 __syncthreads();  // sChunk, sDx, sDw and s_* are rewritten next
+            }
+        }
+
+        // dW of the class tile (SPEC 4): u = w * inv_w, dW = (dwh - u (u . dwh)) * inv_w, one
+        // warp per class row, the same arithmetic as head_ref.cu's normback. acc_w was written by
+        // other threads of this CTA before the last __syncthreads; the next class tile's first
+        // writes to it come after its mainloop's __syncthreads.
+        for (int cl = warp; cl < BN && c0 + cl < C; cl += NTHREADS / WARP_SIZE) {
+            const int cls = c0 + cl;
+            const float r = inv_w[cls];
+            const T* wr = w + (size_t)cls * D;
+            const float* a = acc_w + (size_t)cl * D;
+            float dot = 0.0f;
+            for (int k = lane; k < D; k += WARP_SIZE) dot = fmaf(to_f32(wr[k]) * r, a[k], dot);
+            dot = warp_sum(dot);
+            if (dw32) {
+                float* o = dw32 + (size_t)cls * D;  // == a: each lane rewrites the elements it read
+                for (int k = lane; k < D; k += WARP_SIZE) o[k] = (a[k] - to_f32(wr[k]) * r * dot) * r;
+            } else {
+                T* o = dw + (size_t)cls * D;
+                for (int k = lane; k < D; k += WARP_SIZE) o[k] = from_f32<T>((a[k] - to_f32(wr[k]) * r * dot) * r);
             }
         }
     }
@@ -351,10 +544,11 @@ __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __re
 
 #define FUSED_BWD_ARGS                                                                                                      \
     const T *x, const T *w, const float *inv_x, const float *inv_w, const int *labels, const float *t, const float *dt,       \
-        const float *lse, const float *row_g, float g_scale, HeadParams p, float *dxp, float *dwh, int B, int C, int D
-#define FUSED_BWD_PASS x, w, inv_x, inv_w, labels, t, dt, lse, row_g, g_scale, p, dxp, dwh, B, C, D
+        const float *lse, const float *row_g, float g_scale, HeadParams p, float *dxp, float *dwacc, T *dw, float *dw32, int B, \
+        int C, int D
+#define FUSED_BWD_PASS x, w, inv_x, inv_w, labels, t, dt, lse, row_g, g_scale, p, dxp, dwacc, dw, dw32, B, C, D
 
-// Entry points: see fused_bwd. dxp and dwh never alias each other or the inputs.
+// Entry points: see fused_bwd. dxp, dwacc, dw and dw32 never alias each other or the inputs.
 #define T bf16_t
 // hot
 extern "C" __global__ void __launch_bounds__(256, 1) fused_bwd_bf16(FUSED_BWD_ARGS) { fused_bwd<T, true>(FUSED_BWD_PASS); }

@@ -219,6 +219,17 @@ pub fn workspace_for(
     grad: GradDtype,
     sm_count: usize,
 ) -> Workspace {
+    workspace_with_groups(path, shape, dtype, grad, bwd_groups(shape, sm_count))
+}
+
+/// [`workspace_for`] with the fused backward's CTA count `g` given.
+fn workspace_with_groups(
+    path: HeadPath,
+    shape: HeadShape,
+    dtype: DType,
+    grad: GradDtype,
+    g: usize,
+) -> Workspace {
     let HeadShape { b, c, d } = shape;
     let f = 4;
     match path {
@@ -230,14 +241,13 @@ pub fn workspace_for(
         },
         HeadPath::Fused => {
             let n_ct = c.div_ceil(FWD_BN);
-            let g = bwd_groups(shape, sm_count);
-            // A 16-bit dW is accumulated in an f32 buffer first; an f32 dW in place.
-            let dwh = if grad == GradDtype::F32 || dtype == DType::F32 { 0 } else { c * d };
+            // A 16-bit dW accumulates one class tile per CTA in f32 scratch; an f32 dW in place.
+            let dwacc = if grad == GradDtype::F32 || dtype == DType::F32 { 0 } else { g * BWD_BN * d };
             Workspace {
                 // norms and inverse norms, partials, labels, dt
                 forward: (2 * b + 2 * c + 3 * n_ct * b + 2 * b) * f,
-                // norms and inverse norms, dx partials, dW accumulator, labels
-                backward: (2 * b + 2 * c + g * b * d + dwh + b) * f,
+                // norms and inverse norms, dx partials, dW accumulators, labels
+                backward: (2 * b + 2 * c + g * b * d + dwacc + b) * f,
             }
         }
     }
@@ -328,13 +338,7 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
     /// Scratch bytes (beyond inputs and outputs) of a forward and of a backward
     /// writing gradients in `grad` at `shape` with storage `dtype`.
     pub fn workspace(&self, shape: HeadShape, dtype: DType, grad: GradDtype) -> Workspace {
-        let mut w = workspace_for(self.path, shape, dtype, grad, self.dev.info().sm_count.max(1) as usize);
-        if self.path == HeadPath::Fused {
-            let default_g = bwd_groups(shape, self.dev.info().sm_count.max(1) as usize);
-            let g = self.bwd_groups(shape);
-            w.backward = w.backward - default_g * shape.b * shape.d * 4 + g * shape.b * shape.d * 4;
-        }
-        w
+        workspace_with_groups(self.path, shape, dtype, grad, self.bwd_groups(shape))
     }
 
     /// Peak scratch bytes of [`CudaHead::forward_backward`] with gradients in the
@@ -614,33 +618,58 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
                 let inv_x = inv_norms(dev, x)?;
                 let inv_w = inv_norms(dev, w)?;
                 let groups = self.bwd_groups(shape);
-                let mut dxp = Tensor::<f32>::zeros(dev, &[groups * b * d])?;
-                let mut dwh = Tensor::<f32>::zeros(dev, &[c, d])?;
-                fused_bwd(
-                    dev,
-                    x,
-                    w,
-                    &inv_x,
-                    &inv_w,
-                    dl,
-                    fwd,
-                    row_g,
-                    g_scale,
-                    p,
-                    &mut dxp,
-                    &mut dwh,
-                    groups,
-                    shape,
-                    self.tuning.scalar_loads,
-                )?;
-                let dx = normback(dev, &mut dxp, groups, x, &inv_x, grad_dtype, b, d)?;
+                // SAFETY: fused_bwd writes every element of dxp (groups <= class tiles: each
+                // CTA stores its partial on its first class tile) and of dW (each class row
+                // once, by the CTA that owns its tile); the scratch is written before read.
+                let mut dxp = unsafe { Tensor::<f32>::uninit(dev, &[groups * b * d]) }?;
                 let dw = if grad_dtype == GradDtype::F32 || T::DTYPE == DType::F32 {
-                    // dW was accumulated in f32: normalize it in place, no second buffer.
-                    normback_in_place(dev, &mut dwh, w, &inv_w, c, d)?;
-                    GradTensor::F32(dwh)
+                    // SAFETY: as above.
+                    let mut dw = unsafe { Tensor::<f32>::uninit(dev, &[c, d]) }?;
+                    let out = FusedDw::F32(&mut dw);
+                    fused_bwd(
+                        dev,
+                        x,
+                        w,
+                        &inv_x,
+                        &inv_w,
+                        dl,
+                        fwd,
+                        row_g,
+                        g_scale,
+                        p,
+                        &mut dxp,
+                        out,
+                        groups,
+                        shape,
+                        self.tuning.scalar_loads,
+                    )?;
+                    GradTensor::F32(dw)
                 } else {
-                    normback(dev, &mut dwh, 1, w, &inv_w, grad_dtype, c, d)?
+                    // SAFETY: as above.
+                    let mut acc = unsafe { Tensor::<f32>::uninit(dev, &[groups * BWD_BN * d]) }?;
+                    // SAFETY: as above.
+                    let mut dw = unsafe { Tensor::<T>::uninit(dev, &[c, d]) }?;
+                    let out = FusedDw::Input { acc: &mut acc, dw: &mut dw };
+                    fused_bwd(
+                        dev,
+                        x,
+                        w,
+                        &inv_x,
+                        &inv_w,
+                        dl,
+                        fwd,
+                        row_g,
+                        g_scale,
+                        p,
+                        &mut dxp,
+                        out,
+                        groups,
+                        shape,
+                        self.tuning.scalar_loads,
+                    )?;
+                    GradTensor::Input(dw)
                 };
+                let dx = normback(dev, &mut dxp, groups, x, &inv_x, grad_dtype, b, d)?;
                 Ok(Grads { dx, dw })
             }
         }
@@ -906,27 +935,6 @@ fn normback<T: DeviceElem>(
     }
 }
 
-/// In-place normalization backward of an f32 gradient buffer [rows, d].
-fn normback_in_place<T: DeviceElem>(
-    dev: &Device,
-    g: &mut Tensor<f32>,
-    v: &Tensor<T>,
-    inv: &Tensor<f32>,
-    rows: usize,
-    d: usize,
-) -> Result<()> {
-    let f = dev.function(normback_kernel(T::DTYPE, true))?;
-    let (np, stride, rows_i, d_i) = (1i32, (rows * d) as i64, rows as i32, d as i32);
-    let null: u64 = 0;
-    let mut bld = dev.stream().launch_builder(&f);
-    bld.arg(g.slice_mut()).arg(&np).arg(&stride).arg(v.slice()).arg(inv.slice()).arg(&null);
-    bld.arg(&rows_i).arg(&d_i);
-    // SAFETY: g holds rows*d f32, v rows*d T, inv rows; out = null makes the kernel write
-    // over g, each element by the thread that read it.
-    unsafe { bld.launch(grid1(rows, 8)) }.map_err(cuda_err("head_ref::head_normback (in place)"))?;
-    Ok(())
-}
-
 /// Whether `fused_*` (16-byte cp.async) can run, else `fused_scalar_*`.
 pub fn fused_vectorized(dtype: DType, d: usize) -> bool {
     d % (16 / dtype.size()) == 0
@@ -1013,6 +1021,15 @@ fn fused_combine(
     Ok(())
 }
 
+/// Where the fused backward finishes dW.
+enum FusedDw<'a, T: DeviceElem> {
+    /// In f32, accumulated in place ([C, D]).
+    F32(&'a mut Tensor<f32>),
+    /// In the storage dtype ([C, D]), via f32 scratch of one class tile per CTA
+    /// ([groups * BWD_BN * D]).
+    Input { acc: &'a mut Tensor<f32>, dw: &'a mut Tensor<T> },
+}
+
 #[allow(clippy::too_many_arguments)]
 fn fused_bwd<T: DeviceElem>(
     dev: &Device,
@@ -1026,7 +1043,7 @@ fn fused_bwd<T: DeviceElem>(
     g_scale: f32,
     p: HeadParams,
     dxp: &mut Tensor<f32>,
-    dwh: &mut Tensor<f32>,
+    out: FusedDw<'_, T>,
     groups: usize,
     shape: HeadShape,
     scalar: bool,
@@ -1054,11 +1071,18 @@ fn fused_bwd<T: DeviceElem>(
         Some(g) => bld.arg(g.slice()),
         None => bld.arg(&null),
     };
-    bld.arg(&g_scale).arg(&p).arg(dxp.slice_mut()).arg(dwh.slice_mut()).arg(&b).arg(&c).arg(&d);
+    bld.arg(&g_scale).arg(&p).arg(dxp.slice_mut());
+    match out {
+        FusedDw::F32(dw) => bld.arg(&null).arg(&null).arg(dw.slice_mut()),
+        FusedDw::Input { acc, dw } => bld.arg(acc.slice_mut()).arg(dw.slice_mut()).arg(&null),
+    };
+    bld.arg(&b).arg(&c).arg(&d);
     // SAFETY: x [B, D], w [C, D] (the VEC kernel only when D and both base addresses allow
-    // 16-byte chunks, checked above), per-row inputs [B], inv_w [C]; dxp holds groups*B*D and
-    // dwh C*D zero-initialized f32 (distinct buffers); CTA g writes only dxp[g] and the dwh
-    // rows of its class tiles; the dynamic smem size is the one the kernel was written for.
+    // 16-byte chunks, checked above), per-row inputs [B], inv_w [C]; dxp holds groups*B*D f32;
+    // dW is either f32 [C, D] (dwacc = dw = null) or T [C, D] with groups*BWD_BN*D f32 of
+    // scratch (dw32 = null), all distinct buffers; groups <= class tiles (bwd_groups clamps);
+    // CTA g writes only dxp[g], its scratch slice and the dW rows of its class tiles; the
+    // dynamic smem size is the one the kernel was written for.
     unsafe { bld.launch(cfg) }.map_err(cuda_err("head_fused::fused_bwd"))?;
     Ok(())
 }

@@ -78,6 +78,17 @@ impl<T: DeviceElem> Tensor<T> {
         Ok(Self { buf, shape: shape.to_vec() })
     }
 
+    /// A tensor whose contents are left uninitialized (no memset pass over it).
+    ///
+    /// # Safety
+    /// Every element must be written (by a kernel on this device's stream) before
+    /// anything reads it; until then its contents are arbitrary bits.
+    pub unsafe fn uninit(dev: &Device, shape: &[usize]) -> Result<Self> {
+        // SAFETY: the caller promises to write every element before it is read.
+        let buf = unsafe { dev.stream().alloc::<T>(numel(shape).max(1)) }.map_err(cuda_err("allocation"))?;
+        Ok(Self { buf, shape: shape.to_vec() })
+    }
+
     /// Wraps an existing buffer (its length must be at least the shape's size).
     pub fn from_slice(buf: CudaSlice<T>, shape: &[usize]) -> Result<Self> {
         if buf.len() < numel(shape) {
