@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from inside the bundle folder (see scripts/gpu-bundle.sh).
-# Writes at most 8 files to $OUT: summary.txt, tests.txt, sanitizer.txt, smoke.txt,
-# bench.txt, bench.json, compare.txt, peers.txt (the device tool returns 8).
+# Writes at most 8 files to $OUT: summary.txt, tests.txt, sanitizer.txt (with the smoke),
+# bench.txt, bench.json, profile.txt (ncu), compare.txt, peers.txt (the device tool
+# returns 8). PEERS=0 skips the torch peers, PROFILE=0 the ncu step.
 set -uo pipefail
 bundle="$(cd "$(dirname "$0")" && pwd)"
 OUT="${OUT:-$bundle/out}"
@@ -33,8 +34,19 @@ if command -v compute-sanitizer >/dev/null; then
 else
   echo "compute-sanitizer: not found" | tee -a "$OUT/summary.txt"; status=1
 fi
-step smoke smoke.txt ./featcloud smoke
+step smoke sanitizer.txt ./featcloud smoke
 step "bench --quick" bench.txt ./featcloud bench --quick --json "$OUT/bench.json"
+# What limits the fused kernels: one profiled launch of each kernel of a fused
+# forward+backward per shape (the bench's first, untimed, verification call), with
+# the clocks left alone. Speed-of-light, occupancy and launch statistics only.
+if command -v ncu >/dev/null && [ "${PROFILE:-1}" = 1 ]; then
+  for shape in reid lt face-93k; do
+    step "ncu $shape" profile.txt timeout 150 ncu --clock-control none --section SpeedOfLight \
+      --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+      -k 'regex:fused_|head_normback|row_norms' --launch-count 10 \
+      ./featcloud bench --only "$shape" --reps 1
+  done
+fi
 step "compare (cuda)" compare.txt ./featcloud compare --backend cuda --out /tmp/featcloud-compare
 if [ -f peers.py ] && [ "${PEERS:-1}" = 1 ]; then
   step "peers (torch eager)" peers.txt env OUT=/tmp timeout 240 python3 peers.py

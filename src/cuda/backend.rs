@@ -36,6 +36,7 @@
 //! # Ok(()) }
 //! ```
 
+use super::gemm_plan::ColGemm;
 use super::head::{CudaHead, GradDtype, GradTensor, HeadPath, HeadUpstream};
 use super::kernels::{self, train_ops as k};
 use super::stats::ClassStats;
@@ -262,16 +263,11 @@ impl CudaBackend {
         }
         let op =
             |t: bool| if t { cb::cublasOperation_t::CUBLAS_OP_T } else { cb::cublasOperation_t::CUBLAS_OP_N };
-        // Row-major C [m, n] is column-major C^T [n, m] (ldc = n), and
-        // C^T = op(B)^T op(A)^T, so cuBLAS gets (B, A) in that order:
-        // - B row-major [k, n] is column-major B^T [n, k] with ld n: op N;
-        //   B^T stored row-major [n, k] is column-major [k, n] with ld k: op T gives [n, k].
-        // - A row-major [m, k] is column-major A^T [k, m] with ld k: op N;
-        //   A^T stored row-major [k, m] is column-major [m, k] with ld m: op T gives [k, m].
-        let lda_cm = if g.trans_b { kk } else { n };
-        let ldb_cm = if g.trans_a { m } else { kk };
-        let (m_cm, n_cm, k_cm) = (i32_of("gemm n", n)?, i32_of("gemm m", m)?, i32_of("gemm k", kk)?);
-        let (lda_cm, ldb_cm, ldc_cm) = (i32_of("gemm ld", lda_cm)?, i32_of("gemm ld", ldb_cm)?, m_cm);
+        // Row-major C = op(A) op(B) is the column-major C^T = op(B)^T op(A)^T: cuBLAS gets
+        // (b, a) in that order (gemm_plan.rs).
+        let plan = ColGemm::row_major(g.trans_a, g.trans_b, m, n, kk);
+        plan.check(b.len(), a.len(), c.len())?;
+        let [m_cm, n_cm, k_cm, lda_cm, ldb_cm, ldc_cm] = plan.ints();
         let in_type = match T::DTYPE {
             crate::config::DType::F32 => cb::cudaDataType::CUDA_R_32F,
             crate::config::DType::BF16 => cb::cudaDataType::CUDA_R_16BF,
@@ -283,16 +279,16 @@ impl CudaBackend {
         let (pa, _ga) = a.device_ptr(stream);
         let (pb, _gb) = b.device_ptr(stream);
         let (pc, _gc) = c.slice_mut().device_ptr_mut(stream);
-        // SAFETY: in column-major terms A_cm = b is [m_cm, k_cm] (op N, ld n) or [k_cm, m_cm]
-        // (op T, ld k) and b holds >= k*n elements; B_cm = a likewise with >= m*k; C holds
-        // exactly m*n f32 with ld n. The pointers are live device buffers on the handle's
+        // SAFETY: plan.check above: A_cm = b and B_cm = a hold at least the elements the
+        // column-major plan touches (dimensions positive and within int, leading dimensions at
+        // least the stored rows); C holds exactly m*n f32 with ld n. The pointers are live device buffers on the handle's
         // stream; alpha/beta are host f32, as CUBLAS_COMPUTE_32F with host pointer mode wants.
         // CUBLAS_COMPUTE_32F (not *_FAST_TF32) keeps f32 inputs exact f32 products.
         unsafe {
             cudarc::cublas::result::gemm_ex(
                 *blas.handle(),
-                op(g.trans_b),
-                op(g.trans_a),
+                op(plan.trans_a),
+                op(plan.trans_b),
                 m_cm,
                 n_cm,
                 k_cm,

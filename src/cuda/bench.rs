@@ -2,7 +2,9 @@
 //! flushed between repetitions, the memory pool's high-water mark (measured
 //! extra device memory), and the cuBLAS GEMMs that set the floor and the peak.
 
+use super::gemm_plan::{head_gemms, ColGemm};
 use super::{cuda_err, Device, DeviceElem, Tensor};
+use crate::check::HeadShape;
 use crate::config::DType;
 use crate::error::{Error, Result};
 use cudarc::cublas::sys as cb;
@@ -108,34 +110,18 @@ fn data_type(dtype: DType) -> cb::cudaDataType {
     }
 }
 
-/// A column-major GEMM C[m, n] = op(A) op(B) with f32 accumulation, all of dtype T.
-#[allow(clippy::too_many_arguments)]
+/// One column-major GEMM `C = op(A) op(B)` (see [`ColGemm`]) with f32 accumulation,
+/// all operands of dtype T.
 pub fn gemm<T: DeviceElem>(
     dev: &Device,
-    trans_a: bool,
-    trans_b: bool,
-    (m, n, k): (usize, usize, usize),
+    plan: ColGemm,
     a: &CudaSlice<T>,
-    lda: usize,
     b: &CudaSlice<T>,
-    ldb: usize,
     c: &mut CudaSlice<T>,
-    ldc: usize,
 ) -> Result<()> {
     let op = |t| if t { cb::cublasOperation_t::CUBLAS_OP_T } else { cb::cublasOperation_t::CUBLAS_OP_N };
-    let rows_a = if trans_a { k } else { m };
-    let cols_a = if trans_a { m } else { k };
-    let rows_b = if trans_b { n } else { k };
-    let cols_b = if trans_b { k } else { n };
-    if lda < rows_a
-        || ldb < rows_b
-        || ldc < m
-        || a.len() < lda * cols_a
-        || b.len() < ldb * cols_b
-        || c.len() < ldc * n
-    {
-        return Err(Error::Shape(format!("gemm operands too small for m={m} n={n} k={k}")));
-    }
+    plan.check(a.len(), b.len(), c.len())?;
+    let [m, n, k, lda, ldb, ldc] = plan.ints();
     let blas = dev.cublas()?;
     let (alpha, beta) = (1.0f32, 0.0f32);
     let dt = data_type(T::DTYPE);
@@ -143,27 +129,29 @@ pub fn gemm<T: DeviceElem>(
     let (pa, _ga) = a.device_ptr(stream);
     let (pb, _gb) = b.device_ptr(stream);
     let (pc, _gc) = c.device_ptr_mut(stream);
-    // SAFETY: sizes checked above; pointers are live device buffers on the handle's stream;
-    // alpha/beta are f32 as CUBLAS_COMPUTE_32F requires.
+    // SAFETY: plan.check above: every dimension positive and within int, leading dimensions
+    // at least the stored rows, and a, b, c hold at least the elements the plan touches;
+    // pointers are live device buffers on the handle's stream; alpha/beta are f32 as
+    // CUBLAS_COMPUTE_32F requires.
     unsafe {
         cudarc::cublas::result::gemm_ex(
             *blas.handle(),
-            op(trans_a),
-            op(trans_b),
-            m as i32,
-            n as i32,
-            k as i32,
+            op(plan.trans_a),
+            op(plan.trans_b),
+            m,
+            n,
+            k,
             &alpha as *const f32 as *const c_void,
             pa as *const c_void,
             dt,
-            lda as i32,
+            lda,
             pb as *const c_void,
             dt,
-            ldb as i32,
+            ldb,
             &beta as *const f32 as *const c_void,
             pc as *mut c_void,
             dt,
-            ldc as i32,
+            ldc,
             cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
@@ -205,21 +193,11 @@ impl<T: DeviceElem> ThreeGemm<T> {
     /// i.e. exactly the GEMM work of one fwd+bwd and nothing else.
     pub fn run(&mut self, dev: &Device) -> Result<()> {
         let (b, c, d) = (self.b, self.c, self.d);
-        // Row-major M is column-major M^T: see each call's shape in column-major terms.
-        gemm(dev, true, false, (c, b, d), self.w.slice(), d, self.x.slice(), d, self.logits.slice_mut(), c)?;
-        gemm(
-            dev,
-            false,
-            false,
-            (d, b, c),
-            self.w.slice(),
-            d,
-            self.logits.slice(),
-            c,
-            self.dx.slice_mut(),
-            d,
-        )?;
-        gemm(dev, false, true, (d, c, b), self.x.slice(), d, self.logits.slice(), c, self.dw.slice_mut(), d)?;
+        // The head's three products, mapped onto column-major calls by head_gemms.
+        let [logits, dx, dw] = head_gemms(HeadShape { b, c, d });
+        gemm(dev, logits, self.w.slice(), self.x.slice(), self.logits.slice_mut())?;
+        gemm(dev, dx, self.w.slice(), self.logits.slice(), self.dx.slice_mut())?;
+        gemm(dev, dw, self.x.slice(), self.logits.slice(), self.dw.slice_mut())?;
         Ok(())
     }
 }
@@ -236,7 +214,7 @@ pub fn gemm_peak_tflops<T: DeviceElem>(
     let mut cm = Tensor::<T>::zeros(dev, &[n, n])?;
     let mut timer = Timer::new(dev)?;
     let t = timer.time(warmup, reps, || {
-        gemm(dev, false, false, (n, n, n), a.slice(), n, bm.slice(), n, cm.slice_mut(), n)
+        gemm(dev, ColGemm::row_major(false, false, n, n, n), a.slice(), bm.slice(), cm.slice_mut())
     })?;
     Ok((2.0 * (n as f64).powi(3) / (t.median_ms * 1e-3) / 1e12, t))
 }

@@ -27,6 +27,7 @@
 
 pub mod verify;
 
+use super::gemm_plan::{head_gemms, ColGemm};
 use super::kernels::{head_fused as kf, head_ref as kr};
 use super::{cuda_err, Device, DeviceElem, Kernel, Tensor};
 use crate::check::{check_head_inputs, HeadShape};
@@ -709,28 +710,48 @@ fn ref_normalize<T: DeviceElem>(dev: &Device, v: &Tensor<T>) -> Result<(Tensor<f
     Ok((vh, inv))
 }
 
-/// cos [B, C] = xh [B, D] . wh [C, D]^T with cuBLAS SGEMM (column-major view:
-/// cos^T [C, B] = wh^T(op T of the [D, C] view) . xh [D, B]).
-fn cos_gemm(dev: &Device, xh: &Tensor<f32>, wh: &Tensor<f32>, shape: HeadShape) -> Result<Tensor<f32>> {
-    let HeadShape { b, c, d } = shape;
-    let mut cos = Tensor::<f32>::zeros(dev, &[b, c])?;
+/// One cuBLAS SGEMM of the reference path (alpha 1, beta 0) along `plan`, with the
+/// column-major operands (a, b) as [`ColGemm::row_major`] hands them over.
+fn sgemm(
+    dev: &Device,
+    plan: ColGemm,
+    a: &Tensor<f32>,
+    b: &Tensor<f32>,
+    c: &mut Tensor<f32>,
+    what: &'static str,
+) -> Result<()> {
+    plan.check(a.len(), b.len(), c.len())?;
+    let op = |t: bool| {
+        if t {
+            blas_sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            blas_sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let [m, n, k, lda, ldb, ldc] = plan.ints();
     let cfg = GemmConfig {
-        transa: blas_sys::cublasOperation_t::CUBLAS_OP_T,
-        transb: blas_sys::cublasOperation_t::CUBLAS_OP_N,
-        m: c as i32,
-        n: b as i32,
-        k: d as i32,
+        transa: op(plan.trans_a),
+        transb: op(plan.trans_b),
+        m,
+        n,
+        k,
         alpha: 1.0f32,
-        lda: d as i32,
-        ldb: d as i32,
+        lda,
+        ldb,
         beta: 0.0f32,
-        ldc: c as i32,
+        ldc,
     };
     let blas = dev.cublas()?;
-    // SAFETY: wh is [C, D] (lda = D), xh is [B, D] (ldb = D), cos is [B, C] (ldc = C);
-    // all three buffers hold exactly these sizes and are distinct.
-    unsafe { blas.gemm(cfg, wh.slice(), xh.slice(), cos.slice_mut()) }
-        .map_err(blas_err("reference cos GEMM"))?;
+    // SAFETY: plan.check above: positive dimensions within int, leading dimensions at least
+    // the stored rows, and a, b, c hold at least the elements the plan touches; c is a
+    // distinct allocation from a and b.
+    unsafe { blas.gemm(cfg, a.slice(), b.slice(), c.slice_mut()) }.map_err(blas_err(what))
+}
+
+/// cos [B, C] = xh [B, D] . wh [C, D]^T (cuBLAS SGEMM).
+fn cos_gemm(dev: &Device, xh: &Tensor<f32>, wh: &Tensor<f32>, shape: HeadShape) -> Result<Tensor<f32>> {
+    let mut cos = Tensor::<f32>::zeros(dev, &[shape.b, shape.c])?;
+    sgemm(dev, head_gemms(shape)[0], wh, xh, &mut cos, "reference cos GEMM")?;
     Ok(cos)
 }
 
@@ -744,45 +765,9 @@ fn grad_gemms(
     dwh: &mut Tensor<f32>,
     shape: HeadShape,
 ) -> Result<()> {
-    let HeadShape { b, c, d } = shape;
-    let blas = dev.cublas()?;
-    let op_n = blas_sys::cublasOperation_t::CUBLAS_OP_N;
-    let op_t = blas_sys::cublasOperation_t::CUBLAS_OP_T;
-    // Column-major: dxh^T [D, B] = wh^T [D, C] . dc^T [C, B].
-    let cfg_x = GemmConfig {
-        transa: op_n,
-        transb: op_n,
-        m: d as i32,
-        n: b as i32,
-        k: c as i32,
-        alpha: 1.0f32,
-        lda: d as i32,
-        ldb: c as i32,
-        beta: 0.0f32,
-        ldc: d as i32,
-    };
-    // SAFETY: wh [C, D] seen as [D, C] col-major (lda = D), dc [B, C] seen as [C, B] (ldb = C),
-    // dxh [B, D] seen as [D, B] (ldc = D); sizes match the allocations, no aliasing.
-    unsafe { blas.gemm(cfg_x, wh.slice(), dc.slice(), dxh.slice_mut()) }
-        .map_err(blas_err("reference dx GEMM"))?;
-    // Column-major: dwh^T [D, C] = xh^T [D, B] . (dc^T [C, B])^T.
-    let cfg_w = GemmConfig {
-        transa: op_n,
-        transb: op_t,
-        m: d as i32,
-        n: c as i32,
-        k: b as i32,
-        alpha: 1.0f32,
-        lda: d as i32,
-        ldb: c as i32,
-        beta: 0.0f32,
-        ldc: d as i32,
-    };
-    // SAFETY: xh [B, D] seen as [D, B] (lda = D), dc [B, C] seen as [C, B] and transposed
-    // (ldb = C), dwh [C, D] seen as [D, C] (ldc = D); sizes match, no aliasing.
-    unsafe { blas.gemm(cfg_w, xh.slice(), dc.slice(), dwh.slice_mut()) }
-        .map_err(blas_err("reference dW GEMM"))?;
-    Ok(())
+    let [_, dx, dw] = head_gemms(shape);
+    sgemm(dev, dx, wh, dc, dxh, "reference dx GEMM")?;
+    sgemm(dev, dw, xh, dc, dwh, "reference dW GEMM")
 }
 
 #[allow(clippy::too_many_arguments)]

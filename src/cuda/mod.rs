@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod gemm_plan;
 pub mod head;
 pub mod kernels;
 pub mod norms;
