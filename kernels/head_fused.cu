@@ -167,11 +167,14 @@ extern "C" __global__ void __launch_bounds__(256) fused_scalar_fwd_f32(FUSED_FWD
 // ---- forward combine --------------------------------------------------------------------------
 // One warp per row, 8 rows per 256-thread block; grid = ceil(B / 8). Lane k merges the
 // partials of class tiles k, k+32, ... in order, then a fixed xor tree merges the lanes.
-// part [3][n_ct][B], labels [B], t [B] in; lse [B], loss [B] out (0 for ignored rows).
+// part [3][n_ct][B], labels [B], t [B] in; lse [B], loss [B] out. For ignored rows it
+// writes 0 to lse, loss and to c_iy, t, alpha, dt (which fused_fwd writes only for valid
+// rows), so after it every per-row output is written and none needs zeroing.
 extern "C" __global__ void __launch_bounds__(256) fused_combine_fwd_f32(const float* __restrict__ part, int n_ct,
-                                                                         const int* __restrict__ labels, const float* __restrict__ t,
+                                                                         const int* __restrict__ labels, float* __restrict__ t,
                                                                          HeadParams p, float* __restrict__ lse,
-                                                                         float* __restrict__ loss, int B) {
+                                                                         float* __restrict__ loss, float* __restrict__ c_iy,
+                                                                         float* __restrict__ alpha, float* __restrict__ dt, int B) {
     const int i = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
     const int lane = threadIdx.x % WARP_SIZE;
     if (i >= B) return;  // the whole warp leaves: no shuffle is split
@@ -180,6 +183,10 @@ extern "C" __global__ void __launch_bounds__(256) fused_combine_fwd_f32(const fl
         if (lane == 0) {
             lse[i] = 0.0f;
             loss[i] = 0.0f;
+            c_iy[i] = 0.0f;
+            t[i] = 0.0f;
+            alpha[i] = 0.0f;
+            dt[i] = 0.0f;
         }
         return;
     }

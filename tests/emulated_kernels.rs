@@ -900,6 +900,8 @@ mod head {
         pub lse: Vec<f32>,
         pub c_iy: Vec<f32>,
         pub t: Vec<f32>,
+        pub alpha: Vec<f32>,
+        pub dt: Vec<f32>,
         pub dx: Vec<f32>,
         pub dw: Vec<f32>,
         pub raw: Vec<Vec<u8>>,
@@ -956,9 +958,11 @@ mod head {
         e.launch(&rn, [c.div_ceil(8) as u32, 1, 1], [256, 1, 1], 0, &[A::B(bw), A::B(nw), A::B(iw), ci, di]);
         // forward
         let n_ct = c.div_ceil(FWD_BN);
-        let part = e.zeros(3 * n_ct * b * 4);
-        let (rl, lse, ciy, t, alpha, dtb) =
-            (e.zeros(b * 4), e.zeros(b * 4), e.zeros(b * 4), e.zeros(b * 4), e.zeros(b * 4), e.zeros(b * 4));
+        // The fused path allocates these uninitialized (forward_impl): poison them, so any
+        // element the kernels leave unwritten shows as NaN.
+        let part = e.bytes(&poison(3 * n_ct * b * 4));
+        let mut row = || e.bytes(&poison(b * 4));
+        let (rl, lse, ciy, t, alpha, dtb) = (row(), row(), row(), row(), row(), row());
         let fwd = if vec { format!("fused_fwd_{sfx}") } else { format!("fused_scalar_fwd_{sfx}") };
         e.launch(
             &fwd,
@@ -988,7 +992,19 @@ mod head {
             [b.div_ceil(8) as u32, 1, 1],
             [256, 1, 1],
             0,
-            &[A::B(part), A::I(n_ct as i64), A::B(bl), A::B(t), A::B(pf), A::B(lse), A::B(rl), bi],
+            &[
+                A::B(part),
+                A::I(n_ct as i64),
+                A::B(bl),
+                A::B(t),
+                A::B(pf),
+                A::B(lse),
+                A::B(rl),
+                A::B(ciy),
+                A::B(alpha),
+                A::B(dtb),
+                bi,
+            ],
         );
         // Scalar(1) with Reduction::Mean: scale = g_scale = 1 / n_valid, row_g = null;
         // PerRow (Reduction::None): scale = 1, g_scale = 1, row_g = the upstream.
@@ -1002,7 +1018,7 @@ mod head {
             Some(g) => A::B(e.f32s(g)),
             None => A::Null,
         };
-        let total = e.zeros(4);
+        let total = e.bytes(&poison(4));
         e.launch("head_reduce_fwd_f32", [1, 1, 1], [256, 1, 1], 0, &[A::B(rl), bi, A::F(scale), A::B(total)]);
         // backward: g_scale = 1 / n_valid (Scalar(1), mean), row_g = null
         assert!(groups >= 1 && groups <= c.div_ceil(BWD_BN));
@@ -1048,7 +1064,7 @@ mod head {
         } else {
             format!("head_normback_bwd_{sfx}")
         };
-        let dx = e.zeros(b * d * gsz);
+        let dx = e.bytes(&poison(b * d * gsz));
         e.launch(
             &nb,
             [b.div_ceil(8) as u32, 1, 1],
@@ -1056,10 +1072,10 @@ mod head {
             0,
             &[A::B(dxp), A::I(groups as i64), A::I((b * d) as i64), A::B(bx), A::B(ix), A::B(dx), bi, di],
         );
-        for id in [total, lse, ciy, t, dx, dw] {
+        for id in [total, lse, ciy, t, dx, dw, alpha, dtb] {
             e.out(id);
         }
-        let r = e.run(exe, &[4, b * 4, b * 4, b * 4, b * d * gsz, c * d * gsz]);
+        let r = e.run(exe, &[4, b * 4, b * 4, b * 4, b * d * gsz, c * d * gsz, b * 4, b * 4]);
         let gdt = if grad_f32 { Dt::F32 } else { dt };
         HeadOut {
             loss: as_f32(&r[0])[0],
@@ -1068,6 +1084,8 @@ mod head {
             t: as_f32(&r[3]),
             dx: widen(gdt, &r[4]),
             dw: widen(gdt, &r[5]),
+            alpha: as_f32(&r[6]),
+            dt: as_f32(&r[7]),
             raw: r,
         }
     }
@@ -1178,8 +1196,12 @@ mod head {
                             e_lse = e_lse.max(rel(o.lse[i], fo.rows.lse[i]));
                             e_t = e_t.max((o.t[i] as f64 - fo.rows.t[i]).abs());
                             assert!((o.c_iy[i] as f64 - fo.rows.c_iy[i]).abs() <= 1e-6, "c_iy row {i}");
+                            assert!((o.alpha[i] as f64 - fo.rows.alpha[i]).abs() <= 1e-6, "alpha row {i}");
+                            assert!(o.dt[i].is_finite(), "dt row {i}");
                         } else {
-                            assert_eq!((o.lse[i], o.t[i]), (0.0, 0.0), "ignored row {i}");
+                            // Written by fused_combine_fwd_f32 (the buffers start as NaN poison).
+                            let got = (o.lse[i], o.t[i], o.c_iy[i], o.alpha[i], o.dt[i]);
+                            assert_eq!(got, (0.0, 0.0, 0.0, 0.0, 0.0), "ignored row {i}");
                         }
                     }
                     let (edx, mdx) = max_err(&o.dx, &go.dx);

@@ -137,6 +137,23 @@ impl HeadForward {
     }
 }
 
+/// A forward whose kernels are queued but whose loss is not read back yet.
+struct ForwardLaunched {
+    out: HeadForward,
+    /// The reduced loss, on the device.
+    total: Tensor<f32>,
+    /// The fused path's inverse norms (x, W), for a backward of the same inputs.
+    inv: Option<(Tensor<f32>, Tensor<f32>)>,
+}
+
+impl ForwardLaunched {
+    /// Reads the loss back (waits for the queued work) and returns the forward.
+    fn finish(mut self, dev: &Device) -> Result<HeadForward> {
+        self.out.loss = self.total.to_host(dev)?[0];
+        Ok(self.out)
+    }
+}
+
 /// A gradient tensor in the dtype that was asked for.
 ///
 /// f32 storage always gives [`GradTensor::F32`] (its input dtype is f32).
@@ -433,7 +450,8 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
     ) -> Result<HeadForward> {
         let shape = self.check(x, w, labels, sigma_cloud)?;
         let dl = self.upload_labels(labels)?;
-        self.forward_impl(x, w, labels, &dl, sigma_cloud, shape, seed, step)
+        let launched = self.forward_impl(x, w, labels, &dl, sigma_cloud, shape, seed, step)?;
+        launched.finish(&self.dev)
     }
 
     /// Backward pass (SPEC 4) from a forward of the same inputs.
@@ -460,7 +478,7 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         }
         self.check_upstream(shape, upstream)?;
         let dl = self.upload_labels(labels)?;
-        self.backward_impl(x, w, labels, &dl, fwd, shape, upstream, grad_dtype)
+        self.backward_impl(x, w, labels, &dl, fwd, None, shape, upstream, grad_dtype)
     }
 
     /// Forward and backward in one call: what a training step needs.
@@ -482,9 +500,12 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         let shape = self.check(x, w, labels, sigma_cloud)?;
         self.check_upstream(shape, upstream)?;
         let dl = self.upload_labels(labels)?;
-        let fwd = self.forward_impl(x, w, labels, &dl, sigma_cloud, shape, seed, step)?;
-        let grads = self.backward_impl(x, w, labels, &dl, &fwd, shape, upstream, grad_dtype)?;
-        Ok((fwd, grads))
+        let launched = self.forward_impl(x, w, labels, &dl, sigma_cloud, shape, seed, step)?;
+        // The backward reuses the forward's inverse norms (same x and W) and is queued
+        // before the loss is read back, so the device runs both without a host round trip.
+        let inv = launched.inv.as_ref().map(|(a, b)| (a, b));
+        let grads = self.backward_impl(x, w, labels, &dl, &launched.out, inv, shape, upstream, grad_dtype)?;
+        Ok((launched.finish(&self.dev)?, grads))
     }
 
     fn check_upstream(&self, shape: HeadShape, up: HeadUpstream) -> Result<()> {
@@ -519,11 +540,22 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         shape: HeadShape,
         seed: u64,
         step: u64,
-    ) -> Result<HeadForward> {
+    ) -> Result<ForwardLaunched> {
         let dev = &*self.dev;
         let b = shape.b;
         let p = self.params(shape, seed, step);
-        let z = |n: usize| Tensor::<f32>::zeros(dev, &[n]);
+        // The fused path writes every per-row output (fused_combine_fwd_f32 zeroes the
+        // ignored rows), so it skips the memsets; the reference path starts from zeros.
+        let fused = self.path == HeadPath::Fused;
+        let z = |n: usize| {
+            if fused {
+                // SAFETY: fused_fwd + fused_combine_fwd_f32 write every element (see above).
+                unsafe { Tensor::<f32>::uninit(dev, &[n]) }
+            } else {
+                Tensor::<f32>::zeros(dev, &[n])
+            }
+        };
+        let mut inv = None;
         let mut out = HeadForward {
             loss: 0.0,
             n_valid: labels.iter().filter(|&&y| y >= 0).count(),
@@ -547,7 +579,8 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
                 let inv_x = inv_norms(dev, x)?;
                 let inv_w = inv_norms(dev, w)?;
                 let n_ct = shape.c.div_ceil(FWD_BN);
-                let mut part = Tensor::<f32>::zeros(dev, &[3 * n_ct * b])?;
+                // SAFETY: fused_fwd writes part[k][ct][r] for every class tile ct and row r < B.
+                let mut part = unsafe { Tensor::<f32>::uninit(dev, &[3 * n_ct * b]) }?;
                 fused_fwd(
                     dev,
                     x,
@@ -563,6 +596,7 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
                     self.tuning.scalar_loads,
                 )?;
                 fused_combine(dev, &part, n_ct, dl, p, &mut out, shape)?;
+                inv = Some((inv_x, inv_w));
             }
         }
         let scale = match self.cfg.reduction {
@@ -570,10 +604,10 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
             Reduction::Mean => 1.0 / out.n_valid as f32,
             Reduction::Sum | Reduction::None => 1.0,
         };
-        let mut total = Tensor::<f32>::zeros(dev, &[1])?;
+        // SAFETY: head_reduce_fwd_f32 always writes its one output element.
+        let mut total = unsafe { Tensor::<f32>::uninit(dev, &[1]) }?;
         reduce_loss(dev, &out.row_loss, scale, &mut total)?;
-        out.loss = total.to_host(dev)?[0];
-        Ok(out)
+        Ok(ForwardLaunched { out, total, inv })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -584,6 +618,7 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         labels: &[i32],
         dl: &CudaSlice<i32>,
         fwd: &HeadForward,
+        inv: Option<(&Tensor<f32>, &Tensor<f32>)>,
         shape: HeadShape,
         up: HeadUpstream,
         grad_dtype: GradDtype,
@@ -616,8 +651,14 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
                 Ok(Grads { dx, dw })
             }
             HeadPath::Fused => {
-                let inv_x = inv_norms(dev, x)?;
-                let inv_w = inv_norms(dev, w)?;
+                let computed;
+                let (inv_x, inv_w) = match inv {
+                    Some(pair) => pair,
+                    None => {
+                        computed = (inv_norms(dev, x)?, inv_norms(dev, w)?);
+                        (&computed.0, &computed.1)
+                    }
+                };
                 let groups = self.bwd_groups(shape);
                 // SAFETY: fused_bwd writes every element of dxp (groups <= class tiles: each
                 // CTA stores its partial on its first class tile) and of dW (each class row
@@ -631,8 +672,8 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
                         dev,
                         x,
                         w,
-                        &inv_x,
-                        &inv_w,
+                        inv_x,
+                        inv_w,
                         dl,
                         fwd,
                         row_g,
@@ -655,8 +696,8 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
                         dev,
                         x,
                         w,
-                        &inv_x,
-                        &inv_w,
+                        inv_x,
+                        inv_w,
                         dl,
                         fwd,
                         row_g,
@@ -670,7 +711,7 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
                     )?;
                     GradTensor::Input(dw)
                 };
-                let dx = normback(dev, &mut dxp, groups, x, &inv_x, grad_dtype, b, d)?;
+                let dx = normback(dev, &mut dxp, groups, x, inv_x, grad_dtype, b, d)?;
                 Ok(Grads { dx, dw })
             }
         }
@@ -901,7 +942,8 @@ fn normback<T: DeviceElem>(
     let f = dev.function(normback_kernel(T::DTYPE, out_f32))?;
     let (np, stride, rows_i, d_i) = (nparts as i32, (rows * d) as i64, rows as i32, d as i32);
     if out_f32 {
-        let mut out = Tensor::<f32>::zeros(dev, &[rows, d])?;
+        // SAFETY: the kernel writes every element (one warp per row, every column).
+        let mut out = unsafe { Tensor::<f32>::uninit(dev, &[rows, d]) }?;
         let mut bld = dev.stream().launch_builder(&f);
         bld.arg(parts.slice_mut()).arg(&np).arg(&stride).arg(v.slice()).arg(inv.slice()).arg(out.slice_mut());
         bld.arg(&rows_i).arg(&d_i);
@@ -910,7 +952,8 @@ fn normback<T: DeviceElem>(
         unsafe { bld.launch(grid1(rows, 8)) }.map_err(cuda_err("head_ref::head_normback (f32 out)"))?;
         Ok(GradTensor::F32(out))
     } else {
-        let mut out = Tensor::<T>::zeros(dev, &[rows, d])?;
+        // SAFETY: as above.
+        let mut out = unsafe { Tensor::<T>::uninit(dev, &[rows, d]) }?;
         let mut bld = dev.stream().launch_builder(&f);
         bld.arg(parts.slice_mut()).arg(&np).arg(&stride).arg(v.slice()).arg(inv.slice()).arg(out.slice_mut());
         bld.arg(&rows_i).arg(&d_i);
@@ -999,9 +1042,11 @@ fn fused_combine(
     let f = dev.function(kf::FUSED_COMBINE_FWD_F32)?;
     let (n_ct_i, b) = (n_ct as i32, shape.b as i32);
     let mut bld = dev.stream().launch_builder(&f);
-    bld.arg(part.slice()).arg(&n_ct_i).arg(dl).arg(out.t.slice()).arg(&p);
-    bld.arg(out.lse.slice_mut()).arg(out.row_loss.slice_mut()).arg(&b);
-    // SAFETY: part is [3, n_ct, B]; labels, t, lse, loss hold B entries; one warp per row.
+    bld.arg(part.slice()).arg(&n_ct_i).arg(dl).arg(out.t.slice_mut()).arg(&p);
+    bld.arg(out.lse.slice_mut()).arg(out.row_loss.slice_mut());
+    bld.arg(out.c_iy.slice_mut()).arg(out.alpha.slice_mut()).arg(out.dt.slice_mut()).arg(&b);
+    // SAFETY: part is [3, n_ct, B]; labels, t, lse, loss, c_iy, alpha, dt hold B entries
+    // (distinct buffers); one warp per row.
     unsafe { bld.launch(grid1(shape.b, 8)) }.map_err(cuda_err("head_fused::fused_combine_fwd_f32"))?;
     Ok(())
 }
