@@ -185,7 +185,7 @@ pub struct DataArgs {
     /// Training features, .npy [N, F] f32/f64 or .safetensors (then also holds labels).
     #[arg(long, value_name = "PATH")]
     pub features: Option<PathBuf>,
-    /// Training labels, .npy [N] integers in [0, C).
+    /// Training labels, .npy of N integers in [0, C).
     #[arg(long, value_name = "PATH", requires = "features")]
     pub labels: Option<PathBuf>,
     /// Number of classes C (default: max label + 1).

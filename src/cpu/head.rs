@@ -5,7 +5,7 @@
 //! 2. cosines `C = xh . wh^T` [B, C] with one threaded sgemm;
 //! 3. per row, in parallel (rayon): the target cosine recomputed in f64 from the
 //!    raw x_i and W_y, the target-logit math (theta, cloud, margin, region, dt)
-//!    and the row's log-sum-exp in f64, then the logit gradient row `dc` [C]
+//!    and the row's log-sum-exp in f64, then the logit gradient row `dc` `[C]`
 //!    stored as f32 with the target column kept aside in f64;
 //! 4. `dxh = dc . wh`, `dwh = dc^T . xh` (two sgemms over the non-target
 //!    columns), the normalization backward per row, then the target terms
@@ -44,7 +44,7 @@ pub enum Upstream<'a> {
     PerRow(&'a [f32]),
 }
 
-/// Per-row outputs of the forward pass (SPEC section 3), [B] each.
+/// Per-row outputs of the forward pass (SPEC section 3), `[B]` each.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct HeadRows {
     /// loss_i (0 for ignored rows).

@@ -77,7 +77,7 @@ pub enum GradDtype {
 pub enum HeadUpstream<'a> {
     /// d loss for `Reduction::Mean` / `Reduction::Sum` (1.0 for a plain loss).
     Scalar(f32),
-    /// d loss_i [B] on the device, for `Reduction::None`.
+    /// d loss_i `[B]` on the device, for `Reduction::None`.
     PerRow(&'a Tensor<f32>),
 }
 
@@ -110,15 +110,15 @@ pub struct HeadForward {
     pub loss: f32,
     /// Rows with a non-negative label.
     pub n_valid: usize,
-    /// loss_i [B].
+    /// loss_i `[B]`.
     pub row_loss: Tensor<f32>,
-    /// lse_i [B].
+    /// lse_i `[B]`.
     pub lse: Tensor<f32>,
-    /// Target cosine c_iy [B].
+    /// Target cosine c_iy `[B]`.
     pub c_iy: Tensor<f32>,
-    /// Margin-transformed target t_i [B].
+    /// Margin-transformed target t_i `[B]`.
     pub t: Tensor<f32>,
-    /// Cloud perturbation alpha_i [B].
+    /// Cloud perturbation alpha_i `[B]`.
     pub alpha: Tensor<f32>,
     /// dt_i / dc_iy [B], kept for the backward.
     dt: Tensor<f32>,
@@ -131,7 +131,7 @@ impl HeadForward {
         self.shape
     }
 
-    /// dt_i (the backward's target-logit derivative) [B].
+    /// dt_i (the backward's target-logit derivative) `[B]`.
     pub fn dt(&self) -> &Tensor<f32> {
         &self.dt
     }
@@ -437,8 +437,8 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
 
     /// Forward pass (SPEC 3): loss and per-row outputs.
     ///
-    /// x [B, D] and W [C, D] in the storage dtype, labels [B] on the host (negative =
-    /// ignored, >= C is an error), sigma_cloud [C] f32 on the device, Philox (seed, step).
+    /// x `[B, D]` and W `[C, D]` in the storage dtype, labels `[B]` on the host (negative =
+    /// ignored, >= C is an error), sigma_cloud `[C]` f32 on the device, Philox (seed, step).
     pub fn forward<T: DeviceElem>(
         &self,
         x: &Tensor<T>,

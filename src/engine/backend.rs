@@ -47,7 +47,7 @@ pub struct HeadStep {
     pub loss: f64,
     /// Non-ignored rows.
     pub n_valid: usize,
-    /// Clamped target cosines c_iy [B] (feed the class-weight statistics).
+    /// Clamped target cosines c_iy `[B]` (feed the class-weight statistics).
     pub c_iy: Vec<f32>,
 }
 
@@ -58,13 +58,13 @@ pub struct StatsState {
     pub c: usize,
     /// Embedding dimension D.
     pub d: usize,
-    /// EMA mean angle per class [C].
+    /// EMA mean angle per class `[C]`.
     pub mu: Vec<f64>,
-    /// EMA mean squared angle per class [C].
+    /// EMA mean squared angle per class `[C]`.
     pub v: Vec<f64>,
-    /// Samples seen per class [C].
+    /// Samples seen per class `[C]`.
     pub n: Vec<u64>,
-    /// Whether each class has been seen [C].
+    /// Whether each class has been seen `[C]`.
     pub initialized: Vec<bool>,
     /// Unit EMA centers [C, D] (empty in class-weight mode when unused).
     pub centers: Vec<f64>,
@@ -111,7 +111,7 @@ pub trait Backend {
     fn bias_act_forward(&self, y: &mut Self::Buf, bias: &Self::Buf, act: Activation) -> Result<()>;
     /// Backward of [`Backend::bias_act_forward`]: given the activation output `y`
     /// and `dy` [rows, cols], masks `dy` in place to the pre-activation gradient
-    /// and writes `dbias` [cols] = its column sums.
+    /// and writes `dbias` `[cols]` = its column sums.
     fn bias_act_backward(
         &self,
         dy: &mut Self::Buf,
@@ -139,7 +139,7 @@ pub trait Backend {
 
     /// Fresh class statistics for C classes of dimension D.
     fn stats_new(&self, c: usize, d: usize, cfg: &StatsConfig) -> Result<Self::Stats>;
-    /// sigma_cloud [C] from the current statistics (zeros during the warm-up).
+    /// sigma_cloud `[C]` from the current statistics (zeros during the warm-up).
     fn stats_cloud_sigma(&self, stats: &Self::Stats, out: &mut Self::Buf) -> Result<()>;
     /// One statistics update with this batch (SPEC section 5): from the
     /// detached embeddings `x` [B, D] (EMA centers) or from the target cosines

@@ -2,10 +2,10 @@
 //! state and the class statistics as tensors, and the configuration, step and
 //! data fingerprint as metadata. Written atomically (temp file + rename).
 //!
-//! Tensors: `mlp.w1` [H, F], `mlp.b1` [H], `mlp.w2` [D, H], `mlp.b2` [D],
+//! Tensors: `mlp.w1` `[H, F]`, `mlp.b1` `[H]`, `mlp.w2` `[D, H]`, `mlp.b2` `[D]`,
 //! `head.w` [C, D] (f32); `optim.<param>.<i>` (f32, the optimizer's state
-//! buffers); `stats.mu`, `stats.v` [C] (f64), `stats.n` [C] (u64),
-//! `stats.initialized` [C] (u8), `stats.centers` [C, D] (f64, EMA mode only).
+//! buffers); `stats.mu`, `stats.v` `[C]` (f64), `stats.n` `[C]` (u64),
+//! `stats.initialized` `[C]` (u8), `stats.centers` `[C, D]` (f64, EMA mode only).
 
 use crate::engine::backend::StatsState;
 use crate::engine::train::TrainConfig;

@@ -3,7 +3,7 @@
 //!
 //! Model: `x [B, F] -> h = relu(x W1^T + b1) [B, H] -> e = h W2^T + b2 [B, D]`,
 //! then the head W [C, D] on e. Step t:
-//! 1. sigma_cloud [C] from the current class statistics (0 during the warm-up);
+//! 1. sigma_cloud `[C]` from the current class statistics (0 during the warm-up);
 //! 2. head forward + backward with that cloud at RNG (seed, t);
 //! 3. statistics update with this batch's detached embeddings (EMA centers) or
 //!    its target angles (class-weight centers);

@@ -27,11 +27,11 @@ pub struct Problem {
     pub x: Vec<f32>,
     /// W [C, D].
     pub w: Vec<f32>,
-    /// y [B].
+    /// y `[B]`.
     pub labels: Vec<i32>,
-    /// sigma_cloud [C].
+    /// sigma_cloud `[C]`.
     pub sigma: Vec<f32>,
-    /// Per-row upstream gradient [B] (used with `Reduction::None`).
+    /// Per-row upstream gradient `[B]` (used with `Reduction::None`).
     pub row_g: Vec<f32>,
     /// Philox seed.
     pub seed: u64,
@@ -108,7 +108,7 @@ pub fn tolerances(dtype: DType) -> (f64, f64) {
 pub struct DeviceResult {
     /// Reduced loss.
     pub loss: f32,
-    /// loss_i, lse_i, c_iy, t_i, alpha_i [B].
+    /// loss_i, lse_i, c_iy, t_i, alpha_i `[B]`.
     pub rows: [Vec<f32>; 5],
     /// dx [B, D] as f32.
     pub dx: Vec<f32>,
