@@ -31,6 +31,8 @@ if command -v compute-sanitizer >/dev/null; then
   step "memcheck smoke" sanitizer.txt compute-sanitizer --tool memcheck --error-exitcode 1 ./featcloud smoke
   step "racecheck smoke" sanitizer.txt compute-sanitizer --tool racecheck --error-exitcode 1 ./featcloud smoke
   step "synccheck smoke" sanitizer.txt compute-sanitizer --tool synccheck --error-exitcode 1 ./featcloud smoke
+  # The fused path allocates its outputs and partials uninitialized: no read may precede a write.
+  step "initcheck smoke" sanitizer.txt compute-sanitizer --tool initcheck --error-exitcode 1 ./featcloud smoke
 else
   echo "compute-sanitizer: not found" | tee -a "$OUT/summary.txt"; status=1
 fi
@@ -41,7 +43,7 @@ step "bench --quick" bench.txt ./featcloud bench --quick --json "$OUT/bench.json
 # the clocks left alone. Speed-of-light, occupancy and launch statistics only.
 if command -v ncu >/dev/null && [ "${PROFILE:-1}" = 1 ]; then
   for shape in reid lt face-93k; do
-    step "ncu $shape" profile.txt timeout 150 ncu --clock-control none --section SpeedOfLight \
+    step "ncu $shape" profile.txt timeout 100 ncu --clock-control none --section SpeedOfLight \
       --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
       -k 'regex:fused_|head_normback|row_norms' --launch-count 10 \
       ./featcloud bench --only "$shape" --reps 1

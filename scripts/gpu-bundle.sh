@@ -6,9 +6,9 @@
 #     OUT=/some/dir bash bundle/run.sh   # logs land in $OUT (default bundle/out)
 #
 # run.sh runs the GPU tests with FEATCLOUD_REQUIRE_GPU=1 (so nothing passes by
-# skipping), compute-sanitizer memcheck, racecheck and synccheck on
-# `featcloud smoke`, the smoke itself, a quick benchmark (JSON), and the
-# compare demo on the CUDA backend.
+# skipping), compute-sanitizer memcheck, racecheck, synccheck and initcheck on
+# `featcloud smoke`, the smoke itself, a quick benchmark (JSON), an ncu profile
+# of the fused kernels, and the compare demo on the CUDA backend.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/nvrtc.sh

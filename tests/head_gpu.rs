@@ -341,3 +341,36 @@ fn cloud_off_accepts_any_sigma_length() {
     let f = head.forward(&x, &w, &[0, 1], &sigma, 0, 0).unwrap();
     assert!(f.loss.is_finite());
 }
+
+/// forward() then backward() against forward_backward() on the same inputs: bitwise equal.
+fn separate_vs_combined<T: featcloud::cuda::DeviceElem>(dev: &std::sync::Arc<Device>, path: HeadPath) {
+    let cfg = HeadConfig { cloud: CloudMode::Symmetric, ..HeadConfig::default() };
+    let shape = HeadShape { b: 37, c: 300, d: 64 };
+    let p = make_problem(shape, DType::F32, true, 5);
+    let head = featcloud::cuda::head::CudaHead::new(dev.clone(), cfg, path).unwrap();
+    let sigma = Tensor::<f32>::from_f32(dev, &p.sigma, &[shape.c]).unwrap();
+    let x = Tensor::<T>::from_f32(dev, &p.x, &[shape.b, shape.d]).unwrap();
+    let w = Tensor::<T>::from_f32(dev, &p.w, &[shape.c, shape.d]).unwrap();
+    let up = HeadUpstream::Scalar(1.0);
+    let (f1, g1) =
+        head.forward_backward(&x, &w, &p.labels, &sigma, p.seed, p.step, up, GradDtype::F32).unwrap();
+    let f2 = head.forward(&x, &w, &p.labels, &sigma, p.seed, p.step).unwrap();
+    let g2 = head.backward(&x, &w, &p.labels, &sigma, &f2, up, GradDtype::F32).unwrap();
+    let what = format!("{} {:?}", path.name(), T::DTYPE);
+    assert_eq!(f1.loss.to_bits(), f2.loss.to_bits(), "{what}: loss");
+    assert_eq!(f1.lse.to_host(dev).unwrap(), f2.lse.to_host(dev).unwrap(), "{what}: lse");
+    assert_eq!(g1.dx.to_f32_host(dev).unwrap(), g2.dx.to_f32_host(dev).unwrap(), "{what}: dx");
+    assert_eq!(g1.dw.to_f32_host(dev).unwrap(), g2.dw.to_f32_host(dev).unwrap(), "{what}: dW");
+}
+
+#[test]
+fn separate_forward_and_backward_equal_forward_backward() {
+    // forward_backward reuses the forward's inverse norms and reads the loss only after
+    // the backward is queued; forward() then backward() recomputes them.
+    let Some(dev) = test_device() else { return };
+    for path in HeadPath::ALL {
+        separate_vs_combined::<f32>(&dev, path);
+        separate_vs_combined::<half::bf16>(&dev, path);
+        separate_vs_combined::<half::f16>(&dev, path);
+    }
+}
