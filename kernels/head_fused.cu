@@ -11,8 +11,9 @@
 //   n_ct partials in class-tile order: lse_i and loss_i. Extra memory: 3 * B * n_ct floats.
 //
 // Backward (fused_bwd_<T>, then head_normback_bwd_* from head_ref.cu for dx):
-//   G CTAs (G <= n_ct); CTA g owns the class tiles ct = g, g + G, ... and, for each, walks
-//   every row tile of 64 in order. Per (row tile, class tile) it recomputes the cosine tile
+//   G x S CTAs (G <= n_ct, S <= n_rt); CTA (g, s) owns the class tiles ct = g, g + G, ...
+//   and, for each, walks the row tiles of 64 rt = s, s + S, ... in order (S > 1 only when
+//   there are too few class tiles to fill the GPU). Per (row tile, class tile) it recomputes the cosine tile
 //   (same mainloop), forms dc in registers (SPEC 4: p from the stored lse_i, the target
 //   from the stored t_i and dt_i), stores two scaled copies in smem (dc * inv_w for dx,
 //   dc * inv_x for dW, in the storage dtype for the tensor cores; f16 moves the powers of two of the
@@ -22,12 +23,14 @@
 //     dwh[classes, :]  (+)= (dc * inv_x)^T . x[rows, :]      (128 x D, f32)
 //   with plain stores / read-modify-writes: CTA g is the only writer of dxp[g] and of the
 //   dwh rows of its class tile, and within the CTA every element has one owner thread, so
-//   there are no atomics and the summation order is fixed (bitwise deterministic). When a
-//   class tile has seen every row, the same CTA turns its dwh rows into dW (the
-//   normalization backward) and writes them; dwh lives in the f32 dW itself when dW is
-//   f32, else in a per-CTA scratch slice [128][D]. The dx combine sums dxp over
-//   g = 0..G-1 in order. Extra memory: G * B * D floats (+ G * 128 * D floats of dwh
-//   scratch when dW is written in 16 bits), never O(C * D) or O(B * C).
+//   there are no atomics and the summation order is fixed (bitwise deterministic). With
+//   S = 1, when a class tile has seen every row, the same CTA turns its dwh rows into dW
+//   (the normalization backward) and writes them; dwh lives in the f32 dW itself when dW
+//   is f32, else in a per-CTA scratch slice [128][D]. With S > 1 each split s writes its
+//   partial dwh to slice s of [S][C][D], and head_normback sums the S slices in order and
+//   finishes dW. The dx combine sums dxp over g = 0..G-1 in order. Extra memory:
+//   G * B * D floats (+ G * 128 * D floats of dwh scratch when dW is written in 16 bits,
+//   or S * C * D with S > 1, which the host allows only while C is small), never O(B * C).
 //
 // VEC kernels move 16-byte chunks with cp.async and need D % 8 == 0 (16-bit) or
 // D % 4 == 0 (f32); the *_scalar_* kernels take any D with element loads (the
@@ -205,8 +208,12 @@ extern "C" __global__ void __launch_bounds__(256) fused_combine_fwd_f32(const fl
 // ---- backward tile ----------------------------------------------------------------------------
 // x [B, D], w [C, D] (T); inv_x [B], inv_w [C]; labels, t, dt, lse [B] from the forward;
 // row_g [B] per-row upstream (null: 1); g_scale multiplies it (1/N_valid for mean).
-// Out: dxp [G][B][D] f32 dx partials (every element written; no zeroing needed), and dW,
-// finished in this kernel (SPEC 4's normalization backward included):
+// Grid (G, S): CTA (g, s) takes the class tiles g, g + G, ... and, of each, the row tiles
+// s, s + S, ... (S > 1 spreads a few class tiles over more SMs; it needs dwp).
+// Out: dxp [G][B][D] f32 dx partials (every element written; no zeroing needed), and dW:
+//   dwp != null:  S partial sums of dwh, dwp [S][C][D] f32 (slice s from CTAs (., s)); the
+//                 caller sums them and applies the normalization backward (head_normback);
+//   else, finished in this kernel (SPEC 4's normalization backward included), S == 1:
 //   dw32 != null: dW in f32 [C, D]; each CTA accumulates its class rows in place;
 //   dw32 == null: dW in T into dw [C, D]; the class tile being worked on accumulates in
 //                 f32 in this CTA's slice of dwacc [G][BWD_BN][D] (scratch, no zeroing).
@@ -282,7 +289,7 @@ __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __re
                                           const float* __restrict__ t, const float* __restrict__ dt, const float* __restrict__ lse,
                                           const float* __restrict__ row_g, float g_scale, const HeadParams& p,
                                           float* __restrict__ dxp, float* __restrict__ dwacc, T* __restrict__ dw,
-                                          float* __restrict__ dw32, int B, int C, int D) {
+                                          float* __restrict__ dw32, float* __restrict__ dwp, int B, int C, int D) {
     constexpr int BM = BWD_BM, BN = BWD_BN, WM = 2, WN = 4;
     constexpr int MI = BM / WM / 16, NI = BN / WN / 8;  // 2 x 4
     constexpr int P = TileCfg<T>::PITCH, BD = TileCfg<T>::BD, CP = TileCfg<T>::CPITCH, DP = TileCfg<T>::DPITCH;
@@ -311,18 +318,30 @@ __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __re
     const int tid = threadIdx.x, lane = tid % WARP_SIZE, warp = tid / WARP_SIZE;
     const int g = lane >> 2, q = lane & 3;
     const int wm = warp / WN, wn = warp % WN;
-    const int G = gridDim.x, n_ct = ceil_div(C, BN), n_rt = ceil_div(B, BM);
+    const int G = gridDim.x, S = gridDim.y, split = blockIdx.y;
+    const int n_ct = ceil_div(C, BN), n_rt = ceil_div(B, BM);
     float* my_dxp = dxp + (size_t)blockIdx.x * B * D;
-    if ((int)blockIdx.x >= n_ct) {  // no class tile (the host never launches more): zero partial
-        for (size_t k = tid; k < (size_t)B * D; k += NTHREADS) my_dxp[k] = 0.0f;
+    // The host launches G <= n_ct and S <= n_rt; should it not, the partials these CTAs own
+    // are still written (as zeros), so no reader ever sees uninitialized memory.
+    if ((int)blockIdx.x >= n_ct) {
+        if (split == 0)
+            for (size_t k = tid; k < (size_t)B * D; k += NTHREADS) my_dxp[k] = 0.0f;
+        return;
+    }
+    if (split >= n_rt) {
+        for (int ct = blockIdx.x; ct < n_ct; ct += G)
+            for (size_t k = tid; k < (size_t)min(BN, C - ct * BN) * D; k += NTHREADS)
+                dwp[(size_t)split * C * D + (size_t)ct * BN * D + k] = 0.0f;
         return;
     }
 
     for (int ct = blockIdx.x; ct < n_ct; ct += G) {
         const int c0 = ct * BN;
         const bool first_ct = ct == (int)blockIdx.x;  // dxp[g] is stored, not added to
-        float* acc_w = dw32 ? dw32 + (size_t)c0 * D : dwacc + (size_t)blockIdx.x * BN * D;  // [BN][D]
-        for (int rt = 0; rt < n_rt; ++rt) {
+        float* acc_w = dwp    ? dwp + (size_t)split * C * D + (size_t)c0 * D  // [BN][D]
+                       : dw32 ? dw32 + (size_t)c0 * D
+                              : dwacc + (size_t)blockIdx.x * BN * D;
+        for (int rt = split; rt < n_rt; rt += S) {
             const int r0 = rt * BM;
             // The previous iteration ended with __syncthreads: the s_* arrays are free.
             if (tid < BN) {
@@ -518,7 +537,7 @@ __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __re
                             if constexpr (SCALED) v *= s_cinv[cl];
                             if (c0 + cl < C && col < D) {
                                 float* o = acc_w + (size_t)cl * D + col;
-                                if (rt == 0) *o = v;
+                                if (rt == split) *o = v;  // this CTA's first row tile
                                 else *o += v;
                             }
                         }
@@ -526,6 +545,7 @@ __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __re
             }
         }
 
+        if (dwp) continue;  // partials: the caller finishes dW
         // dW of the class tile (SPEC 4): u = w * inv_w, dW = (dwh - u (u . dwh)) * inv_w, one
         // warp per class row, the same arithmetic as head_ref.cu's normback. acc_w was written by
         // other threads of this CTA before the last __syncthreads; the next class tile's first
@@ -551,11 +571,11 @@ __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __re
 
 #define FUSED_BWD_ARGS                                                                                                      \
     const T *x, const T *w, const float *inv_x, const float *inv_w, const int *labels, const float *t, const float *dt,       \
-        const float *lse, const float *row_g, float g_scale, HeadParams p, float *dxp, float *dwacc, T *dw, float *dw32, int B, \
-        int C, int D
-#define FUSED_BWD_PASS x, w, inv_x, inv_w, labels, t, dt, lse, row_g, g_scale, p, dxp, dwacc, dw, dw32, B, C, D
+        const float *lse, const float *row_g, float g_scale, HeadParams p, float *dxp, float *dwacc, T *dw, float *dw32,      \
+        float *dwp, int B, int C, int D
+#define FUSED_BWD_PASS x, w, inv_x, inv_w, labels, t, dt, lse, row_g, g_scale, p, dxp, dwacc, dw, dw32, dwp, B, C, D
 
-// Entry points: see fused_bwd. dxp, dwacc, dw and dw32 never alias each other or the inputs.
+// Entry points: see fused_bwd. dxp, dwacc, dw, dw32 and dwp never alias each other or the inputs.
 #define T bf16_t
 // hot
 extern "C" __global__ void __launch_bounds__(256, 1) fused_bwd_bf16(FUSED_BWD_ARGS) { fused_bwd<T, true>(FUSED_BWD_PASS); }

@@ -866,6 +866,7 @@ mod head {
     // Tile constants of kernels/head_fused.cu (FWD_BN, BWD_BN).
     const FWD_BM: usize = 128;
     const FWD_BN: usize = 128;
+    const BWD_BM: usize = 64;
     const BWD_BN: usize = 128;
 
     /// `n` bytes of 0xff: NaN as f32, bf16 and f16, so a buffer read before it is written shows.
@@ -937,7 +938,7 @@ mod head {
         seed: u64,
         step: u64,
         vec: bool,
-        groups: usize,
+        (groups, splits): (usize, usize),
         row_up: Option<&[f32]>,
         grad_f32: bool,
     ) -> HeadOut {
@@ -1022,19 +1023,25 @@ mod head {
         e.launch("head_reduce_fwd_f32", [1, 1, 1], [256, 1, 1], 0, &[A::B(rl), bi, A::F(scale), A::B(total)]);
         // backward: g_scale = 1 / n_valid (Scalar(1), mean), row_g = null
         assert!(groups >= 1 && groups <= c.div_ceil(BWD_BN));
+        assert!(splits >= 1 && splits <= b.div_ceil(BWD_BM));
         // fused_bwd: dxp and the dW scratch are not zeroed (the kernel writes before reading);
-        // poison them so a read-before-write shows. dW is finished in the kernel: in f32 when
-        // the gradient is f32 (no scratch), else in the input dtype via the scratch.
+        // poison them so a read-before-write shows. With one row split dW is finished in the
+        // kernel: in f32 when the gradient is f32 (no scratch), else in the input dtype via
+        // the scratch; with S > 1 the kernel writes S partial sums and head_normback ends it.
         let f32_dw = dt == Dt::F32 || grad_f32;
         let dxp = e.bytes(&poison(groups * b * d * 4));
-        let dwacc = if f32_dw { A::Null } else { A::B(e.bytes(&poison(groups * BWD_BN * d * 4))) };
         let dw = e.bytes(&poison(c * d * gsz));
-        let (dw_t, dw32) = if f32_dw { (A::Null, A::B(dw)) } else { (A::B(dw), A::Null) };
+        let dwp = if splits > 1 { Some(e.bytes(&poison(splits * c * d * 4))) } else { None };
+        let (dwacc, dw_t, dw32, dwp_arg) = match dwp {
+            Some(id) => (A::Null, A::Null, A::Null, A::B(id)),
+            None if f32_dw => (A::Null, A::Null, A::B(dw), A::Null),
+            None => (A::B(e.bytes(&poison(groups * BWD_BN * d * 4))), A::B(dw), A::Null, A::Null),
+        };
         let bwd = if vec { format!("fused_bwd_{sfx}") } else { format!("fused_scalar_bwd_{sfx}") };
         let smem = if dt == Dt::F32 { 98_304 } else { 65_536 };
         e.launch(
             &bwd,
-            [groups as u32, 1, 1],
+            [groups as u32, splits as u32, 1],
             [256, 1, 1],
             smem,
             &[
@@ -1053,6 +1060,7 @@ mod head {
                 dwacc,
                 dw_t,
                 dw32,
+                dwp_arg,
                 bi,
                 ci,
                 di,
@@ -1072,6 +1080,16 @@ mod head {
             0,
             &[A::B(dxp), A::I(groups as i64), A::I((b * d) as i64), A::B(bx), A::B(ix), A::B(dx), bi, di],
         );
+        if let Some(dwp) = dwp {
+            // normback(dwp, nparts = S) over the class rows, written into dw
+            e.launch(
+                &nb,
+                [c.div_ceil(8) as u32, 1, 1],
+                [256, 1, 1],
+                0,
+                &[A::B(dwp), A::I(splits as i64), A::I((c * d) as i64), A::B(bw), A::B(iw), A::B(dw), ci, di],
+            );
+        }
         for id in [total, lse, ciy, t, dx, dw, alpha, dtb] {
             e.out(id);
         }
@@ -1147,20 +1165,22 @@ mod head {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let base = HeadConfig { cloud: CloudMode::Off, ..Default::default() };
         let cloud = HeadConfig { cloud: CloudMode::Symmetric, label_smoothing: 0.1, ..Default::default() };
-        // (B, C, D, config, sigma, groups)
-        let shapes: &[(usize, usize, usize, &HeadConfig, f32, usize)] = &[
-            (1, 1, 8, &base, 0.0, 1),
-            (5, 7, 1, &base, 0.0, 1),
-            (13, 93, 13, &cloud, 1.0, 1),
-            (33, 300, 64, &cloud, 1.0, 2),
-            (131, 3, 16, &base, 0.0, 1),
-            (9, 130, 96, &cloud, 0.3, 1),
-            (17, 150, 512, &cloud, 0.3, 2),
-            (3, 5, 2048, &cloud, 0.3, 1),
+        // (B, C, D, config, sigma, backward grid (G, S))
+        type Shape<'a> = (usize, usize, usize, &'a HeadConfig, f32, (usize, usize));
+        let shapes: &[Shape] = &[
+            (1, 1, 8, &base, 0.0, (1, 1)),
+            (5, 7, 1, &base, 0.0, (1, 1)),
+            (13, 93, 13, &cloud, 1.0, (1, 1)),
+            (33, 300, 64, &cloud, 1.0, (2, 1)),
+            (131, 3, 16, &base, 0.0, (1, 3)),
+            (9, 130, 96, &cloud, 0.3, (1, 1)),
+            (17, 150, 512, &cloud, 0.3, (2, 1)),
+            (3, 5, 2048, &cloud, 0.3, (1, 1)),
+            (70, 260, 24, &cloud, 0.5, (2, 2)),
         ];
         for dt in [Dt::F32, Dt::Bf16, Dt::F16] {
             let (tol_loss, tol_grad) = if dt == Dt::F32 { (1e-5, 1e-4) } else { (2e-3, 1e-2) };
-            for &(b, c, d, cfg, sig, groups) in shapes {
+            for &(b, c, d, cfg, sig, grid) in shapes {
                 let sh = HeadShape { b, c, d };
                 let cs = case(&mut rng, sh, sig);
                 let (xb, xs) = dt.store(&cs.x);
@@ -1185,7 +1205,7 @@ mod head {
                     }
                     let t0 = std::time::Instant::now();
                     let o = run_fused(
-                        &exe, dt, cfg, sh, &xb, &wb, &cs.labels, &cs.sigma, seed, step, vec, groups, None,
+                        &exe, dt, cfg, sh, &xb, &wb, &cs.labels, &cs.sigma, seed, step, vec, grid, None,
                         false,
                     );
                     let e_loss = rel(o.loss, fo.loss);
@@ -1207,7 +1227,7 @@ mod head {
                     let (edx, mdx) = max_err(&o.dx, &go.dx);
                     let (edw, mdw) = max_err(&o.dw, &go.dw);
                     println!(
-                        "fused {dt:?} {} B={b} C={c} D={d} G={groups} cloud={:?}: loss rel {e_loss:.1e}, lse rel {e_lse:.1e}, t abs {e_t:.1e}, dx {:.1e} of max, dw {:.1e} of max ({:.2} s; regions {:?})",
+                        "fused {dt:?} {} B={b} C={c} D={d} grid={grid:?} cloud={:?}: loss rel {e_loss:.1e}, lse rel {e_lse:.1e}, t abs {e_t:.1e}, dx {:.1e} of max, dw {:.1e} of max ({:.2} s; regions {:?})",
                         if vec { "vec" } else { "scalar" },
                         cfg.cloud,
                         edx / mdx.max(1e-30),
@@ -1255,7 +1275,20 @@ mod head {
                 let run = |sched: &str| {
                     with_sched(sched, || {
                         run_fused(
-                            &exe, dt, &cfg, sh, &xb, &wb, &cs.labels, &cs.sigma, 5, 6, vec, 3, None, false,
+                            &exe,
+                            dt,
+                            &cfg,
+                            sh,
+                            &xb,
+                            &wb,
+                            &cs.labels,
+                            &cs.sigma,
+                            5,
+                            6,
+                            vec,
+                            (3, 1),
+                            None,
+                            false,
                         )
                     })
                 };
@@ -1525,7 +1558,7 @@ mod head {
                     1,
                     2,
                     vec,
-                    1,
+                    (1, 1),
                     Some(&row_up),
                     true,
                 );
@@ -1555,7 +1588,7 @@ mod head {
     fn fused_zero_and_tiny_class_rows() {
         let Some(exe) = harness() else { return };
         for dt in [Dt::F32, Dt::Bf16, Dt::F16] {
-            for (grad_f32, groups) in [(false, 1), (true, 2)] {
+            for (grad_f32, grid) in [(false, (1, 1)), (true, (2, 1)), (false, (1, 2)), (true, (3, 2))] {
                 let mut rng = ChaCha8Rng::seed_from_u64(10);
                 let cfg = HeadConfig { cloud: CloudMode::Off, ..Default::default() };
                 let sh = HeadShape { b: 70, c: 300, d: 16 };
@@ -1580,7 +1613,7 @@ mod head {
                 };
                 let go = backward(&cfg, &prob, Upstream::Scalar(1.0)).unwrap();
                 let o = run_fused(
-                    &exe, dt, &cfg, sh, &xb, &wb, &cs.labels, &cs.sigma, 1, 2, true, groups, None, grad_f32,
+                    &exe, dt, &cfg, sh, &xb, &wb, &cs.labels, &cs.sigma, 1, 2, true, grid, None, grad_f32,
                 );
                 let tol = if dt == Dt::F32 { 1e-4 } else { 1e-2 };
                 let (edw, mdw) = max_err(&o.dw, &go.dw);

@@ -13,7 +13,7 @@ use featcloud::cuda::head::verify::{
     run_device_tuned, tolerances, Problem,
 };
 use featcloud::cuda::head::{
-    fused_vectorized, workspace_for, FusedTuning, GradDtype, HeadPath, HeadUpstream,
+    backward_grid_for, fused_vectorized, workspace_for, FusedTuning, GradDtype, HeadPath, HeadUpstream,
 };
 use featcloud::cuda::{test_device, Device, Tensor};
 use featcloud::oracle::head::{forward, HeadProblem, Region};
@@ -117,7 +117,7 @@ fn fused_every_dispatcher_choice() {
         let base = run_device(&dev, HeadPath::Fused, &cfg, &p, GradDtype::Input).unwrap();
         for g in [1, 2, 3, 6] {
             for scalar_loads in [false, true] {
-                let tuning = FusedTuning { backward_ctas: Some(g), scalar_loads };
+                let tuning = FusedTuning { backward_ctas: Some(g), scalar_loads, ..FusedTuning::default() };
                 let r = run_device_tuned(&dev, HeadPath::Fused, &cfg, &p, GradDtype::Input, tuning).unwrap();
                 let c = compare_with_oracle(&cfg, &p, &r).unwrap();
                 assert!(c.passed(dtype), "{} {tuning:?}: {c:?}", dtype.name());
@@ -130,6 +130,32 @@ fn fused_every_dispatcher_choice() {
                 );
                 // dW sums each class tile's row tiles in the same order whatever G is.
                 assert_eq!(r.dw, base.dw, "{} {tuning:?}: dW changed", dtype.name());
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_every_row_split() {
+    // Row splits S (the backward's second grid dimension, picked when the class tiles
+    // alone leave most SMs idle): S = 1 finishes dW in the kernel, S > 1 writes S partial
+    // sums that head_normback adds. Every S against the oracle; dx must not depend on S
+    // (each dx row is still summed over the class tiles in the same order).
+    let Some(dev) = test_device() else { return };
+    let cfg = HeadConfig::default();
+    for dtype in DTYPES {
+        let p = make_problem(HeadShape { b: 200, c: 300, d: 40 }, dtype, true, 37);
+        let mut base_dx = None;
+        for s in [1, 2, 3, 4] {
+            for grad in [GradDtype::Input, GradDtype::F32] {
+                let tuning = FusedTuning { row_splits: Some(s), ..FusedTuning::default() };
+                let r = run_device_tuned(&dev, HeadPath::Fused, &cfg, &p, grad, tuning).unwrap();
+                let c = compare_with_oracle(&cfg, &p, &r).unwrap();
+                assert!(c.passed(dtype), "{} S={s} {grad:?}: {c:?}", dtype.name());
+                if grad == GradDtype::F32 {
+                    let dx = base_dx.get_or_insert_with(|| r.dx.clone());
+                    assert_eq!(&r.dx, dx, "{} S={s}: dx changed", dtype.name());
+                }
             }
         }
     }
@@ -301,6 +327,20 @@ fn cpu_scalar_route_is_taken_when_d_is_not_a_chunk_multiple() {
     assert!(!fused_vectorized(DType::F16, 12));
     assert!(fused_vectorized(DType::F32, 12));
     assert!(!fused_vectorized(DType::F32, 1));
+}
+
+#[test]
+fn cpu_backward_grid_fills_the_gpu_only_when_it_must() {
+    // H200: 132 SMs. One CTA per class tile of 128 up to one per SM; row splits only when
+    // the class tiles leave more than half the SMs idle, at most one per row tile of 64.
+    let grid = |b, c, d| backward_grid_for(HeadShape { b, c, d }, 132);
+    assert_eq!(grid(64, 751, 2048), (6, 1)); // re-ID: one row tile, nothing to split
+    assert_eq!(grid(512, 1000, 2048), (8, 8)); // LT: 8 class tiles x 8 row tiles
+    assert_eq!(grid(512, 93_431, 512), (132, 1)); // face: the class tiles fill the GPU
+    assert_eq!(grid(4096, 300, 64), (3, 44)); // 64 row tiles, 132 / 3 splits
+    assert_eq!(grid(1, 1, 1), (1, 1));
+    // S x C x D f32 partials stay within 256 MiB: C = 2000, D = 8192 allows 4.
+    assert_eq!(grid(4096, 2000, 8192).1, 4);
 }
 
 #[test]

@@ -125,6 +125,8 @@ pub struct BenchRow {
     pub target_peer_ms: f64,
     /// Cut Cross-Entropy's extra MiB (memory target).
     pub target_mib: f64,
+    /// The fused backward's grid (G class-tile CTAs, S row splits).
+    pub fused_backward_grid: (usize, usize),
 }
 
 /// Everything one run measured.
@@ -255,6 +257,7 @@ fn bench_shape<T: DeviceElem>(
         target_limit_ms: (!s.small).then(|| 1.5 * flops(s) / (peak * 1e12) * 1e3),
         target_peer_ms: s.torch_compile_ms / if s.small { 20.0 } else { 2.0 },
         target_mib: s.cce_mib,
+        fused_backward_grid: fused.backward_grid(crate::check::HeadShape { b: s.b, c: s.c, d: s.d }),
         fused_vs_reference_err: err,
         tolerance: 1.0,
         fused: f,
@@ -299,7 +302,8 @@ fn print_row(r: &BenchRow) {
             format!("missed ({:.0} MiB)", r.fused.extra_mib)
         }
     ));
-    println!("{:<16} targets: {}", "", goals.join("; "));
+    let (g, sp) = r.fused_backward_grid;
+    println!("{:<16} targets: {}; fused backward grid {g} x {sp}", "", goals.join("; "));
 }
 
 fn verdict(got: f64, target: f64) -> String {

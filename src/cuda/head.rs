@@ -204,11 +204,14 @@ pub struct Workspace {
 /// Fused forward tile (rows x classes); keep in sync with `kernels/head_fused.cu`.
 const FWD_BM: usize = 128;
 const FWD_BN: usize = 128;
-/// Fused backward tile.
+/// Fused backward tile (rows x classes).
+const BWD_BM: usize = 64;
 const BWD_BN: usize = 128;
 const THREADS: u32 = 256;
 /// The fused backward's dx partials may use this much memory before G shrinks.
 const DXP_BUDGET: usize = 512 << 20;
+/// The fused backward's dW partials (row splits S > 1) may use this much memory.
+const DWP_BUDGET: usize = 256 << 20;
 
 /// Dynamic shared memory of `fused_bwd_<T>` (asserted in the .cu file).
 fn bwd_smem_bytes(dtype: DType) -> u32 {
@@ -228,6 +231,26 @@ fn bwd_groups(shape: HeadShape, sm_count: usize) -> usize {
     n_ct.min(sm_count.max(1)).min(by_mem).max(1)
 }
 
+/// S, the fused backward's row splits: 1 while the G class-tile CTAs fill at least half
+/// the GPU; else enough splits of the row tiles to fill it (at most one per row tile),
+/// as long as the S x C x D f32 dW partials stay within 256 MiB.
+fn bwd_row_splits(shape: HeadShape, sm_count: usize, g: usize) -> usize {
+    let (sm, g) = (sm_count.max(1), g.max(1));
+    if 2 * g >= sm {
+        return 1;
+    }
+    let n_rt = shape.b.div_ceil(BWD_BM);
+    let by_mem = DWP_BUDGET / (shape.c * shape.d * 4).max(1);
+    (sm / g).min(n_rt).min(by_mem).max(1)
+}
+
+/// The fused backward's default grid (G, S) at `shape` on a GPU with `sm_count` SMs
+/// (what the dispatcher picks without tuning overrides; usable without a device).
+pub fn backward_grid_for(shape: HeadShape, sm_count: usize) -> (usize, usize) {
+    let g = bwd_groups(shape, sm_count);
+    (g, bwd_row_splits(shape, sm_count, g))
+}
+
 /// Scratch bytes of `path` at `shape` on a GPU with `sm_count` SMs (what
 /// [`HeadOn::workspace`] reports; usable without a device).
 pub fn workspace_for(
@@ -237,16 +260,18 @@ pub fn workspace_for(
     grad: GradDtype,
     sm_count: usize,
 ) -> Workspace {
-    workspace_with_groups(path, shape, dtype, grad, bwd_groups(shape, sm_count))
+    let (g, splits) = backward_grid_for(shape, sm_count);
+    workspace_with_groups(path, shape, dtype, grad, g, splits)
 }
 
-/// [`workspace_for`] with the fused backward's CTA count `g` given.
+/// [`workspace_for`] with the fused backward's grid (G, S) given.
 fn workspace_with_groups(
     path: HeadPath,
     shape: HeadShape,
     dtype: DType,
     grad: GradDtype,
     g: usize,
+    splits: usize,
 ) -> Workspace {
     let HeadShape { b, c, d } = shape;
     let f = 4;
@@ -259,8 +284,15 @@ fn workspace_with_groups(
         },
         HeadPath::Fused => {
             let n_ct = c.div_ceil(FWD_BN);
-            // A 16-bit dW accumulates one class tile per CTA in f32 scratch; an f32 dW in place.
-            let dwacc = if grad == GradDtype::F32 || dtype == DType::F32 { 0 } else { g * BWD_BN * d };
+            // Row splits keep S partial dW sums; otherwise a 16-bit dW accumulates one class
+            // tile per CTA in f32 scratch, an f32 dW in place.
+            let dwacc = if splits > 1 {
+                splits * c * d
+            } else if grad == GradDtype::F32 || dtype == DType::F32 {
+                0
+            } else {
+                g * BWD_BN * d
+            };
             Workspace {
                 // norms and inverse norms, partials, labels, dt
                 forward: (2 * b + 2 * c + 3 * n_ct * b + 2 * b) * f,
@@ -288,6 +320,10 @@ pub struct FusedTuning {
     /// Backward CTA count G (clamped to [1, number of class tiles]); `None`: one per
     /// class tile up to one per SM, fewer when the dx partials would pass 512 MiB.
     pub backward_ctas: Option<usize>,
+    /// Backward row splits S (clamped to [1, number of row tiles of 64]); `None`: 1
+    /// unless G leaves more than half the SMs idle, then enough to fill them (dW
+    /// partials within 256 MiB).
+    pub row_splits: Option<usize>,
     /// Use the element-load kernels even when D allows 16-byte cp.async.
     pub scalar_loads: bool,
 }
@@ -345,18 +381,32 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         self.path
     }
 
-    /// Number of CTAs (and dx partial buffers) of the fused backward.
-    fn bwd_groups(&self, shape: HeadShape) -> usize {
-        match self.tuning.backward_ctas {
+    /// The fused backward's grid: G CTAs per row split (and dx partial buffers) and S
+    /// row splits.
+    fn bwd_grid(&self, shape: HeadShape) -> (usize, usize) {
+        let sm = self.dev.info().sm_count.max(1) as usize;
+        let g = match self.tuning.backward_ctas {
             Some(g) => g.clamp(1, shape.c.div_ceil(BWD_BN)),
-            None => bwd_groups(shape, self.dev.info().sm_count.max(1) as usize),
-        }
+            None => bwd_groups(shape, sm),
+        };
+        let s = match self.tuning.row_splits {
+            Some(s) => s.clamp(1, shape.b.div_ceil(BWD_BM)),
+            None => bwd_row_splits(shape, sm, g),
+        };
+        (g, s)
+    }
+
+    /// The fused backward's launch grid at `shape`: (G CTAs over the class tiles, S row
+    /// splits), as the dispatcher (or the tuning) picks it.
+    pub fn backward_grid(&self, shape: HeadShape) -> (usize, usize) {
+        self.bwd_grid(shape)
     }
 
     /// Scratch bytes (beyond inputs and outputs) of a forward and of a backward
     /// writing gradients in `grad` at `shape` with storage `dtype`.
     pub fn workspace(&self, shape: HeadShape, dtype: DType, grad: GradDtype) -> Workspace {
-        workspace_with_groups(self.path, shape, dtype, grad, self.bwd_groups(shape))
+        let (g, s) = self.bwd_grid(shape);
+        workspace_with_groups(self.path, shape, dtype, grad, g, s)
     }
 
     /// Peak scratch bytes of [`CudaHead::forward_backward`] with gradients in the
@@ -659,12 +709,36 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
                         (&computed.0, &computed.1)
                     }
                 };
-                let groups = self.bwd_groups(shape);
+                let (groups, splits) = self.bwd_grid(shape);
+                let grid = (groups, splits);
                 // SAFETY: fused_bwd writes every element of dxp (groups <= class tiles: each
                 // CTA stores its partial on its first class tile) and of dW (each class row
-                // once, by the CTA that owns its tile); the scratch is written before read.
+                // once, by the CTA that owns its tile) or of the dW partials (each split
+                // stores its slice on its first row tile); the scratch is written before read.
                 let mut dxp = unsafe { Tensor::<f32>::uninit(dev, &[groups * b * d]) }?;
-                let dw = if grad_dtype == GradDtype::F32 || T::DTYPE == DType::F32 {
+                let dw = if splits > 1 {
+                    // SAFETY: as above.
+                    let mut dwp = unsafe { Tensor::<f32>::uninit(dev, &[splits * c * d]) }?;
+                    let out = FusedDw::Partials(&mut dwp);
+                    fused_bwd(
+                        dev,
+                        x,
+                        w,
+                        inv_x,
+                        inv_w,
+                        dl,
+                        fwd,
+                        row_g,
+                        g_scale,
+                        p,
+                        &mut dxp,
+                        out,
+                        grid,
+                        shape,
+                        self.tuning.scalar_loads,
+                    )?;
+                    normback(dev, &mut dwp, splits, w, inv_w, grad_dtype, c, d)?
+                } else if grad_dtype == GradDtype::F32 || T::DTYPE == DType::F32 {
                     // SAFETY: as above.
                     let mut dw = unsafe { Tensor::<f32>::uninit(dev, &[c, d]) }?;
                     let out = FusedDw::F32(&mut dw);
@@ -681,7 +755,7 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
                         p,
                         &mut dxp,
                         out,
-                        groups,
+                        grid,
                         shape,
                         self.tuning.scalar_loads,
                     )?;
@@ -705,7 +779,7 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
                         p,
                         &mut dxp,
                         out,
-                        groups,
+                        grid,
                         shape,
                         self.tuning.scalar_loads,
                     )?;
@@ -1053,6 +1127,9 @@ fn fused_combine(
 
 /// Where the fused backward finishes dW.
 enum FusedDw<'a, T: DeviceElem> {
+    /// S partial f32 sums of dwh ([S * C * D], S = the grid's row splits); the caller
+    /// finishes dW.
+    Partials(&'a mut Tensor<f32>),
     /// In f32, accumulated in place ([C, D]).
     F32(&'a mut Tensor<f32>),
     /// In the storage dtype ([C, D]), via f32 scratch of one class tile per CTA
@@ -1074,7 +1151,7 @@ fn fused_bwd<T: DeviceElem>(
     p: HeadParams,
     dxp: &mut Tensor<f32>,
     out: FusedDw<'_, T>,
-    groups: usize,
+    (groups, splits): (usize, usize),
     shape: HeadShape,
     scalar: bool,
 ) -> Result<()> {
@@ -1092,8 +1169,12 @@ fn fused_bwd<T: DeviceElem>(
     .map_err(cuda_err("head_fused::fused_bwd shared-memory opt-in"))?;
     let (b, c, d) = (shape.b as i32, shape.c as i32, shape.d as i32);
     let null: u64 = 0;
-    let cfg =
-        LaunchConfig { grid_dim: (groups as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem };
+    debug_assert!(splits == 1 || matches!(out, FusedDw::Partials(_)));
+    let cfg = LaunchConfig {
+        grid_dim: (groups as u32, splits as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem,
+    };
     let mut bld = dev.stream().launch_builder(&f);
     bld.arg(x.slice()).arg(w.slice()).arg(inv_x.slice()).arg(inv_w.slice()).arg(dl);
     bld.arg(fwd.t.slice()).arg(fwd.dt.slice()).arg(fwd.lse.slice());
@@ -1103,15 +1184,17 @@ fn fused_bwd<T: DeviceElem>(
     };
     bld.arg(&g_scale).arg(&p).arg(dxp.slice_mut());
     match out {
-        FusedDw::F32(dw) => bld.arg(&null).arg(&null).arg(dw.slice_mut()),
-        FusedDw::Input { acc, dw } => bld.arg(acc.slice_mut()).arg(dw.slice_mut()).arg(&null),
+        FusedDw::Partials(dwp) => bld.arg(&null).arg(&null).arg(&null).arg(dwp.slice_mut()),
+        FusedDw::F32(dw) => bld.arg(&null).arg(&null).arg(dw.slice_mut()).arg(&null),
+        FusedDw::Input { acc, dw } => bld.arg(acc.slice_mut()).arg(dw.slice_mut()).arg(&null).arg(&null),
     };
     bld.arg(&b).arg(&c).arg(&d);
     // SAFETY: x [B, D], w [C, D] (the VEC kernel only when D and both base addresses allow
     // 16-byte chunks, checked above), per-row inputs [B], inv_w [C]; dxp holds groups*B*D f32;
-    // dW is either f32 [C, D] (dwacc = dw = null) or T [C, D] with groups*BWD_BN*D f32 of
-    // scratch (dw32 = null), all distinct buffers; groups <= class tiles (bwd_groups clamps);
-    // CTA g writes only dxp[g], its scratch slice and the dW rows of its class tiles; the
+    // exactly one dW destination: S*C*D f32 partials (splits > 1 only with these), f32 [C, D],
+    // or T [C, D] with groups*BWD_BN*D f32 of scratch; all distinct buffers; groups <= class
+    // tiles and splits <= row tiles (bwd_grid clamps); CTA (g, s) writes only its rows of
+    // dxp[g], its scratch slice, its partial slice and the dW rows of its class tiles; the
     // dynamic smem size is the one the kernel was written for.
     unsafe { bld.launch(cfg) }.map_err(cuda_err("head_fused::fused_bwd"))?;
     Ok(())
