@@ -716,73 +716,29 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
                 // once, by the CTA that owns its tile) or of the dW partials (each split
                 // stores its slice on its first row tile); the scratch is written before read.
                 let mut dxp = unsafe { Tensor::<f32>::uninit(dev, &[groups * b * d]) }?;
+                let scalar = self.tuning.scalar_loads;
+                let mut bwd = |out: FusedDw<'_, T>| {
+                    fused_bwd(
+                        dev, x, w, inv_x, inv_w, dl, fwd, row_g, g_scale, p, &mut dxp, out, grid, shape,
+                        scalar,
+                    )
+                };
                 let dw = if splits > 1 {
                     // SAFETY: as above.
                     let mut dwp = unsafe { Tensor::<f32>::uninit(dev, &[splits * c * d]) }?;
-                    let out = FusedDw::Partials(&mut dwp);
-                    fused_bwd(
-                        dev,
-                        x,
-                        w,
-                        inv_x,
-                        inv_w,
-                        dl,
-                        fwd,
-                        row_g,
-                        g_scale,
-                        p,
-                        &mut dxp,
-                        out,
-                        grid,
-                        shape,
-                        self.tuning.scalar_loads,
-                    )?;
+                    bwd(FusedDw::Partials(&mut dwp))?;
                     normback(dev, &mut dwp, splits, w, inv_w, grad_dtype, c, d)?
                 } else if grad_dtype == GradDtype::F32 || T::DTYPE == DType::F32 {
                     // SAFETY: as above.
                     let mut dw = unsafe { Tensor::<f32>::uninit(dev, &[c, d]) }?;
-                    let out = FusedDw::F32(&mut dw);
-                    fused_bwd(
-                        dev,
-                        x,
-                        w,
-                        inv_x,
-                        inv_w,
-                        dl,
-                        fwd,
-                        row_g,
-                        g_scale,
-                        p,
-                        &mut dxp,
-                        out,
-                        grid,
-                        shape,
-                        self.tuning.scalar_loads,
-                    )?;
+                    bwd(FusedDw::F32(&mut dw))?;
                     GradTensor::F32(dw)
                 } else {
                     // SAFETY: as above.
                     let mut acc = unsafe { Tensor::<f32>::uninit(dev, &[groups * BWD_BN * d]) }?;
                     // SAFETY: as above.
                     let mut dw = unsafe { Tensor::<T>::uninit(dev, &[c, d]) }?;
-                    let out = FusedDw::Input { acc: &mut acc, dw: &mut dw };
-                    fused_bwd(
-                        dev,
-                        x,
-                        w,
-                        inv_x,
-                        inv_w,
-                        dl,
-                        fwd,
-                        row_g,
-                        g_scale,
-                        p,
-                        &mut dxp,
-                        out,
-                        grid,
-                        shape,
-                        self.tuning.scalar_loads,
-                    )?;
+                    bwd(FusedDw::Input { acc: &mut acc, dw: &mut dw })?;
                     GradTensor::Input(dw)
                 };
                 let dx = normback(dev, &mut dxp, groups, x, inv_x, grad_dtype, b, d)?;
