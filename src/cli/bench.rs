@@ -8,9 +8,10 @@
 //! excluded; outputs dx, dW and every workspace included). Each path's result
 //! is checked against the reference path before anything is timed.
 
+use crate::check::HeadShape;
 use crate::config::{DType, HeadConfig};
 use crate::cuda::bench::{gemm_peak_tflops, measure_extra_memory, ThreeGemm, Timer, Timing};
-use crate::cuda::head::{CudaHead, GradDtype, HeadPath, HeadUpstream};
+use crate::cuda::head::{CudaHead, FusedTuning, GradDtype, HeadPath, HeadUpstream};
 use crate::cuda::{Device, DeviceElem, Tensor};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -19,7 +20,7 @@ use std::sync::Arc;
 /// Arguments of `featcloud bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// A subset that runs in under a minute: re-ID and the two smaller face shapes, bf16, fewer repetitions.
+    /// A subset that runs in under a minute: re-ID, LT and the two smaller face shapes, bf16, fewer repetitions.
     #[arg(long)]
     pub quick: bool,
     /// Write the results as JSON to this file (atomically).
@@ -127,6 +128,9 @@ pub struct BenchRow {
     pub target_mib: f64,
     /// The fused backward's grid (G class-tile CTAs, S row splits).
     pub fused_backward_grid: (usize, usize),
+    /// Where the dispatcher split the rows (S > 1): the fused path re-timed with fewer
+    /// splits, (S, median ms, extra MiB), so the speed / memory trade is on record.
+    pub row_split_sweep: Vec<(usize, f64, f64)>,
 }
 
 /// Everything one run measured.
@@ -239,6 +243,19 @@ fn bench_shape<T: DeviceElem>(
         })
     };
     let f = measure(&fused)?;
+    let grid = fused.backward_grid(HeadShape { b: s.b, c: s.c, d: s.d });
+    let mut row_split_sweep = vec![];
+    if grid.1 > 1 {
+        row_split_sweep.push((grid.1, f.timing.median_ms, f.extra_mib));
+        let mut fewer = grid.1 / 2;
+        while fewer >= 1 {
+            let tuning = FusedTuning { row_splits: Some(fewer), ..FusedTuning::default() };
+            let h = CudaHead::new(dev.clone(), cfg, HeadPath::Fused)?.with_tuning(tuning);
+            let m = measure(&h)?;
+            row_split_sweep.push((fewer, m.timing.median_ms, m.extra_mib));
+            fewer /= 2;
+        }
+    }
     let r = measure(&reference)?;
     let mut g3 = ThreeGemm::<T>::new(dev, s.b, s.d, s.c)?;
     let timing = timer.time(warm, reps, || g3.run(dev))?;
@@ -257,7 +274,8 @@ fn bench_shape<T: DeviceElem>(
         target_limit_ms: (!s.small).then(|| 1.5 * flops(s) / (peak * 1e12) * 1e3),
         target_peer_ms: s.torch_compile_ms / if s.small { 20.0 } else { 2.0 },
         target_mib: s.cce_mib,
-        fused_backward_grid: fused.backward_grid(crate::check::HeadShape { b: s.b, c: s.c, d: s.d }),
+        fused_backward_grid: grid,
+        row_split_sweep,
         fused_vs_reference_err: err,
         tolerance: 1.0,
         fused: f,
@@ -304,6 +322,11 @@ fn print_row(r: &BenchRow) {
     ));
     let (g, sp) = r.fused_backward_grid;
     println!("{:<16} targets: {}; fused backward grid {g} x {sp}", "", goals.join("; "));
+    if !r.row_split_sweep.is_empty() {
+        let runs: Vec<String> =
+            r.row_split_sweep.iter().map(|(s, ms, mib)| format!("S={s} {ms:.3} ms {mib:.1} MiB")).collect();
+        println!("{:<16} fused row splits: {}", "", runs.join(", "));
+    }
 }
 
 fn verdict(got: f64, target: f64) -> String {
@@ -355,7 +378,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut failures = Vec::new();
     for s in SHAPES.iter() {
-        if args.quick && !matches!(s.name, "reid" | "face-93k" | "face-360k") {
+        if args.quick && !matches!(s.name, "reid" | "lt" | "face-93k" | "face-360k") {
             continue;
         }
         if args.only.as_deref().is_some_and(|o| !s.name.contains(o)) {
