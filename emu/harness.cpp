@@ -101,6 +101,8 @@ std::map<std::string, Runner> registry() {
     K(head_normback32_bwd_bf16); K(head_normback32_bwd_f16);
     K(fused_fwd_bf16); K(fused_scalar_fwd_bf16); K(fused_fwd_f16); K(fused_scalar_fwd_f16);
     K(fused_fwd_f32); K(fused_scalar_fwd_f32); K(fused_combine_fwd_f32);
+    K(fused_rows64_fwd_bf16); K(fused_rows64_scalar_fwd_bf16); K(fused_rows64_fwd_f16);
+    K(fused_rows64_scalar_fwd_f16); K(fused_rows64_fwd_f32); K(fused_rows64_scalar_fwd_f32);
     K(fused_bwd_bf16); K(fused_scalar_bwd_bf16); K(fused_bwd_f16); K(fused_scalar_bwd_f16);
     K(fused_bwd_f32); K(fused_scalar_bwd_f32);
 #undef K

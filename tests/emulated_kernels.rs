@@ -938,7 +938,7 @@ mod head {
         seed: u64,
         step: u64,
         vec: bool,
-        (groups, splits): (usize, usize),
+        (fwd_rows, groups, splits): (usize, usize, usize),
         row_up: Option<&[f32]>,
         grad_f32: bool,
     ) -> HeadOut {
@@ -964,10 +964,14 @@ mod head {
         let part = e.bytes(&poison(3 * n_ct * b * 4));
         let mut row = || e.bytes(&poison(b * 4));
         let (rl, lse, ciy, t, alpha, dtb) = (row(), row(), row(), row(), row(), row());
-        let fwd = if vec { format!("fused_fwd_{sfx}") } else { format!("fused_scalar_fwd_{sfx}") };
+        // forward_rows: fused_rows64_* take row tiles of 64, the others 128
+        assert!(fwd_rows == FWD_BM || fwd_rows == 64);
+        let rows64 = if fwd_rows == 64 { "rows64_" } else { "" };
+        let fwd =
+            if vec { format!("fused_{rows64}fwd_{sfx}") } else { format!("fused_{rows64}scalar_fwd_{sfx}") };
         e.launch(
             &fwd,
-            [n_ct as u32, b.div_ceil(FWD_BM) as u32, 1],
+            [n_ct as u32, b.div_ceil(fwd_rows) as u32, 1],
             [256, 1, 1],
             0,
             &[
@@ -1165,18 +1169,19 @@ mod head {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let base = HeadConfig { cloud: CloudMode::Off, ..Default::default() };
         let cloud = HeadConfig { cloud: CloudMode::Symmetric, label_smoothing: 0.1, ..Default::default() };
-        // (B, C, D, config, sigma, backward grid (G, S))
-        type Shape<'a> = (usize, usize, usize, &'a HeadConfig, f32, (usize, usize));
+        // (B, C, D, config, sigma, (forward rows per tile, backward grid G, S))
+        type Shape<'a> = (usize, usize, usize, &'a HeadConfig, f32, (usize, usize, usize));
         let shapes: &[Shape] = &[
-            (1, 1, 8, &base, 0.0, (1, 1)),
-            (5, 7, 1, &base, 0.0, (1, 1)),
-            (13, 93, 13, &cloud, 1.0, (1, 1)),
-            (33, 300, 64, &cloud, 1.0, (2, 1)),
-            (131, 3, 16, &base, 0.0, (1, 3)),
-            (9, 130, 96, &cloud, 0.3, (1, 1)),
-            (17, 150, 512, &cloud, 0.3, (2, 1)),
-            (3, 5, 2048, &cloud, 0.3, (1, 1)),
-            (70, 260, 24, &cloud, 0.5, (2, 2)),
+            (1, 1, 8, &base, 0.0, (64, 1, 1)),
+            (5, 7, 1, &base, 0.0, (128, 1, 1)),
+            (13, 93, 13, &cloud, 1.0, (128, 1, 1)),
+            (33, 300, 64, &cloud, 1.0, (128, 2, 1)),
+            (131, 3, 16, &base, 0.0, (64, 1, 3)),
+            (9, 130, 96, &cloud, 0.3, (128, 1, 1)),
+            (17, 150, 512, &cloud, 0.3, (64, 2, 1)),
+            (3, 5, 2048, &cloud, 0.3, (128, 1, 1)),
+            (70, 260, 24, &cloud, 0.5, (64, 2, 2)),
+            (200, 130, 40, &cloud, 0.5, (128, 2, 4)),
         ];
         for dt in [Dt::F32, Dt::Bf16, Dt::F16] {
             let (tol_loss, tol_grad) = if dt == Dt::F32 { (1e-5, 1e-4) } else { (2e-3, 1e-2) };
@@ -1266,12 +1271,13 @@ mod head {
         let Some(exe) = harness() else { return };
         let mut rng = ChaCha8Rng::seed_from_u64(8);
         let cfg = HeadConfig { cloud: CloudMode::Symmetric, ..Default::default() };
-        let sh = HeadShape { b: 21, c: 260, d: 32 };
+        let sh = HeadShape { b: 70, c: 260, d: 32 };
         let cs = case(&mut rng, sh, 0.5);
         for dt in [Dt::F32, Dt::Bf16, Dt::F16] {
             let (xb, _) = dt.store(&cs.x);
             let (wb, _) = dt.store(&cs.w);
-            for vec in [true, false] {
+            // Both forward row tiles, both load paths; backward grid 3 x 2 (row splits).
+            for (vec, rows) in [(true, 128), (false, 64)] {
                 let run = |sched: &str| {
                     with_sched(sched, || {
                         run_fused(
@@ -1286,7 +1292,7 @@ mod head {
                             5,
                             6,
                             vec,
-                            (3, 1),
+                            (rows, 3, 2),
                             None,
                             false,
                         )
@@ -1303,7 +1309,7 @@ mod head {
                     );
                 }
                 println!(
-                    "fused {dt:?} vec={vec} B=21 C=260 D=32 G=3: runs bitwise equal under 3 thread orders"
+                    "fused {dt:?} vec={vec} rows={rows} B=70 C=260 D=32 G=3 S=2: runs bitwise equal under 3 thread orders"
                 );
             }
         }
@@ -1558,7 +1564,7 @@ mod head {
                     1,
                     2,
                     vec,
-                    (1, 1),
+                    (128, 1, 1),
                     Some(&row_up),
                     true,
                 );
@@ -1588,7 +1594,9 @@ mod head {
     fn fused_zero_and_tiny_class_rows() {
         let Some(exe) = harness() else { return };
         for dt in [Dt::F32, Dt::Bf16, Dt::F16] {
-            for (grad_f32, grid) in [(false, (1, 1)), (true, (2, 1)), (false, (1, 2)), (true, (3, 2))] {
+            for (grad_f32, grid) in
+                [(false, (128, 1, 1)), (true, (64, 2, 1)), (false, (64, 1, 2)), (true, (128, 3, 2))]
+            {
                 let mut rng = ChaCha8Rng::seed_from_u64(10);
                 let cfg = HeadConfig { cloud: CloudMode::Off, ..Default::default() };
                 let sh = HeadShape { b: 70, c: 300, d: 16 };

@@ -13,7 +13,8 @@ use featcloud::cuda::head::verify::{
     run_device_tuned, tolerances, Problem,
 };
 use featcloud::cuda::head::{
-    backward_grid_for, fused_vectorized, workspace_for, FusedTuning, GradDtype, HeadPath, HeadUpstream,
+    backward_grid_for, forward_rows_for, fused_vectorized, workspace_for, FusedTuning, GradDtype, HeadPath,
+    HeadUpstream,
 };
 use featcloud::cuda::{test_device, Device, Tensor};
 use featcloud::oracle::head::{forward, HeadProblem, Region};
@@ -109,19 +110,26 @@ fn oracle_every_option_set() {
 #[test]
 fn fused_every_dispatcher_choice() {
     // Sweep what the dispatcher may pick: backward CTA counts G (1, a few, one per class
-    // tile) and the element-load kernels at a D where cp.async would be chosen.
+    // tile), forward row tiles of 64 and 128, and the element-load kernels at a D where
+    // cp.async would be chosen.
     let Some(dev) = test_device() else { return };
     let cfg = HeadConfig::default();
     for dtype in DTYPES {
         let p = make_problem(HeadShape { b: 150, c: 700, d: 72 }, dtype, true, 31);
         let base = run_device(&dev, HeadPath::Fused, &cfg, &p, GradDtype::Input).unwrap();
-        for g in [1, 2, 3, 6] {
+        for (g, rows) in [(1, 128), (2, 64), (3, 128), (6, 64)] {
             for scalar_loads in [false, true] {
-                let tuning = FusedTuning { backward_ctas: Some(g), scalar_loads, ..FusedTuning::default() };
+                let tuning = FusedTuning {
+                    backward_ctas: Some(g),
+                    forward_rows: Some(rows),
+                    scalar_loads,
+                    ..FusedTuning::default()
+                };
                 let r = run_device_tuned(&dev, HeadPath::Fused, &cfg, &p, GradDtype::Input, tuning).unwrap();
                 let c = compare_with_oracle(&cfg, &p, &r).unwrap();
                 assert!(c.passed(dtype), "{} {tuning:?}: {c:?}", dtype.name());
-                // The forward does not depend on G, and the load kernels do not change any value.
+                // The forward does not depend on G or on its row tile (each row's classes are
+                // reduced in the same order either way), and the load kernels change no value.
                 assert_eq!(
                     r.loss.to_bits(),
                     base.loss.to_bits(),
@@ -339,7 +347,15 @@ fn cpu_backward_grid_fills_the_gpu_only_when_it_must() {
     assert_eq!(grid(512, 93_431, 512), (132, 1)); // face: the class tiles fill the GPU
     assert_eq!(grid(4096, 300, 64), (3, 44)); // 64 row tiles, 132 / 3 splits
     assert_eq!(grid(1, 1, 1), (1, 1));
-    // S x C x D f32 partials stay within 256 MiB: C = 2000, D = 8192 allows 4.
+    // Forward row tiles: 64 for a batch that fits one, or when 128-row tiles leave more than
+    // half the SMs idle.
+    let rows = |b, c, d| forward_rows_for(HeadShape { b, c, d }, 132);
+    assert_eq!(rows(64, 751, 2048), 64); // re-ID
+    assert_eq!(rows(512, 1000, 2048), 64); // LT: 8 x 4 = 32 tiles of 128 rows
+    assert_eq!(rows(512, 93_431, 512), 128); // face
+    assert_eq!(rows(1, 1, 1), 64);
+    assert_eq!(rows(4096, 3000, 64), 128); // 24 x 32 = 768 tiles
+                                           // S x C x D f32 partials stay within 256 MiB: C = 2000, D = 8192 allows 4.
     assert_eq!(grid(4096, 2000, 8192).1, 4);
 }
 

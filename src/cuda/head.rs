@@ -201,8 +201,10 @@ pub struct Workspace {
     pub backward: usize,
 }
 
-/// Fused forward tile (rows x classes); keep in sync with `kernels/head_fused.cu`.
+/// Fused forward tile (rows x classes; `fused_rows64_*` take 64 rows); keep in sync
+/// with `kernels/head_fused.cu`.
 const FWD_BM: usize = 128;
+const FWD_BM_SMALL: usize = 64;
 const FWD_BN: usize = 128;
 /// Fused backward tile (rows x classes).
 const BWD_BM: usize = 64;
@@ -242,6 +244,24 @@ fn bwd_row_splits(shape: HeadShape, sm_count: usize, g: usize) -> usize {
     let n_rt = shape.b.div_ceil(BWD_BM);
     let by_mem = DWP_BUDGET / (shape.c * shape.d * 4).max(1);
     (sm / g).min(n_rt).min(by_mem).max(1)
+}
+
+/// Rows per tile of the fused forward: 64 when B fits one such tile (a 128-row tile
+/// would be half empty) or when 128-row tiles would leave more than half the SMs
+/// idle, else 128.
+fn fwd_rows(shape: HeadShape, sm_count: usize) -> usize {
+    let ctas = shape.c.div_ceil(FWD_BN) * shape.b.div_ceil(FWD_BM);
+    if shape.b <= FWD_BM_SMALL || 2 * ctas < sm_count.max(1) {
+        FWD_BM_SMALL
+    } else {
+        FWD_BM
+    }
+}
+
+/// The fused forward's rows per tile at `shape` on a GPU with `sm_count` SMs (64 or
+/// 128; what the dispatcher picks without tuning overrides; usable without a device).
+pub fn forward_rows_for(shape: HeadShape, sm_count: usize) -> usize {
+    fwd_rows(shape, sm_count)
 }
 
 /// The fused backward's default grid (G, S) at `shape` on a GPU with `sm_count` SMs
@@ -324,6 +344,9 @@ pub struct FusedTuning {
     /// unless G leaves more than half the SMs idle, then enough to fill them (dW
     /// partials within 256 MiB).
     pub row_splits: Option<usize>,
+    /// Rows per forward tile, 64 or 128 (anything else: 128 unless it is 64);
+    /// `None`: see [`forward_rows_for`].
+    pub forward_rows: Option<usize>,
     /// Use the element-load kernels even when D allows 16-byte cp.async.
     pub scalar_loads: bool,
 }
@@ -394,6 +417,15 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
             None => bwd_row_splits(shape, sm, g),
         };
         (g, s)
+    }
+
+    /// Rows per tile of the fused forward at `shape` (64 or 128).
+    pub fn forward_rows(&self, shape: HeadShape) -> usize {
+        match self.tuning.forward_rows {
+            Some(FWD_BM_SMALL) => FWD_BM_SMALL,
+            Some(_) => FWD_BM,
+            None => fwd_rows(shape, self.dev.info().sm_count.max(1) as usize),
+        }
     }
 
     /// The fused backward's launch grid at `shape`: (G CTAs over the class tiles, S row
@@ -475,7 +507,7 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
                 return Err(Error::Shape(format!("the reference path supports B <= 65535, got {b}")));
             }
         }
-        if shape.c.div_ceil(FWD_BN) > i32::MAX as usize || shape.b.div_ceil(FWD_BM) > 65_535 {
+        if shape.c.div_ceil(FWD_BN) > i32::MAX as usize || shape.b.div_ceil(FWD_BM_SMALL) > 65_535 {
             return Err(Error::Shape(format!("B = {b} is too large for the fused grid")));
         }
         Ok(shape)
@@ -643,6 +675,7 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
                     &mut part,
                     &mut out,
                     shape,
+                    self.forward_rows(shape),
                     self.tuning.scalar_loads,
                 )?;
                 fused_combine(dev, &part, n_ct, dl, p, &mut out, shape)?;
@@ -1024,17 +1057,35 @@ fn fused_fwd<T: DeviceElem>(
     part: &mut Tensor<f32>,
     out: &mut HeadForward,
     shape: HeadShape,
+    rows: usize,
     scalar: bool,
 ) -> Result<()> {
-    let k = if use_vectorized(dev, x, w, shape.d, scalar) {
-        dtype_kernel(T::DTYPE, kf::FUSED_FWD_F32, kf::FUSED_FWD_BF16, kf::FUSED_FWD_F16)
-    } else {
-        dtype_kernel(T::DTYPE, kf::FUSED_SCALAR_FWD_F32, kf::FUSED_SCALAR_FWD_BF16, kf::FUSED_SCALAR_FWD_F16)
+    let k = match (use_vectorized(dev, x, w, shape.d, scalar), rows == FWD_BM_SMALL) {
+        (true, false) => dtype_kernel(T::DTYPE, kf::FUSED_FWD_F32, kf::FUSED_FWD_BF16, kf::FUSED_FWD_F16),
+        (false, false) => dtype_kernel(
+            T::DTYPE,
+            kf::FUSED_SCALAR_FWD_F32,
+            kf::FUSED_SCALAR_FWD_BF16,
+            kf::FUSED_SCALAR_FWD_F16,
+        ),
+        (true, true) => dtype_kernel(
+            T::DTYPE,
+            kf::FUSED_ROWS64_FWD_F32,
+            kf::FUSED_ROWS64_FWD_BF16,
+            kf::FUSED_ROWS64_FWD_F16,
+        ),
+        (false, true) => dtype_kernel(
+            T::DTYPE,
+            kf::FUSED_ROWS64_SCALAR_FWD_F32,
+            kf::FUSED_ROWS64_SCALAR_FWD_BF16,
+            kf::FUSED_ROWS64_SCALAR_FWD_F16,
+        ),
     };
+    let rows = if rows == FWD_BM_SMALL { FWD_BM_SMALL } else { FWD_BM };
     let f = dev.function(k)?;
     let (b, c, d) = (shape.b as i32, shape.c as i32, shape.d as i32);
     let cfg = LaunchConfig {
-        grid_dim: (shape.c.div_ceil(FWD_BN) as u32, shape.b.div_ceil(FWD_BM) as u32, 1),
+        grid_dim: (shape.c.div_ceil(FWD_BN) as u32, shape.b.div_ceil(rows) as u32, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -1054,7 +1105,8 @@ fn fused_fwd<T: DeviceElem>(
     bld.arg(&b).arg(&c).arg(&d);
     // SAFETY: x [B, D], w [C, D] (the VEC kernel only when D is a multiple of the 16-byte
     // chunk and both base addresses are 16-byte aligned, checked above), inv_x/labels/outputs
-    // [B], inv_w/sigma [C] (sigma unread when the cloud is off), part [3, n_ct, B] with n_ct = grid.x; every
+    // [B], inv_w/sigma [C] (sigma unread when the cloud is off), part [3, n_ct, B] with n_ct = grid.x;
+    // grid.y covers B with the kernel's row tile (64 for fused_rows64_*, else 128); every
     // load is bounds-checked or zero-filled in the kernel; no output aliases an input.
     unsafe { bld.launch(cfg) }.map_err(cuda_err("head_fused::fused_fwd"))?;
     Ok(())
