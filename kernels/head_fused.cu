@@ -1,8 +1,8 @@
 // head_fused.cu — the fused CUDA path of the margin head (SPEC 3, 4, 7.4).
 //
 // Forward (fused_fwd_<T>, then fused_combine_fwd_f32, then head_reduce_fwd_f32 in head_ref.cu):
-//   one CTA per (class tile of 128, row tile of BM = 128 or 64); grid = (ceil(C/128), ceil(B/BM)),
-//   256 threads.
+//   one CTA per (class tile of BN, row tile of BM), BM x BN = 128 x 128, 64 x 128 or 64 x 64;
+//   grid = (ceil(C/BN), ceil(B/BM)), 256 threads.
 //   The raw products x_i . W_j come from tensor cores (bf16/f16: mma.sync m16n8k16, f32
 //   accumulation) or exact SIMT FMAs (f32 storage); the epilogue multiplies by the
 //   inverse norms (no normalized copy of x or W exists), clamps to [-1, 1], applies the
@@ -41,7 +41,6 @@
 #include "mma.cuh"
 #include "tile.cuh"
 
-#define FWD_BN 128
 #define BWD_BM 64
 #define BWD_BN 128
 #define NTHREADS 256
@@ -50,14 +49,14 @@
 // x [B, D], w [C, D] (T); inv_x [B], inv_w [C]; labels [B]; sigma [C] (unread when the cloud
 // is off). Out: part [3][n_ct][B] (max, sum exp, sum z); for valid rows, in the one CTA
 // that holds column y_i: c_iy, t, alpha, dt [B]. Nothing aliases.
-template <typename T, bool VEC, int BM>
+template <typename T, bool VEC, int BM, int BN>
 __device__ __forceinline__ void fused_fwd(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ inv_x,
                                           const float* __restrict__ inv_w, const int* __restrict__ labels,
                                           const float* __restrict__ sigma, const HeadParams& p, float* __restrict__ part,
                                           float* __restrict__ c_iy, float* __restrict__ t_out, float* __restrict__ alpha_out,
                                           float* __restrict__ dt_out, int B, int C, int D) {
-    constexpr int BN = FWD_BN, WM = 2, WN = 4;
-    constexpr int MI = BM / WM / 16, NI = BN / WN / 8;  // (2 or 4) x 4 mma tiles per warp
+    constexpr int WM = 2, WN = 4;
+    constexpr int MI = BM / WM / 16, NI = BN / WN / 8;  // (2 or 4) x (2 or 4) mma tiles per warp
     constexpr int P = TileCfg<T>::PITCH;
     static_assert(BM + BN <= NTHREADS, "the prologue gives each thread at most one row or class");
     static_assert(WN * BM * sizeof(LseAcc) <= 2 * (BM + BN) * P * sizeof(T), "pass 2 reuses the stages");
@@ -148,39 +147,51 @@ __device__ __forceinline__ void fused_fwd(const T* __restrict__ x, const T* __re
         float *part, float *c_iy, float *t, float *alpha, float *dt, int B, int C, int D
 #define FUSED_FWD_PASS x, w, inv_x, inv_w, labels, sigma, p, part, c_iy, t, alpha, dt, B, C, D
 
-// Entry points: x [B, D], w [C, D]; see fused_fwd for every argument. fused_fwd_* take row
-// tiles of 128 (grid y = ceil(B / 128)); fused_rows64_fwd_* row tiles of 64 (grid y =
-// ceil(B / 64)), for batches of at most 64 rows (no half-empty tiles) and for grids too
-// small to fill the GPU.
+// Entry points: x [B, D], w [C, D]; see fused_fwd for every argument. Tiles (rows x classes):
+// fused_fwd_* 128 x 128, fused_rows64_fwd_* 64 x 128, fused_tile64_fwd_* 64 x 64; grid =
+// (ceil(C / classes), ceil(B / rows)). The smaller tiles are for batches of at most 64 rows
+// and for grids that would leave most of the GPU idle (src/cuda/head.rs picks).
 #define T bf16_t
 // hot
-extern "C" __global__ void __launch_bounds__(256) fused_fwd_bf16(FUSED_FWD_ARGS) { fused_fwd<T, true, 128>(FUSED_FWD_PASS); }
+extern "C" __global__ void __launch_bounds__(256) fused_fwd_bf16(FUSED_FWD_ARGS) { fused_fwd<T, true, 128, 128>(FUSED_FWD_PASS); }
 // hot
-extern "C" __global__ void __launch_bounds__(256) fused_scalar_fwd_bf16(FUSED_FWD_ARGS) { fused_fwd<T, false, 128>(FUSED_FWD_PASS); }
+extern "C" __global__ void __launch_bounds__(256) fused_scalar_fwd_bf16(FUSED_FWD_ARGS) { fused_fwd<T, false, 128, 128>(FUSED_FWD_PASS); }
 // hot
-extern "C" __global__ void __launch_bounds__(256) fused_rows64_fwd_bf16(FUSED_FWD_ARGS) { fused_fwd<T, true, 64>(FUSED_FWD_PASS); }
+extern "C" __global__ void __launch_bounds__(256) fused_rows64_fwd_bf16(FUSED_FWD_ARGS) { fused_fwd<T, true, 64, 128>(FUSED_FWD_PASS); }
 // hot
-extern "C" __global__ void __launch_bounds__(256) fused_rows64_scalar_fwd_bf16(FUSED_FWD_ARGS) { fused_fwd<T, false, 64>(FUSED_FWD_PASS); }
+extern "C" __global__ void __launch_bounds__(256) fused_rows64_scalar_fwd_bf16(FUSED_FWD_ARGS) { fused_fwd<T, false, 64, 128>(FUSED_FWD_PASS); }
+// hot
+extern "C" __global__ void __launch_bounds__(256) fused_tile64_fwd_bf16(FUSED_FWD_ARGS) { fused_fwd<T, true, 64, 64>(FUSED_FWD_PASS); }
+// hot
+extern "C" __global__ void __launch_bounds__(256) fused_tile64_scalar_fwd_bf16(FUSED_FWD_ARGS) { fused_fwd<T, false, 64, 64>(FUSED_FWD_PASS); }
 #undef T
 #define T f16_t
 // hot
-extern "C" __global__ void __launch_bounds__(256) fused_fwd_f16(FUSED_FWD_ARGS) { fused_fwd<T, true, 128>(FUSED_FWD_PASS); }
+extern "C" __global__ void __launch_bounds__(256) fused_fwd_f16(FUSED_FWD_ARGS) { fused_fwd<T, true, 128, 128>(FUSED_FWD_PASS); }
 // hot
-extern "C" __global__ void __launch_bounds__(256) fused_scalar_fwd_f16(FUSED_FWD_ARGS) { fused_fwd<T, false, 128>(FUSED_FWD_PASS); }
+extern "C" __global__ void __launch_bounds__(256) fused_scalar_fwd_f16(FUSED_FWD_ARGS) { fused_fwd<T, false, 128, 128>(FUSED_FWD_PASS); }
 // hot
-extern "C" __global__ void __launch_bounds__(256) fused_rows64_fwd_f16(FUSED_FWD_ARGS) { fused_fwd<T, true, 64>(FUSED_FWD_PASS); }
+extern "C" __global__ void __launch_bounds__(256) fused_rows64_fwd_f16(FUSED_FWD_ARGS) { fused_fwd<T, true, 64, 128>(FUSED_FWD_PASS); }
 // hot
-extern "C" __global__ void __launch_bounds__(256) fused_rows64_scalar_fwd_f16(FUSED_FWD_ARGS) { fused_fwd<T, false, 64>(FUSED_FWD_PASS); }
+extern "C" __global__ void __launch_bounds__(256) fused_rows64_scalar_fwd_f16(FUSED_FWD_ARGS) { fused_fwd<T, false, 64, 128>(FUSED_FWD_PASS); }
+// hot
+extern "C" __global__ void __launch_bounds__(256) fused_tile64_fwd_f16(FUSED_FWD_ARGS) { fused_fwd<T, true, 64, 64>(FUSED_FWD_PASS); }
+// hot
+extern "C" __global__ void __launch_bounds__(256) fused_tile64_scalar_fwd_f16(FUSED_FWD_ARGS) { fused_fwd<T, false, 64, 64>(FUSED_FWD_PASS); }
 #undef T
 #define T float
 // hot
-extern "C" __global__ void __launch_bounds__(256) fused_fwd_f32(FUSED_FWD_ARGS) { fused_fwd<T, true, 128>(FUSED_FWD_PASS); }
+extern "C" __global__ void __launch_bounds__(256) fused_fwd_f32(FUSED_FWD_ARGS) { fused_fwd<T, true, 128, 128>(FUSED_FWD_PASS); }
 // hot
-extern "C" __global__ void __launch_bounds__(256) fused_scalar_fwd_f32(FUSED_FWD_ARGS) { fused_fwd<T, false, 128>(FUSED_FWD_PASS); }
+extern "C" __global__ void __launch_bounds__(256) fused_scalar_fwd_f32(FUSED_FWD_ARGS) { fused_fwd<T, false, 128, 128>(FUSED_FWD_PASS); }
 // hot
-extern "C" __global__ void __launch_bounds__(256) fused_rows64_fwd_f32(FUSED_FWD_ARGS) { fused_fwd<T, true, 64>(FUSED_FWD_PASS); }
+extern "C" __global__ void __launch_bounds__(256) fused_rows64_fwd_f32(FUSED_FWD_ARGS) { fused_fwd<T, true, 64, 128>(FUSED_FWD_PASS); }
 // hot
-extern "C" __global__ void __launch_bounds__(256) fused_rows64_scalar_fwd_f32(FUSED_FWD_ARGS) { fused_fwd<T, false, 64>(FUSED_FWD_PASS); }
+extern "C" __global__ void __launch_bounds__(256) fused_rows64_scalar_fwd_f32(FUSED_FWD_ARGS) { fused_fwd<T, false, 64, 128>(FUSED_FWD_PASS); }
+// hot
+extern "C" __global__ void __launch_bounds__(256) fused_tile64_fwd_f32(FUSED_FWD_ARGS) { fused_fwd<T, true, 64, 64>(FUSED_FWD_PASS); }
+// hot
+extern "C" __global__ void __launch_bounds__(256) fused_tile64_scalar_fwd_f32(FUSED_FWD_ARGS) { fused_fwd<T, false, 64, 64>(FUSED_FWD_PASS); }
 #undef T
 
 // ---- forward combine --------------------------------------------------------------------------

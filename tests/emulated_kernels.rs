@@ -938,7 +938,7 @@ mod head {
         seed: u64,
         step: u64,
         vec: bool,
-        (fwd_rows, groups, splits): (usize, usize, usize),
+        ((fwd_rows, fwd_cols), groups, splits): ((usize, usize), usize, usize),
         row_up: Option<&[f32]>,
         grad_f32: bool,
     ) -> HeadOut {
@@ -958,17 +958,20 @@ mod head {
         e.launch(&rn, [b.div_ceil(8) as u32, 1, 1], [256, 1, 1], 0, &[A::B(bx), A::B(nx), A::B(ix), bi, di]);
         e.launch(&rn, [c.div_ceil(8) as u32, 1, 1], [256, 1, 1], 0, &[A::B(bw), A::B(nw), A::B(iw), ci, di]);
         // forward
-        let n_ct = c.div_ceil(FWD_BN);
+        let n_ct = c.div_ceil(fwd_cols);
         // The fused path allocates these uninitialized (forward_impl): poison them, so any
         // element the kernels leave unwritten shows as NaN.
         let part = e.bytes(&poison(3 * n_ct * b * 4));
         let mut row = || e.bytes(&poison(b * 4));
         let (rl, lse, ciy, t, alpha, dtb) = (row(), row(), row(), row(), row(), row());
-        // forward_rows: fused_rows64_* take row tiles of 64, the others 128
-        assert!(fwd_rows == FWD_BM || fwd_rows == 64);
-        let rows64 = if fwd_rows == 64 { "rows64_" } else { "" };
-        let fwd =
-            if vec { format!("fused_{rows64}fwd_{sfx}") } else { format!("fused_{rows64}scalar_fwd_{sfx}") };
+        // The forward tile picks the kernel (src/cuda/head.rs, fused_fwd).
+        let pre = match (fwd_rows, fwd_cols) {
+            (FWD_BM, FWD_BN) => "",
+            (64, 128) => "rows64_",
+            (64, 64) => "tile64_",
+            t => panic!("no forward kernel for tile {t:?}"),
+        };
+        let fwd = if vec { format!("fused_{pre}fwd_{sfx}") } else { format!("fused_{pre}scalar_fwd_{sfx}") };
         e.launch(
             &fwd,
             [n_ct as u32, b.div_ceil(fwd_rows) as u32, 1],
@@ -1169,19 +1172,20 @@ mod head {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let base = HeadConfig { cloud: CloudMode::Off, ..Default::default() };
         let cloud = HeadConfig { cloud: CloudMode::Symmetric, label_smoothing: 0.1, ..Default::default() };
-        // (B, C, D, config, sigma, (forward rows per tile, backward grid G, S))
-        type Shape<'a> = (usize, usize, usize, &'a HeadConfig, f32, (usize, usize, usize));
+        // (B, C, D, config, sigma, (forward tile (rows, classes), backward grid G, S))
+        type Shape<'a> = (usize, usize, usize, &'a HeadConfig, f32, ((usize, usize), usize, usize));
+        let (t128, r64, t64) = ((128, 128), (64, 128), (64, 64));
         let shapes: &[Shape] = &[
-            (1, 1, 8, &base, 0.0, (64, 1, 1)),
-            (5, 7, 1, &base, 0.0, (128, 1, 1)),
-            (13, 93, 13, &cloud, 1.0, (128, 1, 1)),
-            (33, 300, 64, &cloud, 1.0, (128, 2, 1)),
-            (131, 3, 16, &base, 0.0, (64, 1, 3)),
-            (9, 130, 96, &cloud, 0.3, (128, 1, 1)),
-            (17, 150, 512, &cloud, 0.3, (64, 2, 1)),
-            (3, 5, 2048, &cloud, 0.3, (128, 1, 1)),
-            (70, 260, 24, &cloud, 0.5, (64, 2, 2)),
-            (200, 130, 40, &cloud, 0.5, (128, 2, 4)),
+            (1, 1, 8, &base, 0.0, (t64, 1, 1)),
+            (5, 7, 1, &base, 0.0, (t128, 1, 1)),
+            (13, 93, 13, &cloud, 1.0, (t128, 1, 1)),
+            (33, 300, 64, &cloud, 1.0, (t64, 2, 1)),
+            (131, 3, 16, &base, 0.0, (r64, 1, 3)),
+            (9, 130, 96, &cloud, 0.3, (t128, 1, 1)),
+            (17, 150, 512, &cloud, 0.3, (r64, 2, 1)),
+            (3, 5, 2048, &cloud, 0.3, (t64, 1, 1)),
+            (70, 260, 24, &cloud, 0.5, (t64, 2, 2)),
+            (200, 130, 40, &cloud, 0.5, (t128, 2, 4)),
         ];
         for dt in [Dt::F32, Dt::Bf16, Dt::F16] {
             let (tol_loss, tol_grad) = if dt == Dt::F32 { (1e-5, 1e-4) } else { (2e-3, 1e-2) };
@@ -1277,7 +1281,7 @@ mod head {
             let (xb, _) = dt.store(&cs.x);
             let (wb, _) = dt.store(&cs.w);
             // Both forward row tiles, both load paths; backward grid 3 x 2 (row splits).
-            for (vec, rows) in [(true, 128), (false, 64)] {
+            for (vec, rows) in [(true, (128, 128)), (false, (64, 128)), (true, (64, 64))] {
                 let run = |sched: &str| {
                     with_sched(sched, || {
                         run_fused(
@@ -1309,7 +1313,7 @@ mod head {
                     );
                 }
                 println!(
-                    "fused {dt:?} vec={vec} rows={rows} B=70 C=260 D=32 G=3 S=2: runs bitwise equal under 3 thread orders"
+                    "fused {dt:?} vec={vec} tile={rows:?} B=70 C=260 D=32 G=3 S=2: runs bitwise equal under 3 thread orders"
                 );
             }
         }
@@ -1564,7 +1568,7 @@ mod head {
                     1,
                     2,
                     vec,
-                    (128, 1, 1),
+                    ((128, 128), 1, 1),
                     Some(&row_up),
                     true,
                 );
@@ -1594,9 +1598,12 @@ mod head {
     fn fused_zero_and_tiny_class_rows() {
         let Some(exe) = harness() else { return };
         for dt in [Dt::F32, Dt::Bf16, Dt::F16] {
-            for (grad_f32, grid) in
-                [(false, (128, 1, 1)), (true, (64, 2, 1)), (false, (64, 1, 2)), (true, (128, 3, 2))]
-            {
+            for (grad_f32, grid) in [
+                (false, ((128, 128), 1, 1)),
+                (true, ((64, 128), 2, 1)),
+                (false, ((64, 64), 1, 2)),
+                (true, ((128, 128), 3, 2)),
+            ] {
                 let mut rng = ChaCha8Rng::seed_from_u64(10);
                 let cfg = HeadConfig { cloud: CloudMode::Off, ..Default::default() };
                 let sh = HeadShape { b: 70, c: 300, d: 16 };

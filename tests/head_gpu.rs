@@ -13,7 +13,7 @@ use featcloud::cuda::head::verify::{
     run_device_tuned, tolerances, Problem,
 };
 use featcloud::cuda::head::{
-    backward_grid_for, forward_rows_for, fused_vectorized, workspace_for, FusedTuning, GradDtype, HeadPath,
+    backward_grid_for, forward_tile_for, fused_vectorized, workspace_for, FusedTuning, GradDtype, HeadPath,
     HeadUpstream,
 };
 use featcloud::cuda::{test_device, Device, Tensor};
@@ -110,34 +110,42 @@ fn oracle_every_option_set() {
 #[test]
 fn fused_every_dispatcher_choice() {
     // Sweep what the dispatcher may pick: backward CTA counts G (1, a few, one per class
-    // tile), forward row tiles of 64 and 128, and the element-load kernels at a D where
-    // cp.async would be chosen.
+    // tile), every forward tile, and the element-load kernels at a D where cp.async would be
+    // chosen.
     let Some(dev) = test_device() else { return };
     let cfg = HeadConfig::default();
+    let shape = HeadShape { b: 150, c: 700, d: 72 };
     for dtype in DTYPES {
-        let p = make_problem(HeadShape { b: 150, c: 700, d: 72 }, dtype, true, 31);
+        let p = make_problem(shape, dtype, true, 31);
         let base = run_device(&dev, HeadPath::Fused, &cfg, &p, GradDtype::Input).unwrap();
-        for (g, rows) in [(1, 128), (2, 64), (3, 128), (6, 64)] {
+        // Results are bitwise equal between runs whose forward tiles have as many classes
+        // (G, the rows per forward tile and the load kernels change no value; the classes per
+        // tile regroup each row's partial sums). The default run is the first of its kind.
+        let mut seen: Vec<(usize, f32, Vec<f32>)> =
+            vec![(forward_tile_for(shape, dev.info().sm_count as usize).1, base.loss, base.dw.clone())];
+        for (g, tile) in [(1, (128, 128)), (2, (64, 128)), (3, (64, 64)), (6, (128, 128))] {
             for scalar_loads in [false, true] {
                 let tuning = FusedTuning {
                     backward_ctas: Some(g),
-                    forward_rows: Some(rows),
+                    forward_tile: Some(tile),
                     scalar_loads,
                     ..FusedTuning::default()
                 };
                 let r = run_device_tuned(&dev, HeadPath::Fused, &cfg, &p, GradDtype::Input, tuning).unwrap();
                 let c = compare_with_oracle(&cfg, &p, &r).unwrap();
                 assert!(c.passed(dtype), "{} {tuning:?}: {c:?}", dtype.name());
-                // The forward does not depend on G or on its row tile (each row's classes are
-                // reduced in the same order either way), and the load kernels change no value.
-                assert_eq!(
-                    r.loss.to_bits(),
-                    base.loss.to_bits(),
-                    "{} {tuning:?}: loss changed",
-                    dtype.name()
-                );
-                // dW sums each class tile's row tiles in the same order whatever G is.
-                assert_eq!(r.dw, base.dw, "{} {tuning:?}: dW changed", dtype.name());
+                match seen.iter().find(|(cols, _, _)| *cols == tile.1) {
+                    Some((_, loss, dw)) => {
+                        assert_eq!(
+                            r.loss.to_bits(),
+                            loss.to_bits(),
+                            "{} {tuning:?}: loss changed",
+                            dtype.name()
+                        );
+                        assert_eq!(&r.dw, dw, "{} {tuning:?}: dW changed", dtype.name());
+                    }
+                    None => seen.push((tile.1, r.loss, r.dw.clone())),
+                }
             }
         }
     }
@@ -347,15 +355,16 @@ fn cpu_backward_grid_fills_the_gpu_only_when_it_must() {
     assert_eq!(grid(512, 93_431, 512), (132, 1)); // face: the class tiles fill the GPU
     assert_eq!(grid(4096, 300, 64), (3, 44)); // 64 row tiles, 132 / 3 splits
     assert_eq!(grid(1, 1, 1), (1, 1));
-    // Forward row tiles: 64 for a batch that fits one, or when 128-row tiles leave more than
-    // half the SMs idle.
-    let rows = |b, c, d| forward_rows_for(HeadShape { b, c, d }, 132);
-    assert_eq!(rows(64, 751, 2048), 64); // re-ID
-    assert_eq!(rows(512, 1000, 2048), 64); // LT: 8 x 4 = 32 tiles of 128 rows
-    assert_eq!(rows(512, 93_431, 512), 128); // face
-    assert_eq!(rows(1, 1, 1), 64);
-    assert_eq!(rows(4096, 3000, 64), 128); // 24 x 32 = 768 tiles
-                                           // S x C x D f32 partials stay within 256 MiB: C = 2000, D = 8192 allows 4.
+    // Forward tiles: the largest that keeps half the SMs busy, never 128 rows for B <= 64.
+    let tile = |b, c, d| forward_tile_for(HeadShape { b, c, d }, 132);
+    assert_eq!(tile(64, 751, 2048), (64, 64)); // re-ID: 12 CTAs even so
+    assert_eq!(tile(512, 1000, 2048), (64, 64)); // LT: 32 and 64 CTAs are too few, 128
+    assert_eq!(tile(512, 93_431, 512), (128, 128)); // face
+    assert_eq!(tile(1, 1, 1), (64, 64));
+    assert_eq!(tile(4096, 3000, 64), (128, 128)); // 24 x 32 = 768 tiles
+    assert_eq!(tile(640, 1500, 64), (64, 128)); // 12 x 5 = 60 < 66, then 12 x 10
+    assert_eq!(tile(1024, 1000, 64), (64, 128)); // 8 x 8 = 64 < 66; 8 x 16 = 128
+                                                 // S x C x D f32 partials stay within 256 MiB: C = 2000, D = 8192 allows 4.
     assert_eq!(grid(4096, 2000, 8192).1, 4);
 }
 

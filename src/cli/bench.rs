@@ -126,8 +126,8 @@ pub struct BenchRow {
     pub target_peer_ms: f64,
     /// Cut Cross-Entropy's extra MiB (memory target).
     pub target_mib: f64,
-    /// Rows per tile of the fused forward (64 or 128).
-    pub fused_forward_rows: usize,
+    /// The fused forward's tile (rows, classes).
+    pub fused_forward_tile: (usize, usize),
     /// The fused backward's grid (G class-tile CTAs, S row splits).
     pub fused_backward_grid: (usize, usize),
     /// Where the dispatcher split the rows (S > 1): the fused path re-timed with fewer
@@ -276,7 +276,7 @@ fn bench_shape<T: DeviceElem>(
         target_limit_ms: (!s.small).then(|| 1.5 * flops(s) / (peak * 1e12) * 1e3),
         target_peer_ms: s.torch_compile_ms / if s.small { 20.0 } else { 2.0 },
         target_mib: s.cce_mib,
-        fused_forward_rows: fused.forward_rows(HeadShape { b: s.b, c: s.c, d: s.d }),
+        fused_forward_tile: fused.forward_tile(HeadShape { b: s.b, c: s.c, d: s.d }),
         fused_backward_grid: grid,
         row_split_sweep,
         fused_vs_reference_err: err,
@@ -325,10 +325,11 @@ fn print_row(r: &BenchRow) {
     ));
     let (g, sp) = r.fused_backward_grid;
     println!(
-        "{:<16} targets: {}; fused forward row tile {}, backward grid {g} x {sp}",
+        "{:<16} targets: {}; fused forward tile {} x {}, backward grid {g} x {sp}",
         "",
         goals.join("; "),
-        r.fused_forward_rows
+        r.fused_forward_tile.0,
+        r.fused_forward_tile.1
     );
     if !r.row_split_sweep.is_empty() {
         let runs: Vec<String> =

@@ -201,11 +201,11 @@ pub struct Workspace {
     pub backward: usize,
 }
 
-/// Fused forward tile (rows x classes; `fused_rows64_*` take 64 rows); keep in sync
-/// with `kernels/head_fused.cu`.
-const FWD_BM: usize = 128;
+/// The fused forward's tiles (rows, classes), largest first: `fused_fwd_*`,
+/// `fused_rows64_fwd_*` and `fused_tile64_fwd_*` in `kernels/head_fused.cu`.
+pub const FORWARD_TILES: [(usize, usize); 3] = [(128, 128), (64, 128), (64, 64)];
+/// The smallest forward tile's rows (the grid-size check assumes it).
 const FWD_BM_SMALL: usize = 64;
-const FWD_BN: usize = 128;
 /// Fused backward tile (rows x classes).
 const BWD_BM: usize = 64;
 const BWD_BN: usize = 128;
@@ -246,22 +246,17 @@ fn bwd_row_splits(shape: HeadShape, sm_count: usize, g: usize) -> usize {
     (sm / g).min(n_rt).min(by_mem).max(1)
 }
 
-/// Rows per tile of the fused forward: 64 when B fits one such tile (a 128-row tile
-/// would be half empty) or when 128-row tiles would leave more than half the SMs
-/// idle, else 128.
-fn fwd_rows(shape: HeadShape, sm_count: usize) -> usize {
-    let ctas = shape.c.div_ceil(FWD_BN) * shape.b.div_ceil(FWD_BM);
-    if shape.b <= FWD_BM_SMALL || 2 * ctas < sm_count.max(1) {
-        FWD_BM_SMALL
-    } else {
-        FWD_BM
-    }
-}
-
-/// The fused forward's rows per tile at `shape` on a GPU with `sm_count` SMs (64 or
-/// 128; what the dispatcher picks without tuning overrides; usable without a device).
-pub fn forward_rows_for(shape: HeadShape, sm_count: usize) -> usize {
-    fwd_rows(shape, sm_count)
+/// The fused forward's tile at `shape` on a GPU with `sm_count` SMs (what the
+/// dispatcher picks without tuning overrides; usable without a device): the largest
+/// of [`FORWARD_TILES`] whose grid keeps at least half the SMs busy, never 128 rows
+/// for a batch of at most 64; the smallest when none does.
+pub fn forward_tile_for(shape: HeadShape, sm_count: usize) -> (usize, usize) {
+    let half = sm_count.max(1).div_ceil(2);
+    FORWARD_TILES
+        .into_iter()
+        .filter(|&(rows, _)| rows == FWD_BM_SMALL || shape.b > FWD_BM_SMALL)
+        .find(|&(rows, cols)| shape.c.div_ceil(cols) * shape.b.div_ceil(rows) >= half)
+        .unwrap_or(FORWARD_TILES[2])
 }
 
 /// The fused backward's default grid (G, S) at `shape` on a GPU with `sm_count` SMs
@@ -281,7 +276,7 @@ pub fn workspace_for(
     sm_count: usize,
 ) -> Workspace {
     let (g, splits) = backward_grid_for(shape, sm_count);
-    workspace_with_groups(path, shape, dtype, grad, g, splits)
+    workspace_with_groups(path, shape, dtype, grad, forward_tile_for(shape, sm_count).1, g, splits)
 }
 
 /// [`workspace_for`] with the fused backward's grid (G, S) given.
@@ -290,6 +285,7 @@ fn workspace_with_groups(
     shape: HeadShape,
     dtype: DType,
     grad: GradDtype,
+    fwd_cols: usize,
     g: usize,
     splits: usize,
 ) -> Workspace {
@@ -303,7 +299,7 @@ fn workspace_with_groups(
             backward: (2 * b * d + 2 * c * d + b + c + 2 * b * c + b) * f,
         },
         HeadPath::Fused => {
-            let n_ct = c.div_ceil(FWD_BN);
+            let n_ct = c.div_ceil(fwd_cols);
             // Row splits keep S partial dW sums; otherwise a 16-bit dW accumulates one class
             // tile per CTA in f32 scratch, an f32 dW in place.
             let dwacc = if splits > 1 {
@@ -344,9 +340,9 @@ pub struct FusedTuning {
     /// unless G leaves more than half the SMs idle, then enough to fill them (dW
     /// partials within 256 MiB).
     pub row_splits: Option<usize>,
-    /// Rows per forward tile, 64 or 128 (anything else: 128 unless it is 64);
-    /// `None`: see [`forward_rows_for`].
-    pub forward_rows: Option<usize>,
+    /// Forward tile (rows, classes), one of [`FORWARD_TILES`] (other values are
+    /// ignored); `None`: see [`forward_tile_for`].
+    pub forward_tile: Option<(usize, usize)>,
     /// Use the element-load kernels even when D allows 16-byte cp.async.
     pub scalar_loads: bool,
 }
@@ -419,12 +415,11 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         (g, s)
     }
 
-    /// Rows per tile of the fused forward at `shape` (64 or 128).
-    pub fn forward_rows(&self, shape: HeadShape) -> usize {
-        match self.tuning.forward_rows {
-            Some(FWD_BM_SMALL) => FWD_BM_SMALL,
-            Some(_) => FWD_BM,
-            None => fwd_rows(shape, self.dev.info().sm_count.max(1) as usize),
+    /// The fused forward's tile (rows, classes) at `shape`, one of [`FORWARD_TILES`].
+    pub fn forward_tile(&self, shape: HeadShape) -> (usize, usize) {
+        match self.tuning.forward_tile {
+            Some(t) if FORWARD_TILES.contains(&t) => t,
+            _ => forward_tile_for(shape, self.dev.info().sm_count.max(1) as usize),
         }
     }
 
@@ -438,7 +433,7 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
     /// writing gradients in `grad` at `shape` with storage `dtype`.
     pub fn workspace(&self, shape: HeadShape, dtype: DType, grad: GradDtype) -> Workspace {
         let (g, s) = self.bwd_grid(shape);
-        workspace_with_groups(self.path, shape, dtype, grad, g, s)
+        workspace_with_groups(self.path, shape, dtype, grad, self.forward_tile(shape).1, g, s)
     }
 
     /// Peak scratch bytes of [`CudaHead::forward_backward`] with gradients in the
@@ -507,7 +502,7 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
                 return Err(Error::Shape(format!("the reference path supports B <= 65535, got {b}")));
             }
         }
-        if shape.c.div_ceil(FWD_BN) > i32::MAX as usize || shape.b.div_ceil(FWD_BM_SMALL) > 65_535 {
+        if shape.b.div_ceil(FWD_BM_SMALL) > 65_535 {
             return Err(Error::Shape(format!("B = {b} is too large for the fused grid")));
         }
         Ok(shape)
@@ -660,7 +655,8 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
             HeadPath::Fused => {
                 let inv_x = inv_norms(dev, x)?;
                 let inv_w = inv_norms(dev, w)?;
-                let n_ct = shape.c.div_ceil(FWD_BN);
+                let tile = self.forward_tile(shape);
+                let n_ct = shape.c.div_ceil(tile.1);
                 // SAFETY: fused_fwd writes part[k][ct][r] for every class tile ct and row r < B.
                 let mut part = unsafe { Tensor::<f32>::uninit(dev, &[3 * n_ct * b]) }?;
                 fused_fwd(
@@ -675,7 +671,7 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
                     &mut part,
                     &mut out,
                     shape,
-                    self.forward_rows(shape),
+                    tile,
                     self.tuning.scalar_loads,
                 )?;
                 fused_combine(dev, &part, n_ct, dl, p, &mut out, shape)?;
@@ -1057,35 +1053,40 @@ fn fused_fwd<T: DeviceElem>(
     part: &mut Tensor<f32>,
     out: &mut HeadForward,
     shape: HeadShape,
-    rows: usize,
+    (rows, cols): (usize, usize),
     scalar: bool,
 ) -> Result<()> {
-    let k = match (use_vectorized(dev, x, w, shape.d, scalar), rows == FWD_BM_SMALL) {
-        (true, false) => dtype_kernel(T::DTYPE, kf::FUSED_FWD_F32, kf::FUSED_FWD_BF16, kf::FUSED_FWD_F16),
-        (false, false) => dtype_kernel(
+    use kf::*;
+    let vec = use_vectorized(dev, x, w, shape.d, scalar);
+    let k = match ((rows, cols), vec) {
+        ((128, 128), true) => dtype_kernel(T::DTYPE, FUSED_FWD_F32, FUSED_FWD_BF16, FUSED_FWD_F16),
+        ((128, 128), false) => {
+            dtype_kernel(T::DTYPE, FUSED_SCALAR_FWD_F32, FUSED_SCALAR_FWD_BF16, FUSED_SCALAR_FWD_F16)
+        }
+        ((64, 128), true) => {
+            dtype_kernel(T::DTYPE, FUSED_ROWS64_FWD_F32, FUSED_ROWS64_FWD_BF16, FUSED_ROWS64_FWD_F16)
+        }
+        ((64, 128), false) => dtype_kernel(
             T::DTYPE,
-            kf::FUSED_SCALAR_FWD_F32,
-            kf::FUSED_SCALAR_FWD_BF16,
-            kf::FUSED_SCALAR_FWD_F16,
+            FUSED_ROWS64_SCALAR_FWD_F32,
+            FUSED_ROWS64_SCALAR_FWD_BF16,
+            FUSED_ROWS64_SCALAR_FWD_F16,
         ),
-        (true, true) => dtype_kernel(
+        ((64, 64), true) => {
+            dtype_kernel(T::DTYPE, FUSED_TILE64_FWD_F32, FUSED_TILE64_FWD_BF16, FUSED_TILE64_FWD_F16)
+        }
+        ((64, 64), false) => dtype_kernel(
             T::DTYPE,
-            kf::FUSED_ROWS64_FWD_F32,
-            kf::FUSED_ROWS64_FWD_BF16,
-            kf::FUSED_ROWS64_FWD_F16,
+            FUSED_TILE64_SCALAR_FWD_F32,
+            FUSED_TILE64_SCALAR_FWD_BF16,
+            FUSED_TILE64_SCALAR_FWD_F16,
         ),
-        (false, true) => dtype_kernel(
-            T::DTYPE,
-            kf::FUSED_ROWS64_SCALAR_FWD_F32,
-            kf::FUSED_ROWS64_SCALAR_FWD_BF16,
-            kf::FUSED_ROWS64_SCALAR_FWD_F16,
-        ),
+        _ => return Err(Error::InvalidConfig(format!("no fused forward kernel for a {rows} x {cols} tile"))),
     };
-    let rows = if rows == FWD_BM_SMALL { FWD_BM_SMALL } else { FWD_BM };
     let f = dev.function(k)?;
     let (b, c, d) = (shape.b as i32, shape.c as i32, shape.d as i32);
     let cfg = LaunchConfig {
-        grid_dim: (shape.c.div_ceil(FWD_BN) as u32, shape.b.div_ceil(rows) as u32, 1),
+        grid_dim: (shape.c.div_ceil(cols) as u32, shape.b.div_ceil(rows) as u32, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -1106,7 +1107,7 @@ fn fused_fwd<T: DeviceElem>(
     // SAFETY: x [B, D], w [C, D] (the VEC kernel only when D is a multiple of the 16-byte
     // chunk and both base addresses are 16-byte aligned, checked above), inv_x/labels/outputs
     // [B], inv_w/sigma [C] (sigma unread when the cloud is off), part [3, n_ct, B] with n_ct = grid.x;
-    // grid.y covers B with the kernel's row tile (64 for fused_rows64_*, else 128); every
+    // the grid covers C and B with the kernel's own tile (cols x rows, matched above); every
     // load is bounds-checked or zero-filled in the kernel; no output aliases an input.
     unsafe { bld.launch(cfg) }.map_err(cuda_err("head_fused::fused_fwd"))?;
     Ok(())
