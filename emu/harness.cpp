@@ -107,6 +107,8 @@ std::map<std::string, Runner> registry() {
     K(fused_tile64_scalar_fwd_f16); K(fused_tile64_fwd_f32); K(fused_tile64_scalar_fwd_f32);
     K(fused_bwd_bf16); K(fused_scalar_bwd_bf16); K(fused_bwd_f16); K(fused_scalar_bwd_f16);
     K(fused_bwd_f32); K(fused_scalar_bwd_f32);
+    K(fused_cols64_bwd_bf16); K(fused_cols64_scalar_bwd_bf16); K(fused_cols64_bwd_f16);
+    K(fused_cols64_scalar_bwd_f16); K(fused_cols64_bwd_f32); K(fused_cols64_scalar_bwd_f32);
 #undef K
     return r;
 }

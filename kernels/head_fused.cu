@@ -12,7 +12,8 @@
 //   n_ct partials in class-tile order: lse_i and loss_i. Extra memory: 3 * B * n_ct floats.
 //
 // Backward (fused_bwd_<T>, then head_normback_bwd_* from head_ref.cu for dx):
-//   G x S CTAs (G <= n_ct, S <= n_rt); CTA (g, s) owns the class tiles ct = g, g + G, ...
+//   G x S CTAs (G <= n_ct, S <= n_rt), class tiles of BN = 128 or 64 (fused_cols64_*);
+//   CTA (g, s) owns the class tiles ct = g, g + G, ...
 //   and, for each, walks the row tiles of 64 rt = s, s + S, ... in order (S > 1 only when
 //   there are too few class tiles to fill the GPU). Per (row tile, class tile) it recomputes the cosine tile
 //   (same mainloop), forms dc in registers (SPEC 4: p from the stored lse_i, the target
@@ -21,16 +22,16 @@
 //   inverse norms onto the W / x chunks and scales operand rows / columns by powers of
 //   two, see split_pow2 and f16_operand_scale), then
 //     dxp[g][rows, :]  (+)= (dc * inv_w) . W[classes, :]    (64 x D, d-chunks of BD)
-//     dwh[classes, :]  (+)= (dc * inv_x)^T . x[rows, :]      (128 x D, f32)
+//     dwh[classes, :]  (+)= (dc * inv_x)^T . x[rows, :]      (BN x D, f32)
 //   with plain stores / read-modify-writes: CTA g is the only writer of dxp[g] and of the
 //   dwh rows of its class tile, and within the CTA every element has one owner thread, so
 //   there are no atomics and the summation order is fixed (bitwise deterministic). With
 //   S = 1, when a class tile has seen every row, the same CTA turns its dwh rows into dW
 //   (the normalization backward) and writes them; dwh lives in the f32 dW itself when dW
-//   is f32, else in a per-CTA scratch slice [128][D]. With S > 1 each split s writes its
+//   is f32, else in a per-CTA scratch slice [BN][D]. With S > 1 each split s writes its
 //   partial dwh to slice s of [S][C][D], and head_normback sums the S slices in order and
 //   finishes dW. The dx combine sums dxp over g = 0..G-1 in order. Extra memory:
-//   G * B * D floats (+ G * 128 * D floats of dwh scratch when dW is written in 16 bits,
+//   G * B * D floats (+ G * BN * D floats of dwh scratch when dW is written in 16 bits,
 //   or S * C * D with S > 1, which the host allows only while C is small), never O(B * C).
 //
 // VEC kernels move 16-byte chunks with cp.async and need D % 8 == 0 (16-bit) or
@@ -42,7 +43,6 @@
 #include "tile.cuh"
 
 #define BWD_BM 64
-#define BWD_BN 128
 #define NTHREADS 256
 
 // ---- forward tile ---------------------------------------------------------------------
@@ -243,13 +243,15 @@ extern "C" __global__ void __launch_bounds__(256) fused_combine_fwd_f32(const fl
 //   else, finished in this kernel (SPEC 4's normalization backward included), S == 1:
 //   dw32 != null: dW in f32 [C, D]; each CTA accumulates its class rows in place;
 //   dw32 == null: dW in T into dw [C, D]; the class tile being worked on accumulates in
-//                 f32 in this CTA's slice of dwacc [G][BWD_BN][D] (scratch, no zeroing).
-// Dynamic smem: bwd_smem_bytes<T>() (65,536 for 16-bit, 98,304 for f32).
-template <typename T> __host__ __device__ constexpr int bwd_smem_bytes() {
-    return (2 * (BWD_BM + BWD_BN) * TileCfg<T>::PITCH + 2 * BWD_BM * TileCfg<T>::DPITCH) * (int)sizeof(T);
+//                 f32 in this CTA's slice of dwacc [G][BN][D] (scratch, no zeroing).
+// Dynamic smem: bwd_smem_bytes<T, BN>() (BN = 128: 65,536 for 16-bit, 98,304 for f32).
+template <typename T, int BN> __host__ __device__ constexpr int bwd_smem_bytes() {
+    return (2 * (BWD_BM + BN) * TileCfg<T>::PITCH + 2 * BWD_BM * TileCfg<T>::DPITCH) * (int)sizeof(T);
 }
-static_assert(bwd_smem_bytes<bf16_t>() == 65536, "keep src/cuda/head.rs in sync");
-static_assert(bwd_smem_bytes<float>() == 98304, "keep src/cuda/head.rs in sync");
+static_assert(bwd_smem_bytes<bf16_t, 128>() == 65536, "keep src/cuda/head.rs in sync");
+static_assert(bwd_smem_bytes<float, 128>() == 98304, "keep src/cuda/head.rs in sync");
+static_assert(bwd_smem_bytes<bf16_t, 64>() == 55296, "keep src/cuda/head.rs in sync");
+static_assert(bwd_smem_bytes<float, 64>() == 88064, "keep src/cuda/head.rs in sync");
 
 // dc * (inverse norm) as a tensor-core operand. f16 saturates at +-65504 instead of rounding
 // to inf (inf times a zero row's zeros would put NaN into a whole tile); with the power-of-two
@@ -310,15 +312,15 @@ __device__ __forceinline__ void scale_chunk_rows(T* s, int pitch, const float* p
     __syncthreads();
 }
 
-template <typename T, bool VEC>
+template <typename T, bool VEC, int BN>
 __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ inv_x,
                                           const float* __restrict__ inv_w, const int* __restrict__ labels,
                                           const float* __restrict__ t, const float* __restrict__ dt, const float* __restrict__ lse,
                                           const float* __restrict__ row_g, float g_scale, const HeadParams& p,
                                           float* __restrict__ dxp, float* __restrict__ dwacc, T* __restrict__ dw,
                                           float* __restrict__ dw32, float* __restrict__ dwp, int B, int C, int D) {
-    constexpr int BM = BWD_BM, BN = BWD_BN, WM = 2, WN = 4;
-    constexpr int MI = BM / WM / 16, NI = BN / WN / 8;  // 2 x 4
+    constexpr int BM = BWD_BM, WM = 2, WN = 4;
+    constexpr int MI = BM / WM / 16, NI = BN / WN / 8;  // 2 x (4 or 2)
     constexpr int P = TileCfg<T>::PITCH, BD = TileCfg<T>::BD, CP = TileCfg<T>::CPITCH, DP = TileCfg<T>::DPITCH;
     constexpr bool SCALED = IsF16<T>::value;
     static_assert(BM + BN <= NTHREADS, "the prologue gives each thread at most one row or class");
@@ -603,21 +605,35 @@ __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __re
 #define FUSED_BWD_PASS x, w, inv_x, inv_w, labels, t, dt, lse, row_g, g_scale, p, dxp, dwacc, dw, dw32, dwp, B, C, D
 
 // Entry points: see fused_bwd. dxp, dwacc, dw, dw32 and dwp never alias each other or the inputs.
+// Class tiles of 128 (fused_bwd_*) or 64 (fused_cols64_bwd_*: twice the CTAs where there are
+// too few class tiles to fill the GPU); dynamic smem bwd_smem_bytes<T, BN>().
 #define T bf16_t
 // hot
-extern "C" __global__ void __launch_bounds__(256, 1) fused_bwd_bf16(FUSED_BWD_ARGS) { fused_bwd<T, true>(FUSED_BWD_PASS); }
+extern "C" __global__ void __launch_bounds__(256, 1) fused_bwd_bf16(FUSED_BWD_ARGS) { fused_bwd<T, true, 128>(FUSED_BWD_PASS); }
 // hot
-extern "C" __global__ void __launch_bounds__(256, 1) fused_scalar_bwd_bf16(FUSED_BWD_ARGS) { fused_bwd<T, false>(FUSED_BWD_PASS); }
+extern "C" __global__ void __launch_bounds__(256, 1) fused_scalar_bwd_bf16(FUSED_BWD_ARGS) { fused_bwd<T, false, 128>(FUSED_BWD_PASS); }
+// hot
+extern "C" __global__ void __launch_bounds__(256, 1) fused_cols64_bwd_bf16(FUSED_BWD_ARGS) { fused_bwd<T, true, 64>(FUSED_BWD_PASS); }
+// hot
+extern "C" __global__ void __launch_bounds__(256, 1) fused_cols64_scalar_bwd_bf16(FUSED_BWD_ARGS) { fused_bwd<T, false, 64>(FUSED_BWD_PASS); }
 #undef T
 #define T f16_t
 // hot
-extern "C" __global__ void __launch_bounds__(256, 1) fused_bwd_f16(FUSED_BWD_ARGS) { fused_bwd<T, true>(FUSED_BWD_PASS); }
+extern "C" __global__ void __launch_bounds__(256, 1) fused_bwd_f16(FUSED_BWD_ARGS) { fused_bwd<T, true, 128>(FUSED_BWD_PASS); }
 // hot
-extern "C" __global__ void __launch_bounds__(256, 1) fused_scalar_bwd_f16(FUSED_BWD_ARGS) { fused_bwd<T, false>(FUSED_BWD_PASS); }
+extern "C" __global__ void __launch_bounds__(256, 1) fused_scalar_bwd_f16(FUSED_BWD_ARGS) { fused_bwd<T, false, 128>(FUSED_BWD_PASS); }
+// hot
+extern "C" __global__ void __launch_bounds__(256, 1) fused_cols64_bwd_f16(FUSED_BWD_ARGS) { fused_bwd<T, true, 64>(FUSED_BWD_PASS); }
+// hot
+extern "C" __global__ void __launch_bounds__(256, 1) fused_cols64_scalar_bwd_f16(FUSED_BWD_ARGS) { fused_bwd<T, false, 64>(FUSED_BWD_PASS); }
 #undef T
 #define T float
 // hot
-extern "C" __global__ void __launch_bounds__(256, 1) fused_bwd_f32(FUSED_BWD_ARGS) { fused_bwd<T, true>(FUSED_BWD_PASS); }
+extern "C" __global__ void __launch_bounds__(256, 1) fused_bwd_f32(FUSED_BWD_ARGS) { fused_bwd<T, true, 128>(FUSED_BWD_PASS); }
 // hot
-extern "C" __global__ void __launch_bounds__(256, 1) fused_scalar_bwd_f32(FUSED_BWD_ARGS) { fused_bwd<T, false>(FUSED_BWD_PASS); }
+extern "C" __global__ void __launch_bounds__(256, 1) fused_scalar_bwd_f32(FUSED_BWD_ARGS) { fused_bwd<T, false, 128>(FUSED_BWD_PASS); }
+// hot
+extern "C" __global__ void __launch_bounds__(256, 1) fused_cols64_bwd_f32(FUSED_BWD_ARGS) { fused_bwd<T, true, 64>(FUSED_BWD_PASS); }
+// hot
+extern "C" __global__ void __launch_bounds__(256, 1) fused_cols64_scalar_bwd_f32(FUSED_BWD_ARGS) { fused_bwd<T, false, 64>(FUSED_BWD_PASS); }
 #undef T

@@ -869,6 +869,20 @@ mod head {
     const BWD_BM: usize = 64;
     const BWD_BN: usize = 128;
 
+    /// The fused path's launch choices (src/cuda/head.rs picks them on a GPU): the forward
+    /// tile (rows, classes), the backward's class tile and its grid (G, S).
+    #[derive(Clone, Copy, Debug)]
+    pub struct Tiles {
+        pub fwd: (usize, usize),
+        pub bwd_cols: usize,
+        pub g: usize,
+        pub s: usize,
+    }
+
+    pub const fn tiles(fwd: (usize, usize), bwd_cols: usize, g: usize, s: usize) -> Tiles {
+        Tiles { fwd, bwd_cols, g, s }
+    }
+
     /// `n` bytes of 0xff: NaN as f32, bf16 and f16, so a buffer read before it is written shows.
     fn poison(n: usize) -> Vec<u8> {
         vec![0xff; n]
@@ -938,13 +952,14 @@ mod head {
         seed: u64,
         step: u64,
         vec: bool,
-        ((fwd_rows, fwd_cols), groups, splits): ((usize, usize), usize, usize),
+        tiles: Tiles,
         row_up: Option<&[f32]>,
         grad_f32: bool,
     ) -> HeadOut {
         let (b, c, d) = (sh.b, sh.c, sh.d);
         let (bi, ci, di) = (A::I(b as i64), A::I(c as i64), A::I(d as i64));
         let sfx = dt.suffix();
+        let Tiles { fwd: (fwd_rows, fwd_cols), bwd_cols, g: groups, s: splits } = tiles;
         let esz = if dt == Dt::F32 { 4 } else { 2 };
         // gradient storage: GradDtype::F32 or an f32 input -> f32, else the input dtype
         let gsz = if grad_f32 { 4 } else { esz };
@@ -1029,7 +1044,8 @@ mod head {
         let total = e.bytes(&poison(4));
         e.launch("head_reduce_fwd_f32", [1, 1, 1], [256, 1, 1], 0, &[A::B(rl), bi, A::F(scale), A::B(total)]);
         // backward: g_scale = 1 / n_valid (Scalar(1), mean), row_g = null
-        assert!(groups >= 1 && groups <= c.div_ceil(BWD_BN));
+        assert!(bwd_cols == BWD_BN || bwd_cols == 64);
+        assert!(groups >= 1 && groups <= c.div_ceil(bwd_cols));
         assert!(splits >= 1 && splits <= b.div_ceil(BWD_BM));
         // fused_bwd: dxp and the dW scratch are not zeroed (the kernel writes before reading);
         // poison them so a read-before-write shows. With one row split dW is finished in the
@@ -1042,10 +1058,17 @@ mod head {
         let (dwacc, dw_t, dw32, dwp_arg) = match dwp {
             Some(id) => (A::Null, A::Null, A::Null, A::B(id)),
             None if f32_dw => (A::Null, A::Null, A::B(dw), A::Null),
-            None => (A::B(e.bytes(&poison(groups * BWD_BN * d * 4))), A::B(dw), A::Null, A::Null),
+            None => (A::B(e.bytes(&poison(groups * bwd_cols * d * 4))), A::B(dw), A::Null, A::Null),
         };
-        let bwd = if vec { format!("fused_bwd_{sfx}") } else { format!("fused_scalar_bwd_{sfx}") };
-        let smem = if dt == Dt::F32 { 98_304 } else { 65_536 };
+        // bwd_cols picks the kernel and its dynamic smem (src/cuda/head.rs, fused_bwd)
+        let pre = if bwd_cols == 64 { "cols64_" } else { "" };
+        let bwd = if vec { format!("fused_{pre}bwd_{sfx}") } else { format!("fused_{pre}scalar_bwd_{sfx}") };
+        let smem = match (dt == Dt::F32, bwd_cols == 64) {
+            (true, false) => 98_304,
+            (false, false) => 65_536,
+            (true, true) => 88_064,
+            (false, true) => 55_296,
+        };
         e.launch(
             &bwd,
             [groups as u32, splits as u32, 1],
@@ -1173,19 +1196,19 @@ mod head {
         let base = HeadConfig { cloud: CloudMode::Off, ..Default::default() };
         let cloud = HeadConfig { cloud: CloudMode::Symmetric, label_smoothing: 0.1, ..Default::default() };
         // (B, C, D, config, sigma, (forward tile (rows, classes), backward grid G, S))
-        type Shape<'a> = (usize, usize, usize, &'a HeadConfig, f32, ((usize, usize), usize, usize));
+        type Shape<'a> = (usize, usize, usize, &'a HeadConfig, f32, Tiles);
         let (t128, r64, t64) = ((128, 128), (64, 128), (64, 64));
         let shapes: &[Shape] = &[
-            (1, 1, 8, &base, 0.0, (t64, 1, 1)),
-            (5, 7, 1, &base, 0.0, (t128, 1, 1)),
-            (13, 93, 13, &cloud, 1.0, (t128, 1, 1)),
-            (33, 300, 64, &cloud, 1.0, (t64, 2, 1)),
-            (131, 3, 16, &base, 0.0, (r64, 1, 3)),
-            (9, 130, 96, &cloud, 0.3, (t128, 1, 1)),
-            (17, 150, 512, &cloud, 0.3, (r64, 2, 1)),
-            (3, 5, 2048, &cloud, 0.3, (t64, 1, 1)),
-            (70, 260, 24, &cloud, 0.5, (t64, 2, 2)),
-            (200, 130, 40, &cloud, 0.5, (t128, 2, 4)),
+            (1, 1, 8, &base, 0.0, tiles(t64, 64, 1, 1)),
+            (5, 7, 1, &base, 0.0, tiles(t128, 128, 1, 1)),
+            (13, 93, 13, &cloud, 1.0, tiles(t128, 64, 2, 1)),
+            (33, 300, 64, &cloud, 1.0, tiles(t64, 128, 2, 1)),
+            (131, 3, 16, &base, 0.0, tiles(r64, 128, 1, 3)),
+            (9, 130, 96, &cloud, 0.3, tiles(t128, 64, 3, 1)),
+            (17, 150, 512, &cloud, 0.3, tiles(r64, 128, 2, 1)),
+            (3, 5, 2048, &cloud, 0.3, tiles(t64, 64, 1, 1)),
+            (70, 260, 24, &cloud, 0.5, tiles(t64, 64, 3, 2)),
+            (200, 130, 40, &cloud, 0.5, tiles(t128, 128, 2, 4)),
         ];
         for dt in [Dt::F32, Dt::Bf16, Dt::F16] {
             let (tol_loss, tol_grad) = if dt == Dt::F32 { (1e-5, 1e-4) } else { (2e-3, 1e-2) };
@@ -1281,24 +1304,15 @@ mod head {
             let (xb, _) = dt.store(&cs.x);
             let (wb, _) = dt.store(&cs.w);
             // Both forward row tiles, both load paths; backward grid 3 x 2 (row splits).
-            for (vec, rows) in [(true, (128, 128)), (false, (64, 128)), (true, (64, 64))] {
+            for (vec, t) in [
+                (true, tiles((128, 128), 128, 3, 2)),
+                (false, tiles((64, 128), 64, 3, 2)),
+                (true, tiles((64, 64), 64, 5, 2)),
+            ] {
                 let run = |sched: &str| {
                     with_sched(sched, || {
                         run_fused(
-                            &exe,
-                            dt,
-                            &cfg,
-                            sh,
-                            &xb,
-                            &wb,
-                            &cs.labels,
-                            &cs.sigma,
-                            5,
-                            6,
-                            vec,
-                            (rows, 3, 2),
-                            None,
-                            false,
+                            &exe, dt, &cfg, sh, &xb, &wb, &cs.labels, &cs.sigma, 5, 6, vec, t, None, false,
                         )
                     })
                 };
@@ -1313,7 +1327,7 @@ mod head {
                     );
                 }
                 println!(
-                    "fused {dt:?} vec={vec} tile={rows:?} B=70 C=260 D=32 G=3 S=2: runs bitwise equal under 3 thread orders"
+                    "fused {dt:?} vec={vec} {t:?} B=70 C=260 D=32: runs bitwise equal under 3 thread orders"
                 );
             }
         }
@@ -1568,7 +1582,7 @@ mod head {
                     1,
                     2,
                     vec,
-                    ((128, 128), 1, 1),
+                    tiles((128, 128), 64, 1, 1),
                     Some(&row_up),
                     true,
                 );
@@ -1599,10 +1613,10 @@ mod head {
         let Some(exe) = harness() else { return };
         for dt in [Dt::F32, Dt::Bf16, Dt::F16] {
             for (grad_f32, grid) in [
-                (false, ((128, 128), 1, 1)),
-                (true, ((64, 128), 2, 1)),
-                (false, ((64, 64), 1, 2)),
-                (true, ((128, 128), 3, 2)),
+                (false, tiles((128, 128), 128, 1, 1)),
+                (true, tiles((64, 128), 64, 2, 1)),
+                (false, tiles((64, 64), 64, 1, 2)),
+                (true, tiles((128, 128), 128, 3, 2)),
             ] {
                 let mut rng = ChaCha8Rng::seed_from_u64(10);
                 let cfg = HeadConfig { cloud: CloudMode::Off, ..Default::default() };

@@ -13,8 +13,8 @@ use featcloud::cuda::head::verify::{
     run_device_tuned, tolerances, Problem,
 };
 use featcloud::cuda::head::{
-    backward_grid_for, forward_tile_for, fused_vectorized, workspace_for, FusedTuning, GradDtype, HeadPath,
-    HeadUpstream,
+    backward_cols_for, backward_grid_for, forward_tile_for, fused_vectorized, workspace_for, FusedTuning,
+    GradDtype, HeadPath, HeadUpstream,
 };
 use featcloud::cuda::{test_device, Device, Tensor};
 use featcloud::oracle::head::{forward, HeadProblem, Region};
@@ -118,16 +118,21 @@ fn fused_every_dispatcher_choice() {
     for dtype in DTYPES {
         let p = make_problem(shape, dtype, true, 31);
         let base = run_device(&dev, HeadPath::Fused, &cfg, &p, GradDtype::Input).unwrap();
-        // Results are bitwise equal between runs whose forward tiles have as many classes
+        // The loss is bitwise equal between runs whose forward tiles have as many classes
         // (G, the rows per forward tile and the load kernels change no value; the classes per
-        // tile regroup each row's partial sums). The default run is the first of its kind.
+        // tile regroup each row's partial sums), and so is dW, unless the backward's class
+        // tile differs too (it regroups dx's sum over classes but no dW element; dW depends
+        // on the forward only through lse). The default run is the first of its kind.
         let mut seen: Vec<(usize, f32, Vec<f32>)> =
             vec![(forward_tile_for(shape, dev.info().sm_count as usize).1, base.loss, base.dw.clone())];
-        for (g, tile) in [(1, (128, 128)), (2, (64, 128)), (3, (64, 64)), (6, (128, 128))] {
+        for (g, tile, bwd_cols) in
+            [(1, (128, 128), 128), (2, (64, 128), 64), (3, (64, 64), 128), (6, (128, 128), 64)]
+        {
             for scalar_loads in [false, true] {
                 let tuning = FusedTuning {
                     backward_ctas: Some(g),
                     forward_tile: Some(tile),
+                    backward_cols: Some(bwd_cols),
                     scalar_loads,
                     ..FusedTuning::default()
                 };
@@ -347,10 +352,15 @@ fn cpu_scalar_route_is_taken_when_d_is_not_a_chunk_multiple() {
 
 #[test]
 fn cpu_backward_grid_fills_the_gpu_only_when_it_must() {
-    // H200: 132 SMs. One CTA per class tile of 128 up to one per SM; row splits only when
-    // the class tiles leave more than half the SMs idle, at most one per row tile of 64.
+    // H200: 132 SMs. One CTA per class tile up to one per SM; row splits only when the
+    // class tiles leave more than half the SMs idle, at most one per row tile of 64; class
+    // tiles of 64 instead of 128 when even that keeps fewer than a quarter busy.
+    let cols = |b, c, d| backward_cols_for(HeadShape { b, c, d }, 132);
+    assert_eq!(cols(64, 751, 2048), 64); // re-ID: 6 CTAs of 128 classes
+    assert_eq!(cols(512, 1000, 2048), 128); // LT: 8 x 8 = 64 CTAs
+    assert_eq!(cols(512, 93_431, 512), 128);
     let grid = |b, c, d| backward_grid_for(HeadShape { b, c, d }, 132);
-    assert_eq!(grid(64, 751, 2048), (6, 1)); // re-ID: one row tile, nothing to split
+    assert_eq!(grid(64, 751, 2048), (12, 1)); // re-ID: one row tile, nothing to split; 64-class tiles
     assert_eq!(grid(512, 1000, 2048), (8, 8)); // LT: 8 class tiles x 8 row tiles
     assert_eq!(grid(512, 93_431, 512), (132, 1)); // face: the class tiles fill the GPU
     assert_eq!(grid(4096, 300, 64), (3, 44)); // 64 row tiles, 132 / 3 splits

@@ -128,6 +128,8 @@ pub struct BenchRow {
     pub target_mib: f64,
     /// The fused forward's tile (rows, classes).
     pub fused_forward_tile: (usize, usize),
+    /// The fused backward's class tile (64 or 128).
+    pub fused_backward_cols: usize,
     /// The fused backward's grid (G class-tile CTAs, S row splits).
     pub fused_backward_grid: (usize, usize),
     /// Where the dispatcher split the rows (S > 1): the fused path re-timed with fewer
@@ -277,6 +279,7 @@ fn bench_shape<T: DeviceElem>(
         target_peer_ms: s.torch_compile_ms / if s.small { 20.0 } else { 2.0 },
         target_mib: s.cce_mib,
         fused_forward_tile: fused.forward_tile(HeadShape { b: s.b, c: s.c, d: s.d }),
+        fused_backward_cols: fused.backward_cols(HeadShape { b: s.b, c: s.c, d: s.d }),
         fused_backward_grid: grid,
         row_split_sweep,
         fused_vs_reference_err: err,
@@ -325,11 +328,12 @@ fn print_row(r: &BenchRow) {
     ));
     let (g, sp) = r.fused_backward_grid;
     println!(
-        "{:<16} targets: {}; fused forward tile {} x {}, backward grid {g} x {sp}",
+        "{:<16} targets: {}; fused forward tile {} x {}, backward {}-class tiles on a {g} x {sp} grid",
         "",
         goals.join("; "),
         r.fused_forward_tile.0,
-        r.fused_forward_tile.1
+        r.fused_forward_tile.1,
+        r.fused_backward_cols
     );
     if !r.row_split_sweep.is_empty() {
         let runs: Vec<String> =

@@ -206,28 +206,32 @@ pub struct Workspace {
 pub const FORWARD_TILES: [(usize, usize); 3] = [(128, 128), (64, 128), (64, 64)];
 /// The smallest forward tile's rows (the grid-size check assumes it).
 const FWD_BM_SMALL: usize = 64;
-/// Fused backward tile (rows x classes).
+/// Fused backward tile: rows, and classes (`fused_bwd_*`; `fused_cols64_bwd_*` take 64).
 const BWD_BM: usize = 64;
 const BWD_BN: usize = 128;
+const BWD_BN_SMALL: usize = 64;
 const THREADS: u32 = 256;
 /// The fused backward's dx partials may use this much memory before G shrinks.
 const DXP_BUDGET: usize = 512 << 20;
 /// The fused backward's dW partials (row splits S > 1) may use this much memory.
 const DWP_BUDGET: usize = 256 << 20;
 
-/// Dynamic shared memory of `fused_bwd_<T>` (asserted in the .cu file).
-fn bwd_smem_bytes(dtype: DType) -> u32 {
-    match dtype {
-        DType::F32 => 98_304,
-        DType::BF16 | DType::F16 => 65_536,
+/// Dynamic shared memory of the fused backward with class tiles of `cols`
+/// (`bwd_smem_bytes<T, BN>` in the .cu file, which asserts these values).
+fn bwd_smem_bytes(dtype: DType, cols: usize) -> u32 {
+    match (dtype, cols == BWD_BN_SMALL) {
+        (DType::F32, false) => 98_304,
+        (DType::BF16 | DType::F16, false) => 65_536,
+        (DType::F32, true) => 88_064,
+        (DType::BF16 | DType::F16, true) => 55_296,
     }
 }
 
 /// G, the fused backward's CTA count: one per class tile up to one per SM (its
 /// ~180 registers x 256 threads allow one CTA per SM), and fewer when G * B * D f32
 /// dx partials would pass 512 MiB.
-fn bwd_groups(shape: HeadShape, sm_count: usize) -> usize {
-    let n_ct = shape.c.div_ceil(BWD_BN);
+fn bwd_groups(shape: HeadShape, sm_count: usize, cols: usize) -> usize {
+    let n_ct = shape.c.div_ceil(cols);
     let per_group = shape.b * shape.d * 4;
     let by_mem = (DXP_BUDGET / per_group.max(1)).max(1);
     n_ct.min(sm_count.max(1)).min(by_mem).max(1)
@@ -259,10 +263,24 @@ pub fn forward_tile_for(shape: HeadShape, sm_count: usize) -> (usize, usize) {
         .unwrap_or(FORWARD_TILES[2])
 }
 
-/// The fused backward's default grid (G, S) at `shape` on a GPU with `sm_count` SMs
-/// (what the dispatcher picks without tuning overrides; usable without a device).
+/// The fused backward's default class tile at `shape` on a GPU with `sm_count` SMs:
+/// 128, or 64 when 128-class tiles (with row splits) would keep fewer than a quarter
+/// of the SMs busy (usable without a device).
+pub fn backward_cols_for(shape: HeadShape, sm_count: usize) -> usize {
+    let g = bwd_groups(shape, sm_count, BWD_BN);
+    let busy = g * bwd_row_splits(shape, sm_count, g);
+    if 4 * busy < sm_count.max(1) {
+        BWD_BN_SMALL
+    } else {
+        BWD_BN
+    }
+}
+
+/// The fused backward's default grid (G, S) at `shape` on a GPU with `sm_count` SMs,
+/// with the class tile of [`backward_cols_for`] (what the dispatcher picks without
+/// tuning overrides; usable without a device).
 pub fn backward_grid_for(shape: HeadShape, sm_count: usize) -> (usize, usize) {
-    let g = bwd_groups(shape, sm_count);
+    let g = bwd_groups(shape, sm_count, backward_cols_for(shape, sm_count));
     (g, bwd_row_splits(shape, sm_count, g))
 }
 
@@ -275,20 +293,37 @@ pub fn workspace_for(
     grad: GradDtype,
     sm_count: usize,
 ) -> Workspace {
-    let (g, splits) = backward_grid_for(shape, sm_count);
-    workspace_with_groups(path, shape, dtype, grad, forward_tile_for(shape, sm_count).1, g, splits)
+    let (g, s) = backward_grid_for(shape, sm_count);
+    let plan = Plan {
+        fwd_cols: forward_tile_for(shape, sm_count).1,
+        bwd_cols: backward_cols_for(shape, sm_count),
+        g,
+        s,
+    };
+    workspace_with_groups(path, shape, dtype, grad, plan)
 }
 
-/// [`workspace_for`] with the fused backward's grid (G, S) given.
+/// The fused path's launch choices that size its scratch.
+struct Plan {
+    /// Classes per forward tile.
+    fwd_cols: usize,
+    /// Classes per backward tile.
+    bwd_cols: usize,
+    /// Backward CTAs per row split.
+    g: usize,
+    /// Backward row splits.
+    s: usize,
+}
+
+/// [`workspace_for`] with the fused path's launch choices given.
 fn workspace_with_groups(
     path: HeadPath,
     shape: HeadShape,
     dtype: DType,
     grad: GradDtype,
-    fwd_cols: usize,
-    g: usize,
-    splits: usize,
+    plan: Plan,
 ) -> Workspace {
+    let Plan { fwd_cols, bwd_cols, g, s: splits } = plan;
     let HeadShape { b, c, d } = shape;
     let f = 4;
     match path {
@@ -307,7 +342,7 @@ fn workspace_with_groups(
             } else if grad == GradDtype::F32 || dtype == DType::F32 {
                 0
             } else {
-                g * BWD_BN * d
+                g * bwd_cols * d
             };
             Workspace {
                 // norms and inverse norms, partials, labels, dt
@@ -336,6 +371,9 @@ pub struct FusedTuning {
     /// Backward CTA count G (clamped to [1, number of class tiles]); `None`: one per
     /// class tile up to one per SM, fewer when the dx partials would pass 512 MiB.
     pub backward_ctas: Option<usize>,
+    /// Backward class tile, 64 or 128 (other values are ignored); `None`: see
+    /// [`backward_cols_for`].
+    pub backward_cols: Option<usize>,
     /// Backward row splits S (clamped to [1, number of row tiles of 64]); `None`: 1
     /// unless G leaves more than half the SMs idle, then enough to fill them (dW
     /// partials within 256 MiB).
@@ -400,13 +438,22 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         self.path
     }
 
+    /// The fused backward's class tile (64 or 128).
+    fn bwd_cols(&self, shape: HeadShape) -> usize {
+        match self.tuning.backward_cols {
+            Some(c @ (BWD_BN | BWD_BN_SMALL)) => c,
+            _ => backward_cols_for(shape, self.dev.info().sm_count.max(1) as usize),
+        }
+    }
+
     /// The fused backward's grid: G CTAs per row split (and dx partial buffers) and S
     /// row splits.
     fn bwd_grid(&self, shape: HeadShape) -> (usize, usize) {
         let sm = self.dev.info().sm_count.max(1) as usize;
+        let cols = self.bwd_cols(shape);
         let g = match self.tuning.backward_ctas {
-            Some(g) => g.clamp(1, shape.c.div_ceil(BWD_BN)),
-            None => bwd_groups(shape, sm),
+            Some(g) => g.clamp(1, shape.c.div_ceil(cols)),
+            None => bwd_groups(shape, sm, cols),
         };
         let s = match self.tuning.row_splits {
             Some(s) => s.clamp(1, shape.b.div_ceil(BWD_BM)),
@@ -429,11 +476,17 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         self.bwd_grid(shape)
     }
 
+    /// The fused backward's class tile at `shape` (64 or 128).
+    pub fn backward_cols(&self, shape: HeadShape) -> usize {
+        self.bwd_cols(shape)
+    }
+
     /// Scratch bytes (beyond inputs and outputs) of a forward and of a backward
     /// writing gradients in `grad` at `shape` with storage `dtype`.
     pub fn workspace(&self, shape: HeadShape, dtype: DType, grad: GradDtype) -> Workspace {
         let (g, s) = self.bwd_grid(shape);
-        workspace_with_groups(self.path, shape, dtype, grad, self.forward_tile(shape).1, g, s)
+        let plan = Plan { fwd_cols: self.forward_tile(shape).1, bwd_cols: self.bwd_cols(shape), g, s };
+        workspace_with_groups(self.path, shape, dtype, grad, plan)
     }
 
     /// Peak scratch bytes of [`CudaHead::forward_backward`] with gradients in the
@@ -739,7 +792,8 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
                     }
                 };
                 let (groups, splits) = self.bwd_grid(shape);
-                let grid = (groups, splits);
+                let cols = self.bwd_cols(shape);
+                let grid = (cols, groups, splits);
                 // SAFETY: fused_bwd writes every element of dxp (groups <= class tiles: each
                 // CTA stores its partial on its first class tile) and of dW (each class row
                 // once, by the CTA that owns its tile) or of the dW partials (each split
@@ -764,7 +818,7 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
                     GradTensor::F32(dw)
                 } else {
                     // SAFETY: as above.
-                    let mut acc = unsafe { Tensor::<f32>::uninit(dev, &[groups * BWD_BN * d]) }?;
+                    let mut acc = unsafe { Tensor::<f32>::uninit(dev, &[groups * cols * d]) }?;
                     // SAFETY: as above.
                     let mut dw = unsafe { Tensor::<T>::uninit(dev, &[c, d]) }?;
                     bwd(FusedDw::Input { acc: &mut acc, dw: &mut dw })?;
@@ -1142,7 +1196,7 @@ enum FusedDw<'a, T: DeviceElem> {
     /// In f32, accumulated in place ([C, D]).
     F32(&'a mut Tensor<f32>),
     /// In the storage dtype ([C, D]), via f32 scratch of one class tile per CTA
-    /// ([groups * BWD_BN * D]).
+    /// ([groups * class tile * D]).
     Input { acc: &'a mut Tensor<f32>, dw: &'a mut Tensor<T> },
 }
 
@@ -1160,17 +1214,30 @@ fn fused_bwd<T: DeviceElem>(
     p: HeadParams,
     dxp: &mut Tensor<f32>,
     out: FusedDw<'_, T>,
-    (groups, splits): (usize, usize),
+    (cols, groups, splits): (usize, usize, usize),
     shape: HeadShape,
     scalar: bool,
 ) -> Result<()> {
-    let k = if use_vectorized(dev, x, w, shape.d, scalar) {
-        dtype_kernel(T::DTYPE, kf::FUSED_BWD_F32, kf::FUSED_BWD_BF16, kf::FUSED_BWD_F16)
-    } else {
-        dtype_kernel(T::DTYPE, kf::FUSED_SCALAR_BWD_F32, kf::FUSED_SCALAR_BWD_BF16, kf::FUSED_SCALAR_BWD_F16)
+    use kf::*;
+    let vec = use_vectorized(dev, x, w, shape.d, scalar);
+    let k = match (cols, vec) {
+        (BWD_BN, true) => dtype_kernel(T::DTYPE, FUSED_BWD_F32, FUSED_BWD_BF16, FUSED_BWD_F16),
+        (BWD_BN, false) => {
+            dtype_kernel(T::DTYPE, FUSED_SCALAR_BWD_F32, FUSED_SCALAR_BWD_BF16, FUSED_SCALAR_BWD_F16)
+        }
+        (BWD_BN_SMALL, true) => {
+            dtype_kernel(T::DTYPE, FUSED_COLS64_BWD_F32, FUSED_COLS64_BWD_BF16, FUSED_COLS64_BWD_F16)
+        }
+        (BWD_BN_SMALL, false) => dtype_kernel(
+            T::DTYPE,
+            FUSED_COLS64_SCALAR_BWD_F32,
+            FUSED_COLS64_SCALAR_BWD_BF16,
+            FUSED_COLS64_SCALAR_BWD_F16,
+        ),
+        _ => return Err(Error::InvalidConfig(format!("no fused backward kernel for {cols}-class tiles"))),
     };
     let f = dev.function(k)?;
-    let smem = bwd_smem_bytes(T::DTYPE);
+    let smem = bwd_smem_bytes(T::DTYPE, cols);
     f.set_attribute(
         cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
         smem as i32,
