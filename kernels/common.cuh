@@ -22,6 +22,17 @@ struct __align__(2) f16_t { u16 bits; };
 // No <math.h> under NVRTC without a toolkit: spell infinity by its bits.
 #define FC_INF __int_as_float(0x7f800000)
 
+// Dynamic shared memory, declared at block scope as `FC_DYN_SMEM(name);`: a 16-byte
+// aligned `unsigned char` array of the launch's dynamic smem size. C++ has no block-scope
+// declaration that is both `extern` and `static`, so under the CPU emulator (FC_EMU) the
+// name is a pointer to the emulator's per-launch buffer (emu/cuda_emu.h), poisoned with
+// 0xFF at every block start and followed by an unmapped page.
+#ifdef FC_EMU
+#define FC_DYN_SMEM(name) unsigned char* const name = fc_emu_dyn_smem()
+#else
+#define FC_DYN_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 // ---- dtype conversion -------------------------------------------------------
 
 __device__ __forceinline__ float to_f32(float v) { return v; }

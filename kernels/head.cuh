@@ -1,8 +1,9 @@
 // head.cuh — the margin head's per-row math, shared by head_ref.cu and head_fused*.cu.
 //
-// HeadParams mirrors `HeadParams` in src/cuda/head.rs (#[repr(C)], 56 bytes,
-// asserted on both sides). target_logit() is SPEC section 3's target branch and
-// section 4's dt_i, in f64, in the same order as src/oracle/head.rs.
+// HeadParams mirrors `HeadParams` in src/cuda/args.rs (#[repr(C)], 56 bytes, size and
+// offsets asserted on both sides; kernels get it as a field of their args.cuh struct).
+// target_logit() is SPEC section 3's target branch and section 4's dt_i, in f64, in the
+// same order as src/oracle/head.rs.
 #pragma once
 #include "common.cuh"
 
@@ -17,7 +18,7 @@ struct HeadParams {
     int _pad;
     u64 seed, step;
 };
-static_assert(sizeof(HeadParams) == 56, "HeadParams layout must match src/cuda/head.rs");
+static_assert(sizeof(HeadParams) == 56, "HeadParams layout must match src/cuda/args.rs");
 
 struct TargetLogit {
     float c;     // c_iy, clamped to [-1, 1]
@@ -155,8 +156,11 @@ __device__ __forceinline__ LseAcc warp_lse(LseAcc a) {
 }
 
 // Row loss from its combined state (SPEC 3). ls = 0: (m - z_y) + log(s), which
-// keeps the digits of a small loss instead of subtracting two large numbers.
+// keeps the digits of a small loss instead of subtracting two large numbers. ls > 0:
+// (1 - ls)(m - z_y) + (ls m - (ls / C) sum z) + log(s), the same sum grouped so that
+// each large logit is first subtracted from its like (at C = 1 both groups are exactly
+// 0; the ungrouped m - (1 - ls) z_y - (ls / C) sum z left ~1e-8 of f32 rounding there).
 __device__ __forceinline__ float row_loss(const HeadParams& p, const LseAcc& a, float zy) {
     if (p.ls == 0.0f) return (a.m - zy) + logf(a.s);
-    return (a.m - (1.0f - p.ls) * zy - p.ls_over_c * a.sz) + logf(a.s);
+    return ((1.0f - p.ls) * (a.m - zy) + (p.ls * a.m - p.ls_over_c * a.sz)) + logf(a.s);
 }

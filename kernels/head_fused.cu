@@ -37,8 +37,12 @@
 // VEC kernels move 16-byte chunks with cp.async and need D % 8 == 0 (16-bit) or
 // D % 4 == 0 (f32); the *_scalar_* kernels take any D with element loads (the
 // dispatcher routes there; tests cover both).
+//
+// Every entry point takes one argument struct from args.cuh: FusedFwdArgs<T>, FusedCombineArgs,
+// FusedBwdArgs<T>; their fields document shapes, directions and which pointers may be null.
 #include "common.cuh"
 #include "head.cuh"
+#include "args.cuh"
 #include "mma.cuh"
 #include "tile.cuh"
 
@@ -142,15 +146,13 @@ __device__ __forceinline__ void fused_fwd(const T* __restrict__ x, const T* __re
     }
 }
 
-#define FUSED_FWD_ARGS                                                                                              \
-    const T *x, const T *w, const float *inv_x, const float *inv_w, const int *labels, const float *sigma, HeadParams p, \
-        float *part, float *c_iy, float *t, float *alpha, float *dt, int B, int C, int D
-#define FUSED_FWD_PASS x, w, inv_x, inv_w, labels, sigma, p, part, c_iy, t, alpha, dt, B, C, D
+#define FUSED_FWD_ARGS const FusedFwdArgs<T> a
+#define FUSED_FWD_PASS a.x, a.w, a.inv_x, a.inv_w, a.labels, a.sigma, a.p, a.part, a.c_iy, a.t, a.alpha, a.dt, a.b, a.c, a.d
 
-// Entry points: x [B, D], w [C, D]; see fused_fwd for every argument. Tiles (rows x classes):
-// fused_fwd_* 128 x 128, fused_rows64_fwd_* 64 x 128, fused_tile64_fwd_* 64 x 64; grid =
-// (ceil(C / classes), ceil(B / rows)). The smaller tiles are for batches of at most 64 rows
-// and for grids that would leave most of the GPU idle (src/cuda/head.rs picks).
+// Entry points: FusedFwdArgs<T> (args.cuh), x [B, D], w [C, D]; see fused_fwd for every argument.
+// Tiles (rows x classes): fused_fwd_* 128 x 128, fused_rows64_fwd_* 64 x 128, fused_tile64_fwd_*
+// 64 x 64; grid = (ceil(C / classes), ceil(B / rows)). The smaller tiles are for batches of at
+// most 64 rows and for grids that would leave most of the GPU idle (src/cuda/head.rs picks).
 #define T bf16_t
 // hot
 extern "C" __global__ void __launch_bounds__(256) fused_fwd_bf16(FUSED_FWD_ARGS) { fused_fwd<T, true, 128, 128>(FUSED_FWD_PASS); }
@@ -200,11 +202,11 @@ extern "C" __global__ void __launch_bounds__(256) fused_tile64_scalar_fwd_f32(FU
 // part [3][n_ct][B], labels [B], t [B] in; lse [B], loss [B] out. For ignored rows it
 // writes 0 to lse, loss and to c_iy, t, alpha, dt (which fused_fwd writes only for valid
 // rows), so after it every per-row output is written and none needs zeroing.
-extern "C" __global__ void __launch_bounds__(256) fused_combine_fwd_f32(const float* __restrict__ part, int n_ct,
-                                                                         const int* __restrict__ labels, float* __restrict__ t,
-                                                                         HeadParams p, float* __restrict__ lse,
-                                                                         float* __restrict__ loss, float* __restrict__ c_iy,
-                                                                         float* __restrict__ alpha, float* __restrict__ dt, int B) {
+// Entry point: FusedCombineArgs (args.cuh).
+__device__ __forceinline__ void fused_combine(const float* __restrict__ part, int n_ct, const int* __restrict__ labels,
+                                              float* __restrict__ t, HeadParams p, float* __restrict__ lse,
+                                              float* __restrict__ loss, float* __restrict__ c_iy, float* __restrict__ alpha,
+                                              float* __restrict__ dt, int B) {
     const int i = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
     const int lane = threadIdx.x % WARP_SIZE;
     if (i >= B) return;  // the whole warp leaves: no shuffle is split
@@ -230,6 +232,9 @@ extern "C" __global__ void __launch_bounds__(256) fused_combine_fwd_f32(const fl
         lse[i] = a.m + logf(a.s);
         loss[i] = row_loss(p, a, p.s * t[i]);
     }
+}
+extern "C" __global__ void __launch_bounds__(256) fused_combine_fwd_f32(const FusedCombineArgs a) {
+    fused_combine(a.part, a.n_ct, a.labels, a.t, a.p, a.lse, a.loss, a.c_iy, a.alpha, a.dt, a.b);
 }
 
 // ---- backward tile ----------------------------------------------------------------------------
@@ -330,7 +335,7 @@ __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __re
     constexpr int WMI = BN / 4 / 16, WNI = BD / 2 / 8;
     static_assert(BN * CP <= 2 * (BM + BN) * P && BM * CP <= 2 * (BM + BN) * P, "chunk fits the stage buffers");
 
-    extern __shared__ __align__(16) unsigned char dyn_smem[];
+    FC_DYN_SMEM(dyn_smem);  // common.cuh: extern __shared__ under NVRTC, the emulator's buffer under FC_EMU
     T* sA = reinterpret_cast<T*>(dyn_smem);
     T* sB = sA + 2 * BM * P;
     T* sChunk = sA;                    // aliases the stages: used only between mainloops
@@ -598,13 +603,13 @@ __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __re
     }
 }
 
-#define FUSED_BWD_ARGS                                                                                                      \
-    const T *x, const T *w, const float *inv_x, const float *inv_w, const int *labels, const float *t, const float *dt,       \
-        const float *lse, const float *row_g, float g_scale, HeadParams p, float *dxp, float *dwacc, T *dw, float *dw32,      \
-        float *dwp, int B, int C, int D
-#define FUSED_BWD_PASS x, w, inv_x, inv_w, labels, t, dt, lse, row_g, g_scale, p, dxp, dwacc, dw, dw32, dwp, B, C, D
+#define FUSED_BWD_ARGS const FusedBwdArgs<T> a
+#define FUSED_BWD_PASS                                                                                                  \
+    a.x, a.w, a.inv_x, a.inv_w, a.labels, a.t, a.dt, a.lse, a.row_g, a.g_scale, a.p, a.dxp, a.dwacc, a.dw, a.dw32, a.dwp, \
+        a.b, a.c, a.d
 
-// Entry points: see fused_bwd. dxp, dwacc, dw, dw32 and dwp never alias each other or the inputs.
+// Entry points: FusedBwdArgs<T> (args.cuh); see fused_bwd. dxp, dwacc, dw, dw32 and dwp never alias
+// each other or the inputs.
 // Class tiles of 128 (fused_bwd_*) or 64 (fused_cols64_bwd_*: twice the CTAs where there are
 // too few class tiles to fill the GPU); dynamic smem bwd_smem_bytes<T, BN>().
 #define T bf16_t

@@ -13,8 +13,11 @@
 //                          combine of its dx partials; writes T or f32)
 // Every reduction is a fixed shuffle tree or a fixed sequential loop, so two runs
 // give the same bits (cuBLAS SGEMM is deterministic for a fixed stream and shape).
+// Every entry point takes one argument struct from args.cuh (named next to each kernel),
+// whose fields document shapes, directions and which pointers may be null.
 #include "common.cuh"
 #include "head.cuh"
+#include "args.cuh"
 
 // ---- normalize --------------------------------------------------------------------
 // One warp per row, 8 rows per 256-thread block; grid = ceil(rows / 8).
@@ -31,15 +34,15 @@ __device__ __forceinline__ void ref_normalize(const T* __restrict__ x, float* __
     if (lane == 0) inv[row] = r;
 }
 
-// x [rows, d] in; xh [rows, d] out; inv [rows] out. No aliasing.
-extern "C" __global__ void __launch_bounds__(256) ref_normalize_fwd_f32(const float* x, float* xh, float* inv, int rows, int d) {
-    ref_normalize(x, xh, inv, rows, d);
+// RefNormalizeArgs<T>: x [rows, d] in; xh [rows, d] out; inv [rows] out. No aliasing.
+extern "C" __global__ void __launch_bounds__(256) ref_normalize_fwd_f32(const RefNormalizeArgs<float> a) {
+    ref_normalize(a.x, a.xh, a.inv, a.rows, a.d);
 }
-extern "C" __global__ void __launch_bounds__(256) ref_normalize_fwd_bf16(const bf16_t* x, float* xh, float* inv, int rows, int d) {
-    ref_normalize(x, xh, inv, rows, d);
+extern "C" __global__ void __launch_bounds__(256) ref_normalize_fwd_bf16(const RefNormalizeArgs<bf16_t> a) {
+    ref_normalize(a.x, a.xh, a.inv, a.rows, a.d);
 }
-extern "C" __global__ void __launch_bounds__(256) ref_normalize_fwd_f16(const f16_t* x, float* xh, float* inv, int rows, int d) {
-    ref_normalize(x, xh, inv, rows, d);
+extern "C" __global__ void __launch_bounds__(256) ref_normalize_fwd_f16(const RefNormalizeArgs<f16_t> a) {
+    ref_normalize(a.x, a.xh, a.inv, a.rows, a.d);
 }
 
 // ---- margin + cloud on the target column ---------------------------------------------
@@ -71,11 +74,9 @@ __device__ __forceinline__ void ref_margin(const T* __restrict__ x, const T* __r
     dt[i] = tl.dt;
 }
 
-#define REF_MARGIN_ARGS                                                                                           \
-    const T *x, const T *w, const int *labels, const float *sigma, HeadParams p, float *c_iy, float *t, float *alpha, \
-        float *dt, int B, int D
-#define REF_MARGIN_PASS x, w, labels, sigma, p, c_iy, t, alpha, dt, B, D
-// Entry points: see ref_margin for every argument.
+#define REF_MARGIN_ARGS const RefMarginArgs<T> a
+#define REF_MARGIN_PASS a.x, a.w, a.labels, a.sigma, a.p, a.c_iy, a.t, a.alpha, a.dt, a.b, a.d
+// Entry points: RefMarginArgs<T> (args.cuh); see ref_margin for every argument.
 #define T float
 extern "C" __global__ void __launch_bounds__(256) ref_margin_fwd_f32(REF_MARGIN_ARGS) { ref_margin<T>(REF_MARGIN_PASS); }
 #undef T
@@ -91,9 +92,10 @@ extern "C" __global__ void __launch_bounds__(256) ref_margin_fwd_f16(REF_MARGIN_
 // into an online (max, sum-exp, sum z), then a fixed warp tree and a fixed pass
 // over the 8 warp results in smem.
 // cos [B, C], labels [B], t [B] in; lse [B], loss [B] out (0 for ignored rows).
-extern "C" __global__ void __launch_bounds__(256) ref_softmax_fwd_f32(const float* __restrict__ cos, const int* __restrict__ labels,
-                                                                       const float* __restrict__ t, HeadParams p,
-                                                                       float* __restrict__ lse, float* __restrict__ loss, int C) {
+// Entry point: RefSoftmaxArgs (args.cuh).
+__device__ __forceinline__ void ref_softmax(const float* __restrict__ cos, const int* __restrict__ labels,
+                                            const float* __restrict__ t, HeadParams p, float* __restrict__ lse,
+                                            float* __restrict__ loss, int C) {
     __shared__ LseAcc warp_acc[8];
     const int i = blockIdx.x;
     const int y = labels[i];  // uniform across the block
@@ -122,17 +124,22 @@ extern "C" __global__ void __launch_bounds__(256) ref_softmax_fwd_f32(const floa
         loss[i] = row_loss(p, r, zy);
     }
 }
+extern "C" __global__ void __launch_bounds__(256) ref_softmax_fwd_f32(const RefSoftmaxArgs a) {
+    ref_softmax(a.cos, a.labels, a.t, a.p, a.lse, a.loss, a.c);
+}
 
 // ---- reduced loss (shared with the fused path) ------------------------------------------------
 // One 256-thread block. Thread k sums rows k, k+256, ... in order, then block_sum.
-// loss_rows [B] in (0 for ignored rows); out [1] = scale * sum.
-extern "C" __global__ void __launch_bounds__(256) head_reduce_fwd_f32(const float* __restrict__ loss_rows, int B, float scale,
-                                                                       float* __restrict__ out) {
+// loss_rows [B] in (0 for ignored rows); out [1] = scale * sum. Entry point: HeadReduceArgs (args.cuh).
+__device__ __forceinline__ void head_reduce(const float* __restrict__ loss_rows, int B, float scale, float* __restrict__ out) {
     __shared__ float scratch[32];
     float acc = 0.0f;
     for (int i = threadIdx.x; i < B; i += blockDim.x) acc += loss_rows[i];
     acc = block_sum(acc, scratch);
     if (threadIdx.x == 0) out[0] = acc * scale;
+}
+extern "C" __global__ void __launch_bounds__(256) head_reduce_fwd_f32(const HeadReduceArgs a) {
+    head_reduce(a.loss_rows, a.b, a.scale, a.out);
 }
 
 // ---- logit gradient ------------------------------------------------------------------------
@@ -140,10 +147,11 @@ extern "C" __global__ void __launch_bounds__(256) head_reduce_fwd_f32(const floa
 //   w_i = g_scale * (row_g ? row_g[i] : 1)             (0 for ignored rows)
 //   dc_ij = w_i * s * (p_ij - q_ij) * (j == y_i ? dt_i : 1)
 // cos [B, C], labels, t, dt, lse [B], row_g [B] or null in; dc [B, C] out.
-extern "C" __global__ void __launch_bounds__(256) ref_grad_bwd_f32(const float* __restrict__ cos, const int* __restrict__ labels,
-                                                                    const float* __restrict__ t, const float* __restrict__ dt,
-                                                                    const float* __restrict__ lse, const float* __restrict__ row_g,
-                                                                    float g_scale, HeadParams p, float* __restrict__ dc, int C) {
+// Entry point: RefGradArgs (args.cuh).
+__device__ __forceinline__ void ref_grad(const float* __restrict__ cos, const int* __restrict__ labels,
+                                         const float* __restrict__ t, const float* __restrict__ dt,
+                                         const float* __restrict__ lse, const float* __restrict__ row_g, float g_scale,
+                                         HeadParams p, float* __restrict__ dc, int C) {
     const int i = blockIdx.y;
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= C) return;
@@ -159,6 +167,9 @@ extern "C" __global__ void __launch_bounds__(256) ref_grad_bwd_f32(const float* 
         if (tgt) out *= dt[i];
     }
     dc[(size_t)i * C + j] = out;
+}
+extern "C" __global__ void __launch_bounds__(256) ref_grad_bwd_f32(const RefGradArgs a) {
+    ref_grad(a.cos, a.labels, a.t, a.dt, a.lse, a.row_g, a.g_scale, a.p, a.dc, a.c);
 }
 
 // ---- normalization backward (and the fused path's dx combine) ------------------------------
@@ -193,26 +204,20 @@ __device__ __forceinline__ void normback(float* parts, int nparts, long long par
     }
 }
 
-// parts [nparts, rows, d] f32; x [rows, d]; inv [rows]; out [rows, d] or null (f32 only: in place).
-extern "C" __global__ void __launch_bounds__(256) head_normback_bwd_f32(float* parts, int nparts, long long part_stride, const float* x,
-                                                                         const float* inv, float* out, int rows, int d) {
-    normback<float, float>(parts, nparts, part_stride, x, inv, out, rows, d);
+// NormbackArgs<T, TO>: parts [nparts, rows, d] f32; x [rows, d]; inv [rows]; out [rows, d] or
+// null (f32 only: in place).
+extern "C" __global__ void __launch_bounds__(256) head_normback_bwd_f32(const NormbackArgs<float, float> a) {
+    normback<float, float>(a.parts, a.nparts, a.part_stride, a.x, a.inv, a.out, a.rows, a.d);
 }
-extern "C" __global__ void __launch_bounds__(256) head_normback_bwd_bf16(float* parts, int nparts, long long part_stride, const bf16_t* x,
-                                                                          const float* inv, bf16_t* out, int rows, int d) {
-    normback<bf16_t, bf16_t>(parts, nparts, part_stride, x, inv, out, rows, d);
+extern "C" __global__ void __launch_bounds__(256) head_normback_bwd_bf16(const NormbackArgs<bf16_t, bf16_t> a) {
+    normback<bf16_t, bf16_t>(a.parts, a.nparts, a.part_stride, a.x, a.inv, a.out, a.rows, a.d);
 }
-extern "C" __global__ void __launch_bounds__(256) head_normback_bwd_f16(float* parts, int nparts, long long part_stride, const f16_t* x,
-                                                                         const float* inv, f16_t* out, int rows, int d) {
-    normback<f16_t, f16_t>(parts, nparts, part_stride, x, inv, out, rows, d);
+extern "C" __global__ void __launch_bounds__(256) head_normback_bwd_f16(const NormbackArgs<f16_t, f16_t> a) {
+    normback<f16_t, f16_t>(a.parts, a.nparts, a.part_stride, a.x, a.inv, a.out, a.rows, a.d);
 }
-extern "C" __global__ void __launch_bounds__(256) head_normback32_bwd_bf16(float* parts, int nparts, long long part_stride,
-                                                                            const bf16_t* x, const float* inv, float* out, int rows,
-                                                                            int d) {
-    normback<bf16_t, float>(parts, nparts, part_stride, x, inv, out, rows, d);
+extern "C" __global__ void __launch_bounds__(256) head_normback32_bwd_bf16(const NormbackArgs<bf16_t, float> a) {
+    normback<bf16_t, float>(a.parts, a.nparts, a.part_stride, a.x, a.inv, a.out, a.rows, a.d);
 }
-extern "C" __global__ void __launch_bounds__(256) head_normback32_bwd_f16(float* parts, int nparts, long long part_stride,
-                                                                           const f16_t* x, const float* inv, float* out, int rows,
-                                                                           int d) {
-    normback<f16_t, float>(parts, nparts, part_stride, x, inv, out, rows, d);
+extern "C" __global__ void __launch_bounds__(256) head_normback32_bwd_f16(const NormbackArgs<f16_t, float> a) {
+    normback<f16_t, float>(a.parts, a.nparts, a.part_stride, a.x, a.inv, a.out, a.rows, a.d);
 }

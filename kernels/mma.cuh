@@ -90,14 +90,16 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int sr
 }
 
 #ifdef FC_EMU
-__device__ __forceinline__ void cp_async_commit() {}  // copies are synchronous under emulation
+__device__ __forceinline__ void cp_async_commit() { fc_emu_cp_async_commit(); }
 #else
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 #endif
 
 // Waits until at most N committed groups are still in flight (this thread's copies).
 template <int N> __device__ __forceinline__ void cp_async_wait() {
-#ifndef FC_EMU
+#ifdef FC_EMU
+    fc_emu_cp_async_wait_group(N);  // the copies of the older groups land only here
+#else
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif
 }

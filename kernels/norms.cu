@@ -8,6 +8,7 @@
 // Accumulation is f32 in a fixed lane order, then a fixed shuffle tree, so the
 // result is bitwise reproducible.
 #include "common.cuh"
+#include "args.cuh"
 
 template <typename T>
 __device__ __forceinline__ void row_norms(const T* __restrict__ x, float* __restrict__ norm,
@@ -23,13 +24,14 @@ __device__ __forceinline__ void row_norms(const T* __restrict__ x, float* __rest
     }
 }
 
-// x [rows, d] in; norm [rows] out (may be null); inv [rows] out (may be null). No aliasing.
-extern "C" __global__ void __launch_bounds__(256) row_norms_f32(const float* x, float* norm, float* inv, int rows, int d) {
-    row_norms(x, norm, inv, rows, d);
+// Entry points take RowNormsArgs (args.cuh): x [rows, d] in; norm, inv [rows] out, each may
+// be null. No aliasing.
+extern "C" __global__ void __launch_bounds__(256) row_norms_f32(const RowNormsArgs<float> a) {
+    row_norms(a.x, a.norm, a.inv, a.rows, a.d);
 }
-extern "C" __global__ void __launch_bounds__(256) row_norms_bf16(const bf16_t* x, float* norm, float* inv, int rows, int d) {
-    row_norms(x, norm, inv, rows, d);
+extern "C" __global__ void __launch_bounds__(256) row_norms_bf16(const RowNormsArgs<bf16_t> a) {
+    row_norms(a.x, a.norm, a.inv, a.rows, a.d);
 }
-extern "C" __global__ void __launch_bounds__(256) row_norms_f16(const f16_t* x, float* norm, float* inv, int rows, int d) {
-    row_norms(x, norm, inv, rows, d);
+extern "C" __global__ void __launch_bounds__(256) row_norms_f16(const RowNormsArgs<f16_t> a) {
+    row_norms(a.x, a.norm, a.inv, a.rows, a.d);
 }

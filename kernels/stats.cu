@@ -32,6 +32,7 @@
 //   stats_cloud_f32 : every block re-reduces the P partials in the same fixed order (so all
 //                     blocks hold bitwise the same var_h) and writes sigma for its classes.
 #include "common.cuh"
+#include "args.cuh"
 
 #define STATS_THREADS 256
 #define STATS_WARPS (STATS_THREADS / WARP_SIZE)
@@ -69,6 +70,7 @@ __device__ __forceinline__ void update_moments(int k, int cnt, float sa, float s
 // inv    [B]      in   1 / max(||x_i||, 1e-12) (norms.cu row_norms)
 // seg    [2S+1+R] in   segments, see the header; class ids unique and in [0, C)
 // centers[C, D]   in/out, mu/v/n/init [C] in/out. No argument aliases another.
+// Entry points: StatsUpdateArgs<T> (args.cuh).
 template <typename T>
 __device__ __forceinline__ void stats_update(const T* __restrict__ x, const float* __restrict__ inv,
                                              const int* __restrict__ seg, int num_seg, int d, float beta,
@@ -149,22 +151,16 @@ __device__ __forceinline__ void stats_update(const T* __restrict__ x, const floa
 }
 
 // hot
-extern "C" __global__ void __launch_bounds__(STATS_THREADS) stats_update_f32(
-    const float* x, const float* inv, const int* seg, int num_seg, int d, float beta, float* centers,
-    float* mu, float* v, u64* n, u32* init) {
-    stats_update(x, inv, seg, num_seg, d, beta, centers, mu, v, n, init);
+extern "C" __global__ void __launch_bounds__(STATS_THREADS) stats_update_f32(const StatsUpdateArgs<float> a) {
+    stats_update(a.x, a.inv, a.seg, a.num_seg, a.d, a.beta, a.centers, a.mu, a.v, a.n, a.init);
 }
 // hot
-extern "C" __global__ void __launch_bounds__(STATS_THREADS) stats_update_bf16(
-    const bf16_t* x, const float* inv, const int* seg, int num_seg, int d, float beta, float* centers,
-    float* mu, float* v, u64* n, u32* init) {
-    stats_update(x, inv, seg, num_seg, d, beta, centers, mu, v, n, init);
+extern "C" __global__ void __launch_bounds__(STATS_THREADS) stats_update_bf16(const StatsUpdateArgs<bf16_t> a) {
+    stats_update(a.x, a.inv, a.seg, a.num_seg, a.d, a.beta, a.centers, a.mu, a.v, a.n, a.init);
 }
 // hot
-extern "C" __global__ void __launch_bounds__(STATS_THREADS) stats_update_f16(
-    const f16_t* x, const float* inv, const int* seg, int num_seg, int d, float beta, float* centers,
-    float* mu, float* v, u64* n, u32* init) {
-    stats_update(x, inv, seg, num_seg, d, beta, centers, mu, v, n, init);
+extern "C" __global__ void __launch_bounds__(STATS_THREADS) stats_update_f16(const StatsUpdateArgs<f16_t> a) {
+    stats_update(a.x, a.inv, a.seg, a.num_seg, a.d, a.beta, a.centers, a.mu, a.v, a.n, a.init);
 }
 
 // ---- update from the head's target angles (center = class_weight) ----------------------
@@ -173,9 +169,8 @@ extern "C" __global__ void __launch_bounds__(STATS_THREADS) stats_update_f16(
 // no pass over D). ang [B] in: theta_i (is_cos = 0) or the clamped target cosine c_iy
 // (is_cos = 1, converted to theta_i = acos(clamp(c, -1 + 1e-7, 1 - 1e-7)) as SPEC 3;
 // the clamp is done in f64 because 1 - 1e-7 is not an f32). Rows are summed in
-// ascending order. mu/v/n/init [C] in/out; no aliasing.
-// hot
-extern "C" __global__ void __launch_bounds__(STATS_THREADS) stats_angles_f32(
+// ascending order. mu/v/n/init [C] in/out; no aliasing. Entry point: StatsAnglesArgs (args.cuh).
+__device__ __forceinline__ void stats_angles(
     const float* __restrict__ ang, const int* __restrict__ seg, int num_seg, int is_cos, float beta,
     float* __restrict__ mu, float* __restrict__ v, u64* __restrict__ n, u32* __restrict__ init) {
     const int s = blockIdx.x * STATS_THREADS + threadIdx.x;
@@ -192,6 +187,10 @@ extern "C" __global__ void __launch_bounds__(STATS_THREADS) stats_angles_f32(
     }
     update_moments(k, p1 - p0, sa, sa2, beta, mu, v, n, init);
 }
+// hot
+extern "C" __global__ void __launch_bounds__(STATS_THREADS) stats_angles_f32(const StatsAnglesArgs a) {
+    stats_angles(a.ang, a.seg, a.num_seg, a.is_cos, a.beta, a.mu, a.v, a.n, a.init);
+}
 
 // ---- cloud: head variance and sigma_cloud -------------------------------------------------
 
@@ -205,8 +204,8 @@ __device__ __forceinline__ float head_weight(u32 init, u64 count, int adaptive, 
 // Launch: grid = P = ceil(C / chunk), block = 256.
 // mu/v/init/counts [C] in (counts: the dataset's N_k or the running n_k);
 // partial [2P] out: (sum w_k var_k, sum w_k) of block b's chunk at 2b, 2b+1.
-// hot
-extern "C" __global__ void __launch_bounds__(STATS_THREADS) stats_reduce_f32(
+// Entry point: StatsReduceArgs (args.cuh).
+__device__ __forceinline__ void stats_reduce(
     const float* __restrict__ mu, const float* __restrict__ v, const u32* __restrict__ init,
     const u64* __restrict__ counts, int c, int chunk, int adaptive, u64 thresh, float* __restrict__ partial) {
     __shared__ float scratch[WARP_SIZE];
@@ -226,14 +225,17 @@ extern "C" __global__ void __launch_bounds__(STATS_THREADS) stats_reduce_f32(
         partial[2 * blockIdx.x + 1] = den;
     }
 }
+// hot
+extern "C" __global__ void __launch_bounds__(STATS_THREADS) stats_reduce_f32(const StatsReduceArgs a) {
+    stats_reduce(a.mu, a.v, a.init, a.counts, a.c, a.chunk, a.adaptive, a.thresh, a.partial);
+}
 
 // Launch: grid = ceil(C / 1024), block = 256.
 // partial [2P] in (from stats_reduce_f32); mu/v/init/counts [C] in;
 // sigma [C] out; head [2] out (written by block 0): var_h (0 when there is no head
 // class) and sum w_k (> 0 iff a head class exists). warm = (updates >= warm-up steps).
-// No aliasing.
-// hot
-extern "C" __global__ void __launch_bounds__(STATS_THREADS) stats_cloud_f32(
+// No aliasing. Entry point: StatsCloudArgs (args.cuh).
+__device__ __forceinline__ void stats_cloud(
     const float* __restrict__ partial, int num_partial, const float* __restrict__ mu,
     const float* __restrict__ v, const u32* __restrict__ init, const u64* __restrict__ counts, int c,
     int adaptive, u64 thresh, int warm, float* __restrict__ sigma, float* __restrict__ head) {
@@ -263,4 +265,9 @@ extern "C" __global__ void __launch_bounds__(STATS_THREADS) stats_cloud_f32(
         }
         sigma[k] = s;
     }
+}
+// hot
+extern "C" __global__ void __launch_bounds__(STATS_THREADS) stats_cloud_f32(const StatsCloudArgs a) {
+    stats_cloud(a.partial, a.num_partial, a.mu, a.v, a.init, a.counts, a.c, a.adaptive, a.thresh, a.warm, a.sigma,
+                a.head);
 }

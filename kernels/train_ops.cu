@@ -31,27 +31,15 @@
 //   bias_act_bwd_f32: blocks of (BIAS_COLS, BIAS_STRIPES) = (32, 8) threads,
 //     grid = ceil(cols / 32); block b owns columns [32 b, 32 b + 32).
 #include "common.cuh"
+#include "args.cuh"
 
 #define TRAIN_THREADS 256
 #define BIAS_COLS 32
 #define BIAS_STRIPES 8
 static_assert(BIAS_COLS * BIAS_STRIPES == TRAIN_THREADS, "bias backward block must be 256 threads");
 
-// Optimizer hyper-parameters of one step; mirrors `OptimParams` in src/cuda/backend.rs.
-// SGD reads lr, wd, momentum; AdamW reads everything but momentum.
-struct OptimParams {
-    float lr;
-    float wd;            // weight decay (0 for biases)
-    float momentum;      // SGD heavy-ball momentum
-    float b1;            // Adam beta1
-    float one_minus_b1;  // 1 - beta1, rounded on the host as the CPU rounds it
-    float b2;            // Adam beta2
-    float one_minus_b2;  // 1 - beta2
-    float c1;            // bias correction 1 - beta1^t
-    float c2;            // bias correction 1 - beta2^t
-    float eps;           // Adam epsilon
-};
-static_assert(sizeof(OptimParams) == 40, "OptimParams layout must match the Rust mirror");
+// Optimizer hyper-parameters (OptimParams) and every entry point's argument struct live in
+// args.cuh, mirrored in src/cuda/args.rs.
 
 // First element and stride of a grid-stride loop, in 64-bit (n may pass 2^31).
 __device__ __forceinline__ long long gs_start() {
@@ -64,13 +52,17 @@ __device__ __forceinline__ long long gs_stride() {
 // y [rows, cols] in/out (row-major, n = rows * cols elements); bias [cols] in.
 // act: 0 = identity, 1 = relu. y and bias must not alias.
 // Element i is (r, c) = (i / cols, i % cols), so its bias is bias[i % cols].
-extern "C" __global__ void __launch_bounds__(256) bias_act_fwd_f32(
+// Entry point: BiasActFwdArgs (args.cuh).
+__device__ __forceinline__ void bias_act_fwd(
     float* __restrict__ y, const float* __restrict__ bias, long long n, int cols, int act) {
     for (long long i = gs_start(); i < n; i += gs_stride()) {
         const float z = __fadd_rn(y[i], bias[i % cols]);
         // fmaxf(NaN, 0) = 0, as Rust's f32::max: the two agree on every input.
         y[i] = act ? fmaxf(z, 0.0f) : z;
     }
+}
+extern "C" __global__ void __launch_bounds__(256) bias_act_fwd_f32(const BiasActFwdArgs a) {
+    bias_act_fwd(a.y, a.bias, a.n, a.cols, a.act);
 }
 
 // dy [rows, cols] in/out: masked in place to the pre-activation gradient (relu);
@@ -80,7 +72,8 @@ extern "C" __global__ void __launch_bounds__(256) bias_act_fwd_f32(
 // Thread (tx, ty) of block b owns column c = 32 b + tx and rows ty, ty + 8, ty + 16, ...:
 // a warp (fixed ty) reads 32 consecutive columns of one row (coalesced). Its f64
 // partial goes to part[ty][tx]; thread (tx, 0) then adds part[0..8][tx] in order.
-extern "C" __global__ void __launch_bounds__(256) bias_act_bwd_f32(
+// Entry point: BiasActBwdArgs (args.cuh).
+__device__ __forceinline__ void bias_act_bwd(
     float* __restrict__ dy, const float* __restrict__ y, float* __restrict__ dbias, int rows, int cols, int act) {
     __shared__ double part[BIAS_STRIPES][BIAS_COLS];
     const int tx = threadIdx.x, ty = threadIdx.y;
@@ -108,15 +101,20 @@ extern "C" __global__ void __launch_bounds__(256) bias_act_bwd_f32(
         dbias[c] = (float)s;
     }
 }
-
-// x [n] f32 in; out [n] bf16 out (round to nearest even, as half::bf16::from_f32).
-extern "C" __global__ void __launch_bounds__(256) cast_fwd_bf16(
-    const float* __restrict__ x, bf16_t* __restrict__ out, long long n) {
-    for (long long i = gs_start(); i < n; i += gs_stride()) out[i] = from_f32<bf16_t>(x[i]);
+extern "C" __global__ void __launch_bounds__(256) bias_act_bwd_f32(const BiasActBwdArgs a) {
+    bias_act_bwd(a.dy, a.y, a.dbias, a.rows, a.cols, a.act);
 }
 
+// x [n] f32 in; out [n] bf16 out (round to nearest even, as half::bf16::from_f32).
+// Entry point: CastArgs (args.cuh).
+__device__ __forceinline__ void cast_fwd(const float* __restrict__ x, bf16_t* __restrict__ out, long long n) {
+    for (long long i = gs_start(); i < n; i += gs_stride()) out[i] = from_f32<bf16_t>(x[i]);
+}
+extern "C" __global__ void __launch_bounds__(256) cast_fwd_bf16(const CastArgs a) { cast_fwd(a.x, a.out, a.n); }
+
 // p [n] in/out parameter; g [n] in gradient; m [n] in/out momentum buffer. No aliasing.
-extern "C" __global__ void __launch_bounds__(256) sgd_step_f32(
+// Entry point: SgdStepArgs (args.cuh).
+__device__ __forceinline__ void sgd_step(
     float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m, long long n, OptimParams hp) {
     for (long long i = gs_start(); i < n; i += gs_stride()) {
         const float pi = p[i];
@@ -127,9 +125,11 @@ extern "C" __global__ void __launch_bounds__(256) sgd_step_f32(
         p[i] = __fsub_rn(pi, __fmul_rn(hp.lr, mi));
     }
 }
+extern "C" __global__ void __launch_bounds__(256) sgd_step_f32(const SgdStepArgs a) { sgd_step(a.p, a.g, a.m, a.n, a.hp); }
 
 // p [n] in/out parameter; g [n] in gradient; m, v [n] in/out Adam moments. No aliasing.
-extern "C" __global__ void __launch_bounds__(256) adamw_step_f32(
+// Entry point: AdamwStepArgs (args.cuh).
+__device__ __forceinline__ void adamw_step(
     float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
     long long n, OptimParams hp) {
     for (long long i = gs_start(); i < n; i += gs_stride()) {
@@ -143,4 +143,7 @@ extern "C" __global__ void __launch_bounds__(256) adamw_step_f32(
         const float upd = __fdiv_rn(__fdiv_rn(mi, hp.c1), __fadd_rn(__fsqrt_rn(__fdiv_rn(vi, hp.c2)), hp.eps));
         p[i] = __fsub_rn(pi, __fmul_rn(hp.lr, __fadd_rn(upd, __fmul_rn(hp.wd, pi))));
     }
+}
+extern "C" __global__ void __launch_bounds__(256) adamw_step_f32(const AdamwStepArgs a) {
+    adamw_step(a.p, a.g, a.m, a.v, a.n, a.hp);
 }

@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
 # README's test command: makes sure NVRTC is available (PyPI wheel in ./.venv when
 # no CUDA toolkit is found), builds the kernels (a kernel that fails to compile
-# fails the run), and runs every test. GPU tests skip without a GPU unless
-# FEATCLOUD_REQUIRE_GPU=1.
+# fails the run) and the CPU emulator of them (cargo feature `emu`, host C++
+# compiler), and runs every test. The GPU test suites run on the emulated device
+# (FEATCLOUD_DEVICE=emu, the default here); on a GPU machine set
+# FEATCLOUD_DEVICE=gpu FEATCLOUD_REQUIRE_GPU=1 so nothing passes by skipping.
+# Afterwards it prints how many tests ran on the emulated device.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/nvrtc.sh
 export FEATCLOUD_REQUIRE_KERNELS=1
-cargo test --release "$@"
+export FEATCLOUD_DEVICE="${FEATCLOUD_DEVICE:-emu}"
+# Every test that got a device appends its name here (featcloud::cuda::test_device).
+export FEATCLOUD_DEVICE_LOG="${FEATCLOUD_DEVICE_LOG:-$PWD/target/device-tests.log}"
+mkdir -p "$(dirname "$FEATCLOUD_DEVICE_LOG")"
+: > "$FEATCLOUD_DEVICE_LOG"
+cargo test --release --features emu "$@"
+n=$(sort -u "$FEATCLOUD_DEVICE_LOG" | grep -c . || true)
+echo "device tests executed on FEATCLOUD_DEVICE=$FEATCLOUD_DEVICE (not skipped): $n"

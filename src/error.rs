@@ -67,6 +67,24 @@ pub enum Error {
         /// The library's message.
         message: String,
     },
+    /// A launch was refused before it reached the device: its grid, block, shared
+    /// memory or registers are outside what the kernel or the device allows.
+    #[error("launch of {kernel} refused: {message}")]
+    Launch {
+        /// The entry point.
+        kernel: String,
+        /// Which limit was broken.
+        message: String,
+    },
+    /// The emulated device caught a fault a GPU might not report: an out-of-bounds
+    /// write into a guard zone, a divergent barrier, a misaligned async copy, ...
+    #[error("emulated device: {kernel}: {message}")]
+    Emulator {
+        /// The entry point (or operation) that faulted.
+        kernel: String,
+        /// What the emulator saw.
+        message: String,
+    },
     /// A file could not be read or written.
     #[error("{path}: {message}")]
     Io {

@@ -292,3 +292,41 @@ fn tiny_compare_writes_table_json_and_plot() {
     let d = row["delta_mean"].as_f64().unwrap();
     assert!((d - (mean(leap) - mean(base))).abs() < 1e-12);
 }
+
+#[test]
+fn smoke_and_cuda_training_run_on_the_emulated_device() {
+    if !featcloud::cuda::emu::AVAILABLE {
+        eprintln!("SKIP: built without the `emu` feature");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Every kernel against the oracle through the real host code: all lines pass but the
+    // documented known defects (verify::known_defect), which must still be reported.
+    let json = dir.path().join("smoke.json");
+    let o = run(&["smoke", "--device", "emu", "--json", json.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("featcloud CPU emulator"), "{stdout}");
+    let lines: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert!(lines.len() >= 60, "{} smoke lines", lines.len());
+    let failed: Vec<&serde_json::Value> = lines.iter().filter(|l| l["passed"] != true).collect();
+    for l in &failed {
+        assert!(l["options"].as_str().unwrap().contains("[known defect"), "unexpected failure: {l}");
+    }
+    assert_eq!(o.status.success(), failed.is_empty(), "exit status must say whether every line passed");
+
+    // The CUDA training backend (bf16 GEMMs through the GEMM stand-in, fused head, GPU
+    // statistics) trains the tiny model on the emulated device.
+    let (x, y) = write_data(dir.path());
+    let out = dir.path().join("emu");
+    let mut args = vec!["train", "--features", x.to_str().unwrap(), "--labels", y.to_str().unwrap()];
+    args.extend(["--out", out.to_str().unwrap()]);
+    args.extend(TINY.iter().copied().filter(|&a| a != "--backend" && a != "cpu"));
+    args.extend(["--backend", "cuda", "--device", "emu"]);
+    let o = run(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("backend: cuda (featcloud CPU emulator"), "{err}");
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("metrics.json")).unwrap()).unwrap();
+    assert!(metrics["eval"]["top1_overall"].as_f64().unwrap() > 0.3, "{metrics}");
+}

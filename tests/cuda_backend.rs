@@ -328,7 +328,10 @@ fn head_step_matches_cpu() {
                         .unwrap();
                     let name = format!("head {} {} {cname} B{b} C{c} D{d}", precision.name(), path.name());
                     assert_eq!(got.n_valid, want.n_valid, "{name}: n_valid");
-                    let rel = (got.loss - want.loss).abs() / want.loss.abs().max(1e-6);
+                    // Relative with |loss| floored at 1e-3, as verify::compare_with_oracle measures
+                    // SPEC 8's loss error: at C = 1 the loss is 0 in exact arithmetic and f32 gives
+                    // ~1e-8 (found when this first ran, on the emulated device, with a 1e-6 floor).
+                    let rel = (got.loss - want.loss).abs() / want.loss.abs().max(1e-3);
                     println!("{name:<60} loss {:.6} vs {:.6} rel {rel:.2e}", got.loss, want.loss);
                     assert!(
                         rel <= loss_tol,

@@ -1,6 +1,8 @@
 //! `featcloud eval`: evaluate a checkpoint on the data it was trained on.
 
-use crate::cli::{pct, select_backend, write_json, BackendChoice, DataArgs, PrecisionArg, SelectedBackend};
+use crate::cli::{
+    pct, select_backend, write_json, BackendChoice, DataArgs, DeviceArg, PrecisionArg, SelectedBackend,
+};
 use crate::data::Splits;
 use crate::engine::report::evaluate;
 use crate::engine::{Backend, Checkpoint, Trainer};
@@ -28,13 +30,16 @@ pub struct Args {
     /// CUDA precision.
     #[arg(long, value_enum, default_value_t = PrecisionArg::Bf16)]
     pub precision: PrecisionArg,
+    /// Device of the CUDA backend: GPU 0, or the CPU emulator of it.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Gpu)]
+    pub device: DeviceArg,
 }
 
 /// Runs `featcloud eval`.
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let ck = Checkpoint::load(&args.checkpoint).context("--checkpoint")?;
     let splits = args.data.load()?;
-    match select_backend(args.backend, args.precision)? {
+    match select_backend(args.backend, args.precision, args.device)? {
         SelectedBackend::Cpu(be) => run_on(&be, args, &ck, &splits),
         SelectedBackend::Cuda(be) => run_on(&be, args, &ck, &splits),
     }

@@ -137,6 +137,25 @@ pub enum PrecisionArg {
     F32,
 }
 
+/// `--device`: which device the CUDA code runs on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// GPU 0.
+    #[default]
+    Gpu,
+    /// The CPU emulator running the same kernels and launches (slow; for checking the
+    /// CUDA code path on a machine without a GPU; builds with the `emu` feature).
+    Emu,
+}
+
+/// Opens the device `--device` names.
+pub fn open_device(device: DeviceArg) -> crate::Result<std::sync::Arc<crate::cuda::Device>> {
+    match device {
+        DeviceArg::Gpu => crate::cuda::Device::new(0),
+        DeviceArg::Emu => crate::cuda::Device::emulated(132),
+    }
+}
+
 /// The backend a command runs on. Commands are generic over [`crate::engine::Backend`]
 /// and match on this once.
 pub enum SelectedBackend {
@@ -146,17 +165,21 @@ pub enum SelectedBackend {
     Cuda(CudaBackend),
 }
 
-fn cuda_backend(precision: PrecisionArg) -> crate::Result<CudaBackend> {
+fn cuda_backend(precision: PrecisionArg, device: DeviceArg) -> crate::Result<CudaBackend> {
     let p = match precision {
         PrecisionArg::Bf16 => Precision::Bf16,
         PrecisionArg::F32 => Precision::F32,
     };
-    CudaBackend::new(crate::cuda::Device::new(0)?, p)
+    CudaBackend::new(open_device(device)?, p)
 }
 
 /// Picks the backend for `choice` (auto: CUDA when GPU 0 starts and the kernels
 /// are built, else CPU); prints which one is used.
-pub fn select_backend(choice: BackendChoice, precision: PrecisionArg) -> anyhow::Result<SelectedBackend> {
+pub fn select_backend(
+    choice: BackendChoice,
+    precision: PrecisionArg,
+    device: DeviceArg,
+) -> anyhow::Result<SelectedBackend> {
     let cpu = |why: String| {
         let be = CpuBackend::new();
         eprintln!("backend: {}{why}", crate::engine::Backend::name(&be));
@@ -165,11 +188,11 @@ pub fn select_backend(choice: BackendChoice, precision: PrecisionArg) -> anyhow:
     match choice {
         BackendChoice::Cpu => Ok(cpu(String::new())),
         BackendChoice::Cuda => {
-            let be = cuda_backend(precision).map_err(|e| anyhow::anyhow!("--backend cuda: {e}"))?;
+            let be = cuda_backend(precision, device).map_err(|e| anyhow::anyhow!("--backend cuda: {e}"))?;
             eprintln!("backend: {}", crate::engine::Backend::name(&be));
             Ok(SelectedBackend::Cuda(be))
         }
-        BackendChoice::Auto => match cuda_backend(precision) {
+        BackendChoice::Auto => match cuda_backend(precision, device) {
             Ok(be) => {
                 eprintln!("backend: {} (auto)", crate::engine::Backend::name(&be));
                 Ok(SelectedBackend::Cuda(be))
@@ -475,6 +498,9 @@ pub struct ModelArgs {
     /// CUDA precision: bf16 operand copies with f32 master weights, or f32.
     #[arg(long, value_enum, default_value_t = PrecisionArg::Bf16)]
     pub precision: PrecisionArg,
+    /// Device of the CUDA backend: GPU 0, or the CPU emulator of it (tiny data only).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Gpu)]
+    pub device: DeviceArg,
 }
 
 impl ModelArgs {

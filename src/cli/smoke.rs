@@ -1,7 +1,8 @@
 //! `featcloud smoke`: every kernel at small sizes against the CPU oracle, one
 //! pass/fail line per kernel, dtype and option set, with the worst error.
 
-use crate::cuda::{self, Device, SmokeLine};
+use crate::cli::{open_device, DeviceArg};
+use crate::cuda::{self, SmokeLine};
 
 /// Arguments of `featcloud smoke`.
 #[derive(Debug, Clone, clap::Args)]
@@ -9,11 +10,15 @@ pub struct Args {
     /// Also write the lines as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    /// GPU 0, or the CPU emulator running the same kernels and launches.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Gpu)]
+    pub device: DeviceArg,
 }
 
 /// Runs `featcloud smoke`; fails (non-zero exit) when any line fails or there is no GPU.
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    let dev = Device::new(0).map_err(|e| anyhow::anyhow!("smoke needs a GPU: {e}"))?;
+    let dev =
+        open_device(args.device).map_err(|e| anyhow::anyhow!("smoke needs a GPU (or --device emu): {e}"))?;
     println!("device: {} ({})", dev.info().name, dev.info().code);
     let mut lines: Vec<SmokeLine> = Vec::new();
     lines.extend(cuda::head::smoke(&dev)?);

@@ -36,20 +36,18 @@
 //! # Ok(()) }
 //! ```
 
+use super::args::{AdamwStepArgs, BiasActBwdArgs, BiasActFwdArgs, CastArgs, OptimParams, SgdStepArgs};
 use super::gemm_plan::ColGemm;
 use super::head::{CudaHead, GradDtype, GradTensor, HeadPath, HeadUpstream};
 use super::kernels::{self, train_ops as k};
 use super::stats::ClassStats;
-use super::{cuda_err, Device, DeviceElem, Tensor};
+use super::{Device, DeviceElem, Launch, Tensor};
 use crate::check::HeadShape;
 use crate::config::{HeadConfig, Reduction, StatsConfig};
 use crate::engine::backend::{Activation, Backend, Gemm, HeadStep, OptimStep, StatsState};
 use crate::engine::optim::{OptimizerConfig, OptimizerKind};
 use crate::error::{Error, Result};
 use crate::statsfile::{Precision as StatsPrecision, StatsSnapshot};
-use cudarc::cublas::sys as cb;
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
-use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
 /// Threads per block of every `train_ops.cu` kernel.
@@ -80,25 +78,6 @@ impl Precision {
         }
     }
 }
-
-/// Optimizer step parameters; mirrors `struct OptimParams` in `kernels/train_ops.cu`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct OptimParams {
-    lr: f32,
-    wd: f32,
-    momentum: f32,
-    b1: f32,
-    one_minus_b1: f32,
-    b2: f32,
-    one_minus_b2: f32,
-    c1: f32,
-    c2: f32,
-    eps: f32,
-}
-const _: () = assert!(std::mem::size_of::<OptimParams>() == 40);
-// SAFETY: plain-old-data with the layout of the CUDA struct (size asserted on both sides).
-unsafe impl DeviceRepr for OptimParams {}
 
 /// Class statistics of the CUDA backend: [`ClassStats`] behind a lock, because
 /// computing the cloud refreshes a cache inside it while the engine holds the
@@ -144,12 +123,8 @@ fn i32_of(what: &str, v: usize) -> Result<i32> {
 }
 
 /// A 1-D grid for a grid-stride kernel over `n` > 0 elements.
-fn grid_1d(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
+fn blocks_1d(n: usize) -> usize {
+    n.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS)
 }
 
 /// The head's gradient in f32 (the backend always asks for [`GradDtype::F32`]).
@@ -172,7 +147,9 @@ impl CudaBackend {
         if !kernels::KERNELS_BUILT {
             return Err(Error::KernelsNotBuilt);
         }
-        dev.cublas()?;
+        if !dev.is_emulated() {
+            dev.cublas()?; // the emulated device has its GEMM stand-in
+        }
         Ok(Self { dev, precision, head_path: HeadPath::Fused })
     }
 
@@ -213,8 +190,10 @@ impl CudaBackend {
         if n == 0 {
             return Tensor::zeros(&self.dev, shape);
         }
-        let buf = self.dev.stream().clone_dtod(&src.slice().slice(..n)).map_err(cuda_err("device copy"))?;
-        Tensor::from_slice(buf, shape)
+        // SAFETY: copy_from writes all n elements right away.
+        let mut t = unsafe { Tensor::uninit(&self.dev, shape) }?;
+        t.copy_from_part(&self.dev, src, n)?;
+        Ok(t)
     }
 
     /// `dst[..n] = src[..n]` on the device (n = both lengths, checked).
@@ -224,27 +203,26 @@ impl CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        self.dev
-            .stream()
-            .memcpy_dtod(&src.slice().slice(..n), &mut dst.slice_mut().slice_mut(..n))
-            .map_err(cuda_err("device copy"))
+        dst.copy_from(&self.dev, src)
     }
 
     /// bf16 copy of `x` with `shape` (round to nearest even), via `cast_fwd_bf16`.
     fn to_bf16(&self, x: &Tensor<f32>, shape: &[usize]) -> Result<Tensor<half::bf16>> {
         let n: usize = shape.iter().product();
         same_len("bf16 cast", x.len(), n)?;
-        let mut out = Tensor::<half::bf16>::zeros(&self.dev, shape)?;
+        let out = Tensor::<half::bf16>::zeros(&self.dev, shape)?;
         if n == 0 {
             return Ok(out);
         }
-        let f = self.dev.function(k::CAST_FWD_BF16)?;
-        let n_i = n as i64;
-        let mut b = self.dev.stream().launch_builder(&f);
-        b.arg(x.slice()).arg(out.slice_mut()).arg(&n_i);
+        let l = Launch::linear(
+            k::CAST_FWD_BF16,
+            blocks_1d(n),
+            THREADS,
+            &CastArgs { x: x.ptr(), out: out.ptr(), n: n as i64 },
+        );
         // SAFETY: x holds >= n f32 and out >= n bf16 (both shapes checked above); they are
         // distinct allocations; the grid-stride loop touches indices [0, n) only.
-        unsafe { b.launch(grid_1d(n)) }.map_err(cuda_err("train_ops::cast_fwd_bf16"))?;
+        unsafe { self.dev.launch(&l) }?;
         Ok(out)
     }
 
@@ -253,64 +231,15 @@ impl CudaBackend {
     fn blas_gemm<T: DeviceElem>(
         &self,
         g: Gemm,
-        a: &CudaSlice<T>,
-        b: &CudaSlice<T>,
+        a: &Tensor<T>,
+        b: &Tensor<T>,
         c: &mut Tensor<f32>,
     ) -> Result<()> {
         let (m, n, kk) = (g.m, g.n, g.k);
-        if a.len() < m * kk || b.len() < kk * n || c.len() != m * n {
-            return Err(Error::Shape(format!("gemm m={m} n={n} k={kk}: operands too small")));
-        }
-        let op =
-            |t: bool| if t { cb::cublasOperation_t::CUBLAS_OP_T } else { cb::cublasOperation_t::CUBLAS_OP_N };
         // Row-major C = op(A) op(B) is the column-major C^T = op(B)^T op(A)^T: cuBLAS gets
         // (b, a) in that order (gemm_plan.rs).
         let plan = ColGemm::row_major(g.trans_a, g.trans_b, m, n, kk);
-        plan.check(b.len(), a.len(), c.len())?;
-        let [m_cm, n_cm, k_cm, lda_cm, ldb_cm, ldc_cm] = plan.ints();
-        let in_type = match T::DTYPE {
-            crate::config::DType::F32 => cb::cudaDataType::CUDA_R_32F,
-            crate::config::DType::BF16 => cb::cudaDataType::CUDA_R_16BF,
-            crate::config::DType::F16 => cb::cudaDataType::CUDA_R_16F,
-        };
-        let blas = self.dev.cublas()?;
-        let stream = self.dev.stream();
-        let (alpha, beta) = (g.alpha, g.beta);
-        let (pa, _ga) = a.device_ptr(stream);
-        let (pb, _gb) = b.device_ptr(stream);
-        let (pc, _gc) = c.slice_mut().device_ptr_mut(stream);
-        // SAFETY: plan.check above: A_cm = b and B_cm = a hold at least the elements the
-        // column-major plan touches (dimensions positive and within int, leading dimensions at
-        // least the stored rows); C holds exactly m*n f32 with ld n. The pointers are live device buffers on the handle's
-        // stream; alpha/beta are host f32, as CUBLAS_COMPUTE_32F with host pointer mode wants.
-        // CUBLAS_COMPUTE_32F (not *_FAST_TF32) keeps f32 inputs exact f32 products.
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *blas.handle(),
-                op(plan.trans_a),
-                op(plan.trans_b),
-                m_cm,
-                n_cm,
-                k_cm,
-                &alpha as *const f32 as *const c_void,
-                pb as *const c_void,
-                in_type,
-                lda_cm,
-                pa as *const c_void,
-                in_type,
-                ldb_cm,
-                &beta as *const f32 as *const c_void,
-                pc as *mut c_void,
-                cb::cudaDataType::CUDA_R_32F,
-                ldc_cm,
-                cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| Error::Cublas {
-            context: format!("backend gemm m={m} n={n} k={kk}"),
-            message: e.to_string(),
-        })
+        self.dev.gemm(&plan, b, a, c, g.alpha, g.beta, &format!("backend gemm m={m} n={n} k={kk}"))
     }
 
     fn check_optimizer(
@@ -356,11 +285,7 @@ impl Backend for CudaBackend {
         if host.is_empty() {
             return Ok(());
         }
-        let n = host.len();
-        self.dev
-            .stream()
-            .memcpy_htod(host, &mut buf.slice_mut().slice_mut(..n))
-            .map_err(cuda_err("host-to-device copy"))
+        buf.copy_from_host(&self.dev, host)
     }
 
     fn download(&self, buf: &Tensor<f32>) -> Result<Vec<f32>> {
@@ -398,11 +323,11 @@ impl Backend for CudaBackend {
             return self.write(c, &v);
         }
         match self.precision {
-            Precision::F32 => self.blas_gemm(g, a.slice(), b.slice(), c),
+            Precision::F32 => self.blas_gemm(g, a, b, c),
             Precision::Bf16 => {
                 let a16 = self.to_bf16(a, &[a.len()])?;
                 let b16 = self.to_bf16(b, &[b.len()])?;
-                self.blas_gemm(g, a16.slice(), b16.slice(), c)
+                self.blas_gemm(g, &a16, &b16, c)
             }
         }
     }
@@ -414,14 +339,17 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        let f = self.dev.function(k::BIAS_ACT_FWD_F32)?;
-        let (n_i, cols_i, act_i) =
-            (n as i64, i32_of("bias columns", cols)?, (act == Activation::Relu) as i32);
-        let mut b = self.dev.stream().launch_builder(&f);
-        b.arg(y.slice_mut()).arg(bias.slice()).arg(&n_i).arg(&cols_i).arg(&act_i);
+        let args = BiasActFwdArgs {
+            y: y.ptr(),
+            bias: bias.ptr(),
+            n: n as i64,
+            cols: i32_of("bias columns", cols)?,
+            act: (act == Activation::Relu) as i32,
+        };
+        let l = Launch::linear(k::BIAS_ACT_FWD_F32, blocks_1d(n), THREADS, &args);
         // SAFETY: y holds n = rows * cols f32 and bias cols f32 (checked above), separate
         // allocations (one is &mut); the kernel reads bias[i % cols] and writes y[i], i < n.
-        unsafe { b.launch(grid_1d(n)) }.map_err(cuda_err("train_ops::bias_act_fwd_f32")).map(|_| ())
+        unsafe { self.dev.launch(&l) }
     }
 
     fn bias_act_backward(
@@ -434,20 +362,21 @@ impl Backend for CudaBackend {
         let cols = dbias.len();
         same_len("bias_act_backward dy/y", dy.len(), y.len())?;
         let rows = rows_of("bias_act_backward dy", dy.len(), cols)?;
-        let f = self.dev.function(k::BIAS_ACT_BWD_F32)?;
-        let (rows_i, cols_i, act_i) =
-            (i32_of("bias rows", rows)?, i32_of("bias columns", cols)?, (act == Activation::Relu) as i32);
-        let cfg = LaunchConfig {
-            grid_dim: ((cols as u32).div_ceil(BIAS_COLS), 1, 1),
-            block_dim: (BIAS_COLS, BIAS_STRIPES, 1),
-            shared_mem_bytes: 0,
+        let args = BiasActBwdArgs {
+            dy: dy.ptr(),
+            y: y.ptr(),
+            dbias: dbias.ptr(),
+            rows: i32_of("bias rows", rows)?,
+            cols: i32_of("bias columns", cols)?,
+            act: (act == Activation::Relu) as i32,
+            ..Default::default()
         };
-        let mut b = self.dev.stream().launch_builder(&f);
-        b.arg(dy.slice_mut()).arg(y.slice()).arg(dbias.slice_mut()).arg(&rows_i).arg(&cols_i).arg(&act_i);
+        let grid = [(cols as u32).div_ceil(BIAS_COLS), 1, 1];
+        let l = Launch::new(k::BIAS_ACT_BWD_F32, grid, [BIAS_COLS, BIAS_STRIPES, 1], 0, &args);
         // SAFETY: dy and y hold rows * cols f32, dbias cols f32 (checked above; cols > 0 so
         // the grid is non-empty); three distinct allocations (two are &mut). Block x writes
         // dbias[32x .. 32x + 32) clipped to cols and the dy entries of those columns only.
-        unsafe { b.launch(cfg) }.map_err(cuda_err("train_ops::bias_act_bwd_f32")).map(|_| ())
+        unsafe { self.dev.launch(&l) }
     }
 
     fn head_forward_backward(
@@ -590,30 +519,30 @@ impl Backend for CudaBackend {
             eps: opt.eps,
         };
         let n_i = n as i64;
-        match opt.kind {
-            OptimizerKind::Sgd => {
-                let f = self.dev.function(k::SGD_STEP_F32)?;
-                let mut b = self.dev.stream().launch_builder(&f);
-                b.arg(param.slice_mut()).arg(grad.slice()).arg(state[0].slice_mut()).arg(&n_i).arg(&p);
-                // SAFETY: param, grad and the momentum buffer hold n f32 each (checked by
-                // check_optimizer) and are distinct allocations (param and state are &mut);
-                // the kernel touches indices [0, n) only.
-                unsafe { b.launch(grid_1d(n)) }.map_err(cuda_err("train_ops::sgd_step_f32")).map(|_| ())
-            }
-            OptimizerKind::AdamW => {
-                let f = self.dev.function(k::ADAMW_STEP_F32)?;
-                let (ms, vs) = state.split_at_mut(1);
-                let mut b = self.dev.stream().launch_builder(&f);
-                b.arg(param.slice_mut())
-                    .arg(grad.slice())
-                    .arg(ms[0].slice_mut())
-                    .arg(vs[0].slice_mut())
-                    .arg(&n_i)
-                    .arg(&p);
-                // SAFETY: param, grad, m and v hold n f32 each (checked by check_optimizer) and
-                // are distinct allocations (param, m, v are disjoint &mut); indices [0, n) only.
-                unsafe { b.launch(grid_1d(n)) }.map_err(cuda_err("train_ops::adamw_step_f32")).map(|_| ())
-            }
-        }
+        let l = match opt.kind {
+            OptimizerKind::Sgd => Launch::linear(
+                k::SGD_STEP_F32,
+                blocks_1d(n),
+                THREADS,
+                &SgdStepArgs { p: param.ptr(), g: grad.ptr(), m: state[0].ptr(), n: n_i, hp: p },
+            ),
+            OptimizerKind::AdamW => Launch::linear(
+                k::ADAMW_STEP_F32,
+                blocks_1d(n),
+                THREADS,
+                &AdamwStepArgs {
+                    p: param.ptr(),
+                    g: grad.ptr(),
+                    m: state[0].ptr(),
+                    v: state[1].ptr(),
+                    n: n_i,
+                    hp: p,
+                },
+            ),
+        };
+        // SAFETY: param, grad and the state buffers (momentum, or m and v) hold n f32 each
+        // (checked by check_optimizer) and are distinct allocations (param and state are
+        // &mut); the grid-stride loops touch indices [0, n) only.
+        unsafe { self.dev.launch(&l) }
     }
 }

@@ -36,7 +36,7 @@ pub struct Timing {
 impl<'a> Timer<'a> {
     /// Allocates the flush buffer.
     pub fn new(dev: &'a Device) -> Result<Self> {
-        let flush = dev.stream().alloc_zeros::<u8>(L2_FLUSH_BYTES).map_err(cuda_err("L2 flush buffer"))?;
+        let flush = dev.stream()?.alloc_zeros::<u8>(L2_FLUSH_BYTES).map_err(cuda_err("L2 flush buffer"))?;
         Ok(Self { dev, flush })
     }
 
@@ -46,16 +46,17 @@ impl<'a> Timer<'a> {
         for _ in 0..warmup {
             f()?;
         }
-        let ctx = self.dev.context();
+        let ctx = self.dev.context()?;
+        let stream = self.dev.stream()?;
         let flags = Some(cu::CUevent_flags::CU_EVENT_DEFAULT);
         let mut times = Vec::with_capacity(reps);
         for _ in 0..reps.max(1) {
-            self.dev.stream().memset_zeros(&mut self.flush).map_err(cuda_err("L2 flush"))?;
+            stream.memset_zeros(&mut self.flush).map_err(cuda_err("L2 flush"))?;
             let start = ctx.new_event(flags).map_err(cuda_err("event"))?;
             let end = ctx.new_event(flags).map_err(cuda_err("event"))?;
-            start.record(self.dev.stream()).map_err(cuda_err("event record"))?;
+            start.record(stream).map_err(cuda_err("event record"))?;
             f()?;
-            end.record(self.dev.stream()).map_err(cuda_err("event record"))?;
+            end.record(stream).map_err(cuda_err("event record"))?;
             end.synchronize().map_err(cuda_err("event sync"))?;
             times.push(start.elapsed_ms(&end).map_err(cuda_err("elapsed"))? as f64);
         }
@@ -69,6 +70,7 @@ impl<'a> Timer<'a> {
 /// Peak device memory that `f` allocated from the stream-ordered pool (which every
 /// cudarc allocation on this device uses), above what was in use before it ran.
 pub fn measure_extra_memory(dev: &Device, f: impl FnOnce() -> Result<()>) -> Result<usize> {
+    dev.stream()?; // a GPU only: the emulated device has no memory pool
     dev.synchronize()?;
     let mut pool: cu::CUmemoryPool = std::ptr::null_mut();
     let ordinal = dev.info().ordinal as cu::CUdevice;
@@ -125,7 +127,7 @@ pub fn gemm<T: DeviceElem>(
     let blas = dev.cublas()?;
     let (alpha, beta) = (1.0f32, 0.0f32);
     let dt = data_type(T::DTYPE);
-    let stream = dev.stream();
+    let stream = dev.stream()?;
     let (pa, _ga) = a.device_ptr(stream);
     let (pb, _gb) = b.device_ptr(stream);
     let (pc, _gc) = c.device_ptr_mut(stream);
@@ -195,9 +197,9 @@ impl<T: DeviceElem> ThreeGemm<T> {
         let (b, c, d) = (self.b, self.c, self.d);
         // The head's three products, mapped onto column-major calls by head_gemms.
         let [logits, dx, dw] = head_gemms(HeadShape { b, c, d });
-        gemm(dev, logits, self.w.slice(), self.x.slice(), self.logits.slice_mut())?;
-        gemm(dev, dx, self.w.slice(), self.logits.slice(), self.dx.slice_mut())?;
-        gemm(dev, dw, self.x.slice(), self.logits.slice(), self.dw.slice_mut())?;
+        gemm(dev, logits, self.w.cuda_slice()?, self.x.cuda_slice()?, self.logits.cuda_slice_mut()?)?;
+        gemm(dev, dx, self.w.cuda_slice()?, self.logits.cuda_slice()?, self.dx.cuda_slice_mut()?)?;
+        gemm(dev, dw, self.x.cuda_slice()?, self.logits.cuda_slice()?, self.dw.cuda_slice_mut()?)?;
         Ok(())
     }
 }
@@ -214,7 +216,13 @@ pub fn gemm_peak_tflops<T: DeviceElem>(
     let mut cm = Tensor::<T>::zeros(dev, &[n, n])?;
     let mut timer = Timer::new(dev)?;
     let t = timer.time(warmup, reps, || {
-        gemm(dev, ColGemm::row_major(false, false, n, n, n), a.slice(), bm.slice(), cm.slice_mut())
+        gemm(
+            dev,
+            ColGemm::row_major(false, false, n, n, n),
+            a.cuda_slice()?,
+            bm.cuda_slice()?,
+            cm.cuda_slice_mut()?,
+        )
     })?;
     Ok((2.0 * (n as f64).powi(3) / (t.median_ms * 1e-3) / 1e12, t))
 }

@@ -22,6 +22,8 @@ pub struct Kernel {
     pub module: &'static Module,
     /// The `extern "C"` symbol name.
     pub name: &'static str,
+    /// Most threads per block (its `__launch_bounds__`; 1024 without one).
+    pub max_threads: u32,
 }
 
 /// ptxas resource usage of one kernel for one arch (from `--ptxas-options=-v`).

@@ -17,14 +17,14 @@
 //!
 //! Limits: C <= 2^30 and B, D < 2^31 (i32 indexing in the kernels).
 
+use super::args::{StatsAnglesArgs, StatsCloudArgs, StatsReduceArgs, StatsUpdateArgs};
 use super::kernels::stats as k;
-use super::{cuda_err, norms, Device, DeviceElem, Kernel, SmokeLine, Tensor};
+use super::{norms, Device, DeviceElem, Kernel, Launch, SmokeLine, Tensor};
 use crate::check::check_labels;
 use crate::config::{CenterMode, DType, Split, StatsConfig};
 use crate::error::{Error, Result};
 use crate::oracle::stats::OracleStats;
 use crate::statsfile::{Precision, StatsSnapshot, StatsSummary};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use std::path::Path;
 
 /// Threads per block of every stats kernel (`STATS_THREADS` in the .cu).
@@ -133,12 +133,12 @@ pub struct ClassStats {
     centers: Option<Tensor<f32>>,
     mu: Tensor<f32>,
     v: Tensor<f32>,
-    n: CudaSlice<u64>,
-    initialized: CudaSlice<u32>,
+    n: Tensor<u64>,
+    initialized: Tensor<u32>,
     /// The dataset's N_k when configured (else the cloud reads `n`).
-    dataset_counts: Option<CudaSlice<u64>>,
+    dataset_counts: Option<Tensor<u64>>,
     /// (num, den) per `stats_reduce_f32` block.
-    partials: CudaSlice<f32>,
+    partials: Tensor<f32>,
     chunk: usize,
     num_partials: usize,
     sigma: Tensor<f32>,
@@ -161,19 +161,18 @@ impl ClassStats {
         };
         let chunk = MIN_REDUCE_CHUNK.max(c.div_ceil(MAX_PARTIALS));
         let num_partials = c.div_ceil(chunk);
-        let stream = dev.stream();
         let dataset_counts = match &cfg.class_counts {
-            Some(counts) => Some(stream.clone_htod(counts).map_err(cuda_err("stats: class counts upload"))?),
+            Some(counts) => Some(Tensor::from_host(dev, counts, &[counts.len()])?),
             None => None,
         };
         Ok(Self {
             centers,
             mu: Tensor::zeros(dev, &[c])?,
             v: Tensor::zeros(dev, &[c])?,
-            n: stream.alloc_zeros::<u64>(c).map_err(cuda_err("stats: allocation"))?,
-            initialized: stream.alloc_zeros::<u32>(c).map_err(cuda_err("stats: allocation"))?,
+            n: Tensor::zeros(dev, &[c])?,
+            initialized: Tensor::zeros(dev, &[c])?,
             dataset_counts,
-            partials: stream.alloc_zeros::<f32>(2 * num_partials).map_err(cuda_err("stats: allocation"))?,
+            partials: Tensor::zeros(dev, &[2 * num_partials])?,
             chunk,
             num_partials,
             sigma: Tensor::zeros(dev, &[c])?,
@@ -242,33 +241,29 @@ impl ClassStats {
         let seg = bucket_labels(labels, self.c)?;
         if !seg.is_empty() {
             let (_, inv) = norms::row_norms(dev, x)?;
-            let seg_dev =
-                dev.stream().clone_htod(&seg.packed()).map_err(cuda_err("stats: segment upload"))?;
-            let centers = self.centers.as_mut().ok_or_else(|| Error::InvalidConfig("no centers".into()))?;
-            let f = dev.function(update_kernel(T::DTYPE))?;
-            let cfg = LaunchConfig {
-                grid_dim: (seg.len() as u32, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
+            let packed = seg.packed();
+            let seg_dev = Tensor::from_host(dev, &packed, &[packed.len()])?;
+            let centers = self.centers.as_ref().ok_or_else(|| Error::InvalidConfig("no centers".into()))?;
+            let args = StatsUpdateArgs {
+                x: x.ptr(),
+                inv: inv.ptr(),
+                seg: seg_dev.ptr(),
+                centers: centers.ptr(),
+                mu: self.mu.ptr(),
+                v: self.v.ptr(),
+                n: self.n.ptr(),
+                init: self.initialized.ptr(),
+                num_seg: seg.len() as i32,
+                d: self.d as i32,
+                beta: self.cfg.beta,
+                ..Default::default()
             };
-            let (num_seg, d, beta) = (seg.len() as i32, self.d as i32, self.cfg.beta);
-            let mut b = dev.stream().launch_builder(&f);
-            b.arg(x.slice())
-                .arg(inv.slice())
-                .arg(&seg_dev)
-                .arg(&num_seg)
-                .arg(&d)
-                .arg(&beta)
-                .arg(centers.slice_mut())
-                .arg(self.mu.slice_mut())
-                .arg(self.v.slice_mut())
-                .arg(&mut self.n)
-                .arg(&mut self.initialized);
+            let l = Launch::linear(update_kernel(T::DTYPE), seg.len(), THREADS, &args);
             // SAFETY: x holds B*D elements of T and inv B f32 (row_norms of x); seg_dev holds
             // 2S+1+R i32 laid out as the kernel reads them, with unique classes in [0, C)
             // (bucket_labels checked the labels) and rows in [0, B); centers [C, D], mu, v, n,
             // initialized [C] are separate allocations of this struct. One CTA per segment.
-            unsafe { b.launch(cfg) }.map_err(cuda_err("stats::stats_update"))?;
+            unsafe { dev.launch(&l) }?;
         }
         self.updates += 1;
         self.stale = true;
@@ -304,29 +299,25 @@ impl ClassStats {
         }
         let seg = bucket_labels(labels, self.c)?;
         if !seg.is_empty() {
-            let seg_dev =
-                dev.stream().clone_htod(&seg.packed()).map_err(cuda_err("stats: segment upload"))?;
-            let f = dev.function(k::STATS_ANGLES_F32)?;
-            let cfg = LaunchConfig {
-                grid_dim: ((seg.len() as u32).div_ceil(THREADS), 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
+            let packed = seg.packed();
+            let seg_dev = Tensor::from_host(dev, &packed, &[packed.len()])?;
+            let args = StatsAnglesArgs {
+                ang: ang.ptr(),
+                seg: seg_dev.ptr(),
+                mu: self.mu.ptr(),
+                v: self.v.ptr(),
+                n: self.n.ptr(),
+                init: self.initialized.ptr(),
+                num_seg: seg.len() as i32,
+                is_cos: is_cos as i32,
+                beta: self.cfg.beta,
+                ..Default::default()
             };
-            let (num_seg, is_cos, beta) = (seg.len() as i32, is_cos as i32, self.cfg.beta);
-            let mut b = dev.stream().launch_builder(&f);
-            b.arg(ang.slice())
-                .arg(&seg_dev)
-                .arg(&num_seg)
-                .arg(&is_cos)
-                .arg(&beta)
-                .arg(self.mu.slice_mut())
-                .arg(self.v.slice_mut())
-                .arg(&mut self.n)
-                .arg(&mut self.initialized);
+            let l = Launch::linear(k::STATS_ANGLES_F32, seg.len().div_ceil(THREADS as usize), THREADS, &args);
             // SAFETY: ang holds B f32; seg_dev is the packed segments (unique classes in
             // [0, C), rows in [0, B)); mu, v, n, initialized hold C entries each and are
             // separate allocations. Threads past S return before touching memory.
-            unsafe { b.launch(cfg) }.map_err(cuda_err("stats::stats_angles"))?;
+            unsafe { dev.launch(&l) }?;
         }
         self.updates += 1;
         self.stale = true;
@@ -343,53 +334,49 @@ impl ClassStats {
             Split::Adaptive => (1i32, 0u64),
         };
         let warm = (self.updates >= self.cfg.warmup_steps) as i32;
-        let (c, chunk, np) = (self.c as i32, self.chunk as i32, self.num_partials as i32);
-        let counts = self.dataset_counts.as_ref().unwrap_or(&self.n);
-
-        let f = dev.function(k::STATS_REDUCE_F32)?;
-        let cfg = LaunchConfig {
-            grid_dim: (self.num_partials as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = dev.stream().launch_builder(&f);
-        b.arg(self.mu.slice())
-            .arg(self.v.slice())
-            .arg(&self.initialized)
-            .arg(counts)
-            .arg(&c)
-            .arg(&chunk)
-            .arg(&adaptive)
-            .arg(&thresh)
-            .arg(&mut self.partials);
-        // SAFETY: mu, v, initialized, counts hold C entries; block b reads classes
-        // [b*chunk, min(C, (b+1)*chunk)) and writes partials[2b], [2b+1] of 2P;
-        // grid = P = ceil(C / chunk). partials aliases nothing.
-        unsafe { b.launch(cfg) }.map_err(cuda_err("stats::stats_reduce"))?;
-
-        let f = dev.function(k::STATS_CLOUD_F32)?;
-        let cfg = LaunchConfig {
-            grid_dim: (self.c.div_ceil(CLOUD_CLASSES_PER_BLOCK) as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = dev.stream().launch_builder(&f);
-        b.arg(&self.partials)
-            .arg(&np)
-            .arg(self.mu.slice())
-            .arg(self.v.slice())
-            .arg(&self.initialized)
-            .arg(counts)
-            .arg(&c)
-            .arg(&adaptive)
-            .arg(&thresh)
-            .arg(&warm)
-            .arg(self.sigma.slice_mut())
-            .arg(self.head.slice_mut());
-        // SAFETY: partials holds 2P f32 written by the launch above (same stream, so
-        // ordered); mu, v, initialized, counts, sigma hold C entries, head 2; block b
-        // writes sigma[b*1024 .. min(C, (b+1)*1024)) and block 0 alone writes head.
-        unsafe { b.launch(cfg) }.map_err(cuda_err("stats::stats_cloud"))?;
+        let counts = self.dataset_counts.as_ref().unwrap_or(&self.n).ptr();
+        let reduce = Launch::linear(
+            k::STATS_REDUCE_F32,
+            self.num_partials,
+            THREADS,
+            &StatsReduceArgs {
+                mu: self.mu.ptr(),
+                v: self.v.ptr(),
+                init: self.initialized.ptr(),
+                counts,
+                partial: self.partials.ptr(),
+                thresh,
+                c: self.c as i32,
+                chunk: self.chunk as i32,
+                adaptive,
+                ..Default::default()
+            },
+        );
+        let cloud = Launch::linear(
+            k::STATS_CLOUD_F32,
+            self.c.div_ceil(CLOUD_CLASSES_PER_BLOCK),
+            THREADS,
+            &StatsCloudArgs {
+                partial: self.partials.ptr(),
+                mu: self.mu.ptr(),
+                v: self.v.ptr(),
+                init: self.initialized.ptr(),
+                counts,
+                sigma: self.sigma.ptr(),
+                head: self.head.ptr(),
+                thresh,
+                num_partial: self.num_partials as i32,
+                c: self.c as i32,
+                adaptive,
+                warm,
+                ..Default::default()
+            },
+        );
+        // SAFETY: mu, v, initialized, counts hold C entries; reduce block b reads classes
+        // [b*chunk, min(C, (b+1)*chunk)) and writes partials[2b], [2b+1] of 2P (grid P =
+        // ceil(C / chunk)); cloud reads those partials (same stream: ordered), writes
+        // sigma[b*1024 .. min(C, (b+1)*1024)) and, block 0 alone, head [2]. No aliasing.
+        unsafe { dev.run(&[reduce, cloud]) }?;
         self.stale = false;
         Ok(())
     }
@@ -415,9 +402,8 @@ impl ClassStats {
         let widen = |t: &Tensor<f32>| -> Result<Vec<f64>> {
             Ok(t.to_host(dev)?.into_iter().map(f64::from).collect())
         };
-        let stream = dev.stream();
-        let n = stream.clone_dtoh(&self.n).map_err(cuda_err("stats: download"))?;
-        let init = stream.clone_dtoh(&self.initialized).map_err(cuda_err("stats: download"))?;
+        let n = self.n.to_host(dev)?;
+        let init = self.initialized.to_host(dev)?;
         Ok(StatsSnapshot {
             cfg: self.cfg.clone(),
             c: self.c,
@@ -445,10 +431,9 @@ impl ClassStats {
         }
         s.mu = Tensor::from_host(dev, &narrow(&snap.mu), &[snap.c])?;
         s.v = Tensor::from_host(dev, &narrow(&snap.v), &[snap.c])?;
-        let stream = dev.stream();
-        stream.memcpy_htod(&snap.n, &mut s.n).map_err(cuda_err("stats: upload"))?;
+        s.n.copy_from_host(dev, &snap.n)?;
         let init: Vec<u32> = snap.initialized.iter().map(|&b| b as u32).collect();
-        stream.memcpy_htod(&init, &mut s.initialized).map_err(cuda_err("stats: upload"))?;
+        s.initialized.copy_from_host(dev, &init)?;
         s.updates = snap.updates;
         s.stale = true;
         Ok(s)

@@ -1,12 +1,29 @@
-//! Typed device tensors: a cudarc buffer plus a row-major shape.
+//! Typed device tensors: a device buffer (GPU memory through cudarc, or host
+//! memory on the emulated device) plus a row-major shape.
 
+use super::emu::EmuBuf;
+use super::launch::DevPtr;
 use super::{cuda_err, Device};
 use crate::config::DType;
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use std::panic::Location;
 
-/// An element type the kernels take: f32, bf16 or f16 storage.
-pub trait DeviceElem: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + Unpin + 'static {
+/// A plain element type that device buffers hold (floats, labels, counters).
+pub trait DeviceCopy:
+    bytemuck::Pod + DeviceRepr + ValidAsZeroBits + Default + Send + Sync + Unpin + 'static
+{
+    /// Name in messages ("f32", "i32", ...).
+    const NAME: &'static str;
+}
+
+macro_rules! device_copy {
+    ($($t:ty => $n:literal),*) => {$(impl DeviceCopy for $t { const NAME: &'static str = $n; })*};
+}
+device_copy!(f32 => "f32", i32 => "i32", u32 => "u32", u64 => "u64", u8 => "u8", half::bf16 => "bf16", half::f16 => "f16");
+
+/// An element type the kernels take as storage: f32, bf16 or f16.
+pub trait DeviceElem: DeviceCopy {
     /// The matching [`DType`].
     const DTYPE: DType;
     /// Widens to f32 (exact).
@@ -45,10 +62,17 @@ impl DeviceElem for half::f16 {
     }
 }
 
+/// Where a tensor's elements live.
+#[derive(Debug)]
+enum Storage<T: DeviceCopy> {
+    Cuda(CudaSlice<T>),
+    Emu(EmuBuf),
+}
+
 /// A row-major device tensor of `T`.
 #[derive(Debug)]
-pub struct Tensor<T: DeviceElem> {
-    buf: CudaSlice<T>,
+pub struct Tensor<T: DeviceCopy> {
+    buf: Storage<T>,
     shape: Vec<usize>,
 }
 
@@ -56,57 +80,187 @@ fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }
 
-impl<T: DeviceElem> Tensor<T> {
+impl<T: DeviceCopy> Tensor<T> {
+    #[track_caller]
+    fn alloc(dev: &Device, shape: &[usize], zeroed: bool) -> Result<Self> {
+        let n = numel(shape).max(1);
+        let buf = match dev.emu_state() {
+            Some(emu) => Storage::Emu(emu.alloc(
+                n * std::mem::size_of::<T>(),
+                zeroed,
+                format!("{shape:?} {}", T::NAME),
+                Location::caller(),
+            )?),
+            None => {
+                let stream = dev.stream()?;
+                Storage::Cuda(if zeroed {
+                    stream.alloc_zeros::<T>(n).map_err(cuda_err("allocation"))?
+                } else {
+                    // SAFETY: callers of `uninit` promise to write before reading; `from_host`
+                    // writes every element right away.
+                    unsafe { stream.alloc::<T>(n) }.map_err(cuda_err("allocation"))?
+                })
+            }
+        };
+        dev.counters.allocation();
+        Ok(Self { buf, shape: shape.to_vec() })
+    }
+
     /// Copies `data` (row-major, `shape`) to the device.
+    #[track_caller]
     pub fn from_host(dev: &Device, data: &[T], shape: &[usize]) -> Result<Self> {
         if data.len() != numel(shape) {
             return Err(Error::Shape(format!("{} elements for shape {shape:?}", data.len())));
         }
-        let buf = dev.stream().clone_htod(data).map_err(cuda_err("host-to-device copy"))?;
-        Ok(Self { buf, shape: shape.to_vec() })
-    }
-
-    /// Rounds f32 host data to `T` and copies it to the device.
-    pub fn from_f32(dev: &Device, data: &[f32], shape: &[usize]) -> Result<Self> {
-        let v: Vec<T> = data.iter().map(|&x| T::from_f32(x)).collect();
-        Self::from_host(dev, &v, shape)
+        let mut t = Self::alloc(dev, shape, false)?;
+        t.copy_from_host(dev, data)?;
+        Ok(t)
     }
 
     /// A zero-filled tensor.
+    #[track_caller]
     pub fn zeros(dev: &Device, shape: &[usize]) -> Result<Self> {
-        let buf = dev.stream().alloc_zeros::<T>(numel(shape).max(1)).map_err(cuda_err("allocation"))?;
-        Ok(Self { buf, shape: shape.to_vec() })
+        Self::alloc(dev, shape, true)
     }
 
-    /// A tensor whose contents are left uninitialized (no memset pass over it).
+    /// A tensor whose contents are left uninitialized (no memset pass over it). On the
+    /// emulated device they are 0xFF bytes (NaN in every float dtype), so a kernel that
+    /// reads an element nobody wrote gives NaN there.
     ///
     /// # Safety
     /// Every element must be written (by a kernel on this device's stream) before
     /// anything reads it; until then its contents are arbitrary bits.
+    #[track_caller]
     pub unsafe fn uninit(dev: &Device, shape: &[usize]) -> Result<Self> {
-        // SAFETY: the caller promises to write every element before it is read.
-        let buf = unsafe { dev.stream().alloc::<T>(numel(shape).max(1)) }.map_err(cuda_err("allocation"))?;
-        Ok(Self { buf, shape: shape.to_vec() })
+        Self::alloc(dev, shape, false)
     }
 
-    /// Wraps an existing buffer (its length must be at least the shape's size).
-    pub fn from_slice(buf: CudaSlice<T>, shape: &[usize]) -> Result<Self> {
-        if buf.len() < numel(shape) {
-            return Err(Error::Shape(format!("buffer of {} for shape {shape:?}", buf.len())));
+    /// Overwrites the first `data.len()` elements with `data` (host to device).
+    pub fn copy_from_host(&mut self, dev: &Device, data: &[T]) -> Result<()> {
+        if data.len() > self.len().max(1) {
+            return Err(Error::Shape(format!("{} elements into a tensor of {}", data.len(), self.len())));
         }
-        Ok(Self { buf, shape: shape.to_vec() })
+        if data.is_empty() {
+            return Ok(());
+        }
+        dev.counters.htod();
+        match &mut self.buf {
+            Storage::Emu(b) => {
+                b.bytes_mut()[..std::mem::size_of_val(data)].copy_from_slice(bytemuck::cast_slice(data));
+                Ok(())
+            }
+            Storage::Cuda(s) => {
+                let n = data.len();
+                dev.stream()?
+                    .memcpy_htod(data, &mut s.slice_mut(..n))
+                    .map_err(cuda_err("host-to-device copy"))
+            }
+        }
     }
 
-    /// Copies the tensor back to the host.
+    /// `self[..n] = src[..n]` on the device, n = `src.len()` (at most `self.len()`).
+    pub fn copy_from(&mut self, dev: &Device, src: &Tensor<T>) -> Result<()> {
+        self.copy_from_part(dev, src, src.len())
+    }
+
+    /// `self[..n] = src[..n]` on the device (n at most either length).
+    pub fn copy_from_part(&mut self, dev: &Device, src: &Tensor<T>, n: usize) -> Result<()> {
+        if n > self.len() || n > src.len() {
+            return Err(Error::Shape(format!("device copy of {n} elements into {}", self.len())));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        match (&mut self.buf, &src.buf) {
+            (Storage::Emu(d), Storage::Emu(s)) => {
+                let bytes = n * std::mem::size_of::<T>();
+                d.bytes_mut()[..bytes].copy_from_slice(&s.bytes()[..bytes]);
+                Ok(())
+            }
+            (Storage::Cuda(d), Storage::Cuda(s)) => dev
+                .stream()?
+                .memcpy_dtod(&s.slice(..n), &mut d.slice_mut(..n))
+                .map_err(cuda_err("device copy")),
+            _ => Err(Error::Shape("device copy between an emulated and a real device".into())),
+        }
+    }
+
+    /// Sets every element to zero.
+    pub fn fill_zero(&mut self, dev: &Device) -> Result<()> {
+        match &mut self.buf {
+            Storage::Emu(b) => {
+                b.bytes_mut().fill(0);
+                Ok(())
+            }
+            Storage::Cuda(s) => dev.stream()?.memset_zeros(s).map_err(cuda_err("memset")),
+        }
+    }
+
+    /// Copies the tensor back to the host (waits for the queued work).
     pub fn to_host(&self, dev: &Device) -> Result<Vec<T>> {
-        let mut v = dev.stream().clone_dtoh(&self.buf).map_err(cuda_err("device-to-host copy"))?;
-        v.truncate(self.len());
-        Ok(v)
+        dev.counters.dtoh();
+        let n = self.len();
+        match &self.buf {
+            Storage::Emu(b) => Ok(bytemuck::pod_collect_to_vec(&b.bytes()[..n * std::mem::size_of::<T>()])),
+            Storage::Cuda(s) => {
+                let mut v = dev.stream()?.clone_dtoh(s).map_err(cuda_err("device-to-host copy"))?;
+                v.truncate(n);
+                Ok(v)
+            }
+        }
     }
 
-    /// Copies the tensor back to the host as f32.
-    pub fn to_f32_host(&self, dev: &Device) -> Result<Vec<f32>> {
-        Ok(self.to_host(dev)?.into_iter().map(T::to_f32).collect())
+    /// The device address of the first element, for a kernel's argument struct.
+    pub fn ptr(&self) -> DevPtr {
+        match &self.buf {
+            Storage::Emu(b) => DevPtr(b.addr() as u64),
+            Storage::Cuda(s) => {
+                // Event tracking is off on featcloud's contexts (one stream), so the guard
+                // returned with the pointer records nothing.
+                let (p, _sync) = s.device_ptr(s.stream());
+                DevPtr(p)
+            }
+        }
+    }
+
+    /// Elements the allocation holds (at least `len()`, and at least 1).
+    pub fn capacity(&self) -> usize {
+        match &self.buf {
+            Storage::Emu(b) => b.bytes().len() / std::mem::size_of::<T>(),
+            Storage::Cuda(s) => s.len(),
+        }
+    }
+
+    /// The same buffer with another shape of the same or fewer elements.
+    pub fn reshaped(mut self, shape: &[usize]) -> Result<Self> {
+        let cap = self.capacity();
+        if numel(shape) > cap {
+            return Err(Error::Shape(format!("buffer of {cap} for shape {shape:?}")));
+        }
+        self.shape = shape.to_vec();
+        Ok(self)
+    }
+
+    /// The cudarc buffer, for GPU-only code (benchmarks); an error on the emulated device.
+    pub fn cuda_slice(&self) -> Result<&CudaSlice<T>> {
+        match &self.buf {
+            Storage::Cuda(s) => Ok(s),
+            Storage::Emu(_) => Err(Error::Emulator {
+                kernel: "cuda_slice".into(),
+                message: "this tensor lives on the emulated device, not a GPU".into(),
+            }),
+        }
+    }
+
+    /// The cudarc buffer, writable, for GPU-only code; an error on the emulated device.
+    pub fn cuda_slice_mut(&mut self) -> Result<&mut CudaSlice<T>> {
+        match &mut self.buf {
+            Storage::Cuda(s) => Ok(s),
+            Storage::Emu(_) => Err(Error::Emulator {
+                kernel: "cuda_slice_mut".into(),
+                message: "this tensor lives on the emulated device, not a GPU".into(),
+            }),
+        }
     }
 
     /// The shape.
@@ -123,19 +277,23 @@ impl<T: DeviceElem> Tensor<T> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+impl<T: DeviceElem> Tensor<T> {
+    /// Rounds f32 host data to `T` and copies it to the device.
+    #[track_caller]
+    pub fn from_f32(dev: &Device, data: &[f32], shape: &[usize]) -> Result<Self> {
+        let v: Vec<T> = data.iter().map(|&x| T::from_f32(x)).collect();
+        Self::from_host(dev, &v, shape)
+    }
+
+    /// Copies the tensor back to the host as f32.
+    pub fn to_f32_host(&self, dev: &Device) -> Result<Vec<f32>> {
+        Ok(self.to_host(dev)?.into_iter().map(T::to_f32).collect())
+    }
 
     /// Storage dtype.
     pub fn dtype(&self) -> DType {
         T::DTYPE
-    }
-
-    /// The underlying buffer.
-    pub fn slice(&self) -> &CudaSlice<T> {
-        &self.buf
-    }
-
-    /// The underlying buffer, mutable.
-    pub fn slice_mut(&mut self) -> &mut CudaSlice<T> {
-        &mut self.buf
     }
 }

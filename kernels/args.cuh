@@ -1,0 +1,376 @@
+// args.cuh — the argument structs of every kernel entry point.
+//
+// Each `extern "C" __global__` entry point in kernels/*.cu takes exactly one
+// parameter: one of these structs, by value. src/cuda/args.rs mirrors every
+// struct field for field (same names, same order, same sizes and offsets,
+// asserted on both sides), so a launch is one typed value on the host and an
+// argument-order bug is a compile error instead of silent garbage.
+//
+// Layout rules (the Rust side derives bytemuck::Pod, which rejects padding):
+//   - fields in this order: pointers (8 bytes), then 8-byte scalars (long long,
+//     u64, HeadParams), then 4-byte scalars (int, float, OptimParams), then
+//     explicit padding (`int _padN`) so that sizeof is a multiple of 8;
+//   - no implicit padding anywhere; each struct's size and the offsets of its
+//     first scalar and its last field are static_asserted below (FC_OFFSETOF) and
+//     const-asserted in args.rs with the same numbers;
+//   - a struct whose pointers depend on the storage dtype is a template on it
+//     (RowNormsArgs<T>); every pointer is 8 bytes, so the layout does not depend
+//     on T, and the Rust mirror (DevPtr fields) is not generic;
+//   - optional pointers are fields that may be null (said so on the field), never
+//     placeholder arguments.
+// Shapes use B rows (batch), C classes, D feature dimension. Nothing here includes
+// a host header: NVRTC compiles it without a CUDA toolkit.
+#pragma once
+#include "head.cuh"  // HeadParams (mirrored in src/cuda/args.rs), u64, bf16_t, f16_t
+
+// offsetof as a constant expression without <cstddef>: NVRTC (an EDG front end with no
+// host headers) has neither offsetof nor __builtin_offsetof but folds __INTADDR__;
+// g++ / clang (the FC_EMU build) have __builtin_offsetof.
+#ifdef __CUDACC_RTC__
+#define FC_OFFSETOF(type, field) __INTADDR__(&((type*)0)->field)
+#else
+#define FC_OFFSETOF(type, field) __builtin_offsetof(type, field)
+#endif
+
+// HeadParams stays in head.cuh; its layout is asserted here as well (args.rs mirrors it).
+static_assert(FC_OFFSETOF(HeadParams, cloud) == 24, "HeadParams layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(HeadParams, seed) == 40, "HeadParams layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(HeadParams, step) == 48, "HeadParams layout must match src/cuda/args.rs");
+
+// ---- norms.cu -----------------------------------------------------------------------------
+
+// row_norms_<T>
+template <typename T>
+struct RowNormsArgs {
+    const T* x;   // [rows, d] in
+    float* norm;  // [rows] out: ||x_r||; may be null
+    float* inv;   // [rows] out: 1 / max(||x_r||, 1e-12); may be null
+    int rows;
+    int d;
+};
+static_assert(sizeof(RowNormsArgs<float>) == 32, "RowNormsArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(RowNormsArgs<float>, rows) == 24, "RowNormsArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(RowNormsArgs<float>, d) == 28, "RowNormsArgs layout must match src/cuda/args.rs");
+
+// ---- stats.cu -----------------------------------------------------------------------------
+// seg (stats_update_<T>, stats_angles_f32): [2 num_seg + 1 + R] i32 segments, see stats.cu's header;
+// class ids unique and in [0, C). No pointer of a stats struct aliases another.
+
+// stats_update_<T>
+template <typename T>
+struct StatsUpdateArgs {
+    const T* x;         // [B, D] in; only the rows listed in seg are read
+    const float* inv;   // [B] in: 1 / max(||x_i||, 1e-12) (row_norms)
+    const int* seg;     // [2 num_seg + 1 + R] in
+    float* centers;     // [C, D] in/out: unit EMA centers
+    float* mu;          // [C] in/out: EMA mean angle
+    float* v;           // [C] in/out: EMA mean squared angle
+    u64* n;             // [C] in/out: samples seen
+    u32* init;          // [C] in/out: 0/1, class seen
+    int num_seg;        // S, segments (= grid)
+    int d;              // D
+    float beta;         // EMA factor
+    int _pad0;
+};
+static_assert(sizeof(StatsUpdateArgs<float>) == 80, "StatsUpdateArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(StatsUpdateArgs<float>, num_seg) == 64, "StatsUpdateArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(StatsUpdateArgs<float>, _pad0) == 76, "StatsUpdateArgs layout must match src/cuda/args.rs");
+
+// stats_angles_f32
+struct StatsAnglesArgs {
+    const float* ang;  // [B] in: theta_i (is_cos = 0) or the clamped target cosine (is_cos = 1)
+    const int* seg;    // [2 num_seg + 1 + R] in
+    float* mu;         // [C] in/out
+    float* v;          // [C] in/out
+    u64* n;            // [C] in/out
+    u32* init;         // [C] in/out
+    int num_seg;       // S
+    int is_cos;        // 0: ang holds angles, 1: cosines
+    float beta;        // EMA factor
+    int _pad0;
+};
+static_assert(sizeof(StatsAnglesArgs) == 64, "StatsAnglesArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(StatsAnglesArgs, num_seg) == 48, "StatsAnglesArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(StatsAnglesArgs, _pad0) == 60, "StatsAnglesArgs layout must match src/cuda/args.rs");
+
+// stats_reduce_f32
+struct StatsReduceArgs {
+    const float* mu;     // [C] in
+    const float* v;      // [C] in
+    const u32* init;     // [C] in
+    const u64* counts;   // [C] in: the dataset's N_k or the running n_k
+    float* partial;      // [2P] out: (sum w_k var_k, sum w_k) of block b at 2b, 2b+1
+    u64 thresh;          // head threshold T
+    int c;               // C
+    int chunk;           // classes per block
+    int adaptive;        // 0 threshold weights, 1 adaptive (w_k = N_k)
+    int _pad0;
+};
+static_assert(sizeof(StatsReduceArgs) == 64, "StatsReduceArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(StatsReduceArgs, thresh) == 40, "StatsReduceArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(StatsReduceArgs, _pad0) == 60, "StatsReduceArgs layout must match src/cuda/args.rs");
+
+// stats_cloud_f32
+struct StatsCloudArgs {
+    const float* partial;  // [2P] in: from stats_reduce_f32
+    const float* mu;       // [C] in
+    const float* v;        // [C] in
+    const u32* init;       // [C] in
+    const u64* counts;     // [C] in
+    float* sigma;          // [C] out
+    float* head;           // [2] out (block 0): var_h, sum w_k
+    u64 thresh;            // head threshold T
+    int num_partial;       // P
+    int c;                 // C
+    int adaptive;          // 0 threshold weights, 1 adaptive
+    int warm;              // updates >= warm-up steps
+};
+static_assert(sizeof(StatsCloudArgs) == 80, "StatsCloudArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(StatsCloudArgs, thresh) == 56, "StatsCloudArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(StatsCloudArgs, warm) == 76, "StatsCloudArgs layout must match src/cuda/args.rs");
+
+// ---- train_ops.cu -------------------------------------------------------------------------
+
+// bias_act_fwd_f32
+struct BiasActFwdArgs {
+    float* y;           // [rows, cols] in/out; does not alias bias
+    const float* bias;  // [cols] in
+    long long n;        // rows * cols
+    int cols;
+    int act;            // 0 identity, 1 relu
+};
+static_assert(sizeof(BiasActFwdArgs) == 32, "BiasActFwdArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(BiasActFwdArgs, n) == 16, "BiasActFwdArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(BiasActFwdArgs, act) == 28, "BiasActFwdArgs layout must match src/cuda/args.rs");
+
+// bias_act_bwd_f32
+struct BiasActBwdArgs {
+    float* dy;       // [rows, cols] in/out: masked in place (relu)
+    const float* y;  // [rows, cols] in: the forward's activation output
+    float* dbias;    // [cols] out
+    int rows;
+    int cols;
+    int act;         // 0 identity, 1 relu
+    int _pad0;
+};
+static_assert(sizeof(BiasActBwdArgs) == 40, "BiasActBwdArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(BiasActBwdArgs, rows) == 24, "BiasActBwdArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(BiasActBwdArgs, _pad0) == 36, "BiasActBwdArgs layout must match src/cuda/args.rs");
+
+// cast_fwd_bf16
+struct CastArgs {
+    const float* x;  // [n] in
+    bf16_t* out;     // [n] out (round to nearest even); does not alias x
+    long long n;
+};
+static_assert(sizeof(CastArgs) == 24, "CastArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(CastArgs, n) == 16, "CastArgs layout must match src/cuda/args.rs");
+
+// Optimizer hyper-parameters of one step (all f32, 40 bytes, 4-byte aligned).
+// SGD reads lr, wd, momentum; AdamW reads everything but momentum.
+struct OptimParams {
+    float lr;
+    float wd;            // weight decay (0 for biases)
+    float momentum;      // SGD heavy-ball momentum
+    float b1;            // Adam beta1
+    float one_minus_b1;  // 1 - beta1, rounded on the host as the CPU rounds it
+    float b2;            // Adam beta2
+    float one_minus_b2;  // 1 - beta2
+    float c1;            // bias correction 1 - beta1^t
+    float c2;            // bias correction 1 - beta2^t
+    float eps;           // Adam epsilon
+};
+static_assert(sizeof(OptimParams) == 40, "OptimParams layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(OptimParams, eps) == 36, "OptimParams layout must match src/cuda/args.rs");
+
+// sgd_step_f32
+struct SgdStepArgs {
+    float* p;        // [n] in/out: parameter
+    const float* g;  // [n] in: gradient
+    float* m;        // [n] in/out: momentum buffer
+    long long n;
+    OptimParams hp;
+};
+static_assert(sizeof(SgdStepArgs) == 72, "SgdStepArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(SgdStepArgs, n) == 24, "SgdStepArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(SgdStepArgs, hp) == 32, "SgdStepArgs layout must match src/cuda/args.rs");
+
+// adamw_step_f32
+struct AdamwStepArgs {
+    float* p;        // [n] in/out: parameter
+    const float* g;  // [n] in: gradient
+    float* m;        // [n] in/out: first moment
+    float* v;        // [n] in/out: second moment
+    long long n;
+    OptimParams hp;
+};
+static_assert(sizeof(AdamwStepArgs) == 80, "AdamwStepArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(AdamwStepArgs, n) == 32, "AdamwStepArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(AdamwStepArgs, hp) == 40, "AdamwStepArgs layout must match src/cuda/args.rs");
+
+// ---- head_ref.cu --------------------------------------------------------------------------
+
+// ref_normalize_fwd_<T>
+template <typename T>
+struct RefNormalizeArgs {
+    const T* x;  // [rows, d] in
+    float* xh;   // [rows, d] out: x_r / max(||x_r||, 1e-12)
+    float* inv;  // [rows] out
+    int rows;
+    int d;
+};
+static_assert(sizeof(RefNormalizeArgs<float>) == 32, "RefNormalizeArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(RefNormalizeArgs<float>, rows) == 24, "RefNormalizeArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(RefNormalizeArgs<float>, d) == 28, "RefNormalizeArgs layout must match src/cuda/args.rs");
+
+// ref_margin_fwd_<T>
+template <typename T>
+struct RefMarginArgs {
+    const T* x;           // [B, D] in
+    const T* w;           // [C, D] in
+    const int* labels;    // [B] in (< 0: ignored row)
+    const float* sigma;   // [C] in: sigma_cloud (unread when the cloud is off)
+    float* c_iy;          // [B] out
+    float* t;             // [B] out
+    float* alpha;         // [B] out
+    float* dt;            // [B] out
+    HeadParams p;
+    int b;                // B
+    int d;                // D
+};
+static_assert(sizeof(RefMarginArgs<float>) == 128, "RefMarginArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(RefMarginArgs<float>, p) == 64, "RefMarginArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(RefMarginArgs<float>, d) == 124, "RefMarginArgs layout must match src/cuda/args.rs");
+
+// ref_softmax_fwd_f32
+struct RefSoftmaxArgs {
+    const float* cos;     // [B, C] in
+    const int* labels;    // [B] in
+    const float* t;       // [B] in
+    float* lse;           // [B] out (0 for ignored rows)
+    float* loss;          // [B] out (0 for ignored rows)
+    HeadParams p;
+    int c;                // C
+    int _pad0;
+};
+static_assert(sizeof(RefSoftmaxArgs) == 104, "RefSoftmaxArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(RefSoftmaxArgs, p) == 40, "RefSoftmaxArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(RefSoftmaxArgs, _pad0) == 100, "RefSoftmaxArgs layout must match src/cuda/args.rs");
+
+// head_reduce_fwd_f32 (shared with the fused path)
+struct HeadReduceArgs {
+    const float* loss_rows;  // [B] in (0 for ignored rows)
+    float* out;              // [1] out: scale * sum
+    int b;                   // B
+    float scale;
+};
+static_assert(sizeof(HeadReduceArgs) == 24, "HeadReduceArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(HeadReduceArgs, b) == 16, "HeadReduceArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(HeadReduceArgs, scale) == 20, "HeadReduceArgs layout must match src/cuda/args.rs");
+
+// ref_grad_bwd_f32
+struct RefGradArgs {
+    const float* cos;     // [B, C] in
+    const int* labels;    // [B] in
+    const float* t;       // [B] in
+    const float* dt;      // [B] in
+    const float* lse;     // [B] in
+    const float* row_g;   // [B] in: per-row upstream gradient; may be null (all 1)
+    float* dc;            // [B, C] out
+    HeadParams p;
+    float g_scale;        // multiplies row_g (1 / N_valid for a mean)
+    int c;                // C
+};
+static_assert(sizeof(RefGradArgs) == 120, "RefGradArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(RefGradArgs, p) == 56, "RefGradArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(RefGradArgs, c) == 116, "RefGradArgs layout must match src/cuda/args.rs");
+
+// head_normback_bwd_<T> (TO = T), head_normback32_bwd_<T> (TO = float)
+template <typename T, typename TO>
+struct NormbackArgs {
+    float* parts;           // [nparts, rows, d] f32 in/out: parts[0] gets the sum of the parts
+    const T* x;             // [rows, d] in
+    const float* inv;       // [rows] in
+    TO* out;                // [rows, d] out; may be null only for TO = float: result over parts[0]
+    long long part_stride;  // elements between parts (>= rows * d)
+    int nparts;
+    int rows;
+    int d;
+    int _pad0;
+};
+static_assert(sizeof(NormbackArgs<float, float>) == 56, "NormbackArgs layout must match src/cuda/args.rs");
+typedef NormbackArgs<float, float> NormbackArgsF32;  // a macro argument cannot hold the comma
+static_assert(FC_OFFSETOF(NormbackArgsF32, part_stride) == 32, "NormbackArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(NormbackArgsF32, _pad0) == 52, "NormbackArgs layout must match src/cuda/args.rs");
+
+// ---- head_fused.cu ------------------------------------------------------------------------
+// Nothing in a fused struct aliases another of its pointers.
+
+// fused_fwd_<T>, fused_scalar_fwd_<T>, fused_rows64[_scalar]_fwd_<T>, fused_tile64[_scalar]_fwd_<T>
+template <typename T>
+struct FusedFwdArgs {
+    const T* x;            // [B, D] in
+    const T* w;            // [C, D] in
+    const float* inv_x;    // [B] in
+    const float* inv_w;    // [C] in
+    const int* labels;     // [B] in (< 0: ignored row)
+    const float* sigma;    // [C] in: sigma_cloud (unread when the cloud is off)
+    float* part;           // [3][n_ct][B] out: (max, sum exp, sum z) per class tile
+    float* c_iy;           // [B] out, valid rows only (fused_combine_fwd_f32 zeroes the rest)
+    float* t;              // [B] out, valid rows only
+    float* alpha;          // [B] out, valid rows only
+    float* dt;             // [B] out, valid rows only
+    HeadParams p;
+    int b;                 // B
+    int c;                 // C
+    int d;                 // D
+    int _pad0;
+};
+static_assert(sizeof(FusedFwdArgs<float>) == 160, "FusedFwdArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(FusedFwdArgs<float>, p) == 88, "FusedFwdArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(FusedFwdArgs<float>, _pad0) == 156, "FusedFwdArgs layout must match src/cuda/args.rs");
+
+// fused_combine_fwd_f32
+struct FusedCombineArgs {
+    const float* part;   // [3][n_ct][B] in (from fused_fwd)
+    const int* labels;   // [B] in
+    float* t;            // [B] in (valid rows) / out (0 for ignored rows)
+    float* lse;          // [B] out
+    float* loss;         // [B] out
+    float* c_iy;         // [B] out for ignored rows (0)
+    float* alpha;        // [B] out for ignored rows (0)
+    float* dt;           // [B] out for ignored rows (0)
+    HeadParams p;
+    int n_ct;            // class tiles of the forward
+    int b;               // B
+};
+static_assert(sizeof(FusedCombineArgs) == 128, "FusedCombineArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(FusedCombineArgs, p) == 64, "FusedCombineArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(FusedCombineArgs, b) == 124, "FusedCombineArgs layout must match src/cuda/args.rs");
+
+// fused_bwd_<T>, fused_scalar_bwd_<T>, fused_cols64[_scalar]_bwd_<T>
+template <typename T>
+struct FusedBwdArgs {
+    const T* x;            // [B, D] in
+    const T* w;            // [C, D] in
+    const float* inv_x;    // [B] in
+    const float* inv_w;    // [C] in
+    const int* labels;     // [B] in
+    const float* t;        // [B] in (forward)
+    const float* dt;       // [B] in (forward)
+    const float* lse;      // [B] in (forward)
+    const float* row_g;    // [B] in: per-row upstream gradient; may be null (all 1)
+    float* dxp;            // [G][B][D] out: dx partials
+    float* dwacc;          // [G][BN][D] f32 scratch, used only when dwp and dw32 are null; else may be null
+    T* dw;                 // [C, D] out in T, written only when dwp and dw32 are null; else may be null
+    float* dw32;           // [C, D] out in f32 (dwh accumulates in place), used when dwp is null; may be null
+    float* dwp;            // [S][C][D] out: S partial dwh slices (head_normback finishes dW); may be null (S == 1)
+    HeadParams p;
+    float g_scale;         // multiplies row_g (1 / N_valid for a mean)
+    int b;                 // B
+    int c;                 // C
+    int d;                 // D
+};
+static_assert(sizeof(FusedBwdArgs<float>) == 184, "FusedBwdArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(FusedBwdArgs<float>, p) == 112, "FusedBwdArgs layout must match src/cuda/args.rs");
+static_assert(FC_OFFSETOF(FusedBwdArgs<float>, d) == 180, "FusedBwdArgs layout must match src/cuda/args.rs");

@@ -1,0 +1,665 @@
+//! The argument structs of every kernel entry point.
+//!
+//! Each `extern "C" __global__` entry point in `kernels/*.cu` takes exactly one
+//! parameter, by value: one of the structs of `kernels/args.cuh`. This module
+//! mirrors that header field for field (same names, same order, same sizes and
+//! offsets), plus [`HeadParams`] from `kernels/head.cuh`. A [`super::Launch`]
+//! carries one of these structs as the kernel's argument.
+//!
+//! Layout rules, shared with the header (asserted on both sides with the same numbers):
+//! - fields in this order: pointers ([`DevPtr`], 8 bytes), then 8-byte scalars (`i64`,
+//!   `u64`, [`HeadParams`]), then 4-byte scalars (`i32`, `f32`, [`OptimParams`]), then
+//!   explicit padding (`_pad0`, always 0) so that the size is a multiple of 8;
+//! - no implicit padding anywhere (`bytemuck::Pod` rejects it at compile time);
+//! - the size and the offsets of the first scalar and of the last field are
+//!   const-asserted here and `static_assert`ed in the header;
+//! - structs that are templates on the storage dtype in CUDA (`RowNormsArgs<T>`) are
+//!   not generic here: every pointer is a [`DevPtr`], 8 bytes whatever it points to;
+//! - an optional pointer is a field that may be [`DevPtr::NULL`] (said so on the field).
+//!
+//! C types map to `int` -> `i32`, `float` -> `f32`, `long long` -> `i64`,
+//! `u64` -> `u64`, `u32` -> `u32`, `T*` -> [`DevPtr`]. Shapes use B rows (batch),
+//! C classes, D feature dimension. `Default` gives null pointers and zeros.
+
+use super::launch::{DevPtr, KernelArgs};
+
+// ---- head.cuh ---------------------------------------------------------------------------
+
+/// Margin-head parameters; mirrors `struct HeadParams` in `kernels/head.cuh` (56 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct HeadParams {
+    /// Logit scale s.
+    pub s: f32,
+    /// Multiplicative angular margin m1.
+    pub m1: f32,
+    /// Additive angular margin m2.
+    pub m2: f32,
+    /// Additive cosine margin m3.
+    pub m3: f32,
+    /// Label smoothing.
+    pub ls: f32,
+    /// Label smoothing over C (`ls / C`).
+    pub ls_over_c: f32,
+    /// Feature cloud: 0 off, 1 symmetric, 2 one-sided.
+    pub cloud: i32,
+    /// Fallback where the margin passes pi: 0 linear, 1 clamp.
+    pub fallback: i32,
+    /// Margin gradient: 0 exact, 1 straight-through.
+    pub margin_grad: i32,
+    /// Explicit padding before the 8-byte fields; always 0.
+    pub _pad: i32,
+    /// Philox key of the cloud noise.
+    pub seed: u64,
+    /// Philox counter (training step) of the cloud noise.
+    pub step: u64,
+}
+const _: () = assert!(std::mem::size_of::<HeadParams>() == 56);
+const _: () = assert!(std::mem::offset_of!(HeadParams, cloud) == 24);
+const _: () = assert!(std::mem::offset_of!(HeadParams, seed) == 40);
+const _: () = assert!(std::mem::offset_of!(HeadParams, step) == 48);
+
+// ---- norms.cu ---------------------------------------------------------------------------
+
+/// `row_norms_<T>`: norms and inverse norms of the rows of x.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct RowNormsArgs {
+    /// `[rows, d]` T in.
+    pub x: DevPtr,
+    /// `[rows]` f32 out: `||x_r||`; may be null.
+    pub norm: DevPtr,
+    /// `[rows]` f32 out: `1 / max(||x_r||, 1e-12)`; may be null.
+    pub inv: DevPtr,
+    /// Rows of x.
+    pub rows: i32,
+    /// Row length.
+    pub d: i32,
+}
+const _: () = assert!(std::mem::size_of::<RowNormsArgs>() == 32);
+const _: () = assert!(std::mem::offset_of!(RowNormsArgs, rows) == 24);
+const _: () = assert!(std::mem::offset_of!(RowNormsArgs, d) == 28);
+// SAFETY: #[repr(C)], Pod, and the layout of `RowNormsArgs<T>` in kernels/args.cuh
+// (size and offsets asserted above and there).
+unsafe impl KernelArgs for RowNormsArgs {}
+
+// ---- stats.cu ---------------------------------------------------------------------------
+
+/// `stats_update_<T>`: one CTA per segment updates its class's center and moments.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct StatsUpdateArgs {
+    /// `[B, D]` T in; only the rows listed in seg are read.
+    pub x: DevPtr,
+    /// `[B]` f32 in: `1 / max(||x_i||, 1e-12)`.
+    pub inv: DevPtr,
+    /// `[2 num_seg + 1 + R]` i32 in: the packed segments (class ids unique, in `[0, C)`).
+    pub seg: DevPtr,
+    /// `[C, D]` f32 in/out: unit EMA centers.
+    pub centers: DevPtr,
+    /// `[C]` f32 in/out: EMA mean angle.
+    pub mu: DevPtr,
+    /// `[C]` f32 in/out: EMA mean squared angle.
+    pub v: DevPtr,
+    /// `[C]` u64 in/out: samples seen.
+    pub n: DevPtr,
+    /// `[C]` u32 in/out: 0/1, class seen.
+    pub init: DevPtr,
+    /// S, the number of segments (= grid).
+    pub num_seg: i32,
+    /// D.
+    pub d: i32,
+    /// EMA factor.
+    pub beta: f32,
+    /// Explicit padding; always 0.
+    pub _pad0: i32,
+}
+const _: () = assert!(std::mem::size_of::<StatsUpdateArgs>() == 80);
+const _: () = assert!(std::mem::offset_of!(StatsUpdateArgs, num_seg) == 64);
+const _: () = assert!(std::mem::offset_of!(StatsUpdateArgs, _pad0) == 76);
+// SAFETY: #[repr(C)], Pod, and the layout of `StatsUpdateArgs<T>` in kernels/args.cuh
+// (size and offsets asserted above and there).
+unsafe impl KernelArgs for StatsUpdateArgs {}
+
+/// `stats_angles_f32`: one thread per segment updates its class's moments from angles.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct StatsAnglesArgs {
+    /// `[B]` f32 in: theta_i (`is_cos = 0`) or the clamped target cosine (`is_cos = 1`).
+    pub ang: DevPtr,
+    /// `[2 num_seg + 1 + R]` i32 in: the packed segments.
+    pub seg: DevPtr,
+    /// `[C]` f32 in/out.
+    pub mu: DevPtr,
+    /// `[C]` f32 in/out.
+    pub v: DevPtr,
+    /// `[C]` u64 in/out.
+    pub n: DevPtr,
+    /// `[C]` u32 in/out.
+    pub init: DevPtr,
+    /// S, the number of segments.
+    pub num_seg: i32,
+    /// 0: ang holds angles, 1: cosines.
+    pub is_cos: i32,
+    /// EMA factor.
+    pub beta: f32,
+    /// Explicit padding; always 0.
+    pub _pad0: i32,
+}
+const _: () = assert!(std::mem::size_of::<StatsAnglesArgs>() == 64);
+const _: () = assert!(std::mem::offset_of!(StatsAnglesArgs, num_seg) == 48);
+const _: () = assert!(std::mem::offset_of!(StatsAnglesArgs, _pad0) == 60);
+// SAFETY: #[repr(C)], Pod, and the layout of `StatsAnglesArgs` in kernels/args.cuh
+// (size and offsets asserted above and there).
+unsafe impl KernelArgs for StatsAnglesArgs {}
+
+/// `stats_reduce_f32`: per-block partial sums of the head variance.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct StatsReduceArgs {
+    /// `[C]` f32 in.
+    pub mu: DevPtr,
+    /// `[C]` f32 in.
+    pub v: DevPtr,
+    /// `[C]` u32 in.
+    pub init: DevPtr,
+    /// `[C]` u64 in: the dataset's N_k or the running n_k.
+    pub counts: DevPtr,
+    /// `[2P]` f32 out: (sum w_k var_k, sum w_k) of block b at 2b, 2b+1.
+    pub partial: DevPtr,
+    /// Head threshold T.
+    pub thresh: u64,
+    /// C.
+    pub c: i32,
+    /// Classes per block.
+    pub chunk: i32,
+    /// 0 threshold weights, 1 adaptive (w_k = N_k).
+    pub adaptive: i32,
+    /// Explicit padding; always 0.
+    pub _pad0: i32,
+}
+const _: () = assert!(std::mem::size_of::<StatsReduceArgs>() == 64);
+const _: () = assert!(std::mem::offset_of!(StatsReduceArgs, thresh) == 40);
+const _: () = assert!(std::mem::offset_of!(StatsReduceArgs, _pad0) == 60);
+// SAFETY: #[repr(C)], Pod, and the layout of `StatsReduceArgs` in kernels/args.cuh
+// (size and offsets asserted above and there).
+unsafe impl KernelArgs for StatsReduceArgs {}
+
+/// `stats_cloud_f32`: the head variance and sigma_cloud per class.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct StatsCloudArgs {
+    /// `[2P]` f32 in: from `stats_reduce_f32`.
+    pub partial: DevPtr,
+    /// `[C]` f32 in.
+    pub mu: DevPtr,
+    /// `[C]` f32 in.
+    pub v: DevPtr,
+    /// `[C]` u32 in.
+    pub init: DevPtr,
+    /// `[C]` u64 in.
+    pub counts: DevPtr,
+    /// `[C]` f32 out.
+    pub sigma: DevPtr,
+    /// `[2]` f32 out (block 0): var_h, sum w_k.
+    pub head: DevPtr,
+    /// Head threshold T.
+    pub thresh: u64,
+    /// P, the number of partials.
+    pub num_partial: i32,
+    /// C.
+    pub c: i32,
+    /// 0 threshold weights, 1 adaptive.
+    pub adaptive: i32,
+    /// 1 once updates >= warm-up steps.
+    pub warm: i32,
+}
+const _: () = assert!(std::mem::size_of::<StatsCloudArgs>() == 80);
+const _: () = assert!(std::mem::offset_of!(StatsCloudArgs, thresh) == 56);
+const _: () = assert!(std::mem::offset_of!(StatsCloudArgs, warm) == 76);
+// SAFETY: #[repr(C)], Pod, and the layout of `StatsCloudArgs` in kernels/args.cuh
+// (size and offsets asserted above and there).
+unsafe impl KernelArgs for StatsCloudArgs {}
+
+// ---- train_ops.cu -----------------------------------------------------------------------
+
+/// `bias_act_fwd_f32`: `y = act(y + bias)` in place.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct BiasActFwdArgs {
+    /// `[rows, cols]` f32 in/out; does not alias bias.
+    pub y: DevPtr,
+    /// `[cols]` f32 in.
+    pub bias: DevPtr,
+    /// `rows * cols`.
+    pub n: i64,
+    /// Columns.
+    pub cols: i32,
+    /// 0 identity, 1 relu.
+    pub act: i32,
+}
+const _: () = assert!(std::mem::size_of::<BiasActFwdArgs>() == 32);
+const _: () = assert!(std::mem::offset_of!(BiasActFwdArgs, n) == 16);
+const _: () = assert!(std::mem::offset_of!(BiasActFwdArgs, act) == 28);
+// SAFETY: #[repr(C)], Pod, and the layout of `BiasActFwdArgs` in kernels/args.cuh
+// (size and offsets asserted above and there).
+unsafe impl KernelArgs for BiasActFwdArgs {}
+
+/// `bias_act_bwd_f32`: relu mask of dy in place and the bias gradient.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct BiasActBwdArgs {
+    /// `[rows, cols]` f32 in/out: masked in place (relu).
+    pub dy: DevPtr,
+    /// `[rows, cols]` f32 in: the forward's activation output.
+    pub y: DevPtr,
+    /// `[cols]` f32 out.
+    pub dbias: DevPtr,
+    /// Rows.
+    pub rows: i32,
+    /// Columns.
+    pub cols: i32,
+    /// 0 identity, 1 relu.
+    pub act: i32,
+    /// Explicit padding; always 0.
+    pub _pad0: i32,
+}
+const _: () = assert!(std::mem::size_of::<BiasActBwdArgs>() == 40);
+const _: () = assert!(std::mem::offset_of!(BiasActBwdArgs, rows) == 24);
+const _: () = assert!(std::mem::offset_of!(BiasActBwdArgs, _pad0) == 36);
+// SAFETY: #[repr(C)], Pod, and the layout of `BiasActBwdArgs` in kernels/args.cuh
+// (size and offsets asserted above and there).
+unsafe impl KernelArgs for BiasActBwdArgs {}
+
+/// `cast_fwd_bf16`: f32 to bf16, round to nearest even.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct CastArgs {
+    /// `[n]` f32 in.
+    pub x: DevPtr,
+    /// `[n]` bf16 out; does not alias x.
+    pub out: DevPtr,
+    /// Elements.
+    pub n: i64,
+}
+const _: () = assert!(std::mem::size_of::<CastArgs>() == 24);
+const _: () = assert!(std::mem::offset_of!(CastArgs, n) == 16);
+// SAFETY: #[repr(C)], Pod, and the layout of `CastArgs` in kernels/args.cuh
+// (size and offsets asserted above and there).
+unsafe impl KernelArgs for CastArgs {}
+
+/// Optimizer hyper-parameters of one step; mirrors `struct OptimParams` in
+/// `kernels/args.cuh` (40 bytes). SGD reads lr, wd, momentum; AdamW all but momentum.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct OptimParams {
+    /// Learning rate.
+    pub lr: f32,
+    /// Weight decay (0 for biases).
+    pub wd: f32,
+    /// SGD heavy-ball momentum.
+    pub momentum: f32,
+    /// Adam beta1.
+    pub b1: f32,
+    /// `1 - beta1`, rounded on the host as the CPU rounds it.
+    pub one_minus_b1: f32,
+    /// Adam beta2.
+    pub b2: f32,
+    /// `1 - beta2`.
+    pub one_minus_b2: f32,
+    /// Bias correction `1 - beta1^t`.
+    pub c1: f32,
+    /// Bias correction `1 - beta2^t`.
+    pub c2: f32,
+    /// Adam epsilon.
+    pub eps: f32,
+}
+const _: () = assert!(std::mem::size_of::<OptimParams>() == 40);
+const _: () = assert!(std::mem::offset_of!(OptimParams, eps) == 36);
+
+/// `sgd_step_f32`: one SGD-with-momentum step.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SgdStepArgs {
+    /// `[n]` f32 in/out: parameter.
+    pub p: DevPtr,
+    /// `[n]` f32 in: gradient.
+    pub g: DevPtr,
+    /// `[n]` f32 in/out: momentum buffer.
+    pub m: DevPtr,
+    /// Elements.
+    pub n: i64,
+    /// Hyper-parameters.
+    pub hp: OptimParams,
+}
+const _: () = assert!(std::mem::size_of::<SgdStepArgs>() == 72);
+const _: () = assert!(std::mem::offset_of!(SgdStepArgs, n) == 24);
+const _: () = assert!(std::mem::offset_of!(SgdStepArgs, hp) == 32);
+// SAFETY: #[repr(C)], Pod, and the layout of `SgdStepArgs` in kernels/args.cuh
+// (size and offsets asserted above and there).
+unsafe impl KernelArgs for SgdStepArgs {}
+
+/// `adamw_step_f32`: one AdamW step.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AdamwStepArgs {
+    /// `[n]` f32 in/out: parameter.
+    pub p: DevPtr,
+    /// `[n]` f32 in: gradient.
+    pub g: DevPtr,
+    /// `[n]` f32 in/out: first moment.
+    pub m: DevPtr,
+    /// `[n]` f32 in/out: second moment.
+    pub v: DevPtr,
+    /// Elements.
+    pub n: i64,
+    /// Hyper-parameters.
+    pub hp: OptimParams,
+}
+const _: () = assert!(std::mem::size_of::<AdamwStepArgs>() == 80);
+const _: () = assert!(std::mem::offset_of!(AdamwStepArgs, n) == 32);
+const _: () = assert!(std::mem::offset_of!(AdamwStepArgs, hp) == 40);
+// SAFETY: #[repr(C)], Pod, and the layout of `AdamwStepArgs` in kernels/args.cuh
+// (size and offsets asserted above and there).
+unsafe impl KernelArgs for AdamwStepArgs {}
+
+// ---- head_ref.cu ------------------------------------------------------------------------
+
+/// `ref_normalize_fwd_<T>`: f32 normalized rows and inverse norms.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct RefNormalizeArgs {
+    /// `[rows, d]` T in.
+    pub x: DevPtr,
+    /// `[rows, d]` f32 out: `x_r / max(||x_r||, 1e-12)`.
+    pub xh: DevPtr,
+    /// `[rows]` f32 out.
+    pub inv: DevPtr,
+    /// Rows.
+    pub rows: i32,
+    /// Row length.
+    pub d: i32,
+}
+const _: () = assert!(std::mem::size_of::<RefNormalizeArgs>() == 32);
+const _: () = assert!(std::mem::offset_of!(RefNormalizeArgs, rows) == 24);
+const _: () = assert!(std::mem::offset_of!(RefNormalizeArgs, d) == 28);
+// SAFETY: #[repr(C)], Pod, and the layout of `RefNormalizeArgs<T>` in kernels/args.cuh
+// (size and offsets asserted above and there).
+unsafe impl KernelArgs for RefNormalizeArgs {}
+
+/// `ref_margin_fwd_<T>`: margin and cloud on the target column, one thread per row.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct RefMarginArgs {
+    /// `[B, D]` T in.
+    pub x: DevPtr,
+    /// `[C, D]` T in.
+    pub w: DevPtr,
+    /// `[B]` i32 in (< 0: ignored row).
+    pub labels: DevPtr,
+    /// `[C]` f32 in: sigma_cloud (unread when the cloud is off).
+    pub sigma: DevPtr,
+    /// `[B]` f32 out.
+    pub c_iy: DevPtr,
+    /// `[B]` f32 out.
+    pub t: DevPtr,
+    /// `[B]` f32 out.
+    pub alpha: DevPtr,
+    /// `[B]` f32 out.
+    pub dt: DevPtr,
+    /// Head parameters.
+    pub p: HeadParams,
+    /// B.
+    pub b: i32,
+    /// D.
+    pub d: i32,
+}
+const _: () = assert!(std::mem::size_of::<RefMarginArgs>() == 128);
+const _: () = assert!(std::mem::offset_of!(RefMarginArgs, p) == 64);
+const _: () = assert!(std::mem::offset_of!(RefMarginArgs, d) == 124);
+// SAFETY: #[repr(C)], Pod, and the layout of `RefMarginArgs<T>` in kernels/args.cuh
+// (size and offsets asserted above and there).
+unsafe impl KernelArgs for RefMarginArgs {}
+
+/// `ref_softmax_fwd_f32`: lse and loss per row from the cosine matrix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct RefSoftmaxArgs {
+    /// `[B, C]` f32 in.
+    pub cos: DevPtr,
+    /// `[B]` i32 in.
+    pub labels: DevPtr,
+    /// `[B]` f32 in.
+    pub t: DevPtr,
+    /// `[B]` f32 out (0 for ignored rows).
+    pub lse: DevPtr,
+    /// `[B]` f32 out (0 for ignored rows).
+    pub loss: DevPtr,
+    /// Head parameters.
+    pub p: HeadParams,
+    /// C.
+    pub c: i32,
+    /// Explicit padding; always 0.
+    pub _pad0: i32,
+}
+const _: () = assert!(std::mem::size_of::<RefSoftmaxArgs>() == 104);
+const _: () = assert!(std::mem::offset_of!(RefSoftmaxArgs, p) == 40);
+const _: () = assert!(std::mem::offset_of!(RefSoftmaxArgs, _pad0) == 100);
+// SAFETY: #[repr(C)], Pod, and the layout of `RefSoftmaxArgs` in kernels/args.cuh
+// (size and offsets asserted above and there).
+unsafe impl KernelArgs for RefSoftmaxArgs {}
+
+/// `head_reduce_fwd_f32` (reference and fused paths): the reduced loss.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct HeadReduceArgs {
+    /// `[B]` f32 in (0 for ignored rows).
+    pub loss_rows: DevPtr,
+    /// `[1]` f32 out: `scale * sum`.
+    pub out: DevPtr,
+    /// B.
+    pub b: i32,
+    /// Multiplies the sum.
+    pub scale: f32,
+}
+const _: () = assert!(std::mem::size_of::<HeadReduceArgs>() == 24);
+const _: () = assert!(std::mem::offset_of!(HeadReduceArgs, b) == 16);
+const _: () = assert!(std::mem::offset_of!(HeadReduceArgs, scale) == 20);
+// SAFETY: #[repr(C)], Pod, and the layout of `HeadReduceArgs` in kernels/args.cuh
+// (size and offsets asserted above and there).
+unsafe impl KernelArgs for HeadReduceArgs {}
+
+/// `ref_grad_bwd_f32`: the logit gradient dc `[B, C]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct RefGradArgs {
+    /// `[B, C]` f32 in.
+    pub cos: DevPtr,
+    /// `[B]` i32 in.
+    pub labels: DevPtr,
+    /// `[B]` f32 in.
+    pub t: DevPtr,
+    /// `[B]` f32 in.
+    pub dt: DevPtr,
+    /// `[B]` f32 in.
+    pub lse: DevPtr,
+    /// `[B]` f32 in: per-row upstream gradient; may be null (all 1).
+    pub row_g: DevPtr,
+    /// `[B, C]` f32 out.
+    pub dc: DevPtr,
+    /// Head parameters.
+    pub p: HeadParams,
+    /// Multiplies row_g (1 / N_valid for a mean).
+    pub g_scale: f32,
+    /// C.
+    pub c: i32,
+}
+const _: () = assert!(std::mem::size_of::<RefGradArgs>() == 120);
+const _: () = assert!(std::mem::offset_of!(RefGradArgs, p) == 56);
+const _: () = assert!(std::mem::offset_of!(RefGradArgs, c) == 116);
+// SAFETY: #[repr(C)], Pod, and the layout of `RefGradArgs` in kernels/args.cuh
+// (size and offsets asserted above and there).
+unsafe impl KernelArgs for RefGradArgs {}
+
+/// `head_normback_bwd_<T>` (out in T) and `head_normback32_bwd_<T>` (out in f32): sum of
+/// the parts, then the normalization backward.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct NormbackArgs {
+    /// `[nparts, rows, d]` f32 in/out: parts[0] receives the sum of the parts.
+    pub parts: DevPtr,
+    /// `[rows, d]` T in.
+    pub x: DevPtr,
+    /// `[rows]` f32 in.
+    pub inv: DevPtr,
+    /// `[rows, d]` out (T or f32); may be null only for an f32 output: result over parts[0].
+    pub out: DevPtr,
+    /// Elements between parts (>= rows * d).
+    pub part_stride: i64,
+    /// Number of parts.
+    pub nparts: i32,
+    /// Rows.
+    pub rows: i32,
+    /// Row length.
+    pub d: i32,
+    /// Explicit padding; always 0.
+    pub _pad0: i32,
+}
+const _: () = assert!(std::mem::size_of::<NormbackArgs>() == 56);
+const _: () = assert!(std::mem::offset_of!(NormbackArgs, part_stride) == 32);
+const _: () = assert!(std::mem::offset_of!(NormbackArgs, _pad0) == 52);
+// SAFETY: #[repr(C)], Pod, and the layout of `NormbackArgs<T, TO>` in kernels/args.cuh
+// (size and offsets asserted above and there).
+unsafe impl KernelArgs for NormbackArgs {}
+
+// ---- head_fused.cu ----------------------------------------------------------------------
+
+/// `fused_{,scalar_,rows64_,rows64_scalar_,tile64_,tile64_scalar_}fwd_<T>`: the fused
+/// forward tile. No pointer aliases another.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FusedFwdArgs {
+    /// `[B, D]` T in.
+    pub x: DevPtr,
+    /// `[C, D]` T in.
+    pub w: DevPtr,
+    /// `[B]` f32 in.
+    pub inv_x: DevPtr,
+    /// `[C]` f32 in.
+    pub inv_w: DevPtr,
+    /// `[B]` i32 in (< 0: ignored row).
+    pub labels: DevPtr,
+    /// `[C]` f32 in: sigma_cloud (unread when the cloud is off).
+    pub sigma: DevPtr,
+    /// `[3, n_ct, B]` f32 out: (max, sum exp, sum z) per class tile.
+    pub part: DevPtr,
+    /// `[B]` f32 out, valid rows only (`fused_combine_fwd_f32` zeroes the rest).
+    pub c_iy: DevPtr,
+    /// `[B]` f32 out, valid rows only.
+    pub t: DevPtr,
+    /// `[B]` f32 out, valid rows only.
+    pub alpha: DevPtr,
+    /// `[B]` f32 out, valid rows only.
+    pub dt: DevPtr,
+    /// Head parameters.
+    pub p: HeadParams,
+    /// B.
+    pub b: i32,
+    /// C.
+    pub c: i32,
+    /// D.
+    pub d: i32,
+    /// Explicit padding; always 0.
+    pub _pad0: i32,
+}
+const _: () = assert!(std::mem::size_of::<FusedFwdArgs>() == 160);
+const _: () = assert!(std::mem::offset_of!(FusedFwdArgs, p) == 88);
+const _: () = assert!(std::mem::offset_of!(FusedFwdArgs, _pad0) == 156);
+// SAFETY: #[repr(C)], Pod, and the layout of `FusedFwdArgs<T>` in kernels/args.cuh
+// (size and offsets asserted above and there).
+unsafe impl KernelArgs for FusedFwdArgs {}
+
+/// `fused_combine_fwd_f32`: merges a row's class-tile partials into lse and loss.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FusedCombineArgs {
+    /// `[3, n_ct, B]` f32 in (from the fused forward tile).
+    pub part: DevPtr,
+    /// `[B]` i32 in.
+    pub labels: DevPtr,
+    /// `[B]` f32 in (valid rows) / out (0 for ignored rows).
+    pub t: DevPtr,
+    /// `[B]` f32 out.
+    pub lse: DevPtr,
+    /// `[B]` f32 out.
+    pub loss: DevPtr,
+    /// `[B]` f32 out for ignored rows (0).
+    pub c_iy: DevPtr,
+    /// `[B]` f32 out for ignored rows (0).
+    pub alpha: DevPtr,
+    /// `[B]` f32 out for ignored rows (0).
+    pub dt: DevPtr,
+    /// Head parameters.
+    pub p: HeadParams,
+    /// Class tiles of the forward (n_ct).
+    pub n_ct: i32,
+    /// B.
+    pub b: i32,
+}
+const _: () = assert!(std::mem::size_of::<FusedCombineArgs>() == 128);
+const _: () = assert!(std::mem::offset_of!(FusedCombineArgs, p) == 64);
+const _: () = assert!(std::mem::offset_of!(FusedCombineArgs, b) == 124);
+// SAFETY: #[repr(C)], Pod, and the layout of `FusedCombineArgs` in kernels/args.cuh
+// (size and offsets asserted above and there).
+unsafe impl KernelArgs for FusedCombineArgs {}
+
+/// `fused_{,scalar_,cols64_,cols64_scalar_}bwd_<T>`: the fused backward tile. No pointer
+/// aliases another.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FusedBwdArgs {
+    /// `[B, D]` T in.
+    pub x: DevPtr,
+    /// `[C, D]` T in.
+    pub w: DevPtr,
+    /// `[B]` f32 in.
+    pub inv_x: DevPtr,
+    /// `[C]` f32 in.
+    pub inv_w: DevPtr,
+    /// `[B]` i32 in.
+    pub labels: DevPtr,
+    /// `[B]` f32 in (forward).
+    pub t: DevPtr,
+    /// `[B]` f32 in (forward).
+    pub dt: DevPtr,
+    /// `[B]` f32 in (forward).
+    pub lse: DevPtr,
+    /// `[B]` f32 in: per-row upstream gradient; may be null (all 1).
+    pub row_g: DevPtr,
+    /// `[G, B, D]` f32 out: dx partials.
+    pub dxp: DevPtr,
+    /// `[G, BN, D]` f32 scratch, used only when dwp and dw32 are null; else may be null.
+    pub dwacc: DevPtr,
+    /// `[C, D]` T out, written only when dwp and dw32 are null; else may be null.
+    pub dw: DevPtr,
+    /// `[C, D]` f32 out (dwh accumulates in place), used when dwp is null; may be null.
+    pub dw32: DevPtr,
+    /// `[S, C, D]` f32 out: S partial dwh slices (head_normback finishes dW); may be null (S == 1).
+    pub dwp: DevPtr,
+    /// Head parameters.
+    pub p: HeadParams,
+    /// Multiplies row_g (1 / N_valid for a mean).
+    pub g_scale: f32,
+    /// B.
+    pub b: i32,
+    /// C.
+    pub c: i32,
+    /// D.
+    pub d: i32,
+}
+const _: () = assert!(std::mem::size_of::<FusedBwdArgs>() == 184);
+const _: () = assert!(std::mem::offset_of!(FusedBwdArgs, p) == 112);
+const _: () = assert!(std::mem::offset_of!(FusedBwdArgs, d) == 180);
+// SAFETY: #[repr(C)], Pod, and the layout of `FusedBwdArgs<T>` in kernels/args.cuh
+// (size and offsets asserted above and there).
+unsafe impl KernelArgs for FusedBwdArgs {}

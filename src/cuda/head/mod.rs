@@ -1,0 +1,557 @@
+//! The margin head on the GPU (SPEC sections 3, 4, 7): the reference path
+//! (`kernels/head_ref.cu` + cuBLAS) and the fused path (`kernels/head_fused.cu`).
+//!
+//! [`CudaHead`] checks every shape and label on the host before the first
+//! launch, then queues the kernels of the chosen [`HeadPath`] on the device's
+//! stream. The loss comes back to the host (one 4-byte copy); the per-row
+//! outputs and the gradients stay on the device.
+//!
+//! ```no_run
+//! # use featcloud::cuda::{Device, Tensor, head::{CudaHead, HeadPath, GradDtype, HeadUpstream}};
+//! # fn main() -> featcloud::Result<()> {
+//! let dev = Device::new(0)?;
+//! let head = CudaHead::new(dev.clone(), featcloud::HeadConfig::arcface(), HeadPath::Fused)?;
+//! let (b, c, d) = (4, 10, 16);
+//! let x = Tensor::<half::bf16>::from_f32(&dev, &vec![0.1; b * d], &[b, d])?;
+//! let w = Tensor::<half::bf16>::from_f32(&dev, &vec![0.2; c * d], &[c, d])?;
+//! let sigma = Tensor::<f32>::zeros(&dev, &[c])?;
+//! let labels = [0, 3, 9, -1];
+//! let (fwd, grads) = head.forward_backward(&x, &w, &labels, &sigma, 7, 0, HeadUpstream::Scalar(1.0), GradDtype::Input)?;
+//! println!("loss {} over {} rows", fwd.loss, fwd.n_valid);
+//! # let _ = grads; Ok(()) }
+//! ```
+//!
+//! Workspace: [`CudaHead::workspace_bytes`] tells how many bytes of scratch a
+//! call allocates besides its outputs. The reference path materializes the
+//! B x C cosine and gradient matrices; the fused path never does.
+
+mod fused;
+pub mod plan;
+mod reference;
+mod scratch;
+pub mod verify;
+
+pub use plan::{
+    backward_cols_for, backward_grid_for, forward_tile_for, fused_vectorized, workspace_for, FusedTuning,
+    FORWARD_TILES,
+};
+
+use super::args::HeadParams;
+use super::{Device, DeviceElem, Tensor};
+use crate::check::{check_head_inputs, HeadShape};
+use crate::config::{CloudMode, DType, HeadConfig, Reduction};
+use crate::error::{Error, Result};
+use plan::{backward_cols_for as bwd_cols_for, Plan, BWD_BM, BWD_BN, BWD_BN_SMALL, FWD_BM_SMALL};
+use scratch::{Scratch, Slot};
+use std::ops::Deref;
+use std::sync::{Arc, Mutex};
+
+/// Which implementation of the head runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum HeadPath {
+    /// Unfused: normalization, cuBLAS SGEMMs on f32 normalized copies, B x C
+    /// logits in memory. Simple; the baseline and a GPU-side oracle.
+    Reference,
+    /// Fused tiles: tensor cores (bf16/f16) or exact SIMT (f32), no B x C buffer.
+    #[default]
+    Fused,
+}
+
+impl HeadPath {
+    /// Both paths, for tests and benches.
+    pub const ALL: [HeadPath; 2] = [HeadPath::Reference, HeadPath::Fused];
+
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            HeadPath::Reference => "reference",
+            HeadPath::Fused => "fused",
+        }
+    }
+}
+
+/// The dtype the gradients are written in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum GradDtype {
+    /// The storage dtype of x and W.
+    #[default]
+    Input,
+    /// f32, whatever the storage dtype.
+    F32,
+}
+
+/// Upstream gradient of the backward pass (see [`crate::oracle::Upstream`]).
+#[derive(Clone, Copy, Debug)]
+pub enum HeadUpstream<'a> {
+    /// d loss for `Reduction::Mean` / `Reduction::Sum` (1.0 for a plain loss).
+    Scalar(f32),
+    /// d loss_i `[B]` on the device, for `Reduction::None`.
+    PerRow(&'a Tensor<f32>),
+}
+
+/// Result of a forward pass. Per-row tensors have B entries (0 for ignored rows).
+#[derive(Debug)]
+pub struct HeadForward {
+    /// The reduced loss (mean over valid rows, their sum, or for `Reduction::None`
+    /// the sum of the row losses), on the host.
+    pub loss: f32,
+    /// Rows with a non-negative label.
+    pub n_valid: usize,
+    /// loss_i `[B]`.
+    pub row_loss: Tensor<f32>,
+    /// lse_i `[B]`.
+    pub lse: Tensor<f32>,
+    /// Target cosine c_iy `[B]`.
+    pub c_iy: Tensor<f32>,
+    /// Margin-transformed target t_i `[B]`.
+    pub t: Tensor<f32>,
+    /// Cloud perturbation alpha_i `[B]`.
+    pub alpha: Tensor<f32>,
+    /// dt_i / dc_iy [B], kept for the backward.
+    dt: Tensor<f32>,
+    shape: HeadShape,
+}
+
+impl HeadForward {
+    /// The shape the forward ran at.
+    pub fn shape(&self) -> HeadShape {
+        self.shape
+    }
+
+    /// dt_i (the backward's target-logit derivative) `[B]`.
+    pub fn dt(&self) -> &Tensor<f32> {
+        &self.dt
+    }
+}
+
+/// A forward whose kernels are queued but whose loss is not read back yet.
+struct ForwardLaunched {
+    out: HeadForward,
+    /// The reduced loss, on the device.
+    total: Tensor<f32>,
+    /// The fused path's inverse norms (x, W), for a backward of the same inputs.
+    inv: Option<(Tensor<f32>, Tensor<f32>)>,
+}
+
+impl ForwardLaunched {
+    /// Reads the loss back (waits for the queued work), returns the scratch it held
+    /// and the forward.
+    fn finish(mut self, dev: &Device, scratch: &mut Scratch) -> Result<HeadForward> {
+        self.out.loss = self.total.to_host(dev)?[0];
+        scratch.put(Slot::Total, self.total);
+        if let Some((ix, iw)) = self.inv {
+            scratch.put(Slot::InvX, ix);
+            scratch.put(Slot::InvW, iw);
+        }
+        Ok(self.out)
+    }
+}
+
+/// A gradient tensor in the dtype that was asked for.
+///
+/// f32 storage always gives [`GradTensor::F32`] (its input dtype is f32).
+#[derive(Debug)]
+pub enum GradTensor<T: DeviceElem> {
+    /// In the storage dtype.
+    Input(Tensor<T>),
+    /// In f32.
+    F32(Tensor<f32>),
+}
+
+impl<T: DeviceElem> GradTensor<T> {
+    /// Copies the gradient to the host as f32.
+    pub fn to_f32_host(&self, dev: &Device) -> Result<Vec<f32>> {
+        match self {
+            GradTensor::Input(t) => t.to_f32_host(dev),
+            GradTensor::F32(t) => t.to_f32_host(dev),
+        }
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            GradTensor::Input(t) => t.shape(),
+            GradTensor::F32(t) => t.shape(),
+        }
+    }
+}
+
+/// dx [B, D] and dW [C, D].
+#[derive(Debug)]
+pub struct Grads<T: DeviceElem> {
+    /// d loss / d x.
+    pub dx: GradTensor<T>,
+    /// d loss / d W.
+    pub dw: GradTensor<T>,
+}
+
+/// Bytes of scratch one call allocates besides its outputs (see [`CudaHead::workspace`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Workspace {
+    /// Forward scratch.
+    pub forward: usize,
+    /// Backward scratch.
+    pub backward: usize,
+}
+
+/// The margin head on one device, holding the device through `D` (an
+/// `Arc<Device>` for [`CudaHead`], a plain `&Device` for short-lived checks).
+#[derive(Debug)]
+pub struct HeadOn<D: Deref<Target = Device>> {
+    dev: D,
+    cfg: HeadConfig,
+    path: HeadPath,
+    tuning: FusedTuning,
+    /// Scratch kept between calls (labels, inverse norms, partials).
+    scratch: Mutex<Scratch>,
+}
+
+/// The margin head owning a handle to its device: what trainers keep.
+pub type CudaHead = HeadOn<Arc<Device>>;
+
+/// Every head path x dtype x a few option sets at small sizes against the CPU
+/// oracle (`featcloud smoke`); see [`verify::smoke`].
+pub fn smoke(dev: &Device) -> Result<Vec<super::SmokeLine>> {
+    verify::smoke(dev)
+}
+
+fn i32_dim(name: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::Shape(format!("{name} = {v} exceeds i32 indexing")))
+}
+
+impl<D: Deref<Target = Device>> HeadOn<D> {
+    /// A head with options `cfg` (validated here) running `path` on `dev`.
+    pub fn new(dev: D, cfg: HeadConfig, path: HeadPath) -> Result<Self> {
+        cfg.validate()?;
+        Ok(Self { dev, cfg, path, tuning: FusedTuning::default(), scratch: Mutex::new(Scratch::default()) })
+    }
+
+    /// The same head with the fused dispatcher's choices overridden (tests, benches).
+    pub fn with_tuning(mut self, tuning: FusedTuning) -> Self {
+        self.tuning = tuning;
+        self
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    /// The options.
+    pub fn config(&self) -> &HeadConfig {
+        &self.cfg
+    }
+
+    /// The path.
+    pub fn path(&self) -> HeadPath {
+        self.path
+    }
+
+    /// The fused backward's class tile (64 or 128).
+    fn bwd_cols(&self, shape: HeadShape) -> usize {
+        match self.tuning.backward_cols {
+            Some(c @ (BWD_BN | BWD_BN_SMALL)) => c,
+            _ => bwd_cols_for(shape, self.dev.info().sm_count.max(1) as usize),
+        }
+    }
+
+    /// The fused backward's grid: G CTAs per row split (and dx partial buffers) and S
+    /// row splits.
+    fn bwd_grid(&self, shape: HeadShape) -> (usize, usize) {
+        let sm = self.dev.info().sm_count.max(1) as usize;
+        let cols = self.bwd_cols(shape);
+        let g = match self.tuning.backward_ctas {
+            Some(g) => g.clamp(1, shape.c.div_ceil(cols)),
+            None => plan::bwd_groups(shape, sm, cols),
+        };
+        let s = match self.tuning.row_splits {
+            Some(s) => s.clamp(1, shape.b.div_ceil(BWD_BM)),
+            None => plan::bwd_row_splits(shape, sm, g),
+        };
+        (g, s)
+    }
+
+    /// The fused forward's tile (rows, classes) at `shape`, one of [`FORWARD_TILES`].
+    pub fn forward_tile(&self, shape: HeadShape) -> (usize, usize) {
+        match self.tuning.forward_tile {
+            Some(t) if FORWARD_TILES.contains(&t) => t,
+            _ => forward_tile_for(shape, self.dev.info().sm_count.max(1) as usize),
+        }
+    }
+
+    /// The fused backward's launch grid at `shape`: (G CTAs over the class tiles, S row
+    /// splits), as the dispatcher (or the tuning) picks it.
+    pub fn backward_grid(&self, shape: HeadShape) -> (usize, usize) {
+        self.bwd_grid(shape)
+    }
+
+    /// The fused backward's class tile at `shape` (64 or 128).
+    pub fn backward_cols(&self, shape: HeadShape) -> usize {
+        self.bwd_cols(shape)
+    }
+
+    /// Scratch bytes (beyond inputs and outputs) of a forward and of a backward
+    /// writing gradients in `grad` at `shape` with storage `dtype`.
+    pub fn workspace(&self, shape: HeadShape, dtype: DType, grad: GradDtype) -> Workspace {
+        let (g, s) = self.bwd_grid(shape);
+        let plan = Plan { fwd_cols: self.forward_tile(shape).1, bwd_cols: self.bwd_cols(shape), g, s };
+        plan::workspace_with_groups(self.path, shape, dtype, grad, plan)
+    }
+
+    /// Peak scratch bytes of [`CudaHead::forward_backward`] with gradients in the
+    /// input dtype (the larger case), known before the call is made.
+    pub fn workspace_bytes(&self, shape: HeadShape, dtype: DType) -> usize {
+        let w = self.workspace(shape, dtype, GradDtype::Input);
+        w.forward.max(w.backward)
+    }
+
+    fn params(&self, shape: HeadShape, seed: u64, step: u64) -> HeadParams {
+        plan::head_params(&self.cfg, shape, seed, step)
+    }
+
+    /// Checks x [B, D], W [C, D], labels [B] and sigma_cloud [C] (any length when the
+    /// cloud is off) before anything is launched.
+    fn check<T: DeviceElem>(
+        &self,
+        x: &Tensor<T>,
+        w: &Tensor<T>,
+        labels: &[i32],
+        sigma: &Tensor<f32>,
+    ) -> Result<HeadShape> {
+        let (&[b, d], &[c, d2]) = (x.shape(), w.shape()) else {
+            return Err(Error::Shape(format!(
+                "x must be [B, D] and W [C, D], got {:?} and {:?}",
+                x.shape(),
+                w.shape()
+            )));
+        };
+        if d != d2 {
+            return Err(Error::Shape(format!("x has D = {d} but W has D = {d2}")));
+        }
+        let shape = HeadShape { b, c, d };
+        let sigma_len = if self.cfg.cloud == CloudMode::Off { None } else { Some(sigma.len()) };
+        check_head_inputs(shape, x.len(), w.len(), labels, sigma_len)?;
+        i32_dim("B", b)?;
+        i32_dim("C", c)?;
+        i32_dim("D", d)?;
+        if self.path == HeadPath::Reference {
+            i32_dim("B*C", b * c)?;
+            if b > 65_535 {
+                return Err(Error::Shape(format!("the reference path supports B <= 65535, got {b}")));
+            }
+        }
+        if shape.b.div_ceil(FWD_BM_SMALL) > 65_535 {
+            return Err(Error::Shape(format!("B = {b} is too large for the fused grid")));
+        }
+        Ok(shape)
+    }
+
+    /// The scratch, locked for one call (a panic in another call leaves it usable:
+    /// every buffer in it is written before it is read).
+    fn scratch(&self) -> std::sync::MutexGuard<'_, Scratch> {
+        self.scratch.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forward pass (SPEC 3): loss and per-row outputs.
+    ///
+    /// x `[B, D]` and W `[C, D]` in the storage dtype, labels `[B]` on the host (negative =
+    /// ignored, >= C is an error), sigma_cloud `[C]` f32 on the device, Philox (seed, step).
+    pub fn forward<T: DeviceElem>(
+        &self,
+        x: &Tensor<T>,
+        w: &Tensor<T>,
+        labels: &[i32],
+        sigma_cloud: &Tensor<f32>,
+        seed: u64,
+        step: u64,
+    ) -> Result<HeadForward> {
+        let shape = self.check(x, w, labels, sigma_cloud)?;
+        let mut scratch = self.scratch();
+        let dl = scratch.labels(&self.dev, labels)?;
+        let launched = self.forward_impl(x, w, labels, &dl, sigma_cloud, shape, seed, step, &mut scratch)?;
+        let out = launched.finish(&self.dev, &mut scratch)?;
+        scratch.put_labels(dl);
+        Ok(out)
+    }
+
+    /// Backward pass (SPEC 4) from a forward of the same inputs.
+    ///
+    /// `upstream` must be [`HeadUpstream::Scalar`] for mean/sum and
+    /// [`HeadUpstream::PerRow`] for `Reduction::None`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<T: DeviceElem>(
+        &self,
+        x: &Tensor<T>,
+        w: &Tensor<T>,
+        labels: &[i32],
+        sigma_cloud: &Tensor<f32>,
+        fwd: &HeadForward,
+        upstream: HeadUpstream,
+        grad_dtype: GradDtype,
+    ) -> Result<Grads<T>> {
+        let shape = self.check(x, w, labels, sigma_cloud)?;
+        if fwd.shape != shape {
+            return Err(Error::Shape(format!(
+                "forward ran at {:?}, backward called at {shape:?}",
+                fwd.shape
+            )));
+        }
+        self.check_upstream(shape, upstream)?;
+        let mut scratch = self.scratch();
+        let dl = scratch.labels(&self.dev, labels)?;
+        let grads =
+            self.backward_impl(x, w, labels, &dl, fwd, None, shape, upstream, grad_dtype, &mut scratch)?;
+        scratch.put_labels(dl);
+        Ok(grads)
+    }
+
+    /// Forward and backward in one call: what a training step needs.
+    ///
+    /// Same arguments as [`CudaHead::forward`] plus the upstream gradient and the
+    /// gradient dtype; returns the forward outputs and (dx, dW).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward<T: DeviceElem>(
+        &self,
+        x: &Tensor<T>,
+        w: &Tensor<T>,
+        labels: &[i32],
+        sigma_cloud: &Tensor<f32>,
+        seed: u64,
+        step: u64,
+        upstream: HeadUpstream,
+        grad_dtype: GradDtype,
+    ) -> Result<(HeadForward, Grads<T>)> {
+        let shape = self.check(x, w, labels, sigma_cloud)?;
+        self.check_upstream(shape, upstream)?;
+        let mut scratch = self.scratch();
+        let dl = scratch.labels(&self.dev, labels)?;
+        let launched = self.forward_impl(x, w, labels, &dl, sigma_cloud, shape, seed, step, &mut scratch)?;
+        // The backward reuses the forward's inverse norms (same x and W) and is queued
+        // before the loss is read back, so the device runs both without a host round trip.
+        let inv = launched.inv.as_ref().map(|(a, b)| (a, b));
+        let grads = self.backward_impl(
+            x,
+            w,
+            labels,
+            &dl,
+            &launched.out,
+            inv,
+            shape,
+            upstream,
+            grad_dtype,
+            &mut scratch,
+        )?;
+        let out = launched.finish(&self.dev, &mut scratch)?;
+        scratch.put_labels(dl);
+        Ok((out, grads))
+    }
+
+    fn check_upstream(&self, shape: HeadShape, up: HeadUpstream) -> Result<()> {
+        match (self.cfg.reduction, up) {
+            (Reduction::None, HeadUpstream::PerRow(g)) if g.len() == shape.b => Ok(()),
+            (Reduction::None, HeadUpstream::PerRow(g)) => Err(Error::Shape(format!(
+                "per-row upstream has {} entries, expected B = {}",
+                g.len(),
+                shape.b
+            ))),
+            (Reduction::None, HeadUpstream::Scalar(_)) => {
+                Err(Error::InvalidConfig("reduction none needs HeadUpstream::PerRow".into()))
+            }
+            (_, HeadUpstream::PerRow(_)) => {
+                Err(Error::InvalidConfig("reductions mean and sum take HeadUpstream::Scalar".into()))
+            }
+            (_, HeadUpstream::Scalar(g)) if !g.is_finite() => {
+                Err(Error::NonFinite { what: "upstream gradient".into(), index: 0 })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_impl<T: DeviceElem>(
+        &self,
+        x: &Tensor<T>,
+        w: &Tensor<T>,
+        labels: &[i32],
+        dl: &Tensor<i32>,
+        sigma: &Tensor<f32>,
+        shape: HeadShape,
+        seed: u64,
+        step: u64,
+        scratch: &mut Scratch,
+    ) -> Result<ForwardLaunched> {
+        let p = self.params(shape, seed, step);
+        let n_valid = labels.iter().filter(|&&y| y >= 0).count();
+        let scale = match self.cfg.reduction {
+            Reduction::Mean if n_valid == 0 => 0.0,
+            Reduction::Mean => 1.0 / n_valid as f32,
+            Reduction::Sum | Reduction::None => 1.0,
+        };
+        let inputs = Inputs { x, w, labels: dl, shape };
+        match self.path {
+            HeadPath::Reference => reference::forward(&self.dev, &inputs, sigma, p, n_valid, scale, scratch),
+            HeadPath::Fused => {
+                let choice =
+                    fused::FwdChoice { tile: self.forward_tile(shape), scalar: self.tuning.scalar_loads };
+                fused::forward(&self.dev, &inputs, sigma, p, n_valid, scale, choice, scratch)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward_impl<T: DeviceElem>(
+        &self,
+        x: &Tensor<T>,
+        w: &Tensor<T>,
+        labels: &[i32],
+        dl: &Tensor<i32>,
+        fwd: &HeadForward,
+        inv: Option<(&Tensor<f32>, &Tensor<f32>)>,
+        shape: HeadShape,
+        up: HeadUpstream,
+        grad_dtype: GradDtype,
+        scratch: &mut Scratch,
+    ) -> Result<Grads<T>> {
+        let p = self.params(shape, 0, 0);
+        let n_valid = labels.iter().filter(|&&y| y >= 0).count();
+        let (g_scale, row_g) = match up {
+            HeadUpstream::Scalar(g) => match self.cfg.reduction {
+                Reduction::Mean if n_valid == 0 => (0.0, None),
+                Reduction::Mean => (g / n_valid as f32, None),
+                _ => (g, None),
+            },
+            HeadUpstream::PerRow(t) => (1.0, Some(t)),
+        };
+        let inputs = Inputs { x, w, labels: dl, shape };
+        let up = Upstream { row_g, g_scale };
+        match self.path {
+            HeadPath::Reference => reference::backward(&self.dev, &inputs, fwd, up, p, grad_dtype),
+            HeadPath::Fused => {
+                let (groups, splits) = self.bwd_grid(shape);
+                let choice = fused::BwdChoice {
+                    cols: self.bwd_cols(shape),
+                    groups,
+                    splits,
+                    scalar: self.tuning.scalar_loads,
+                };
+                fused::backward(&self.dev, &inputs, fwd, inv, up, p, grad_dtype, choice, scratch)
+            }
+        }
+    }
+}
+
+/// The device inputs of one head call, checked ([`HeadOn::check`]).
+struct Inputs<'a, T: DeviceElem> {
+    x: &'a Tensor<T>,
+    w: &'a Tensor<T>,
+    labels: &'a Tensor<i32>,
+    shape: HeadShape,
+}
+
+/// The backward's upstream gradient as the kernels take it: a scale and optional
+/// per-row weights.
+#[derive(Clone, Copy)]
+struct Upstream<'a> {
+    row_g: Option<&'a Tensor<f32>>,
+    g_scale: f32,
+}

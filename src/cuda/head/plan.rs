@@ -1,0 +1,387 @@
+//! The head's planning: what the dispatcher picks (tiles, grids, row splits) at a
+//! shape on a GPU with a given SM count, the scratch that needs, and one pure
+//! function per kernel that turns shape + options + those choices into a
+//! [`Launch`] (kernel constant, grid, block, shared memory, argument struct).
+//! Nothing here touches a device: `tests/head_plans.rs` checks the launches on the
+//! host, and [`super::reference`] and [`super::fused`] execute them.
+
+use super::{GradDtype, HeadPath, Workspace};
+use crate::check::HeadShape;
+use crate::config::{CloudMode, DType, Fallback, HeadConfig, MarginGrad};
+use crate::cuda::args::{
+    FusedBwdArgs, FusedCombineArgs, FusedFwdArgs, HeadParams, HeadReduceArgs, NormbackArgs, RefGradArgs,
+    RefMarginArgs, RefNormalizeArgs, RefSoftmaxArgs,
+};
+use crate::cuda::kernels::{head_fused as kf, head_ref as kr};
+use crate::cuda::{Kernel, Launch};
+use crate::error::{Error, Result};
+
+/// The fused forward's tiles (rows, classes), largest first: `fused_fwd_*`,
+/// `fused_rows64_fwd_*` and `fused_tile64_fwd_*` in `kernels/head_fused.cu`.
+pub const FORWARD_TILES: [(usize, usize); 3] = [(128, 128), (64, 128), (64, 64)];
+/// The smallest forward tile's rows (the grid-size check assumes it).
+pub(super) const FWD_BM_SMALL: usize = 64;
+/// Fused backward tile: rows, and classes (`fused_bwd_*`; `fused_cols64_bwd_*` take 64).
+pub(super) const BWD_BM: usize = 64;
+pub(super) const BWD_BN: usize = 128;
+pub(super) const BWD_BN_SMALL: usize = 64;
+/// The fused backward's dx partials may use this much memory before G shrinks.
+const DXP_BUDGET: usize = 512 << 20;
+/// The fused backward's dW partials (row splits S > 1) may use this much memory.
+const DWP_BUDGET: usize = 256 << 20;
+
+/// Dynamic shared memory of the fused backward with class tiles of `cols`
+/// (`bwd_smem_bytes<T, BN>` in the .cu file, which asserts these values).
+fn bwd_smem_bytes(dtype: DType, cols: usize) -> u32 {
+    match (dtype, cols == BWD_BN_SMALL) {
+        (DType::F32, false) => 98_304,
+        (DType::BF16 | DType::F16, false) => 65_536,
+        (DType::F32, true) => 88_064,
+        (DType::BF16 | DType::F16, true) => 55_296,
+    }
+}
+
+/// G, the fused backward's CTA count: one per class tile up to one per SM (its
+/// ~180 registers x 256 threads allow one CTA per SM), and fewer when G * B * D f32
+/// dx partials would pass 512 MiB.
+pub(super) fn bwd_groups(shape: HeadShape, sm_count: usize, cols: usize) -> usize {
+    let n_ct = shape.c.div_ceil(cols);
+    let per_group = shape.b * shape.d * 4;
+    let by_mem = (DXP_BUDGET / per_group.max(1)).max(1);
+    n_ct.min(sm_count.max(1)).min(by_mem).max(1)
+}
+
+/// S, the fused backward's row splits: 1 while the G class-tile CTAs fill at least half
+/// the GPU; else enough splits of the row tiles to fill it (at most one per row tile),
+/// as long as the S x C x D f32 dW partials stay within 256 MiB.
+pub(super) fn bwd_row_splits(shape: HeadShape, sm_count: usize, g: usize) -> usize {
+    let (sm, g) = (sm_count.max(1), g.max(1));
+    if 2 * g >= sm {
+        return 1;
+    }
+    let n_rt = shape.b.div_ceil(BWD_BM);
+    let by_mem = DWP_BUDGET / (shape.c * shape.d * 4).max(1);
+    (sm / g).min(n_rt).min(by_mem).max(1)
+}
+
+/// The fused forward's tile at `shape` on a GPU with `sm_count` SMs (what the
+/// dispatcher picks without tuning overrides; usable without a device): the largest
+/// of [`FORWARD_TILES`] whose grid keeps at least half the SMs busy, never 128 rows
+/// for a batch of at most 64; the smallest when none does.
+pub fn forward_tile_for(shape: HeadShape, sm_count: usize) -> (usize, usize) {
+    let half = sm_count.max(1).div_ceil(2);
+    FORWARD_TILES
+        .into_iter()
+        .filter(|&(rows, _)| rows == FWD_BM_SMALL || shape.b > FWD_BM_SMALL)
+        .find(|&(rows, cols)| shape.c.div_ceil(cols) * shape.b.div_ceil(rows) >= half)
+        .unwrap_or(FORWARD_TILES[2])
+}
+
+/// The fused backward's default class tile at `shape` on a GPU with `sm_count` SMs:
+/// 128, or 64 when 128-class tiles (with row splits) would keep fewer than a quarter
+/// of the SMs busy (usable without a device).
+pub fn backward_cols_for(shape: HeadShape, sm_count: usize) -> usize {
+    let g = bwd_groups(shape, sm_count, BWD_BN);
+    let busy = g * bwd_row_splits(shape, sm_count, g);
+    if 4 * busy < sm_count.max(1) {
+        BWD_BN_SMALL
+    } else {
+        BWD_BN
+    }
+}
+
+/// The fused backward's default grid (G, S) at `shape` on a GPU with `sm_count` SMs,
+/// with the class tile of [`backward_cols_for`] (what the dispatcher picks without
+/// tuning overrides; usable without a device).
+pub fn backward_grid_for(shape: HeadShape, sm_count: usize) -> (usize, usize) {
+    let g = bwd_groups(shape, sm_count, backward_cols_for(shape, sm_count));
+    (g, bwd_row_splits(shape, sm_count, g))
+}
+
+/// Scratch bytes of `path` at `shape` on a GPU with `sm_count` SMs (what
+/// [`HeadOn::workspace`] reports; usable without a device).
+pub fn workspace_for(
+    path: HeadPath,
+    shape: HeadShape,
+    dtype: DType,
+    grad: GradDtype,
+    sm_count: usize,
+) -> Workspace {
+    let (g, s) = backward_grid_for(shape, sm_count);
+    let plan = Plan {
+        fwd_cols: forward_tile_for(shape, sm_count).1,
+        bwd_cols: backward_cols_for(shape, sm_count),
+        g,
+        s,
+    };
+    workspace_with_groups(path, shape, dtype, grad, plan)
+}
+
+/// The fused path's launch choices that size its scratch.
+pub(super) struct Plan {
+    /// Classes per forward tile.
+    pub(super) fwd_cols: usize,
+    /// Classes per backward tile.
+    pub(super) bwd_cols: usize,
+    /// Backward CTAs per row split.
+    pub(super) g: usize,
+    /// Backward row splits.
+    pub(super) s: usize,
+}
+
+/// [`workspace_for`] with the fused path's launch choices given.
+pub(super) fn workspace_with_groups(
+    path: HeadPath,
+    shape: HeadShape,
+    dtype: DType,
+    grad: GradDtype,
+    plan: Plan,
+) -> Workspace {
+    let Plan { fwd_cols, bwd_cols, g, s: splits } = plan;
+    let HeadShape { b, c, d } = shape;
+    let f = 4;
+    match path {
+        HeadPath::Reference => Workspace {
+            // xh, wh, inverse norms, cos, labels, dt
+            forward: (b * d + c * d + b + c + b * c + 2 * b) * f,
+            // xh, wh, inverse norms, cos, dc, dxh, dwh, labels
+            backward: (2 * b * d + 2 * c * d + b + c + 2 * b * c + b) * f,
+        },
+        HeadPath::Fused => {
+            let n_ct = c.div_ceil(fwd_cols);
+            // Row splits keep S partial dW sums; otherwise a 16-bit dW accumulates one class
+            // tile per CTA in f32 scratch, an f32 dW in place.
+            let dwacc = if splits > 1 {
+                splits * c * d
+            } else if grad == GradDtype::F32 || dtype == DType::F32 {
+                0
+            } else {
+                g * bwd_cols * d
+            };
+            Workspace {
+                // norms and inverse norms, partials, labels, dt
+                forward: (2 * b + 2 * c + 3 * n_ct * b + 2 * b) * f,
+                // norms and inverse norms, dx partials, dW accumulators, labels
+                backward: (2 * b + 2 * c + g * b * d + dwacc + b) * f,
+            }
+        }
+    }
+}
+
+/// Overrides of the fused path's dispatcher, so tests and benches can sweep every
+/// configuration it may pick. The defaults are what the dispatcher chooses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FusedTuning {
+    /// Backward CTA count G (clamped to [1, number of class tiles]); `None`: one per
+    /// class tile up to one per SM, fewer when the dx partials would pass 512 MiB.
+    pub backward_ctas: Option<usize>,
+    /// Backward class tile, 64 or 128 (other values are ignored); `None`: see
+    /// [`backward_cols_for`].
+    pub backward_cols: Option<usize>,
+    /// Backward row splits S (clamped to [1, number of row tiles of 64]); `None`: 1
+    /// unless G leaves more than half the SMs idle, then enough to fill them (dW
+    /// partials within 256 MiB).
+    pub row_splits: Option<usize>,
+    /// Forward tile (rows, classes), one of [`FORWARD_TILES`] (other values are
+    /// ignored); `None`: see [`forward_tile_for`].
+    pub forward_tile: Option<(usize, usize)>,
+    /// Use the element-load kernels even when D allows 16-byte cp.async.
+    pub scalar_loads: bool,
+}
+
+/// Threads per block of every head kernel.
+pub const THREADS: u32 = 256;
+/// Rows per block of the one-warp-per-row kernels (8 warps of 256 threads).
+const WARP_ROWS: usize = 8;
+
+/// The kernel argument block of `cfg` at `shape` with Philox (seed, step).
+pub fn head_params(cfg: &HeadConfig, shape: HeadShape, seed: u64, step: u64) -> HeadParams {
+    HeadParams {
+        s: cfg.s,
+        m1: cfg.m1,
+        m2: cfg.m2,
+        m3: cfg.m3,
+        ls: cfg.label_smoothing,
+        ls_over_c: cfg.label_smoothing / shape.c as f32,
+        cloud: match cfg.cloud {
+            CloudMode::Off => 0,
+            CloudMode::Symmetric => 1,
+            CloudMode::OneSided => 2,
+        },
+        fallback: match cfg.fallback {
+            Fallback::Linear => 0,
+            Fallback::Clamp => 1,
+        },
+        margin_grad: match cfg.margin_grad {
+            MarginGrad::Exact => 0,
+            MarginGrad::StraightThrough => 1,
+        },
+        seed,
+        step,
+        ..HeadParams::default()
+    }
+}
+
+/// The entry point of `dtype` among the three variants of one kernel.
+pub fn dtype_kernel(dtype: DType, f32k: Kernel, bf16k: Kernel, f16k: Kernel) -> Kernel {
+    match dtype {
+        DType::F32 => f32k,
+        DType::BF16 => bf16k,
+        DType::F16 => f16k,
+    }
+}
+
+fn warp_rows(rows: usize) -> usize {
+    rows.div_ceil(WARP_ROWS)
+}
+
+/// `ref_normalize_fwd_*`: xh = v / |v| in f32 and the inverse norms (one warp per row).
+pub fn ref_normalize(dtype: DType, rows: usize, d: usize, mut a: RefNormalizeArgs) -> Launch {
+    a.rows = rows as i32;
+    a.d = d as i32;
+    let k =
+        dtype_kernel(dtype, kr::REF_NORMALIZE_FWD_F32, kr::REF_NORMALIZE_FWD_BF16, kr::REF_NORMALIZE_FWD_F16);
+    Launch::linear(k, warp_rows(rows), THREADS, &a)
+}
+
+/// `ref_margin_fwd_*`: the target logit per row (one thread per row).
+pub fn ref_margin(dtype: DType, shape: HeadShape, mut a: RefMarginArgs) -> Launch {
+    a.b = shape.b as i32;
+    a.d = shape.d as i32;
+    let k = dtype_kernel(dtype, kr::REF_MARGIN_FWD_F32, kr::REF_MARGIN_FWD_BF16, kr::REF_MARGIN_FWD_F16);
+    Launch::linear(k, shape.b.div_ceil(THREADS as usize), THREADS, &a)
+}
+
+/// `ref_softmax_fwd_f32`: lse and loss per row (one block per row of the B x C cosines).
+pub fn ref_softmax(shape: HeadShape, mut a: RefSoftmaxArgs) -> Launch {
+    a.c = shape.c as i32;
+    Launch::linear(kr::REF_SOFTMAX_FWD_F32, shape.b, THREADS, &a)
+}
+
+/// `ref_grad_bwd_f32`: dc [B, C] (grid: class blocks x rows).
+pub fn ref_grad(shape: HeadShape, mut a: RefGradArgs) -> Launch {
+    a.c = shape.c as i32;
+    let grid = [shape.c.div_ceil(THREADS as usize) as u32, shape.b as u32, 1];
+    Launch::new(kr::REF_GRAD_BWD_F32, grid, [THREADS, 1, 1], 0, &a)
+}
+
+/// `head_reduce_fwd_f32`: total = scale * sum of the B row losses (one block).
+pub fn head_reduce(b: usize, mut a: HeadReduceArgs) -> Launch {
+    a.b = b as i32;
+    Launch::linear(kr::HEAD_REDUCE_FWD_F32, 1, THREADS, &a)
+}
+
+/// `head_normback_*`: out = (g - u (u . g)) * inv with g the sum of `nparts` partials
+/// (one warp per row); `out_f32` picks the f32-output variant for 16-bit storage.
+pub fn normback(
+    dtype: DType,
+    out_f32: bool,
+    rows: usize,
+    d: usize,
+    nparts: usize,
+    mut a: NormbackArgs,
+) -> Launch {
+    a.nparts = nparts as i32;
+    a.part_stride = (rows * d) as i64;
+    a.rows = rows as i32;
+    a.d = d as i32;
+    let k = match (dtype, out_f32) {
+        (DType::F32, _) => kr::HEAD_NORMBACK_BWD_F32,
+        (DType::BF16, false) => kr::HEAD_NORMBACK_BWD_BF16,
+        (DType::F16, false) => kr::HEAD_NORMBACK_BWD_F16,
+        (DType::BF16, true) => kr::HEAD_NORMBACK32_BWD_BF16,
+        (DType::F16, true) => kr::HEAD_NORMBACK32_BWD_F16,
+    };
+    Launch::linear(k, warp_rows(rows), THREADS, &a)
+}
+
+/// Whether `fused_*` (16-byte cp.async) can run at D, else `fused_scalar_*`.
+pub fn fused_vectorized(dtype: DType, d: usize) -> bool {
+    d % (16 / dtype.size()) == 0
+}
+
+/// `fused_*fwd_*`: (max, sumexp, sum z) partials per (row, class tile) and the target
+/// logit per row; grid = class tiles x row tiles of `tile` (rows, classes). `vec`: the
+/// cp.async kernels (D a chunk multiple and 16-byte aligned bases).
+pub fn fused_fwd(
+    dtype: DType,
+    shape: HeadShape,
+    tile: (usize, usize),
+    vec: bool,
+    mut a: FusedFwdArgs,
+) -> Result<Launch> {
+    use kf::*;
+    let k = match (tile, vec) {
+        ((128, 128), true) => dtype_kernel(dtype, FUSED_FWD_F32, FUSED_FWD_BF16, FUSED_FWD_F16),
+        ((128, 128), false) => {
+            dtype_kernel(dtype, FUSED_SCALAR_FWD_F32, FUSED_SCALAR_FWD_BF16, FUSED_SCALAR_FWD_F16)
+        }
+        ((64, 128), true) => {
+            dtype_kernel(dtype, FUSED_ROWS64_FWD_F32, FUSED_ROWS64_FWD_BF16, FUSED_ROWS64_FWD_F16)
+        }
+        ((64, 128), false) => dtype_kernel(
+            dtype,
+            FUSED_ROWS64_SCALAR_FWD_F32,
+            FUSED_ROWS64_SCALAR_FWD_BF16,
+            FUSED_ROWS64_SCALAR_FWD_F16,
+        ),
+        ((64, 64), true) => {
+            dtype_kernel(dtype, FUSED_TILE64_FWD_F32, FUSED_TILE64_FWD_BF16, FUSED_TILE64_FWD_F16)
+        }
+        ((64, 64), false) => dtype_kernel(
+            dtype,
+            FUSED_TILE64_SCALAR_FWD_F32,
+            FUSED_TILE64_SCALAR_FWD_BF16,
+            FUSED_TILE64_SCALAR_FWD_F16,
+        ),
+        ((rows, cols), _) => {
+            return Err(Error::InvalidConfig(format!("no fused forward kernel for a {rows} x {cols} tile")))
+        }
+    };
+    a.b = shape.b as i32;
+    a.c = shape.c as i32;
+    a.d = shape.d as i32;
+    let grid = [shape.c.div_ceil(tile.1) as u32, shape.b.div_ceil(tile.0) as u32, 1];
+    Ok(Launch::new(k, grid, [THREADS, 1, 1], 0, &a))
+}
+
+/// `fused_combine_fwd_f32`: merges the `n_ct` class-tile partials of each row (one warp
+/// per row) and writes every per-row output, ignored rows included.
+pub fn fused_combine(b: usize, n_ct: usize, mut a: FusedCombineArgs) -> Launch {
+    a.n_ct = n_ct as i32;
+    a.b = b as i32;
+    Launch::linear(kf::FUSED_COMBINE_FWD_F32, warp_rows(b), THREADS, &a)
+}
+
+/// `fused_*bwd_*`: dx partials per CTA and dW (or its partials) over the grid
+/// G x S = (`groups`, `splits`) with class tiles of `cols`.
+pub fn fused_bwd(
+    dtype: DType,
+    shape: HeadShape,
+    (cols, groups, splits): (usize, usize, usize),
+    vec: bool,
+    mut a: FusedBwdArgs,
+) -> Result<Launch> {
+    use kf::*;
+    let k = match (cols, vec) {
+        (BWD_BN, true) => dtype_kernel(dtype, FUSED_BWD_F32, FUSED_BWD_BF16, FUSED_BWD_F16),
+        (BWD_BN, false) => {
+            dtype_kernel(dtype, FUSED_SCALAR_BWD_F32, FUSED_SCALAR_BWD_BF16, FUSED_SCALAR_BWD_F16)
+        }
+        (BWD_BN_SMALL, true) => {
+            dtype_kernel(dtype, FUSED_COLS64_BWD_F32, FUSED_COLS64_BWD_BF16, FUSED_COLS64_BWD_F16)
+        }
+        (BWD_BN_SMALL, false) => dtype_kernel(
+            dtype,
+            FUSED_COLS64_SCALAR_BWD_F32,
+            FUSED_COLS64_SCALAR_BWD_BF16,
+            FUSED_COLS64_SCALAR_BWD_F16,
+        ),
+        _ => return Err(Error::InvalidConfig(format!("no fused backward kernel for {cols}-class tiles"))),
+    };
+    a.b = shape.b as i32;
+    a.c = shape.c as i32;
+    a.d = shape.d as i32;
+    let grid = [groups as u32, splits as u32, 1];
+    Ok(Launch::new(k, grid, [THREADS, 1, 1], bwd_smem_bytes(dtype, cols), &a))
+}

@@ -1,0 +1,192 @@
+//! The reference path (`kernels/head_ref.cu` + cuBLAS): normalized f32 copies of x
+//! and W, the B x C cosine matrix from one SGEMM, per-row margin and softmax
+//! kernels, and for the backward the B x C logit gradient and two more SGEMMs.
+//! Simple on purpose: the baseline of the benchmarks and a second oracle on the
+//! device.
+
+use super::plan::{self, head_reduce};
+use super::scratch::{Scratch, Slot};
+use super::{ForwardLaunched, GradDtype, GradTensor, Grads, HeadForward, Inputs, Upstream};
+use crate::check::HeadShape;
+use crate::cuda::args::{
+    HeadParams, HeadReduceArgs, NormbackArgs, RefGradArgs, RefMarginArgs, RefNormalizeArgs, RefSoftmaxArgs,
+};
+use crate::cuda::gemm_plan::head_gemms;
+use crate::cuda::{Device, DeviceElem, Tensor};
+use crate::error::Result;
+
+/// xh = v / max(||v||, eps) in f32 `[rows, d]`, and the inverse norms `[rows]`.
+fn normalize<T: DeviceElem>(dev: &Device, v: &Tensor<T>) -> Result<(Tensor<f32>, Tensor<f32>)> {
+    let (rows, d) = (v.shape()[0], v.shape()[1]);
+    // SAFETY (both): ref_normalize writes every element (one warp per row, every column).
+    let vh = unsafe { Tensor::<f32>::uninit(dev, &[rows, d]) }?;
+    let inv = unsafe { Tensor::<f32>::uninit(dev, &[rows]) }?;
+    let l = plan::ref_normalize(
+        T::DTYPE,
+        rows,
+        d,
+        RefNormalizeArgs { x: v.ptr(), xh: vh.ptr(), inv: inv.ptr(), ..Default::default() },
+    );
+    // SAFETY: v holds rows*d T, vh rows*d f32, inv rows f32 (distinct allocations); one warp
+    // per row covers every row once.
+    unsafe { dev.launch(&l) }?;
+    Ok((vh, inv))
+}
+
+/// The reference forward: every per-row output and the reduced loss (on the device).
+pub(super) fn forward<T: DeviceElem>(
+    dev: &Device,
+    inp: &Inputs<'_, T>,
+    sigma: &Tensor<f32>,
+    p: HeadParams,
+    n_valid: usize,
+    scale: f32,
+    scratch: &mut Scratch,
+) -> Result<ForwardLaunched> {
+    let shape = inp.shape;
+    let b = shape.b;
+    let z = |n: usize| Tensor::<f32>::zeros(dev, &[n]);
+    let out = HeadForward {
+        loss: 0.0,
+        n_valid,
+        row_loss: z(b)?,
+        lse: z(b)?,
+        c_iy: z(b)?,
+        t: z(b)?,
+        alpha: z(b)?,
+        dt: z(b)?,
+        shape,
+    };
+    let (xh, _inv_x) = normalize(dev, inp.x)?;
+    let (wh, _inv_w) = normalize(dev, inp.w)?;
+    let cos = cos_gemm(dev, &xh, &wh, shape)?;
+    let margin = plan::ref_margin(
+        T::DTYPE,
+        shape,
+        RefMarginArgs {
+            x: inp.x.ptr(),
+            w: inp.w.ptr(),
+            labels: inp.labels.ptr(),
+            sigma: sigma.ptr(),
+            p,
+            c_iy: out.c_iy.ptr(),
+            t: out.t.ptr(),
+            alpha: out.alpha.ptr(),
+            dt: out.dt.ptr(),
+            ..Default::default()
+        },
+    );
+    let softmax = plan::ref_softmax(
+        shape,
+        RefSoftmaxArgs {
+            cos: cos.ptr(),
+            labels: inp.labels.ptr(),
+            t: out.t.ptr(),
+            p,
+            lse: out.lse.ptr(),
+            loss: out.row_loss.ptr(),
+            ..Default::default()
+        },
+    );
+    // head_reduce_fwd_f32 always writes its one output element.
+    let total = scratch.take(dev, Slot::Total, &[1])?;
+    let reduce = head_reduce(
+        b,
+        HeadReduceArgs { loss_rows: out.row_loss.ptr(), out: total.ptr(), scale, ..Default::default() },
+    );
+    // SAFETY: x is [B, D], w [C, D]; labels, c_iy, t, alpha, dt, lse, loss hold B entries
+    // and sigma C whenever the cloud is on (HeadOn::check); labels are < C; cos is [B, C];
+    // every output is a distinct allocation; one thread per row (margin), one block per
+    // row (softmax), one block (reduce).
+    unsafe { dev.run(&[margin, softmax, reduce]) }?;
+    Ok(ForwardLaunched { out, total, inv: None })
+}
+
+/// cos [B, C] = xh [B, D] . wh [C, D]^T (cuBLAS SGEMM).
+fn cos_gemm(dev: &Device, xh: &Tensor<f32>, wh: &Tensor<f32>, shape: HeadShape) -> Result<Tensor<f32>> {
+    // SAFETY: beta = 0: cuBLAS writes every element of C without reading it.
+    let mut cos = unsafe { Tensor::<f32>::uninit(dev, &[shape.b, shape.c]) }?;
+    dev.gemm(&head_gemms(shape)[0], wh, xh, &mut cos, 1.0, 0.0, "reference cos GEMM")?;
+    Ok(cos)
+}
+
+/// The reference backward: dc [B, C], then dxh = dc wh and dwh = dc^T xh (SGEMM), then
+/// the normalization backward of each.
+pub(super) fn backward<T: DeviceElem>(
+    dev: &Device,
+    inp: &Inputs<'_, T>,
+    fwd: &HeadForward,
+    up: Upstream<'_>,
+    p: HeadParams,
+    grad_dtype: GradDtype,
+) -> Result<Grads<T>> {
+    let shape = inp.shape;
+    let HeadShape { b, c, d } = shape;
+    let (xh, inv_x) = normalize(dev, inp.x)?;
+    let (wh, inv_w) = normalize(dev, inp.w)?;
+    let cos = cos_gemm(dev, &xh, &wh, shape)?;
+    // SAFETY: ref_grad_bwd_f32 writes every (i, j) of dc (grid covers C x B, bounds-checked).
+    let dc = unsafe { Tensor::<f32>::uninit(dev, &[b * c]) }?;
+    let grad = plan::ref_grad(
+        shape,
+        RefGradArgs {
+            cos: cos.ptr(),
+            labels: inp.labels.ptr(),
+            t: fwd.t.ptr(),
+            dt: fwd.dt.ptr(),
+            lse: fwd.lse.ptr(),
+            row_g: up.row_g.map_or(crate::cuda::DevPtr::NULL, |g| g.ptr()),
+            g_scale: up.g_scale,
+            p,
+            dc: dc.ptr(),
+            ..Default::default()
+        },
+    );
+    // SAFETY: cos and dc are [B, C] (B <= 65535 checked: grid.y), labels, t, dt, lse and
+    // row_g (or null) hold B entries; dc is a fresh allocation.
+    unsafe { dev.launch(&grad) }?;
+    drop(cos);
+    let [_, dx_plan, dw_plan] = head_gemms(shape);
+    // SAFETY (both): beta = 0, cuBLAS writes every element.
+    let mut dxh = unsafe { Tensor::<f32>::uninit(dev, &[b * d]) }?;
+    let mut dwh = unsafe { Tensor::<f32>::uninit(dev, &[c * d]) }?;
+    dev.gemm(&dx_plan, &wh, &dc, &mut dxh, 1.0, 0.0, "reference dx GEMM")?;
+    dev.gemm(&dw_plan, &xh, &dc, &mut dwh, 1.0, 0.0, "reference dW GEMM")?;
+    let dx = normback(dev, &dxh, 1, inp.x, &inv_x, grad_dtype, b, d)?;
+    let dw = normback(dev, &dwh, 1, inp.w, &inv_w, grad_dtype, c, d)?;
+    Ok(Grads { dx, dw })
+}
+
+/// out = (g - u (u . g)) * inv with g the sum of `nparts` f32 partials `[nparts, rows, d]`
+/// of the gradient of the normalized rows of `v`; in f32 or the storage dtype.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn normback<T: DeviceElem>(
+    dev: &Device,
+    parts: &Tensor<f32>,
+    nparts: usize,
+    v: &Tensor<T>,
+    inv: &Tensor<f32>,
+    grad_dtype: GradDtype,
+    rows: usize,
+    d: usize,
+) -> Result<GradTensor<T>> {
+    let out_f32 = grad_dtype == GradDtype::F32 || T::DTYPE == crate::config::DType::F32;
+    let out = if out_f32 {
+        // SAFETY: the kernel writes every element (one warp per row, every column).
+        GradTensor::F32(unsafe { Tensor::<f32>::uninit(dev, &[rows, d]) }?)
+    } else {
+        // SAFETY: as above.
+        GradTensor::Input(unsafe { Tensor::<T>::uninit(dev, &[rows, d]) }?)
+    };
+    let out_ptr = match &out {
+        GradTensor::F32(t) => t.ptr(),
+        GradTensor::Input(t) => t.ptr(),
+    };
+    let args =
+        NormbackArgs { parts: parts.ptr(), x: v.ptr(), inv: inv.ptr(), out: out_ptr, ..Default::default() };
+    let l = plan::normback(T::DTYPE, out_f32, rows, d, nparts, args);
+    // SAFETY: parts holds nparts*rows*d f32, v rows*d T, inv rows f32, out rows*d in the
+    // kernel's output dtype (the kernel is picked by T and out_f32 together); distinct buffers.
+    unsafe { dev.launch(&l) }?;
+    Ok(out)
+}

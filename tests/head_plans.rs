@@ -1,0 +1,132 @@
+//! The head's planning functions on the host (no device): which kernel, grid, block,
+//! shared memory and argument struct each launch gets; and the host overhead of a
+//! call, counted on the device (launches, allocations, copies, synchronizations).
+
+use featcloud::check::HeadShape;
+use featcloud::config::{DType, HeadConfig};
+use featcloud::cuda::args::{FusedBwdArgs, FusedFwdArgs, NormbackArgs, RefGradArgs};
+use featcloud::cuda::head::plan::{self, head_params, FORWARD_TILES, THREADS};
+use featcloud::cuda::head::{CudaHead, FusedTuning, GradDtype, HeadPath, HeadUpstream};
+use featcloud::cuda::{test_device, CounterSnapshot, DevPtr, Tensor};
+
+const SHAPE: HeadShape = HeadShape { b: 130, c: 300, d: 72 };
+
+#[test]
+fn fused_forward_grid_covers_every_class_and_row_tile() {
+    let a = FusedFwdArgs { x: DevPtr(0x1000), w: DevPtr(0x2000), ..Default::default() };
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for tile in FORWARD_TILES {
+            for vec in [true, false] {
+                let l = plan::fused_fwd(dtype, SHAPE, tile, vec, a).unwrap();
+                assert_eq!(l.grid, [SHAPE.c.div_ceil(tile.1) as u32, SHAPE.b.div_ceil(tile.0) as u32, 1]);
+                assert_eq!(l.block, [THREADS, 1, 1]);
+                let name = l.kernel.name;
+                assert!(name.ends_with(dtype.name()), "{name} for {dtype:?}");
+                assert_eq!(name.contains("scalar"), !vec, "{name}");
+                let tag = match tile {
+                    (128, 128) => "fused_",
+                    (64, 128) => "fused_rows64_",
+                    _ => "fused_tile64_",
+                };
+                assert!(name.starts_with(tag), "{name} for {tile:?}");
+                let got = l.args_as::<FusedFwdArgs>().unwrap();
+                assert_eq!((got.b, got.c, got.d), (130, 300, 72), "the plan fills the shape");
+                assert_eq!((got.x, got.w), (a.x, a.w), "pointers pass through unchanged");
+            }
+        }
+        assert!(plan::fused_fwd(dtype, SHAPE, (32, 32), true, a).is_err());
+    }
+}
+
+#[test]
+fn fused_backward_grid_smem_and_dw_destination() {
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for (cols, g, s) in [(128, 3, 1), (64, 5, 2)] {
+            let a = FusedBwdArgs { dwp: DevPtr(if s > 1 { 0x10 } else { 0 }), ..Default::default() };
+            let l = plan::fused_bwd(dtype, SHAPE, (cols, g, s), true, a).unwrap();
+            assert_eq!(l.grid, [g as u32, s as u32, 1]);
+            assert_eq!(l.kernel.name.contains("cols64"), cols == 64);
+            // The dynamic shared memory the kernel was written for (the .cu asserts it).
+            let want = match (dtype, cols) {
+                (DType::F32, 128) => 98_304,
+                (_, 128) => 65_536,
+                (DType::F32, _) => 88_064,
+                _ => 55_296,
+            };
+            assert_eq!(l.smem, want);
+        }
+        assert!(plan::fused_bwd(dtype, SHAPE, (96, 1, 1), true, FusedBwdArgs::default()).is_err());
+    }
+}
+
+#[test]
+fn one_warp_per_row_kernels_cover_every_row() {
+    for rows in [1usize, 8, 9, 130] {
+        let l = plan::normback(DType::BF16, true, rows, 40, 3, NormbackArgs::default());
+        assert_eq!(l.grid[0] as usize * 8, rows.div_ceil(8) * 8);
+        assert!(l.kernel.name.starts_with("head_normback32"), "f32 output of bf16 storage");
+        let a = l.args_as::<NormbackArgs>().unwrap();
+        assert_eq!((a.nparts, a.part_stride, a.rows, a.d), (3, (rows * 40) as i64, rows as i32, 40));
+    }
+    let l = plan::ref_grad(SHAPE, RefGradArgs::default());
+    assert_eq!(l.grid, [SHAPE.c.div_ceil(256) as u32, SHAPE.b as u32, 1]);
+}
+
+#[test]
+fn head_params_carry_every_option() {
+    let cfg = HeadConfig { label_smoothing: 0.2, ..HeadConfig::combined() };
+    let p = head_params(&cfg, SHAPE, 9, 4);
+    assert_eq!((p.s, p.m1, p.m2, p.m3), (cfg.s, cfg.m1, cfg.m2, cfg.m3));
+    assert_eq!(p.ls_over_c, 0.2 / 300.0);
+    assert_eq!((p.seed, p.step), (9, 4));
+}
+
+/// One fused forward+backward's device operations.
+fn fused_step(
+    head: &CudaHead,
+    x: &Tensor<half::bf16>,
+    w: &Tensor<half::bf16>,
+    labels: &[i32],
+    sigma: &Tensor<f32>,
+) -> CounterSnapshot {
+    let dev = head.device();
+    let before = dev.counters();
+    let (fwd, grads) = head
+        .forward_backward(x, w, labels, sigma, 1, 2, HeadUpstream::Scalar(1.0), GradDtype::Input)
+        .unwrap();
+    let used = dev.counters() - before;
+    assert!(fwd.loss.is_finite());
+    drop(grads);
+    used
+}
+
+#[test]
+fn a_fused_step_is_seven_launches_one_upload_one_readback_and_allocates_only_its_outputs() {
+    let Some(dev) = test_device() else { return };
+    let (b, c, d) = (140usize, 300usize, 32usize); // 3 row tiles of 64: S = 2 is allowed
+    let x = Tensor::<half::bf16>::from_f32(&dev, &vec![0.1; b * d], &[b, d]).unwrap();
+    let w = Tensor::<half::bf16>::from_f32(
+        &dev,
+        &(0..c * d).map(|i| (i % 7) as f32 - 3.0).collect::<Vec<_>>(),
+        &[c, d],
+    )
+    .unwrap();
+    let sigma = Tensor::<f32>::zeros(&dev, &[c]).unwrap();
+    let labels: Vec<i32> = (0..b as i32).map(|i| i * 7 % c as i32).collect();
+    for splits in [1usize, 2] {
+        let tuning = FusedTuning { row_splits: Some(splits), ..FusedTuning::default() };
+        let head =
+            CudaHead::new(dev.clone(), HeadConfig::arcface(), HeadPath::Fused).unwrap().with_tuning(tuning);
+        let first = fused_step(&head, &x, &w, &labels, &sigma);
+        let second = fused_step(&head, &x, &w, &labels, &sigma);
+        // Row norms of x and W, tiles, combine, reduce; backward tiles, dx normback, and
+        // with row splits the dW normback.
+        let launches = 7 + u64::from(splits > 1);
+        // Outputs: loss, lse, c_iy, t, alpha, dt per row; dx; dW.
+        let outputs = 8;
+        let want = CounterSnapshot { launches, allocations: outputs, htod: 1, dtoh: 1, syncs: 0, gemms: 0 };
+        assert_eq!(second, want, "S = {splits}: a second call of the same shape");
+        assert_eq!(first.launches, launches);
+        assert!(first.allocations > outputs, "the first call allocates the scratch too");
+    }
+}
