@@ -8,7 +8,8 @@
 //! a fixed feature cloud after a short warm-up, as LEAP's statistics would give.
 //!
 //! `cargo run --release --example custom_trainer`. On a machine without a GPU
-//! it says so and exits with status 0.
+//! it says so and exits with status 0. With `FEATCLOUD_DEVICE=emu` (and the `emu`
+//! feature) the same code runs on the CPU-emulated device, as `scripts/test.sh` does.
 
 use featcloud::cuda::head::{CudaHead, GradDtype, HeadPath, HeadUpstream};
 use featcloud::cuda::{Device, Tensor};
@@ -38,14 +39,14 @@ fn encode(enc: &[f32], inputs: &[f32], n: usize) -> Vec<f32> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let dev = match Device::new(0) {
+    let dev = match Device::from_env(0) {
         Ok(d) => d,
         Err(e) => {
             println!("custom_trainer needs a CUDA GPU and none is usable here ({e}); nothing to do.");
             return Ok(());
         }
     };
-    if !featcloud::cuda::kernels::KERNELS_BUILT {
+    if !featcloud::cuda::kernels::KERNELS_BUILT && !dev.is_emulated() {
         println!("featcloud was built without its CUDA kernels (no NVRTC at build time); nothing to do.");
         return Ok(());
     }
@@ -72,6 +73,7 @@ fn main() -> anyhow::Result<()> {
     let head = CudaHead::new(dev.clone(), cfg, HeadPath::Fused)?;
     let tail_sigma: Vec<f32> = (0..C).map(|k| if k >= 6 { 0.1 } else { 0.0 }).collect();
 
+    let mut losses = Vec::new();
     for step in 0..STEPS {
         // A batch: sample indices, encode on the host.
         let idx: Vec<usize> = (0..BATCH).map(|_| rng.random_range(0..n)).collect();
@@ -108,9 +110,18 @@ fn main() -> anyhow::Result<()> {
                 enc[k * D + j] -= LR * g;
             }
         }
+        losses.push(fwd.loss);
         if step % 20 == 0 || step + 1 == STEPS {
             println!("step {step:4}  loss {:.4}  ({} rows)", fwd.loss, fwd.n_valid);
         }
+    }
+
+    // The loop must have learned something: the last 20 steps' mean loss below the first 20's.
+    let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+    let (first, last) = (mean(&losses[..20]), mean(&losses[losses.len() - 20..]));
+    println!("mean loss: first 20 steps {first:.4}, last 20 {last:.4}");
+    if last.partial_cmp(&first) != Some(std::cmp::Ordering::Less) {
+        anyhow::bail!("the loss did not decrease ({first} -> {last})");
     }
 
     // Accuracy per class by cosine nearest class weight.

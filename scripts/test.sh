@@ -16,5 +16,9 @@ export FEATCLOUD_DEVICE_LOG="${FEATCLOUD_DEVICE_LOG:-$PWD/target/device-tests.lo
 mkdir -p "$(dirname "$FEATCLOUD_DEVICE_LOG")"
 : > "$FEATCLOUD_DEVICE_LOG"
 cargo test --release --features emu "$@"
+# The example (a user's own training loop on the CUDA head) on the same device; it
+# fails when its loss does not decrease.
+cargo run --quiet --release --features emu --example custom_trainer > target/custom_trainer.log
+grep "mean loss" target/custom_trainer.log
 n=$(sort -u "$FEATCLOUD_DEVICE_LOG" | grep -c . || true)
 echo "device tests executed on FEATCLOUD_DEVICE=$FEATCLOUD_DEVICE (not skipped): $n"

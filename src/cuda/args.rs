@@ -506,13 +506,13 @@ unsafe impl KernelArgs for RefGradArgs {}
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct NormbackArgs {
-    /// `[nparts, rows, d]` f32 in/out: parts[0] receives the sum of the parts.
+    /// `[nparts, rows, d]` f32 in/out: `parts[0]` receives the sum of the parts.
     pub parts: DevPtr,
     /// `[rows, d]` T in.
     pub x: DevPtr,
     /// `[rows]` f32 in.
     pub inv: DevPtr,
-    /// `[rows, d]` out (T or f32); may be null only for an f32 output: result over parts[0].
+    /// `[rows, d]` out (T or f32); may be null only for an f32 output: result over `parts[0]`.
     pub out: DevPtr,
     /// Elements between parts (>= rows * d).
     pub part_stride: i64,

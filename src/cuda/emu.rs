@@ -17,7 +17,7 @@
 //! - blocks run one at a time in a chosen order (ascending, descending or seeded
 //!   random; see [`EmuOrder`]), so tests can require bitwise-equal results in
 //!   every order;
-//! - cuBLAS is replaced by [`gemm`]: `cublasGemmEx`'s column-major semantics on
+//! - cuBLAS is replaced by a host `gemm`: `cublasGemmEx`'s column-major semantics on
 //!   the host, f32 accumulation in a fixed order.
 //!
 //! What it cannot show (only a GPU can): inter-block concurrency and memory

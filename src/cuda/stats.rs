@@ -369,7 +369,6 @@ impl ClassStats {
                 c: self.c as i32,
                 adaptive,
                 warm,
-                ..Default::default()
             },
         );
         // SAFETY: mu, v, initialized, counts hold C entries; reduce block b reads classes

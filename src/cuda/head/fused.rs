@@ -64,6 +64,7 @@ fn inv_norms<T: DeviceElem>(
     Ok(inv)
 }
 
+#[allow(clippy::too_many_arguments)]
 /// The fused forward: every per-row output and the reduced loss (on the device), and
 /// the inverse norms for a backward of the same inputs.
 pub(super) fn forward<T: DeviceElem>(

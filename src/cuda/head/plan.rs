@@ -3,7 +3,7 @@
 //! function per kernel that turns shape + options + those choices into a
 //! [`Launch`] (kernel constant, grid, block, shared memory, argument struct).
 //! Nothing here touches a device: `tests/head_plans.rs` checks the launches on the
-//! host, and [`super::reference`] and [`super::fused`] execute them.
+//! host, and the reference and fused paths (`head/reference.rs`, `head/fused.rs`) execute them.
 
 use super::{GradDtype, HeadPath, Workspace};
 use crate::check::HeadShape;
@@ -99,7 +99,7 @@ pub fn backward_grid_for(shape: HeadShape, sm_count: usize) -> (usize, usize) {
 }
 
 /// Scratch bytes of `path` at `shape` on a GPU with `sm_count` SMs (what
-/// [`HeadOn::workspace`] reports; usable without a device).
+/// [`super::HeadOn::workspace`] reports; usable without a device).
 pub fn workspace_for(
     path: HeadPath,
     shape: HeadShape,
