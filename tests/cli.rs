@@ -299,6 +299,7 @@ fn smoke_and_cuda_training_run_on_the_emulated_device() {
         eprintln!("SKIP: built without the `emu` feature");
         return;
     }
+    let _logged = featcloud::cuda::test_emulated_device(132); // counted as a device test
     let dir = tempfile::tempdir().unwrap();
     // Every kernel against the oracle through the real host code: all lines pass but the
     // documented known defects (verify::known_defect), which must still be reported.

@@ -67,7 +67,9 @@ fn emulated_with(sm_count: i32) -> Option<Arc<Device>> {
         eprintln!("SKIP emulated_kernels: {} (run with `--features emu`)", emu::NOT_BUILT);
         return None;
     }
-    Some(Device::emulated(sm_count).expect("opening the emulated device"))
+    let dev = featcloud::cuda::test_emulated_device(sm_count);
+    assert!(dev.is_some(), "the emulated device opens when the emu feature is built");
+    dev
 }
 
 /// Runs `$body` with `$T` the storage type of `$dt`.

@@ -30,7 +30,9 @@ fn emulated() -> Option<Arc<Device>> {
         eprintln!("SKIP: built without the `emu` feature");
         return None;
     }
-    Some(Device::emulated(132).expect("the emulated device opens"))
+    let dev = featcloud::cuda::test_emulated_device(132);
+    assert!(dev.is_some(), "the emulated device opens when the emu feature is built");
+    dev
 }
 
 /// Runs one launch; the message of the error it gave, if any.

@@ -124,7 +124,16 @@ fn a_fused_step_is_seven_launches_one_upload_one_readback_and_allocates_only_its
         let launches = 7 + u64::from(splits > 1);
         // Outputs: loss, lse, c_iy, t, alpha, dt per row; dx; dW.
         let outputs = 8;
-        let want = CounterSnapshot { launches, allocations: outputs, htod: 1, dtoh: 1, syncs: 0, gemms: 0 };
+        // The labels: one copy, from pinned memory; the loss: one readback; no sync.
+        let want = CounterSnapshot {
+            launches,
+            allocations: outputs,
+            htod: 1,
+            htod_pageable: 0,
+            dtoh: 1,
+            syncs: 0,
+            gemms: 0,
+        };
         assert_eq!(second, want, "S = {splits}: a second call of the same shape");
         assert_eq!(first.launches, launches);
         assert!(first.allocations > outputs, "the first call allocates the scratch too");

@@ -69,6 +69,7 @@ pub struct Counters {
     launches: AtomicU64,
     allocations: AtomicU64,
     htod: AtomicU64,
+    htod_pageable: AtomicU64,
     dtoh: AtomicU64,
     syncs: AtomicU64,
     gemms: AtomicU64,
@@ -83,6 +84,8 @@ pub struct CounterSnapshot {
     pub allocations: u64,
     /// Host-to-device copies.
     pub htod: u64,
+    /// Of those, copies from pageable host memory (the driver stages them).
+    pub htod_pageable: u64,
     /// Device-to-host copies (each waits for the queued work).
     pub dtoh: u64,
     /// Explicit synchronizations.
@@ -98,6 +101,7 @@ impl std::ops::Sub for CounterSnapshot {
             launches: self.launches - o.launches,
             allocations: self.allocations - o.allocations,
             htod: self.htod - o.htod,
+            htod_pageable: self.htod_pageable - o.htod_pageable,
             dtoh: self.dtoh - o.dtoh,
             syncs: self.syncs - o.syncs,
             gemms: self.gemms - o.gemms,
@@ -115,6 +119,9 @@ impl Counters {
     pub(crate) fn htod(&self) {
         Self::bump(&self.htod)
     }
+    pub(crate) fn htod_pageable(&self) {
+        Self::bump(&self.htod_pageable)
+    }
     pub(crate) fn dtoh(&self) {
         Self::bump(&self.dtoh)
     }
@@ -124,6 +131,7 @@ impl Counters {
             launches: r(&self.launches),
             allocations: r(&self.allocations),
             htod: r(&self.htod),
+            htod_pageable: r(&self.htod_pageable),
             dtoh: r(&self.dtoh),
             syncs: r(&self.syncs),
             gemms: r(&self.gemms),
@@ -605,23 +613,50 @@ pub fn check_launch_limits(l: &Launch, max_smem: u32, res: Option<&KernelResourc
 /// With `FEATCLOUD_REQUIRE_GPU=1` a missing device is a panic, so a GPU run can
 /// never pass by skipping. Prints why it skipped.
 ///
-/// With `FEATCLOUD_DEVICE_LOG` set, appends the calling test's thread name (cargo
-/// test names threads after tests) to that file, so a run can count how many tests
-/// really executed on a device (`scripts/test.sh` prints it).
+/// With `FEATCLOUD_DEVICE_LOG` set, appends the calling test's name to that file, so a
+/// run can count how many tests really executed on a device (`scripts/test.sh`
+/// prints it).
 pub fn test_device() -> Option<Arc<Device>> {
     match Device::from_env(0) {
         Ok(d) if kernels::KERNELS_BUILT || d.is_emulated() => {
-            if let Some(log) = std::env::var_os("FEATCLOUD_DEVICE_LOG") {
-                use std::io::Write;
-                let name = std::thread::current().name().unwrap_or("unnamed").to_string();
-                if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
-                    let _ = writeln!(f, "{name}");
-                }
-            }
+            log_device_test();
             Some(d)
         }
         Ok(_) => skip_or_fail(&Error::KernelsNotBuilt.to_string()),
         Err(e) => skip_or_fail(&e.to_string()),
+    }
+}
+
+/// The emulated device for a test that is about the emulator itself (whatever
+/// `FEATCLOUD_DEVICE` says), or `None` with a message when the crate was built
+/// without the `emu` feature. Logged like [`test_device`].
+pub fn test_emulated_device(sm_count: i32) -> Option<Arc<Device>> {
+    match Device::emulated(sm_count) {
+        Ok(d) => {
+            log_device_test();
+            Some(d)
+        }
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
+/// Appends "<test binary>::<test name>" to `FEATCLOUD_DEVICE_LOG` (cargo test names
+/// threads after tests), so a run can count the tests that really got a device.
+fn log_device_test() {
+    if let Some(log) = std::env::var_os("FEATCLOUD_DEVICE_LOG") {
+        use std::io::Write;
+        let exe = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()));
+        let exe =
+            exe.as_deref().and_then(|s| s.rsplit_once('-').map(|(a, _)| a.to_string())).unwrap_or_default();
+        let name = std::thread::current().name().unwrap_or("unnamed").to_string();
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+            let _ = writeln!(f, "{exe}::{name}");
+        }
     }
 }
 

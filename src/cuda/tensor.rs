@@ -6,7 +6,7 @@ use super::launch::DevPtr;
 use super::{cuda_err, Device};
 use crate::config::DType;
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
 use std::panic::Location;
 
 /// A plain element type that device buffers hold (floats, labels, counters).
@@ -144,6 +144,7 @@ impl<T: DeviceCopy> Tensor<T> {
             return Ok(());
         }
         dev.counters.htod();
+        dev.counters.htod_pageable();
         match &mut self.buf {
             Storage::Emu(b) => {
                 b.bytes_mut()[..std::mem::size_of_val(data)].copy_from_slice(bytemuck::cast_slice(data));
@@ -295,5 +296,53 @@ impl<T: DeviceElem> Tensor<T> {
     /// Storage dtype.
     pub fn dtype(&self) -> DType {
         T::DTYPE
+    }
+}
+
+/// Page-locked host memory kept for repeated uploads (a GPU copies from it with DMA,
+/// without the driver's staging copy of pageable memory); plain host memory on the
+/// emulated device. Grown on demand.
+#[derive(Debug, Default)]
+pub struct Staging<T: DeviceCopy> {
+    pinned: Option<PinnedHostSlice<T>>,
+    host: Vec<T>,
+}
+
+impl<T: DeviceCopy> Staging<T> {
+    /// `dst[..data.len()] = data` through the staging buffer (one host-to-device copy).
+    pub fn upload(&mut self, dev: &Device, data: &[T], dst: &mut Tensor<T>) -> Result<()> {
+        let n = data.len();
+        if n > dst.len().max(1) {
+            return Err(Error::Shape(format!("{n} elements into a tensor of {}", dst.len())));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        dev.counters.htod();
+        match &mut dst.buf {
+            Storage::Emu(b) => {
+                self.host.clear();
+                self.host.extend_from_slice(data);
+                b.bytes_mut()[..std::mem::size_of_val(data)]
+                    .copy_from_slice(bytemuck::cast_slice(&self.host));
+                Ok(())
+            }
+            Storage::Cuda(s) => {
+                // Exactly n: a pinned slice is copied whole (B is the same every step).
+                if self.pinned.as_ref().is_none_or(|p| p.len() != n) {
+                    // SAFETY: written below before the copy reads it.
+                    let p = unsafe { dev.context()?.alloc_pinned::<T>(n) }
+                        .map_err(cuda_err("pinned allocation"))?;
+                    self.pinned = Some(p);
+                }
+                let pinned = self.pinned.as_mut().expect("allocated above");
+                // Waits for the previous upload from this buffer (ordered before by the stream).
+                pinned.as_mut_slice().map_err(cuda_err("pinned buffer"))?[..n].copy_from_slice(data);
+                let stream = dev.stream()?;
+                stream
+                    .memcpy_htod(pinned, &mut s.slice_mut(..pinned.len().min(s.len())))
+                    .map_err(cuda_err("host-to-device copy"))
+            }
+        }
     }
 }

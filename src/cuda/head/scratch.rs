@@ -7,6 +7,7 @@
 //! emulated device only when its size is exact, so that its guard zones still sit
 //! right after the last element and catch an overrun.
 
+use crate::cuda::tensor::Staging;
 use crate::cuda::{Device, DeviceCopy, Tensor};
 use crate::error::Result;
 
@@ -34,6 +35,8 @@ const SLOTS: usize = 6;
 pub(super) struct Scratch {
     f32s: [Option<Tensor<f32>>; SLOTS],
     labels: Option<Tensor<i32>>,
+    /// Pinned host memory the labels are uploaded from.
+    labels_host: Staging<i32>,
 }
 
 /// A buffer from `slot` if it fits `shape` (exactly, on the emulated device), else
@@ -60,10 +63,11 @@ impl Scratch {
         self.f32s[slot as usize] = Some(t);
     }
 
-    /// The labels on the device: the kept buffer overwritten by one host copy.
+    /// The labels on the device: the kept buffer overwritten by one copy from pinned
+    /// host memory.
     pub(super) fn labels(&mut self, dev: &Device, labels: &[i32]) -> Result<Tensor<i32>> {
         let mut t = fit(dev, self.labels.take(), &[labels.len()])?;
-        t.copy_from_host(dev, labels)?;
+        self.labels_host.upload(dev, labels, &mut t)?;
         Ok(t)
     }
 
