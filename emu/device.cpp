@@ -113,6 +113,7 @@ const std::vector<Entry>& registry() {
         FC_EMU_KERNEL(emu_selftest_sync_sites)
         FC_EMU_KERNEL(emu_selftest_warp)
         FC_EMU_KERNEL(emu_selftest_order)
+        FC_EMU_KERNEL(emu_selftest_cvt)
 #undef FC_EMU_KERNEL
         return v;
     }();

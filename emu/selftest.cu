@@ -286,3 +286,29 @@ extern "C" __global__ void emu_selftest_order(const EmuSelftestOrderArgs a) {
     __syncthreads();
     if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) a.last_writer[b] = s_last;
 }
+
+// ---- dtype conversions ------------------------------------------------------------------------
+// common.cuh's from_f32<f16_t / bf16_t> (round to nearest even; the FC_EMU branch of cvt.rn)
+// and to_f32 on chosen values: no shipping kernel narrows arbitrary f32 inputs to f16.
+// Launch: grid (ceil(n / 256)), block (256). x [n] f32 in; h [2n] u16 out (f16 bits, then
+// bf16 bits); back [2n] f32 out (each widened again). Expect: bitwise what the `half` crate
+// gives (NaN for NaN).
+struct EmuSelftestCvtArgs {
+    const float* x;
+    u16* h;
+    float* back;
+    int n;
+    int _pad0;
+};
+static_assert(sizeof(EmuSelftestCvtArgs) == 32, "EmuSelftestCvtArgs: 32 bytes");
+
+extern "C" __global__ void emu_selftest_cvt(const EmuSelftestCvtArgs a) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= a.n) return;
+    const f16_t hf = from_f32<f16_t>(a.x[i]);
+    const bf16_t hb = from_f32<bf16_t>(a.x[i]);
+    a.h[i] = hf.bits;
+    a.h[a.n + i] = hb.bits;
+    a.back[i] = to_f32(hf);
+    a.back[a.n + i] = to_f32(hb);
+}

@@ -305,3 +305,53 @@ fn register_and_shared_memory_limits_follow_the_ptxas_table() {
     let err = check_launch_limits(&l, 232_448, Some(&res(128, 166_913))).unwrap_err().to_string();
     assert!(err.contains("shared memory"), "{err}");
 }
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct CvtArgs {
+    x: DevPtr,
+    h: DevPtr,
+    back: DevPtr,
+    n: i32,
+    _pad0: i32,
+}
+// SAFETY: mirrors EmuSelftestCvtArgs in emu/selftest.cu (32 bytes, no padding).
+unsafe impl KernelArgs for CvtArgs {}
+
+#[test]
+fn dtype_conversions_round_like_the_half_crate() {
+    use half::{bf16, f16};
+    use rand::{Rng, SeedableRng};
+    let Some(dev) = emulated() else { return };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    // Zeros, the f16 overflow boundary (65504 max, 65520 rounds to inf), f16 subnormals and
+    // their flush, specials, exact ties of f16 (1 + k/1024 + 1/2048) and of bf16, then random
+    // bit patterns and random magnitudes.
+    let mut x: Vec<f32> =
+        vec![0.0, -0.0, 1.0, 65504.0, 65519.99, 65520.0, -65520.0, 1e-8, 2.98e-8, 2.99e-8, 6.1e-5, -6.0e-5];
+    x.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, f32::MAX, f32::MIN_POSITIVE, 1e-45]);
+    x.extend((0..16).map(|k| 1.0 + k as f32 / 1024.0 + 1.0 / 2048.0));
+    x.extend((0..16).map(|k| f32::from_bits(0x3f80_0000 + (k << 16) + 0x8000)));
+    x.extend((0..2000).map(|_| f32::from_bits(rng.random::<u32>())));
+    x.extend((0..2000).map(|_| (rng.random::<f32>() - 0.5) * 2f32.powi(rng.random_range(-30..20))));
+    let n = x.len();
+    let xs = Tensor::<f32>::from_host(&dev, &x, &[n]).unwrap();
+    let h = Tensor::<u16>::zeros(&dev, &[2 * n]).unwrap();
+    let back = Tensor::<f32>::zeros(&dev, &[2 * n]).unwrap();
+    let args = CvtArgs { x: xs.ptr(), h: h.ptr(), back: back.ptr(), n: n as i32, _pad0: 0 };
+    let l = Launch::linear(selftest("emu_selftest_cvt"), n.div_ceil(256), 256, &args);
+    assert_eq!(launch(&dev, &l), None);
+    let (h, y) = (h.to_host(&dev).unwrap(), back.to_host(&dev).unwrap());
+    for (i, &v) in x.iter().enumerate() {
+        let (wf, wb) = (f16::from_f32(v), bf16::from_f32(v));
+        if v.is_nan() {
+            assert!(f16::from_bits(h[i]).is_nan() && bf16::from_bits(h[n + i]).is_nan());
+            assert!(y[i].is_nan() && y[n + i].is_nan());
+            continue;
+        }
+        assert_eq!(h[i], wf.to_bits(), "f16 of {v:e} ({:#010x})", v.to_bits());
+        assert_eq!(h[n + i], wb.to_bits(), "bf16 of {v:e} ({:#010x})", v.to_bits());
+        assert_eq!(y[i].to_bits(), wf.to_f32().to_bits(), "f16 -> f32 of {v:e}");
+        assert_eq!(y[n + i].to_bits(), wb.to_f32().to_bits(), "bf16 -> f32 of {v:e}");
+    }
+}

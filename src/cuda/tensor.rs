@@ -20,7 +20,7 @@ pub trait DeviceCopy:
 macro_rules! device_copy {
     ($($t:ty => $n:literal),*) => {$(impl DeviceCopy for $t { const NAME: &'static str = $n; })*};
 }
-device_copy!(f32 => "f32", i32 => "i32", u32 => "u32", u64 => "u64", u8 => "u8", half::bf16 => "bf16", half::f16 => "f16");
+device_copy!(f32 => "f32", i32 => "i32", u32 => "u32", u16 => "u16", u64 => "u64", u8 => "u8", half::bf16 => "bf16", half::f16 => "f16");
 
 /// An element type the kernels take as storage: f32, bf16 or f16.
 pub trait DeviceElem: DeviceCopy {
