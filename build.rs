@@ -388,6 +388,8 @@ fn main() {
         }
     }
     fs::write(out_dir.join("emu_kernels.inc"), inc).unwrap();
+    let includes: String = sources.iter().map(|s| format!("#include \"{}\"\n", s.file_name)).collect();
+    fs::write(out_dir.join("emu_sources.inc"), includes).unwrap();
     if env::var_os("CARGO_FEATURE_EMU").is_some() {
         build_emulator(&manifest, &out_dir, &sources);
     }
