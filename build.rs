@@ -181,6 +181,8 @@ struct Entry {
     hot: bool,
     /// `__launch_bounds__`' max threads per block (1024 without one).
     max_threads: u32,
+    /// The argument struct's name (`RowNormsArgs` for `const RowNormsArgs<float> a`).
+    args: String,
 }
 
 #[derive(Default, Clone)]
@@ -337,10 +339,11 @@ fn main() {
             .unwrap();
             writeln!(
                 gen,
-                "    pub const {}: Kernel = Kernel {{ module: &MODULE, name: {:?}, max_threads: {} }};",
+                "    pub const {}: Kernel = Kernel {{ module: &MODULE, name: {:?}, max_threads: {}, args: {:?} }};",
                 e.name.to_uppercase(),
                 e.name,
-                e.max_threads
+                e.max_threads,
+                e.args
             )
             .unwrap();
         }
@@ -457,9 +460,33 @@ fn scan_entries(text: &str) -> Vec<Entry> {
         }
         let hot = i > 0 && lines[i - 1].trim() == "// hot";
         let max_threads = launch_bounds(text, &decl, &name);
-        out.push(Entry { name, hot, max_threads });
+        let args = args_struct(text, &lines[i..], &name);
+        out.push(Entry { name, hot, max_threads, args });
     }
     out
+}
+
+/// The name of the one argument struct the entry point takes: the parameter list after
+/// its name, with a `#define` of the file expanded when the list is one macro. Panics
+/// (a build error) unless there is exactly one `const Name[<...>] ident` parameter.
+fn args_struct(text: &str, from: &[&str], name: &str) -> String {
+    let joined = from.join(" ");
+    let after = &joined[joined.find(&format!("{name}(")).expect("entry name") + name.len() + 1..];
+    let mut params = after[..after.find(')').expect("parameter list")].trim().to_string();
+    if params.chars().all(|c| c.is_alphanumeric() || c == '_') {
+        let def = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("#define "))
+            .find_map(|l| l.strip_prefix(params.as_str()).filter(|r| r.starts_with(' ')).map(str::trim));
+        params =
+            def.unwrap_or_else(|| panic!("kernel {name}: parameter macro {params} not found")).to_string();
+    }
+    let p = params.trim().strip_prefix("const ").unwrap_or(params.trim());
+    let ty: String = p.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+    if ty.is_empty() || params.contains(',') && !params.contains('<') {
+        panic!("kernel {name}: takes `{params}`; every kernel takes one argument struct (kernels/args.cuh)");
+    }
+    ty
 }
 
 /// The first argument of the entry's `__launch_bounds__(...)` (max threads per block),

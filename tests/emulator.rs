@@ -6,7 +6,7 @@
 //! Skips (with a message) when the crate was built without the `emu` feature.
 
 use featcloud::config::DType;
-use featcloud::cuda::args::RowNormsArgs;
+use featcloud::cuda::args::{RefNormalizeArgs, RowNormsArgs};
 use featcloud::cuda::kernels::{head_fused, norms};
 use featcloud::cuda::norms::row_norms_launch;
 use featcloud::cuda::{
@@ -22,7 +22,8 @@ const POISON: u32 = 0xFFFF_FFFF;
 static SELFTEST: Module = Module { name: "emu_selftest", ptx: "", cubins: &[] };
 
 fn selftest(name: &'static str) -> Kernel {
-    Kernel { module: &SELFTEST, name, max_threads: 1024 }
+    // The test's mirrors of the selftest structs have other names: not checked by name.
+    Kernel { module: &SELFTEST, name, max_threads: 1024, args: "" }
 }
 
 fn emulated() -> Option<Arc<Device>> {
@@ -278,6 +279,10 @@ fn launches_outside_the_limits_are_refused() {
     refused(Launch::new(norms::ROW_NORMS_F32, [1, 70_000, 1], [256, 1, 1], 0, &args), "grid");
     refused(Launch::new(norms::ROW_NORMS_F32, [0, 1, 1], [256, 1, 1], 0, &args), "grid");
     refused(Launch::new(norms::ROW_NORMS_F32, [1, 1, 1], [256, 1, 1], 300_000, &args), "shared memory");
+    // Another kernel's argument struct of the same size (32 bytes) is refused by name.
+    let other = RefNormalizeArgs { x: x.ptr(), xh: inv.ptr(), inv: inv.ptr(), rows: 8, d: 8 };
+    assert_eq!(std::mem::size_of_val(&other), std::mem::size_of_val(&args));
+    refused(Launch::new(norms::ROW_NORMS_F32, [1, 1, 1], [256, 1, 1], 0, &other), "RowNormsArgs");
 }
 
 #[test]
@@ -293,7 +298,7 @@ fn register_and_shared_memory_limits_follow_the_ptxas_table() {
         shared_bytes,
         hot: true,
     };
-    let args = RowNormsArgs::default();
+    let args = featcloud::cuda::args::FusedBwdArgs::default();
     let l = Launch::new(head_fused::FUSED_BWD_BF16, [1, 1, 1], [256, 1, 1], 65_536, &args);
     // 256 threads x 256 registers = the whole register file: fits; 257 rounds up to 264.
     assert!(check_launch_limits(&l, 232_448, Some(&res(256, 0))).is_ok());

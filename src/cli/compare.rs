@@ -192,7 +192,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let splits = args.data.load()?;
     match select_backend(args.model.backend, args.model.precision, args.model.device)? {
         SelectedBackend::Cpu(be) => run_on(&be, args, base_cfg, leap_cfg, &splits),
-        SelectedBackend::Cuda(be) => run_on(&be, args, base_cfg, leap_cfg, &splits),
+        SelectedBackend::Cuda(be) => run_on(&*be, args, base_cfg, leap_cfg, &splits),
     }
 }
 

@@ -41,7 +41,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let splits = args.data.load()?;
     match select_backend(args.backend, args.precision, args.device)? {
         SelectedBackend::Cpu(be) => run_on(&be, args, &ck, &splits),
-        SelectedBackend::Cuda(be) => run_on(&be, args, &ck, &splits),
+        SelectedBackend::Cuda(be) => run_on(&*be, args, &ck, &splits),
     }
 }
 

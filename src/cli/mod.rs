@@ -162,7 +162,7 @@ pub enum SelectedBackend {
     /// The CPU backend.
     Cpu(CpuBackend),
     /// The CUDA backend on GPU 0.
-    Cuda(CudaBackend),
+    Cuda(Box<CudaBackend>),
 }
 
 fn cuda_backend(precision: PrecisionArg, device: DeviceArg) -> crate::Result<CudaBackend> {
@@ -190,12 +190,12 @@ pub fn select_backend(
         BackendChoice::Cuda => {
             let be = cuda_backend(precision, device).map_err(|e| anyhow::anyhow!("--backend cuda: {e}"))?;
             eprintln!("backend: {}", crate::engine::Backend::name(&be));
-            Ok(SelectedBackend::Cuda(be))
+            Ok(SelectedBackend::Cuda(Box::new(be)))
         }
         BackendChoice::Auto => match cuda_backend(precision, device) {
             Ok(be) => {
                 eprintln!("backend: {} (auto)", crate::engine::Backend::name(&be));
-                Ok(SelectedBackend::Cuda(be))
+                Ok(SelectedBackend::Cuda(Box::new(be)))
             }
             Err(e) => Ok(cpu(format!(" (auto: {e})"))),
         },

@@ -44,7 +44,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let splits = args.data.load()?;
     match select_backend(args.model.backend, args.model.precision, args.model.device)? {
         SelectedBackend::Cpu(be) => run_on(&be, args, cfg, checkpoint.as_ref(), &splits),
-        SelectedBackend::Cuda(be) => run_on(&be, args, cfg, checkpoint.as_ref(), &splits),
+        SelectedBackend::Cuda(be) => run_on(&*be, args, cfg, checkpoint.as_ref(), &splits),
     }
 }
 

@@ -97,11 +97,26 @@ impl CudaStats {
 
 /// The engine's backend on one GPU. Buffers are flat f32 [`Tensor`]s (only their
 /// length matters; see [`Backend::len`]).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct CudaBackend {
     dev: Arc<Device>,
     precision: Precision,
     head_path: HeadPath,
+    /// The head of the last step and its options: kept so that its scratch (labels,
+    /// partials, pinned upload buffer) is reused step after step.
+    head: Mutex<Option<(HeadConfig, CudaHead)>>,
+}
+
+impl Clone for CudaBackend {
+    /// The same backend with its own (empty) head cache.
+    fn clone(&self) -> Self {
+        Self {
+            dev: self.dev.clone(),
+            precision: self.precision,
+            head_path: self.head_path,
+            head: Mutex::new(None),
+        }
+    }
 }
 
 fn same_len(what: &str, a: usize, b: usize) -> Result<()> {
@@ -150,7 +165,7 @@ impl CudaBackend {
         if !dev.is_emulated() {
             dev.cublas()?; // the emulated device has its GEMM stand-in
         }
-        Ok(Self { dev, precision, head_path: HeadPath::Fused })
+        Ok(Self { dev, precision, head_path: HeadPath::Fused, head: Mutex::new(None) })
     }
 
     /// The same backend running the head on `path` (default [`HeadPath::Fused`]).
@@ -397,7 +412,11 @@ impl Backend for CudaBackend {
         same_len("head w", w.len(), c * d)?;
         same_len("head dx", dx.len(), b * d)?;
         same_len("head dw", dw.len(), c * d)?;
-        let head = CudaHead::new(self.dev.clone(), *cfg, self.head_path)?;
+        let mut kept = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.as_ref().is_none_or(|(c, h)| c != cfg || h.path() != self.head_path) {
+            *kept = Some((*cfg, CudaHead::new(self.dev.clone(), *cfg, self.head_path)?));
+        }
+        let head = &kept.as_ref().expect("set above").1;
         // Reduction none: d loss / d loss_i = 1 per row, as the CPU backend passes.
         let ones;
         let up = if cfg.reduction == Reduction::None {

@@ -39,8 +39,9 @@ use std::sync::{Arc, Mutex};
 
 /// Bytes of poisoned guard zone before and after every emulated buffer.
 pub const GUARD_BYTES: usize = 256;
-/// The guard zones' byte.
-const GUARD_BYTE: u8 = 0xA5;
+/// The guard zones' byte: NaN in every float dtype, so a read past the end shows too
+/// (a write is caught unless it stores exactly these bytes).
+const GUARD_BYTE: u8 = 0xFF;
 /// What an uninitialized emulated allocation holds (NaN in f32, bf16 and f16).
 pub const UNINIT_BYTE: u8 = 0xFF;
 /// Alignment of every emulated buffer (what cudaMalloc guarantees).

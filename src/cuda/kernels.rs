@@ -24,6 +24,9 @@ pub struct Kernel {
     pub name: &'static str,
     /// Most threads per block (its `__launch_bounds__`; 1024 without one).
     pub max_threads: u32,
+    /// The name of the argument struct it takes (`RowNormsArgs`), which a [`super::Launch`]
+    /// must carry; empty: not checked.
+    pub args: &'static str,
 }
 
 /// ptxas resource usage of one kernel for one arch (from `--ptxas-options=-v`).

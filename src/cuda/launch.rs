@@ -47,6 +47,9 @@ pub struct Launch {
     /// The bytes of the argument struct (8-byte aligned storage).
     args: Vec<u64>,
     args_len: usize,
+    /// The Rust type of the argument struct (its last path segment is checked against
+    /// the kernel's C++ parameter type before the launch).
+    args_type: &'static str,
 }
 
 impl Launch {
@@ -56,12 +59,32 @@ impl Launch {
         let bytes = bytemuck::bytes_of(args);
         let mut words = vec![0u64; bytes.len().div_ceil(8)];
         bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
-        Self { kernel, grid, block, smem, args: words, args_len: bytes.len() }
+        Self {
+            kernel,
+            grid,
+            block,
+            smem,
+            args: words,
+            args_len: bytes.len(),
+            args_type: std::any::type_name::<A>(),
+        }
     }
 
-    /// A 1-D launch: `blocks` blocks of `threads` threads, no dynamic shared memory.
+    /// A 1-D launch: `blocks` blocks of `threads` threads, no dynamic shared memory. A
+    /// block count beyond u32 saturates (and the launch check refuses it).
     pub fn linear<A: KernelArgs>(kernel: Kernel, blocks: usize, threads: u32, args: &A) -> Self {
-        Self::new(kernel, [blocks as u32, 1, 1], [threads, 1, 1], 0, args)
+        Self::new(kernel, [u32::try_from(blocks).unwrap_or(u32::MAX), 1, 1], [threads, 1, 1], 0, args)
+    }
+
+    /// Whether the argument struct is the one the kernel takes (by name: `RowNormsArgs`
+    /// in Rust for `RowNormsArgs<T>` in CUDA; kernels without a recorded name pass).
+    pub fn args_match(&self) -> bool {
+        self.kernel.args.is_empty() || self.args_type.rsplit("::").next() == Some(self.kernel.args)
+    }
+
+    /// The argument block's address (8-byte aligned), for the driver's parameter array.
+    pub(crate) fn arg_ptr(&self) -> *const u64 {
+        self.args.as_ptr()
     }
 
     /// The argument struct's bytes.

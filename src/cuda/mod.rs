@@ -198,11 +198,11 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 /// Raises the release threshold of the device's default memory pool (which every
 /// stream-ordered allocation of the crate uses) to "never", so freed scratch stays
 /// in the pool for the next call instead of going back to the driver at each sync.
-fn keep_pool_memory(ordinal: usize) -> Result<()> {
+fn keep_pool_memory(device: cudarc::driver::sys::CUdevice) -> Result<()> {
     use cudarc::driver::sys as cu;
     let mut pool: cu::CUmemoryPool = std::ptr::null_mut();
     // SAFETY: queries the device's default pool into a valid out-pointer.
-    unsafe { cu::cuDeviceGetDefaultMemPool(&mut pool, ordinal as cu::CUdevice) }
+    unsafe { cu::cuDeviceGetDefaultMemPool(&mut pool, device) }
         .result()
         .map_err(cuda_err("default memory pool"))?;
     let mut threshold: u64 = u64::MAX;
@@ -266,7 +266,9 @@ impl Device {
             // event tracking (which costs an event record per kernel argument) is not needed.
             unsafe { ctx.disable_event_tracking() };
             let stream = ctx.default_stream();
-            keep_pool_memory(ordinal)?;
+            if ctx.has_async_alloc() {
+                keep_pool_memory(ctx.cu_device())?;
+            }
             Ok(Arc::new(Device {
                 backend: Backend::Gpu(Gpu {
                     ctx,
@@ -457,8 +459,11 @@ impl Device {
         match &self.backend {
             Backend::Emu(e) => e.launch(l),
             Backend::Gpu(g) => {
+                // The raw launch below does not make the context current (cudarc's launch
+                // builder did): a thread whose first CUDA call is a launch needs it.
+                g.ctx.bind_to_thread().map_err(cuda_err("binding the CUDA context"))?;
                 let f = self.function(l.kernel)?;
-                if l.smem > 48 * 1024 {
+                if l.smem > 0 {
                     f.set_attribute(
                         cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                         l.smem as i32,
@@ -466,11 +471,12 @@ impl Device {
                     .map_err(cuda_err(format!("{}: shared-memory opt-in", l.kernel.name)))?;
                 }
                 // The kernel takes one parameter: the argument struct, read by the driver
-                // from this pointer (the size comes from the kernel's own metadata).
-                let mut args = l.arg_bytes().to_vec();
-                let mut params = [args.as_mut_ptr() as *mut std::ffi::c_void];
+                // from this pointer (the size comes from the kernel's own metadata) when
+                // the launch is queued.
+                let mut params = [l.arg_ptr() as *mut std::ffi::c_void];
                 // SAFETY: every kernel of the crate takes exactly one by-value struct whose
-                // layout the argument bytes mirror (launch::KernelArgs); the device
+                // layout the argument bytes mirror (launch::KernelArgs; the struct's name
+                // was checked against the kernel's in check_launch); the device
                 // addresses in it are live allocations of this context that the callers
                 // keep alive until the stream reaches them (stream-ordered frees); the
                 // grid, block and shared memory were checked against the kernel above.
@@ -538,6 +544,7 @@ impl Device {
                 };
                 let [m, n, k, lda, ldb, ldc] = plan.ints();
                 let blas = self.cublas()?;
+                self.context()?.bind_to_thread().map_err(cuda_err("binding the CUDA context"))?;
                 // SAFETY: plan.check above: positive dimensions within int, leading dimensions
                 // at least the stored rows, and a, b, c hold at least the elements the plan
                 // touches; c is a distinct allocation from a and b (every call site); alpha
@@ -578,6 +585,9 @@ impl Device {
 /// (registers are allocated per thread in units of 8).
 pub fn check_launch_limits(l: &Launch, max_smem: u32, res: Option<&KernelResources>) -> Result<()> {
     let refuse = |message: String| Err(Error::Launch { kernel: l.kernel.name.to_string(), message });
+    if !l.args_match() {
+        return refuse(format!("it takes {}, the launch carries another argument struct", l.kernel.args));
+    }
     let [gx, gy, gz] = l.grid;
     if gx == 0 || gy == 0 || gz == 0 || gx > i32::MAX as u32 || gy > MAX_GRID_YZ || gz > MAX_GRID_YZ {
         return refuse(format!("grid {:?} outside 1..2^31-1 x 1..65535 x 1..65535", l.grid));
@@ -654,8 +664,9 @@ fn log_device_test() {
         let exe =
             exe.as_deref().and_then(|s| s.rsplit_once('-').map(|(a, _)| a.to_string())).unwrap_or_default();
         let name = std::thread::current().name().unwrap_or("unnamed").to_string();
+        // One write of the whole line: O_APPEND keeps concurrent tests' lines whole.
         if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
-            let _ = writeln!(f, "{exe}::{name}");
+            let _ = f.write_all(format!("{exe}::{name}\n").as_bytes());
         }
     }
 }

@@ -6,7 +6,7 @@ use super::launch::DevPtr;
 use super::{cuda_err, Device};
 use crate::config::DType;
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
+use cudarc::driver::{CudaEvent, CudaSlice, DevicePtr, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
 use std::panic::Location;
 
 /// A plain element type that device buffers hold (floats, labels, counters).
@@ -186,6 +186,15 @@ impl<T: DeviceCopy> Tensor<T> {
         }
     }
 
+    /// On the emulated device, refills the buffer with the uninitialized pattern (0xFF:
+    /// NaN), so that reused scratch shows a kernel that stops writing part of it just as
+    /// a fresh allocation would. Nothing on a GPU.
+    pub(crate) fn poison_if_emulated(&mut self) {
+        if let Storage::Emu(b) = &mut self.buf {
+            b.bytes_mut().fill(super::emu::UNINIT_BYTE);
+        }
+    }
+
     /// Sets every element to zero.
     pub fn fill_zero(&mut self, dev: &Device) -> Result<()> {
         match &mut self.buf {
@@ -305,6 +314,11 @@ impl<T: DeviceElem> Tensor<T> {
 #[derive(Debug, Default)]
 pub struct Staging<T: DeviceCopy> {
     pinned: Option<PinnedHostSlice<T>>,
+    /// Recorded after each copy from `pinned`: the host waits on it before writing
+    /// `pinned` again (or freeing it), since the copy runs asynchronously on the stream.
+    /// (cudarc's own event in the pinned slice is recorded only in its multi-stream mode,
+    /// which featcloud's one-stream contexts do not use.)
+    copied: Option<CudaEvent>,
     host: Vec<T>,
 }
 
@@ -328,20 +342,28 @@ impl<T: DeviceCopy> Staging<T> {
                 Ok(())
             }
             Storage::Cuda(s) => {
+                // The previous copy from the pinned buffer must have finished before the
+                // host overwrites (or frees) it.
+                if let Some(e) = &self.copied {
+                    e.synchronize().map_err(cuda_err("waiting for the previous upload"))?;
+                }
                 // Exactly n: a pinned slice is copied whole (B is the same every step).
                 if self.pinned.as_ref().is_none_or(|p| p.len() != n) {
+                    self.pinned = None;
                     // SAFETY: written below before the copy reads it.
                     let p = unsafe { dev.context()?.alloc_pinned::<T>(n) }
                         .map_err(cuda_err("pinned allocation"))?;
                     self.pinned = Some(p);
                 }
                 let pinned = self.pinned.as_mut().expect("allocated above");
-                // Waits for the previous upload from this buffer (ordered before by the stream).
-                pinned.as_mut_slice().map_err(cuda_err("pinned buffer"))?[..n].copy_from_slice(data);
+                pinned.as_mut_slice().map_err(cuda_err("pinned buffer"))?.copy_from_slice(data);
                 let stream = dev.stream()?;
-                stream
-                    .memcpy_htod(pinned, &mut s.slice_mut(..pinned.len().min(s.len())))
-                    .map_err(cuda_err("host-to-device copy"))
+                stream.memcpy_htod(pinned, &mut s.slice_mut(..n)).map_err(cuda_err("host-to-device copy"))?;
+                if self.copied.is_none() {
+                    self.copied = Some(dev.context()?.new_event(None).map_err(cuda_err("event"))?);
+                }
+                let event = self.copied.as_ref().expect("created above");
+                event.record(stream).map_err(cuda_err("event record"))
             }
         }
     }

@@ -219,6 +219,20 @@ fn i32_dim(name: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Shape(format!("{name} = {v} exceeds i32 indexing")))
 }
 
+impl<D: Deref<Target = Device> + Clone> HeadOn<D> {
+    /// The same head (device, options, path, tuning) with none of the scratch this one
+    /// keeps between calls (benchmarks: to measure what a first call allocates).
+    pub fn without_scratch(&self) -> Self {
+        Self {
+            dev: self.dev.clone(),
+            cfg: self.cfg,
+            path: self.path,
+            tuning: self.tuning,
+            scratch: Mutex::new(Scratch::default()),
+        }
+    }
+}
+
 impl<D: Deref<Target = Device>> HeadOn<D> {
     /// A head with options `cfg` (validated here) running `path` on `dev`.
     pub fn new(dev: D, cfg: HeadConfig, path: HeadPath) -> Result<Self> {

@@ -5,7 +5,8 @@
 //! it and puts it back. On a GPU a buffer is reused while it is large enough (one
 //! stream, so the next call's kernels are ordered after the last call's); on the
 //! emulated device only when its size is exact, so that its guard zones still sit
-//! right after the last element and catch an overrun.
+//! right after the last element and catch an overrun, and refilled with NaN bytes, so
+//! that a kernel that leaves part of it unwritten shows as on a first call.
 
 use crate::cuda::tensor::Staging;
 use crate::cuda::{Device, DeviceCopy, Tensor};
@@ -44,7 +45,10 @@ pub(super) struct Scratch {
 fn fit<T: DeviceCopy>(dev: &Device, slot: Option<Tensor<T>>, shape: &[usize]) -> Result<Tensor<T>> {
     let n: usize = shape.iter().product();
     match slot {
-        Some(t) if t.capacity() == n.max(1) || (!dev.is_emulated() && t.capacity() >= n) => t.reshaped(shape),
+        Some(mut t) if t.capacity() == n.max(1) || (!dev.is_emulated() && t.capacity() >= n) => {
+            t.poison_if_emulated();
+            t.reshaped(shape)
+        }
         // SAFETY: every caller writes the scratch before reading it (see the kernels'
         // notes at the call sites in fused.rs); a reused buffer holds the last call's
         // values, a fresh one arbitrary bits (0xFF on the emulated device).
