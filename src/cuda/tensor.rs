@@ -319,7 +319,6 @@ pub struct Staging<T: DeviceCopy> {
     /// (cudarc's own event in the pinned slice is recorded only in its multi-stream mode,
     /// which featcloud's one-stream contexts do not use.)
     copied: Option<CudaEvent>,
-    host: Vec<T>,
 }
 
 impl<T: DeviceCopy> Staging<T> {
@@ -334,11 +333,9 @@ impl<T: DeviceCopy> Staging<T> {
         }
         dev.counters.htod();
         match &mut dst.buf {
+            // Host memory already: one plain copy.
             Storage::Emu(b) => {
-                self.host.clear();
-                self.host.extend_from_slice(data);
-                b.bytes_mut()[..std::mem::size_of_val(data)]
-                    .copy_from_slice(bytemuck::cast_slice(&self.host));
+                b.bytes_mut()[..std::mem::size_of_val(data)].copy_from_slice(bytemuck::cast_slice(data));
                 Ok(())
             }
             Storage::Cuda(s) => {

@@ -81,18 +81,7 @@ pub(super) fn forward<T: DeviceElem>(
     let b = shape.b;
     // SAFETY: fused_fwd + fused_combine_fwd_f32 write every per-row element (the combine
     // writes the ignored rows), so none of these needs zeroing.
-    let z = |n: usize| unsafe { Tensor::<f32>::uninit(dev, &[n]) };
-    let out = HeadForward {
-        loss: 0.0,
-        n_valid,
-        row_loss: z(b)?,
-        lse: z(b)?,
-        c_iy: z(b)?,
-        t: z(b)?,
-        alpha: z(b)?,
-        dt: z(b)?,
-        shape,
-    };
+    let out = unsafe { HeadForward::alloc_uninit(dev, shape, n_valid) }?;
     let inv_x = inv_norms(dev, inp.x, scratch, Slot::InvX)?;
     let inv_w = inv_norms(dev, inp.w, scratch, Slot::InvW)?;
     let n_ct = shape.c.div_ceil(choice.tile.1);

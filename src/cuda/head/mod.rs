@@ -124,6 +124,37 @@ impl HeadForward {
     }
 }
 
+impl HeadForward {
+    /// Per-row outputs at `shape` from `make` (one call per tensor), loss not read yet.
+    fn alloc_with(shape: HeadShape, n_valid: usize, make: impl Fn() -> Result<Tensor<f32>>) -> Result<Self> {
+        Ok(HeadForward {
+            loss: 0.0,
+            n_valid,
+            row_loss: make()?,
+            lse: make()?,
+            c_iy: make()?,
+            t: make()?,
+            alpha: make()?,
+            dt: make()?,
+            shape,
+        })
+    }
+
+    /// Zero-filled per-row outputs.
+    fn alloc_zeroed(dev: &Device, shape: HeadShape, n_valid: usize) -> Result<Self> {
+        Self::alloc_with(shape, n_valid, || Tensor::zeros(dev, &[shape.b]))
+    }
+
+    /// Per-row outputs left uninitialized.
+    ///
+    /// # Safety
+    /// The caller's kernels must write every element of every tensor before it is read.
+    unsafe fn alloc_uninit(dev: &Device, shape: HeadShape, n_valid: usize) -> Result<Self> {
+        // SAFETY: forwarded from the caller.
+        Self::alloc_with(shape, n_valid, || unsafe { Tensor::uninit(dev, &[shape.b]) })
+    }
+}
+
 /// A forward whose kernels are queued but whose loss is not read back yet.
 struct ForwardLaunched {
     out: HeadForward,

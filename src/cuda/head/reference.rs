@@ -45,18 +45,8 @@ pub(super) fn forward<T: DeviceElem>(
 ) -> Result<ForwardLaunched> {
     let shape = inp.shape;
     let b = shape.b;
-    let z = |n: usize| Tensor::<f32>::zeros(dev, &[n]);
-    let out = HeadForward {
-        loss: 0.0,
-        n_valid,
-        row_loss: z(b)?,
-        lse: z(b)?,
-        c_iy: z(b)?,
-        t: z(b)?,
-        alpha: z(b)?,
-        dt: z(b)?,
-        shape,
-    };
+    // Zeroed: the margin and softmax kernels skip the ignored rows.
+    let out = HeadForward::alloc_zeroed(dev, shape, n_valid)?;
     let (xh, _inv_x) = normalize(dev, inp.x)?;
     let (wh, _inv_w) = normalize(dev, inp.w)?;
     let cos = cos_gemm(dev, &xh, &wh, shape)?;
