@@ -39,7 +39,7 @@ static_assert(FC_OFFSETOF(HeadParams, step) == 48, "HeadParams layout must match
 
 // ---- norms.cu -----------------------------------------------------------------------------
 
-// row_norms_<T>
+// row_norms_fwd_<T>
 template <typename T>
 struct RowNormsArgs {
     const T* x;   // [rows, d] in
@@ -285,8 +285,8 @@ static_assert(sizeof(RefGradArgs) == 120, "RefGradArgs layout must match src/cud
 static_assert(FC_OFFSETOF(RefGradArgs, p) == 56, "RefGradArgs layout must match src/cuda/args.rs");
 static_assert(FC_OFFSETOF(RefGradArgs, c) == 116, "RefGradArgs layout must match src/cuda/args.rs");
 
-// head_normback_bwd_<T> (TO = T), head_normback32_bwd_<T> (TO = float)
-template <typename T, typename TO>
+// head_normback_bwd_<T> (TO = T), head_normback_bwd_f32out_<T> (TO = float)
+template <typename T, typename TO = T>
 struct NormbackArgs {
     float* parts;           // [nparts, rows, d] f32 in/out: parts[0] gets the sum of the parts
     const T* x;             // [rows, d] in
@@ -306,7 +306,7 @@ static_assert(FC_OFFSETOF(NormbackArgsF32, _pad0) == 52, "NormbackArgs layout mu
 // ---- head_fused.cu ------------------------------------------------------------------------
 // Nothing in a fused struct aliases another of its pointers.
 
-// fused_fwd_<T>, fused_scalar_fwd_<T>, fused_rows64[_scalar]_fwd_<T>, fused_tile64[_scalar]_fwd_<T>
+// fused_fwd_<tile>[_scalar]_<T>
 template <typename T>
 struct FusedFwdArgs {
     const T* x;            // [B, D] in
@@ -348,7 +348,7 @@ static_assert(sizeof(FusedCombineArgs) == 128, "FusedCombineArgs layout must mat
 static_assert(FC_OFFSETOF(FusedCombineArgs, p) == 64, "FusedCombineArgs layout must match src/cuda/args.rs");
 static_assert(FC_OFFSETOF(FusedCombineArgs, b) == 124, "FusedCombineArgs layout must match src/cuda/args.rs");
 
-// fused_bwd_<T>, fused_scalar_bwd_<T>, fused_cols64[_scalar]_bwd_<T>
+// fused_bwd_<tile>[_scalar]_<T>
 template <typename T>
 struct FusedBwdArgs {
     const T* x;            // [B, D] in

@@ -33,6 +33,22 @@ struct __align__(2) f16_t { u16 bits; };
 #define FC_DYN_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
+// ---- entry points -----------------------------------------------------------
+// Every kernel file stamps its `extern "C"` entry points from device templates, one line each:
+//   FC_DTYPES(name, (bounds), Args, body)     name_f32, name_bf16, name_f16 with T = float,
+//                                             bf16_t, f16_t
+//   FC_ENTRY(name, TYPE, (bounds), Args, body) one entry point with T = TYPE
+// Each takes `const Args<T> a` (kernels/args.cuh), has `__launch_bounds__ bounds` and runs
+// `body;`, which may use `a` and `T`. build/scan.rs reads these lines (names, the first launch
+// bound, the argument struct), so a stamp starts its line and is not itself inside a macro; an
+// entry point whose argument struct is not `Args<T>` is written out as `extern "C" __global__ ...`.
+#define FC_ENTRY(name, TYPE, bounds, Args, ...) \
+    extern "C" __global__ void __launch_bounds__ bounds name(const Args<TYPE> a) { using T = TYPE; __VA_ARGS__; }
+#define FC_DTYPES(name, bounds, Args, ...)                 \
+    FC_ENTRY(name##_f32, float, bounds, Args, __VA_ARGS__)   \
+    FC_ENTRY(name##_bf16, bf16_t, bounds, Args, __VA_ARGS__) \
+    FC_ENTRY(name##_f16, f16_t, bounds, Args, __VA_ARGS__)
+
 // ---- dtype conversion -------------------------------------------------------
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
@@ -50,27 +66,24 @@ __device__ __forceinline__ float to_f32(f16_t v) {
     return f;
 }
 
-// Round-to-nearest-even narrowing, the same rounding `half` uses on the host.
+// Round-to-nearest-even narrowing, the same rounding `half` uses on the host: one PTX cvt on
+// the device, the emulator's model of that instruction under FC_EMU.
 template <typename T> __device__ __forceinline__ T from_f32(float v);
 template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float v) {
-    bf16_t r;
 #ifdef FC_EMU
-    r.bits = fc_emu_f32_to_bf16(v);
+#define FC_FROM_F32(T, ptx, emu_cvt) \
+    template <> __device__ __forceinline__ T from_f32<T>(float v) { T r; r.bits = emu_cvt(v); return r; }
 #else
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));
+#define FC_FROM_F32(T, ptx, emu_cvt) \
+    template <> __device__ __forceinline__ T from_f32<T>(float v) { \
+        T r; \
+        asm("cvt.rn." ptx ".f32 %0, %1;" : "=h"(r.bits) : "f"(v)); \
+        return r; \
+    }
 #endif
-    return r;
-}
-template <> __device__ __forceinline__ f16_t from_f32<f16_t>(float v) {
-    f16_t r;
-#ifdef FC_EMU
-    r.bits = fc_emu_f32_to_f16(v);
-#else
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));
-#endif
-    return r;
-}
+FC_FROM_F32(bf16_t, "bf16", fc_emu_f32_to_bf16)
+FC_FROM_F32(f16_t, "f16", fc_emu_f32_to_f16)
+#undef FC_FROM_F32
 
 // ---- reductions ---------------------------------------------------------------
 // Fixed shuffle trees: the result is the same bits run after run (SPEC 4).

@@ -1,6 +1,6 @@
 // head_fused.cu — the fused CUDA path of the margin head (SPEC 3, 4, 7.4).
 //
-// Forward (fused_fwd_<T>, then fused_combine_fwd_f32, then head_reduce_fwd_f32 in head_ref.cu):
+// Forward (fused_fwd_<tile>_<dtype>, then fused_combine_fwd_f32, then head_reduce_fwd_f32 in head_ref.cu):
 //   one CTA per (class tile of BN, row tile of BM), BM x BN = 128 x 128, 64 x 128 or 64 x 64;
 //   grid = (ceil(C/BN), ceil(B/BM)), 256 threads.
 //   The raw products x_i . W_j come from tensor cores (bf16/f16: mma.sync m16n8k16, f32
@@ -11,8 +11,8 @@
 //   (max, sum exp, sum z) written to part[3][n_ct][B]. The combine kernel merges a row's
 //   n_ct partials in class-tile order: lse_i and loss_i. Extra memory: 3 * B * n_ct floats.
 //
-// Backward (fused_bwd_<T>, then head_normback_bwd_* from head_ref.cu for dx):
-//   G x S CTAs (G <= n_ct, S <= n_rt), class tiles of BN = 128 or 64 (fused_cols64_*);
+// Backward (fused_bwd_<tile>_<dtype>, then head_normback_bwd_* from head_ref.cu for dx):
+//   G x S CTAs (G <= n_ct, S <= n_rt), class tiles of BN = 128 or 64 (fused_bwd_c128_*, fused_bwd_c64_*);
 //   CTA (g, s) owns the class tiles ct = g, g + G, ...
 //   and, for each, walks the row tiles of 64 rt = s, s + S, ... in order (S > 1 only when
 //   there are too few class tiles to fill the GPU). Per (row tile, class tile) it recomputes the cosine tile
@@ -35,11 +35,15 @@
 //   or S * C * D with S > 1, which the host allows only while C is small), never O(B * C).
 //
 // VEC kernels move 16-byte chunks with cp.async and need D % 8 == 0 (16-bit) or
-// D % 4 == 0 (f32); the *_scalar_* kernels take any D with element loads (the
+// D % 4 == 0 (f32); the *_scalar_<dtype> kernels take any D with element loads (the
 // dispatcher routes there; tests cover both).
 //
 // Every entry point takes one argument struct from args.cuh: FusedFwdArgs<T>, FusedCombineArgs,
 // FusedBwdArgs<T>; their fields document shapes, directions and which pointers may be null.
+//
+// Names: <op>_<pass>[_<tile>]_<dtype> (README, Contributing): the tile is r<rows>c<classes>
+// for the forward, c<classes> for the backward (64 rows), then `_scalar` for element loads.
+// Hot kernels (must not spill, tests/resources.rs): fused_fwd_*, fused_bwd_*
 #include "common.cuh"
 #include "head.cuh"
 #include "args.cuh"
@@ -146,55 +150,18 @@ __device__ __forceinline__ void fused_fwd(const T* __restrict__ x, const T* __re
     }
 }
 
-#define FUSED_FWD_ARGS const FusedFwdArgs<T> a
 #define FUSED_FWD_PASS a.x, a.w, a.inv_x, a.inv_w, a.labels, a.sigma, a.p, a.part, a.c_iy, a.t, a.alpha, a.dt, a.b, a.c, a.d
 
 // Entry points: FusedFwdArgs<T> (args.cuh), x [B, D], w [C, D]; see fused_fwd for every argument.
-// Tiles (rows x classes): fused_fwd_* 128 x 128, fused_rows64_fwd_* 64 x 128, fused_tile64_fwd_*
-// 64 x 64; grid = (ceil(C / classes), ceil(B / rows)). The smaller tiles are for batches of at
-// most 64 rows and for grids that would leave most of the GPU idle (src/cuda/head.rs picks).
-#define T bf16_t
-// hot
-extern "C" __global__ void __launch_bounds__(256) fused_fwd_bf16(FUSED_FWD_ARGS) { fused_fwd<T, true, 128, 128>(FUSED_FWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256) fused_scalar_fwd_bf16(FUSED_FWD_ARGS) { fused_fwd<T, false, 128, 128>(FUSED_FWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256) fused_rows64_fwd_bf16(FUSED_FWD_ARGS) { fused_fwd<T, true, 64, 128>(FUSED_FWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256) fused_rows64_scalar_fwd_bf16(FUSED_FWD_ARGS) { fused_fwd<T, false, 64, 128>(FUSED_FWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256) fused_tile64_fwd_bf16(FUSED_FWD_ARGS) { fused_fwd<T, true, 64, 64>(FUSED_FWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256) fused_tile64_scalar_fwd_bf16(FUSED_FWD_ARGS) { fused_fwd<T, false, 64, 64>(FUSED_FWD_PASS); }
-#undef T
-#define T f16_t
-// hot
-extern "C" __global__ void __launch_bounds__(256) fused_fwd_f16(FUSED_FWD_ARGS) { fused_fwd<T, true, 128, 128>(FUSED_FWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256) fused_scalar_fwd_f16(FUSED_FWD_ARGS) { fused_fwd<T, false, 128, 128>(FUSED_FWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256) fused_rows64_fwd_f16(FUSED_FWD_ARGS) { fused_fwd<T, true, 64, 128>(FUSED_FWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256) fused_rows64_scalar_fwd_f16(FUSED_FWD_ARGS) { fused_fwd<T, false, 64, 128>(FUSED_FWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256) fused_tile64_fwd_f16(FUSED_FWD_ARGS) { fused_fwd<T, true, 64, 64>(FUSED_FWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256) fused_tile64_scalar_fwd_f16(FUSED_FWD_ARGS) { fused_fwd<T, false, 64, 64>(FUSED_FWD_PASS); }
-#undef T
-#define T float
-// hot
-extern "C" __global__ void __launch_bounds__(256) fused_fwd_f32(FUSED_FWD_ARGS) { fused_fwd<T, true, 128, 128>(FUSED_FWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256) fused_scalar_fwd_f32(FUSED_FWD_ARGS) { fused_fwd<T, false, 128, 128>(FUSED_FWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256) fused_rows64_fwd_f32(FUSED_FWD_ARGS) { fused_fwd<T, true, 64, 128>(FUSED_FWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256) fused_rows64_scalar_fwd_f32(FUSED_FWD_ARGS) { fused_fwd<T, false, 64, 128>(FUSED_FWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256) fused_tile64_fwd_f32(FUSED_FWD_ARGS) { fused_fwd<T, true, 64, 64>(FUSED_FWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256) fused_tile64_scalar_fwd_f32(FUSED_FWD_ARGS) { fused_fwd<T, false, 64, 64>(FUSED_FWD_PASS); }
-#undef T
+// Tiles (rows x classes): fused_fwd_r128c128_*, fused_fwd_r64c128_*, fused_fwd_r64c64_*;
+// grid = (ceil(C / classes), ceil(B / rows)). The smaller tiles are for batches of at most 64
+// rows and for grids that would leave most of the GPU idle (src/cuda/head/plan.rs picks).
+FC_DTYPES(fused_fwd_r128c128, (NTHREADS), FusedFwdArgs, fused_fwd<T, true, 128, 128>(FUSED_FWD_PASS))
+FC_DTYPES(fused_fwd_r128c128_scalar, (NTHREADS), FusedFwdArgs, fused_fwd<T, false, 128, 128>(FUSED_FWD_PASS))
+FC_DTYPES(fused_fwd_r64c128, (NTHREADS), FusedFwdArgs, fused_fwd<T, true, 64, 128>(FUSED_FWD_PASS))
+FC_DTYPES(fused_fwd_r64c128_scalar, (NTHREADS), FusedFwdArgs, fused_fwd<T, false, 64, 128>(FUSED_FWD_PASS))
+FC_DTYPES(fused_fwd_r64c64, (NTHREADS), FusedFwdArgs, fused_fwd<T, true, 64, 64>(FUSED_FWD_PASS))
+FC_DTYPES(fused_fwd_r64c64_scalar, (NTHREADS), FusedFwdArgs, fused_fwd<T, false, 64, 64>(FUSED_FWD_PASS))
 
 // ---- forward combine --------------------------------------------------------------------------
 // One warp per row, 8 rows per 256-thread block; grid = ceil(B / 8). Lane k merges the
@@ -603,42 +570,16 @@ __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __re
     }
 }
 
-#define FUSED_BWD_ARGS const FusedBwdArgs<T> a
 #define FUSED_BWD_PASS                                                                                                  \
     a.x, a.w, a.inv_x, a.inv_w, a.labels, a.t, a.dt, a.lse, a.row_g, a.g_scale, a.p, a.dxp, a.dwacc, a.dw, a.dw32, a.dwp, \
         a.b, a.c, a.d
 
 // Entry points: FusedBwdArgs<T> (args.cuh); see fused_bwd. dxp, dwacc, dw, dw32 and dwp never alias
 // each other or the inputs.
-// Class tiles of 128 (fused_bwd_*) or 64 (fused_cols64_bwd_*: twice the CTAs where there are
+// Class tiles of 128 (fused_bwd_c128_*) or 64 (fused_bwd_c64_*: twice the CTAs where there are
 // too few class tiles to fill the GPU); dynamic smem bwd_smem_bytes<T, BN>().
-#define T bf16_t
-// hot
-extern "C" __global__ void __launch_bounds__(256, 1) fused_bwd_bf16(FUSED_BWD_ARGS) { fused_bwd<T, true, 128>(FUSED_BWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256, 1) fused_scalar_bwd_bf16(FUSED_BWD_ARGS) { fused_bwd<T, false, 128>(FUSED_BWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256, 1) fused_cols64_bwd_bf16(FUSED_BWD_ARGS) { fused_bwd<T, true, 64>(FUSED_BWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256, 1) fused_cols64_scalar_bwd_bf16(FUSED_BWD_ARGS) { fused_bwd<T, false, 64>(FUSED_BWD_PASS); }
-#undef T
-#define T f16_t
-// hot
-extern "C" __global__ void __launch_bounds__(256, 1) fused_bwd_f16(FUSED_BWD_ARGS) { fused_bwd<T, true, 128>(FUSED_BWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256, 1) fused_scalar_bwd_f16(FUSED_BWD_ARGS) { fused_bwd<T, false, 128>(FUSED_BWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256, 1) fused_cols64_bwd_f16(FUSED_BWD_ARGS) { fused_bwd<T, true, 64>(FUSED_BWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256, 1) fused_cols64_scalar_bwd_f16(FUSED_BWD_ARGS) { fused_bwd<T, false, 64>(FUSED_BWD_PASS); }
-#undef T
-#define T float
-// hot
-extern "C" __global__ void __launch_bounds__(256, 1) fused_bwd_f32(FUSED_BWD_ARGS) { fused_bwd<T, true, 128>(FUSED_BWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256, 1) fused_scalar_bwd_f32(FUSED_BWD_ARGS) { fused_bwd<T, false, 128>(FUSED_BWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256, 1) fused_cols64_bwd_f32(FUSED_BWD_ARGS) { fused_bwd<T, true, 64>(FUSED_BWD_PASS); }
-// hot
-extern "C" __global__ void __launch_bounds__(256, 1) fused_cols64_scalar_bwd_f32(FUSED_BWD_ARGS) { fused_bwd<T, false, 64>(FUSED_BWD_PASS); }
-#undef T
+// One CTA per SM (launch bounds (256, 1)): the mainloop needs ~180 registers per thread.
+FC_DTYPES(fused_bwd_c128, (NTHREADS, 1), FusedBwdArgs, fused_bwd<T, true, 128>(FUSED_BWD_PASS))
+FC_DTYPES(fused_bwd_c128_scalar, (NTHREADS, 1), FusedBwdArgs, fused_bwd<T, false, 128>(FUSED_BWD_PASS))
+FC_DTYPES(fused_bwd_c64, (NTHREADS, 1), FusedBwdArgs, fused_bwd<T, true, 64>(FUSED_BWD_PASS))
+FC_DTYPES(fused_bwd_c64_scalar, (NTHREADS, 1), FusedBwdArgs, fused_bwd<T, false, 64>(FUSED_BWD_PASS))

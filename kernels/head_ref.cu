@@ -10,7 +10,7 @@
 //   ref_grad_bwd_f32       dc [B, C] (SPEC 4)
 //   cuBLAS                 dxh = dc . wh,  dwh = dc^T . xh                  (f32)
 //   head_normback_bwd_<T>  dx = (dxh - xh (xh . dxh)) * inv   (also the fused path's
-//                          combine of its dx partials; writes T or f32)
+//                          combine of its dx partials; writes T, or f32: _f32out_<T>)
 // Every reduction is a fixed shuffle tree or a fixed sequential loop, so two runs
 // give the same bits (cuBLAS SGEMM is deterministic for a fixed stream and shape).
 // Every entry point takes one argument struct from args.cuh (named next to each kernel),
@@ -35,15 +35,7 @@ __device__ __forceinline__ void ref_normalize(const T* __restrict__ x, float* __
 }
 
 // RefNormalizeArgs<T>: x [rows, d] in; xh [rows, d] out; inv [rows] out. No aliasing.
-extern "C" __global__ void __launch_bounds__(256) ref_normalize_fwd_f32(const RefNormalizeArgs<float> a) {
-    ref_normalize(a.x, a.xh, a.inv, a.rows, a.d);
-}
-extern "C" __global__ void __launch_bounds__(256) ref_normalize_fwd_bf16(const RefNormalizeArgs<bf16_t> a) {
-    ref_normalize(a.x, a.xh, a.inv, a.rows, a.d);
-}
-extern "C" __global__ void __launch_bounds__(256) ref_normalize_fwd_f16(const RefNormalizeArgs<f16_t> a) {
-    ref_normalize(a.x, a.xh, a.inv, a.rows, a.d);
-}
+FC_DTYPES(ref_normalize_fwd, (256), RefNormalizeArgs, ref_normalize<T>(a.x, a.xh, a.inv, a.rows, a.d))
 
 // ---- margin + cloud on the target column ---------------------------------------------
 // One thread per row; grid = ceil(B / 256). Ignored rows (label < 0) write zeros.
@@ -74,18 +66,9 @@ __device__ __forceinline__ void ref_margin(const T* __restrict__ x, const T* __r
     dt[i] = tl.dt;
 }
 
-#define REF_MARGIN_ARGS const RefMarginArgs<T> a
-#define REF_MARGIN_PASS a.x, a.w, a.labels, a.sigma, a.p, a.c_iy, a.t, a.alpha, a.dt, a.b, a.d
 // Entry points: RefMarginArgs<T> (args.cuh); see ref_margin for every argument.
-#define T float
-extern "C" __global__ void __launch_bounds__(256) ref_margin_fwd_f32(REF_MARGIN_ARGS) { ref_margin<T>(REF_MARGIN_PASS); }
-#undef T
-#define T bf16_t
-extern "C" __global__ void __launch_bounds__(256) ref_margin_fwd_bf16(REF_MARGIN_ARGS) { ref_margin<T>(REF_MARGIN_PASS); }
-#undef T
-#define T f16_t
-extern "C" __global__ void __launch_bounds__(256) ref_margin_fwd_f16(REF_MARGIN_ARGS) { ref_margin<T>(REF_MARGIN_PASS); }
-#undef T
+FC_DTYPES(ref_margin_fwd, (256), RefMarginArgs,
+          ref_margin<T>(a.x, a.w, a.labels, a.sigma, a.p, a.c_iy, a.t, a.alpha, a.dt, a.b, a.d))
 
 // ---- softmax cross-entropy ---------------------------------------------------------------
 // One 256-thread block per row (grid = B). Thread k folds z_ij for j = k, k+256, ...
@@ -205,19 +188,13 @@ __device__ __forceinline__ void normback(float* parts, int nparts, long long par
 }
 
 // NormbackArgs<T, TO>: parts [nparts, rows, d] f32; x [rows, d]; inv [rows]; out [rows, d] or
-// null (f32 only: in place).
-extern "C" __global__ void __launch_bounds__(256) head_normback_bwd_f32(const NormbackArgs<float, float> a) {
-    normback<float, float>(a.parts, a.nparts, a.part_stride, a.x, a.inv, a.out, a.rows, a.d);
+// null (f32 only: in place). head_normback_bwd_<T> writes T (TO = T); the f32out variants write
+// an f32 dW from 16-bit storage (spelled out: their argument struct is not Args<T>).
+#define NORMBACK_PASS a.parts, a.nparts, a.part_stride, a.x, a.inv, a.out, a.rows, a.d
+FC_DTYPES(head_normback_bwd, (256), NormbackArgs, normback<T, T>(NORMBACK_PASS))
+extern "C" __global__ void __launch_bounds__(256) head_normback_bwd_f32out_bf16(const NormbackArgs<bf16_t, float> a) {
+    normback<bf16_t, float>(NORMBACK_PASS);
 }
-extern "C" __global__ void __launch_bounds__(256) head_normback_bwd_bf16(const NormbackArgs<bf16_t, bf16_t> a) {
-    normback<bf16_t, bf16_t>(a.parts, a.nparts, a.part_stride, a.x, a.inv, a.out, a.rows, a.d);
-}
-extern "C" __global__ void __launch_bounds__(256) head_normback_bwd_f16(const NormbackArgs<f16_t, f16_t> a) {
-    normback<f16_t, f16_t>(a.parts, a.nparts, a.part_stride, a.x, a.inv, a.out, a.rows, a.d);
-}
-extern "C" __global__ void __launch_bounds__(256) head_normback32_bwd_bf16(const NormbackArgs<bf16_t, float> a) {
-    normback<bf16_t, float>(a.parts, a.nparts, a.part_stride, a.x, a.inv, a.out, a.rows, a.d);
-}
-extern "C" __global__ void __launch_bounds__(256) head_normback32_bwd_f16(const NormbackArgs<f16_t, float> a) {
-    normback<f16_t, float>(a.parts, a.nparts, a.part_stride, a.x, a.inv, a.out, a.rows, a.d);
+extern "C" __global__ void __launch_bounds__(256) head_normback_bwd_f32out_f16(const NormbackArgs<f16_t, float> a) {
+    normback<f16_t, float>(NORMBACK_PASS);
 }

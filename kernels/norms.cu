@@ -26,12 +26,4 @@ __device__ __forceinline__ void row_norms(const T* __restrict__ x, float* __rest
 
 // Entry points take RowNormsArgs (args.cuh): x [rows, d] in; norm, inv [rows] out, each may
 // be null. No aliasing.
-extern "C" __global__ void __launch_bounds__(256) row_norms_f32(const RowNormsArgs<float> a) {
-    row_norms(a.x, a.norm, a.inv, a.rows, a.d);
-}
-extern "C" __global__ void __launch_bounds__(256) row_norms_bf16(const RowNormsArgs<bf16_t> a) {
-    row_norms(a.x, a.norm, a.inv, a.rows, a.d);
-}
-extern "C" __global__ void __launch_bounds__(256) row_norms_f16(const RowNormsArgs<f16_t> a) {
-    row_norms(a.x, a.norm, a.inv, a.rows, a.d);
-}
+FC_DTYPES(row_norms_fwd, (256), RowNormsArgs, row_norms<T>(a.x, a.norm, a.inv, a.rows, a.d))

@@ -31,6 +31,9 @@
 //   stats_reduce_f32: block b reduces classes [b*chunk, (b+1)*chunk) to (num, den) partials;
 //   stats_cloud_f32 : every block re-reduces the P partials in the same fixed order (so all
 //                     blocks hold bitwise the same var_h) and writes sigma for its classes.
+//
+// Names: <op>_<pass>_<dtype> with op `stats` and the pass one of the four stages above.
+// Hot kernels (must not spill, tests/resources.rs): stats_*
 #include "common.cuh"
 #include "args.cuh"
 
@@ -150,18 +153,8 @@ __device__ __forceinline__ void stats_update(const T* __restrict__ x, const floa
     }
 }
 
-// hot
-extern "C" __global__ void __launch_bounds__(STATS_THREADS) stats_update_f32(const StatsUpdateArgs<float> a) {
-    stats_update(a.x, a.inv, a.seg, a.num_seg, a.d, a.beta, a.centers, a.mu, a.v, a.n, a.init);
-}
-// hot
-extern "C" __global__ void __launch_bounds__(STATS_THREADS) stats_update_bf16(const StatsUpdateArgs<bf16_t> a) {
-    stats_update(a.x, a.inv, a.seg, a.num_seg, a.d, a.beta, a.centers, a.mu, a.v, a.n, a.init);
-}
-// hot
-extern "C" __global__ void __launch_bounds__(STATS_THREADS) stats_update_f16(const StatsUpdateArgs<f16_t> a) {
-    stats_update(a.x, a.inv, a.seg, a.num_seg, a.d, a.beta, a.centers, a.mu, a.v, a.n, a.init);
-}
+FC_DTYPES(stats_update, (STATS_THREADS), StatsUpdateArgs,
+          stats_update<T>(a.x, a.inv, a.seg, a.num_seg, a.d, a.beta, a.centers, a.mu, a.v, a.n, a.init))
 
 // ---- update from the head's target angles (center = class_weight) ----------------------
 //
@@ -187,7 +180,6 @@ __device__ __forceinline__ void stats_angles(
     }
     update_moments(k, p1 - p0, sa, sa2, beta, mu, v, n, init);
 }
-// hot
 extern "C" __global__ void __launch_bounds__(STATS_THREADS) stats_angles_f32(const StatsAnglesArgs a) {
     stats_angles(a.ang, a.seg, a.num_seg, a.is_cos, a.beta, a.mu, a.v, a.n, a.init);
 }
@@ -225,7 +217,6 @@ __device__ __forceinline__ void stats_reduce(
         partial[2 * blockIdx.x + 1] = den;
     }
 }
-// hot
 extern "C" __global__ void __launch_bounds__(STATS_THREADS) stats_reduce_f32(const StatsReduceArgs a) {
     stats_reduce(a.mu, a.v, a.init, a.counts, a.c, a.chunk, a.adaptive, a.thresh, a.partial);
 }
@@ -266,7 +257,6 @@ __device__ __forceinline__ void stats_cloud(
         sigma[k] = s;
     }
 }
-// hot
 extern "C" __global__ void __launch_bounds__(STATS_THREADS) stats_cloud_f32(const StatsCloudArgs a) {
     stats_cloud(a.partial, a.num_partial, a.mu, a.v, a.init, a.counts, a.c, a.adaptive, a.thresh, a.warm, a.sigma,
                 a.head);

@@ -36,7 +36,7 @@ fn every_module_has_an_entry_point_and_code_when_built() {
             assert_eq!(&bin[..4], b"\x7fELF", "module {} cubin is not an ELF image", m.name);
         }
     }
-    assert!(kernels::norms::MODULE.ptx.contains(".entry row_norms_bf16("));
+    assert!(kernels::norms::MODULE.ptx.contains(".entry row_norms_fwd_bf16("));
 }
 
 fn host_norms(x: &[f32], d: usize) -> Vec<f64> {
@@ -88,7 +88,7 @@ fn info_exits_zero_and_reports_kernels_and_device() {
     if kernels::KERNELS_BUILT {
         let (maj, min) = kernels::NVRTC_VERSION.unwrap();
         assert!(stdout.contains(&format!("NVRTC {maj}.{min}")), "{stdout}");
-        assert!(stdout.contains("row_norms_bf16") && stdout.contains("sm_90"), "{stdout}");
+        assert!(stdout.contains("row_norms_fwd_bf16") && stdout.contains("sm_90"), "{stdout}");
     } else {
         assert!(stdout.contains("NOT built"), "{stdout}");
     }

@@ -246,7 +246,7 @@ fn an_out_of_bounds_write_names_the_kernel_and_the_buffer() {
     let line = line!() - 1;
     let l = row_norms_launch(DType::F32, rows, d, x.ptr(), short.ptr(), inv.ptr());
     let msg = launch(&dev, &l).expect("the overrun is caught");
-    assert!(msg.contains("row_norms_f32"), "{msg}");
+    assert!(msg.contains("row_norms_fwd_f32"), "{msg}");
     assert!(msg.contains("past the end"), "{msg}");
     assert!(msg.contains("[9] f32"), "{msg}");
     assert!(msg.contains(&format!("tests/emulator.rs:{line}")), "{msg} (allocated at line {line})");
@@ -274,22 +274,22 @@ fn launches_outside_the_limits_are_refused() {
         }
     };
     // __launch_bounds__(256): 512 threads refused, 256 fine.
-    refused(Launch::new(norms::ROW_NORMS_F32, [1, 1, 1], [512, 1, 1], 0, &args), "__launch_bounds__");
-    assert_eq!(launch(&dev, &Launch::new(norms::ROW_NORMS_F32, [1, 1, 1], [256, 1, 1], 0, &args)), None);
-    refused(Launch::new(norms::ROW_NORMS_F32, [1, 70_000, 1], [256, 1, 1], 0, &args), "grid");
-    refused(Launch::new(norms::ROW_NORMS_F32, [0, 1, 1], [256, 1, 1], 0, &args), "grid");
-    refused(Launch::new(norms::ROW_NORMS_F32, [1, 1, 1], [256, 1, 1], 300_000, &args), "shared memory");
+    refused(Launch::new(norms::ROW_NORMS_FWD_F32, [1, 1, 1], [512, 1, 1], 0, &args), "__launch_bounds__");
+    assert_eq!(launch(&dev, &Launch::new(norms::ROW_NORMS_FWD_F32, [1, 1, 1], [256, 1, 1], 0, &args)), None);
+    refused(Launch::new(norms::ROW_NORMS_FWD_F32, [1, 70_000, 1], [256, 1, 1], 0, &args), "grid");
+    refused(Launch::new(norms::ROW_NORMS_FWD_F32, [0, 1, 1], [256, 1, 1], 0, &args), "grid");
+    refused(Launch::new(norms::ROW_NORMS_FWD_F32, [1, 1, 1], [256, 1, 1], 300_000, &args), "shared memory");
     // Another kernel's argument struct of the same size (32 bytes) is refused by name.
     let other = RefNormalizeArgs { x: x.ptr(), xh: inv.ptr(), inv: inv.ptr(), rows: 8, d: 8 };
     assert_eq!(std::mem::size_of_val(&other), std::mem::size_of_val(&args));
-    refused(Launch::new(norms::ROW_NORMS_F32, [1, 1, 1], [256, 1, 1], 0, &other), "RowNormsArgs");
+    refused(Launch::new(norms::ROW_NORMS_FWD_F32, [1, 1, 1], [256, 1, 1], 0, &other), "RowNormsArgs");
 }
 
 #[test]
 fn register_and_shared_memory_limits_follow_the_ptxas_table() {
     let res = |registers: u32, shared_bytes: u32| KernelResources {
         module: "head_fused",
-        kernel: "fused_bwd_bf16",
+        kernel: "fused_bwd_c128_bf16",
         arch: 90,
         registers,
         spill_stores: 0,
@@ -299,7 +299,7 @@ fn register_and_shared_memory_limits_follow_the_ptxas_table() {
         hot: true,
     };
     let args = featcloud::cuda::args::FusedBwdArgs::default();
-    let l = Launch::new(head_fused::FUSED_BWD_BF16, [1, 1, 1], [256, 1, 1], 65_536, &args);
+    let l = Launch::new(head_fused::FUSED_BWD_C128_BF16, [1, 1, 1], [256, 1, 1], 65_536, &args);
     // 256 threads x 256 registers = the whole register file: fits; 257 rounds up to 264.
     assert!(check_launch_limits(&l, 232_448, Some(&res(256, 0))).is_ok());
     assert!(check_launch_limits(&l, 232_448, Some(&res(250, 0))).is_ok());

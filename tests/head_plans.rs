@@ -24,9 +24,9 @@ fn fused_forward_grid_covers_every_class_and_row_tile() {
                 assert!(name.ends_with(dtype.name()), "{name} for {dtype:?}");
                 assert_eq!(name.contains("scalar"), !vec, "{name}");
                 let tag = match tile {
-                    (128, 128) => "fused_",
-                    (64, 128) => "fused_rows64_",
-                    _ => "fused_tile64_",
+                    (128, 128) => "fused_fwd_r128c128_",
+                    (64, 128) => "fused_fwd_r64c128_",
+                    _ => "fused_fwd_r64c64_",
                 };
                 assert!(name.starts_with(tag), "{name} for {tile:?}");
                 let got = l.args_as::<FusedFwdArgs>().unwrap();
@@ -45,7 +45,7 @@ fn fused_backward_grid_smem_and_dw_destination() {
             let a = FusedBwdArgs { dwp: DevPtr(if s > 1 { 0x10 } else { 0 }), ..Default::default() };
             let l = plan::fused_bwd(dtype, SHAPE, (cols, g, s), true, a).unwrap();
             assert_eq!(l.grid, [g as u32, s as u32, 1]);
-            assert_eq!(l.kernel.name.contains("cols64"), cols == 64);
+            assert!(l.kernel.name.starts_with(if cols == 64 { "fused_bwd_c64_" } else { "fused_bwd_c128_" }));
             // The dynamic shared memory the kernel was written for (the .cu asserts it).
             let want = match (dtype, cols) {
                 (DType::F32, 128) => 98_304,
@@ -64,7 +64,7 @@ fn one_warp_per_row_kernels_cover_every_row() {
     for rows in [1usize, 8, 9, 130] {
         let l = plan::normback(DType::BF16, true, rows, 40, 3, NormbackArgs::default());
         assert_eq!(l.grid[0] as usize * 8, rows.div_ceil(8) * 8);
-        assert!(l.kernel.name.starts_with("head_normback32"), "f32 output of bf16 storage");
+        assert!(l.kernel.name.starts_with("head_normback_bwd_f32out_"), "f32 output of bf16 storage");
         let a = l.args_as::<NormbackArgs>().unwrap();
         assert_eq!((a.nparts, a.part_stride, a.rows, a.d), (3, (rows * 40) as i64, rows as i32, 40));
     }

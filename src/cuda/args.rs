@@ -501,7 +501,7 @@ const _: () = assert!(std::mem::offset_of!(RefGradArgs, c) == 116);
 // (size and offsets asserted above and there).
 unsafe impl KernelArgs for RefGradArgs {}
 
-/// `head_normback_bwd_<T>` (out in T) and `head_normback32_bwd_<T>` (out in f32): sum of
+/// `head_normback_bwd_<T>` (out in T) and `head_normback_bwd_f32out_<T>` (out in f32): sum of
 /// the parts, then the normalization backward.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]

@@ -2,26 +2,18 @@
 
 use super::args::RowNormsArgs;
 use super::kernels::norms as k;
-use super::{DevPtr, Device, DeviceElem, Kernel, Launch, Tensor};
-use crate::config::DType;
+use super::{DevPtr, Device, DeviceElem, Launch, Tensor};
+use crate::DType;
 use crate::error::{Error, Result};
 
 /// Rows per block: one warp per row, 8 warps.
 const WARPS_PER_BLOCK: usize = 8;
 
-fn kernel_for(dtype: DType) -> Kernel {
-    match dtype {
-        DType::F32 => k::ROW_NORMS_F32,
-        DType::BF16 => k::ROW_NORMS_BF16,
-        DType::F16 => k::ROW_NORMS_F16,
-    }
-}
-
 /// The launch computing the norms and/or inverse norms of `rows` rows of `d`
 /// elements of `dtype` at `x` (either output may be [`DevPtr::NULL`]).
 pub fn row_norms_launch(dtype: DType, rows: usize, d: usize, x: DevPtr, norm: DevPtr, inv: DevPtr) -> Launch {
     let a = RowNormsArgs { x, norm, inv, rows: rows as i32, d: d as i32 };
-    Launch::linear(kernel_for(dtype), rows.div_ceil(WARPS_PER_BLOCK), (WARPS_PER_BLOCK * 32) as u32, &a)
+    Launch::linear(k::ROW_NORMS_FWD[dtype], rows.div_ceil(WARPS_PER_BLOCK), (WARPS_PER_BLOCK * 32) as u32, &a)
 }
 
 fn rows_d<T: DeviceElem>(x: &Tensor<T>) -> Result<(usize, usize)> {

@@ -19,7 +19,7 @@
 
 use super::args::{StatsAnglesArgs, StatsCloudArgs, StatsReduceArgs, StatsUpdateArgs};
 use super::kernels::stats as k;
-use super::{norms, Device, DeviceElem, Kernel, Launch, SmokeLine, Tensor};
+use super::{norms, Device, DeviceElem, Launch, SmokeLine, Tensor};
 use crate::check::check_labels;
 use crate::config::{CenterMode, DType, Split, StatsConfig};
 use crate::error::{Error, Result};
@@ -37,14 +37,6 @@ const MIN_REDUCE_CHUNK: usize = 4096;
 const MAX_PARTIALS: usize = 1024;
 /// Largest supported C: keeps `k0 + chunk` inside i32 in the kernels.
 const MAX_CLASSES: usize = 1 << 30;
-
-fn update_kernel(dtype: DType) -> Kernel {
-    match dtype {
-        DType::F32 => k::STATS_UPDATE_F32,
-        DType::BF16 => k::STATS_UPDATE_BF16,
-        DType::F16 => k::STATS_UPDATE_F16,
-    }
-}
 
 /// A batch's labels grouped by class: the segments the update kernels take.
 ///
@@ -258,7 +250,7 @@ impl ClassStats {
                 beta: self.cfg.beta,
                 ..Default::default()
             };
-            let l = Launch::linear(update_kernel(T::DTYPE), seg.len(), THREADS, &args);
+            let l = Launch::linear(k::STATS_UPDATE[T::DTYPE], seg.len(), THREADS, &args);
             // SAFETY: x holds B*D elements of T and inv B f32 (row_norms of x); seg_dev holds
             // 2S+1+R i32 laid out as the kernel reads them, with unique classes in [0, C)
             // (bucket_labels checked the labels) and rows in [0, B); centers [C, D], mu, v, n,

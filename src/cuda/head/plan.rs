@@ -13,15 +13,15 @@ use crate::cuda::args::{
     RefMarginArgs, RefNormalizeArgs, RefSoftmaxArgs,
 };
 use crate::cuda::kernels::{head_fused as kf, head_ref as kr};
-use crate::cuda::{Kernel, Launch};
+use crate::cuda::Launch;
 use crate::error::{Error, Result};
 
-/// The fused forward's tiles (rows, classes), largest first: `fused_fwd_*`,
-/// `fused_rows64_fwd_*` and `fused_tile64_fwd_*` in `kernels/head_fused.cu`.
+/// The fused forward's tiles (rows, classes), largest first: `fused_fwd_r128c128_*`,
+/// `fused_fwd_r64c128_*` and `fused_fwd_r64c64_*` in `kernels/head_fused.cu`.
 pub const FORWARD_TILES: [(usize, usize); 3] = [(128, 128), (64, 128), (64, 64)];
 /// The smallest forward tile's rows (the grid-size check assumes it).
 pub(super) const FWD_BM_SMALL: usize = 64;
-/// Fused backward tile: rows, and classes (`fused_bwd_*`; `fused_cols64_bwd_*` take 64).
+/// Fused backward tile: rows, and classes (`fused_bwd_c128_*`; `fused_bwd_c64_*` take 64).
 pub(super) const BWD_BM: usize = 64;
 pub(super) const BWD_BN: usize = 128;
 pub(super) const BWD_BN_SMALL: usize = 64;
@@ -222,15 +222,6 @@ pub fn head_params(cfg: &HeadConfig, shape: HeadShape, seed: u64, step: u64) -> 
     }
 }
 
-/// The entry point of `dtype` among the three variants of one kernel.
-pub fn dtype_kernel(dtype: DType, f32k: Kernel, bf16k: Kernel, f16k: Kernel) -> Kernel {
-    match dtype {
-        DType::F32 => f32k,
-        DType::BF16 => bf16k,
-        DType::F16 => f16k,
-    }
-}
-
 fn warp_rows(rows: usize) -> usize {
     rows.div_ceil(WARP_ROWS)
 }
@@ -239,17 +230,14 @@ fn warp_rows(rows: usize) -> usize {
 pub fn ref_normalize(dtype: DType, rows: usize, d: usize, mut a: RefNormalizeArgs) -> Launch {
     a.rows = rows as i32;
     a.d = d as i32;
-    let k =
-        dtype_kernel(dtype, kr::REF_NORMALIZE_FWD_F32, kr::REF_NORMALIZE_FWD_BF16, kr::REF_NORMALIZE_FWD_F16);
-    Launch::linear(k, warp_rows(rows), THREADS, &a)
+    Launch::linear(kr::REF_NORMALIZE_FWD[dtype], warp_rows(rows), THREADS, &a)
 }
 
 /// `ref_margin_fwd_*`: the target logit per row (one thread per row).
 pub fn ref_margin(dtype: DType, shape: HeadShape, mut a: RefMarginArgs) -> Launch {
     a.b = shape.b as i32;
     a.d = shape.d as i32;
-    let k = dtype_kernel(dtype, kr::REF_MARGIN_FWD_F32, kr::REF_MARGIN_FWD_BF16, kr::REF_MARGIN_FWD_F16);
-    Launch::linear(k, shape.b.div_ceil(THREADS as usize), THREADS, &a)
+    Launch::linear(kr::REF_MARGIN_FWD[dtype], shape.b.div_ceil(THREADS as usize), THREADS, &a)
 }
 
 /// `ref_softmax_fwd_f32`: lse and loss per row (one block per row of the B x C cosines).
@@ -272,7 +260,7 @@ pub fn head_reduce(b: usize, mut a: HeadReduceArgs) -> Launch {
 }
 
 /// `head_normback_*`: out = (g - u (u . g)) * inv with g the sum of `nparts` partials
-/// (one warp per row); `out_f32` picks the f32-output variant for 16-bit storage.
+/// (one warp per row); `out_f32` picks the f32-output variant (`_f32out_`) for 16-bit storage.
 pub fn normback(
     dtype: DType,
     out_f32: bool,
@@ -285,22 +273,21 @@ pub fn normback(
     a.part_stride = (rows * d) as i64;
     a.rows = rows as i32;
     a.d = d as i32;
+    // f32 storage writes f32 either way, so the f32-output variants exist for 16 bits only.
     let k = match (dtype, out_f32) {
-        (DType::F32, _) => kr::HEAD_NORMBACK_BWD_F32,
-        (DType::BF16, false) => kr::HEAD_NORMBACK_BWD_BF16,
-        (DType::F16, false) => kr::HEAD_NORMBACK_BWD_F16,
-        (DType::BF16, true) => kr::HEAD_NORMBACK32_BWD_BF16,
-        (DType::F16, true) => kr::HEAD_NORMBACK32_BWD_F16,
+        (DType::BF16, true) => kr::HEAD_NORMBACK_BWD_F32OUT_BF16,
+        (DType::F16, true) => kr::HEAD_NORMBACK_BWD_F32OUT_F16,
+        _ => kr::HEAD_NORMBACK_BWD[dtype],
     };
     Launch::linear(k, warp_rows(rows), THREADS, &a)
 }
 
-/// Whether `fused_*` (16-byte cp.async) can run at D, else `fused_scalar_*`.
+/// Whether the `fused_*` kernels with 16-byte cp.async can run at D, else `fused_*_scalar_*`.
 pub fn fused_vectorized(dtype: DType, d: usize) -> bool {
     d % (16 / dtype.size()) == 0
 }
 
-/// `fused_*fwd_*`: (max, sumexp, sum z) partials per (row, class tile) and the target
+/// `fused_fwd_*`: (max, sumexp, sum z) partials per (row, class tile) and the target
 /// logit per row; grid = class tiles x row tiles of `tile` (rows, classes). `vec`: the
 /// cp.async kernels (D a chunk multiple and 16-byte aligned bases).
 pub fn fused_fwd(
@@ -310,34 +297,18 @@ pub fn fused_fwd(
     vec: bool,
     mut a: FusedFwdArgs,
 ) -> Result<Launch> {
-    use kf::*;
-    let k = match (tile, vec) {
-        ((128, 128), true) => dtype_kernel(dtype, FUSED_FWD_F32, FUSED_FWD_BF16, FUSED_FWD_F16),
-        ((128, 128), false) => {
-            dtype_kernel(dtype, FUSED_SCALAR_FWD_F32, FUSED_SCALAR_FWD_BF16, FUSED_SCALAR_FWD_F16)
-        }
-        ((64, 128), true) => {
-            dtype_kernel(dtype, FUSED_ROWS64_FWD_F32, FUSED_ROWS64_FWD_BF16, FUSED_ROWS64_FWD_F16)
-        }
-        ((64, 128), false) => dtype_kernel(
-            dtype,
-            FUSED_ROWS64_SCALAR_FWD_F32,
-            FUSED_ROWS64_SCALAR_FWD_BF16,
-            FUSED_ROWS64_SCALAR_FWD_F16,
-        ),
-        ((64, 64), true) => {
-            dtype_kernel(dtype, FUSED_TILE64_FWD_F32, FUSED_TILE64_FWD_BF16, FUSED_TILE64_FWD_F16)
-        }
-        ((64, 64), false) => dtype_kernel(
-            dtype,
-            FUSED_TILE64_SCALAR_FWD_F32,
-            FUSED_TILE64_SCALAR_FWD_BF16,
-            FUSED_TILE64_SCALAR_FWD_F16,
-        ),
+    let family = match (tile, vec) {
+        ((128, 128), true) => kf::FUSED_FWD_R128C128,
+        ((128, 128), false) => kf::FUSED_FWD_R128C128_SCALAR,
+        ((64, 128), true) => kf::FUSED_FWD_R64C128,
+        ((64, 128), false) => kf::FUSED_FWD_R64C128_SCALAR,
+        ((64, 64), true) => kf::FUSED_FWD_R64C64,
+        ((64, 64), false) => kf::FUSED_FWD_R64C64_SCALAR,
         ((rows, cols), _) => {
             return Err(Error::InvalidConfig(format!("no fused forward kernel for a {rows} x {cols} tile")))
         }
     };
+    let k = family[dtype];
     a.b = shape.b as i32;
     a.c = shape.c as i32;
     a.d = shape.d as i32;
@@ -353,7 +324,7 @@ pub fn fused_combine(b: usize, n_ct: usize, mut a: FusedCombineArgs) -> Launch {
     Launch::linear(kf::FUSED_COMBINE_FWD_F32, warp_rows(b), THREADS, &a)
 }
 
-/// `fused_*bwd_*`: dx partials per CTA and dW (or its partials) over the grid
+/// `fused_bwd_*`: dx partials per CTA and dW (or its partials) over the grid
 /// G x S = (`groups`, `splits`) with class tiles of `cols`.
 pub fn fused_bwd(
     dtype: DType,
@@ -362,23 +333,14 @@ pub fn fused_bwd(
     vec: bool,
     mut a: FusedBwdArgs,
 ) -> Result<Launch> {
-    use kf::*;
-    let k = match (cols, vec) {
-        (BWD_BN, true) => dtype_kernel(dtype, FUSED_BWD_F32, FUSED_BWD_BF16, FUSED_BWD_F16),
-        (BWD_BN, false) => {
-            dtype_kernel(dtype, FUSED_SCALAR_BWD_F32, FUSED_SCALAR_BWD_BF16, FUSED_SCALAR_BWD_F16)
-        }
-        (BWD_BN_SMALL, true) => {
-            dtype_kernel(dtype, FUSED_COLS64_BWD_F32, FUSED_COLS64_BWD_BF16, FUSED_COLS64_BWD_F16)
-        }
-        (BWD_BN_SMALL, false) => dtype_kernel(
-            dtype,
-            FUSED_COLS64_SCALAR_BWD_F32,
-            FUSED_COLS64_SCALAR_BWD_BF16,
-            FUSED_COLS64_SCALAR_BWD_F16,
-        ),
+    let family = match (cols, vec) {
+        (BWD_BN, true) => kf::FUSED_BWD_C128,
+        (BWD_BN, false) => kf::FUSED_BWD_C128_SCALAR,
+        (BWD_BN_SMALL, true) => kf::FUSED_BWD_C64,
+        (BWD_BN_SMALL, false) => kf::FUSED_BWD_C64_SCALAR,
         _ => return Err(Error::InvalidConfig(format!("no fused backward kernel for {cols}-class tiles"))),
     };
+    let k = family[dtype];
     a.b = shape.b as i32;
     a.c = shape.c as i32;
     a.d = shape.d as i32;
