@@ -51,8 +51,11 @@ fn main() {
         .filter(|p| p.extension().is_some_and(|e| e == "cuh"))
         .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), scan::read(p)))
         .collect();
-    let sources: Vec<scan::Src> =
-        files.iter().filter(|p| p.extension().is_some_and(|e| e == "cu")).map(|p| scan::Src::read(p)).collect();
+    let sources: Vec<scan::Src> = files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .map(|p| scan::Src::read(p))
+        .collect();
     for p in &files {
         println!("cargo:rerun-if-changed={}", p.display());
     }
@@ -113,7 +116,11 @@ fn main() {
             Target::Cubin(arch) => {
                 let f = out_dir.join(format!("{}.sm_{arch}.cubin", src.stem));
                 fs::write(&f, bytes).unwrap();
-                built[s].cubins.push((arch, f, ptxas::parse_ptxas_log(log)));
+                built[s].cubins.push(codegen::Cubin {
+                    arch,
+                    file: f,
+                    resources: ptxas::parse_ptxas_log(log),
+                });
             }
         }
     }
@@ -128,7 +135,8 @@ fn main() {
     };
     fs::write(out_dir.join("kernels.rs"), codegen::kernels_rs(&header, &sources, &built)).unwrap();
     // The emulated device's kernel registry: every entry point, from the same scan.
-    let (kernels_inc, sources_inc) = codegen::emu_registry(&sources);
+    let selftest = scan::Src::read(&manifest.join("emu/selftest.cu"));
+    let (kernels_inc, sources_inc) = codegen::emu_registry(&sources, &selftest);
     fs::write(out_dir.join("emu_kernels.inc"), kernels_inc).unwrap();
     fs::write(out_dir.join("emu_sources.inc"), sources_inc).unwrap();
     if env::var_os("CARGO_FEATURE_EMU").is_some() {

@@ -44,4 +44,3 @@ fn number_before(line: &str, key: &str) -> u32 {
     let digits: String = head.chars().rev().take_while(|c| c.is_ascii_digit()).collect();
     digits.chars().rev().collect::<String>().parse().unwrap_or(0)
 }
-

@@ -87,7 +87,12 @@ fn scan_entries(text: &str) -> Vec<Entry> {
             let a = macro_args(&stamp()["FC_DTYPES(".len()..], "FC_DTYPES");
             let (bounds, ty) = (launch_bound(text, &a[1], &a[0]), ident(&a[2]));
             for dt in DTYPES {
-                out.push(Entry { name: format!("{}_{dt}", a[0]), hot: false, max_threads: bounds, args: ty.clone() });
+                out.push(Entry {
+                    name: format!("{}_{dt}", a[0]),
+                    hot: false,
+                    max_threads: bounds,
+                    args: ty.clone(),
+                });
             }
         } else if l.starts_with("FC_ENTRY(") {
             let a = macro_args(&stamp()["FC_ENTRY(".len()..], "FC_ENTRY");
@@ -122,7 +127,9 @@ fn macro_args(rest: &str, what: &str) -> Vec<String> {
         cur.push(ch);
     }
     if out.len() < 4 || out[0].is_empty() {
-        panic!("{what}({rest}: a stamp has at least four arguments and ends within 8 lines (kernels/common.cuh)");
+        panic!(
+            "{what}({rest}: a stamp has at least four arguments and ends within 8 lines (kernels/common.cuh)"
+        );
     }
     out
 }

@@ -55,6 +55,7 @@ extern "C" __global__ void emu_selftest_cp_async(const EmuSelftestCpAsyncArgs a)
     auto read = [](u32* o, const u32* c) {
         for (int k = 0; k < 4; ++k) o[k] = c[k];
     };
+    // Each case spells out its own issue / commit / wait sequence: the sequence is what it tests.
     switch (a.mode) {
         case EMU_CP_READ_BEFORE_WAIT:
             cp_async_16(ca, sa, (int)a.src_bytes);
@@ -115,29 +116,31 @@ extern "C" __global__ void emu_selftest_cp_async(const EmuSelftestCpAsyncArgs a)
 }
 
 // ---- shared memory poison ------------------------------------------------------------------------
-// Launch: grid (G,1,1) with G >= 2, block (32,1,1); dynamic smem >= 4 bytes when read_dyn != 0.
+// Launch: grid (G,1,1) with G >= 2, block (32,1,1); dynamic smem >= 4 bytes when mode != 0.
+// EmuSelftestOutModeArgs (below), mode = read_dyn.
 // out [5G] u32 out: per block b, what thread 0 saw BEFORE anything in this block wrote it:
 //   out[5b + 0] a static __shared__ u32 in the kernel,
 //   out[5b + 1] the bits of element 3 of a static __shared__ float[4],
 //   out[5b + 2] a static __shared__ u32 in a template helper, instantiation <1>,
 //   out[5b + 3] the same helper, instantiation <2> (a distinct variable),
-//   out[5b + 4] dynamic smem word 0 (FC_DYN_SMEM) when read_dyn != 0, else 0.
+//   out[5b + 4] dynamic smem word 0 (FC_DYN_SMEM) when mode != 0, else 0.
 // Every block then writes all of them (so a variable that persisted across blocks would
-// show block b-1's value in block b). Expect all POISON (word 4: POISON if read_dyn) for
+// show block b-1's value in block b). Expect all POISON (word 4: POISON if mode != 0) for
 // every block, in every block order.
-struct EmuSelftestSmemPoisonArgs {
+// The argument struct of the selftests that take an output buffer and a mode.
+struct EmuSelftestOutModeArgs {
     u32* out;
-    u32 read_dyn;
+    u32 mode;
     u32 _pad0;
 };
-static_assert(sizeof(EmuSelftestSmemPoisonArgs) == 16, "EmuSelftestSmemPoisonArgs: 16 bytes");
+static_assert(sizeof(EmuSelftestOutModeArgs) == 16, "EmuSelftestOutModeArgs: 16 bytes");
 
 template <int K> __device__ __forceinline__ u32* emu_selftest_tmpl_word() {
     __shared__ u32 s_word;
     return &s_word;
 }
 
-extern "C" __global__ void emu_selftest_smem_poison(const EmuSelftestSmemPoisonArgs a) {
+extern "C" __global__ void emu_selftest_smem_poison(const EmuSelftestOutModeArgs a) {
     __shared__ u32 s_word;
     __shared__ float s_f[4];
     FC_DYN_SMEM(dyn_smem);
@@ -148,12 +151,12 @@ extern "C" __global__ void emu_selftest_smem_poison(const EmuSelftestSmemPoisonA
         o[1] = __float_as_uint(s_f[3]);
         o[2] = *emu_selftest_tmpl_word<1>();
         o[3] = *emu_selftest_tmpl_word<2>();
-        o[4] = a.read_dyn ? dyn[0] : 0u;
+        o[4] = a.mode ? dyn[0] : 0u;
         s_word = 0x1000u + blockIdx.x;
         for (int k = 0; k < 4; ++k) s_f[k] = (float)blockIdx.x;
         *emu_selftest_tmpl_word<1>() = 0x2000u + blockIdx.x;
         *emu_selftest_tmpl_word<2>() = 0x3000u + blockIdx.x;
-        if (a.read_dyn) dyn[0] = 0x4000u + blockIdx.x;
+        if (a.mode) dyn[0] = 0x4000u + blockIdx.x;
     }
     __syncthreads();
 }
@@ -170,14 +173,7 @@ __device__ inline u32* emu_selftest_smem_anchor() {
 //   mode 0: every thread at one __syncthreads, then out[t] = t + 1.     ok
 //   mode 1: even threads at one __syncthreads, odd threads at another.
 //           error "__syncthreads() reached from two call sites", naming selftest.cu twice
-struct EmuSelftestSyncSitesArgs {
-    u32* out;
-    u32 mode;
-    u32 _pad0;
-};
-static_assert(sizeof(EmuSelftestSyncSitesArgs) == 16, "EmuSelftestSyncSitesArgs: 16 bytes");
-
-extern "C" __global__ void emu_selftest_sync_sites(const EmuSelftestSyncSitesArgs a) {
+extern "C" __global__ void emu_selftest_sync_sites(const EmuSelftestOutModeArgs a) {
     const int t = threadIdx.x;
     if (a.mode == 0) {
         __syncthreads();
@@ -202,14 +198,7 @@ extern "C" __global__ void emu_selftest_sync_sites(const EmuSelftestSyncSitesArg
 //   7 ok: ldmatrix_x4 (no .trans) of an 8 x 32 u16 smem tile whose element (row, col) holds
 //         e = 32 row + col, matrix j = columns 8j..8j+7. With e0 = 32 (lane / 4) + 2 (lane % 4):
 //         out[t] = e0 | (e0 + 1) << 16 (matrix 0), out[64 + t] = (e0 + 8) | (e0 + 9) << 16 (matrix 1).
-struct EmuSelftestWarpArgs {
-    u32* out;
-    u32 mode;
-    u32 _pad0;
-};
-static_assert(sizeof(EmuSelftestWarpArgs) == 16, "EmuSelftestWarpArgs: 16 bytes");
-
-extern "C" __global__ void emu_selftest_warp(const EmuSelftestWarpArgs a) {
+extern "C" __global__ void emu_selftest_warp(const EmuSelftestOutModeArgs a) {
     __shared__ __align__(16) u16 s_tile[8 * 32];  // 8 rows of 32 u16 (64 bytes per row)
     const int t = threadIdx.x, lane = t % 32;
     for (int e = t; e < 8 * 32; e += blockDim.x) s_tile[e] = (u16)e;

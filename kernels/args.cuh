@@ -11,7 +11,7 @@
 //     u64, HeadParams), then 4-byte scalars (int, float, OptimParams), then
 //     explicit padding (`int _padN`) so that sizeof is a multiple of 8;
 //   - no implicit padding anywhere; each struct's size and the offsets of its
-//     first scalar and its last field are static_asserted below (FC_OFFSETOF) and
+//     first scalar and its last field are static_asserted below (FC_ASSERT_LAYOUT) and
 //     const-asserted in args.rs with the same numbers;
 //   - a struct whose pointers depend on the storage dtype is a template on it
 //     (RowNormsArgs<T>); every pointer is 8 bytes, so the layout does not depend
@@ -32,6 +32,13 @@
 #define FC_OFFSETOF(type, field) __builtin_offsetof(type, field)
 #endif
 
+// The layout checks of one struct: its size and the offsets of its first scalar and its last
+// field (the same numbers are const-asserted next to its mirror in src/cuda/args.rs).
+#define FC_ASSERT_LAYOUT(S, size, first, first_offset, last, last_offset)                              \
+    static_assert(sizeof(S) == size, #S " layout must match src/cuda/args.rs");                         \
+    static_assert(FC_OFFSETOF(S, first) == first_offset, #S " layout must match src/cuda/args.rs"); \
+    static_assert(FC_OFFSETOF(S, last) == last_offset, #S " layout must match src/cuda/args.rs")
+
 // HeadParams stays in head.cuh; its layout is asserted here as well (args.rs mirrors it).
 static_assert(FC_OFFSETOF(HeadParams, cloud) == 24, "HeadParams layout must match src/cuda/args.rs");
 static_assert(FC_OFFSETOF(HeadParams, seed) == 40, "HeadParams layout must match src/cuda/args.rs");
@@ -48,9 +55,7 @@ struct RowNormsArgs {
     int rows;
     int d;
 };
-static_assert(sizeof(RowNormsArgs<float>) == 32, "RowNormsArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(RowNormsArgs<float>, rows) == 24, "RowNormsArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(RowNormsArgs<float>, d) == 28, "RowNormsArgs layout must match src/cuda/args.rs");
+FC_ASSERT_LAYOUT(RowNormsArgs<float>, 32, rows, 24, d, 28);
 
 // ---- stats.cu -----------------------------------------------------------------------------
 // seg (stats_update_<T>, stats_angles_f32): [2 num_seg + 1 + R] i32 segments, see stats.cu's header;
@@ -72,9 +77,7 @@ struct StatsUpdateArgs {
     float beta;         // EMA factor
     int _pad0;
 };
-static_assert(sizeof(StatsUpdateArgs<float>) == 80, "StatsUpdateArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(StatsUpdateArgs<float>, num_seg) == 64, "StatsUpdateArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(StatsUpdateArgs<float>, _pad0) == 76, "StatsUpdateArgs layout must match src/cuda/args.rs");
+FC_ASSERT_LAYOUT(StatsUpdateArgs<float>, 80, num_seg, 64, _pad0, 76);
 
 // stats_angles_f32
 struct StatsAnglesArgs {
@@ -89,9 +92,7 @@ struct StatsAnglesArgs {
     float beta;        // EMA factor
     int _pad0;
 };
-static_assert(sizeof(StatsAnglesArgs) == 64, "StatsAnglesArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(StatsAnglesArgs, num_seg) == 48, "StatsAnglesArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(StatsAnglesArgs, _pad0) == 60, "StatsAnglesArgs layout must match src/cuda/args.rs");
+FC_ASSERT_LAYOUT(StatsAnglesArgs, 64, num_seg, 48, _pad0, 60);
 
 // stats_reduce_f32
 struct StatsReduceArgs {
@@ -106,9 +107,7 @@ struct StatsReduceArgs {
     int adaptive;        // 0 threshold weights, 1 adaptive (w_k = N_k)
     int _pad0;
 };
-static_assert(sizeof(StatsReduceArgs) == 64, "StatsReduceArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(StatsReduceArgs, thresh) == 40, "StatsReduceArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(StatsReduceArgs, _pad0) == 60, "StatsReduceArgs layout must match src/cuda/args.rs");
+FC_ASSERT_LAYOUT(StatsReduceArgs, 64, thresh, 40, _pad0, 60);
 
 // stats_cloud_f32
 struct StatsCloudArgs {
@@ -125,9 +124,7 @@ struct StatsCloudArgs {
     int adaptive;          // 0 threshold weights, 1 adaptive
     int warm;              // updates >= warm-up steps
 };
-static_assert(sizeof(StatsCloudArgs) == 80, "StatsCloudArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(StatsCloudArgs, thresh) == 56, "StatsCloudArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(StatsCloudArgs, warm) == 76, "StatsCloudArgs layout must match src/cuda/args.rs");
+FC_ASSERT_LAYOUT(StatsCloudArgs, 80, thresh, 56, warm, 76);
 
 // ---- train_ops.cu -------------------------------------------------------------------------
 
@@ -139,9 +136,7 @@ struct BiasActFwdArgs {
     int cols;
     int act;            // 0 identity, 1 relu
 };
-static_assert(sizeof(BiasActFwdArgs) == 32, "BiasActFwdArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(BiasActFwdArgs, n) == 16, "BiasActFwdArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(BiasActFwdArgs, act) == 28, "BiasActFwdArgs layout must match src/cuda/args.rs");
+FC_ASSERT_LAYOUT(BiasActFwdArgs, 32, n, 16, act, 28);
 
 // bias_act_bwd_f32
 struct BiasActBwdArgs {
@@ -153,9 +148,7 @@ struct BiasActBwdArgs {
     int act;         // 0 identity, 1 relu
     int _pad0;
 };
-static_assert(sizeof(BiasActBwdArgs) == 40, "BiasActBwdArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(BiasActBwdArgs, rows) == 24, "BiasActBwdArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(BiasActBwdArgs, _pad0) == 36, "BiasActBwdArgs layout must match src/cuda/args.rs");
+FC_ASSERT_LAYOUT(BiasActBwdArgs, 40, rows, 24, _pad0, 36);
 
 // cast_fwd_bf16
 struct CastArgs {
@@ -191,9 +184,7 @@ struct SgdStepArgs {
     long long n;
     OptimParams hp;
 };
-static_assert(sizeof(SgdStepArgs) == 72, "SgdStepArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(SgdStepArgs, n) == 24, "SgdStepArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(SgdStepArgs, hp) == 32, "SgdStepArgs layout must match src/cuda/args.rs");
+FC_ASSERT_LAYOUT(SgdStepArgs, 72, n, 24, hp, 32);
 
 // adamw_step_f32
 struct AdamwStepArgs {
@@ -204,9 +195,7 @@ struct AdamwStepArgs {
     long long n;
     OptimParams hp;
 };
-static_assert(sizeof(AdamwStepArgs) == 80, "AdamwStepArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(AdamwStepArgs, n) == 32, "AdamwStepArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(AdamwStepArgs, hp) == 40, "AdamwStepArgs layout must match src/cuda/args.rs");
+FC_ASSERT_LAYOUT(AdamwStepArgs, 80, n, 32, hp, 40);
 
 // ---- head_ref.cu --------------------------------------------------------------------------
 
@@ -219,9 +208,7 @@ struct RefNormalizeArgs {
     int rows;
     int d;
 };
-static_assert(sizeof(RefNormalizeArgs<float>) == 32, "RefNormalizeArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(RefNormalizeArgs<float>, rows) == 24, "RefNormalizeArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(RefNormalizeArgs<float>, d) == 28, "RefNormalizeArgs layout must match src/cuda/args.rs");
+FC_ASSERT_LAYOUT(RefNormalizeArgs<float>, 32, rows, 24, d, 28);
 
 // ref_margin_fwd_<T>
 template <typename T>
@@ -238,9 +225,7 @@ struct RefMarginArgs {
     int b;                // B
     int d;                // D
 };
-static_assert(sizeof(RefMarginArgs<float>) == 128, "RefMarginArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(RefMarginArgs<float>, p) == 64, "RefMarginArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(RefMarginArgs<float>, d) == 124, "RefMarginArgs layout must match src/cuda/args.rs");
+FC_ASSERT_LAYOUT(RefMarginArgs<float>, 128, p, 64, d, 124);
 
 // ref_softmax_fwd_f32
 struct RefSoftmaxArgs {
@@ -253,9 +238,7 @@ struct RefSoftmaxArgs {
     int c;                // C
     int _pad0;
 };
-static_assert(sizeof(RefSoftmaxArgs) == 104, "RefSoftmaxArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(RefSoftmaxArgs, p) == 40, "RefSoftmaxArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(RefSoftmaxArgs, _pad0) == 100, "RefSoftmaxArgs layout must match src/cuda/args.rs");
+FC_ASSERT_LAYOUT(RefSoftmaxArgs, 104, p, 40, _pad0, 100);
 
 // head_reduce_fwd_f32 (shared with the fused path)
 struct HeadReduceArgs {
@@ -264,9 +247,7 @@ struct HeadReduceArgs {
     int b;                   // B
     float scale;
 };
-static_assert(sizeof(HeadReduceArgs) == 24, "HeadReduceArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(HeadReduceArgs, b) == 16, "HeadReduceArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(HeadReduceArgs, scale) == 20, "HeadReduceArgs layout must match src/cuda/args.rs");
+FC_ASSERT_LAYOUT(HeadReduceArgs, 24, b, 16, scale, 20);
 
 // ref_grad_bwd_f32
 struct RefGradArgs {
@@ -281,9 +262,7 @@ struct RefGradArgs {
     float g_scale;        // multiplies row_g (1 / N_valid for a mean)
     int c;                // C
 };
-static_assert(sizeof(RefGradArgs) == 120, "RefGradArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(RefGradArgs, p) == 56, "RefGradArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(RefGradArgs, c) == 116, "RefGradArgs layout must match src/cuda/args.rs");
+FC_ASSERT_LAYOUT(RefGradArgs, 120, p, 56, c, 116);
 
 // head_normback_bwd_<T> (TO = T), head_normback_bwd_f32out_<T> (TO = float)
 template <typename T, typename TO = T>
@@ -298,10 +277,7 @@ struct NormbackArgs {
     int d;
     int _pad0;
 };
-static_assert(sizeof(NormbackArgs<float, float>) == 56, "NormbackArgs layout must match src/cuda/args.rs");
-typedef NormbackArgs<float, float> NormbackArgsF32;  // a macro argument cannot hold the comma
-static_assert(FC_OFFSETOF(NormbackArgsF32, part_stride) == 32, "NormbackArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(NormbackArgsF32, _pad0) == 52, "NormbackArgs layout must match src/cuda/args.rs");
+FC_ASSERT_LAYOUT(NormbackArgs<float>, 56, part_stride, 32, _pad0, 52);
 
 // ---- head_fused.cu ------------------------------------------------------------------------
 // Nothing in a fused struct aliases another of its pointers.
@@ -326,9 +302,7 @@ struct FusedFwdArgs {
     int d;                 // D
     int _pad0;
 };
-static_assert(sizeof(FusedFwdArgs<float>) == 160, "FusedFwdArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(FusedFwdArgs<float>, p) == 88, "FusedFwdArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(FusedFwdArgs<float>, _pad0) == 156, "FusedFwdArgs layout must match src/cuda/args.rs");
+FC_ASSERT_LAYOUT(FusedFwdArgs<float>, 160, p, 88, _pad0, 156);
 
 // fused_combine_fwd_f32
 struct FusedCombineArgs {
@@ -344,9 +318,7 @@ struct FusedCombineArgs {
     int n_ct;            // class tiles of the forward
     int b;               // B
 };
-static_assert(sizeof(FusedCombineArgs) == 128, "FusedCombineArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(FusedCombineArgs, p) == 64, "FusedCombineArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(FusedCombineArgs, b) == 124, "FusedCombineArgs layout must match src/cuda/args.rs");
+FC_ASSERT_LAYOUT(FusedCombineArgs, 128, p, 64, b, 124);
 
 // fused_bwd_<tile>[_scalar]_<T>
 template <typename T>
@@ -371,6 +343,4 @@ struct FusedBwdArgs {
     int c;                 // C
     int d;                 // D
 };
-static_assert(sizeof(FusedBwdArgs<float>) == 184, "FusedBwdArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(FusedBwdArgs<float>, p) == 112, "FusedBwdArgs layout must match src/cuda/args.rs");
-static_assert(FC_OFFSETOF(FusedBwdArgs<float>, d) == 180, "FusedBwdArgs layout must match src/cuda/args.rs");
+FC_ASSERT_LAYOUT(FusedBwdArgs<float>, 184, p, 112, d, 180);

@@ -100,29 +100,21 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Block-wide sum; every thread gets the result. `scratch` holds >= 32 floats.
-// The leading __syncthreads protects `scratch` when the helper is called twice in a row.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// Block-wide sum (MAX = false) or max (MAX = true); every thread gets the result.
+// `scratch` holds >= 32 floats. The leading __syncthreads protects `scratch` when the
+// helper is called twice in a row.
+template <bool MAX> __device__ __forceinline__ float block_reduce(float v, float* scratch) {
     const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
     const int nwarps = (blockDim.x + WARP_SIZE - 1) / WARP_SIZE;
-    v = warp_sum(v);
+    v = MAX ? warp_max(v) : warp_sum(v);
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    v = (lane < nwarps) ? scratch[lane] : 0.0f;
-    return warp_sum(v);
+    v = (lane < nwarps) ? scratch[lane] : (MAX ? -FC_INF : 0.0f);
+    return MAX ? warp_max(v) : warp_sum(v);
 }
-
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
-    const int nwarps = (blockDim.x + WARP_SIZE - 1) / WARP_SIZE;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = (lane < nwarps) ? scratch[lane] : -FC_INF;
-    return warp_max(v);
-}
+__device__ __forceinline__ float block_sum(float v, float* scratch) { return block_reduce<false>(v, scratch); }
+__device__ __forceinline__ float block_max(float v, float* scratch) { return block_reduce<true>(v, scratch); }
 
 // Sum of squares of one row xr[0, d), computed by a whole warp: each lane strides
 // by 32 in a fixed order, then the fixed shuffle tree; every lane gets the sum.
@@ -170,7 +162,7 @@ __device__ __forceinline__ philox_u4 philox4x32_10(philox_u4 ctr, u32 k0, u32 k1
 //         = log1pf(-(~r0) * 2^-32)            when r0 >= 2^31 (1 - u1 exactly, so
 //                                              ln u1 keeps its precision near 1)
 //   eps   = sqrtf(-2 ln_u1) * cosf(6.2831855f * (r1 * 2^-32))
-// Needs fast-math off (build.rs does not pass --use_fast_math).
+// Needs fast-math off (build/nvrtc.rs does not pass --use_fast_math).
 __device__ __forceinline__ float box_muller_f32(u32 r0, u32 r1) {
     const float two_m32 = 2.3283064365386963e-10f;  // 2^-32
     const float ln_u1 = (r0 < 0x80000000u) ? logf(((float)r0 + 1.0f) * two_m32)

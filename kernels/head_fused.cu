@@ -41,7 +41,7 @@
 // Every entry point takes one argument struct from args.cuh: FusedFwdArgs<T>, FusedCombineArgs,
 // FusedBwdArgs<T>; their fields document shapes, directions and which pointers may be null.
 //
-// Names: <op>_<pass>[_<tile>]_<dtype> (README, Contributing): the tile is r<rows>c<classes>
+// Names: <op>_<pass>[_<tile>]_<dtype> (README, Contributing); the tile is r<rows>c<classes>
 // for the forward, c<classes> for the backward (64 rows), then `_scalar` for element loads.
 // Hot kernels (must not spill, tests/resources.rs): fused_fwd_*, fused_bwd_*
 #include "common.cuh"
@@ -482,12 +482,7 @@ __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __re
                 __syncthreads();
                 if constexpr (SCALED) scale_chunk_rows<T, BN, BD, NTHREADS>(sChunk, CP, s_wpow);
                 float ax[XMI][XNI][4];
-#pragma unroll
-                for (int mi = 0; mi < XMI; ++mi)
-#pragma unroll
-                    for (int ni = 0; ni < XNI; ++ni)
-#pragma unroll
-                        for (int r = 0; r < 4; ++r) ax[mi][ni][r] = 0.0f;
+                zero_acc(ax);
                 const int m0 = (warp / 4) * (BM / 2), n0 = (warp % 4) * (BD / 4);
                 warp_gemm<T, XMI, XNI, BN, false, true>(ax, sDx, DP, m0, sChunk, CP, n0);
 #pragma unroll
@@ -518,12 +513,7 @@ __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __re
                 __syncthreads();
                 if constexpr (SCALED) scale_chunk_rows<T, BM, BD, NTHREADS>(sChunk, CP, s_xpow);
                 float aw[WMI][WNI][4];
-#pragma unroll
-                for (int mi = 0; mi < WMI; ++mi)
-#pragma unroll
-                    for (int ni = 0; ni < WNI; ++ni)
-#pragma unroll
-                        for (int r = 0; r < 4; ++r) aw[mi][ni][r] = 0.0f;
+                zero_acc(aw);
                 const int m0 = (warp / 2) * (BN / 4), n0 = (warp % 2) * (BD / 2);
                 warp_gemm<T, WMI, WNI, BM, true, true>(aw, sDw, DP, m0, sChunk, CP, n0);
 #pragma unroll

@@ -15,6 +15,7 @@
 // give the same bits (cuBLAS SGEMM is deterministic for a fixed stream and shape).
 // Every entry point takes one argument struct from args.cuh (named next to each kernel),
 // whose fields document shapes, directions and which pointers may be null.
+// Names: <op>_<pass>[_<tile>]_<dtype> (README, Contributing); the one variant here is f32out.
 #include "common.cuh"
 #include "head.cuh"
 #include "args.cuh"

@@ -22,29 +22,25 @@
 // d += A * B for one 16x8x16 tile; T selects bf16 or f16 operands.
 template <typename T> __device__ __forceinline__ void mma_16816(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]);
 
-template <> __device__ __forceinline__ void mma_16816<bf16_t>(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+// The two specializations differ only in the operand type, which the PTX spells in a string
+// literal (and the emulator takes as a flag), hence a macro.
 #ifdef FC_EMU
-    fc_emu_mma_16816<true>(d, a, b);
+#define FC_MMA_16816(T, ptx_type, is_bf16)                                                                  \
+    template <> __device__ __forceinline__ void mma_16816<T>(float(&d)[4], const u32(&a)[4], const u32(&b)[2]) { \
+        fc_emu_mma_16816<is_bf16>(d, a, b);                                                                 \
+    }
 #else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#define FC_MMA_16816(T, ptx_type, is_bf16)                                                                  \
+    template <> __device__ __forceinline__ void mma_16816<T>(float(&d)[4], const u32(&a)[4], const u32(&b)[2]) { \
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." ptx_type "." ptx_type ".f32 "                \
+                     "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"                  \
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                       \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));                  \
+    }
 #endif
-}
-
-template <> __device__ __forceinline__ void mma_16816<f16_t>(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
-#ifdef FC_EMU
-    fc_emu_mma_16816<false>(d, a, b);
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
+FC_MMA_16816(bf16_t, "bf16", true)
+FC_MMA_16816(f16_t, "f16", false)
+#undef FC_MMA_16816
 
 // ---- ldmatrix ---------------------------------------------------------------------
 
@@ -53,27 +49,23 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
 }
 
 // Four 8x8 b16 matrices; lane l supplies the row address of matrix l / 8, row l % 8.
-// Without .trans, lane l receives row l/4, columns 2(l%4)..+1 of each matrix.
-__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* row_ptr) {
+// ldmatrix_x4: lane l receives row l/4, columns 2(l%4)..+1 of each matrix.
+// ldmatrix_x4_trans: lane l receives column l/4, rows 2(l%4)..+1 of each stored matrix.
+// (A macro: the `.trans` qualifier is part of the PTX string literal.)
 #ifdef FC_EMU
-    fc_emu_ldmatrix_x4(r, row_ptr, false);
+#define FC_LDMATRIX_X4(name, trans_ptx, trans) \
+    __device__ __forceinline__ void name(u32(&r)[4], const void* row_ptr) { fc_emu_ldmatrix_x4(r, row_ptr, trans); }
 #else
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(row_ptr)));
+#define FC_LDMATRIX_X4(name, trans_ptx, trans)                                                    \
+    __device__ __forceinline__ void name(u32(&r)[4], const void* row_ptr) {                       \
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4" trans_ptx ".shared.b16 {%0, %1, %2, %3}, [%4];\n" \
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                             \
+                     : "r"(smem_addr(row_ptr)));                                                 \
+    }
 #endif
-}
-
-// Transposed: lane l receives column l/4, rows 2(l%4)..+1 of each stored matrix.
-__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], const void* row_ptr) {
-#ifdef FC_EMU
-    fc_emu_ldmatrix_x4(r, row_ptr, true);
-#else
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(row_ptr)));
-#endif
-}
+FC_LDMATRIX_X4(ldmatrix_x4, "", false)
+FC_LDMATRIX_X4(ldmatrix_x4_trans, ".trans", true)
+#undef FC_LDMATRIX_X4
 
 // ---- cp.async -----------------------------------------------------------------------
 

@@ -7,6 +7,7 @@
 // Launch: one warp per row, 8 warps (256 threads) per block, grid = ceil(rows / 8).
 // Accumulation is f32 in a fixed lane order, then a fixed shuffle tree, so the
 // result is bitwise reproducible.
+// Names: <op>_<pass>_<dtype> (README, Contributing): row_norms_fwd_<dtype>.
 #include "common.cuh"
 #include "args.cuh"
 

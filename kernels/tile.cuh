@@ -63,6 +63,16 @@ __device__ __forceinline__ void load_tile(T* s, int pitch, const T* __restrict__
     }
 }
 
+// Zeroes a warp's accumulator fragments (fully unrolled: they stay in registers).
+template <int MI, int NI> __device__ __forceinline__ void zero_acc(float (&acc)[MI][NI][4]) {
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+}
+
 // acc += A[m0.., 0..KLEN) * B[0..KLEN, n0..] for one warp.
 // A is stored [m][k] (AT = false) or [k][m] (AT = true) with pitch pa;
 // B is stored [n][k] (BT = false) or [k][n] (BT = true) with pitch pb.
@@ -150,12 +160,7 @@ __device__ __forceinline__ void cos_mainloop(float (&acc)[BM / WM / 16][BN / WN 
     static_assert(WM * WN * WARP_SIZE == NT, "one warp per warp tile");
     const int warp = threadIdx.x / WARP_SIZE;
     const int m0 = (warp / WN) * (BM / WM), n0 = (warp % WN) * (BN / WN);
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+    zero_acc(acc);
     const int nk = ceil_div(D, BK);
     load_tile<T, VEC, BM, BK, NT>(sA, P, x, r0, B, 0, D);
     load_tile<T, VEC, BN, BK, NT>(sB, P, w, c0, C, 0, D);

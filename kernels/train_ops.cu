@@ -11,7 +11,7 @@
 //                      u = (m / c1) / (sqrt(v / c2) + eps);  p = p - lr (u + wd p)
 //                      with c1 = 1 - b1^t, c2 = 1 - b2^t computed on the host.
 //
-// Bitwise agreement with the CPU. build.rs compiles with --fmad=true, which would
+// Bitwise agreement with the CPU. build/nvrtc.rs compiles with --fmad=true, which would
 // let the compiler contract a*b + c into one fma (one rounding instead of two) and
 // so differ from Rust, which never contracts. The optimizer and bias kernels
 // therefore spell every operation with an explicit round-to-nearest intrinsic
@@ -30,6 +30,9 @@
 //     (any grid size covers n; the host caps the grid).
 //   bias_act_bwd_f32: blocks of (BIAS_COLS, BIAS_STRIPES) = (32, 8) threads,
 //     grid = ceil(cols / 32); block b owns columns [32 b, 32 b + 32).
+//
+// Names: <op>_<pass>_<dtype> (README, Contributing), pass `fwd`/`bwd` for the layer ops and
+// `step` for the optimizers.
 #include "common.cuh"
 #include "args.cuh"
 

@@ -1,5 +1,5 @@
 # Sourced by scripts/test.sh, scripts/gpu-bundle.sh and .ci/run: makes NVRTC
-# findable by build.rs, installing the pinned PyPI wheel into ./.venv if needed.
+# findable by the build script (build/nvrtc.rs), installing the pinned PyPI wheel into ./.venv if needed.
 NVRTC_WHEEL="nvidia-cuda-nvrtc-cu12==12.9.86"
 have_nvrtc() {
   [ -n "${NVRTC_PATH:-}" ] && [ -e "$NVRTC_PATH" ] && return 0

@@ -5,7 +5,6 @@
 //! emulator); the rest are the crate's real kernels launched wrongly on purpose.
 //! Skips (with a message) when the crate was built without the `emu` feature.
 
-use featcloud::config::DType;
 use featcloud::cuda::args::{RefNormalizeArgs, RowNormsArgs};
 use featcloud::cuda::kernels::{head_fused, norms};
 use featcloud::cuda::norms::row_norms_launch;
@@ -13,6 +12,7 @@ use featcloud::cuda::{
     check_launch_limits, DevPtr, Device, EmuOrder, Kernel, KernelArgs, KernelResources, Launch, Module,
     Tensor,
 };
+use featcloud::DType;
 use featcloud::Error;
 use std::sync::Arc;
 
@@ -52,37 +52,24 @@ fn expect_err(dev: &Device, l: &Launch, words: &[&str]) {
     }
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
-struct CpAsyncArgs {
-    src: DevPtr,
-    out: DevPtr,
-    mode: u32,
-    src_bytes: u32,
+/// A `#[repr(C)]` mirror of an argument struct of emu/selftest.cu, with its size asserted.
+macro_rules! selftest_args {
+    ($name:ident mirrors $c:literal, $size:literal bytes { $($field:ident: $ty:ty),* $(,)? }) => {
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+        struct $name {
+            $($field: $ty),*
+        }
+        const _: () = assert!(std::mem::size_of::<$name>() == $size, $c);
+        // SAFETY: mirrors the emu/selftest.cu struct named $c field for field (same size,
+        // asserted above; bytemuck::Pod rules out padding).
+        unsafe impl KernelArgs for $name {}
+    };
 }
-// SAFETY: mirrors EmuSelftestCpAsyncArgs in emu/selftest.cu (24 bytes, no padding).
-unsafe impl KernelArgs for CpAsyncArgs {}
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
-struct OutModeArgs {
-    out: DevPtr,
-    mode: u32,
-    _pad0: u32,
-}
-// SAFETY: mirrors the {u32* out; u32 mode or read_dyn; u32 _pad0} structs of
-// emu/selftest.cu (16 bytes, no padding).
-unsafe impl KernelArgs for OutModeArgs {}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
-struct OrderArgs {
-    block_seq: DevPtr,
-    last_writer: DevPtr,
-    counter: DevPtr,
-}
-// SAFETY: mirrors EmuSelftestOrderArgs in emu/selftest.cu (24 bytes, no padding).
-unsafe impl KernelArgs for OrderArgs {}
+selftest_args!(CpAsyncArgs mirrors "EmuSelftestCpAsyncArgs", 24 bytes { src: DevPtr, out: DevPtr, mode: u32, src_bytes: u32 });
+selftest_args!(OutModeArgs mirrors "EmuSelftestOutModeArgs", 16 bytes { out: DevPtr, mode: u32, _pad0: u32 });
+selftest_args!(OrderArgs mirrors "EmuSelftestOrderArgs", 24 bytes { block_seq: DevPtr, last_writer: DevPtr, counter: DevPtr });
 
 #[test]
 fn cp_async_lands_only_at_its_wait() {
@@ -311,17 +298,7 @@ fn register_and_shared_memory_limits_follow_the_ptxas_table() {
     assert!(err.contains("shared memory"), "{err}");
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
-struct CvtArgs {
-    x: DevPtr,
-    h: DevPtr,
-    back: DevPtr,
-    n: i32,
-    _pad0: i32,
-}
-// SAFETY: mirrors EmuSelftestCvtArgs in emu/selftest.cu (32 bytes, no padding).
-unsafe impl KernelArgs for CvtArgs {}
+selftest_args!(CvtArgs mirrors "EmuSelftestCvtArgs", 32 bytes { x: DevPtr, h: DevPtr, back: DevPtr, n: i32, _pad0: i32 });
 
 #[test]
 fn dtype_conversions_round_like_the_half_crate() {

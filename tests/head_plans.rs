@@ -3,11 +3,12 @@
 //! call, counted on the device (launches, allocations, copies, synchronizations).
 
 use featcloud::check::HeadShape;
-use featcloud::config::{DType, HeadConfig};
+use featcloud::config::HeadConfig;
 use featcloud::cuda::args::{FusedBwdArgs, FusedFwdArgs, NormbackArgs, RefGradArgs};
 use featcloud::cuda::head::plan::{self, head_params, FORWARD_TILES, THREADS};
 use featcloud::cuda::head::{CudaHead, FusedTuning, GradDtype, HeadPath, HeadUpstream};
 use featcloud::cuda::{test_device, CounterSnapshot, DevPtr, Tensor};
+use featcloud::DType;
 
 const SHAPE: HeadShape = HeadShape { b: 130, c: 300, d: 72 };
 

@@ -1,9 +1,10 @@
 //! ptxas resource usage of every embedded kernel (from `kernels::RESOURCES`, which
-//! build.rs parses out of NVRTC's `--ptxas-options=-v` log).
+//! the build script (`build/ptxas.rs`) parses out of NVRTC's `--ptxas-options=-v` log).
 //!
 //! Runs without a GPU: it reads what the build compiled. Asserts that every kernel
-//! has an entry for every embedded cubin arch and that no kernel marked `// hot`
-//! spills on any arch, and prints the table (`cargo test --test resources -- --nocapture`).
+//! has an entry for every embedded cubin arch and that no hot kernel (named by its
+//! file's `// Hot kernels: ...` line) spills on any arch, and prints the table
+//! (`cargo test --test resources -- --nocapture`).
 
 use featcloud::cuda::kernels::{CUBIN_ARCHS, KERNELS_BUILT, RESOURCES};
 use std::collections::BTreeMap;

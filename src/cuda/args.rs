@@ -61,7 +61,7 @@ const _: () = assert!(std::mem::offset_of!(HeadParams, step) == 48);
 
 // ---- norms.cu ---------------------------------------------------------------------------
 
-/// `row_norms_<T>`: norms and inverse norms of the rows of x.
+/// `row_norms_fwd_<T>`: norms and inverse norms of the rows of x.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct RowNormsArgs {
@@ -534,8 +534,9 @@ unsafe impl KernelArgs for NormbackArgs {}
 
 // ---- head_fused.cu ----------------------------------------------------------------------
 
-/// `fused_{,scalar_,rows64_,rows64_scalar_,tile64_,tile64_scalar_}fwd_<T>`: the fused
-/// forward tile. No pointer aliases another.
+/// `fused_fwd_{r128c128,r64c128,r64c64}[_scalar]_<T>`: the fused forward tile. No pointer
+/// aliases another. (Its target-logit fields repeat [`RefMarginArgs`]' on purpose: each
+/// struct mirrors its own CUDA struct field for field.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct FusedFwdArgs {
@@ -613,7 +614,7 @@ const _: () = assert!(std::mem::offset_of!(FusedCombineArgs, b) == 124);
 // (size and offsets asserted above and there).
 unsafe impl KernelArgs for FusedCombineArgs {}
 
-/// `fused_{,scalar_,cols64_,cols64_scalar_}bwd_<T>`: the fused backward tile. No pointer
+/// `fused_bwd_{c128,c64}[_scalar]_<T>`: the fused backward tile. No pointer
 /// aliases another.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]

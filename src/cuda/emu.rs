@@ -1,6 +1,6 @@
 //! The emulated device: the same launches, on the CPU.
 //!
-//! With the `emu` cargo feature, `build.rs` compiles every `kernels/*.cu` with the
+//! With the `emu` cargo feature, `build/emu.rs` compiles every `kernels/*.cu` with the
 //! host C++ compiler against the CUDA emulator in `emu/` (one fiber per thread,
 //! real barriers and warp collectives, the PTX instructions the kernels use
 //! emulated from the ISA) into a static library, and [`Device::emulated`] runs

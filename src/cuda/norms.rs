@@ -3,8 +3,8 @@
 use super::args::RowNormsArgs;
 use super::kernels::norms as k;
 use super::{DevPtr, Device, DeviceElem, Launch, Tensor};
-use crate::DType;
 use crate::error::{Error, Result};
+use crate::DType;
 
 /// Rows per block: one warp per row, 8 warps.
 const WARPS_PER_BLOCK: usize = 8;

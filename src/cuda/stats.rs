@@ -21,10 +21,11 @@ use super::args::{StatsAnglesArgs, StatsCloudArgs, StatsReduceArgs, StatsUpdateA
 use super::kernels::stats as k;
 use super::{norms, Device, DeviceElem, Launch, SmokeLine, Tensor};
 use crate::check::check_labels;
-use crate::config::{CenterMode, DType, Split, StatsConfig};
+use crate::config::{CenterMode, Split, StatsConfig};
 use crate::error::{Error, Result};
 use crate::oracle::stats::OracleStats;
 use crate::statsfile::{Precision, StatsSnapshot, StatsSummary};
+use crate::DType;
 use std::path::Path;
 
 /// Threads per block of every stats kernel (`STATS_THREADS` in the .cu).

@@ -7,7 +7,7 @@
 
 use super::{GradDtype, HeadPath, Workspace};
 use crate::check::HeadShape;
-use crate::config::{CloudMode, DType, Fallback, HeadConfig, MarginGrad};
+use crate::config::{CloudMode, Fallback, HeadConfig, MarginGrad};
 use crate::cuda::args::{
     FusedBwdArgs, FusedCombineArgs, FusedFwdArgs, HeadParams, HeadReduceArgs, NormbackArgs, RefGradArgs,
     RefMarginArgs, RefNormalizeArgs, RefSoftmaxArgs,
@@ -15,6 +15,7 @@ use crate::cuda::args::{
 use crate::cuda::kernels::{head_fused as kf, head_ref as kr};
 use crate::cuda::Launch;
 use crate::error::{Error, Result};
+use crate::DType;
 
 /// The fused forward's tiles (rows, classes), largest first: `fused_fwd_r128c128_*`,
 /// `fused_fwd_r64c128_*` and `fused_fwd_r64c64_*` in `kernels/head_fused.cu`.
