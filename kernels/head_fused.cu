@@ -474,6 +474,8 @@ __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __re
                 }
             // (the first __syncthreads below, after the chunk load, publishes sDx / sDw)
 
+            // The dx and dW halves below have the same shape (load a chunk, one warp GEMM, a guarded
+            // store) but different tiles, operand layouts, scales and first-write rules: spelled out.
             // dxp[g][r0.., d0..] (+)= sDx[64 x 128] . W[c0.., d0..]   (K = the 128 classes)
             for (int d0 = 0; d0 < D; d0 += BD) {
                 load_tile<T, VEC, BN, BD, NTHREADS>(sChunk, CP, w, c0, C, d0, D);
