@@ -425,32 +425,36 @@ fn gradients(cfg: &HeadConfig, ev: &Evaluation, g: Upstream) -> Gradients {
         }
     }
 
-    let mut dx = vec![0.0; b * d];
-    for i in 0..b {
-        let mut dxh = vec![0.0; d];
-        for j in 0..c {
-            let dcij = dc[i * c + j];
-            for (acc, wjk) in dxh.iter_mut().zip(&ev.wh[j * d..(j + 1) * d]) {
-                *acc += dcij * wjk;
-            }
-        }
-        let xi = &ev.xh[i * d..(i + 1) * d];
-        project_out(xi, &dxh, ev.nx[i], &mut dx[i * d..(i + 1) * d]);
-    }
-
-    let mut dw = vec![0.0; c * d];
-    for j in 0..c {
-        let mut dwh = vec![0.0; d];
-        for i in 0..b {
-            let dcij = dc[i * c + j];
-            for (acc, xik) in dwh.iter_mut().zip(&ev.xh[i * d..(i + 1) * d]) {
-                *acc += dcij * xik;
-            }
-        }
-        let wj = &ev.wh[j * d..(j + 1) * d];
-        project_out(wj, &dwh, ev.nw[j], &mut dw[j * d..(j + 1) * d]);
-    }
+    // dx from dc's rows against W-hat, dW from its columns against x-hat.
+    let dx = input_grad(b, c, d, |i, j| dc[i * c + j], &ev.wh, &ev.xh, &ev.nx);
+    let dw = input_grad(c, b, d, |j, i| dc[i * c + j], &ev.xh, &ev.wh, &ev.nw);
     Gradients { dx, dw }
+}
+
+/// The gradient of one input's `n` rows: row r of its unit rows `unit` `[n, D]` gets
+/// sum_k g(r, k) other_k over the `m` rows of `other` `[m, D]` (k in index order), then
+/// the normalization backward with its norm.
+fn input_grad(
+    n: usize,
+    m: usize,
+    d: usize,
+    g: impl Fn(usize, usize) -> f64,
+    other: &[f64],
+    unit: &[f64],
+    norms: &[f64],
+) -> Vec<f64> {
+    let mut out = vec![0.0; n * d];
+    for r in 0..n {
+        let mut gh = vec![0.0; d];
+        for k in 0..m {
+            let grk = g(r, k);
+            for (acc, v) in gh.iter_mut().zip(&other[k * d..(k + 1) * d]) {
+                *acc += grk * v;
+            }
+        }
+        project_out(&unit[r * d..(r + 1) * d], &gh, norms[r], &mut out[r * d..(r + 1) * d]);
+    }
+    out
 }
 
 /// Backward of v -> v / max(||v||, eps): out = (g - u (u . g)) / max(||v||, eps), u = unit vector.
