@@ -414,19 +414,19 @@ fn gradcheck_saturated_rows() {
 fn gradcheck_clamp_fallback() {
     let cfg = HeadConfig { fallback: Fallback::Clamp, ..cfg_with(HeadConfig::arcface(), 16.0) };
     let case = build_case(4, 5, &[0, 1, 2, 1], &[2.75, 2.9, 3.05, 1.0], 5);
-    let out = gradcheck_regions(&cfg, &case, &[Fb, Fb, Fb, Rg]);
+    gradcheck_regions(&cfg, &case, &[Fb, Fb, Fb, Rg]);
     let sat = HeadConfig { m2: -0.8, s: 4.0, ..cfg };
     let case = build_case(4, 5, &[0, 1, 2, 3], &[0.2, 0.5, 0.7, 1.5], 6);
-    let out = gradcheck_regions(&sat, &case, &[Sat, Sat, Sat, Rg]);
+    gradcheck_regions(&sat, &case, &[Sat, Sat, Sat, Rg]);
 }
 
 #[test]
 fn gradcheck_cosface_combined_and_m1() {
     let case = build_case(6, 7, &[0, 5, 2, 2, 4], &[0.4, 1.1, 1.9, 2.6, 3.0], 7);
     gradcheck(&cfg_with(HeadConfig::cosface(), 8.0), &case, &[1.0]);
-    let out = gradcheck_regions(&cfg_with(HeadConfig::combined(), 8.0), &case, &[Rg, Rg, Rg, Rg, Fb]);
+    gradcheck_regions(&cfg_with(HeadConfig::combined(), 8.0), &case, &[Rg, Rg, Rg, Rg, Fb]);
     let m1 = HeadConfig { m1: 1.35, m2: 0.1, ..cfg_with(HeadConfig::arcface(), 8.0) };
-    let out = gradcheck_regions(&m1, &case, &[Rg, Rg, Rg, Fb, Fb]);
+    gradcheck_regions(&m1, &case, &[Rg, Rg, Rg, Fb, Fb]);
 }
 
 #[test]
