@@ -2,8 +2,10 @@
 //! the CUDA training backend and the benchmark's 3-GEMM floor), checked on the host:
 //! `ColGemm::eval_host` models cublasGemmEx's column-major semantics (anchored by a
 //! hand-computed case) and every plan must reproduce the row-major product it stands for.
+//! The CPU backend's `cpu::gemm::sgemm` is held to the same row-major product.
 
 use featcloud::check::HeadShape;
+use featcloud::cpu::gemm::sgemm;
 use featcloud::cuda::gemm_plan::{head_gemms, ColGemm};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -120,4 +122,24 @@ fn check_rejects_bad_plans_and_small_buffers() {
     assert!(ColGemm { lda: 1, ..p }.check(usize::MAX, usize::MAX, usize::MAX).is_err());
     let huge = ColGemm::row_major(false, false, 1, 1 << 31, 1);
     assert!(huge.check(usize::MAX, usize::MAX, usize::MAX).is_err());
+}
+
+/// `cpu::gemm::sgemm` (alpha, beta, every transpose) against the f64 row-major product.
+#[test]
+fn sgemm_matches_naive_all_transposes() {
+    let (m, n, k) = (5, 3, 7);
+    let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+    let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+    let (a64, b64): (Vec<f64>, Vec<f64>) =
+        (a.iter().map(|&v| v as f64).collect(), b.iter().map(|&v| v as f64).collect());
+    for ta in [false, true] {
+        for tb in [false, true] {
+            let mut c = vec![1.0f32; m * n];
+            sgemm(ta, tb, m, n, k, 2.0, &a, &b, 0.5, &mut c).unwrap();
+            let want = row_major_product(&a64, &b64, ta, tb, m, n, k);
+            for (got, s) in c.iter().zip(want) {
+                assert!((*got as f64 - (2.0 * s + 0.5)).abs() < 1e-4, "{ta} {tb}");
+            }
+        }
+    }
 }

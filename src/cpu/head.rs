@@ -5,7 +5,8 @@
 //! 2. cosines `C = xh . wh^T` [B, C] with one threaded sgemm;
 //! 3. per row, in parallel (rayon): the target cosine recomputed in f64 from the
 //!    raw x_i and W_y, the target-logit math (theta, cloud, margin, region, dt)
-//!    and the row's log-sum-exp in f64, then the logit gradient row `dc` `[C]`
+//!    and the row's log-sum-exp in f64 (the oracle's own [`target_logit`],
+//!    [`cloud_alpha`] and [`row_loss`]), then the logit gradient row `dc` `[C]`
 //!    stored as f32 with the target column kept aside in f64;
 //! 4. `dxh = dc . wh`, `dwh = dc^T . xh` (two sgemms over the non-target
 //!    columns), the normalization backward per row, then the target terms
@@ -21,16 +22,12 @@
 //! summed sequentially in row order; the sgemms reduce each element in a fixed
 //! order. Materializes the B x C cosines (fine for the CPU sizes this serves).
 
-use crate::check::{check_finite, check_head_inputs, check_sigma, HeadShape};
-use crate::config::{CloudMode, Fallback, HeadConfig, MarginGrad, Reduction};
+use crate::check::{check_finite, HeadShape};
+use crate::config::{HeadConfig, Reduction};
 use crate::cpu::gemm::sgemm;
 use crate::error::{Error, Result};
-use crate::oracle::philox::cloud_normal;
+use crate::oracle::head::{check_problem, cloud_alpha, row_loss, target_logit, NORM_EPS};
 use rayon::prelude::*;
-use std::f64::consts::PI;
-
-const NORM_EPS: f64 = 1e-12;
-const THETA_EPS: f64 = 1e-7;
 
 /// One head call (the same type the oracle takes, so tests feed both the same problem).
 pub use crate::oracle::head::HeadProblem;
@@ -111,6 +108,9 @@ fn normalize_rows(v: &[f32], d: usize) -> (Vec<f32>, Vec<f64>) {
 }
 
 /// Backward through `vh = v / max(||v||, eps)`, row by row, in place on `g` [rows, d].
+///
+/// Not the oracle's `project_out`: this one works on f32 rows in place and multiplies
+/// by the inverse norm, and the backend's bits depend on that rounding.
 fn normalize_backward(g: &mut [f32], vh: &[f32], norms: &[f64], d: usize) {
     g.par_chunks_mut(d).zip(vh.par_chunks(d)).zip(norms.par_iter()).for_each(|((gr, hr), &n)| {
         let dot: f64 = gr.iter().zip(hr).map(|(&a, &b)| a as f64 * b as f64).sum();
@@ -119,43 +119,6 @@ fn normalize_backward(g: &mut [f32], vh: &[f32], norms: &[f64], d: usize) {
             *gv = ((*gv as f64 - hv as f64 * dot) * inv) as f32;
         }
     });
-}
-
-/// Target logit t_i and dt_i for one row (SPEC sections 3-4), all in f64.
-fn target(cfg: &HeadConfig, c_iy: f64, alpha: f64) -> (f64, f64) {
-    let cc = c_iy.clamp(-1.0 + THETA_EPS, 1.0 - THETA_EPS);
-    let theta = cc.acos();
-    let sin_theta = (1.0 - cc * cc).sqrt();
-    let (m1, m3) = (cfg.m1 as f64, cfg.m3 as f64);
-    let delta = cfg.m2 as f64 + alpha;
-    let phi = m1 * theta + delta;
-    let regular = (0.0..=PI).contains(&phi);
-    let (t, dt) = match cfg.fallback {
-        _ if regular => (phi.cos() - m3, m1 * phi.sin() / sin_theta),
-        Fallback::Clamp => (phi.clamp(0.0, PI).cos() - m3, 0.0),
-        Fallback::Linear if phi > PI => (c_iy - m3 - delta * delta.sin(), 1.0),
-        Fallback::Linear => (1.0 - m3, 0.0),
-    };
-    let dt = match cfg.margin_grad {
-        MarginGrad::Exact => dt,
-        MarginGrad::StraightThrough => 1.0,
-    };
-    (t, dt)
-}
-
-/// Validates a problem against the config (SPEC section 2 preconditions).
-fn validate(cfg: &HeadConfig, p: &HeadProblem) -> Result<()> {
-    cfg.validate()?;
-    // Like the oracle: sigma_cloud is only read when the cloud is on, so it may be empty then.
-    let sigma_len = if cfg.cloud == CloudMode::Off && p.sigma_cloud.is_empty() {
-        None
-    } else {
-        Some(p.sigma_cloud.len())
-    };
-    check_head_inputs(p.shape, p.x.len(), p.w.len(), p.labels, sigma_len)?;
-    check_sigma(p.sigma_cloud)?;
-    check_finite("x", p.x)?;
-    check_finite("W", p.w)
 }
 
 /// Shared forward; returns the outputs plus what the backward needs.
@@ -170,7 +133,8 @@ struct Fwd {
 }
 
 fn forward_impl(cfg: &HeadConfig, p: &HeadProblem) -> Result<Fwd> {
-    validate(cfg, p)?;
+    // The oracle's checks: the same preconditions and the same errors.
+    check_problem(cfg, p)?;
     let HeadShape { b, c, d } = p.shape;
     let (xh, nx) = normalize_rows(p.x, d);
     let (wh, nw) = normalize_rows(p.w, d);
@@ -195,29 +159,12 @@ fn forward_impl(cfg: &HeadConfig, p: &HeadProblem) -> Result<Fwd> {
                 .map(|(&a, &b)| a as f64 * b as f64)
                 .sum();
             let c_iy = (dot / (nx[i].max(NORM_EPS) * nw[y].max(NORM_EPS))).clamp(-1.0, 1.0);
-            let eps = match cfg.cloud {
-                CloudMode::Off => 0.0,
-                CloudMode::Symmetric => cloud_normal(p.seed, p.step, i as u64),
-                CloudMode::OneSided => cloud_normal(p.seed, p.step, i as u64).abs(),
-            };
-            let alpha = if eps == 0.0 { 0.0 } else { p.sigma_cloud[y] as f64 * eps };
-            let (t, dt) = target(cfg, c_iy, alpha);
+            // The target logit and the row loss are the oracle's own f64 functions.
+            let alpha = cloud_alpha(cfg, p.sigma_cloud, y, p.seed, p.step, i);
+            let target = target_logit(cfg, c_iy, alpha);
+            let (t, dt) = (target.t, target.dt);
             let z_y = s * t;
-            let mut zmax = z_y;
-            for (j, &v) in row.iter().enumerate() {
-                if j != y {
-                    zmax = zmax.max(s * v as f64);
-                }
-            }
-            let mut sum = 0.0f64;
-            let mut zsum = 0.0f64;
-            for (j, &v) in row.iter().enumerate() {
-                let z = if j == y { z_y } else { s * v as f64 };
-                sum += (z - zmax).exp();
-                zsum += z;
-            }
-            let lse = zmax + sum.ln();
-            let loss = if ls == 0.0 { lse - z_y } else { lse - (1.0 - ls) * z_y - ls / c as f64 * zsum };
+            let (loss, lse) = row_loss(|j| if j == y { z_y } else { s * row[j] as f64 }, c, y, ls);
             RowOut { loss, lse, c_iy, t, alpha, dt, dc_target: 0.0, valid: true }
         })
         .collect();
@@ -347,7 +294,9 @@ pub fn forward_backward(cfg: &HeadConfig, p: &HeadProblem, up: Upstream) -> Resu
         }
     };
     // Logit gradient dc [B, C] written over the cosines; the target column is
-    // kept in f64 (`dc_target`) and zeroed in the matrix.
+    // kept in f64 (`dc_target`) and zeroed in the matrix. The oracle's dc loop has the
+    // same math but a materialized f64 row and another rounding order of q_y, so it
+    // stays a separate loop.
     cos.par_chunks_mut(c).zip(rows.par_iter_mut()).enumerate().for_each(|(i, (row, r))| {
         if !r.valid {
             row.iter_mut().for_each(|v| *v = 0.0);

@@ -26,6 +26,10 @@ use super::launch::{DevPtr, KernelArgs};
 // ---- head.cuh ---------------------------------------------------------------------------
 
 /// Margin-head parameters; mirrors `struct HeadParams` in `kernels/head.cuh` (56 bytes).
+///
+/// Encoded from a [`crate::HeadConfig`] in one place, [`crate::cuda::head::plan::head_params`]
+/// (the head, its tests and the emulator's checks all call it), so a new option is one
+/// field here, one in `head.cuh` and one line there.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct HeadParams {

@@ -1,7 +1,7 @@
 //! The training engine's [`Backend`] on one GPU (`kernels/train_ops.cu` + cuBLAS +
 //! the head and statistics kernels). The CPU twin is [`crate::cpu::CpuBackend`];
 //! every operation here computes what the CPU one does (see its docs) and
-//! `tests/cuda_backend.rs` holds each against it.
+//! `tests/backend_cuda.rs` holds each against it.
 //!
 //! - GEMMs: cuBLAS `cublasGemmEx`, row-major operands mapped onto column-major
 //!   (see [`CudaBackend::gemm`]); f32 in and out with [`Precision::F32`], bf16

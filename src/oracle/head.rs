@@ -29,15 +29,16 @@ pub const NORM_EPS: f64 = 1e-12;
 /// How far inside [-1, 1] the target cosine is clamped before `acos` (SPEC section 3).
 pub const ACOS_CLAMP: f64 = 1e-7;
 
-/// One head call with f32 inputs, as the GPU paths receive them.
+/// One head call with inputs x and W of element type `F`: f32 ([`HeadProblem`]) as the
+/// GPU paths receive them, or f64 ([`HeadProblemF64`]) for gradient checks.
 #[derive(Clone, Copy, Debug)]
-pub struct HeadProblem<'a> {
+pub struct HeadProblemOf<'a, F> {
     /// Dimensions B, C, D.
     pub shape: HeadShape,
     /// Features x `[B, D]`, row-major.
-    pub x: &'a [f32],
+    pub x: &'a [F],
     /// Class weights W `[C, D]`, row-major.
-    pub w: &'a [f32],
+    pub w: &'a [F],
     /// Labels y `[B]` in [0, C); negative marks an ignored row.
     pub labels: &'a [i32],
     /// Per-class cloud std `[C]` in radians, finite and >= 0 (may be empty when the cloud is off).
@@ -48,23 +49,25 @@ pub struct HeadProblem<'a> {
     pub step: u64,
 }
 
+/// One head call with f32 inputs, as the GPU paths and the CPU backend receive them.
+pub type HeadProblem<'a> = HeadProblemOf<'a, f32>;
+
 /// One head call with f64 features and weights, for gradient checks.
-#[derive(Clone, Copy, Debug)]
-pub struct HeadProblemF64<'a> {
-    /// Dimensions B, C, D.
-    pub shape: HeadShape,
-    /// Features x `[B, D]`, row-major.
-    pub x: &'a [f64],
-    /// Class weights W `[C, D]`, row-major.
-    pub w: &'a [f64],
-    /// Labels y `[B]` in [0, C); negative marks an ignored row.
-    pub labels: &'a [i32],
-    /// Per-class cloud std `[C]` in radians, finite and >= 0 (may be empty when the cloud is off).
-    pub sigma_cloud: &'a [f32],
-    /// RNG seed (Philox key).
-    pub seed: u64,
-    /// Training step (high half of the Philox counter).
-    pub step: u64,
+pub type HeadProblemF64<'a> = HeadProblemOf<'a, f64>;
+
+impl<'a, F> HeadProblemOf<'a, F> {
+    /// The same call with other features and weights (of the same shapes).
+    pub fn with_inputs<G>(&self, x: &'a [G], w: &'a [G]) -> HeadProblemOf<'a, G> {
+        HeadProblemOf {
+            shape: self.shape,
+            x,
+            w,
+            labels: self.labels,
+            sigma_cloud: self.sigma_cloud,
+            seed: self.seed,
+            step: self.step,
+        }
+    }
 }
 
 /// Which branch of the target logit (SPEC section 3) a row took.
@@ -143,44 +146,44 @@ fn target_angle(c_iy: f64) -> f64 {
 
 /// Loss and per-row outputs for f32 inputs (SPEC section 3).
 pub fn forward(cfg: &HeadConfig, p: &HeadProblem) -> Result<ForwardOutput> {
-    validate(cfg, p.shape, p.x.len(), p.w.len(), p.labels, p.sigma_cloud)?;
-    check_finite("x", p.x)?;
-    check_finite("W", p.w)?;
-    let x = widen(p.x);
-    let w = widen(p.w);
-    let ev = evaluate(cfg, &problem64(p, &x, &w));
-    Ok(reduce(cfg, &ev))
+    check_problem(cfg, p)?;
+    let (x, w) = (widen(p.x), widen(p.w));
+    Ok(reduce(cfg, &evaluate(cfg, &p.with_inputs(&x, &w))))
 }
 
 /// Gradients dx and dW for f32 inputs (SPEC section 4).
 pub fn backward(cfg: &HeadConfig, p: &HeadProblem, g: Upstream) -> Result<Gradients> {
-    validate(cfg, p.shape, p.x.len(), p.w.len(), p.labels, p.sigma_cloud)?;
-    check_finite("x", p.x)?;
-    check_finite("W", p.w)?;
+    check_problem(cfg, p)?;
     check_upstream(cfg, p.shape, g)?;
-    let x = widen(p.x);
-    let w = widen(p.w);
-    let ev = evaluate(cfg, &problem64(p, &x, &w));
-    Ok(gradients(cfg, &ev, g))
+    let (x, w) = (widen(p.x), widen(p.w));
+    Ok(gradients(cfg, &evaluate(cfg, &p.with_inputs(&x, &w)), g))
 }
 
 /// Loss and per-row outputs for f64 features and weights (SPEC section 3).
 pub fn forward_f64(cfg: &HeadConfig, p: &HeadProblemF64) -> Result<ForwardOutput> {
-    validate(cfg, p.shape, p.x.len(), p.w.len(), p.labels, p.sigma_cloud)?;
-    check_finite_f64("x", p.x)?;
-    check_finite_f64("W", p.w)?;
-    let ev = evaluate(cfg, p);
-    Ok(reduce(cfg, &ev))
+    check_problem_f64(cfg, p)?;
+    Ok(reduce(cfg, &evaluate(cfg, p)))
 }
 
 /// Gradients dx and dW for f64 features and weights (SPEC section 4).
 pub fn backward_f64(cfg: &HeadConfig, p: &HeadProblemF64, g: Upstream) -> Result<Gradients> {
+    check_problem_f64(cfg, p)?;
+    check_upstream(cfg, p.shape, g)?;
+    Ok(gradients(cfg, &evaluate(cfg, p), g))
+}
+
+/// Every precondition of an f32 head call (SPEC section 2): the options, the shapes, the
+/// labels, sigma_cloud, finite x and W. The CPU backend checks its calls with it too.
+pub(crate) fn check_problem(cfg: &HeadConfig, p: &HeadProblem) -> Result<()> {
+    validate(cfg, p.shape, p.x.len(), p.w.len(), p.labels, p.sigma_cloud)?;
+    check_finite("x", p.x)?;
+    check_finite("W", p.w)
+}
+
+fn check_problem_f64(cfg: &HeadConfig, p: &HeadProblemF64) -> Result<()> {
     validate(cfg, p.shape, p.x.len(), p.w.len(), p.labels, p.sigma_cloud)?;
     check_finite_f64("x", p.x)?;
-    check_finite_f64("W", p.w)?;
-    check_upstream(cfg, p.shape, g)?;
-    let ev = evaluate(cfg, p);
-    Ok(gradients(cfg, &ev, g))
+    check_finite_f64("W", p.w)
 }
 
 fn validate(
@@ -231,18 +234,6 @@ fn widen(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&a| a as f64).collect()
 }
 
-fn problem64<'a>(p: &HeadProblem<'a>, x: &'a [f64], w: &'a [f64]) -> HeadProblemF64<'a> {
-    HeadProblemF64 {
-        shape: p.shape,
-        x,
-        w,
-        labels: p.labels,
-        sigma_cloud: p.sigma_cloud,
-        seed: p.seed,
-        step: p.step,
-    }
-}
-
 /// Unit rows of an `[n, d]` matrix and their norms: v / max(||v||, eps).
 fn normalize_rows(v: &[f64], n: usize, d: usize) -> (Vec<f64>, Vec<f64>) {
     let mut unit = vec![0.0; n * d];
@@ -281,8 +272,23 @@ struct Evaluation {
     n_valid: usize,
 }
 
-/// Target logit t_i, its region and dt_i / dc_iy for one valid row.
-fn target_logit(cfg: &HeadConfig, c_iy: f64, alpha: f64) -> (f64, Region, f64) {
+/// The target logit of one valid row (SPEC sections 3 and 4), from [`target_logit`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TargetLogit {
+    /// Margin-transformed target cosine t_i (z_iy = s * t_i).
+    pub t: f64,
+    /// The branch taken.
+    pub region: Region,
+    /// dt_i / dc_iy as the backward uses it (1 with `MarginGrad::StraightThrough`).
+    pub dt: f64,
+}
+
+/// Target logit t_i, its region and dt_i / dc_iy for one valid row with target cosine
+/// `c_iy` and cloud perturbation `alpha` (SPEC sections 3 and 4), all in f64.
+///
+/// The one definition of the margin formula on the host: the CPU backend calls it too,
+/// so a new margin option is added here (and in `kernels/head.cuh` for the GPU).
+pub fn target_logit(cfg: &HeadConfig, c_iy: f64, alpha: f64) -> TargetLogit {
     let (m1, m2, m3) = (cfg.m1 as f64, cfg.m2 as f64, cfg.m3 as f64);
     let cc = c_iy.clamp(-1.0 + ACOS_CLAMP, 1.0 - ACOS_CLAMP);
     let theta = cc.acos();
@@ -308,7 +314,31 @@ fn target_logit(cfg: &HeadConfig, c_iy: f64, alpha: f64) -> (f64, Region, f64) {
         MarginGrad::Exact => exact_dt,
         MarginGrad::StraightThrough => 1.0,
     };
-    (t, region, dt)
+    TargetLogit { t, region, dt }
+}
+
+/// The cloud perturbation alpha_i of row `row` with label `y` (SPEC sections 3 and 6):
+/// 0 with the cloud off (`sigma_cloud` unread), else sigma_y eps_i or sigma_y |eps_i|
+/// with eps_i drawn from Philox (seed, step, row).
+pub fn cloud_alpha(cfg: &HeadConfig, sigma_cloud: &[f32], y: usize, seed: u64, step: u64, row: usize) -> f64 {
+    match cfg.cloud {
+        CloudMode::Off => 0.0,
+        CloudMode::Symmetric => sigma_cloud[y] as f64 * cloud_normal(seed, step, row as u64),
+        CloudMode::OneSided => sigma_cloud[y] as f64 * cloud_normal(seed, step, row as u64).abs(),
+    }
+}
+
+/// (loss_i, lse_i) of one valid row from its logits `z(j)`, j < C, with label `y` and
+/// label smoothing `ls` (SPEC section 3); every sum in index order, in f64.
+pub fn row_loss(z: impl Fn(usize) -> f64, c: usize, y: usize, ls: f64) -> (f64, f64) {
+    let zmax = (0..c).map(&z).fold(f64::NEG_INFINITY, f64::max);
+    let lse = zmax + (0..c).map(|j| (z(j) - zmax).exp()).sum::<f64>().ln();
+    let loss = if ls == 0.0 {
+        lse - z(y)
+    } else {
+        lse - (1.0 - ls) * z(y) - (ls / c as f64) * (0..c).map(&z).sum::<f64>()
+    };
+    (loss, lse)
 }
 
 fn evaluate(cfg: &HeadConfig, p: &HeadProblemF64) -> Evaluation {
@@ -338,28 +368,13 @@ fn evaluate(cfg: &HeadConfig, p: &HeadProblemF64) -> Evaluation {
         let cos: Vec<f64> = (0..c).map(|j| dot(xi, &wh[j * d..(j + 1) * d]).clamp(-1.0, 1.0)).collect();
         let c_iy = cos[y];
 
-        let eps = match cfg.cloud {
-            CloudMode::Off => 0.0,
-            CloudMode::Symmetric | CloudMode::OneSided => cloud_normal(p.seed, p.step, i as u64),
-        };
-        let alpha = match cfg.cloud {
-            CloudMode::Off => 0.0,
-            CloudMode::Symmetric => p.sigma_cloud[y] as f64 * eps,
-            CloudMode::OneSided => p.sigma_cloud[y] as f64 * eps.abs(),
-        };
-        let (t, region, dti) = target_logit(cfg, c_iy, alpha);
+        let alpha = cloud_alpha(cfg, p.sigma_cloud, y, p.seed, p.step, i);
+        let TargetLogit { t, region, dt: dti } = target_logit(cfg, c_iy, alpha);
         for j in 0..c {
             z[i * c + j] = if j == y { s * t } else { s * cos[j] };
         }
-
         let zi = &z[i * c..(i + 1) * c];
-        let zmax = zi.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let lse = zmax + zi.iter().map(|&v| (v - zmax).exp()).sum::<f64>().ln();
-        let loss = if ls == 0.0 {
-            lse - zi[y]
-        } else {
-            lse - (1.0 - ls) * zi[y] - (ls / c as f64) * zi.iter().sum::<f64>()
-        };
+        let (loss, lse) = row_loss(|j| zi[j], c, y, ls);
 
         rows.loss[i] = loss;
         rows.lse[i] = lse;
@@ -410,32 +425,36 @@ fn gradients(cfg: &HeadConfig, ev: &Evaluation, g: Upstream) -> Gradients {
         }
     }
 
-    let mut dx = vec![0.0; b * d];
-    for i in 0..b {
-        let mut dxh = vec![0.0; d];
-        for j in 0..c {
-            let dcij = dc[i * c + j];
-            for (acc, wjk) in dxh.iter_mut().zip(&ev.wh[j * d..(j + 1) * d]) {
-                *acc += dcij * wjk;
-            }
-        }
-        let xi = &ev.xh[i * d..(i + 1) * d];
-        project_out(xi, &dxh, ev.nx[i], &mut dx[i * d..(i + 1) * d]);
-    }
-
-    let mut dw = vec![0.0; c * d];
-    for j in 0..c {
-        let mut dwh = vec![0.0; d];
-        for i in 0..b {
-            let dcij = dc[i * c + j];
-            for (acc, xik) in dwh.iter_mut().zip(&ev.xh[i * d..(i + 1) * d]) {
-                *acc += dcij * xik;
-            }
-        }
-        let wj = &ev.wh[j * d..(j + 1) * d];
-        project_out(wj, &dwh, ev.nw[j], &mut dw[j * d..(j + 1) * d]);
-    }
+    // dx from dc's rows against W-hat, dW from its columns against x-hat.
+    let dx = input_grad(b, c, d, |i, j| dc[i * c + j], &ev.wh, &ev.xh, &ev.nx);
+    let dw = input_grad(c, b, d, |j, i| dc[i * c + j], &ev.xh, &ev.wh, &ev.nw);
     Gradients { dx, dw }
+}
+
+/// The gradient of one input's `n` rows: row r of its unit rows `unit` `[n, D]` gets
+/// sum_k g(r, k) other_k over the `m` rows of `other` `[m, D]` (k in index order), then
+/// the normalization backward with its norm.
+fn input_grad(
+    n: usize,
+    m: usize,
+    d: usize,
+    g: impl Fn(usize, usize) -> f64,
+    other: &[f64],
+    unit: &[f64],
+    norms: &[f64],
+) -> Vec<f64> {
+    let mut out = vec![0.0; n * d];
+    for r in 0..n {
+        let mut gh = vec![0.0; d];
+        for k in 0..m {
+            let grk = g(r, k);
+            for (acc, v) in gh.iter_mut().zip(&other[k * d..(k + 1) * d]) {
+                *acc += grk * v;
+            }
+        }
+        project_out(&unit[r * d..(r + 1) * d], &gh, norms[r], &mut out[r * d..(r + 1) * d]);
+    }
+    out
 }
 
 /// Backward of v -> v / max(||v||, eps): out = (g - u (u . g)) / max(||v||, eps), u = unit vector.

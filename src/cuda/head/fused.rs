@@ -4,18 +4,18 @@
 //! (row, class tile) merged in a fixed order; the backward recomputes the tiles,
 //! keeps dx partials per CTA and finishes dW in the kernel. Never B x C.
 //!
-//! Launches per call (checked by `tests/head_gpu.rs` through the device counters):
+//! Launches per call (checked by `tests/head_emu.rs` through the device counters):
 //! forward 5 (two row norms, tiles, combine, reduce); backward 2, or 3 with row
 //! splits (tiles, dx normback, dW normback), plus two row norms when the forward's
 //! inverse norms are not passed in.
 
-use super::plan::{self, head_reduce};
+use super::plan;
 use super::reference::normback;
 use super::scratch::{Scratch, Slot};
-use super::{ForwardLaunched, GradDtype, GradTensor, Grads, HeadForward, Inputs, Upstream};
+use super::{ForwardJob, ForwardLaunched, GradDtype, GradTensor, Grads, HeadForward, Inputs, Upstream};
 use crate::check::HeadShape;
 use crate::config::DType;
-use crate::cuda::args::{FusedBwdArgs, FusedCombineArgs, FusedFwdArgs, HeadParams, HeadReduceArgs};
+use crate::cuda::args::{FusedBwdArgs, FusedCombineArgs, FusedFwdArgs};
 use crate::cuda::{DevPtr, Device, DeviceElem, Tensor};
 use crate::error::Result;
 
@@ -64,24 +64,20 @@ fn inv_norms<T: DeviceElem>(
     Ok(inv)
 }
 
-#[allow(clippy::too_many_arguments)]
 /// The fused forward: every per-row output and the reduced loss (on the device), and
 /// the inverse norms for a backward of the same inputs.
 pub(super) fn forward<T: DeviceElem>(
     dev: &Device,
     inp: &Inputs<'_, T>,
-    sigma: &Tensor<f32>,
-    p: HeadParams,
-    n_valid: usize,
-    scale: f32,
+    job: ForwardJob<'_>,
     choice: FwdChoice,
     scratch: &mut Scratch,
 ) -> Result<ForwardLaunched> {
-    let shape = inp.shape;
+    let (shape, p) = (inp.shape, inp.p);
     let b = shape.b;
     // SAFETY: fused_fwd + fused_combine_fwd_f32 write every per-row element (the combine
     // writes the ignored rows), so none of these needs zeroing.
-    let out = unsafe { HeadForward::alloc_uninit(dev, shape, n_valid) }?;
+    let out = unsafe { HeadForward::alloc_uninit(dev, shape, job.n_valid) }?;
     let inv_x = inv_norms(dev, inp.x, scratch, Slot::InvX)?;
     let inv_w = inv_norms(dev, inp.w, scratch, Slot::InvW)?;
     let n_ct = shape.c.div_ceil(choice.tile.1);
@@ -100,7 +96,7 @@ pub(super) fn forward<T: DeviceElem>(
             inv_x: inv_x.ptr(),
             inv_w: inv_w.ptr(),
             labels: inp.labels.ptr(),
-            sigma: sigma.ptr(),
+            sigma: job.sigma.ptr(),
             p,
             part: part.ptr(),
             c_iy: out.c_iy.ptr(),
@@ -126,10 +122,7 @@ pub(super) fn forward<T: DeviceElem>(
             ..Default::default()
         },
     );
-    let reduce = head_reduce(
-        b,
-        HeadReduceArgs { loss_rows: out.row_loss.ptr(), out: total.ptr(), scale, ..Default::default() },
-    );
+    let reduce = job.reduce(&out, &total);
     // SAFETY: x [B, D], w [C, D] (the cp.async kernels only when D and both base addresses
     // allow 16-byte chunks, checked in `vectorized`), inv_x/labels/outputs [B], inv_w/sigma
     // [C] (sigma unread when the cloud is off), part [3, n_ct, B] with n_ct = grid.x of the
@@ -157,12 +150,11 @@ pub(super) fn backward<T: DeviceElem>(
     fwd: &HeadForward,
     inv: Option<(&Tensor<f32>, &Tensor<f32>)>,
     up: Upstream<'_>,
-    p: HeadParams,
     grad_dtype: GradDtype,
     choice: BwdChoice,
     scratch: &mut Scratch,
 ) -> Result<Grads<T>> {
-    let shape = inp.shape;
+    let (shape, p) = (inp.shape, inp.p);
     let HeadShape { b, c, d } = shape;
     let computed = match inv {
         Some(_) => None,

@@ -36,8 +36,8 @@ pub use plan::{
     FORWARD_TILES,
 };
 
-use super::args::HeadParams;
-use super::{Device, DeviceElem, Tensor};
+use super::args::{HeadParams, HeadReduceArgs};
+use super::{Device, DeviceElem, Launch, Tensor};
 use crate::check::{check_head_inputs, HeadShape};
 use crate::config::{CloudMode, DType, HeadConfig, Reduction};
 use crate::error::{Error, Result};
@@ -410,13 +410,10 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         seed: u64,
         step: u64,
     ) -> Result<HeadForward> {
-        let shape = self.check(x, w, labels, sigma_cloud)?;
-        let mut scratch = self.scratch();
-        let dl = scratch.labels(&self.dev, labels)?;
-        let launched = self.forward_impl(x, w, labels, &dl, sigma_cloud, shape, seed, step, &mut scratch)?;
-        let out = launched.finish(&self.dev, &mut scratch)?;
-        scratch.put_labels(dl);
-        Ok(out)
+        self.call(x, w, labels, sigma_cloud, None, None, |shape, dl, scratch| {
+            let launched = self.forward_impl(x, w, labels, dl, sigma_cloud, shape, seed, step, scratch)?;
+            launched.finish(&self.dev, scratch)
+        })
     }
 
     /// Backward pass (SPEC 4) from a forward of the same inputs.
@@ -434,20 +431,9 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         upstream: HeadUpstream,
         grad_dtype: GradDtype,
     ) -> Result<Grads<T>> {
-        let shape = self.check(x, w, labels, sigma_cloud)?;
-        if fwd.shape != shape {
-            return Err(Error::Shape(format!(
-                "forward ran at {:?}, backward called at {shape:?}",
-                fwd.shape
-            )));
-        }
-        self.check_upstream(shape, upstream)?;
-        let mut scratch = self.scratch();
-        let dl = scratch.labels(&self.dev, labels)?;
-        let grads =
-            self.backward_impl(x, w, labels, &dl, fwd, None, shape, upstream, grad_dtype, &mut scratch)?;
-        scratch.put_labels(dl);
-        Ok(grads)
+        self.call(x, w, labels, sigma_cloud, Some(fwd.shape), Some(upstream), |shape, dl, scratch| {
+            self.backward_impl(x, w, labels, dl, fwd, None, shape, upstream, grad_dtype, scratch)
+        })
     }
 
     /// Forward and backward in one call: what a training step needs.
@@ -466,29 +452,46 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         upstream: HeadUpstream,
         grad_dtype: GradDtype,
     ) -> Result<(HeadForward, Grads<T>)> {
+        self.call(x, w, labels, sigma_cloud, None, Some(upstream), |shape, dl, scratch| {
+            let launched = self.forward_impl(x, w, labels, dl, sigma_cloud, shape, seed, step, scratch)?;
+            // The backward reuses the forward's inverse norms (same x and W) and is queued
+            // before the loss is read back, so the device runs both without a host round trip.
+            let inv = launched.inv.as_ref().map(|(a, b)| (a, b));
+            let out = &launched.out;
+            let grads =
+                self.backward_impl(x, w, labels, dl, out, inv, shape, upstream, grad_dtype, scratch)?;
+            Ok((launched.finish(&self.dev, scratch)?, grads))
+        })
+    }
+
+    /// What every public call does around its launches: checks the inputs (for a
+    /// backward also the forward's shape, then the upstream) before anything is
+    /// launched, uploads the labels into the locked scratch, runs `body` with the
+    /// checked shape, the device labels and the scratch, and puts the labels buffer
+    /// back for the next call.
+    #[allow(clippy::too_many_arguments)]
+    fn call<T: DeviceElem, R>(
+        &self,
+        x: &Tensor<T>,
+        w: &Tensor<T>,
+        labels: &[i32],
+        sigma_cloud: &Tensor<f32>,
+        forward_shape: Option<HeadShape>,
+        upstream: Option<HeadUpstream>,
+        body: impl FnOnce(HeadShape, &Tensor<i32>, &mut Scratch) -> Result<R>,
+    ) -> Result<R> {
         let shape = self.check(x, w, labels, sigma_cloud)?;
-        self.check_upstream(shape, upstream)?;
+        if let Some(fs) = forward_shape.filter(|&fs| fs != shape) {
+            return Err(Error::Shape(format!("forward ran at {fs:?}, backward called at {shape:?}")));
+        }
+        if let Some(up) = upstream {
+            self.check_upstream(shape, up)?;
+        }
         let mut scratch = self.scratch();
         let dl = scratch.labels(&self.dev, labels)?;
-        let launched = self.forward_impl(x, w, labels, &dl, sigma_cloud, shape, seed, step, &mut scratch)?;
-        // The backward reuses the forward's inverse norms (same x and W) and is queued
-        // before the loss is read back, so the device runs both without a host round trip.
-        let inv = launched.inv.as_ref().map(|(a, b)| (a, b));
-        let grads = self.backward_impl(
-            x,
-            w,
-            labels,
-            &dl,
-            &launched.out,
-            inv,
-            shape,
-            upstream,
-            grad_dtype,
-            &mut scratch,
-        )?;
-        let out = launched.finish(&self.dev, &mut scratch)?;
+        let r = body(shape, &dl, &mut scratch)?;
         scratch.put_labels(dl);
-        Ok((out, grads))
+        Ok(r)
     }
 
     fn check_upstream(&self, shape: HeadShape, up: HeadUpstream) -> Result<()> {
@@ -525,20 +528,20 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         step: u64,
         scratch: &mut Scratch,
     ) -> Result<ForwardLaunched> {
-        let p = self.params(shape, seed, step);
         let n_valid = labels.iter().filter(|&&y| y >= 0).count();
         let scale = match self.cfg.reduction {
             Reduction::Mean if n_valid == 0 => 0.0,
             Reduction::Mean => 1.0 / n_valid as f32,
             Reduction::Sum | Reduction::None => 1.0,
         };
-        let inputs = Inputs { x, w, labels: dl, shape };
+        let inputs = Inputs { x, w, labels: dl, shape, p: self.params(shape, seed, step) };
+        let job = ForwardJob { sigma, n_valid, scale };
         match self.path {
-            HeadPath::Reference => reference::forward(&self.dev, &inputs, sigma, p, n_valid, scale, scratch),
+            HeadPath::Reference => reference::forward(&self.dev, &inputs, job, scratch),
             HeadPath::Fused => {
                 let choice =
                     fused::FwdChoice { tile: self.forward_tile(shape), scalar: self.tuning.scalar_loads };
-                fused::forward(&self.dev, &inputs, sigma, p, n_valid, scale, choice, scratch)
+                fused::forward(&self.dev, &inputs, job, choice, scratch)
             }
         }
     }
@@ -557,7 +560,6 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         grad_dtype: GradDtype,
         scratch: &mut Scratch,
     ) -> Result<Grads<T>> {
-        let p = self.params(shape, 0, 0);
         let n_valid = labels.iter().filter(|&&y| y >= 0).count();
         let (g_scale, row_g) = match up {
             HeadUpstream::Scalar(g) => match self.cfg.reduction {
@@ -567,10 +569,11 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
             },
             HeadUpstream::PerRow(t) => (1.0, Some(t)),
         };
-        let inputs = Inputs { x, w, labels: dl, shape };
+        // The backward draws no cloud noise: Philox (0, 0) is never read.
+        let inputs = Inputs { x, w, labels: dl, shape, p: self.params(shape, 0, 0) };
         let up = Upstream { row_g, g_scale };
         match self.path {
-            HeadPath::Reference => reference::backward(&self.dev, &inputs, fwd, up, p, grad_dtype),
+            HeadPath::Reference => reference::backward(&self.dev, &inputs, fwd, up, grad_dtype),
             HeadPath::Fused => {
                 let (groups, splits) = self.bwd_grid(shape);
                 let choice = fused::BwdChoice {
@@ -579,18 +582,47 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
                     splits,
                     scalar: self.tuning.scalar_loads,
                 };
-                fused::backward(&self.dev, &inputs, fwd, inv, up, p, grad_dtype, choice, scratch)
+                fused::backward(&self.dev, &inputs, fwd, inv, up, grad_dtype, choice, scratch)
             }
         }
     }
 }
 
-/// The device inputs of one head call, checked ([`HeadOn::check`]).
+/// The device inputs of one head call, checked ([`HeadOn::check`]), and its kernel
+/// parameters.
 struct Inputs<'a, T: DeviceElem> {
     x: &'a Tensor<T>,
     w: &'a Tensor<T>,
     labels: &'a Tensor<i32>,
     shape: HeadShape,
+    p: HeadParams,
+}
+
+/// What a forward needs besides its [`Inputs`].
+#[derive(Clone, Copy)]
+struct ForwardJob<'a> {
+    /// sigma_cloud `[C]` (unread when the cloud is off).
+    sigma: &'a Tensor<f32>,
+    /// Rows with a non-negative label.
+    n_valid: usize,
+    /// The factor the summed row losses are multiplied by (1 / n_valid for the mean).
+    scale: f32,
+}
+
+impl ForwardJob<'_> {
+    /// `head_reduce_fwd_f32`: the reduced loss of `out`'s row losses into `total` `[1]`
+    /// (the last launch of either path's forward; it always writes its one element).
+    fn reduce(&self, out: &HeadForward, total: &Tensor<f32>) -> Launch {
+        plan::head_reduce(
+            out.shape.b,
+            HeadReduceArgs {
+                loss_rows: out.row_loss.ptr(),
+                out: total.ptr(),
+                scale: self.scale,
+                ..Default::default()
+            },
+        )
+    }
 }
 
 /// The backward's upstream gradient as the kernels take it: a scale and optional

@@ -4,13 +4,11 @@
 //! Simple on purpose: the baseline of the benchmarks and a second oracle on the
 //! device.
 
-use super::plan::{self, head_reduce};
+use super::plan;
 use super::scratch::{Scratch, Slot};
-use super::{ForwardLaunched, GradDtype, GradTensor, Grads, HeadForward, Inputs, Upstream};
+use super::{ForwardJob, ForwardLaunched, GradDtype, GradTensor, Grads, HeadForward, Inputs, Upstream};
 use crate::check::HeadShape;
-use crate::cuda::args::{
-    HeadParams, HeadReduceArgs, NormbackArgs, RefGradArgs, RefMarginArgs, RefNormalizeArgs, RefSoftmaxArgs,
-};
+use crate::cuda::args::{NormbackArgs, RefGradArgs, RefMarginArgs, RefNormalizeArgs, RefSoftmaxArgs};
 use crate::cuda::gemm_plan::head_gemms;
 use crate::cuda::{Device, DeviceElem, Tensor};
 use crate::error::Result;
@@ -37,16 +35,12 @@ fn normalize<T: DeviceElem>(dev: &Device, v: &Tensor<T>) -> Result<(Tensor<f32>,
 pub(super) fn forward<T: DeviceElem>(
     dev: &Device,
     inp: &Inputs<'_, T>,
-    sigma: &Tensor<f32>,
-    p: HeadParams,
-    n_valid: usize,
-    scale: f32,
+    job: ForwardJob<'_>,
     scratch: &mut Scratch,
 ) -> Result<ForwardLaunched> {
-    let shape = inp.shape;
-    let b = shape.b;
+    let (shape, p) = (inp.shape, inp.p);
     // Zeroed: the margin and softmax kernels skip the ignored rows.
-    let out = HeadForward::alloc_zeroed(dev, shape, n_valid)?;
+    let out = HeadForward::alloc_zeroed(dev, shape, job.n_valid)?;
     let (xh, _inv_x) = normalize(dev, inp.x)?;
     let (wh, _inv_w) = normalize(dev, inp.w)?;
     let cos = cos_gemm(dev, &xh, &wh, shape)?;
@@ -57,7 +51,7 @@ pub(super) fn forward<T: DeviceElem>(
             x: inp.x.ptr(),
             w: inp.w.ptr(),
             labels: inp.labels.ptr(),
-            sigma: sigma.ptr(),
+            sigma: job.sigma.ptr(),
             p,
             c_iy: out.c_iy.ptr(),
             t: out.t.ptr(),
@@ -78,12 +72,8 @@ pub(super) fn forward<T: DeviceElem>(
             ..Default::default()
         },
     );
-    // head_reduce_fwd_f32 always writes its one output element.
     let total = scratch.take(dev, Slot::Total, &[1])?;
-    let reduce = head_reduce(
-        b,
-        HeadReduceArgs { loss_rows: out.row_loss.ptr(), out: total.ptr(), scale, ..Default::default() },
-    );
+    let reduce = job.reduce(&out, &total);
     // SAFETY: x is [B, D], w [C, D]; labels, c_iy, t, alpha, dt, lse, loss hold B entries
     // and sigma C whenever the cloud is on (HeadOn::check); labels are < C; cos is [B, C];
     // every output is a distinct allocation; one thread per row (margin), one block per
@@ -107,10 +97,9 @@ pub(super) fn backward<T: DeviceElem>(
     inp: &Inputs<'_, T>,
     fwd: &HeadForward,
     up: Upstream<'_>,
-    p: HeadParams,
     grad_dtype: GradDtype,
 ) -> Result<Grads<T>> {
-    let shape = inp.shape;
+    let (shape, p) = (inp.shape, inp.p);
     let HeadShape { b, c, d } = shape;
     let (xh, inv_x) = normalize(dev, inp.x)?;
     let (wh, inv_w) = normalize(dev, inp.w)?;

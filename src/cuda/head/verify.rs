@@ -12,7 +12,7 @@ use crate::check::HeadShape;
 use crate::config::{CloudMode, DType, Fallback, HeadConfig, MarginGrad, Reduction};
 use crate::cuda::{Device, DeviceElem, SmokeLine, Tensor};
 use crate::error::Result;
-use crate::oracle::head::{self as oracle, HeadProblem, Upstream};
+use crate::oracle::head::{self as oracle, ForwardOutput, Gradients, HeadProblem, Upstream};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -124,39 +124,33 @@ pub fn run_device(
     p: &Problem,
     grad: GradDtype,
 ) -> Result<DeviceResult> {
-    run_device_tuned(dev, path, cfg, p, grad, FusedTuning::default())
+    run_device_with(dev, path, cfg, p, grad, RunOptions::default())
 }
 
-/// As [`run_device`] with the fused dispatcher's choices overridden.
-pub fn run_device_tuned(
+/// How [`run_device_with`] departs from a plain [`run_device`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    /// The fused dispatcher's choices overridden.
+    pub tuning: FusedTuning,
+    /// Every input buffer followed by `pad` NaNs that a correct kernel never reads (a
+    /// stray read turns the outputs non-finite).
+    pub pad: usize,
+}
+
+/// As [`run_device`] with the tuning and the NaN padding of `opts`.
+pub fn run_device_with(
     dev: &Device,
     path: HeadPath,
     cfg: &HeadConfig,
     p: &Problem,
     grad: GradDtype,
-    tuning: FusedTuning,
+    opts: RunOptions,
 ) -> Result<DeviceResult> {
+    let head = HeadOn::new(dev, *cfg, path)?.with_tuning(opts.tuning);
     match p.dtype {
-        DType::F32 => run_typed::<f32>(dev, path, cfg, p, grad, 0, tuning),
-        DType::BF16 => run_typed::<half::bf16>(dev, path, cfg, p, grad, 0, tuning),
-        DType::F16 => run_typed::<half::f16>(dev, path, cfg, p, grad, 0, tuning),
-    }
-}
-
-/// As [`run_device`], with every input buffer followed by `pad` NaNs that a correct
-/// kernel never reads (a stray read turns the outputs non-finite).
-pub fn run_device_poisoned(
-    dev: &Device,
-    path: HeadPath,
-    cfg: &HeadConfig,
-    p: &Problem,
-    grad: GradDtype,
-    pad: usize,
-) -> Result<DeviceResult> {
-    match p.dtype {
-        DType::F32 => run_typed::<f32>(dev, path, cfg, p, grad, pad, FusedTuning::default()),
-        DType::BF16 => run_typed::<half::bf16>(dev, path, cfg, p, grad, pad, FusedTuning::default()),
-        DType::F16 => run_typed::<half::f16>(dev, path, cfg, p, grad, pad, FusedTuning::default()),
+        DType::F32 => run_typed::<f32>(&head, p, grad, opts.pad),
+        DType::BF16 => run_typed::<half::bf16>(&head, p, grad, opts.pad),
+        DType::F16 => run_typed::<half::f16>(&head, p, grad, opts.pad),
     }
 }
 
@@ -167,21 +161,18 @@ fn padded<T: DeviceElem>(dev: &Device, v: &[f32], shape: &[usize], pad: usize) -
 }
 
 fn run_typed<T: DeviceElem>(
-    dev: &Device,
-    path: HeadPath,
-    cfg: &HeadConfig,
+    head: &HeadOn<&Device>,
     p: &Problem,
     grad: GradDtype,
     pad: usize,
-    tuning: FusedTuning,
 ) -> Result<DeviceResult> {
     let HeadShape { b, c, d } = p.shape;
-    let head = HeadOn::new(dev, *cfg, path)?.with_tuning(tuning);
+    let dev = head.device();
     let x = padded::<T>(dev, &p.x, &[b, d], pad)?;
     let w = padded::<T>(dev, &p.w, &[c, d], pad)?;
     let sigma = padded::<f32>(dev, &p.sigma, &[c], pad)?;
     let row_g = padded::<f32>(dev, &p.row_g, &[b], pad)?;
-    let up = match cfg.reduction {
+    let up = match head.config().reduction {
         Reduction::None => HeadUpstream::PerRow(&row_g),
         _ => HeadUpstream::Scalar(1.0),
     };
@@ -250,24 +241,36 @@ fn grad_rel(dev: &[f32], o: &[f64]) -> f64 {
     }
 }
 
-/// Compares a device result with the oracle for `cfg` and `p`.
-pub fn compare_with_oracle(cfg: &HeadConfig, p: &Problem, r: &DeviceResult) -> Result<Comparison> {
-    let hp = HeadProblem {
-        shape: p.shape,
-        x: &p.x,
-        w: &p.w,
-        labels: &p.labels,
-        sigma_cloud: &p.sigma,
-        seed: p.seed,
-        step: p.step,
-    };
-    let fo = oracle::forward(cfg, &hp)?;
+impl Problem {
+    /// The same call as the oracle (and the CPU backend) takes it.
+    pub fn head_problem(&self) -> HeadProblem<'_> {
+        HeadProblem {
+            shape: self.shape,
+            x: &self.x,
+            w: &self.w,
+            labels: &self.labels,
+            sigma_cloud: &self.sigma,
+            seed: self.seed,
+            step: self.step,
+        }
+    }
+}
+
+/// The oracle's forward and backward of `p` with the upstream the device runs get:
+/// `p.row_g` per row for `Reduction::None`, else 1.
+pub fn oracle_outputs(cfg: &HeadConfig, p: &Problem) -> Result<(ForwardOutput, Gradients)> {
+    let hp = p.head_problem();
     let row_g: Vec<f64> = p.row_g.iter().map(|&g| g as f64).collect();
     let up = match cfg.reduction {
         Reduction::None => Upstream::PerRow(&row_g),
         _ => Upstream::Scalar(1.0),
     };
-    let go = oracle::backward(cfg, &hp, up)?;
+    Ok((oracle::forward(cfg, &hp)?, oracle::backward(cfg, &hp, up)?))
+}
+
+/// Compares a device result with the oracle for `cfg` and `p`.
+pub fn compare_with_oracle(cfg: &HeadConfig, p: &Problem, r: &DeviceResult) -> Result<Comparison> {
+    let (fo, go) = oracle_outputs(cfg, p)?;
     let finite = r.loss.is_finite()
         && r.rows.iter().all(|v| v.iter().all(|a| a.is_finite()))
         && r.dx.iter().all(|a| a.is_finite())

@@ -9,7 +9,7 @@
 //! CPU's (same IEEE operations in the same order); GEMMs and column sums differ in
 //! summation order only; the head follows SPEC section 8 (bf16 against the CPU fed
 //! the same bf16-rounded inputs). On a failure the tensors are written under
-//! `target/cuda_backend/` for inspection.
+//! `target/backend_cuda/` for inspection.
 
 use featcloud::check::HeadShape;
 use featcloud::config::{CenterMode, CloudMode, HeadConfig, Reduction, Split, StatsConfig};
@@ -45,9 +45,9 @@ fn cuda(dev: &Arc<Device>, precision: Precision) -> CudaBackend {
     CudaBackend::new(dev.clone(), precision).expect("CUDA backend")
 }
 
-/// Writes `got` and `want` under `target/cuda_backend/<name>.json` (best effort).
+/// Writes `got` and `want` under `target/backend_cuda/<name>.json` (best effort).
 fn dump(name: &str, got: &[f32], want: &[f32]) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join("cuda_backend");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join("backend_cuda");
     let file: String = name.chars().map(|c| if c.is_alphanumeric() || c == '_' { c } else { '_' }).collect();
     if std::fs::create_dir_all(&dir).is_ok() {
         let body = serde_json::json!({ "name": name, "got": got, "want": want });

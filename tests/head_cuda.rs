@@ -10,17 +10,22 @@ use featcloud::check::HeadShape;
 use featcloud::config::{CloudMode, DType, HeadConfig, Reduction};
 use featcloud::cuda::head::verify::{
     compare_results, compare_with_oracle, known_defect, make_problem, option_sets, run_device,
-    run_device_poisoned, run_device_tuned, tolerances, Problem, KNOWN_DEFECT_GRAD_BOUND,
+    run_device_with, tolerances, Problem, RunOptions, KNOWN_DEFECT_GRAD_BOUND,
 };
 use featcloud::cuda::head::{
     backward_cols_for, backward_grid_for, forward_tile_for, fused_vectorized, workspace_for, FusedTuning,
     GradDtype, HeadPath, HeadUpstream,
 };
 use featcloud::cuda::{test_device, Device, Tensor};
-use featcloud::oracle::head::{forward, HeadProblem, Region};
+use featcloud::oracle::head::{forward, Region};
 use featcloud::Error;
 
 const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+/// Every head path with every storage dtype.
+fn paths_and_dtypes() -> impl Iterator<Item = (HeadPath, DType)> {
+    HeadPath::ALL.into_iter().flat_map(|path| DTYPES.map(|dtype| (path, dtype)))
+}
 
 /// `gpu` on a GPU, `emu` on the emulated device (which runs the same kernels and host
 /// code about 10^4 times slower: same properties, smaller sizes).
@@ -29,18 +34,6 @@ fn sized<T>(dev: &Device, gpu: T, emu: T) -> T {
         emu
     } else {
         gpu
-    }
-}
-
-fn hp(p: &Problem) -> HeadProblem<'_> {
-    HeadProblem {
-        shape: p.shape,
-        x: &p.x,
-        w: &p.w,
-        labels: &p.labels,
-        sigma_cloud: &p.sigma,
-        seed: p.seed,
-        step: p.step,
     }
 }
 
@@ -88,12 +81,10 @@ fn oracle_shapes_every_path_and_dtype() {
         HeadShape { b: 6, c: 93_431, d: 8 },
     ];
     let cfg = HeadConfig::arcface();
-    for path in HeadPath::ALL {
-        for dtype in DTYPES {
-            for (k, &shape) in shapes.iter().enumerate() {
-                let p = make_problem(shape, dtype, true, 100 + k as u64);
-                check_case(&dev, path, "arcface", &cfg, &p, GradDtype::Input);
-            }
+    for (path, dtype) in paths_and_dtypes() {
+        for (k, &shape) in shapes.iter().enumerate() {
+            let p = make_problem(shape, dtype, true, 100 + k as u64);
+            check_case(&dev, path, "arcface", &cfg, &p, GradDtype::Input);
         }
     }
 }
@@ -134,21 +125,19 @@ fn repro_f32_antipodal_target_row_with_negative_m2() {
 #[test]
 fn oracle_every_option_set() {
     let Some(dev) = test_device() else { return };
-    for path in HeadPath::ALL {
-        for dtype in DTYPES {
-            for (name, cfg) in option_sets() {
-                for (k, shape) in [HeadShape { b: 37, c: 300, d: 64 }, HeadShape { b: 21, c: 140, d: 30 }]
-                    .into_iter()
-                    .enumerate()
-                {
-                    let p = make_problem(shape, dtype, true, 7 + k as u64);
-                    if known_defect(name, dtype).is_some() {
-                        check_known_defect(&dev, path, name, &cfg, &p);
-                        continue;
-                    }
-                    check_case(&dev, path, name, &cfg, &p, GradDtype::Input);
-                    check_case(&dev, path, name, &cfg, &p, GradDtype::F32);
+    for (path, dtype) in paths_and_dtypes() {
+        for (name, cfg) in option_sets() {
+            for (k, shape) in [HeadShape { b: 37, c: 300, d: 64 }, HeadShape { b: 21, c: 140, d: 30 }]
+                .into_iter()
+                .enumerate()
+            {
+                let p = make_problem(shape, dtype, true, 7 + k as u64);
+                if known_defect(name, dtype).is_some() {
+                    check_known_defect(&dev, path, name, &cfg, &p);
+                    continue;
                 }
+                check_case(&dev, path, name, &cfg, &p, GradDtype::Input);
+                check_case(&dev, path, name, &cfg, &p, GradDtype::F32);
             }
         }
     }
@@ -193,7 +182,15 @@ fn fused_every_dispatcher_choice() {
                     scalar_loads,
                     ..FusedTuning::default()
                 };
-                let r = run_device_tuned(&dev, HeadPath::Fused, &cfg, &p, GradDtype::Input, tuning).unwrap();
+                let r = run_device_with(
+                    &dev,
+                    HeadPath::Fused,
+                    &cfg,
+                    &p,
+                    GradDtype::Input,
+                    RunOptions { tuning, pad: 0 },
+                )
+                .unwrap();
                 let c = compare_with_oracle(&cfg, &p, &r).unwrap();
                 assert!(c.passed(dtype), "{} {tuning:?}: {c:?}", dtype.name());
                 if let Some((.., loss, _)) = seen.iter().find(|(t, sl, ..)| *t == tile && *sl == scalar_loads)
@@ -228,7 +225,8 @@ fn fused_every_row_split() {
         for s in [1, 2, 3, 4] {
             for grad in [GradDtype::Input, GradDtype::F32] {
                 let tuning = FusedTuning { row_splits: Some(s), ..FusedTuning::default() };
-                let r = run_device_tuned(&dev, HeadPath::Fused, &cfg, &p, grad, tuning).unwrap();
+                let r = run_device_with(&dev, HeadPath::Fused, &cfg, &p, grad, RunOptions { tuning, pad: 0 })
+                    .unwrap();
                 let c = compare_with_oracle(&cfg, &p, &r).unwrap();
                 assert!(c.passed(dtype), "{} S={s} {grad:?}: {c:?}", dtype.name());
                 if grad == GradDtype::F32 {
@@ -267,27 +265,24 @@ fn fused_matches_reference_at_face_shapes() {
 fn two_runs_are_bitwise_equal() {
     let Some(dev) = test_device() else { return };
     let cfg = HeadConfig::default();
-    for path in HeadPath::ALL {
-        for dtype in DTYPES {
-            let shape =
-                sized(&dev, HeadShape { b: 200, c: 1000, d: 136 }, HeadShape { b: 70, c: 300, d: 40 });
-            let p = make_problem(shape, dtype, true, 5);
-            let a = run_device(&dev, path, &cfg, &p, GradDtype::Input).unwrap();
-            let b = run_device(&dev, path, &cfg, &p, GradDtype::Input).unwrap();
-            assert!(a.loss.to_bits() == b.loss.to_bits(), "{} {}: loss differs", path.name(), dtype.name());
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            for k in 0..5 {
-                assert_eq!(
-                    bits(&a.rows[k]),
-                    bits(&b.rows[k]),
-                    "{} {}: row output {k} differs",
-                    path.name(),
-                    dtype.name()
-                );
-            }
-            assert_eq!(bits(&a.dx), bits(&b.dx), "{} {}: dx differs", path.name(), dtype.name());
-            assert_eq!(bits(&a.dw), bits(&b.dw), "{} {}: dW differs", path.name(), dtype.name());
+    for (path, dtype) in paths_and_dtypes() {
+        let shape = sized(&dev, HeadShape { b: 200, c: 1000, d: 136 }, HeadShape { b: 70, c: 300, d: 40 });
+        let p = make_problem(shape, dtype, true, 5);
+        let a = run_device(&dev, path, &cfg, &p, GradDtype::Input).unwrap();
+        let b = run_device(&dev, path, &cfg, &p, GradDtype::Input).unwrap();
+        assert!(a.loss.to_bits() == b.loss.to_bits(), "{} {}: loss differs", path.name(), dtype.name());
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for k in 0..5 {
+            assert_eq!(
+                bits(&a.rows[k]),
+                bits(&b.rows[k]),
+                "{} {}: row output {k} differs",
+                path.name(),
+                dtype.name()
+            );
         }
+        assert_eq!(bits(&a.dx), bits(&b.dx), "{} {}: dx differs", path.name(), dtype.name());
+        assert_eq!(bits(&a.dw), bits(&b.dw), "{} {}: dW differs", path.name(), dtype.name());
     }
 }
 
@@ -295,20 +290,26 @@ fn two_runs_are_bitwise_equal() {
 fn nan_poisoned_padding_is_never_read() {
     let Some(dev) = test_device() else { return };
     let cfg = HeadConfig::default();
-    for path in HeadPath::ALL {
-        for dtype in DTYPES {
-            for shape in [HeadShape { b: 33, c: 131, d: 40 }, HeadShape { b: 33, c: 131, d: 13 }] {
-                let p = make_problem(shape, dtype, true, 77);
-                let r = run_device_poisoned(&dev, path, &cfg, &p, GradDtype::Input, 4096).unwrap();
-                let c = compare_with_oracle(&cfg, &p, &r).unwrap();
-                assert!(
-                    c.finite,
-                    "{} {} {shape:?}: a NaN from the padding reached the outputs",
-                    path.name(),
-                    dtype.name()
-                );
-                assert!(c.passed(dtype), "{} {} {shape:?}: {c:?}", path.name(), dtype.name());
-            }
+    for (path, dtype) in paths_and_dtypes() {
+        for shape in [HeadShape { b: 33, c: 131, d: 40 }, HeadShape { b: 33, c: 131, d: 13 }] {
+            let p = make_problem(shape, dtype, true, 77);
+            let r = run_device_with(
+                &dev,
+                path,
+                &cfg,
+                &p,
+                GradDtype::Input,
+                RunOptions { pad: 4096, ..Default::default() },
+            )
+            .unwrap();
+            let c = compare_with_oracle(&cfg, &p, &r).unwrap();
+            assert!(
+                c.finite,
+                "{} {} {shape:?}: a NaN from the padding reached the outputs",
+                path.name(),
+                dtype.name()
+            );
+            assert!(c.passed(dtype), "{} {} {shape:?}: {c:?}", path.name(), dtype.name());
         }
     }
 }
@@ -318,18 +319,16 @@ fn no_valid_row_gives_zero_loss_and_gradients() {
     // SPEC 3/4 with every label negative: loss 0 (mean over no rows is defined as 0) and
     // every gradient exactly 0, on both paths and for both scalar reductions.
     let Some(dev) = test_device() else { return };
-    for path in HeadPath::ALL {
-        for dtype in DTYPES {
-            for reduction in [Reduction::Mean, Reduction::Sum] {
-                let cfg = HeadConfig { reduction, ..HeadConfig::default() };
-                let mut p = make_problem(HeadShape { b: 9, c: 140, d: 24 }, dtype, false, 41);
-                p.labels.iter_mut().for_each(|y| *y = -1);
-                let r = run_device(&dev, path, &cfg, &p, GradDtype::Input).unwrap();
-                let what = format!("{} {} {reduction:?}", path.name(), dtype.name());
-                assert_eq!(r.loss, 0.0, "{what}: loss");
-                assert!(r.rows.iter().all(|v| v.iter().all(|&a| a == 0.0)), "{what}: row outputs");
-                assert!(r.dx.iter().chain(&r.dw).all(|&a| a == 0.0), "{what}: gradients");
-            }
+    for (path, dtype) in paths_and_dtypes() {
+        for reduction in [Reduction::Mean, Reduction::Sum] {
+            let cfg = HeadConfig { reduction, ..HeadConfig::default() };
+            let mut p = make_problem(HeadShape { b: 9, c: 140, d: 24 }, dtype, false, 41);
+            p.labels.iter_mut().for_each(|y| *y = -1);
+            let r = run_device(&dev, path, &cfg, &p, GradDtype::Input).unwrap();
+            let what = format!("{} {} {reduction:?}", path.name(), dtype.name());
+            assert_eq!(r.loss, 0.0, "{what}: loss");
+            assert!(r.rows.iter().all(|v| v.iter().all(|&a| a == 0.0)), "{what}: row outputs");
+            assert!(r.dx.iter().chain(&r.dw).all(|&a| a == 0.0), "{what}: gradients");
         }
     }
 }
@@ -342,14 +341,12 @@ fn zero_feature_row_keeps_gradients_finite() {
     // representable and can be compared with the oracle.
     let Some(dev) = test_device() else { return };
     let cfg = HeadConfig::arcface();
-    for path in HeadPath::ALL {
-        for dtype in DTYPES {
-            let mut p = make_problem(HeadShape { b: 37, c: 300, d: 64 }, dtype, true, 59);
-            let d = p.shape.d;
-            assert!(p.labels[5] >= 0);
-            p.x[5 * d..6 * d].fill(0.0);
-            check_case(&dev, path, "zero feature row", &cfg, &p, GradDtype::F32);
-        }
+    for (path, dtype) in paths_and_dtypes() {
+        let mut p = make_problem(HeadShape { b: 37, c: 300, d: 64 }, dtype, true, 59);
+        let d = p.shape.d;
+        assert!(p.labels[5] >= 0);
+        p.x[5 * d..6 * d].fill(0.0);
+        check_case(&dev, path, "zero feature row", &cfg, &p, GradDtype::F32);
     }
 }
 
@@ -394,7 +391,7 @@ fn cpu_problems_hit_every_target_region() {
     let mut seen = std::collections::HashSet::new();
     for (name, cfg) in option_sets() {
         let p = make_problem(shape, DType::BF16, true, 7);
-        let out = forward(&cfg, &hp(&p)).unwrap();
+        let out = forward(&cfg, &p.head_problem()).unwrap();
         let regions: std::collections::HashSet<_> = out.rows.region.iter().copied().collect();
         println!("{name}: {regions:?}");
         seen.extend(regions);

@@ -49,15 +49,8 @@ struct Case {
 
 impl Case {
     fn p64(&self) -> HeadProblemF64<'_> {
-        HeadProblemF64 {
-            shape: self.shape,
-            x: &self.x,
-            w: &self.w,
-            labels: &self.labels,
-            sigma_cloud: &self.sigma,
-            seed: self.seed,
-            step: self.step,
-        }
+        let Case { shape, x, w, labels, sigma, seed, step } = self;
+        HeadProblemF64 { shape: *shape, x, w, labels, sigma_cloud: sigma, seed: *seed, step: *step }
     }
 }
 
@@ -200,6 +193,14 @@ fn cfg_with(base: HeadConfig, s: f32) -> HeadConfig {
 
 fn assert_regions(out: &ForwardOutput, expected: &[Region]) {
     assert_eq!(out.rows.region, expected);
+}
+
+/// [`gradcheck`] with a unit upstream, then [`assert_regions`]: the regions are what
+/// makes each gradient check test the branch it is named for.
+fn gradcheck_regions(cfg: &HeadConfig, case: &Case, expected: &[Region]) -> ForwardOutput {
+    let out = gradcheck(cfg, case, &[1.0]);
+    assert_regions(&out, expected);
+    out
 }
 
 use Region::{Fallback as Fb, Ignored as Ig, Regular as Rg, Saturated as Sat};
@@ -385,71 +386,61 @@ fn hand_gradient_exact_and_straight_through() {
 fn gradcheck_regular_rows_arcface() {
     let cfg = cfg_with(HeadConfig::arcface(), 16.0);
     let case = build_case(5, 6, &[0, 3, 1, 3], &[0.3, 1.0, 1.7, 2.4], 1);
-    let out = gradcheck(&cfg, &case, &[1.0]);
-    assert_regions(&out, &[Rg, Rg, Rg, Rg]);
+    gradcheck_regions(&cfg, &case, &[Rg, Rg, Rg, Rg]);
 }
 
 #[test]
 fn gradcheck_regular_rows_default_scale() {
     let cfg = cfg_with(HeadConfig::arcface(), 64.0);
     let case = build_case(4, 5, &[1, 2, 0], &[1.2, 1.4, 1.3], 2);
-    let out = gradcheck(&cfg, &case, &[1.0]);
-    assert_regions(&out, &[Rg, Rg, Rg]);
+    gradcheck_regions(&cfg, &case, &[Rg, Rg, Rg]);
 }
 
 #[test]
 fn gradcheck_linear_fallback_rows() {
     let cfg = cfg_with(HeadConfig::arcface(), 16.0);
     let case = build_case(4, 5, &[0, 1, 2, 1], &[2.75, 2.9, 3.05, 1.0], 3);
-    let out = gradcheck(&cfg, &case, &[1.0]);
-    assert_regions(&out, &[Fb, Fb, Fb, Rg]);
+    gradcheck_regions(&cfg, &case, &[Fb, Fb, Fb, Rg]);
 }
 
 #[test]
 fn gradcheck_saturated_rows() {
     let cfg = HeadConfig { m2: -0.8, ..cfg_with(HeadConfig::arcface(), 4.0) };
     let case = build_case(4, 5, &[0, 1, 2, 3], &[0.2, 0.5, 0.7, 1.5], 4);
-    let out = gradcheck(&cfg, &case, &[1.0]);
-    assert_regions(&out, &[Sat, Sat, Sat, Rg]);
+    gradcheck_regions(&cfg, &case, &[Sat, Sat, Sat, Rg]);
 }
 
 #[test]
 fn gradcheck_clamp_fallback() {
     let cfg = HeadConfig { fallback: Fallback::Clamp, ..cfg_with(HeadConfig::arcface(), 16.0) };
     let case = build_case(4, 5, &[0, 1, 2, 1], &[2.75, 2.9, 3.05, 1.0], 5);
-    let out = gradcheck(&cfg, &case, &[1.0]);
-    assert_regions(&out, &[Fb, Fb, Fb, Rg]);
+    gradcheck_regions(&cfg, &case, &[Fb, Fb, Fb, Rg]);
     let sat = HeadConfig { m2: -0.8, s: 4.0, ..cfg };
     let case = build_case(4, 5, &[0, 1, 2, 3], &[0.2, 0.5, 0.7, 1.5], 6);
-    let out = gradcheck(&sat, &case, &[1.0]);
-    assert_regions(&out, &[Sat, Sat, Sat, Rg]);
+    gradcheck_regions(&sat, &case, &[Sat, Sat, Sat, Rg]);
 }
 
 #[test]
 fn gradcheck_cosface_combined_and_m1() {
     let case = build_case(6, 7, &[0, 5, 2, 2, 4], &[0.4, 1.1, 1.9, 2.6, 3.0], 7);
     gradcheck(&cfg_with(HeadConfig::cosface(), 8.0), &case, &[1.0]);
-    let out = gradcheck(&cfg_with(HeadConfig::combined(), 8.0), &case, &[1.0]);
-    assert_regions(&out, &[Rg, Rg, Rg, Rg, Fb]);
+    gradcheck_regions(&cfg_with(HeadConfig::combined(), 8.0), &case, &[Rg, Rg, Rg, Rg, Fb]);
     let m1 = HeadConfig { m1: 1.35, m2: 0.1, ..cfg_with(HeadConfig::arcface(), 8.0) };
-    let out = gradcheck(&m1, &case, &[1.0]);
-    assert_regions(&out, &[Rg, Rg, Rg, Fb, Fb]);
+    gradcheck_regions(&m1, &case, &[Rg, Rg, Rg, Fb, Fb]);
 }
 
 #[test]
 fn gradcheck_label_smoothing() {
     let cfg = HeadConfig { label_smoothing: 0.2, ..cfg_with(HeadConfig::arcface(), 16.0) };
     let case = build_case(5, 6, &[0, 1, 4, 2], &[0.6, 1.4, 2.9, 2.0], 8);
-    let out = gradcheck(&cfg, &case, &[1.0]);
-    assert_regions(&out, &[Rg, Rg, Fb, Rg]);
+    gradcheck_regions(&cfg, &case, &[Rg, Rg, Fb, Rg]);
 }
 
 #[test]
 fn gradcheck_ignored_rows() {
     let cfg = cfg_with(HeadConfig::arcface(), 16.0);
     let case = build_case(4, 5, &[0, -1, 2, -7, 1], &[0.9, 0.0, 2.9, 0.0, 1.6], 9);
-    let out = gradcheck(&cfg, &case, &[1.0]);
-    assert_regions(&out, &[Rg, Ig, Fb, Ig, Rg]);
+    let out = gradcheck_regions(&cfg, &case, &[Rg, Ig, Fb, Ig, Rg]);
     assert_eq!(out.n_valid, 3);
     for i in [1, 3] {
         assert_eq!(out.rows.loss[i], 0.0);
@@ -513,8 +504,7 @@ fn gradcheck_cloud_symmetric_and_one_sided() {
         assert!(angles.iter().all(|&a| a > 0.05 && a < PI - 0.05), "{angles:?}");
         let mut built = build_case(4, 5, &labels, &angles, 12);
         built.sigma = case.sigma.clone();
-        let out = gradcheck(&cfg, &built, &[1.0]);
-        assert_regions(&out, &[Rg, Rg, Rg, Fb, Rg]);
+        let out = gradcheck_regions(&cfg, &built, &[Rg, Rg, Rg, Fb, Rg]);
         for (i, &alpha) in alphas.iter().enumerate() {
             assert!((out.rows.alpha[i] - alpha).abs() <= 1e-15, "row {i}");
             assert!(alpha != 0.0);

@@ -54,26 +54,10 @@ fn case(b: usize, c: usize, d: usize, seed: u64, ignore: bool) -> Case {
     Case { shape: HeadShape { b, c, d }, x, w, labels, sigma }
 }
 
-fn problem<'a>(k: &'a Case, step: u64) -> (HeadProblem<'a>, oracle::HeadProblem<'a>) {
-    let p = HeadProblem {
-        shape: k.shape,
-        x: &k.x,
-        w: &k.w,
-        labels: &k.labels,
-        sigma_cloud: &k.sigma,
-        seed: 42,
-        step,
-    };
-    let o = oracle::HeadProblem {
-        shape: k.shape,
-        x: &k.x,
-        w: &k.w,
-        labels: &k.labels,
-        sigma_cloud: &k.sigma,
-        seed: 42,
-        step,
-    };
-    (p, o)
+/// The call both the CPU backend and the oracle take (`cpu::head::HeadProblem` is the
+/// oracle's type).
+fn problem(k: &Case, step: u64) -> HeadProblem<'_> {
+    HeadProblem { shape: k.shape, x: &k.x, w: &k.w, labels: &k.labels, sigma_cloud: &k.sigma, seed: 42, step }
 }
 
 fn rel(a: f64, b: f64) -> f64 {
@@ -100,7 +84,7 @@ fn check_grad(name: &str, got: &[f32], want: &[f64], ctx: &str) {
 
 /// Compares forward and backward of the CPU head with the oracle for one config.
 fn compare(cfg: &HeadConfig, k: &Case, step: u64, ctx: &str) -> Vec<Region> {
-    let (p, o) = problem(k, step);
+    let p = problem(k, step);
     let gw: Vec<f32> = (0..k.shape.b).map(|i| 0.5 + (i % 3) as f32 * 0.25).collect();
     let gw64: Vec<f64> = gw.iter().map(|&v| v as f64).collect();
     let (up, oup) = match cfg.reduction {
@@ -108,8 +92,8 @@ fn compare(cfg: &HeadConfig, k: &Case, step: u64, ctx: &str) -> Vec<Region> {
         _ => (Upstream::Scalar(1.5), oracle::Upstream::Scalar(1.5)),
     };
     let (f, g) = head::forward_backward(cfg, &p, up).unwrap_or_else(|e| panic!("{ctx}: {e}"));
-    let want = oracle::forward(cfg, &o).unwrap();
-    let wg = oracle::backward(cfg, &o, oup).unwrap();
+    let want = oracle::forward(cfg, &p).unwrap();
+    let wg = oracle::backward(cfg, &p, oup).unwrap();
     assert_eq!(f.n_valid, want.n_valid, "{ctx}");
     assert!(rel(f.loss, want.loss) <= 1e-5, "{ctx}: loss {} vs {}", f.loss, want.loss);
     for i in 0..k.shape.b {
@@ -193,7 +177,7 @@ fn hits_every_target_region() {
 #[test]
 fn bitwise_deterministic_across_thread_counts() {
     let k = case(64, 37, 24, 9, true);
-    let (p, _) = problem(&k, 5);
+    let p = problem(&k, 5);
     let cfg = HeadConfig::default();
     let a = head::forward_backward(&cfg, &p, Upstream::Scalar(1.0)).unwrap();
     let b = rayon::ThreadPoolBuilder::new()
