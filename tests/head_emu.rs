@@ -441,7 +441,7 @@ fn fused_head_is_deterministic() {
 
 /// A zero feature row (inv = 1e12: f16 operands saturate instead of overflowing) and a
 /// zero class row, with Reduction::None and a per-row upstream (the kernels' row_g path).
-/// Gradients in f32 (GradDtype::F32, the head_normback32_* kernels): the zero row's exact
+/// Gradients in f32 (GradDtype::F32, the head_normback_bwd_f32out_* kernels): the zero row's exact
 /// dx is ~1e12 |g|, which no 16-bit output can hold.
 #[test]
 fn fused_head_zero_rows_and_per_row_upstream() {
@@ -551,7 +551,7 @@ fn fused_zero_and_tiny_class_rows() {
 
 /// Narrowing f32 -> bf16 / f16 in the gradient kernels: the 16-bit gradient kernels
 /// (`head_normback_bwd_<T>`, the fused backward's in-kernel dW) and their f32-output twins
-/// (`head_normback32_bwd_<T>`, the fused backward's f32 dW) compute the same f32 value, so
+/// (`head_normback_bwd_f32out_<T>`, the fused backward's f32 dW) compute the same f32 value, so
 /// every 16-bit gradient must equal `half`'s rounding of the f32 one. A per-row upstream from
 /// 2^-40 to 2^14 drives f16 results into overflow, subnormals and underflow. Exact ties
 /// occur only by chance (a few per run, counted in the output): no kernel narrows f32
