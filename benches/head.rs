@@ -6,8 +6,8 @@
 //! says so and benches the CPU backend against the CPU oracle instead.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use featcloud::check::HeadShape;
-use featcloud::cli::bench::SHAPES;
+use featcloud::shape::HeadShape;
+use featcloud::cuda::bench::SHAPES;
 use featcloud::cuda::head::{CudaHead, GradDtype, HeadPath, HeadUpstream};
 use featcloud::cuda::{Device, Tensor};
 use featcloud::{cpu, oracle, HeadConfig};

@@ -11,12 +11,15 @@
 
 pub mod check;
 pub mod config;
+pub mod dtype;
 pub mod error;
 pub mod oracle;
+pub mod shape;
+pub mod stats;
 
-pub use config::{
-    CenterMode, CloudMode, DType, Fallback, HeadConfig, MarginGrad, Reduction, Split, StatsConfig,
-};
+pub use config::{CenterMode, CloudMode, Fallback, HeadConfig, MarginGrad, Reduction, Split, StatsConfig};
+pub use dtype::DType;
+pub use shape::HeadShape;
 pub use error::{Error, Result};
 pub mod cli;
 pub mod cpu;

@@ -129,7 +129,7 @@ fn bad_inputs_give_one_line_errors_and_no_output() {
     let o = run(&["train", "--epochs", "many"]);
     assert_clean_error(&o, &["--epochs"]);
     let o = run(&train_args(xs, ys, outs, &["--label-smoothing", "1.5"]));
-    assert_clean_error(&o, &["label smoothing"]);
+    assert_clean_error(&o, &["--label-smoothing"]);
     let o = run(&train_args(xs, ys, outs, &["--batch-size", "0"]));
     assert_clean_error(&o, &["--batch-size"]);
     let o = run(&["train", "--no-such-flag"]);

@@ -11,7 +11,7 @@
 //! the same bf16-rounded inputs). On a failure the tensors are written under
 //! `target/cuda_backend/` for inspection.
 
-use featcloud::check::HeadShape;
+use featcloud::shape::HeadShape;
 use featcloud::config::{CenterMode, CloudMode, HeadConfig, Reduction, Split, StatsConfig};
 use featcloud::cpu::CpuBackend;
 use featcloud::cuda::backend::{CudaBackend, Precision};
@@ -397,7 +397,7 @@ fn stats_match_cpu() {
         );
 
         // The CPU's state imported on the GPU gives the same cloud; export is a round trip.
-        let imported = be.stats_import(&ec, &cfg).unwrap();
+        let imported = be.stats_import(&ec).unwrap();
         let back = be.stats_export(&imported).unwrap();
         assert_eq!(
             (back.n, back.initialized, back.updates),

@@ -5,7 +5,7 @@
 //! emulator); the rest are the crate's real kernels launched wrongly on purpose.
 //! Skips (with a message) when the crate was built without the `emu` feature.
 
-use featcloud::config::DType;
+use featcloud::dtype::DType;
 use featcloud::cuda::args::{RefNormalizeArgs, RowNormsArgs};
 use featcloud::cuda::kernels::{head_fused, norms};
 use featcloud::cuda::norms::row_norms_launch;

@@ -6,7 +6,7 @@
 //! target column's softmax gradient is not negligible (asserted), so a wrong
 //! dt_i cannot hide.
 
-use featcloud::check::HeadShape;
+use featcloud::shape::HeadShape;
 use featcloud::config::{CloudMode, Fallback, HeadConfig, MarginGrad, Reduction};
 use featcloud::error::Error;
 use featcloud::oracle::head::{

@@ -21,7 +21,8 @@
 //! summed sequentially in row order; the sgemms reduce each element in a fixed
 //! order. Materializes the B x C cosines (fine for the CPU sizes this serves).
 
-use crate::check::{check_finite, check_head_inputs, check_sigma, HeadShape};
+use crate::check::{check_finite, check_head_inputs, check_sigma};
+use crate::shape::HeadShape;
 use crate::config::{CloudMode, Fallback, HeadConfig, MarginGrad, Reduction};
 use crate::cpu::gemm::sgemm;
 use crate::error::{Error, Result};

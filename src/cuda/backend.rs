@@ -12,7 +12,7 @@
 //! - the margin head: [`crate::cuda::head::CudaHead`] (fused path by default) in
 //!   f32 or on bf16 copies of the f32 master embeddings and class weights, with
 //!   f32 gradients either way;
-//! - class statistics: [`ClassStats`], converted to and from the engine's
+//! - class statistics: [`ClassStats`], converted to and from the host
 //!   [`StatsState`] for checkpoints.
 //!
 //! Mixed precision ([`Precision::Bf16`], the default): every buffer the engine
@@ -42,12 +42,12 @@ use super::head::{CudaHead, GradDtype, GradTensor, HeadPath, HeadUpstream};
 use super::kernels::{self, train_ops as k};
 use super::stats::ClassStats;
 use super::{Device, DeviceElem, Launch, Tensor};
-use crate::check::HeadShape;
+use crate::shape::HeadShape;
 use crate::config::{HeadConfig, Reduction, StatsConfig};
-use crate::engine::backend::{Activation, Backend, Gemm, HeadStep, OptimStep, StatsState};
+use crate::engine::backend::{Activation, Backend, Gemm, HeadStep, OptimStep};
 use crate::engine::optim::{OptimizerConfig, OptimizerKind};
 use crate::error::{Error, Result};
-use crate::statsfile::{Precision as StatsPrecision, StatsSnapshot};
+use crate::stats::StatsState;
 use std::sync::{Arc, Mutex};
 
 /// Threads per block of every `train_ops.cu` kernel.
@@ -58,8 +58,8 @@ const BIAS_STRIPES: u32 = 8;
 /// Most blocks of an elementwise launch; the kernels' grid-stride loops cover the rest.
 const MAX_BLOCKS: usize = 1 << 16;
 
-/// Storage precision of the GEMM and head operands.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+/// Storage precision of the GEMM and head operands (also the `--precision` option).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Precision {
     /// bf16 copies of the f32 master tensors for the GEMMs and the head (tensor
     /// cores), f32 accumulation and f32 results.
@@ -480,34 +480,12 @@ impl Backend for CudaBackend {
     }
 
     fn stats_export(&self, stats: &CudaStats) -> Result<StatsState> {
-        let snap = stats.with(|s| s.snapshot(&self.dev))?;
-        Ok(StatsState {
-            c: snap.c,
-            d: snap.d,
-            mu: snap.mu,
-            v: snap.v,
-            n: snap.n,
-            initialized: snap.initialized,
-            centers: snap.centers,
-            updates: snap.updates,
-        })
+        stats.with(|s| s.snapshot(&self.dev))
     }
 
-    fn stats_import(&self, st: &StatsState, cfg: &StatsConfig) -> Result<CudaStats> {
-        let snap = StatsSnapshot {
-            cfg: cfg.clone(),
-            c: st.c,
-            d: st.d,
-            centers: st.centers.clone(),
-            mu: st.mu.clone(),
-            v: st.v.clone(),
-            n: st.n.clone(),
-            initialized: st.initialized.clone(),
-            updates: st.updates,
-            // Values may come from the CPU's f64 state; from_snapshot rounds them to f32.
-            precision: StatsPrecision::F64,
-        };
-        Ok(CudaStats { inner: Mutex::new(ClassStats::from_snapshot(&self.dev, &snap)?) })
+    fn stats_import(&self, state: &StatsState) -> Result<CudaStats> {
+        // Values may come from the CPU's f64 state; from_snapshot rounds them to f32.
+        Ok(CudaStats { inner: Mutex::new(ClassStats::from_snapshot(&self.dev, state)?) })
     }
 
     fn optimizer_step(

@@ -10,7 +10,7 @@
 //! cuBLAS does with one, so the index bookkeeping is tested without a GPU
 //! (`tests/gemm_plans.rs`).
 
-use crate::check::HeadShape;
+use crate::shape::HeadShape;
 use crate::error::{Error, Result};
 
 /// One column-major GEMM, `C [m, n] = op(A) op(B)`, as `cublasGemmEx` takes it.

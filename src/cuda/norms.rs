@@ -3,7 +3,7 @@
 use super::args::RowNormsArgs;
 use super::kernels::norms as k;
 use super::{DevPtr, Device, DeviceElem, Kernel, Launch, Tensor};
-use crate::config::DType;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 
 /// Rows per block: one warp per row, 8 warps.

@@ -7,10 +7,11 @@
 //! backend's memory as [`Backend::Buf`] (flat, row-major, f32 master copies);
 //! labels and small per-step scalars cross as host slices.
 
-use crate::check::HeadShape;
+use crate::shape::HeadShape;
 use crate::config::{HeadConfig, StatsConfig};
 use crate::engine::optim::{OptimizerConfig, OptimizerKind};
 use crate::error::Result;
+use crate::stats::StatsState;
 
 /// Elementwise activation after a bias add.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,27 +50,6 @@ pub struct HeadStep {
     pub n_valid: usize,
     /// Clamped target cosines c_iy `[B]` (feed the class-weight statistics).
     pub c_iy: Vec<f32>,
-}
-
-/// Host copy of the LEAP class statistics (SPEC section 5), for checkpoints.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct StatsState {
-    /// Classes C.
-    pub c: usize,
-    /// Embedding dimension D.
-    pub d: usize,
-    /// EMA mean angle per class `[C]`.
-    pub mu: Vec<f64>,
-    /// EMA mean squared angle per class `[C]`.
-    pub v: Vec<f64>,
-    /// Samples seen per class `[C]`.
-    pub n: Vec<u64>,
-    /// Whether each class has been seen `[C]`.
-    pub initialized: Vec<bool>,
-    /// Unit EMA centers [C, D] (empty in class-weight mode when unused).
-    pub centers: Vec<f64>,
-    /// Number of statistics updates applied (drives the warm-up).
-    pub updates: u64,
 }
 
 /// Per-step hyper-parameters of the optimizer (the schedule's output).
@@ -151,10 +131,10 @@ pub trait Backend {
         labels: &[i32],
         c_iy: &[f32],
     ) -> Result<()>;
-    /// Host copy of the statistics.
+    /// Host copy of the statistics (configuration included).
     fn stats_export(&self, stats: &Self::Stats) -> Result<StatsState>;
-    /// Statistics restored from a host copy.
-    fn stats_import(&self, state: &StatsState, cfg: &StatsConfig) -> Result<Self::Stats>;
+    /// Statistics restored from a host copy (with the copy's configuration).
+    fn stats_import(&self, state: &StatsState) -> Result<Self::Stats>;
 
     /// One optimizer step on `param` with gradient `grad`; `state` holds
     /// [`OptimizerKind::state_count`] buffers of the parameter's length.

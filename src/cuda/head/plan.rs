@@ -6,8 +6,9 @@
 //! host, and the reference and fused paths (`head/reference.rs`, `head/fused.rs`) execute them.
 
 use super::{GradDtype, HeadPath, Workspace};
-use crate::check::HeadShape;
-use crate::config::{CloudMode, DType, Fallback, HeadConfig, MarginGrad};
+use crate::shape::HeadShape;
+use crate::config::{CloudMode, Fallback, HeadConfig, MarginGrad};
+use crate::dtype::DType;
 use crate::cuda::args::{
     FusedBwdArgs, FusedCombineArgs, FusedFwdArgs, HeadParams, HeadReduceArgs, NormbackArgs, RefGradArgs,
     RefMarginArgs, RefNormalizeArgs, RefSoftmaxArgs,

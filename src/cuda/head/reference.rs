@@ -7,7 +7,7 @@
 use super::plan::{self, head_reduce};
 use super::scratch::{Scratch, Slot};
 use super::{ForwardLaunched, GradDtype, GradTensor, Grads, HeadForward, Inputs, Upstream};
-use crate::check::HeadShape;
+use crate::shape::HeadShape;
 use crate::cuda::args::{
     HeadParams, HeadReduceArgs, NormbackArgs, RefGradArgs, RefMarginArgs, RefNormalizeArgs, RefSoftmaxArgs,
 };
@@ -160,7 +160,7 @@ pub(super) fn normback<T: DeviceElem>(
     rows: usize,
     d: usize,
 ) -> Result<GradTensor<T>> {
-    let out_f32 = grad_dtype == GradDtype::F32 || T::DTYPE == crate::config::DType::F32;
+    let out_f32 = grad_dtype == GradDtype::F32 || T::DTYPE == crate::dtype::DType::F32;
     let out = if out_f32 {
         // SAFETY: the kernel writes every element (one warp per row, every column).
         GradTensor::F32(unsafe { Tensor::<f32>::uninit(dev, &[rows, d]) }?)

@@ -8,8 +8,9 @@
 //! dtype before the oracle sees them.
 
 use super::{FusedTuning, GradDtype, GradTensor, HeadOn, HeadPath, HeadUpstream};
-use crate::check::HeadShape;
-use crate::config::{CloudMode, DType, Fallback, HeadConfig, MarginGrad, Reduction};
+use crate::shape::HeadShape;
+use crate::config::{CloudMode, Fallback, HeadConfig, MarginGrad, Reduction};
+use crate::dtype::DType;
 use crate::cuda::{Device, DeviceElem, SmokeLine, Tensor};
 use crate::error::Result;
 use crate::oracle::head::{self as oracle, HeadProblem, Upstream};
