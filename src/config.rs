@@ -117,18 +117,13 @@ impl HeadConfig {
     /// Checks that every option is finite and in range; errors name the field
     /// (`head.s`, `head.label_smoothing`, ...).
     pub fn validate(&self) -> Result<()> {
-        let fields = [
+        finite_fields(&[
             ("head.s", self.s),
             ("head.m1", self.m1),
             ("head.m2", self.m2),
             ("head.m3", self.m3),
             ("head.label_smoothing", self.label_smoothing),
-        ];
-        for (field, v) in fields {
-            if !v.is_finite() {
-                return Err(invalid(field, format!("must be finite, got {v}")));
-            }
-        }
+        ])?;
         if self.s <= 0.0 {
             return Err(invalid("head.s", format!("must be > 0, got {}", self.s)));
         }
@@ -139,6 +134,14 @@ impl HeadConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// The first non-finite `(field, value)` as an [`invalid`] error.
+pub fn finite_fields(fields: &[(&str, f32)]) -> Result<()> {
+    match fields.iter().find(|(_, v)| !v.is_finite()) {
+        Some((field, v)) => Err(invalid(field, format!("must be finite, got {v}"))),
+        None => Ok(()),
     }
 }
 
@@ -180,9 +183,9 @@ impl Default for Split {
 /// threshold is its own option).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum SplitKind {
-    /// [`Split::Threshold`].
+    /// Head = classes with at least T samples; only tail classes get a cloud.
     Threshold,
-    /// [`Split::Adaptive`].
+    /// Count-weighted head variance; every class below it gets a cloud.
     Adaptive,
 }
 
@@ -233,6 +236,25 @@ impl StatsConfig {
             return Err(invalid("stats.split.threshold", "must be > 0"));
         }
         Ok(())
+    }
+
+    /// Errors unless the statistics' center is `center`: an EMA-center update
+    /// needs the batch features, a class-weight update the head's target angles.
+    pub fn require_center(&self, center: CenterMode) -> Result<()> {
+        if self.center == center {
+            return Ok(());
+        }
+        Err(Error::InvalidConfig(
+            match self.center {
+                CenterMode::Ema => {
+                    "center = ema: update the statistics from the batch features, not the head's target angles"
+                }
+                CenterMode::ClassWeight => {
+                    "center = class_weight: update the statistics from the head's target angles, not the batch features"
+                }
+            }
+            .into(),
+        ))
     }
 
     /// Checks the configuration against the number of classes.

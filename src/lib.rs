@@ -19,8 +19,9 @@ pub mod stats;
 
 pub use config::{CenterMode, CloudMode, Fallback, HeadConfig, MarginGrad, Reduction, Split, StatsConfig};
 pub use dtype::DType;
-pub use shape::HeadShape;
 pub use error::{Error, Result};
+pub use shape::HeadShape;
+pub use stats::StatsState;
 pub mod cli;
 pub mod cpu;
 pub mod cuda;

@@ -110,7 +110,6 @@ impl StatsState {
         }
         Ok(())
     }
-
 }
 
 /// One class in a [`StatsSummary`].

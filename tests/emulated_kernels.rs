@@ -29,9 +29,7 @@
 //! the sum of its emulator time (about 30 s in release). Without the `emu` feature every
 //! test prints why and returns.
 
-use featcloud::shape::HeadShape;
 use featcloud::config::{CenterMode, CloudMode, Fallback, HeadConfig, Reduction, Split, StatsConfig};
-use featcloud::dtype::DType;
 use featcloud::cpu::CpuBackend;
 use featcloud::cuda::backend::{CudaBackend, Precision};
 use featcloud::cuda::head::verify::tolerances;
@@ -41,9 +39,11 @@ use featcloud::cuda::head::{
 };
 use featcloud::cuda::stats::ClassStats;
 use featcloud::cuda::{emu, norms, Device, DeviceElem, EmuOrder, Tensor};
+use featcloud::dtype::DType;
 use featcloud::engine::backend::{Activation, Backend, Gemm, OptimStep};
 use featcloud::engine::optim::{OptimizerConfig, OptimizerKind};
 use featcloud::oracle::head::{self as oracle, ForwardOutput, Gradients, HeadProblem, Region, Upstream};
+use featcloud::shape::HeadShape;
 use featcloud::stats::{StatsState as OracleStats, StatsState as StatsSnapshot};
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};

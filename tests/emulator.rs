@@ -5,7 +5,6 @@
 //! emulator); the rest are the crate's real kernels launched wrongly on purpose.
 //! Skips (with a message) when the crate was built without the `emu` feature.
 
-use featcloud::dtype::DType;
 use featcloud::cuda::args::{RefNormalizeArgs, RowNormsArgs};
 use featcloud::cuda::kernels::{head_fused, norms};
 use featcloud::cuda::norms::row_norms_launch;
@@ -13,6 +12,7 @@ use featcloud::cuda::{
     check_launch_limits, DevPtr, Device, EmuOrder, Kernel, KernelArgs, KernelResources, Launch, Module,
     Tensor,
 };
+use featcloud::dtype::DType;
 use featcloud::Error;
 use std::sync::Arc;
 

@@ -3,13 +3,14 @@
 //! the backend's operations match the oracle / naive loops, bad checkpoints and
 //! mismatched data are errors.
 
-use featcloud::shape::HeadShape;
 use featcloud::cpu::CpuBackend;
 use featcloud::data::{generate, Dataset, SyntheticConfig};
 use featcloud::engine::{
-    Activation, Backend, Checkpoint, Gemm, OptimStep, OptimizerConfig, OptimizerKind, TrainConfig, Trainer,
+    Activation, Backend, Checkpoint, Gemm, HeadBatch, OptimStep, OptimizerConfig, OptimizerKind, TrainConfig,
+    Trainer,
 };
 use featcloud::oracle::head as oracle;
+use featcloud::shape::HeadShape;
 use featcloud::stats::StatsState;
 use featcloud::{CenterMode, CloudMode, HeadConfig, Split, StatsConfig};
 
@@ -278,8 +279,8 @@ fn backend_ops_match_naive_loops_and_the_oracle() {
     let cfg = HeadConfig::default();
     let mut dx = vec![0.0; x.len()];
     let mut dw = vec![0.0; w.len()];
-    let out =
-        be.head_forward_backward(&cfg, shape, &x, &w, &labels, &sigma, 5, 77, &mut dx, &mut dw).unwrap();
+    let batch = HeadBatch { shape, x: &x, w: &w, labels: &labels, sigma_cloud: &sigma, seed: 5, step: 77 };
+    let out = be.head_forward_backward(&cfg, batch, &mut dx, &mut dw).unwrap();
     let p =
         oracle::HeadProblem { shape, x: &x, w: &w, labels: &labels, sigma_cloud: &sigma, seed: 5, step: 77 };
     let want = oracle::forward(&cfg, &p).unwrap();

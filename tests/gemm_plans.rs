@@ -3,8 +3,8 @@
 //! `ColGemm::eval_host` models cublasGemmEx's column-major semantics (anchored by a
 //! hand-computed case) and every plan must reproduce the row-major product it stands for.
 
-use featcloud::shape::HeadShape;
 use featcloud::cuda::gemm_plan::{head_gemms, ColGemm};
+use featcloud::shape::HeadShape;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

@@ -5,10 +5,10 @@
 //! is known. The expected angles are taken from the f32 features as stored
 //! (acos of the axis component over the norm), so the checks can be tight.
 
-use featcloud::shape::HeadShape;
 use featcloud::config::{CenterMode, CloudMode, HeadConfig, Split, StatsConfig};
 use featcloud::error::Error;
 use featcloud::oracle::head::{forward_f64, target_angles, HeadProblemF64};
+use featcloud::shape::HeadShape;
 use featcloud::stats::StatsState;
 
 const D: usize = 3;

@@ -3,11 +3,11 @@
 //! (`kernels/stats.cu`) against the CPU oracle when a GPU is present.
 
 use featcloud::config::{CenterMode, Split, StatsConfig};
-use featcloud::dtype::DType;
 use featcloud::cuda::stats::{
     bucket_labels, check_config, compare_with_oracle, smoke, synthetic_batch, ClassStats, STATS_TOLERANCE,
 };
 use featcloud::cuda::{kernels, test_device, Device, DeviceElem, Tensor};
+use featcloud::dtype::DType;
 use featcloud::stats::{Precision, StatsState};
 use featcloud::statsfile::FORMAT;
 use featcloud::Error;

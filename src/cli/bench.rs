@@ -8,12 +8,14 @@
 //! excluded; outputs dx, dW and every workspace included). Each path's result
 //! is checked against the reference path before anything is timed.
 
-use crate::shape::HeadShape;
 use crate::config::HeadConfig;
-use crate::dtype::DType;
-use crate::cuda::bench::{gemm_peak_tflops, measure_extra_memory, BenchShape, ThreeGemm, Timer, Timing, SHAPES};
+use crate::cuda::bench::{
+    gemm_peak_tflops, measure_extra_memory, BenchShape, ThreeGemm, Timer, Timing, SHAPES,
+};
 use crate::cuda::head::{CudaHead, FusedTuning, GradDtype, HeadPath, HeadUpstream};
 use crate::cuda::{Device, DeviceElem, Tensor};
+use crate::dtype::DType;
+use crate::shape::HeadShape;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::Arc;

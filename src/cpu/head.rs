@@ -22,11 +22,11 @@
 //! order. Materializes the B x C cosines (fine for the CPU sizes this serves).
 
 use crate::check::{check_finite, check_head_inputs, check_sigma};
-use crate::shape::HeadShape;
 use crate::config::{CloudMode, Fallback, HeadConfig, MarginGrad, Reduction};
 use crate::cpu::gemm::sgemm;
 use crate::error::{Error, Result};
 use crate::oracle::philox::cloud_normal;
+use crate::shape::HeadShape;
 use rayon::prelude::*;
 use std::f64::consts::PI;
 

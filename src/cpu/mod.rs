@@ -12,11 +12,10 @@
 pub mod gemm;
 pub mod head;
 
-use crate::shape::HeadShape;
 use crate::config::{CenterMode, HeadConfig, StatsConfig};
-use crate::engine::backend::{Activation, Backend, Gemm, HeadStep, OptimStep};
+use crate::engine::backend::{rows_of, same_len, Activation, Backend, Gemm, HeadBatch, HeadStep, OptimStep};
 use crate::engine::optim::{OptimizerConfig, OptimizerKind};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::stats::StatsState;
 use rayon::prelude::*;
 
@@ -32,20 +31,6 @@ impl CpuBackend {
     pub fn new() -> Self {
         CpuBackend
     }
-}
-
-fn same_len(what: &str, a: usize, b: usize) -> Result<()> {
-    if a != b {
-        return Err(Error::Shape(format!("{what}: {a} vs {b} elements")));
-    }
-    Ok(())
-}
-
-fn rows_of(what: &str, len: usize, cols: usize) -> Result<usize> {
-    if cols == 0 || len % cols != 0 {
-        return Err(Error::Shape(format!("{what}: {len} elements is not a multiple of {cols} columns")));
-    }
-    Ok(len / cols)
 }
 
 impl Backend for CpuBackend {
@@ -136,16 +121,11 @@ impl Backend for CpuBackend {
     fn head_forward_backward(
         &self,
         cfg: &HeadConfig,
-        shape: HeadShape,
-        x: &Vec<f32>,
-        w: &Vec<f32>,
-        labels: &[i32],
-        sigma_cloud: &Vec<f32>,
-        seed: u64,
-        step: u64,
+        batch: HeadBatch<'_, Vec<f32>>,
         dx: &mut Vec<f32>,
         dw: &mut Vec<f32>,
     ) -> Result<HeadStep> {
+        let HeadBatch { shape, x, w, labels, sigma_cloud, seed, step } = batch;
         let p = head::HeadProblem { shape, x, w, labels, sigma_cloud, seed, step };
         let ones;
         let up = if cfg.reduction == crate::config::Reduction::None {
@@ -203,17 +183,7 @@ impl Backend for CpuBackend {
         grad: &Vec<f32>,
         state: &mut [Vec<f32>],
     ) -> Result<()> {
-        same_len("optimizer param/grad", param.len(), grad.len())?;
-        if state.len() != opt.kind.state_count() {
-            return Err(Error::Shape(format!(
-                "optimizer state: {} buffers, expected {}",
-                state.len(),
-                opt.kind.state_count()
-            )));
-        }
-        for s in state.iter() {
-            same_len("optimizer state", s.len(), param.len())?;
-        }
+        self.check_optimizer(opt, param, grad, state)?;
         let (lr, wd) = (hp.lr, hp.weight_decay);
         match opt.kind {
             OptimizerKind::Sgd => {

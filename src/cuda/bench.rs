@@ -5,9 +5,9 @@
 
 use super::gemm_plan::{head_gemms, ColGemm};
 use super::{cuda_err, Device, DeviceElem, Tensor};
-use crate::shape::HeadShape;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::shape::HeadShape;
 use cudarc::cublas::sys as cb;
 use cudarc::driver::{sys as cu, CudaSlice, DevicePtr, DevicePtrMut};
 use serde::Serialize;

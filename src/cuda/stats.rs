@@ -225,11 +225,7 @@ impl ClassStats {
     /// `center = ema`. Every call counts as one step of the warm-up, even a batch
     /// whose rows are all ignored. O(B*D) work; `x` must be finite.
     pub fn update<T: DeviceElem>(&mut self, dev: &Device, x: &Tensor<T>, labels: &[i32]) -> Result<()> {
-        if self.cfg.center != CenterMode::Ema {
-            return Err(Error::InvalidConfig(
-                "center = class_weight: update the statistics from the head's target angles".into(),
-            ));
-        }
+        self.cfg.require_center(CenterMode::Ema)?;
         if x.shape() != [labels.len(), self.d] {
             return Err(Error::Shape(format!(
                 "stats update: x has shape {:?}, expected [B, D] = [{}, {}]",
@@ -285,11 +281,7 @@ impl ClassStats {
     }
 
     fn update_angles(&mut self, dev: &Device, labels: &[i32], ang: &Tensor<f32>, is_cos: bool) -> Result<()> {
-        if self.cfg.center != CenterMode::ClassWeight {
-            return Err(Error::InvalidConfig(
-                "center = ema: update the statistics from the batch features, not the head's angles".into(),
-            ));
-        }
+        self.cfg.require_center(CenterMode::ClassWeight)?;
         if ang.len() != labels.len() {
             return Err(Error::Shape(format!(
                 "stats update: {} target angles for B = {} labels",

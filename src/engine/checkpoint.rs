@@ -72,16 +72,21 @@ impl Checkpoint {
             w.floats("stats.centers", &[s.c, s.d], &s.centers, Precision::F64);
         }
         w.meta_json("config", &self.config)?;
-        w.meta("step", self.step);
-        w.meta("total_steps", self.total_steps);
-        w.meta("seed", self.config.seed);
-        w.meta("input_dim", self.input_dim);
-        w.meta("num_classes", self.num_classes);
-        w.meta("n_train", self.n_train);
-        w.meta("fingerprint", self.fingerprint);
-        w.meta("stats.c", s.c);
-        w.meta("stats.d", s.d);
-        w.meta("stats.updates", s.updates);
+        let numbers = [
+            ("step", self.step),
+            ("total_steps", self.total_steps),
+            ("seed", self.config.seed),
+            ("input_dim", self.input_dim as u64),
+            ("num_classes", self.num_classes as u64),
+            ("n_train", self.n_train as u64),
+            ("fingerprint", self.fingerprint),
+            ("stats.c", s.c as u64),
+            ("stats.d", s.d as u64),
+            ("stats.updates", s.updates),
+        ];
+        for (key, v) in numbers {
+            w.meta(key, v);
+        }
         Ok(w)
     }
 

@@ -19,10 +19,10 @@ pub mod report;
 pub mod sampler;
 pub mod train;
 
-pub use backend::{Activation, Backend, Gemm, HeadStep, OptimStep};
 pub use crate::stats::StatsState;
+pub use backend::{Activation, Backend, Gemm, HeadBatch, HeadStep, OptimStep};
 pub use checkpoint::{Checkpoint, NamedTensor};
+pub use config::TrainConfig;
 pub use optim::{OptimizerConfig, OptimizerKind};
 pub use sampler::Sampler;
-pub use config::TrainConfig;
 pub use train::{StepInfo, Trainer};

@@ -27,7 +27,14 @@ pub struct Param<B: Backend> {
 }
 
 impl<B: Backend> Param<B> {
-    fn new(be: &B, name: &'static str, shape: Vec<usize>, value: &[f32], decay: bool, states: usize) -> Result<Self> {
+    fn new(
+        be: &B,
+        name: &'static str,
+        shape: Vec<usize>,
+        value: &[f32],
+        decay: bool,
+        states: usize,
+    ) -> Result<Self> {
         let state = (0..states).map(|_| be.zeros(value.len())).collect::<Result<Vec<_>>>()?;
         Ok(Self { name, shape, value: be.upload(value)?, grad: be.zeros(value.len())?, state, decay })
     }

@@ -1,6 +1,6 @@
 //! Optimizer configuration and the learning-rate schedule (linear warm-up, then cosine).
 
-use crate::config::invalid;
+use crate::config::{finite_fields, invalid};
 use crate::error::Result;
 use serde::{Deserialize, Serialize};
 
@@ -58,7 +58,7 @@ impl Default for OptimizerConfig {
 impl OptimizerConfig {
     /// Checks every option is finite and in range; errors name the field (`optim.lr`, ...).
     pub fn validate(&self) -> Result<()> {
-        let fields = [
+        finite_fields(&[
             ("optim.lr", self.lr),
             ("optim.momentum", self.momentum),
             ("optim.weight_decay", self.weight_decay),
@@ -66,10 +66,7 @@ impl OptimizerConfig {
             ("optim.beta2", self.beta2),
             ("optim.eps", self.eps),
             ("optim.min_lr_ratio", self.min_lr_ratio),
-        ];
-        if let Some((field, v)) = fields.iter().find(|(_, v)| !v.is_finite()) {
-            return Err(invalid(field, format!("must be finite, got {v}")));
-        }
+        ])?;
         if self.lr <= 0.0 {
             return Err(invalid("optim.lr", format!("must be > 0, got {}", self.lr)));
         }
@@ -79,12 +76,16 @@ impl OptimizerConfig {
         if self.eps <= 0.0 {
             return Err(invalid("optim.eps", format!("must be > 0, got {}", self.eps)));
         }
-        let unit = [("optim.momentum", self.momentum), ("optim.beta1", self.beta1), ("optim.beta2", self.beta2)];
+        let unit =
+            [("optim.momentum", self.momentum), ("optim.beta1", self.beta1), ("optim.beta2", self.beta2)];
         if let Some((field, v)) = unit.iter().find(|(_, v)| !(0.0..1.0).contains(v)) {
             return Err(invalid(field, format!("must be in [0, 1), got {v}")));
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
-            return Err(invalid("optim.min_lr_ratio", format!("must be in [0, 1], got {}", self.min_lr_ratio)));
+            return Err(invalid(
+                "optim.min_lr_ratio",
+                format!("must be in [0, 1], got {}", self.min_lr_ratio),
+            ));
         }
         Ok(())
     }

@@ -14,15 +14,15 @@
 //! state is saved whole in checkpoints, so k steps + resume == one straight run,
 //! bitwise.
 
-use crate::shape::HeadShape;
 use crate::config::CloudMode;
 use crate::data::Dataset;
-use crate::engine::backend::{Backend, OptimStep};
+use crate::engine::backend::{Backend, HeadBatch, OptimStep};
 use crate::engine::checkpoint::{Checkpoint, NamedTensor};
 use crate::engine::config::TrainConfig;
 use crate::engine::model::Model;
 use crate::engine::sampler::Sampler;
 use crate::error::{Error, Result};
+use crate::shape::HeadShape;
 use crate::stats::StatsState;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -178,18 +178,16 @@ impl<'b, B: Backend> Trainer<'b, B> {
         let mut demb = be.zeros(rows * d)?;
         let shape = HeadShape { b: rows, c, d };
         let head_w = &mut self.model.head;
-        let out = be.head_forward_backward(
-            &self.cfg.head,
+        let batch = HeadBatch {
             shape,
-            &emb,
-            &head_w.value,
-            &labels,
-            &sigma,
-            self.cfg.seed,
+            x: &emb,
+            w: &head_w.value,
+            labels: &labels,
+            sigma_cloud: &sigma,
+            seed: self.cfg.seed,
             step,
-            &mut demb,
-            &mut head_w.grad,
-        )?;
+        };
+        let out = be.head_forward_backward(&self.cfg.head, batch, &mut demb, &mut head_w.grad)?;
         if !out.loss.is_finite() {
             return Err(Error::NonFinite { what: format!("training loss at step {step}"), index: 0 });
         }

@@ -114,7 +114,8 @@ pub struct TensorReader<'a> {
 impl<'a> TensorReader<'a> {
     /// Parses `bytes` read from `path` and checks that metadata `format` is `format`.
     pub fn parse(bytes: &'a [u8], path: &Path, format: &str) -> Result<Self> {
-        let bad = |e: ::safetensors::SafeTensorError| Error::format(path, format!("not a safetensors file ({e})"));
+        let bad =
+            |e: ::safetensors::SafeTensorError| Error::format(path, format!("not a safetensors file ({e})"));
         let (_, header) = SafeTensors::read_metadata(bytes).map_err(bad)?;
         let st = SafeTensors::deserialize(bytes).map_err(bad)?;
         let meta = header.metadata().clone().unwrap_or_default();
@@ -140,7 +141,7 @@ impl<'a> TensorReader<'a> {
 
     /// Whether tensor `name` exists.
     pub fn has(&self, name: &str) -> bool {
-        self.st.names().iter().any(|n| *n == name)
+        self.st.names().contains(&name)
     }
 
     /// Metadata `key`.
@@ -156,12 +157,18 @@ impl<'a> TensorReader<'a> {
 
     /// Metadata `key` parsed from JSON.
     pub fn meta_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T> {
-        serde_json::from_str(self.meta(key)?).map_err(|e| self.bad(format!("metadata '{key}' is invalid: {e}")))
+        serde_json::from_str(self.meta(key)?)
+            .map_err(|e| self.bad(format!("metadata '{key}' is invalid: {e}")))
     }
 
     /// Tensor `name` with its dtype checked against `dtypes`, and its shape against
     /// `shape` when given; returns (dtype, shape, bytes).
-    fn raw(&self, name: &str, dtypes: &[Dtype], shape: Option<&[usize]>) -> Result<(Dtype, Vec<usize>, &[u8])> {
+    fn raw(
+        &self,
+        name: &str,
+        dtypes: &[Dtype],
+        shape: Option<&[usize]>,
+    ) -> Result<(Dtype, Vec<usize>, &[u8])> {
         let t = self.st.tensor(name).map_err(|_| self.bad(format!("tensor '{name}' is missing")))?;
         if !dtypes.contains(&t.dtype()) {
             let want = dtypes.iter().map(|d| format!("{d:?}")).collect::<Vec<_>>().join(" or ");
@@ -185,7 +192,10 @@ impl<'a> TensorReader<'a> {
     pub fn floats(&self, name: &str, shape: &[usize]) -> Result<(Precision, Vec<f64>)> {
         let (dtype, _, b) = self.raw(name, &[Dtype::F32, Dtype::F64], Some(shape))?;
         let (precision, v) = if dtype == Dtype::F32 {
-            (Precision::F32, b.chunks_exact(4).map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]]) as f64).collect())
+            (
+                Precision::F32,
+                b.chunks_exact(4).map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]]) as f64).collect(),
+            )
         } else {
             (Precision::F64, b.chunks_exact(8).map(|w| f64::from_le_bytes(eight(w))).collect::<Vec<_>>())
         };

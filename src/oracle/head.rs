@@ -18,10 +18,10 @@
 //! - With `CloudMode::Off`, `sigma_cloud` may be empty (or have C entries, unused).
 
 use crate::check::{check_finite, check_head_inputs, check_sigma};
-use crate::shape::HeadShape;
 use crate::config::{CloudMode, Fallback, HeadConfig, MarginGrad, Reduction};
 use crate::error::{Error, Result};
 use crate::oracle::philox::cloud_normal;
+use crate::shape::HeadShape;
 use std::f64::consts::PI;
 
 /// Floor on vector norms before dividing (SPEC section 3: `max(||v||, 1e-12)`).

@@ -29,11 +29,7 @@ impl StatsState {
     /// EMA-center update from a batch of features x `[B, D]` (row-normalized here)
     /// and labels `[B]` (negative labels skipped). Only for `CenterMode::Ema`.
     pub fn update(&mut self, x: &[f32], labels: &[i32]) -> Result<()> {
-        if self.cfg.center != CenterMode::Ema {
-            return Err(Error::InvalidConfig(
-                "center = class_weight: use update_from_angles with the head's target angles".into(),
-            ));
-        }
+        self.cfg.require_center(CenterMode::Ema)?;
         let d = self.d;
         if x.len() != labels.len() * d {
             return Err(Error::Shape(format!(
@@ -80,11 +76,7 @@ impl StatsState {
     /// (see [`crate::oracle::head::target_angles`]) and labels `[B]`. Only for
     /// `CenterMode::ClassWeight`. Angles of ignored rows are not read.
     pub fn update_from_angles(&mut self, labels: &[i32], theta: &[f64]) -> Result<()> {
-        if self.cfg.center != CenterMode::ClassWeight {
-            return Err(Error::InvalidConfig(
-                "center = ema: use update with the batch features, not update_from_angles".into(),
-            ));
-        }
+        self.cfg.require_center(CenterMode::ClassWeight)?;
         if theta.len() != labels.len() {
             return Err(Error::Shape(format!(
                 "theta has {} entries, expected B = {}",

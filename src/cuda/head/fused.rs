@@ -13,11 +13,11 @@ use super::plan::{self, head_reduce};
 use super::reference::normback;
 use super::scratch::{Scratch, Slot};
 use super::{ForwardLaunched, GradDtype, GradTensor, Grads, HeadForward, Inputs, Upstream};
-use crate::shape::HeadShape;
-use crate::dtype::DType;
 use crate::cuda::args::{FusedBwdArgs, FusedCombineArgs, FusedFwdArgs, HeadParams, HeadReduceArgs};
 use crate::cuda::{DevPtr, Device, DeviceElem, Tensor};
+use crate::dtype::DType;
 use crate::error::Result;
+use crate::shape::HeadShape;
 
 /// The forward's launch choices.
 #[derive(Clone, Copy, Debug)]

@@ -39,10 +39,10 @@ pub use plan::{
 use super::args::HeadParams;
 use super::{Device, DeviceElem, Tensor};
 use crate::check::check_head_inputs;
-use crate::shape::HeadShape;
 use crate::config::{CloudMode, HeadConfig, Reduction};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::shape::HeadShape;
 use plan::{backward_cols_for as bwd_cols_for, Plan, BWD_BM, BWD_BN, BWD_BN_SMALL, FWD_BM_SMALL};
 use scratch::{Scratch, Slot};
 use std::ops::Deref;

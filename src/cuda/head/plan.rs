@@ -6,16 +6,16 @@
 //! host, and the reference and fused paths (`head/reference.rs`, `head/fused.rs`) execute them.
 
 use super::{GradDtype, HeadPath, Workspace};
-use crate::shape::HeadShape;
 use crate::config::{CloudMode, Fallback, HeadConfig, MarginGrad};
-use crate::dtype::DType;
 use crate::cuda::args::{
     FusedBwdArgs, FusedCombineArgs, FusedFwdArgs, HeadParams, HeadReduceArgs, NormbackArgs, RefGradArgs,
     RefMarginArgs, RefNormalizeArgs, RefSoftmaxArgs,
 };
 use crate::cuda::kernels::{head_fused as kf, head_ref as kr};
 use crate::cuda::{Kernel, Launch};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::shape::HeadShape;
 
 /// The fused forward's tiles (rows, classes), largest first: `fused_fwd_*`,
 /// `fused_rows64_fwd_*` and `fused_tile64_fwd_*` in `kernels/head_fused.cu`.

@@ -7,13 +7,13 @@
 use super::plan::{self, head_reduce};
 use super::scratch::{Scratch, Slot};
 use super::{ForwardLaunched, GradDtype, GradTensor, Grads, HeadForward, Inputs, Upstream};
-use crate::shape::HeadShape;
 use crate::cuda::args::{
     HeadParams, HeadReduceArgs, NormbackArgs, RefGradArgs, RefMarginArgs, RefNormalizeArgs, RefSoftmaxArgs,
 };
 use crate::cuda::gemm_plan::head_gemms;
 use crate::cuda::{Device, DeviceElem, Tensor};
 use crate::error::Result;
+use crate::shape::HeadShape;
 
 /// xh = v / max(||v||, eps) in f32 `[rows, d]`, and the inverse norms `[rows]`.
 fn normalize<T: DeviceElem>(dev: &Device, v: &Tensor<T>) -> Result<(Tensor<f32>, Tensor<f32>)> {
