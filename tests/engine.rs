@@ -160,6 +160,18 @@ fn bad_checkpoints_and_mismatched_data_are_errors() {
     std::fs::write(&p, safetensors::serialize([("x", view)], None).unwrap()).unwrap();
     assert!(Checkpoint::load(&p).is_err());
 
+    // A tensor whose shape does not fit its data cannot be serialized, and the error says so.
+    let mut broken = t.to_checkpoint().unwrap();
+    broken.params[0].shape.push(2);
+    let name = broken.params[0].name.clone();
+    match broken.save(&dir.path().join("broken.safetensors")) {
+        Err(e @ featcloud::Error::Serialize { .. }) => {
+            assert!(e.to_string().contains(&format!("checkpoint tensor '{name}'")), "{e}")
+        }
+        other => panic!("expected a serialization error, got {other:?}"),
+    }
+    assert!(!dir.path().join("broken.safetensors").exists(), "a failed save left a file");
+
     // Other data than the checkpoint was trained on.
     let ck = t.to_checkpoint().unwrap();
     let mut other = ds.clone();

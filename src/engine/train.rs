@@ -1,5 +1,4 @@
-//! The model (embedding MLP + margin head), one training step in the LEAP
-//! order of SPEC section 5, and the loop around it.
+//! One training step in the LEAP order of SPEC section 5, and the loop around it.
 //!
 //! Model ([`crate::engine::model`]): an MLP `x [B, F] -> e [B, D]`, then the
 //! head W [C, D] on e. Step t:
@@ -59,6 +58,13 @@ pub fn fingerprint(ds: &Dataset) -> u64 {
     ds.labels.iter().for_each(|&y| eat(y as u32));
     ds.features.iter().for_each(|&x| eat(x.to_bits()));
     h
+}
+
+/// The checkpoint tensor called `name`.
+fn find_tensor<'a>(list: &'a [NamedTensor], name: &str) -> Result<&'a NamedTensor> {
+    list.iter()
+        .find(|n| n.name == name)
+        .ok_or_else(|| Error::InvalidConfig(format!("checkpoint has no tensor {name}")))
 }
 
 /// The training state on a backend: model, optimizer state, class statistics, step.
@@ -311,11 +317,7 @@ impl<'b, B: Backend> Trainer<'b, B> {
             )));
         }
         for p in t.model.params_mut() {
-            let src = ck
-                .params
-                .iter()
-                .find(|n| n.name == p.name)
-                .ok_or_else(|| Error::InvalidConfig(format!("checkpoint has no tensor {}", p.name)))?;
+            let src = find_tensor(&ck.params, p.name)?;
             if src.shape != p.shape {
                 return Err(Error::Shape(format!(
                     "checkpoint tensor {} has shape {:?}, expected {:?}",
@@ -325,11 +327,7 @@ impl<'b, B: Backend> Trainer<'b, B> {
             p.value = backend.upload(&src.data)?;
             for (i, s) in p.state.iter_mut().enumerate() {
                 let name = format!("optim.{}.{i}", p.name);
-                let src = ck
-                    .optim
-                    .iter()
-                    .find(|n| n.name == name)
-                    .ok_or_else(|| Error::InvalidConfig(format!("checkpoint has no tensor {name}")))?;
+                let src = find_tensor(&ck.optim, &name)?;
                 if src.data.len() != backend.len(s) {
                     return Err(Error::Shape(format!("checkpoint tensor {name} has the wrong size")));
                 }

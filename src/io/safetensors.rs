@@ -78,13 +78,19 @@ impl TensorWriter {
 
     /// A metadata entry holding `value` as JSON.
     pub fn meta_json(&mut self, key: &str, value: &impl serde::Serialize) -> Result<()> {
-        let json = serde_json::to_string(value).map_err(|e| self.error(&format!("metadata '{key}'"), e))?;
+        let json =
+            serde_json::to_string(value).map_err(|e| self.error(Some(&format!("metadata '{key}'")), e))?;
         self.meta(key, json);
         Ok(())
     }
 
-    fn error(&self, part: &str, e: impl std::fmt::Display) -> Error {
-        Error::Serialize { what: format!("{} {part}", self.what), message: e.to_string() }
+    /// A serialization error about `part` of the file (the whole file when `None`).
+    fn error(&self, part: Option<&str>, e: impl std::fmt::Display) -> Error {
+        let what = match part {
+            Some(part) => format!("{} {part}", self.what),
+            None => self.what.to_string(),
+        };
+        Error::Serialize { what, message: e.to_string() }
     }
 
     /// The safetensors bytes.
@@ -92,10 +98,10 @@ impl TensorWriter {
         let mut views = Vec::with_capacity(self.tensors.len());
         for (name, dtype, shape, bytes) in &self.tensors {
             let view = TensorView::new(*dtype, shape.clone(), bytes)
-                .map_err(|e| self.error(&format!("tensor '{name}'"), e))?;
+                .map_err(|e| self.error(Some(&format!("tensor '{name}'")), e))?;
             views.push((name.clone(), view));
         }
-        ::safetensors::serialize(views, Some(self.meta.clone())).map_err(|e| self.error("", e))
+        ::safetensors::serialize(views, Some(self.meta.clone())).map_err(|e| self.error(None, e))
     }
 
     /// Writes the file to `path` atomically ([`crate::io::write_atomic`]).
