@@ -126,7 +126,9 @@ impl<'a> TensorReader<'a> {
         let st = SafeTensors::deserialize(bytes).map_err(bad)?;
         let meta = header.metadata().clone().unwrap_or_default();
         let r = Self { st, meta, path: path.to_path_buf() };
-        let found = r.meta("format")?;
+        let found = r.meta.get("format").ok_or_else(|| {
+            r.bad(format!("metadata 'format' is missing (expected '{format}'; not a featcloud file?)"))
+        })?;
         if found != format {
             return Err(r.bad(format!("format is '{found}', expected '{format}'")));
         }
