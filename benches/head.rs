@@ -6,10 +6,10 @@
 //! says so and benches the CPU backend against the CPU oracle instead.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use featcloud::check::HeadShape;
-use featcloud::cli::bench::SHAPES;
+use featcloud::cuda::bench::SHAPES;
 use featcloud::cuda::head::{CudaHead, GradDtype, HeadPath, HeadUpstream};
 use featcloud::cuda::{Device, Tensor};
+use featcloud::shape::HeadShape;
 use featcloud::{cpu, oracle, HeadConfig};
 use std::time::Duration;
 
@@ -63,28 +63,20 @@ fn cpu_vs_oracle(c: &mut Criterion) {
         let labels: Vec<i32> = (0..b).map(|i| (i % cl) as i32).collect();
         let sigma = vec![0.05f32; cl];
         let name = format!("{b}x{d}x{cl}");
+        // One problem for both: the CPU backend takes the oracle's input type.
+        let p = oracle::head::HeadProblem {
+            shape,
+            x: &x,
+            w: &w,
+            labels: &labels,
+            sigma_cloud: &sigma,
+            seed: 1,
+            step: 2,
+        };
         group.bench_function(BenchmarkId::new("cpu_backend", &name), |bch| {
-            let p = cpu::head::HeadProblem {
-                shape,
-                x: &x,
-                w: &w,
-                labels: &labels,
-                sigma_cloud: &sigma,
-                seed: 1,
-                step: 2,
-            };
             bch.iter(|| cpu::head::forward_backward(&cfg, &p, cpu::head::Upstream::Scalar(1.0)).unwrap())
         });
         group.bench_function(BenchmarkId::new("oracle", &name), |bch| {
-            let p = oracle::head::HeadProblem {
-                shape,
-                x: &x,
-                w: &w,
-                labels: &labels,
-                sigma_cloud: &sigma,
-                seed: 1,
-                step: 2,
-            };
             bch.iter(|| {
                 oracle::head::forward(&cfg, &p).unwrap();
                 oracle::head::backward(&cfg, &p, oracle::head::Upstream::Scalar(1.0)).unwrap()

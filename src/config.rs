@@ -1,13 +1,18 @@
 //! Options of the margin head and of the LEAP statistics (SPEC sections 2 and 5).
 //!
 //! These types are shared by every implementation (oracle, CPU backend, CUDA
-//! paths) so that one configuration means the same math everywhere.
+//! paths) so that one configuration means the same math everywhere. The enums
+//! are also the command line's option values (`clap::ValueEnum`, kebab-case
+//! spellings: `one-sided`, `straight-through`, ...), and `validate` is the only
+//! place options are checked: errors name the field (`head.s`), which the CLI
+//! translates to its flag.
 
 use crate::error::{Error, Result};
+use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
 /// How the feature cloud perturbs the target angle (SPEC section 3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum CloudMode {
     /// No augmentation: alpha_i = 0.
@@ -20,7 +25,7 @@ pub enum CloudMode {
 }
 
 /// How per-row losses are combined (SPEC section 3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Reduction {
     /// Mean over non-ignored rows.
@@ -33,7 +38,7 @@ pub enum Reduction {
 }
 
 /// Gradient of the margin-transformed target logit (SPEC section 4).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum MarginGrad {
     /// d t_i / d c_iy exactly as the forward defines it.
@@ -44,7 +49,7 @@ pub enum MarginGrad {
 }
 
 /// What happens when phi_i leaves [0, pi] (SPEC section 3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Fallback {
     /// Classic ArcFace linear fallback `c - m3 - delta*sin(delta)` above pi.
@@ -109,27 +114,46 @@ impl HeadConfig {
         Self { m2: 0.3, m3: 0.2, ..Self::default() }
     }
 
-    /// Checks that every option is finite and in range.
+    /// Checks that every option is finite and in range; errors name the field
+    /// (`head.s`, `head.label_smoothing`, ...).
     pub fn validate(&self) -> Result<()> {
-        let finite = [self.s, self.m1, self.m2, self.m3, self.label_smoothing];
-        if finite.iter().any(|v| !v.is_finite()) {
-            return Err(Error::InvalidConfig("head options must be finite".into()));
-        }
+        finite_fields(&[
+            ("head.s", self.s),
+            ("head.m1", self.m1),
+            ("head.m2", self.m2),
+            ("head.m3", self.m3),
+            ("head.label_smoothing", self.label_smoothing),
+        ])?;
         if self.s <= 0.0 {
-            return Err(Error::InvalidConfig(format!("scale s must be > 0, got {}", self.s)));
+            return Err(invalid("head.s", format!("must be > 0, got {}", self.s)));
         }
         if !(0.0..1.0).contains(&self.label_smoothing) {
-            return Err(Error::InvalidConfig(format!(
-                "label smoothing must be in [0, 1), got {}",
-                self.label_smoothing
-            )));
+            return Err(invalid(
+                "head.label_smoothing",
+                format!("must be in [0, 1), got {}", self.label_smoothing),
+            ));
         }
         Ok(())
     }
 }
 
+/// The first non-finite `(field, value)` as an [`invalid`] error.
+pub fn finite_fields(fields: &[(&str, f32)]) -> Result<()> {
+    match fields.iter().find(|(_, v)| !v.is_finite()) {
+        Some((field, v)) => Err(invalid(field, format!("must be finite, got {v}"))),
+        None => Ok(()),
+    }
+}
+
+/// An [`Error::InvalidConfig`] that names the configuration field it is about
+/// (`<section>.<field>`, e.g. `head.s`), so that a front end (the CLI) can say
+/// which of its own options that is.
+pub fn invalid(field: &str, rule: impl std::fmt::Display) -> Error {
+    Error::InvalidConfig(format!("{field} {rule}"))
+}
+
 /// Which vector is the class center for the angular statistics (SPEC section 5).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum CenterMode {
     /// EMA of the normalized batch features ([C, D] state).
@@ -152,6 +176,26 @@ pub enum Split {
 impl Default for Split {
     fn default() -> Self {
         Split::Threshold(100)
+    }
+}
+
+/// The kind of a [`Split`] without its threshold (the `--split` option; the
+/// threshold is its own option).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SplitKind {
+    /// Head = classes with at least T samples; only tail classes get a cloud.
+    Threshold,
+    /// Count-weighted head variance; every class below it gets a cloud.
+    Adaptive,
+}
+
+impl Split {
+    /// The split of `kind`, with head threshold `threshold` for [`SplitKind::Threshold`].
+    pub fn new(kind: SplitKind, threshold: u64) -> Self {
+        match kind {
+            SplitKind::Threshold => Split::Threshold(threshold),
+            SplitKind::Adaptive => Split::Adaptive,
+        }
     }
 }
 
@@ -183,63 +227,47 @@ impl Default for StatsConfig {
 }
 
 impl StatsConfig {
-    /// Checks the configuration against the number of classes.
-    pub fn validate(&self, num_classes: usize) -> Result<()> {
+    /// Checks every option that does not depend on the number of classes.
+    pub fn validate_options(&self) -> Result<()> {
         if !(self.beta.is_finite() && (0.0..1.0).contains(&self.beta)) {
-            return Err(Error::InvalidConfig(format!("beta must be in [0, 1), got {}", self.beta)));
+            return Err(invalid("stats.beta", format!("must be in [0, 1), got {}", self.beta)));
         }
         if let Split::Threshold(0) = self.split {
-            return Err(Error::InvalidConfig("threshold T must be > 0".into()));
-        }
-        if let Some(counts) = &self.class_counts {
-            if counts.len() != num_classes {
-                return Err(Error::InvalidConfig(format!(
-                    "class_counts has {} entries, expected C = {}",
-                    counts.len(),
-                    num_classes
-                )));
-            }
+            return Err(invalid("stats.split.threshold", "must be > 0"));
         }
         Ok(())
     }
-}
 
-/// Storage dtype of x and W on the device (all accumulation is f32).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DType {
-    /// 32-bit float.
-    F32,
-    /// bfloat16.
-    BF16,
-    /// IEEE half.
-    F16,
-}
-
-impl DType {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::BF16 | DType::F16 => 2,
+    /// Errors unless the statistics' center is `center`: an EMA-center update
+    /// needs the batch features, a class-weight update the head's target angles.
+    pub fn require_center(&self, center: CenterMode) -> Result<()> {
+        if self.center == center {
+            return Ok(());
         }
+        Err(Error::InvalidConfig(
+            match self.center {
+                CenterMode::Ema => {
+                    "center = ema: update the statistics from the batch features, not the head's target angles"
+                }
+                CenterMode::ClassWeight => {
+                    "center = class_weight: update the statistics from the head's target angles, not the batch features"
+                }
+            }
+            .into(),
+        ))
     }
 
-    /// Lower-case name used in kernel entry points and on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
+    /// Checks the configuration against the number of classes.
+    pub fn validate(&self, num_classes: usize) -> Result<()> {
+        self.validate_options()?;
+        if let Some(counts) = &self.class_counts {
+            if counts.len() != num_classes {
+                return Err(invalid(
+                    "stats.class_counts",
+                    format!("has {} entries, expected C = {num_classes}", counts.len()),
+                ));
+            }
         }
-    }
-
-    /// Rounds an f32 value to this dtype and back (what the device sees).
-    pub fn round(self, v: f32) -> f32 {
-        match self {
-            DType::F32 => v,
-            DType::BF16 => half::bf16::from_f32(v).to_f32(),
-            DType::F16 => half::f16::from_f32(v).to_f32(),
-        }
+        Ok(())
     }
 }

@@ -93,6 +93,14 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+    /// A value could not be serialized (a tensor or metadata of a file being written).
+    #[error("cannot serialize the {what}: {message}")]
+    Serialize {
+        /// What was being serialized (file kind and part, e.g. `checkpoint tensor 'head.w'`).
+        what: String,
+        /// The serializer's message.
+        message: String,
+    },
     /// A file exists but its contents are not what was expected.
     #[error("{path}: invalid file: {message}")]
     Format {

@@ -11,13 +11,17 @@
 
 pub mod check;
 pub mod config;
+pub mod dtype;
 pub mod error;
 pub mod oracle;
+pub mod shape;
+pub mod stats;
 
-pub use config::{
-    CenterMode, CloudMode, DType, Fallback, HeadConfig, MarginGrad, Reduction, Split, StatsConfig,
-};
+pub use config::{CenterMode, CloudMode, Fallback, HeadConfig, MarginGrad, Reduction, Split, StatsConfig};
+pub use dtype::DType;
 pub use error::{Error, Result};
+pub use shape::HeadShape;
+pub use stats::StatsState;
 pub mod cli;
 pub mod cpu;
 pub mod cuda;

@@ -11,7 +11,6 @@
 //! the same bf16-rounded inputs). On a failure the tensors are written under
 //! `target/backend_cuda/` for inspection.
 
-use featcloud::check::HeadShape;
 use featcloud::config::{CenterMode, CloudMode, HeadConfig, Reduction, Split, StatsConfig};
 use featcloud::cpu::CpuBackend;
 use featcloud::cuda::backend::{CudaBackend, Precision};
@@ -21,8 +20,9 @@ use featcloud::cuda::{test_device, Device};
 use featcloud::data::synthetic::{generate, SyntheticConfig};
 use featcloud::data::Dataset;
 use featcloud::engine::{
-    Activation, Backend, Gemm, OptimStep, OptimizerConfig, OptimizerKind, TrainConfig, Trainer,
+    Activation, Backend, Gemm, HeadBatch, OptimStep, OptimizerConfig, OptimizerKind, TrainConfig, Trainer,
 };
+use featcloud::shape::HeadShape;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
@@ -315,17 +315,29 @@ fn head_step_matches_cpu() {
                         Precision::F32 => (x.clone(), w.clone()),
                     };
                     let (mut dx_c, mut dw_c) = (vec![0.0f32; b * d], vec![0.0f32; c * d]);
-                    let want = cpu
-                        .head_forward_backward(
-                            cfg, shape, &xh, &wh, &labels, &sigma, 7, 11, &mut dx_c, &mut dw_c,
-                        )
-                        .unwrap();
+                    let batch = HeadBatch {
+                        shape,
+                        x: &xh,
+                        w: &wh,
+                        labels: &labels,
+                        sigma_cloud: &sigma,
+                        seed: 7,
+                        step: 11,
+                    };
+                    let want = cpu.head_forward_backward(cfg, batch, &mut dx_c, &mut dw_c).unwrap();
                     let (mut dx, mut dw) = (be.zeros(b * d).unwrap(), be.zeros(c * d).unwrap());
                     let (dxs, dws, ds) =
                         (be.upload(&x).unwrap(), be.upload(&w).unwrap(), be.upload(&sigma).unwrap());
-                    let got = be
-                        .head_forward_backward(cfg, shape, &dxs, &dws, &labels, &ds, 7, 11, &mut dx, &mut dw)
-                        .unwrap();
+                    let batch = HeadBatch {
+                        shape,
+                        x: &dxs,
+                        w: &dws,
+                        labels: &labels,
+                        sigma_cloud: &ds,
+                        seed: 7,
+                        step: 11,
+                    };
+                    let got = be.head_forward_backward(cfg, batch, &mut dx, &mut dw).unwrap();
                     let name = format!("head {} {} {cname} B{b} C{c} D{d}", precision.name(), path.name());
                     assert_eq!(got.n_valid, want.n_valid, "{name}: n_valid");
                     // Relative with |loss| floored at 1e-3, as verify::compare_with_oracle measures
@@ -397,7 +409,7 @@ fn stats_match_cpu() {
         );
 
         // The CPU's state imported on the GPU gives the same cloud; export is a round trip.
-        let imported = be.stats_import(&ec, &cfg).unwrap();
+        let imported = be.stats_import(&ec).unwrap();
         let back = be.stats_export(&imported).unwrap();
         assert_eq!(
             (back.n, back.initialized, back.updates),

@@ -129,9 +129,14 @@ fn bad_inputs_give_one_line_errors_and_no_output() {
     let o = run(&["train", "--epochs", "many"]);
     assert_clean_error(&o, &["--epochs"]);
     let o = run(&train_args(xs, ys, outs, &["--label-smoothing", "1.5"]));
-    assert_clean_error(&o, &["label smoothing"]);
+    assert_clean_error(&o, &["--label-smoothing"]);
     let o = run(&train_args(xs, ys, outs, &["--batch-size", "0"]));
     assert_clean_error(&o, &["--batch-size"]);
+    // Configuration errors name the flag, not the configuration field behind it.
+    for (flag, value) in [("--scale", "0"), ("--beta", "1.5"), ("--threshold", "0"), ("--momentum", "1")] {
+        let o = run(&train_args(xs, ys, outs, &[flag, value]));
+        assert_clean_error(&o, &[flag]);
+    }
     let o = run(&["train", "--no-such-flag"]);
     assert_clean_error(&o, &["--no-such-flag"]);
 

@@ -3,13 +3,15 @@
 //! the backend's operations match the oracle / naive loops, bad checkpoints and
 //! mismatched data are errors.
 
-use featcloud::check::HeadShape;
 use featcloud::cpu::CpuBackend;
 use featcloud::data::{generate, Dataset, SyntheticConfig};
 use featcloud::engine::{
-    Activation, Backend, Checkpoint, Gemm, OptimStep, OptimizerConfig, OptimizerKind, TrainConfig, Trainer,
+    Activation, Backend, Checkpoint, Gemm, HeadBatch, OptimStep, OptimizerConfig, OptimizerKind, TrainConfig,
+    Trainer,
 };
-use featcloud::oracle::{head as oracle, stats::OracleStats};
+use featcloud::oracle::head as oracle;
+use featcloud::shape::HeadShape;
+use featcloud::stats::StatsState;
 use featcloud::{CenterMode, CloudMode, HeadConfig, Split, StatsConfig};
 
 fn data() -> Dataset {
@@ -158,6 +160,18 @@ fn bad_checkpoints_and_mismatched_data_are_errors() {
     std::fs::write(&p, safetensors::serialize([("x", view)], None).unwrap()).unwrap();
     assert!(Checkpoint::load(&p).is_err());
 
+    // A tensor whose shape does not fit its data cannot be serialized, and the error says so.
+    let mut broken = t.to_checkpoint().unwrap();
+    broken.params[0].shape.push(2);
+    let name = broken.params[0].name.clone();
+    match broken.save(&dir.path().join("broken.safetensors")) {
+        Err(e @ featcloud::Error::Serialize { .. }) => {
+            assert!(e.to_string().contains(&format!("checkpoint tensor '{name}'")), "{e}")
+        }
+        other => panic!("expected a serialization error, got {other:?}"),
+    }
+    assert!(!dir.path().join("broken.safetensors").exists(), "a failed save left a file");
+
     // Other data than the checkpoint was trained on.
     let ck = t.to_checkpoint().unwrap();
     let mut other = ds.clone();
@@ -277,8 +291,8 @@ fn backend_ops_match_naive_loops_and_the_oracle() {
     let cfg = HeadConfig::default();
     let mut dx = vec![0.0; x.len()];
     let mut dw = vec![0.0; w.len()];
-    let out =
-        be.head_forward_backward(&cfg, shape, &x, &w, &labels, &sigma, 5, 77, &mut dx, &mut dw).unwrap();
+    let batch = HeadBatch { shape, x: &x, w: &w, labels: &labels, sigma_cloud: &sigma, seed: 5, step: 77 };
+    let out = be.head_forward_backward(&cfg, batch, &mut dx, &mut dw).unwrap();
     let p =
         oracle::HeadProblem { shape, x: &x, w: &w, labels: &labels, sigma_cloud: &sigma, seed: 5, step: 77 };
     let want = oracle::forward(&cfg, &p).unwrap();
@@ -300,7 +314,7 @@ fn backend_ops_match_naive_loops_and_the_oracle() {
             ..StatsConfig::default()
         };
         let mut s = be.stats_new(shape.c, shape.d, &scfg).unwrap();
-        let mut o = OracleStats::new(shape.c, shape.d, scfg.clone()).unwrap();
+        let mut o = StatsState::new(shape.c, shape.d, scfg.clone()).unwrap();
         for step in 0..3 {
             be.stats_update(&mut s, &x, &labels, &out.c_iy).unwrap();
             match center {
@@ -316,7 +330,7 @@ fn backend_ops_match_naive_loops_and_the_oracle() {
             }
         }
         let st = be.stats_export(&s).unwrap();
-        let back = be.stats_import(&st, &scfg).unwrap();
+        let back = be.stats_import(&st).unwrap();
         assert_eq!(be.stats_export(&back).unwrap(), st);
     }
 }

@@ -4,9 +4,9 @@
 //! hand-computed case) and every plan must reproduce the row-major product it stands for.
 //! The CPU backend's `cpu::gemm::sgemm` is held to the same row-major product.
 
-use featcloud::check::HeadShape;
 use featcloud::cpu::gemm::sgemm;
 use featcloud::cuda::gemm_plan::{head_gemms, ColGemm};
+use featcloud::shape::HeadShape;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

@@ -4,9 +4,9 @@
 //! Adversarial shapes (B = 1, odd B, C = 1, D = 1, 8, 13, 512), ignored rows,
 //! rows in each target-logit region, every option; bad inputs are errors.
 
-use featcloud::check::HeadShape;
 use featcloud::cpu::head::{self, HeadProblem, Upstream};
 use featcloud::oracle::head::{self as oracle, Region};
+use featcloud::shape::HeadShape;
 use featcloud::{CloudMode, Fallback, HeadConfig, MarginGrad, Reduction};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

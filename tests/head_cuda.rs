@@ -6,8 +6,7 @@
 //! they print "skipped" and pass (with FEATCLOUD_REQUIRE_GPU=1 they fail instead).
 //! The tests whose names start with `cpu_` check host-side pieces and always run.
 
-use featcloud::check::HeadShape;
-use featcloud::config::{CloudMode, DType, HeadConfig, Reduction};
+use featcloud::config::{CloudMode, HeadConfig, Reduction};
 use featcloud::cuda::head::verify::{
     compare_results, compare_with_oracle, known_defect, make_problem, option_sets, run_device,
     run_device_with, tolerances, Problem, RunOptions, KNOWN_DEFECT_GRAD_BOUND,
@@ -17,7 +16,9 @@ use featcloud::cuda::head::{
     GradDtype, HeadPath, HeadUpstream,
 };
 use featcloud::cuda::{test_device, Device, Tensor};
+use featcloud::dtype::DType;
 use featcloud::oracle::head::{forward, Region};
+use featcloud::shape::HeadShape;
 use featcloud::Error;
 
 const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];

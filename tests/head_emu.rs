@@ -9,15 +9,16 @@
 mod common;
 
 use common::*;
-use featcloud::check::HeadShape;
-use featcloud::config::{CloudMode, DType, Fallback, HeadConfig, Reduction};
+use featcloud::config::{CloudMode, Fallback, HeadConfig, Reduction};
 use featcloud::cuda::head::verify::{oracle_outputs, tolerances, Problem};
 use featcloud::cuda::head::{
     backward_cols_for, backward_grid_for, forward_tile_for, fused_vectorized, FusedTuning, GradDtype, HeadOn,
     HeadPath, HeadUpstream,
 };
 use featcloud::cuda::{Device, DeviceElem, EmuOrder, Tensor};
+use featcloud::dtype::DType;
 use featcloud::oracle::head::{self as oracle, ForwardOutput, Gradients, Region};
+use featcloud::shape::HeadShape;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

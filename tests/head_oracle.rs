@@ -6,7 +6,6 @@
 //! target column's softmax gradient is not negligible (asserted), so a wrong
 //! dt_i cannot hide.
 
-use featcloud::check::HeadShape;
 use featcloud::config::{CloudMode, Fallback, HeadConfig, MarginGrad, Reduction};
 use featcloud::error::Error;
 use featcloud::oracle::head::{
@@ -14,6 +13,7 @@ use featcloud::oracle::head::{
     HeadProblemF64, Region, Upstream,
 };
 use featcloud::oracle::philox::cloud_normal;
+use featcloud::shape::HeadShape;
 use std::f64::consts::PI;
 
 // ---------------------------------------------------------------- helpers

@@ -2,12 +2,12 @@
 //! shared memory and argument struct each launch gets; and the host overhead of a
 //! call, counted on the device (launches, allocations, copies, synchronizations).
 
-use featcloud::check::HeadShape;
 use featcloud::config::HeadConfig;
 use featcloud::cuda::args::{FusedBwdArgs, FusedFwdArgs, NormbackArgs, RefGradArgs};
 use featcloud::cuda::head::plan::{self, head_params, FORWARD_TILES, THREADS};
 use featcloud::cuda::head::{CudaHead, FusedTuning, GradDtype, HeadPath, HeadUpstream};
 use featcloud::cuda::{test_device, CounterSnapshot, DevPtr, Tensor};
+use featcloud::shape::HeadShape;
 use featcloud::DType;
 
 const SHAPE: HeadShape = HeadShape { b: 130, c: 300, d: 72 };

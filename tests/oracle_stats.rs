@@ -5,11 +5,11 @@
 //! is known. The expected angles are taken from the f32 features as stored
 //! (acos of the axis component over the norm), so the checks can be tight.
 
-use featcloud::check::HeadShape;
 use featcloud::config::{CenterMode, CloudMode, HeadConfig, Split, StatsConfig};
 use featcloud::error::Error;
 use featcloud::oracle::head::{forward_f64, target_angles, HeadProblemF64};
-use featcloud::oracle::stats::OracleStats;
+use featcloud::shape::HeadShape;
+use featcloud::stats::StatsState;
 
 const D: usize = 3;
 
@@ -89,7 +89,7 @@ fn stats_cfg(split: Split, warmup_steps: u64, class_counts: Option<Vec<u64>>) ->
 }
 
 /// Checks the moments after batch 1 and returns (var_0, var_1).
-fn check_batch1_moments(st: &OracleStats, b: &Batch) -> (f64, f64) {
+fn check_batch1_moments(st: &StatsState, b: &Batch) -> (f64, f64) {
     let (mu0, v0) = moments(&b.angles[0]);
     let (mu1, v1) = moments(&b.angles[1]);
     // The analytic values the f32 features approximate.
@@ -121,7 +121,7 @@ fn check_batch1_moments(st: &OracleStats, b: &Batch) -> (f64, f64) {
 #[test]
 fn threshold_split_with_running_counts() {
     let b = batch1();
-    let mut st = OracleStats::new(4, D, stats_cfg(Split::Threshold(4), 1, None)).expect("new");
+    let mut st = StatsState::new(4, D, stats_cfg(Split::Threshold(4), 1, None)).expect("new");
     assert_eq!(st.cloud_sigma(), vec![0.0; 4], "warm-up: no update yet");
     st.update(&b.x, &b.labels).expect("update");
     let (var0, var1) = check_batch1_moments(&st, &b);
@@ -136,7 +136,7 @@ fn threshold_split_with_running_counts() {
 fn threshold_split_with_dataset_counts() {
     let b = batch1();
     let counts = vec![500, 20, 5, 1000];
-    let mut st = OracleStats::new(4, D, stats_cfg(Split::Threshold(100), 0, Some(counts))).expect("new");
+    let mut st = StatsState::new(4, D, stats_cfg(Split::Threshold(100), 0, Some(counts))).expect("new");
     st.update(&b.x, &b.labels).expect("update");
     let (var0, var1) = check_batch1_moments(&st, &b);
     // Head = initialized with N_k >= 100: class 0 only (class 3 is not initialized yet).
@@ -148,7 +148,7 @@ fn threshold_split_with_dataset_counts() {
 #[test]
 fn adaptive_split_with_and_without_counts() {
     let b = batch1();
-    let mut st = OracleStats::new(4, D, stats_cfg(Split::Adaptive, 0, None)).expect("new");
+    let mut st = StatsState::new(4, D, stats_cfg(Split::Adaptive, 0, None)).expect("new");
     st.update(&b.x, &b.labels).expect("update");
     let (var0, var1) = check_batch1_moments(&st, &b);
     let var_h = (4.0 * var0 + 4.0 * var1 + 1.0 * 0.0) / 9.0;
@@ -157,7 +157,7 @@ fn adaptive_split_with_and_without_counts() {
     assert_vec_close("sigma", &st.cloud_sigma(), &want);
 
     let counts = vec![500, 20, 5, 1000];
-    let mut st = OracleStats::new(4, D, stats_cfg(Split::Adaptive, 0, Some(counts))).expect("new");
+    let mut st = StatsState::new(4, D, stats_cfg(Split::Adaptive, 0, Some(counts))).expect("new");
     st.update(&b.x, &b.labels).expect("update");
     let var_h = (500.0 * var0 + 20.0 * var1 + 5.0 * 0.0) / 525.0;
     assert!(close(st.head_variance().expect("head"), var_h));
@@ -168,7 +168,7 @@ fn adaptive_split_with_and_without_counts() {
 #[test]
 fn second_update_is_an_ema_with_the_updated_center() {
     let b = batch1();
-    let mut st = OracleStats::new(4, D, stats_cfg(Split::Threshold(3), 0, None)).expect("new");
+    let mut st = StatsState::new(4, D, stats_cfg(Split::Threshold(3), 0, None)).expect("new");
     st.update(&b.x, &b.labels).expect("update");
     let (mu0, v0) = (st.mu[0], st.v[0]);
     let (mu1, v1, mu2, v2) = (st.mu[1], st.v[1], st.mu[2], st.v[2]);
@@ -203,7 +203,7 @@ fn second_update_is_an_ema_with_the_updated_center() {
 #[test]
 fn warm_up_and_missing_head_give_zero_sigma() {
     let b = batch1();
-    let mut st = OracleStats::new(4, D, stats_cfg(Split::Threshold(3), 2, None)).expect("new");
+    let mut st = StatsState::new(4, D, stats_cfg(Split::Threshold(3), 2, None)).expect("new");
     st.update(&b.x, &b.labels).expect("update");
     assert!(st.head_variance().is_some());
     assert_eq!(st.cloud_sigma(), vec![0.0; 4], "updates = 1 < warmup 2");
@@ -211,20 +211,20 @@ fn warm_up_and_missing_head_give_zero_sigma() {
     assert!(st.cloud_sigma().iter().any(|&s| s > 0.0), "updates = 2: warm-up over");
 
     // No class reaches T = 10: no head, no cloud.
-    let mut st = OracleStats::new(4, D, stats_cfg(Split::Threshold(10), 0, None)).expect("new");
+    let mut st = StatsState::new(4, D, stats_cfg(Split::Threshold(10), 0, None)).expect("new");
     st.update(&b.x, &b.labels).expect("update");
     assert_eq!(st.head_variance(), None);
     assert_eq!(st.cloud_sigma(), vec![0.0; 4]);
 
     // Nothing seen yet: no head in either mode.
     for split in [Split::Adaptive, Split::Threshold(1)] {
-        let st = OracleStats::new(4, D, stats_cfg(split, 0, None)).expect("new");
+        let st = StatsState::new(4, D, stats_cfg(split, 0, None)).expect("new");
         assert_eq!(st.head_variance(), None);
         assert_eq!(st.cloud_sigma(), vec![0.0; 4]);
     }
 
     // A batch of ignored rows still counts as a step but changes no class.
-    let mut st = OracleStats::new(4, D, stats_cfg(Split::Adaptive, 0, None)).expect("new");
+    let mut st = StatsState::new(4, D, stats_cfg(Split::Adaptive, 0, None)).expect("new");
     st.update(&[1.0, 2.0, 3.0], &[-1]).expect("update");
     assert_eq!((st.updates, st.n.clone()), (1, vec![0; 4]));
     assert_eq!(st.initialized, vec![false; 4]);
@@ -232,7 +232,7 @@ fn warm_up_and_missing_head_give_zero_sigma() {
 
 #[test]
 fn single_sample_class_has_zero_variance() {
-    let mut st = OracleStats::new(2, D, stats_cfg(Split::Adaptive, 0, None)).expect("new");
+    let mut st = StatsState::new(2, D, stats_cfg(Split::Adaptive, 0, None)).expect("new");
     st.update(&[0.3, -0.7, 0.2], &[1]).expect("update");
     assert_eq!(st.variances(), vec![0.0, 0.0]);
     assert!(st.mu[1].abs() < 1e-7);
@@ -244,7 +244,7 @@ fn single_sample_class_has_zero_variance() {
 #[test]
 fn class_weight_center_uses_the_forward_angles() {
     let cfg = StatsConfig { center: CenterMode::ClassWeight, ..stats_cfg(Split::Threshold(2), 0, None) };
-    let mut st = OracleStats::new(3, D, cfg).expect("new");
+    let mut st = StatsState::new(3, D, cfg).expect("new");
     assert!(st.centers.is_empty());
     st.update_from_angles(&[0, 0, 1, -1], &[0.3, 0.5, 1.0, f64::NAN]).expect("update");
     assert_vec_close("mu", &st.mu, &[0.4, 1.0, 0.0]);
@@ -279,7 +279,7 @@ fn class_weight_angles_from_the_head_forward() {
     let out =
         forward_f64(&HeadConfig { cloud: CloudMode::Off, ..HeadConfig::default() }, &p).expect("forward");
     let cfg = StatsConfig { center: CenterMode::ClassWeight, ..stats_cfg(Split::Adaptive, 0, None) };
-    let mut st = OracleStats::new(2, 3, cfg).expect("new");
+    let mut st = StatsState::new(2, 3, cfg).expect("new");
     st.update_from_angles(&labels, &target_angles(&out.rows)).expect("update");
     assert!((st.mu[0] - 0.6).abs() < 1e-12 && (st.variances()[0] - 0.04).abs() < 1e-12);
     assert!((st.mu[1] - 1.1).abs() < 1e-12);
@@ -287,10 +287,10 @@ fn class_weight_angles_from_the_head_forward() {
 
 #[test]
 fn wrong_update_for_the_center_mode_is_an_error() {
-    let mut ema = OracleStats::new(2, D, StatsConfig::default()).expect("new");
+    let mut ema = StatsState::new(2, D, StatsConfig::default()).expect("new");
     assert!(matches!(ema.update_from_angles(&[0], &[0.5]), Err(Error::InvalidConfig(_))));
     let cw = StatsConfig { center: CenterMode::ClassWeight, ..StatsConfig::default() };
-    let mut cw = OracleStats::new(2, D, cw).expect("new");
+    let mut cw = StatsState::new(2, D, cw).expect("new");
     assert!(matches!(cw.update(&[1.0, 0.0, 0.0], &[0]), Err(Error::InvalidConfig(_))));
     assert_eq!((ema.updates, cw.updates), (0, 0));
 }
@@ -305,12 +305,12 @@ fn bad_config_and_inputs_are_errors() {
         StatsConfig { split: Split::Threshold(0), ..base.clone() },
         StatsConfig { class_counts: Some(vec![1, 2]), ..base.clone() },
     ] {
-        assert!(matches!(OracleStats::new(3, D, cfg), Err(Error::InvalidConfig(_))));
+        assert!(matches!(StatsState::new(3, D, cfg), Err(Error::InvalidConfig(_))));
     }
-    assert!(matches!(OracleStats::new(0, D, base.clone()), Err(Error::Empty(_))));
-    assert!(matches!(OracleStats::new(3, 0, base.clone()), Err(Error::Empty(_))));
+    assert!(matches!(StatsState::new(0, D, base.clone()), Err(Error::Empty(_))));
+    assert!(matches!(StatsState::new(3, 0, base.clone()), Err(Error::Empty(_))));
 
-    let mut st = OracleStats::new(3, D, base.clone()).expect("new");
+    let mut st = StatsState::new(3, D, base.clone()).expect("new");
     assert!(matches!(st.update(&[1.0, 0.0], &[0]), Err(Error::Shape(_))));
     assert!(matches!(st.update(&[1.0, 0.0, 0.0], &[3]), Err(Error::LabelOutOfRange { label: 3, .. })));
     assert!(matches!(st.update(&[1.0, f32::NAN, 0.0], &[0]), Err(Error::NonFinite { index: 1, .. })));
@@ -318,7 +318,7 @@ fn bad_config_and_inputs_are_errors() {
     assert_eq!(st.initialized, vec![false; 3]);
 
     let cw = StatsConfig { center: CenterMode::ClassWeight, ..base };
-    let mut st = OracleStats::new(3, D, cw).expect("new");
+    let mut st = StatsState::new(3, D, cw).expect("new");
     assert!(matches!(st.update_from_angles(&[0, 1], &[0.5]), Err(Error::Shape(_))));
     assert!(matches!(st.update_from_angles(&[0, 5], &[0.5, 0.5]), Err(Error::LabelOutOfRange { .. })));
     assert!(matches!(

@@ -2,13 +2,14 @@
 //! the safetensors state file and the summary on the CPU; the device kernels
 //! (`kernels/stats.cu`) against the CPU oracle when a GPU is present.
 
-use featcloud::config::{CenterMode, DType, Split, StatsConfig};
+use featcloud::config::{CenterMode, Split, StatsConfig};
 use featcloud::cuda::stats::{
     bucket_labels, check_config, compare_with_oracle, smoke, synthetic_batch, ClassStats, STATS_TOLERANCE,
 };
 use featcloud::cuda::{kernels, test_device, Device, DeviceElem, Tensor};
-use featcloud::oracle::stats::OracleStats;
-use featcloud::statsfile::{Precision, StatsSnapshot, StatsSummary, FORMAT};
+use featcloud::dtype::DType;
+use featcloud::stats::{Precision, StatsState};
+use featcloud::statsfile::FORMAT;
 use featcloud::Error;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
@@ -19,8 +20,8 @@ fn cfg(split: Split, warmup_steps: u64) -> StatsConfig {
 }
 
 /// An oracle after a few long-tailed batches.
-fn trained_oracle(c: usize, d: usize, cfg: StatsConfig, steps: u64) -> OracleStats {
-    let mut o = OracleStats::new(c, d, cfg).unwrap();
+fn trained_oracle(c: usize, d: usize, cfg: StatsConfig, steps: u64) -> StatsState {
+    let mut o = StatsState::new(c, d, cfg).unwrap();
     for s in 0..steps {
         let (x, labels) = synthetic_batch(s, 64, c, d, DType::F32);
         match o.cfg.center {
@@ -94,7 +95,7 @@ fn bad_configuration_is_an_error() {
     for beta in [-0.1, 1.0, 1.5, f32::NAN] {
         let c = StatsConfig { beta, ..ok.clone() };
         assert!(matches!(check_config(10, 8, &c), Err(Error::InvalidConfig(_))), "beta {beta}");
-        assert!(OracleStats::new(10, 8, c).is_err());
+        assert!(StatsState::new(10, 8, c).is_err());
     }
     assert!(check_config(10, 8, &StatsConfig { beta: 0.0, ..ok.clone() }).is_ok());
     let t0 = StatsConfig { split: Split::Threshold(0), ..ok.clone() };
@@ -119,17 +120,17 @@ fn oracle_state_round_trips_through_bytes_and_files() {
         StatsConfig { center: CenterMode::ClassWeight, ..cfg(Split::Adaptive, 3) },
     ] {
         let o = trained_oracle(23, 6, cfg, 4);
-        let snap = StatsSnapshot::from_oracle(&o);
+        let snap = o.clone();
         assert_eq!(snap.precision, Precision::F64);
-        let back = StatsSnapshot::from_bytes(&snap.to_bytes().unwrap()).unwrap();
+        let back = StatsState::from_bytes(&snap.to_bytes().unwrap()).unwrap();
         assert_eq!(back, snap);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("stats.safetensors");
         snap.save(&path).unwrap();
-        let loaded = StatsSnapshot::load(&path).unwrap();
+        let loaded = StatsState::load(&path).unwrap();
         assert_eq!(loaded, snap);
         // A run resumed from the file continues bitwise like the uninterrupted one.
-        let mut resumed = loaded.to_oracle().unwrap();
+        let mut resumed = loaded.clone();
         let mut original = o.clone();
         assert_eq!(resumed, original);
         let (x, labels) = synthetic_batch(99, 64, 23, 6, DType::F32);
@@ -155,7 +156,7 @@ fn oracle_state_round_trips_through_bytes_and_files() {
 #[test]
 fn f32_state_is_saved_as_f32_and_round_trips_exactly() {
     let o = trained_oracle(11, 5, cfg(Split::Threshold(3), 0), 3);
-    let mut snap = StatsSnapshot::from_oracle(&o);
+    let mut snap = o.clone();
     snap.precision = Precision::F32;
     for v in [&mut snap.mu, &mut snap.v, &mut snap.centers] {
         for x in v.iter_mut() {
@@ -170,14 +171,14 @@ fn f32_state_is_saved_as_f32_and_round_trips_exactly() {
     assert_eq!(st.tensor("n").unwrap().dtype(), Dtype::U64);
     assert_eq!(st.tensor("initialized").unwrap().dtype(), Dtype::U8);
     assert_eq!(st.tensor("centers").unwrap().shape(), &[11, 5]);
-    assert_eq!(StatsSnapshot::from_bytes(&bytes).unwrap(), snap);
+    assert_eq!(StatsState::from_bytes(&bytes).unwrap(), snap);
 }
 
 #[test]
 fn class_weight_state_has_no_centers_tensor() {
     let o =
         trained_oracle(9, 4, StatsConfig { center: CenterMode::ClassWeight, ..StatsConfig::default() }, 2);
-    let bytes = StatsSnapshot::from_oracle(&o).to_bytes().unwrap();
+    let bytes = o.to_bytes().unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     assert!(!st.names().contains(&"centers"));
     assert!(!st.names().contains(&"class_counts"));
@@ -196,7 +197,7 @@ fn handmade(tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)], meta: &[(&str, Strin
 #[test]
 fn corrupt_state_files_are_rejected() {
     let o = trained_oracle(4, 3, cfg(Split::Threshold(2), 0), 2);
-    let snap = StatsSnapshot::from_oracle(&o);
+    let snap = o.clone();
     let f64s = |v: &[f64]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
     let u64s = |v: &[u64]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
     let init: Vec<u8> = snap.initialized.iter().map(|&b| b as u8).collect();
@@ -219,7 +220,7 @@ fn corrupt_state_files_are_rejected() {
             ("updates", snap.updates.to_string()),
         ]
     };
-    assert_eq!(StatsSnapshot::from_bytes(&handmade(&good_tensors(), &good_meta())).unwrap(), snap);
+    assert_eq!(StatsState::from_bytes(&handmade(&good_tensors(), &good_meta())).unwrap(), snap);
 
     let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
     cases.push(("not safetensors", b"hello world, not a file".to_vec()));
@@ -260,13 +261,13 @@ fn corrupt_state_files_are_rejected() {
     m[1].1 = serde_json::to_string(&StatsConfig { beta: 1.5, ..snap.cfg.clone() }).unwrap();
     cases.push(("beta out of range", handmade(&good_tensors(), &m)));
     for (what, bytes) in cases {
-        match StatsSnapshot::from_bytes(&bytes) {
+        match StatsState::from_bytes(&bytes) {
             Err(Error::Format { .. }) => {}
             other => panic!("{what}: expected a format error, got {other:?}"),
         }
     }
     let missing = std::path::Path::new("/nonexistent/featcloud/stats.safetensors");
-    assert!(matches!(StatsSnapshot::load(missing), Err(Error::Io { .. })));
+    assert!(matches!(StatsState::load(missing), Err(Error::Io { .. })));
 }
 
 // ---- CPU: summary -------------------------------------------------------------------------------
@@ -274,7 +275,7 @@ fn corrupt_state_files_are_rejected() {
 #[test]
 fn summary_reports_the_oracle_cloud_and_head_tail_split() {
     let o = trained_oracle(30, 8, cfg(Split::Threshold(4), 2), 5);
-    let s = StatsSummary::from_oracle(&o).unwrap();
+    let s = o.summary().unwrap();
     let sigma = o.cloud_sigma();
     assert!(s.warm);
     assert_eq!(s.updates, 5);
@@ -297,12 +298,12 @@ fn summary_reports_the_oracle_cloud_and_head_tail_split() {
     assert!(s.tail.max_cloud_std > 0.0);
 
     let cold = trained_oracle(30, 8, cfg(Split::Threshold(4), 10), 5);
-    let s = StatsSummary::from_oracle(&cold).unwrap();
+    let s = cold.summary().unwrap();
     assert!(!s.warm);
     assert!(s.classes.iter().all(|c| c.cloud_std == 0.0));
 
     let adaptive = trained_oracle(30, 8, cfg(Split::Adaptive, 0), 5);
-    let s = StatsSummary::from_oracle(&adaptive).unwrap();
+    let s = adaptive.summary().unwrap();
     let var_h = adaptive.head_variance().unwrap();
     for cs in &s.classes {
         assert_eq!(cs.head, cs.initialized && cs.angular_std.powi(2) >= var_h);
@@ -354,7 +355,7 @@ fn synthetic_batches_are_deterministic_and_rounded() {
 /// order) and the full state after each update.
 fn run_ema<T: DeviceElem>(dev: &Device, c: usize, d: usize, b: usize, cfg: StatsConfig, steps: u64) {
     let mut gpu = ClassStats::new(dev, c, d, cfg.clone()).unwrap();
-    let mut oracle = OracleStats::new(c, d, cfg.clone()).unwrap();
+    let mut oracle = StatsState::new(c, d, cfg.clone()).unwrap();
     for step in 0..steps {
         let sigma = gpu.cloud_sigma(dev).unwrap().to_host(dev).unwrap();
         if step < cfg.warmup_steps {
@@ -411,7 +412,7 @@ fn gpu_first_seen_classes_single_samples_and_ignored_rows() {
     let (c, d) = (10, 5);
     let cfg = cfg(Split::Threshold(3), 0);
     let mut gpu = ClassStats::new(&dev, c, d, cfg.clone()).unwrap();
-    let mut oracle = OracleStats::new(c, d, cfg).unwrap();
+    let mut oracle = StatsState::new(c, d, cfg).unwrap();
     let batches: [&[i32]; 5] = [&[4, 4, 4, 7, -1], &[4, 2, -1, -1, 4], &[-1, -1], &[9, 4, 4, 7, 0], &[]];
     for (s, labels) in batches.iter().enumerate() {
         let (x, _) = synthetic_batch(s as u64, labels.len().max(1), c, d, DType::F32);
@@ -452,7 +453,7 @@ fn gpu_class_weight_update_from_cos_and_angles_matches_oracle() {
         let mut from_cos = ClassStats::new(&dev, c, 16, cfg.clone()).unwrap();
         let mut from_theta = ClassStats::new(&dev, c, 16, cfg.clone()).unwrap();
         assert!(from_cos.centers().is_none(), "class_weight allocates no [C, D] state");
-        let mut oracle = OracleStats::new(c, 16, cfg).unwrap();
+        let mut oracle = StatsState::new(c, 16, cfg).unwrap();
         for step in 0..5 {
             let (x, labels) = synthetic_batch(50 + step, b, c, 1, DType::F32);
             // Include the clamp edges: exactly +-1 and beyond the 1e-7 band.
@@ -562,7 +563,7 @@ fn gpu_state_save_load_round_trip_resumes_exactly() {
         }
         assert_eq!(bits(&dev, &mut r), bits(&dev, &mut a), "resumed run differs");
         // The CPU side reads the device's file too.
-        let o = StatsSnapshot::load(&path).unwrap().to_oracle().unwrap();
+        let o = StatsState::load(&path).unwrap();
         assert_eq!(o.updates, 3);
     }
 }
@@ -573,14 +574,14 @@ fn gpu_summary_matches_the_oracle_summary() {
     let cfg = cfg(Split::Threshold(4), 1);
     let (c, d, b) = (30, 8, 64);
     let mut gpu = ClassStats::new(&dev, c, d, cfg.clone()).unwrap();
-    let mut oracle = OracleStats::new(c, d, cfg).unwrap();
+    let mut oracle = StatsState::new(c, d, cfg).unwrap();
     for s in 0..4 {
         let (x, labels) = synthetic_batch(s, b, c, d, DType::F32);
         gpu.update(&dev, &Tensor::<f32>::from_host(&dev, &x, &[b, d]).unwrap(), &labels).unwrap();
         oracle.update(&x, &labels).unwrap();
     }
     let g = gpu.summary(&dev).unwrap();
-    let o = StatsSummary::from_oracle(&oracle).unwrap();
+    let o = oracle.summary().unwrap();
     assert_eq!(
         (g.head.classes, g.tail.classes, g.warm, g.updates),
         (o.head.classes, o.tail.classes, o.warm, o.updates)
@@ -737,7 +738,7 @@ impl F32Model {
     }
 
     /// Worst |diff| of centers, mu, v (seen classes), sigma^2 and var_h against the oracle.
-    fn error(&self, o: &OracleStats) -> f64 {
+    fn error(&self, o: &StatsState) -> f64 {
         assert_eq!((&self.n, &self.init, self.updates), (&o.n, &o.initialized, o.updates));
         let mut e = 0.0f64;
         for (a, b) in self.centers.iter().zip(&o.centers) {
@@ -769,7 +770,7 @@ fn kernel_f32_arithmetic_meets_the_tolerance_against_the_oracle() {
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let cfg = cfg(split, 2);
             let mut model = F32Model::new(c, d, cfg.clone());
-            let mut oracle = OracleStats::new(c, d, cfg).unwrap();
+            let mut oracle = StatsState::new(c, d, cfg).unwrap();
             let mut worst = 0.0f64;
             for step in 0..8 {
                 let (x, labels) = synthetic_batch(step, b, c, d, dtype);

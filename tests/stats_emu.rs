@@ -11,8 +11,7 @@ use common::*;
 use featcloud::config::{CenterMode, Split, StatsConfig};
 use featcloud::cuda::stats::ClassStats;
 use featcloud::cuda::{Device, DeviceElem, EmuOrder, Tensor};
-use featcloud::oracle::stats::OracleStats;
-use featcloud::statsfile::StatsSnapshot;
+use featcloud::stats::StatsState;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
@@ -31,7 +30,7 @@ struct StatsHost {
     var_h: Option<u32>,
 }
 
-fn stats_host(dev: &Device, s: &mut ClassStats) -> (StatsHost, StatsSnapshot, Vec<f32>, Option<f32>) {
+fn stats_host(dev: &Device, s: &mut ClassStats) -> (StatsHost, StatsState, Vec<f32>, Option<f32>) {
     let sigma = s.cloud_sigma(dev).unwrap().to_host(dev).unwrap();
     let var_h = s.head_variance(dev).unwrap();
     let snap = s.snapshot(dev).unwrap();
@@ -65,7 +64,7 @@ fn devices_in_several_orders() -> Option<Vec<Arc<Device>>> {
 /// on devices running blocks and threads in other orders.
 fn stats_case<T: DeviceElem>(devs: &[Arc<Device>], rng: &mut ChaCha8Rng, c: usize, d: usize, split: Split) {
     let cfg = StatsConfig { beta: 0.9, center: CenterMode::Ema, split, warmup_steps: 1, class_counts: None };
-    let mut oracle = OracleStats::new(c, d, cfg.clone()).unwrap();
+    let mut oracle = StatsState::new(c, d, cfg.clone()).unwrap();
     let mut stats: Vec<ClassStats> =
         devs.iter().map(|dev| ClassStats::new(dev, c, d, cfg.clone()).unwrap()).collect();
     let mut worst = [0.0f64; 5];
@@ -88,7 +87,7 @@ fn stats_case<T: DeviceElem>(devs: &[Arc<Device>], rng: &mut ChaCha8Rng, c: usiz
         }
         let xs: Vec<f32> = x.iter().map(|&v| T::DTYPE.round(v)).collect();
         oracle.update(&xs, &labels).unwrap();
-        type Host = (StatsHost, StatsSnapshot, Vec<f32>, Option<f32>);
+        type Host = (StatsHost, StatsState, Vec<f32>, Option<f32>);
         let mut first: Option<Host> = None;
         for (dev, s) in devs.iter().zip(stats.iter_mut()) {
             let xt = Tensor::<T>::from_f32(dev, &xs, &[b, d]).unwrap();
@@ -165,7 +164,7 @@ fn stats_angles_match_oracle() {
         class_counts: None,
     };
     for is_cos in [false, true] {
-        let mut oracle = OracleStats::new(c, 4, cfg.clone()).unwrap();
+        let mut oracle = StatsState::new(c, 4, cfg.clone()).unwrap();
         let mut stats: Vec<ClassStats> =
             devs.iter().map(|dev| ClassStats::new(dev, c, 4, cfg.clone()).unwrap()).collect();
         for step in 0..2 {

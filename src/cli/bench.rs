@@ -8,11 +8,14 @@
 //! excluded; outputs dx, dW and every workspace included). Each path's result
 //! is checked against the reference path before anything is timed.
 
-use crate::check::HeadShape;
-use crate::config::{DType, HeadConfig};
-use crate::cuda::bench::{gemm_peak_tflops, measure_extra_memory, ThreeGemm, Timer, Timing};
+use crate::config::HeadConfig;
+use crate::cuda::bench::{
+    gemm_peak_tflops, measure_extra_memory, BenchShape, ThreeGemm, Timer, Timing, SHAPES,
+};
 use crate::cuda::head::{CudaHead, FusedTuning, GradDtype, HeadPath, HeadUpstream};
 use crate::cuda::{Device, DeviceElem, Tensor};
+use crate::dtype::DType;
+use crate::shape::HeadShape;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,58 +36,6 @@ pub struct Args {
     #[arg(long)]
     pub only: Option<String>,
 }
-
-/// One SPEC section 9 shape with its peers' numbers from the SPEC table.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct BenchShape {
-    /// Short name.
-    pub name: &'static str,
-    /// Rows.
-    pub b: usize,
-    /// Embedding dimension.
-    pub d: usize,
-    /// Classes.
-    pub c: usize,
-    /// torch.compile ms per fwd+bwd (SPEC table, H200, bf16).
-    pub torch_compile_ms: f64,
-    /// Cut Cross-Entropy extra MiB (SPEC table).
-    pub cce_mib: f64,
-    /// Launch-bound shape (target 20x torch.compile instead of 2x).
-    pub small: bool,
-}
-
-/// The SPEC section 9 shapes.
-pub const SHAPES: [BenchShape; 5] = [
-    BenchShape { name: "reid", b: 64, d: 2048, c: 751, torch_compile_ms: 1.12, cce_mib: 15.0, small: true },
-    BenchShape { name: "lt", b: 512, d: 2048, c: 1000, torch_compile_ms: 1.13, cce_mib: 22.0, small: true },
-    BenchShape {
-        name: "face-93k",
-        b: 512,
-        d: 512,
-        c: 93431,
-        torch_compile_ms: 1.54,
-        cce_mib: 461.0,
-        small: false,
-    },
-    BenchShape {
-        name: "face-360k",
-        b: 1024,
-        d: 512,
-        c: 360232,
-        torch_compile_ms: 5.87,
-        cce_mib: 1762.0,
-        small: false,
-    },
-    BenchShape {
-        name: "face-1m",
-        b: 2048,
-        d: 512,
-        c: 1_000_000,
-        torch_compile_ms: 30.1,
-        cce_mib: 4889.0,
-        small: false,
-    },
-];
 
 /// Timing and memory of one path.
 #[derive(Debug, Clone, Serialize)]

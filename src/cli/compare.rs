@@ -7,10 +7,7 @@
 //! sizes run from 300 down to 3, that makes the 24 largest classes "head"),
 //! cloud on after 100 warm-up steps.
 
-use crate::cli::{
-    cloud_mode, ensure_dir, select_backend, write_json, CloudArg, DataArgs, ModelArgs, Progress,
-    SelectedBackend,
-};
+use crate::cli::{ensure_dir, select_backend, write_json, Progress, RunArgs, SelectedBackend};
 use crate::config::CloudMode;
 use crate::data::Splits;
 use crate::engine::report::{evaluate, EvalReport};
@@ -22,12 +19,10 @@ use std::time::Instant;
 /// Arguments of `featcloud compare`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// Data source (default: the built-in long-tailed benchmark).
+    /// Data source (default: the built-in long-tailed benchmark), model and
+    /// optimization options, shared by both runs (--cloud is LEAP's mode).
     #[command(flatten)]
-    pub data: DataArgs,
-    /// Model and optimization options, shared by both runs (--cloud is LEAP's mode).
-    #[command(flatten)]
-    pub model: ModelArgs,
+    pub run: RunArgs,
     /// Output directory (metrics.json, angular_std.png).
     #[arg(long, default_value = "runs/compare")]
     pub out: PathBuf,
@@ -179,18 +174,18 @@ pub fn table(bases: &[EvalReport], leaps: &[EvalReport]) -> String {
 
 /// Runs `featcloud compare`.
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    if args.model.cloud == CloudArg::Off {
+    if args.run.model.cloud == CloudMode::Off {
         anyhow::bail!(
             "--cloud off: compare trains baseline (off) against LEAP, so LEAP needs symmetric or one-sided"
         );
     }
-    let leap_cfg = args.model.config(cloud_mode(args.model.cloud))?;
+    let leap_cfg = args.run.model.config()?;
     let base_cfg = TrainConfig {
         head: crate::config::HeadConfig { cloud: CloudMode::Off, ..leap_cfg.head },
         ..leap_cfg.clone()
     };
-    let splits = args.data.load()?;
-    match select_backend(args.model.backend, args.model.precision, args.model.device)? {
+    let splits = args.run.data.load()?;
+    match select_backend(&args.run.model.backend)? {
         SelectedBackend::Cpu(be) => run_on(&be, args, base_cfg, leap_cfg, &splits),
         SelectedBackend::Cuda(be) => run_on(&*be, args, base_cfg, leap_cfg, &splits),
     }
@@ -204,7 +199,7 @@ fn run_on<B: Backend>(
     splits: &Splits,
 ) -> anyhow::Result<()> {
     let start = Instant::now();
-    let threshold = args.model.threshold;
+    let threshold = args.run.model.threshold;
     let (mut bases, mut leaps) = (Vec::new(), Vec::new());
     let (mut base_secs, mut leap_secs, mut steps) = (0.0, 0.0, 0);
     let (mut base_losses, mut leap_losses) = (Vec::new(), Vec::new());
@@ -244,7 +239,7 @@ fn run_on<B: Backend>(
     let metrics = serde_json::json!({
         "command": "compare",
         "backend": backend.name(),
-        "data": args.data.describe(),
+        "data": args.run.data.describe(),
         "train_rows": t.n, "input_dim": t.f, "num_classes": t.num_classes,
         "test_rows": splits.test.n,
         "open_rows": splits.open_set.as_ref().map(|o| o.n),
@@ -263,7 +258,7 @@ fn run_on<B: Backend>(
     println!(
         "featcloud compare | backend {} | data {}: train {} x {}, {} classes, test {}, open set {}",
         backend.name(),
-        args.data.describe(),
+        args.run.data.describe(),
         t.n,
         t.f,
         t.num_classes,

@@ -1,8 +1,6 @@
 //! `featcloud eval`: evaluate a checkpoint on the data it was trained on.
 
-use crate::cli::{
-    pct, select_backend, write_json, BackendChoice, DataArgs, DeviceArg, PrecisionArg, SelectedBackend,
-};
+use crate::cli::{pct, select_backend, write_json, BackendArgs, DataArgs, SelectedBackend};
 use crate::data::Splits;
 use crate::engine::report::evaluate;
 use crate::engine::{Backend, Checkpoint, Trainer};
@@ -24,22 +22,16 @@ pub struct Args {
     /// Also write the metrics as JSON here.
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
-    /// Backend.
-    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
-    pub backend: BackendChoice,
-    /// CUDA precision.
-    #[arg(long, value_enum, default_value_t = PrecisionArg::Bf16)]
-    pub precision: PrecisionArg,
-    /// Device of the CUDA backend: GPU 0, or the CPU emulator of it.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Gpu)]
-    pub device: DeviceArg,
+    /// Backend, precision and device.
+    #[command(flatten)]
+    pub backend: BackendArgs,
 }
 
 /// Runs `featcloud eval`.
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let ck = Checkpoint::load(&args.checkpoint).context("--checkpoint")?;
     let splits = args.data.load()?;
-    match select_backend(args.backend, args.precision, args.device)? {
+    match select_backend(&args.backend)? {
         SelectedBackend::Cpu(be) => run_on(&be, args, &ck, &splits),
         SelectedBackend::Cuda(be) => run_on(&*be, args, &ck, &splits),
     }

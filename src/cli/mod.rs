@@ -11,7 +11,9 @@ pub mod info;
 pub mod smoke;
 pub mod train;
 
-use crate::config::{CenterMode, CloudMode, Fallback, HeadConfig, MarginGrad, Reduction, Split, StatsConfig};
+use crate::config::{
+    CenterMode, CloudMode, Fallback, HeadConfig, MarginGrad, Reduction, Split, SplitKind, StatsConfig,
+};
 use crate::cpu::CpuBackend;
 use crate::cuda::backend::{CudaBackend, Precision};
 use crate::data::{self, Splits, SyntheticConfig};
@@ -128,15 +130,6 @@ pub enum BackendChoice {
     Cpu,
 }
 
-/// `--precision` (CUDA only; the CPU backend is always f32).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum PrecisionArg {
-    /// bf16 copies of the GEMM and head operands, f32 master weights and accumulation.
-    Bf16,
-    /// f32 everywhere.
-    F32,
-}
-
 /// `--device`: which device the CUDA code runs on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum DeviceArg {
@@ -165,21 +158,14 @@ pub enum SelectedBackend {
     Cuda(Box<CudaBackend>),
 }
 
-fn cuda_backend(precision: PrecisionArg, device: DeviceArg) -> crate::Result<CudaBackend> {
-    let p = match precision {
-        PrecisionArg::Bf16 => Precision::Bf16,
-        PrecisionArg::F32 => Precision::F32,
-    };
-    CudaBackend::new(open_device(device)?, p)
+fn cuda_backend(precision: Precision, device: DeviceArg) -> crate::Result<CudaBackend> {
+    CudaBackend::new(open_device(device)?, precision)
 }
 
 /// Picks the backend for `choice` (auto: CUDA when GPU 0 starts and the kernels
 /// are built, else CPU); prints which one is used.
-pub fn select_backend(
-    choice: BackendChoice,
-    precision: PrecisionArg,
-    device: DeviceArg,
-) -> anyhow::Result<SelectedBackend> {
+pub fn select_backend(args: &BackendArgs) -> anyhow::Result<SelectedBackend> {
+    let BackendArgs { backend: choice, precision, device } = *args;
     let cpu = |why: String| {
         let be = CpuBackend::new();
         eprintln!("backend: {}{why}", crate::engine::Backend::name(&be));
@@ -200,6 +186,20 @@ pub fn select_backend(
             Err(e) => Ok(cpu(format!(" (auto: {e})"))),
         },
     }
+}
+
+/// Backend options, shared by every command that trains or evaluates.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct BackendArgs {
+    /// Backend.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+    /// CUDA precision: bf16 operand copies with f32 master weights, or f32.
+    #[arg(long, value_enum, default_value_t = Precision::Bf16)]
+    pub precision: Precision,
+    /// Device of the CUDA backend: GPU 0, or the CPU emulator of it (tiny data only).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Gpu)]
+    pub device: DeviceArg,
 }
 
 /// Where the data comes from: the built-in synthetic benchmark (default) or files.
@@ -347,73 +347,6 @@ pub enum MarginPreset {
     Combined,
 }
 
-/// `--cloud`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum CloudArg {
-    /// No feature cloud.
-    Off,
-    /// alpha = sigma * eps.
-    Symmetric,
-    /// alpha = sigma * |eps|.
-    OneSided,
-}
-
-/// `--reduction`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum ReductionArg {
-    /// Mean over valid rows.
-    Mean,
-    /// Sum over valid rows.
-    Sum,
-    /// Per-row losses (trained with upstream 1 per row, i.e. like sum).
-    None,
-}
-
-/// `--margin-grad`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum MarginGradArg {
-    /// Exact derivative of the margin.
-    Exact,
-    /// dt = 1 (current insightface).
-    StraightThrough,
-}
-
-/// `--fallback`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum FallbackArg {
-    /// Linear fallback above pi.
-    Linear,
-    /// Clamp phi to [0, pi].
-    Clamp,
-}
-
-/// `--center`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum CenterArg {
-    /// EMA of the normalized batch features.
-    Ema,
-    /// The normalized class weight.
-    ClassWeight,
-}
-
-/// `--split`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum SplitArg {
-    /// Head = classes with at least --threshold training samples.
-    Threshold,
-    /// Count-weighted head variance; every class below it gets a cloud.
-    Adaptive,
-}
-
-/// `--optimizer`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum OptimizerArg {
-    /// SGD with momentum.
-    Sgd,
-    /// AdamW.
-    Adamw,
-}
-
 /// Model, head, statistics and optimizer options (every SPEC option has a flag).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
@@ -448,29 +381,29 @@ pub struct ModelArgs {
     #[arg(long)]
     pub m3: Option<f32>,
     /// Feature-cloud mode (compare: the LEAP run's mode).
-    #[arg(long, value_enum, default_value_t = CloudArg::Symmetric)]
-    pub cloud: CloudArg,
+    #[arg(long, value_enum, default_value_t = CloudMode::Symmetric)]
+    pub cloud: CloudMode,
     /// Loss reduction.
-    #[arg(long, value_enum, default_value_t = ReductionArg::Mean)]
-    pub reduction: ReductionArg,
+    #[arg(long, value_enum, default_value_t = Reduction::Mean)]
+    pub reduction: Reduction,
     /// Label smoothing in [0, 1).
     #[arg(long, default_value_t = 0.0)]
     pub label_smoothing: f32,
     /// Gradient of the margin.
-    #[arg(long, value_enum, default_value_t = MarginGradArg::Exact)]
-    pub margin_grad: MarginGradArg,
+    #[arg(long, value_enum, default_value_t = MarginGrad::Exact)]
+    pub margin_grad: MarginGrad,
     /// What happens when the margin pushes the angle past pi.
-    #[arg(long, value_enum, default_value_t = FallbackArg::Linear)]
-    pub fallback: FallbackArg,
+    #[arg(long, value_enum, default_value_t = Fallback::Linear)]
+    pub fallback: Fallback,
     /// EMA momentum of the class statistics.
     #[arg(long, default_value_t = 0.9)]
     pub beta: f32,
     /// Center of the angular statistics.
-    #[arg(long, value_enum, default_value_t = CenterArg::Ema)]
-    pub center: CenterArg,
+    #[arg(long, value_enum, default_value_t = CenterMode::Ema)]
+    pub center: CenterMode,
     /// Head/tail split of the statistics.
-    #[arg(long, value_enum, default_value_t = SplitArg::Threshold)]
-    pub split: SplitArg,
+    #[arg(long, value_enum, default_value_t = SplitKind::Threshold)]
+    pub split: SplitKind,
     /// Head threshold T (training samples), for --split threshold and the spread report.
     #[arg(long, default_value_t = 100)]
     pub threshold: u64,
@@ -478,8 +411,8 @@ pub struct ModelArgs {
     #[arg(long, default_value_t = 100)]
     pub warmup_steps: u64,
     /// Optimizer.
-    #[arg(long, value_enum, default_value_t = OptimizerArg::Sgd)]
-    pub optimizer: OptimizerArg,
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Sgd)]
+    pub optimizer: OptimizerKind,
     /// Peak learning rate.
     #[arg(long, default_value_t = 0.1)]
     pub lr: f32,
@@ -492,109 +425,94 @@ pub struct ModelArgs {
     /// Linear learning-rate warm-up steps (then cosine decay).
     #[arg(long, default_value_t = 100)]
     pub lr_warmup: u64,
-    /// Backend.
-    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
-    pub backend: BackendChoice,
-    /// CUDA precision: bf16 operand copies with f32 master weights, or f32.
-    #[arg(long, value_enum, default_value_t = PrecisionArg::Bf16)]
-    pub precision: PrecisionArg,
-    /// Device of the CUDA backend: GPU 0, or the CPU emulator of it (tiny data only).
-    #[arg(long, value_enum, default_value_t = DeviceArg::Gpu)]
-    pub device: DeviceArg,
+    /// Backend, precision and device.
+    #[command(flatten)]
+    pub backend: BackendArgs,
+}
+
+/// The arguments of a training run, shared by `train` and `compare`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Data source.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Model and optimization options.
+    #[command(flatten)]
+    pub model: ModelArgs,
 }
 
 impl ModelArgs {
-    /// The training configuration these flags describe (validated).
-    pub fn config(&self, cloud: CloudMode) -> anyhow::Result<TrainConfig> {
+    /// The training configuration these flags describe, validated (errors name the flags).
+    pub fn config(&self) -> anyhow::Result<TrainConfig> {
         let preset = match self.margin {
             MarginPreset::Arcface => HeadConfig::arcface(),
             MarginPreset::Cosface => HeadConfig::cosface(),
             MarginPreset::Combined => HeadConfig::combined(),
         };
-        let head = HeadConfig {
-            s: self.scale,
-            m1: self.m1.unwrap_or(preset.m1),
-            m2: self.m2.unwrap_or(preset.m2),
-            m3: self.m3.unwrap_or(preset.m3),
-            cloud,
-            reduction: match self.reduction {
-                ReductionArg::Mean => Reduction::Mean,
-                ReductionArg::Sum => Reduction::Sum,
-                ReductionArg::None => Reduction::None,
-            },
-            label_smoothing: self.label_smoothing,
-            margin_grad: match self.margin_grad {
-                MarginGradArg::Exact => MarginGrad::Exact,
-                MarginGradArg::StraightThrough => MarginGrad::StraightThrough,
-            },
-            fallback: match self.fallback {
-                FallbackArg::Linear => Fallback::Linear,
-                FallbackArg::Clamp => Fallback::Clamp,
-            },
-        };
-        head.validate().context("head options (--scale, --m1/2/3, --label-smoothing)")?;
-        let stats = StatsConfig {
-            beta: self.beta,
-            center: match self.center {
-                CenterArg::Ema => CenterMode::Ema,
-                CenterArg::ClassWeight => CenterMode::ClassWeight,
-            },
-            split: match self.split {
-                SplitArg::Threshold => Split::Threshold(self.threshold),
-                SplitArg::Adaptive => Split::Adaptive,
-            },
-            warmup_steps: self.warmup_steps,
-            class_counts: None,
-        };
-        if !(self.beta.is_finite() && (0.0..1.0).contains(&self.beta)) {
-            anyhow::bail!("--beta must be in [0, 1), got {}", self.beta);
-        }
-        if self.threshold == 0 {
-            anyhow::bail!("--threshold must be > 0");
-        }
-        let optim = OptimizerConfig {
-            kind: match self.optimizer {
-                OptimizerArg::Sgd => OptimizerKind::Sgd,
-                OptimizerArg::Adamw => OptimizerKind::AdamW,
-            },
-            lr: self.lr,
-            momentum: self.momentum,
-            weight_decay: self.weight_decay,
-            warmup_steps: self.lr_warmup,
-            ..OptimizerConfig::default()
-        };
-        optim.validate()?;
         let cfg = TrainConfig {
             seed: self.seed,
             epochs: self.epochs,
             batch_size: self.batch_size,
             hidden: self.hidden,
             embed_dim: self.embed_dim,
-            head,
-            stats,
-            optim,
+            head: HeadConfig {
+                s: self.scale,
+                m1: self.m1.unwrap_or(preset.m1),
+                m2: self.m2.unwrap_or(preset.m2),
+                m3: self.m3.unwrap_or(preset.m3),
+                cloud: self.cloud,
+                reduction: self.reduction,
+                label_smoothing: self.label_smoothing,
+                margin_grad: self.margin_grad,
+                fallback: self.fallback,
+            },
+            stats: StatsConfig {
+                beta: self.beta,
+                center: self.center,
+                split: Split::new(self.split, self.threshold),
+                warmup_steps: self.warmup_steps,
+                class_counts: None,
+            },
+            optim: OptimizerConfig {
+                kind: self.optimizer,
+                lr: self.lr,
+                momentum: self.momentum,
+                weight_decay: self.weight_decay,
+                warmup_steps: self.lr_warmup,
+                ..OptimizerConfig::default()
+            },
         };
-        for (flag, v) in [
-            ("--epochs", self.epochs as usize),
-            ("--batch-size", self.batch_size),
-            ("--hidden", self.hidden),
-            ("--embed-dim", self.embed_dim),
-        ] {
-            if v == 0 {
-                anyhow::bail!("{flag} must be > 0");
-            }
-        }
+        cfg.validate_options().map_err(config_error)?;
         Ok(cfg)
     }
 }
 
-/// Maps the `--cloud` flag to the config type.
-pub fn cloud_mode(c: CloudArg) -> CloudMode {
-    match c {
-        CloudArg::Off => CloudMode::Off,
-        CloudArg::Symmetric => CloudMode::Symmetric,
-        CloudArg::OneSided => CloudMode::OneSided,
-    }
+/// The flag of each configuration field that has one (`validate` names fields).
+const FIELD_FLAGS: [(&str, &str); 17] = [
+    ("train.seed", "--seed"),
+    ("train.epochs", "--epochs"),
+    ("train.batch_size", "--batch-size"),
+    ("train.hidden", "--hidden"),
+    ("train.embed_dim", "--embed-dim"),
+    ("head.s", "--scale"),
+    ("head.m1", "--m1"),
+    ("head.m2", "--m2"),
+    ("head.m3", "--m3"),
+    ("head.label_smoothing", "--label-smoothing"),
+    ("stats.beta", "--beta"),
+    ("stats.split.threshold", "--threshold"),
+    ("stats.warmup_steps", "--warmup-steps"),
+    ("optim.lr", "--lr"),
+    ("optim.momentum", "--momentum"),
+    ("optim.weight_decay", "--weight-decay"),
+    ("optim.warmup_steps", "--lr-warmup"),
+];
+
+/// A configuration error in the command line's words: field names become flags.
+fn config_error(e: crate::Error) -> anyhow::Error {
+    let crate::Error::InvalidConfig(msg) = e else { return e.into() };
+    let msg = FIELD_FLAGS.iter().fold(msg, |m, (field, flag)| m.replace(field, flag));
+    anyhow::anyhow!("{msg}")
 }
 
 /// A progress bar (hidden when stderr is not a terminal) showing loss and throughput.

@@ -1,9 +1,7 @@
 //! `featcloud train`: train on the built-in benchmark or on user files; writes
 //! `checkpoint.safetensors` and `metrics.json` to `--out`, resumes with `--resume`.
 
-use crate::cli::{
-    cloud_mode, ensure_dir, pct, select_backend, write_json, DataArgs, ModelArgs, Progress, SelectedBackend,
-};
+use crate::cli::{ensure_dir, pct, select_backend, write_json, Progress, RunArgs, SelectedBackend};
 use crate::data::Splits;
 use crate::engine::report::evaluate;
 use crate::engine::{Backend, Checkpoint, TrainConfig, Trainer};
@@ -14,12 +12,10 @@ use std::time::Instant;
 /// Arguments of `featcloud train`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// Data source.
+    /// Data source, model and optimization options (the latter ignored with
+    /// --resume: the checkpoint's are used).
     #[command(flatten)]
-    pub data: DataArgs,
-    /// Model and optimization options (ignored with --resume: the checkpoint's are used).
-    #[command(flatten)]
-    pub model: ModelArgs,
+    pub run: RunArgs,
     /// Output directory (checkpoint.safetensors, metrics.json).
     #[arg(long, default_value = "runs/train")]
     pub out: PathBuf,
@@ -36,13 +32,13 @@ pub struct Args {
 
 /// Runs `featcloud train`.
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    let cfg = args.model.config(cloud_mode(args.model.cloud))?;
+    let cfg = args.run.model.config()?;
     let checkpoint = match &args.resume {
         Some(p) => Some(Checkpoint::load(p).with_context(|| "--resume".to_string())?),
         None => None,
     };
-    let splits = args.data.load()?;
-    match select_backend(args.model.backend, args.model.precision, args.model.device)? {
+    let splits = args.run.data.load()?;
+    match select_backend(&args.run.model.backend)? {
         SelectedBackend::Cpu(be) => run_on(&be, args, cfg, checkpoint.as_ref(), &splits),
         SelectedBackend::Cuda(be) => run_on(&*be, args, cfg, checkpoint.as_ref(), &splits),
     }
@@ -64,7 +60,7 @@ fn run_on<B: Backend>(
     let until = args.stop_at.unwrap_or(total).min(total);
     eprintln!(
         "train: {} | {} rows x {} features, {} classes | steps {} -> {} of {}",
-        args.data.describe(),
+        args.run.data.describe(),
         splits.train.n,
         splits.train.f,
         splits.train.num_classes,
@@ -89,7 +85,7 @@ fn run_on<B: Backend>(
     }
     progress.finish();
     let train_secs = start.elapsed().as_secs_f64();
-    let threshold = args.model.threshold;
+    let threshold = args.run.model.threshold;
     let report = evaluate(&trainer, splits, threshold)?;
     ensure_dir(&args.out)?;
     trainer.to_checkpoint()?.save(&ckpt_path)?;

@@ -22,11 +22,12 @@
 //! summed sequentially in row order; the sgemms reduce each element in a fixed
 //! order. Materializes the B x C cosines (fine for the CPU sizes this serves).
 
-use crate::check::{check_finite, HeadShape};
+use crate::check::check_finite;
 use crate::config::{HeadConfig, Reduction};
 use crate::cpu::gemm::sgemm;
 use crate::error::{Error, Result};
 use crate::oracle::head::{check_problem, cloud_alpha, row_loss, target_logit, NORM_EPS};
+use crate::shape::HeadShape;
 use rayon::prelude::*;
 
 /// One head call (the same type the oracle takes, so tests feed both the same problem).

@@ -3,7 +3,7 @@
 //!
 //! - [`head`]: the fast margin head (checked against [`crate::oracle::head`]);
 //! - [`gemm`]: safe row-major sgemm;
-//! - statistics: [`crate::oracle::stats::OracleStats`] (f64, C x D is small);
+//! - statistics: [`StatsState`] with the oracle's f64 rules (C x D is small);
 //! - bias/ReLU and the optimizers: elementwise loops here.
 //!
 //! Every operation is bitwise deterministic for a given input, independent of
@@ -12,25 +12,15 @@
 pub mod gemm;
 pub mod head;
 
-use crate::check::HeadShape;
 use crate::config::{CenterMode, HeadConfig, StatsConfig};
-use crate::engine::backend::{Activation, Backend, Gemm, HeadStep, OptimStep, StatsState};
+use crate::engine::backend::{rows_of, same_len, Activation, Backend, Gemm, HeadBatch, HeadStep, OptimStep};
 use crate::engine::optim::{OptimizerConfig, OptimizerKind};
-use crate::error::{Error, Result};
-use crate::oracle::stats::OracleStats;
+use crate::error::Result;
+use crate::stats::StatsState;
 use rayon::prelude::*;
 
 /// Elements per parallel task in elementwise loops (fixed: results never depend on it).
 const CHUNK: usize = 4096;
-
-/// Class statistics of the CPU backend: the oracle's f64 statistics plus the center mode.
-#[derive(Clone, Debug)]
-pub struct CpuStats {
-    /// The statistics themselves.
-    pub inner: OracleStats,
-    /// Where the angles come from (EMA centers or class weights).
-    pub center: CenterMode,
-}
 
 /// The CPU backend (host `Vec<f32>` buffers).
 #[derive(Clone, Debug, Default)]
@@ -43,23 +33,9 @@ impl CpuBackend {
     }
 }
 
-fn same_len(what: &str, a: usize, b: usize) -> Result<()> {
-    if a != b {
-        return Err(Error::Shape(format!("{what}: {a} vs {b} elements")));
-    }
-    Ok(())
-}
-
-fn rows_of(what: &str, len: usize, cols: usize) -> Result<usize> {
-    if cols == 0 || len % cols != 0 {
-        return Err(Error::Shape(format!("{what}: {len} elements is not a multiple of {cols} columns")));
-    }
-    Ok(len / cols)
-}
-
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
-    type Stats = CpuStats;
+    type Stats = StatsState;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -145,16 +121,11 @@ impl Backend for CpuBackend {
     fn head_forward_backward(
         &self,
         cfg: &HeadConfig,
-        shape: HeadShape,
-        x: &Vec<f32>,
-        w: &Vec<f32>,
-        labels: &[i32],
-        sigma_cloud: &Vec<f32>,
-        seed: u64,
-        step: u64,
+        batch: HeadBatch<'_, Vec<f32>>,
         dx: &mut Vec<f32>,
         dw: &mut Vec<f32>,
     ) -> Result<HeadStep> {
+        let HeadBatch { shape, x, w, labels, sigma_cloud, seed, step } = batch;
         let p = head::HeadProblem { shape, x, w, labels, sigma_cloud, seed, step };
         let ones;
         let up = if cfg.reduction == crate::config::Reduction::None {
@@ -171,12 +142,12 @@ impl Backend for CpuBackend {
         Ok(HeadStep { loss: fwd.loss, n_valid: fwd.n_valid, c_iy: fwd.rows.c_iy })
     }
 
-    fn stats_new(&self, c: usize, d: usize, cfg: &StatsConfig) -> Result<CpuStats> {
-        Ok(CpuStats { inner: OracleStats::new(c, d, cfg.clone())?, center: cfg.center })
+    fn stats_new(&self, c: usize, d: usize, cfg: &StatsConfig) -> Result<StatsState> {
+        StatsState::new(c, d, cfg.clone())
     }
 
-    fn stats_cloud_sigma(&self, stats: &CpuStats, out: &mut Vec<f32>) -> Result<()> {
-        let sigma = stats.inner.cloud_sigma();
+    fn stats_cloud_sigma(&self, stats: &StatsState, out: &mut Vec<f32>) -> Result<()> {
+        let sigma = stats.cloud_sigma();
         same_len("cloud sigma", out.len(), sigma.len())?;
         for (o, s) in out.iter_mut().zip(sigma) {
             *o = s as f32;
@@ -184,49 +155,24 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn stats_update(&self, stats: &mut CpuStats, x: &Vec<f32>, labels: &[i32], c_iy: &[f32]) -> Result<()> {
-        match stats.center {
-            CenterMode::Ema => stats.inner.update(x, labels),
+    fn stats_update(&self, stats: &mut StatsState, x: &Vec<f32>, labels: &[i32], c_iy: &[f32]) -> Result<()> {
+        match stats.cfg.center {
+            CenterMode::Ema => stats.update(x, labels),
             CenterMode::ClassWeight => {
                 let theta: Vec<f64> =
                     c_iy.iter().map(|&c| (c as f64).clamp(-1.0 + 1e-7, 1.0 - 1e-7).acos()).collect();
-                stats.inner.update_from_angles(labels, &theta)
+                stats.update_from_angles(labels, &theta)
             }
         }
     }
 
-    fn stats_export(&self, s: &CpuStats) -> Result<StatsState> {
-        let s = &s.inner;
-        Ok(StatsState {
-            c: s.mu.len(),
-            d: s.d,
-            mu: s.mu.clone(),
-            v: s.v.clone(),
-            n: s.n.clone(),
-            initialized: s.initialized.clone(),
-            centers: s.centers.clone(),
-            updates: s.updates,
-        })
+    fn stats_export(&self, stats: &StatsState) -> Result<StatsState> {
+        Ok(stats.clone())
     }
 
-    fn stats_import(&self, st: &StatsState, cfg: &StatsConfig) -> Result<CpuStats> {
-        let mut s = OracleStats::new(st.c, st.d, cfg.clone())?;
-        let bad = |what: &str| {
-            Error::Shape(format!("class statistics: {what} does not match C = {}, D = {}", st.c, st.d))
-        };
-        if st.mu.len() != st.c || st.v.len() != st.c || st.n.len() != st.c || st.initialized.len() != st.c {
-            return Err(bad("per-class vectors"));
-        }
-        if st.centers.len() != s.centers.len() {
-            return Err(bad("centers"));
-        }
-        s.mu.clone_from(&st.mu);
-        s.v.clone_from(&st.v);
-        s.n.clone_from(&st.n);
-        s.initialized.clone_from(&st.initialized);
-        s.centers.clone_from(&st.centers);
-        s.updates = st.updates;
-        Ok(CpuStats { inner: s, center: cfg.center })
+    fn stats_import(&self, state: &StatsState) -> Result<StatsState> {
+        state.validate()?;
+        Ok(state.clone())
     }
 
     fn optimizer_step(
@@ -237,17 +183,7 @@ impl Backend for CpuBackend {
         grad: &Vec<f32>,
         state: &mut [Vec<f32>],
     ) -> Result<()> {
-        same_len("optimizer param/grad", param.len(), grad.len())?;
-        if state.len() != opt.kind.state_count() {
-            return Err(Error::Shape(format!(
-                "optimizer state: {} buffers, expected {}",
-                state.len(),
-                opt.kind.state_count()
-            )));
-        }
-        for s in state.iter() {
-            same_len("optimizer state", s.len(), param.len())?;
-        }
+        self.check_optimizer(opt, param, grad, state)?;
         let (lr, wd) = (hp.lr, hp.weight_decay);
         match opt.kind {
             OptimizerKind::Sgd => {

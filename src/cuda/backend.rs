@@ -12,7 +12,7 @@
 //! - the margin head: [`crate::cuda::head::CudaHead`] (fused path by default) in
 //!   f32 or on bf16 copies of the f32 master embeddings and class weights, with
 //!   f32 gradients either way;
-//! - class statistics: [`ClassStats`], converted to and from the engine's
+//! - class statistics: [`ClassStats`], converted to and from the host
 //!   [`StatsState`] for checkpoints.
 //!
 //! Mixed precision ([`Precision::Bf16`], the default): every buffer the engine
@@ -42,12 +42,12 @@ use super::head::{CudaHead, GradDtype, GradTensor, HeadPath, HeadUpstream};
 use super::kernels::{self, train_ops as k};
 use super::stats::ClassStats;
 use super::{Device, DeviceElem, Launch, Tensor};
-use crate::check::HeadShape;
 use crate::config::{HeadConfig, Reduction, StatsConfig};
-use crate::engine::backend::{Activation, Backend, Gemm, HeadStep, OptimStep, StatsState};
+use crate::engine::backend::{rows_of, same_len, Activation, Backend, Gemm, HeadBatch, HeadStep, OptimStep};
 use crate::engine::optim::{OptimizerConfig, OptimizerKind};
 use crate::error::{Error, Result};
-use crate::statsfile::{Precision as StatsPrecision, StatsSnapshot};
+use crate::shape::HeadShape;
+use crate::stats::StatsState;
 use std::sync::{Arc, Mutex};
 
 /// Threads per block of every `train_ops.cu` kernel.
@@ -58,8 +58,8 @@ const BIAS_STRIPES: u32 = 8;
 /// Most blocks of an elementwise launch; the kernels' grid-stride loops cover the rest.
 const MAX_BLOCKS: usize = 1 << 16;
 
-/// Storage precision of the GEMM and head operands.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+/// Storage precision of the GEMM and head operands (also the `--precision` option).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Precision {
     /// bf16 copies of the f32 master tensors for the GEMMs and the head (tensor
     /// cores), f32 accumulation and f32 results.
@@ -117,20 +117,6 @@ impl Clone for CudaBackend {
             head: Mutex::new(None),
         }
     }
-}
-
-fn same_len(what: &str, a: usize, b: usize) -> Result<()> {
-    if a != b {
-        return Err(Error::Shape(format!("{what}: {a} vs {b} elements")));
-    }
-    Ok(())
-}
-
-fn rows_of(what: &str, len: usize, cols: usize) -> Result<usize> {
-    if cols == 0 || len % cols != 0 {
-        return Err(Error::Shape(format!("{what}: {len} elements is not a multiple of {cols} columns")));
-    }
-    Ok(len / cols)
 }
 
 fn i32_of(what: &str, v: usize) -> Result<i32> {
@@ -256,27 +242,6 @@ impl CudaBackend {
         let plan = ColGemm::row_major(g.trans_a, g.trans_b, m, n, kk);
         self.dev.gemm(&plan, b, a, c, g.alpha, g.beta, &format!("backend gemm m={m} n={n} k={kk}"))
     }
-
-    fn check_optimizer(
-        &self,
-        opt: &OptimizerConfig,
-        param: usize,
-        grad: usize,
-        state: &[Tensor<f32>],
-    ) -> Result<()> {
-        same_len("optimizer param/grad", param, grad)?;
-        if state.len() != opt.kind.state_count() {
-            return Err(Error::Shape(format!(
-                "optimizer state: {} buffers, expected {}",
-                state.len(),
-                opt.kind.state_count()
-            )));
-        }
-        for s in state {
-            same_len("optimizer state", s.len(), param)?;
-        }
-        Ok(())
-    }
 }
 
 impl Backend for CudaBackend {
@@ -397,17 +362,11 @@ impl Backend for CudaBackend {
     fn head_forward_backward(
         &self,
         cfg: &HeadConfig,
-        shape: HeadShape,
-        x: &Tensor<f32>,
-        w: &Tensor<f32>,
-        labels: &[i32],
-        sigma_cloud: &Tensor<f32>,
-        seed: u64,
-        step: u64,
+        batch: HeadBatch<'_, Tensor<f32>>,
         dx: &mut Tensor<f32>,
         dw: &mut Tensor<f32>,
     ) -> Result<HeadStep> {
-        let HeadShape { b, c, d } = shape;
+        let HeadBatch { shape: HeadShape { b, c, d }, x, w, labels, sigma_cloud, seed, step } = batch;
         same_len("head x", x.len(), b * d)?;
         same_len("head w", w.len(), c * d)?;
         same_len("head dx", dx.len(), b * d)?;
@@ -480,34 +439,12 @@ impl Backend for CudaBackend {
     }
 
     fn stats_export(&self, stats: &CudaStats) -> Result<StatsState> {
-        let snap = stats.with(|s| s.snapshot(&self.dev))?;
-        Ok(StatsState {
-            c: snap.c,
-            d: snap.d,
-            mu: snap.mu,
-            v: snap.v,
-            n: snap.n,
-            initialized: snap.initialized,
-            centers: snap.centers,
-            updates: snap.updates,
-        })
+        stats.with(|s| s.snapshot(&self.dev))
     }
 
-    fn stats_import(&self, st: &StatsState, cfg: &StatsConfig) -> Result<CudaStats> {
-        let snap = StatsSnapshot {
-            cfg: cfg.clone(),
-            c: st.c,
-            d: st.d,
-            centers: st.centers.clone(),
-            mu: st.mu.clone(),
-            v: st.v.clone(),
-            n: st.n.clone(),
-            initialized: st.initialized.clone(),
-            updates: st.updates,
-            // Values may come from the CPU's f64 state; from_snapshot rounds them to f32.
-            precision: StatsPrecision::F64,
-        };
-        Ok(CudaStats { inner: Mutex::new(ClassStats::from_snapshot(&self.dev, &snap)?) })
+    fn stats_import(&self, state: &StatsState) -> Result<CudaStats> {
+        // Values may come from the CPU's f64 state; from_snapshot rounds them to f32.
+        Ok(CudaStats { inner: Mutex::new(ClassStats::from_snapshot(&self.dev, state)?) })
     }
 
     fn optimizer_step(
@@ -518,7 +455,7 @@ impl Backend for CudaBackend {
         grad: &Tensor<f32>,
         state: &mut [Tensor<f32>],
     ) -> Result<()> {
-        self.check_optimizer(opt, param.len(), grad.len(), state)?;
+        self.check_optimizer(opt, param, grad, state)?;
         let n = param.len();
         if n == 0 {
             return Ok(());

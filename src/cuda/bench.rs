@@ -1,14 +1,16 @@
 //! Measurement tools for `featcloud bench`: CUDA-event timing with the L2
 //! flushed between repetitions, the memory pool's high-water mark (measured
-//! extra device memory), and the cuBLAS GEMMs that set the floor and the peak.
+//! extra device memory), the cuBLAS GEMMs that set the floor and the peak, and
+//! the SPEC section 9 shapes ([`SHAPES`]) that the CLI and `benches/head.rs` run.
 
 use super::gemm_plan::{head_gemms, ColGemm};
 use super::{cuda_err, Device, DeviceElem, Tensor};
-use crate::check::HeadShape;
-use crate::config::DType;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::shape::HeadShape;
 use cudarc::cublas::sys as cb;
 use cudarc::driver::{sys as cu, CudaSlice, DevicePtr, DevicePtrMut};
+use serde::Serialize;
 use std::ffi::c_void;
 
 /// Bytes written between timed repetitions to evict the L2 (larger than any current L2).
@@ -226,3 +228,55 @@ pub fn gemm_peak_tflops<T: DeviceElem>(
     })?;
     Ok((2.0 * (n as f64).powi(3) / (t.median_ms * 1e-3) / 1e12, t))
 }
+
+/// One SPEC section 9 shape with its peers' numbers from the SPEC table.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct BenchShape {
+    /// Short name.
+    pub name: &'static str,
+    /// Rows.
+    pub b: usize,
+    /// Embedding dimension.
+    pub d: usize,
+    /// Classes.
+    pub c: usize,
+    /// torch.compile ms per fwd+bwd (SPEC table, H200, bf16).
+    pub torch_compile_ms: f64,
+    /// Cut Cross-Entropy extra MiB (SPEC table).
+    pub cce_mib: f64,
+    /// Launch-bound shape (target 20x torch.compile instead of 2x).
+    pub small: bool,
+}
+
+/// The SPEC section 9 shapes.
+pub const SHAPES: [BenchShape; 5] = [
+    BenchShape { name: "reid", b: 64, d: 2048, c: 751, torch_compile_ms: 1.12, cce_mib: 15.0, small: true },
+    BenchShape { name: "lt", b: 512, d: 2048, c: 1000, torch_compile_ms: 1.13, cce_mib: 22.0, small: true },
+    BenchShape {
+        name: "face-93k",
+        b: 512,
+        d: 512,
+        c: 93431,
+        torch_compile_ms: 1.54,
+        cce_mib: 461.0,
+        small: false,
+    },
+    BenchShape {
+        name: "face-360k",
+        b: 1024,
+        d: 512,
+        c: 360232,
+        torch_compile_ms: 5.87,
+        cce_mib: 1762.0,
+        small: false,
+    },
+    BenchShape {
+        name: "face-1m",
+        b: 2048,
+        d: 512,
+        c: 1_000_000,
+        torch_compile_ms: 30.1,
+        cce_mib: 4889.0,
+        small: false,
+    },
+];

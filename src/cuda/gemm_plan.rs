@@ -10,8 +10,8 @@
 //! cuBLAS does with one, so the index bookkeeping is tested without a GPU
 //! (`tests/gemm_plans.rs`).
 
-use crate::check::HeadShape;
 use crate::error::{Error, Result};
+use crate::shape::HeadShape;
 
 /// One column-major GEMM, `C [m, n] = op(A) op(B)`, as `cublasGemmEx` takes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -522,9 +522,9 @@ impl Device {
         plan.check(a.len(), b.len(), c.len())?;
         Counters::bump(&self.counters.gemms);
         let input = match T::DTYPE {
-            crate::config::DType::F32 => emu::GemmInput::F32,
-            crate::config::DType::BF16 => emu::GemmInput::BF16,
-            crate::config::DType::F16 => emu::GemmInput::F16,
+            crate::dtype::DType::F32 => emu::GemmInput::F32,
+            crate::dtype::DType::BF16 => emu::GemmInput::BF16,
+            crate::dtype::DType::F16 => emu::GemmInput::F16,
         };
         match &self.backend {
             Backend::Emu(e) => emu::gemm(e, plan, input, a.ptr(), b.ptr(), c.ptr(), alpha, beta),

@@ -1,5 +1,5 @@
 //! LEAP class statistics and the feature-cloud std on the device (`kernels/stats.cu`,
-//! SPEC section 5). The CPU twin is [`crate::oracle::stats::OracleStats`].
+//! SPEC section 5). The host twin is [`StatsState`] with the f64 rules of [`crate::oracle::stats`].
 //!
 //! [`ClassStats`] holds the per-class state in f32 (`centers` \[C, D\] only with
 //! `center = ema`; `mu`, `v`, `n`, `initialized` \[C\]) and the cloud std
@@ -23,8 +23,7 @@ use super::{norms, Device, DeviceElem, Launch, SmokeLine, Tensor};
 use crate::check::check_labels;
 use crate::config::{CenterMode, Split, StatsConfig};
 use crate::error::{Error, Result};
-use crate::oracle::stats::OracleStats;
-use crate::statsfile::{Precision, StatsSnapshot, StatsSummary};
+use crate::stats::{Precision, StatsState, StatsSummary};
 use crate::DType;
 use std::path::Path;
 
@@ -218,11 +217,7 @@ impl ClassStats {
     /// `center = ema`. Every call counts as one step of the warm-up, even a batch
     /// whose rows are all ignored. O(B*D) work; `x` must be finite.
     pub fn update<T: DeviceElem>(&mut self, dev: &Device, x: &Tensor<T>, labels: &[i32]) -> Result<()> {
-        if self.cfg.center != CenterMode::Ema {
-            return Err(Error::InvalidConfig(
-                "center = class_weight: update the statistics from the head's target angles".into(),
-            ));
-        }
+        self.cfg.require_center(CenterMode::Ema)?;
         if x.shape() != [labels.len(), self.d] {
             return Err(Error::Shape(format!(
                 "stats update: x has shape {:?}, expected [B, D] = [{}, {}]",
@@ -278,11 +273,7 @@ impl ClassStats {
     }
 
     fn update_angles(&mut self, dev: &Device, labels: &[i32], ang: &Tensor<f32>, is_cos: bool) -> Result<()> {
-        if self.cfg.center != CenterMode::ClassWeight {
-            return Err(Error::InvalidConfig(
-                "center = ema: update the statistics from the batch features, not the head's angles".into(),
-            ));
-        }
+        self.cfg.require_center(CenterMode::ClassWeight)?;
         if ang.len() != labels.len() {
             return Err(Error::Shape(format!(
                 "stats update: {} target angles for B = {} labels",
@@ -390,13 +381,13 @@ impl ClassStats {
     }
 
     /// Copies the whole state to the host (f32 precision).
-    pub fn snapshot(&self, dev: &Device) -> Result<StatsSnapshot> {
+    pub fn snapshot(&self, dev: &Device) -> Result<StatsState> {
         let widen = |t: &Tensor<f32>| -> Result<Vec<f64>> {
             Ok(t.to_host(dev)?.into_iter().map(f64::from).collect())
         };
         let n = self.n.to_host(dev)?;
         let init = self.initialized.to_host(dev)?;
-        Ok(StatsSnapshot {
+        Ok(StatsState {
             cfg: self.cfg.clone(),
             c: self.c,
             d: self.d,
@@ -414,7 +405,7 @@ impl ClassStats {
     }
 
     /// Statistics holding `snap`'s state (f64 values are rounded to f32).
-    pub fn from_snapshot(dev: &Device, snap: &StatsSnapshot) -> Result<Self> {
+    pub fn from_snapshot(dev: &Device, snap: &StatsState) -> Result<Self> {
         snap.validate()?;
         let mut s = Self::new(dev, snap.c, snap.d, snap.cfg.clone())?;
         let narrow = |v: &[f64]| -> Vec<f32> { v.iter().map(|&x| x as f32).collect() };
@@ -437,9 +428,9 @@ impl ClassStats {
     }
 
     /// Loads statistics saved by [`ClassStats::save`] (or by the CPU side through
-    /// [`StatsSnapshot::save`]).
+    /// [`StatsState::save`]).
     pub fn load(dev: &Device, path: &Path) -> Result<Self> {
-        Self::from_snapshot(dev, &StatsSnapshot::load(path)?)
+        Self::from_snapshot(dev, &StatsState::load(path)?)
     }
 
     /// Per-class count, mean angle, angular std and cloud std, with head/tail aggregates.
@@ -450,7 +441,7 @@ impl ClassStats {
     }
 }
 
-/// Worst differences between a [`ClassStats`] and an [`OracleStats`] fed the same batches.
+/// Worst differences between a [`ClassStats`] and the f64 [`StatsState`] fed the same batches.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StatsErrors {
     /// Max |center diff| (0 in class-weight mode).
@@ -494,7 +485,7 @@ fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// Compares the device state, sigma_cloud and var_h with the oracle's.
-pub fn compare_with_oracle(dev: &Device, gpu: &mut ClassStats, oracle: &OracleStats) -> Result<StatsErrors> {
+pub fn compare_with_oracle(dev: &Device, gpu: &mut ClassStats, oracle: &StatsState) -> Result<StatsErrors> {
     let sigma: Vec<f64> = gpu.cloud_sigma(dev)?.to_host(dev)?.into_iter().map(f64::from).collect();
     let var_h = gpu.head_variance(dev)?.map(f64::from);
     let snap = gpu.snapshot(dev)?;
@@ -554,7 +545,7 @@ pub fn synthetic_batch(seed: u64, b: usize, c: usize, d: usize, dtype: DType) ->
 fn smoke_update<T: DeviceElem>(dev: &Device, cfg: &StatsConfig, what: &str) -> Result<SmokeLine> {
     let (b, c, d, steps) = (97, 41, 70, 4);
     let mut gpu = ClassStats::new(dev, c, d, cfg.clone())?;
-    let mut oracle = OracleStats::new(c, d, cfg.clone())?;
+    let mut oracle = StatsState::new(c, d, cfg.clone())?;
     for step in 0..steps {
         let (x, labels) = synthetic_batch(1000 + step, b, c, d, T::DTYPE);
         gpu.update(dev, &Tensor::<T>::from_f32(dev, &x, &[b, d])?, &labels)?;
@@ -574,7 +565,7 @@ fn smoke_update<T: DeviceElem>(dev: &Device, cfg: &StatsConfig, what: &str) -> R
 fn smoke_angles(dev: &Device, cfg: &StatsConfig, what: &str) -> Result<SmokeLine> {
     let (b, c, steps) = (97, 41, 4);
     let mut gpu = ClassStats::new(dev, c, 1, cfg.clone())?;
-    let mut oracle = OracleStats::new(c, 1, cfg.clone())?;
+    let mut oracle = StatsState::new(c, 1, cfg.clone())?;
     for step in 0..steps {
         let (x, labels) = synthetic_batch(2000 + step, b, c, 1, DType::F32);
         let cos: Vec<f32> = x.iter().map(|v| v.clamp(-1.0, 1.0)).collect();

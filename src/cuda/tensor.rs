@@ -4,7 +4,7 @@
 use super::emu::EmuBuf;
 use super::launch::DevPtr;
 use super::{cuda_err, Device};
-use crate::config::DType;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaEvent, CudaSlice, DevicePtr, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
 use std::panic::Location;

@@ -7,10 +7,11 @@
 //! backend's memory as [`Backend::Buf`] (flat, row-major, f32 master copies);
 //! labels and small per-step scalars cross as host slices.
 
-use crate::check::HeadShape;
 use crate::config::{HeadConfig, StatsConfig};
 use crate::engine::optim::{OptimizerConfig, OptimizerKind};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::shape::HeadShape;
+use crate::stats::StatsState;
 
 /// Elementwise activation after a bias add.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,25 +52,39 @@ pub struct HeadStep {
     pub c_iy: Vec<f32>,
 }
 
-/// Host copy of the LEAP class statistics (SPEC section 5), for checkpoints.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct StatsState {
-    /// Classes C.
-    pub c: usize,
-    /// Embedding dimension D.
-    pub d: usize,
-    /// EMA mean angle per class `[C]`.
-    pub mu: Vec<f64>,
-    /// EMA mean squared angle per class `[C]`.
-    pub v: Vec<f64>,
-    /// Samples seen per class `[C]`.
-    pub n: Vec<u64>,
-    /// Whether each class has been seen `[C]`.
-    pub initialized: Vec<bool>,
-    /// Unit EMA centers [C, D] (empty in class-weight mode when unused).
-    pub centers: Vec<f64>,
-    /// Number of statistics updates applied (drives the warm-up).
-    pub updates: u64,
+/// The inputs of one head step: `x [B, D]`, `w [C, D]`, `labels [B]` (negative:
+/// ignored row), `sigma_cloud [C]`, and the cloud RNG's (seed, step).
+pub struct HeadBatch<'a, Buf> {
+    /// B, C, D.
+    pub shape: HeadShape,
+    /// Embeddings `[B, D]`.
+    pub x: &'a Buf,
+    /// Class weights `[C, D]`.
+    pub w: &'a Buf,
+    /// Labels `[B]`.
+    pub labels: &'a [i32],
+    /// Cloud std per class `[C]`.
+    pub sigma_cloud: &'a Buf,
+    /// RNG seed of the run.
+    pub seed: u64,
+    /// Step (RNG counter).
+    pub step: u64,
+}
+
+/// Errors unless two buffers that must match have the same element count.
+pub fn same_len(what: &str, a: usize, b: usize) -> Result<()> {
+    if a != b {
+        return Err(Error::Shape(format!("{what}: {a} vs {b} elements")));
+    }
+    Ok(())
+}
+
+/// Rows of a `[rows, cols]` buffer of `len` elements (error if `len` is not a multiple).
+pub fn rows_of(what: &str, len: usize, cols: usize) -> Result<usize> {
+    if cols == 0 || len % cols != 0 {
+        return Err(Error::Shape(format!("{what}: {len} elements is not a multiple of {cols} columns")));
+    }
+    Ok(len / cols)
 }
 
 /// Per-step hyper-parameters of the optimizer (the schedule's output).
@@ -120,19 +135,12 @@ pub trait Backend {
         act: Activation,
     ) -> Result<()>;
 
-    /// Margin head forward and backward (SPEC sections 3-4) with upstream
-    /// gradient 1: writes `dx` [B, D] and `dw` [C, D].
-    #[allow(clippy::too_many_arguments)]
+    /// Margin head forward and backward (SPEC sections 3-4) of `batch` with
+    /// upstream gradient 1: writes `dx` [B, D] and `dw` [C, D].
     fn head_forward_backward(
         &self,
         cfg: &HeadConfig,
-        shape: HeadShape,
-        x: &Self::Buf,
-        w: &Self::Buf,
-        labels: &[i32],
-        sigma_cloud: &Self::Buf,
-        seed: u64,
-        step: u64,
+        batch: HeadBatch<'_, Self::Buf>,
         dx: &mut Self::Buf,
         dw: &mut Self::Buf,
     ) -> Result<HeadStep>;
@@ -151,10 +159,31 @@ pub trait Backend {
         labels: &[i32],
         c_iy: &[f32],
     ) -> Result<()>;
-    /// Host copy of the statistics.
+    /// Host copy of the statistics (configuration included).
     fn stats_export(&self, stats: &Self::Stats) -> Result<StatsState>;
-    /// Statistics restored from a host copy.
-    fn stats_import(&self, state: &StatsState, cfg: &StatsConfig) -> Result<Self::Stats>;
+    /// Statistics restored from a host copy (with the copy's configuration).
+    fn stats_import(&self, state: &StatsState) -> Result<Self::Stats>;
+
+    /// Checks the buffers of [`Backend::optimizer_step`]: `grad` and each of the
+    /// [`OptimizerKind::state_count`] `state` buffers as long as `param`.
+    fn check_optimizer(
+        &self,
+        opt: &OptimizerConfig,
+        param: &Self::Buf,
+        grad: &Self::Buf,
+        state: &[Self::Buf],
+    ) -> Result<()> {
+        let n = self.len(param);
+        same_len("optimizer param/grad", n, self.len(grad))?;
+        if state.len() != opt.kind.state_count() {
+            return Err(Error::Shape(format!(
+                "optimizer state: {} buffers, expected {}",
+                state.len(),
+                opt.kind.state_count()
+            )));
+        }
+        state.iter().try_for_each(|s| same_len("optimizer state", self.len(s), n))
+    }
 
     /// One optimizer step on `param` with gradient `grad`; `state` holds
     /// [`OptimizerKind::state_count`] buffers of the parameter's length.

@@ -7,12 +7,10 @@
 //! buffers); `stats.mu`, `stats.v` `[C]` (f64), `stats.n` `[C]` (u64),
 //! `stats.initialized` `[C]` (u8), `stats.centers` `[C, D]` (f64, EMA mode only).
 
-use crate::engine::backend::StatsState;
-use crate::engine::train::TrainConfig;
+use crate::engine::config::TrainConfig;
 use crate::error::{Error, Result};
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
-use std::collections::HashMap;
+use crate::io::safetensors::{Precision, TensorReader, TensorWriter};
+use crate::stats::StatsState;
 use std::path::Path;
 
 /// Format tag stored in the metadata.
@@ -50,167 +48,112 @@ pub struct Checkpoint {
     pub params: Vec<NamedTensor>,
     /// Optimizer state buffers.
     pub optim: Vec<NamedTensor>,
-    /// Class statistics.
+    /// Class statistics (their configuration is `config.stats`).
     pub stats: StatsState,
 }
 
-fn le_bytes<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
-    v.iter().flat_map(|&x| f(x)).collect()
-}
+/// Prefixes of the f32 tensors: model parameters and optimizer state.
+const PARAM_PREFIXES: [&str; 2] = ["mlp.", "head."];
+const OPTIM_PREFIX: &str = "optim.";
 
 impl Checkpoint {
+    fn writer(&self) -> Result<TensorWriter> {
+        let mut w = TensorWriter::new("checkpoint", FORMAT);
+        for t in self.params.iter().chain(&self.optim) {
+            w.f32s(&t.name, &t.shape, &t.data);
+        }
+        // The statistics are always stored as f64 (exact for f32 device state too).
+        let s = &self.stats;
+        w.floats("stats.mu", &[s.c], &s.mu, Precision::F64);
+        w.floats("stats.v", &[s.c], &s.v, Precision::F64);
+        w.u64s("stats.n", &[s.c], &s.n);
+        w.bools("stats.initialized", &[s.c], &s.initialized);
+        if !s.centers.is_empty() {
+            w.floats("stats.centers", &[s.c, s.d], &s.centers, Precision::F64);
+        }
+        w.meta_json("config", &self.config)?;
+        let numbers = [
+            ("step", self.step),
+            ("total_steps", self.total_steps),
+            ("seed", self.config.seed),
+            ("input_dim", self.input_dim as u64),
+            ("num_classes", self.num_classes as u64),
+            ("n_train", self.n_train as u64),
+            ("fingerprint", self.fingerprint),
+            ("stats.c", s.c as u64),
+            ("stats.d", s.d as u64),
+            ("stats.updates", s.updates),
+        ];
+        for (key, v) in numbers {
+            w.meta(key, v);
+        }
+        Ok(w)
+    }
+
     /// Serializes to safetensors bytes.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-        for t in self.params.iter().chain(&self.optim) {
-            owned.push((t.name.clone(), Dtype::F32, t.shape.clone(), le_bytes(&t.data, f32::to_le_bytes)));
-        }
-        let s = &self.stats;
-        owned.push(("stats.mu".into(), Dtype::F64, vec![s.c], le_bytes(&s.mu, f64::to_le_bytes)));
-        owned.push(("stats.v".into(), Dtype::F64, vec![s.c], le_bytes(&s.v, f64::to_le_bytes)));
-        owned.push(("stats.n".into(), Dtype::U64, vec![s.c], le_bytes(&s.n, u64::to_le_bytes)));
-        let init: Vec<u8> = s.initialized.iter().map(|&b| b as u8).collect();
-        owned.push(("stats.initialized".into(), Dtype::U8, vec![s.c], init));
-        if !s.centers.is_empty() {
-            owned.push((
-                "stats.centers".into(),
-                Dtype::F64,
-                vec![s.c, s.d],
-                le_bytes(&s.centers, f64::to_le_bytes),
-            ));
-        }
-        let views = owned
-            .iter()
-            .map(|(n, dt, shape, bytes)| Ok((n.clone(), TensorView::new(*dt, shape.clone(), bytes)?)))
-            .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()
-            .map_err(|e| Error::Shape(format!("checkpoint tensor: {e}")))?;
-        let config = serde_json::to_string(&self.config)
-            .map_err(|e| Error::InvalidConfig(format!("cannot serialize the configuration: {e}")))?;
-        let meta: HashMap<String, String> = [
-            ("format", FORMAT.to_string()),
-            ("config", config),
-            ("step", self.step.to_string()),
-            ("total_steps", self.total_steps.to_string()),
-            ("seed", self.config.seed.to_string()),
-            ("input_dim", self.input_dim.to_string()),
-            ("num_classes", self.num_classes.to_string()),
-            ("n_train", self.n_train.to_string()),
-            ("fingerprint", self.fingerprint.to_string()),
-            ("stats.c", s.c.to_string()),
-            ("stats.d", s.d.to_string()),
-            ("stats.updates", s.updates.to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        safetensors::serialize(views, Some(meta)).map_err(|e| Error::Shape(format!("checkpoint: {e}")))
+        self.writer()?.to_bytes()
     }
 
     /// Writes the checkpoint to `path` atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let bytes = self.to_bytes()?;
-        crate::io::write_atomic(path, &bytes)
+        self.writer()?.save(path)
     }
 
     /// Reads a checkpoint; any problem is an error naming `path`.
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        Self::from_bytes(&bytes).map_err(|e| match e {
-            Error::Format { message, .. } => Error::format(path, message),
-            other => Error::format(path, other.to_string()),
-        })
+        Self::parse(&bytes, path)
     }
 
-    /// Parses safetensors bytes (errors carry an empty path; [`Checkpoint::load`] fills it in).
+    /// Parses safetensors bytes; errors name the source as `<memory>`.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let bad = |m: String| Error::format("", m);
-        let (_, header) =
-            SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
-        let st = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
-        let meta = header.metadata().clone().unwrap_or_default();
-        let get = |k: &str| {
-            meta.get(k).ok_or_else(|| bad(format!("metadata has no '{k}' (not a featcloud checkpoint?)")))
-        };
-        if get("format")? != FORMAT {
-            return Err(bad(format!("format is '{}', expected '{FORMAT}'", get("format")?)));
-        }
-        let num = |k: &str| -> Result<u64> {
-            get(k)?.parse::<u64>().map_err(|_| bad(format!("metadata '{k}' is not a number")))
-        };
-        let config: TrainConfig = serde_json::from_str(get("config")?)
-            .map_err(|e| bad(format!("metadata 'config' is invalid: {e}")))?;
-        let (c, d) = (num("stats.c")? as usize, num("stats.d")? as usize);
-        let read = |name: &str, dtype: Dtype, elem: usize| -> Result<(Vec<usize>, &[u8])> {
-            let t = st.tensor(name).map_err(|_| bad(format!("missing tensor '{name}'")))?;
-            if t.dtype() != dtype {
-                return Err(bad(format!("tensor '{name}' has dtype {:?}, expected {dtype:?}", t.dtype())));
+        Self::parse(bytes, Path::new("<memory>"))
+    }
+
+    fn parse(bytes: &[u8], path: &Path) -> Result<Self> {
+        let r = TensorReader::parse(bytes, path, FORMAT)?;
+        let config: TrainConfig = r.meta_json("config")?;
+        let (c, d) = (r.meta_u64("stats.c")? as usize, r.meta_u64("stats.d")? as usize);
+        let (mut params, mut optim) = (Vec::new(), Vec::new());
+        for name in r.names() {
+            let is_param = PARAM_PREFIXES.iter().any(|p| name.starts_with(p));
+            if !is_param && !name.starts_with(OPTIM_PREFIX) {
+                continue;
             }
-            let n: usize = t.shape().iter().product();
-            if t.data().len() != n * elem {
-                return Err(bad(format!("tensor '{name}' has the wrong byte length")));
-            }
-            Ok((t.shape().to_vec(), t.data()))
-        };
-        let f32s = |b: &[u8]| {
-            b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<_>>()
-        };
-        let f64s = |b: &[u8]| {
-            b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect::<Vec<_>>()
-        };
-        let mut params = Vec::new();
-        let mut optim = Vec::new();
-        let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
-        names.sort();
-        for name in names
-            .iter()
-            .filter(|n| n.starts_with("mlp.") || n.starts_with("head.") || n.starts_with("optim."))
-        {
-            let (shape, b) = read(name, Dtype::F32, 4)?;
-            let data = f32s(b);
-            if let Some(i) = data.iter().position(|v| !v.is_finite()) {
-                return Err(bad(format!("tensor '{name}' has a non-finite value at index {i}")));
-            }
-            let t = NamedTensor { name: name.clone(), shape, data };
-            if name.starts_with("optim.") {
-                optim.push(t)
-            } else {
+            let (shape, data) = r.f32s(name)?;
+            let t = NamedTensor { name: name.to_string(), shape, data };
+            if is_param {
                 params.push(t)
+            } else {
+                optim.push(t)
             }
         }
-        let vec_c = |name: &str, dtype: Dtype, elem: usize| -> Result<&[u8]> {
-            let (shape, b) = read(name, dtype, elem)?;
-            if shape != [c] {
-                return Err(bad(format!("tensor '{name}' has shape {shape:?}, expected [{c}]")));
-            }
-            Ok(b)
-        };
-        let mu = f64s(vec_c("stats.mu", Dtype::F64, 8)?);
-        let v = f64s(vec_c("stats.v", Dtype::F64, 8)?);
-        let n = vec_c("stats.n", Dtype::U64, 8)?
-            .chunks_exact(8)
-            .map(|ch| u64::from_le_bytes(ch.try_into().unwrap_or([0; 8])))
-            .collect();
-        let initialized = vec_c("stats.initialized", Dtype::U8, 1)?.iter().map(|&b| b != 0).collect();
-        let centers = if names.iter().any(|n| n == "stats.centers") {
-            let (shape, b) = read("stats.centers", Dtype::F64, 8)?;
-            if shape != [c, d] {
-                return Err(bad(format!("tensor 'stats.centers' has shape {shape:?}, expected [{c}, {d}]")));
-            }
-            f64s(b)
-        } else {
-            Vec::new()
+        let f64s = |name: &str, shape: &[usize]| r.floats(name, shape).map(|(_, v)| v);
+        let centers = if r.has("stats.centers") { f64s("stats.centers", &[c, d])? } else { Vec::new() };
+        let stats = StatsState {
+            cfg: config.stats.clone(),
+            c,
+            d,
+            mu: f64s("stats.mu", &[c])?,
+            v: f64s("stats.v", &[c])?,
+            n: r.u64s("stats.n", &[c])?,
+            initialized: r.bools("stats.initialized", &[c])?,
+            centers,
+            updates: r.meta_u64("stats.updates")?,
+            precision: Precision::F64,
         };
         Ok(Checkpoint {
+            step: r.meta_u64("step")?,
+            total_steps: r.meta_u64("total_steps")?,
+            input_dim: r.meta_u64("input_dim")? as usize,
+            num_classes: r.meta_u64("num_classes")? as usize,
+            n_train: r.meta_u64("n_train")? as usize,
+            fingerprint: r.meta_u64("fingerprint")?,
             config,
-            step: num("step")?,
-            total_steps: num("total_steps")?,
-            input_dim: num("input_dim")? as usize,
-            num_classes: num("num_classes")? as usize,
-            n_train: num("n_train")? as usize,
-            fingerprint: num("fingerprint")?,
             params,
             optim,
-            stats: StatsState { c, d, mu, v, n, initialized, centers, updates: num("stats.updates")? },
+            stats,
         })
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! - [`backend`]: the trait a backend implements (GEMM, bias/activation, head
 //!   forward+backward, class statistics, optimizer step);
-//! - [`train`]: the model (MLP + head), the LEAP step order, the loop;
+//! - [`config`]: [`TrainConfig`], everything that defines a run;
+//! - [`model`]: the MLP + head parameters by name;
+//! - [`train`]: the LEAP step order and the loop;
 //! - [`optim`]: SGD with momentum / AdamW and the warm-up + cosine schedule;
 //! - [`sampler`]: the seeded shuffling sampler;
 //! - [`checkpoint`]: safetensors checkpoints for exact resume;
@@ -10,13 +12,17 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod config;
+pub mod model;
 pub mod optim;
 pub mod report;
 pub mod sampler;
 pub mod train;
 
-pub use backend::{Activation, Backend, Gemm, HeadStep, OptimStep, StatsState};
+pub use crate::stats::StatsState;
+pub use backend::{Activation, Backend, Gemm, HeadBatch, HeadStep, OptimStep};
 pub use checkpoint::{Checkpoint, NamedTensor};
+pub use config::TrainConfig;
 pub use optim::{OptimizerConfig, OptimizerKind};
 pub use sampler::Sampler;
-pub use train::{StepInfo, TrainConfig, Trainer};
+pub use train::{StepInfo, Trainer};

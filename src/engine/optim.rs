@@ -1,16 +1,18 @@
 //! Optimizer configuration and the learning-rate schedule (linear warm-up, then cosine).
 
-use crate::error::{Error, Result};
+use crate::config::{finite_fields, invalid};
+use crate::error::Result;
 use serde::{Deserialize, Serialize};
 
 /// Which update rule.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum OptimizerKind {
     /// SGD with (heavy-ball) momentum and L2 weight decay.
     #[default]
     Sgd,
     /// Adam with decoupled weight decay.
+    #[value(name = "adamw")]
     AdamW,
 }
 
@@ -54,33 +56,36 @@ impl Default for OptimizerConfig {
 }
 
 impl OptimizerConfig {
-    /// Checks every option is finite and in range.
+    /// Checks every option is finite and in range; errors name the field (`optim.lr`, ...).
     pub fn validate(&self) -> Result<()> {
-        let vals =
-            [self.lr, self.momentum, self.weight_decay, self.beta1, self.beta2, self.eps, self.min_lr_ratio];
-        if vals.iter().any(|v| !v.is_finite()) {
-            return Err(Error::InvalidConfig("optimizer options must be finite".into()));
-        }
+        finite_fields(&[
+            ("optim.lr", self.lr),
+            ("optim.momentum", self.momentum),
+            ("optim.weight_decay", self.weight_decay),
+            ("optim.beta1", self.beta1),
+            ("optim.beta2", self.beta2),
+            ("optim.eps", self.eps),
+            ("optim.min_lr_ratio", self.min_lr_ratio),
+        ])?;
         if self.lr <= 0.0 {
-            return Err(Error::InvalidConfig(format!("--lr must be > 0, got {}", self.lr)));
-        }
-        if !(0.0..1.0).contains(&self.momentum) {
-            return Err(Error::InvalidConfig(format!("--momentum must be in [0, 1), got {}", self.momentum)));
+            return Err(invalid("optim.lr", format!("must be > 0, got {}", self.lr)));
         }
         if self.weight_decay < 0.0 {
-            return Err(Error::InvalidConfig(format!(
-                "--weight-decay must be >= 0, got {}",
-                self.weight_decay
-            )));
+            return Err(invalid("optim.weight_decay", format!("must be >= 0, got {}", self.weight_decay)));
         }
-        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) || self.eps <= 0.0 {
-            return Err(Error::InvalidConfig("Adam betas must be in [0, 1) and eps > 0".into()));
+        if self.eps <= 0.0 {
+            return Err(invalid("optim.eps", format!("must be > 0, got {}", self.eps)));
+        }
+        let unit =
+            [("optim.momentum", self.momentum), ("optim.beta1", self.beta1), ("optim.beta2", self.beta2)];
+        if let Some((field, v)) = unit.iter().find(|(_, v)| !(0.0..1.0).contains(v)) {
+            return Err(invalid(field, format!("must be in [0, 1), got {v}")));
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
-            return Err(Error::InvalidConfig(format!(
-                "min lr ratio must be in [0, 1], got {}",
-                self.min_lr_ratio
-            )));
+            return Err(invalid(
+                "optim.min_lr_ratio",
+                format!("must be in [0, 1], got {}", self.min_lr_ratio),
+            ));
         }
         Ok(())
     }

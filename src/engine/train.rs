@@ -1,8 +1,7 @@
-//! The model (embedding MLP + margin head), one training step in the LEAP
-//! order of SPEC section 5, and the loop around it.
+//! One training step in the LEAP order of SPEC section 5, and the loop around it.
 //!
-//! Model: `x [B, F] -> h = relu(x W1^T + b1) [B, H] -> e = h W2^T + b2 [B, D]`,
-//! then the head W [C, D] on e. Step t:
+//! Model ([`crate::engine::model`]): an MLP `x [B, F] -> e [B, D]`, then the
+//! head W [C, D] on e. Step t:
 //! 1. sigma_cloud `[C]` from the current class statistics (0 during the warm-up);
 //! 2. head forward + backward with that cloud at RNG (seed, t);
 //! 3. statistics update with this batch's detached embeddings (EMA centers) or
@@ -14,72 +13,18 @@
 //! state is saved whole in checkpoints, so k steps + resume == one straight run,
 //! bitwise.
 
-use crate::check::HeadShape;
-use crate::config::{CloudMode, HeadConfig, StatsConfig};
+use crate::config::CloudMode;
 use crate::data::Dataset;
-use crate::engine::backend::{Activation, Backend, Gemm, OptimStep};
+use crate::engine::backend::{Backend, HeadBatch, OptimStep};
 use crate::engine::checkpoint::{Checkpoint, NamedTensor};
-use crate::engine::optim::OptimizerConfig;
+use crate::engine::config::TrainConfig;
+use crate::engine::model::Model;
 use crate::engine::sampler::Sampler;
 use crate::error::{Error, Result};
-use rand::{Rng, SeedableRng};
+use crate::shape::HeadShape;
+use crate::stats::StatsState;
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
-
-/// Everything that defines a training run (saved in checkpoints).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TrainConfig {
-    /// Seed of model init, sampler and cloud RNG.
-    pub seed: u64,
-    /// Passes over the training set.
-    pub epochs: u64,
-    /// Rows per step.
-    pub batch_size: usize,
-    /// Hidden width H of the MLP.
-    pub hidden: usize,
-    /// Embedding dimension D.
-    pub embed_dim: usize,
-    /// Margin head options.
-    pub head: HeadConfig,
-    /// LEAP statistics options (class counts are filled from the training set).
-    pub stats: StatsConfig,
-    /// Optimizer and learning-rate schedule.
-    pub optim: OptimizerConfig,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        Self {
-            seed: 0,
-            epochs: 30,
-            batch_size: 128,
-            hidden: 256,
-            embed_dim: 64,
-            head: HeadConfig::default(),
-            stats: StatsConfig::default(),
-            optim: OptimizerConfig::default(),
-        }
-    }
-}
-
-impl TrainConfig {
-    /// Checks every option for `num_classes` classes.
-    pub fn validate(&self, num_classes: usize) -> Result<()> {
-        for (name, v) in [("--epochs", self.epochs as usize), ("--batch-size", self.batch_size)] {
-            if v == 0 {
-                return Err(Error::InvalidConfig(format!("{name} must be > 0")));
-            }
-        }
-        for (name, v) in [("--hidden", self.hidden), ("--embed-dim", self.embed_dim)] {
-            if v == 0 {
-                return Err(Error::InvalidConfig(format!("{name} must be > 0")));
-            }
-        }
-        self.head.validate()?;
-        self.stats.validate(num_classes)?;
-        self.optim.validate()
-    }
-}
 
 /// What one step reports.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -98,23 +43,6 @@ pub struct StepInfo {
     pub max_sigma: f32,
 }
 
-/// One learnable tensor with its gradient and optimizer state.
-struct Param<B: Backend> {
-    name: &'static str,
-    shape: Vec<usize>,
-    value: B::Buf,
-    grad: B::Buf,
-    state: Vec<B::Buf>,
-    decay: bool,
-}
-
-const W1: usize = 0;
-const B1: usize = 1;
-const W2: usize = 2;
-const B2: usize = 3;
-const HEAD: usize = 4;
-const PARAM_NAMES: [&str; 5] = ["mlp.w1", "mlp.b1", "mlp.w2", "mlp.b2", "head.w"];
-
 /// FNV-1a over the training labels and feature bits: resuming on other data is an error.
 pub fn fingerprint(ds: &Dataset) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -132,15 +60,11 @@ pub fn fingerprint(ds: &Dataset) -> u64 {
     h
 }
 
-/// Standard normal draws (Box-Muller on ChaCha8), for the weight init.
-fn normals(rng: &mut ChaCha8Rng, n: usize, std: f64) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let u1: f64 = 1.0 - rng.random::<f64>();
-            let u2: f64 = rng.random::<f64>();
-            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
-        })
-        .collect()
+/// The checkpoint tensor called `name`.
+fn find_tensor<'a>(list: &'a [NamedTensor], name: &str) -> Result<&'a NamedTensor> {
+    list.iter()
+        .find(|n| n.name == name)
+        .ok_or_else(|| Error::InvalidConfig(format!("checkpoint has no tensor {name}")))
 }
 
 /// The training state on a backend: model, optimizer state, class statistics, step.
@@ -151,7 +75,7 @@ pub struct Trainer<'b, B: Backend> {
     num_classes: usize,
     n_train: usize,
     fingerprint: u64,
-    params: Vec<Param<B>>,
+    model: Model<B>,
     stats: B::Stats,
     sampler: Sampler,
     step: u64,
@@ -169,27 +93,7 @@ impl<'b, B: Backend> Trainer<'b, B> {
         cfg.validate(train.num_classes)?;
         let (f, h, d, c) = (train.f, cfg.hidden, cfg.embed_dim, train.num_classes);
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-        let init: [(Vec<usize>, Vec<f32>, bool); 5] = [
-            (vec![h, f], normals(&mut rng, h * f, (2.0 / f as f64).sqrt()), true),
-            (vec![h], vec![0.0; h], false),
-            (vec![d, h], normals(&mut rng, d * h, (1.0 / h as f64).sqrt()), true),
-            (vec![d], vec![0.0; d], false),
-            (vec![c, d], normals(&mut rng, c * d, 1.0), true),
-        ];
-        let mut params = Vec::with_capacity(5);
-        for (name, (shape, value, decay)) in PARAM_NAMES.iter().zip(init) {
-            let len = value.len();
-            let state =
-                (0..cfg.optim.kind.state_count()).map(|_| backend.zeros(len)).collect::<Result<Vec<_>>>()?;
-            params.push(Param {
-                name,
-                shape,
-                value: backend.upload(&value)?,
-                grad: backend.zeros(len)?,
-                state,
-                decay,
-            });
-        }
+        let model = Model::new(backend, &mut rng, [f, h, d, c], cfg.optim.kind.state_count())?;
         let stats = backend.stats_new(c, d, &cfg.stats)?;
         let sampler = Sampler::new(train.n, cfg.batch_size, cfg.seed);
         let total_steps = cfg.epochs * sampler.steps_per_epoch();
@@ -199,7 +103,7 @@ impl<'b, B: Backend> Trainer<'b, B> {
             num_classes: c,
             n_train: train.n,
             fingerprint: fingerprint(train),
-            params,
+            model,
             stats,
             sampler,
             step: 0,
@@ -253,26 +157,10 @@ impl<'b, B: Backend> Trainer<'b, B> {
         Ok(())
     }
 
-    /// MLP forward of `x` [rows, F]: returns (h [rows, H], e [rows, D]).
-    fn mlp_forward(&self, x: &B::Buf, rows: usize) -> Result<(B::Buf, B::Buf)> {
-        let be = self.backend;
-        let (f, h, d) = (self.input_dim, self.cfg.hidden, self.cfg.embed_dim);
-        let p = &self.params;
-        let mut hid = be.zeros(rows * h)?;
-        let g1 = Gemm { trans_a: false, trans_b: true, m: rows, n: h, k: f, alpha: 1.0, beta: 0.0 };
-        be.gemm(g1, x, &p[W1].value, &mut hid)?;
-        be.bias_act_forward(&mut hid, &p[B1].value, Activation::Relu)?;
-        let mut emb = be.zeros(rows * d)?;
-        let g2 = Gemm { trans_a: false, trans_b: true, m: rows, n: d, k: h, alpha: 1.0, beta: 0.0 };
-        be.gemm(g2, &hid, &p[W2].value, &mut emb)?;
-        be.bias_act_forward(&mut emb, &p[B2].value, Activation::Identity)?;
-        Ok((hid, emb))
-    }
-
     /// One training step on `train` (SPEC section 5 order).
     pub fn train_step(&mut self, train: &Dataset) -> Result<StepInfo> {
         let be = self.backend;
-        let (f, hdim, d, c) = (self.input_dim, self.cfg.hidden, self.cfg.embed_dim, self.num_classes);
+        let (f, d, c) = (self.input_dim, self.cfg.embed_dim, self.num_classes);
         let step = self.step;
         let idx = self.sampler.batch(step);
         let rows = idx.len();
@@ -283,7 +171,7 @@ impl<'b, B: Backend> Trainer<'b, B> {
             labels.push(train.labels[i]);
         }
         let x = be.upload(&xs)?;
-        let (hid, emb) = self.mlp_forward(&x, rows)?;
+        let (hid, emb) = self.model.mlp_forward(be, &x, rows)?;
 
         // 1. The cloud from the statistics as they are before this batch.
         let mut sigma = be.zeros(c)?;
@@ -295,20 +183,17 @@ impl<'b, B: Backend> Trainer<'b, B> {
         // 2. Head forward + backward at RNG (seed, step).
         let mut demb = be.zeros(rows * d)?;
         let shape = HeadShape { b: rows, c, d };
-        let (head_w, rest) =
-            self.params.split_last_mut().ok_or_else(|| Error::Empty("no parameters".into()))?;
-        let out = be.head_forward_backward(
-            &self.cfg.head,
+        let head_w = &mut self.model.head;
+        let batch = HeadBatch {
             shape,
-            &emb,
-            &head_w.value,
-            &labels,
-            &sigma,
-            self.cfg.seed,
+            x: &emb,
+            w: &head_w.value,
+            labels: &labels,
+            sigma_cloud: &sigma,
+            seed: self.cfg.seed,
             step,
-            &mut demb,
-            &mut head_w.grad,
-        )?;
+        };
+        let out = be.head_forward_backward(&self.cfg.head, batch, &mut demb, &mut head_w.grad)?;
         if !out.loss.is_finite() {
             return Err(Error::NonFinite { what: format!("training loss at step {step}"), index: 0 });
         }
@@ -316,20 +201,11 @@ impl<'b, B: Backend> Trainer<'b, B> {
         be.stats_update(&mut self.stats, &emb, &labels, &out.c_iy)?;
 
         // 4. MLP backward.
-        let [w1, b1, w2, b2] = rest else { return Err(Error::Empty("parameter list".into())) };
-        be.bias_act_backward(&mut demb, &emb, &mut b2.grad, Activation::Identity)?;
-        let gw2 = Gemm { trans_a: true, trans_b: false, m: d, n: hdim, k: rows, alpha: 1.0, beta: 0.0 };
-        be.gemm(gw2, &demb, &hid, &mut w2.grad)?;
-        let mut dhid = be.zeros(rows * hdim)?;
-        let gh = Gemm { trans_a: false, trans_b: false, m: rows, n: hdim, k: d, alpha: 1.0, beta: 0.0 };
-        be.gemm(gh, &demb, &w2.value, &mut dhid)?;
-        be.bias_act_backward(&mut dhid, &hid, &mut b1.grad, Activation::Relu)?;
-        let gw1 = Gemm { trans_a: true, trans_b: false, m: hdim, n: f, k: rows, alpha: 1.0, beta: 0.0 };
-        be.gemm(gw1, &dhid, &x, &mut w1.grad)?;
+        self.model.mlp_backward(be, &x, &hid, &emb, &mut demb, rows)?;
 
         // 5. Optimizer.
         let lr = self.cfg.optim.lr_at(step, self.total_steps);
-        for p in self.params.iter_mut() {
+        for p in self.model.params_mut() {
             let hp = OptimStep {
                 lr,
                 weight_decay: if p.decay { self.cfg.optim.weight_decay } else { 0.0 },
@@ -364,7 +240,7 @@ impl<'b, B: Backend> Trainer<'b, B> {
         let mut out = Vec::with_capacity(features.len() / f * self.cfg.embed_dim);
         for chunk in features.chunks(1024 * f) {
             let x = self.backend.upload(chunk)?;
-            let (_, emb) = self.mlp_forward(&x, chunk.len() / f)?;
+            let (_, emb) = self.model.mlp_forward(self.backend, &x, chunk.len() / f)?;
             out.extend(self.backend.download(&emb)?);
         }
         Ok(out)
@@ -372,13 +248,14 @@ impl<'b, B: Backend> Trainer<'b, B> {
 
     /// Head weights W [C, D] on the host.
     pub fn head_weights(&self) -> Result<Vec<f32>> {
-        self.backend.download(&self.params[HEAD].value)
+        self.backend.download(&self.model.head.value)
     }
 
     /// Every parameter on the host, (name, shape, values), in a fixed order.
     pub fn parameters(&self) -> Result<Vec<NamedTensor>> {
-        self.params
-            .iter()
+        self.model
+            .params()
+            .into_iter()
             .map(|p| {
                 Ok(NamedTensor {
                     name: p.name.to_string(),
@@ -392,7 +269,7 @@ impl<'b, B: Backend> Trainer<'b, B> {
     /// The whole training state as a checkpoint.
     pub fn to_checkpoint(&self) -> Result<Checkpoint> {
         let mut optim = Vec::new();
-        for p in &self.params {
+        for p in self.model.params() {
             for (i, s) in p.state.iter().enumerate() {
                 optim.push(NamedTensor {
                     name: format!("optim.{}.{i}", p.name),
@@ -439,12 +316,8 @@ impl<'b, B: Backend> Trainer<'b, B> {
                 ck.step, t.total_steps
             )));
         }
-        for p in t.params.iter_mut() {
-            let src = ck
-                .params
-                .iter()
-                .find(|n| n.name == p.name)
-                .ok_or_else(|| Error::InvalidConfig(format!("checkpoint has no tensor {}", p.name)))?;
+        for p in t.model.params_mut() {
+            let src = find_tensor(&ck.params, p.name)?;
             if src.shape != p.shape {
                 return Err(Error::Shape(format!(
                     "checkpoint tensor {} has shape {:?}, expected {:?}",
@@ -454,18 +327,14 @@ impl<'b, B: Backend> Trainer<'b, B> {
             p.value = backend.upload(&src.data)?;
             for (i, s) in p.state.iter_mut().enumerate() {
                 let name = format!("optim.{}.{i}", p.name);
-                let src = ck
-                    .optim
-                    .iter()
-                    .find(|n| n.name == name)
-                    .ok_or_else(|| Error::InvalidConfig(format!("checkpoint has no tensor {name}")))?;
+                let src = find_tensor(&ck.optim, &name)?;
                 if src.data.len() != backend.len(s) {
                     return Err(Error::Shape(format!("checkpoint tensor {name} has the wrong size")));
                 }
                 *s = backend.upload(&src.data)?;
             }
         }
-        t.stats = backend.stats_import(&ck.stats, &t.cfg.stats)?;
+        t.stats = backend.stats_import(&StatsState { cfg: t.cfg.stats.clone(), ..ck.stats.clone() })?;
         t.step = ck.step;
         Ok(t)
     }

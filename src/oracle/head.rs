@@ -17,10 +17,11 @@
 //!   are ignored, so ignoring a row never changes another row's cloud.
 //! - With `CloudMode::Off`, `sigma_cloud` may be empty (or have C entries, unused).
 
-use crate::check::{check_finite, check_head_inputs, check_sigma, HeadShape};
+use crate::check::{check_finite, check_head_inputs, check_sigma};
 use crate::config::{CloudMode, Fallback, HeadConfig, MarginGrad, Reduction};
 use crate::error::{Error, Result};
 use crate::oracle::philox::cloud_normal;
+use crate::shape::HeadShape;
 use std::f64::consts::PI;
 
 /// Floor on vector norms before dividing (SPEC section 3: `max(||v||, 1e-12)`).
@@ -135,7 +136,7 @@ pub struct Gradients {
 /// theta_i = acos(clamp(c_iy, -1 + 1e-7, 1 - 1e-7)) for each row (SPEC section 3).
 ///
 /// This is the angle that `CenterMode::ClassWeight` statistics consume
-/// ([`crate::oracle::stats::OracleStats::update_from_angles`]).
+/// ([`crate::stats::StatsState::update_from_angles`]).
 pub fn target_angles(rows: &RowOutputs) -> Vec<f64> {
     rows.c_iy.iter().map(|&c| target_angle(c)).collect()
 }

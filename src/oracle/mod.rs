@@ -14,4 +14,3 @@ pub use head::{
     HeadProblemF64, Region, RowOutputs, Upstream,
 };
 pub use philox::{cloud_normal, cloud_normal_f32, philox4x32_10};
-pub use stats::OracleStats;

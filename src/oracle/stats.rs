@@ -1,14 +1,15 @@
 //! LEAP angular statistics and the per-class cloud std, in f64 (SPEC section 5).
 //!
-//! Per class k the state is a unit center (EMA mode only), EMA moments
-//! mu_k = `E[a]`, v_k = `E[a^2]` of the angle a between a normalized feature and
-//! the center, a sample count n_k and an initialized flag. From the moments,
+//! The rules are methods of the host state [`StatsState`] (see [`crate::stats`]):
+//! per class k a unit center (EMA mode only), EMA moments mu_k = `E[a]`,
+//! v_k = `E[a^2]` of the angle a between a normalized feature and the center, a
+//! sample count n_k and an initialized flag. From the moments,
 //! var_k = max(v_k - mu_k^2, 0), a head variance var_h and the cloud std
 //! `sigma_cloud[k]` = sqrt(max(var_h - var_k, 0)) for the classes that get a cloud.
 //!
-//! Order inside a training step: [`OracleStats::cloud_sigma`] from the current
+//! Order inside a training step: [`StatsState::cloud_sigma`] from the current
 //! state, then the head forward/backward with that cloud, then
-//! [`OracleStats::update`] (or [`OracleStats::update_from_angles`]) with the batch.
+//! [`StatsState::update`] (or [`StatsState::update_from_angles`]) with the batch.
 //!
 //! Conventions that the SPEC leaves to the implementation:
 //! - classes of a batch are processed in ascending class order;
@@ -19,65 +20,16 @@
 //! - in adaptive mode "a head class exists" means some initialized class has N_k > 0.
 
 use crate::check::{check_finite, check_labels};
-use crate::config::{CenterMode, Split, StatsConfig};
+use crate::config::{CenterMode, Split};
 use crate::error::{Error, Result};
 use crate::oracle::head::NORM_EPS;
+use crate::stats::{StatsState, StatsSummary};
 
-/// Per-class angular statistics, the f64 twin of the device-side state.
-#[derive(Clone, Debug, PartialEq)]
-pub struct OracleStats {
-    /// Configuration (validated against `c`).
-    pub cfg: StatsConfig,
-    /// Number of classes C.
-    pub c: usize,
-    /// Embedding dimension D.
-    pub d: usize,
-    /// Unit class centers `[C, D]` (EMA mode); empty for `CenterMode::ClassWeight`.
-    pub centers: Vec<f64>,
-    /// EMA of the mean angle per class `[C]`.
-    pub mu: Vec<f64>,
-    /// EMA of the mean squared angle per class `[C]`.
-    pub v: Vec<f64>,
-    /// Samples seen per class `[C]`.
-    pub n: Vec<u64>,
-    /// Whether class k has been seen at least once `[C]`.
-    pub initialized: Vec<bool>,
-    /// Number of update calls so far (for the warm-up).
-    pub updates: u64,
-}
-
-impl OracleStats {
-    /// Empty statistics for `c` classes of dimension `d`; errors if `cfg` is invalid or c, d = 0.
-    pub fn new(c: usize, d: usize, cfg: StatsConfig) -> Result<Self> {
-        if c == 0 || d == 0 {
-            return Err(Error::Empty(format!("statistics need C > 0 and D > 0, got C={c}, D={d}")));
-        }
-        cfg.validate(c)?;
-        let centers = match cfg.center {
-            CenterMode::Ema => vec![0.0; c * d],
-            CenterMode::ClassWeight => Vec::new(),
-        };
-        Ok(Self {
-            cfg,
-            c,
-            d,
-            centers,
-            mu: vec![0.0; c],
-            v: vec![0.0; c],
-            n: vec![0; c],
-            initialized: vec![false; c],
-            updates: 0,
-        })
-    }
-
+impl StatsState {
     /// EMA-center update from a batch of features x `[B, D]` (row-normalized here)
     /// and labels `[B]` (negative labels skipped). Only for `CenterMode::Ema`.
     pub fn update(&mut self, x: &[f32], labels: &[i32]) -> Result<()> {
-        if self.cfg.center != CenterMode::Ema {
-            return Err(Error::InvalidConfig(
-                "center = class_weight: use update_from_angles with the head's target angles".into(),
-            ));
-        }
+        self.cfg.require_center(CenterMode::Ema)?;
         let d = self.d;
         if x.len() != labels.len() * d {
             return Err(Error::Shape(format!(
@@ -124,11 +76,7 @@ impl OracleStats {
     /// (see [`crate::oracle::head::target_angles`]) and labels `[B]`. Only for
     /// `CenterMode::ClassWeight`. Angles of ignored rows are not read.
     pub fn update_from_angles(&mut self, labels: &[i32], theta: &[f64]) -> Result<()> {
-        if self.cfg.center != CenterMode::ClassWeight {
-            return Err(Error::InvalidConfig(
-                "center = ema: use update with the batch features, not update_from_angles".into(),
-            ));
-        }
+        self.cfg.require_center(CenterMode::ClassWeight)?;
         if theta.len() != labels.len() {
             return Err(Error::Shape(format!(
                 "theta has {} entries, expected B = {}",
@@ -163,6 +111,11 @@ impl OracleStats {
             self.initialized[k] = true;
         }
         self.n[k] += angles.len() as u64;
+    }
+
+    /// Per-class and head/tail summary with this state's f64 cloud std and head variance.
+    pub fn summary(&self) -> Result<StatsSummary> {
+        StatsSummary::new(self, &self.cloud_sigma(), self.head_variance())
     }
 
     /// var_k = max(v_k - mu_k^2, 0) per class; 0 for classes never seen.

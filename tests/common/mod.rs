@@ -36,8 +36,8 @@
 // Each test binary uses a part of these helpers; the rest would warn as dead there.
 #![allow(dead_code, unused_macros)]
 
-use featcloud::config::DType;
 use featcloud::cuda::{emu, Device};
+use featcloud::dtype::DType;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
@@ -68,15 +68,15 @@ pub fn emulated_with(sm_count: i32) -> Option<Arc<Device>> {
 macro_rules! with_dtype {
     ($dt:expr, $T:ident => $body:expr) => {
         match $dt {
-            featcloud::config::DType::F32 => {
+            featcloud::dtype::DType::F32 => {
                 type $T = f32;
                 $body
             }
-            featcloud::config::DType::BF16 => {
+            featcloud::dtype::DType::BF16 => {
                 type $T = half::bf16;
                 $body
             }
-            featcloud::config::DType::F16 => {
+            featcloud::dtype::DType::F16 => {
                 type $T = half::f16;
                 $body
             }

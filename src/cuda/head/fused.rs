@@ -13,11 +13,11 @@ use super::plan;
 use super::reference::normback;
 use super::scratch::{Scratch, Slot};
 use super::{ForwardJob, ForwardLaunched, GradDtype, GradTensor, Grads, HeadForward, Inputs, Upstream};
-use crate::check::HeadShape;
-use crate::config::DType;
 use crate::cuda::args::{FusedBwdArgs, FusedCombineArgs, FusedFwdArgs};
 use crate::cuda::{DevPtr, Device, DeviceElem, Tensor};
+use crate::dtype::DType;
 use crate::error::Result;
+use crate::shape::HeadShape;
 
 /// The forward's launch choices.
 #[derive(Clone, Copy, Debug)]

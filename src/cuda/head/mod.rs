@@ -38,9 +38,11 @@ pub use plan::{
 
 use super::args::{HeadParams, HeadReduceArgs};
 use super::{Device, DeviceElem, Launch, Tensor};
-use crate::check::{check_head_inputs, HeadShape};
-use crate::config::{CloudMode, DType, HeadConfig, Reduction};
+use crate::check::check_head_inputs;
+use crate::config::{CloudMode, HeadConfig, Reduction};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::shape::HeadShape;
 use plan::{backward_cols_for as bwd_cols_for, Plan, BWD_BM, BWD_BN, BWD_BN_SMALL, FWD_BM_SMALL};
 use scratch::{Scratch, Slot};
 use std::ops::Deref;

@@ -6,7 +6,6 @@
 //! host, and the reference and fused paths (`head/reference.rs`, `head/fused.rs`) execute them.
 
 use super::{GradDtype, HeadPath, Workspace};
-use crate::check::HeadShape;
 use crate::config::{CloudMode, Fallback, HeadConfig, MarginGrad};
 use crate::cuda::args::{
     FusedBwdArgs, FusedCombineArgs, FusedFwdArgs, HeadParams, HeadReduceArgs, NormbackArgs, RefGradArgs,
@@ -15,6 +14,7 @@ use crate::cuda::args::{
 use crate::cuda::kernels::{head_fused as kf, head_ref as kr};
 use crate::cuda::Launch;
 use crate::error::{Error, Result};
+use crate::shape::HeadShape;
 use crate::DType;
 
 /// The fused forward's tiles (rows, classes), largest first: `fused_fwd_r128c128_*`,

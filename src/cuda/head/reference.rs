@@ -7,11 +7,11 @@
 use super::plan;
 use super::scratch::{Scratch, Slot};
 use super::{ForwardJob, ForwardLaunched, GradDtype, GradTensor, Grads, HeadForward, Inputs, Upstream};
-use crate::check::HeadShape;
 use crate::cuda::args::{NormbackArgs, RefGradArgs, RefMarginArgs, RefNormalizeArgs, RefSoftmaxArgs};
 use crate::cuda::gemm_plan::head_gemms;
 use crate::cuda::{Device, DeviceElem, Tensor};
 use crate::error::Result;
+use crate::shape::HeadShape;
 
 /// xh = v / max(||v||, eps) in f32 `[rows, d]`, and the inverse norms `[rows]`.
 fn normalize<T: DeviceElem>(dev: &Device, v: &Tensor<T>) -> Result<(Tensor<f32>, Tensor<f32>)> {
@@ -149,7 +149,7 @@ pub(super) fn normback<T: DeviceElem>(
     rows: usize,
     d: usize,
 ) -> Result<GradTensor<T>> {
-    let out_f32 = grad_dtype == GradDtype::F32 || T::DTYPE == crate::config::DType::F32;
+    let out_f32 = grad_dtype == GradDtype::F32 || T::DTYPE == crate::dtype::DType::F32;
     let out = if out_f32 {
         // SAFETY: the kernel writes every element (one warp per row, every column).
         GradTensor::F32(unsafe { Tensor::<f32>::uninit(dev, &[rows, d]) }?)

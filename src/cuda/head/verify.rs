@@ -8,11 +8,12 @@
 //! dtype before the oracle sees them.
 
 use super::{FusedTuning, GradDtype, GradTensor, HeadOn, HeadPath, HeadUpstream};
-use crate::check::HeadShape;
-use crate::config::{CloudMode, DType, Fallback, HeadConfig, MarginGrad, Reduction};
+use crate::config::{CloudMode, Fallback, HeadConfig, MarginGrad, Reduction};
 use crate::cuda::{Device, DeviceElem, SmokeLine, Tensor};
+use crate::dtype::DType;
 use crate::error::Result;
 use crate::oracle::head::{self as oracle, ForwardOutput, Gradients, HeadProblem, Upstream};
+use crate::shape::HeadShape;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

@@ -1,5 +1,9 @@
-//! Atomic file writes: a reader of `path` sees either the old file or the complete new
-//! one, never a partial write.
+//! File I/O of featcloud's own files.
+//!
+//! - [`safetensors`]: the one writer and reader of the checkpoint and the statistics
+//!   file (typed tensors and metadata, errors that name the file and the field);
+//! - atomic writes (below): a reader of `path` sees either the old file or the
+//!   complete new one, never a partial write.
 //!
 //! The bytes go to a temporary file in the same directory as `path` (so the final
 //! `rename` stays on one file system and is atomic on POSIX), the temporary file is
@@ -12,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
+
+pub mod safetensors;
 
 /// Distinguishes temporary files of concurrent writers inside one process.
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);

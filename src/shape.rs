@@ -1,0 +1,29 @@
+//! The dimensions of one head call, shared by every implementation.
+
+use crate::error::{Error, Result};
+
+/// Dimensions of one head call: `x [B, D]`, `W [C, D]`, `labels [B]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadShape {
+    /// Rows (batch size).
+    pub b: usize,
+    /// Classes.
+    pub c: usize,
+    /// Embedding dimension.
+    pub d: usize,
+}
+
+impl HeadShape {
+    /// Checks that no dimension is zero.
+    pub fn check_nonempty(&self) -> Result<()> {
+        for (name, v) in [("B", self.b), ("C", self.c), ("D", self.d)] {
+            if v == 0 {
+                return Err(Error::Empty(format!(
+                    "{name} = 0 (shape B={}, C={}, D={})",
+                    self.b, self.c, self.d
+                )));
+            }
+        }
+        Ok(())
+    }
+}
