@@ -257,6 +257,18 @@ impl StatsConfig {
         ))
     }
 
+    /// Errors unless a class-weight update from target angles is allowed (the
+    /// center is `class_weight`) and there is one angle per label.
+    pub fn check_angle_update(&self, n_angles: usize, n_labels: usize) -> Result<()> {
+        self.require_center(CenterMode::ClassWeight)?;
+        if n_angles != n_labels {
+            return Err(Error::Shape(format!(
+                "stats update: {n_angles} target angles for B = {n_labels} labels"
+            )));
+        }
+        Ok(())
+    }
+
     /// Checks the configuration against the number of classes.
     pub fn validate(&self, num_classes: usize) -> Result<()> {
         self.validate_options()?;

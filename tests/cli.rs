@@ -28,6 +28,14 @@ fn assert_clean_error(out: &Output, needles: &[&str]) {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// A temporary folder holding [`write_data`]'s files, and their paths as strings.
+fn data_dir() -> (tempfile::TempDir, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let (x, y) = write_data(dir.path());
+    let s = |p: PathBuf| p.to_str().unwrap().to_string();
+    (dir, s(x), s(y))
+}
+
 /// A small long-tailed dataset: 6 classes, 8 features, blobs around class means.
 fn write_data(dir: &Path) -> (PathBuf, PathBuf) {
     let (c, f) = (6usize, 8usize);
@@ -86,9 +94,8 @@ fn train_args<'a>(x: &'a str, y: &'a str, out: &'a str, extra: &[&'a str]) -> Ve
 
 #[test]
 fn bad_inputs_give_one_line_errors_and_no_output() {
-    let dir = tempfile::tempdir().unwrap();
-    let (x, y) = write_data(dir.path());
-    let (xs, ys) = (x.to_str().unwrap(), y.to_str().unwrap());
+    let (dir, xs, ys) = data_dir();
+    let (xs, ys) = (xs.as_str(), ys.as_str());
     let out = dir.path().join("out");
     let outs = out.to_str().unwrap();
 
@@ -171,9 +178,8 @@ fn bad_inputs_give_one_line_errors_and_no_output() {
 
 #[test]
 fn train_on_npy_resumes_exactly_and_evals() {
-    let dir = tempfile::tempdir().unwrap();
-    let (x, y) = write_data(dir.path());
-    let (xs, ys) = (x.to_str().unwrap(), y.to_str().unwrap());
+    let (dir, xs, ys) = data_dir();
+    let (xs, ys) = (xs.as_str(), ys.as_str());
     let straight = dir.path().join("straight");
     let o = run(&train_args(xs, ys, straight.to_str().unwrap(), &[]));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

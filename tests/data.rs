@@ -327,45 +327,31 @@ fn npy_malformed_files_are_format_errors() {
     long.push(0);
     let p = write(d, "trailing.npy", &long);
     assert_format_err(load_npy_features(&p), &p, "trailing");
-    let p = write(
-        d,
-        "fortran.npy",
-        &raw_npy("{'descr': '<f4', 'fortran_order': True, 'shape': (2, 2), }", &f4x4),
-    );
-    assert_format_err(load_npy_features(&p), &p, "fortran");
-    let p =
-        write(d, "complex.npy", &raw_npy("{'descr': '<c8', 'fortran_order': False, 'shape': (2,), }", &f4x4));
-    assert_format_err(load_npy_features(&p), &p, "unsupported dtype");
-    let p =
-        write(d, "rank1.npy", &raw_npy("{'descr': '<f4', 'fortran_order': False, 'shape': (4,), }", &f4x4));
-    assert_format_err(load_npy_features(&p), &p, "2-D");
-    let p = write(
-        d,
-        "rank3.npy",
-        &raw_npy("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2, 2), }", &f4x4),
-    );
-    assert_format_err(load_npy_features(&p), &p, "2-D");
-    // Float labels and integer features are refused rather than silently converted.
-    let p = write(
-        d,
-        "float_labels.npy",
-        &raw_npy("{'descr': '<f4', 'fortran_order': False, 'shape': (4,), }", &f4x4),
-    );
-    assert_format_err(load_npy_labels(&p), &p, "integer");
-    let p = write(
-        d,
-        "int_feats.npy",
-        &raw_npy("{'descr': '<i4', 'fortran_order': False, 'shape': (2, 2), }", &f4x4),
-    );
-    assert_format_err(load_npy_features(&p), &p, "floating");
-    let p = write(
-        d,
-        "labels2d.npy",
-        &raw_npy("{'descr': '<i4', 'fortran_order': False, 'shape': (2, 2), }", &f4x4),
-    );
-    assert_format_err(load_npy_labels(&p), &p, "1-D");
-    let p = write(d, "noshape.npy", &raw_npy("{'descr': '<f4', 'fortran_order': False, }", &f4x4));
-    assert_format_err(load_npy_features(&p), &p, "shape");
+    // (file, header, read as labels?, what the error must say). Float labels and
+    // integer features are refused rather than silently converted.
+    let headers = [
+        ("fortran.npy", "{'descr': '<f4', 'fortran_order': True, 'shape': (2, 2), }", false, "fortran"),
+        (
+            "complex.npy",
+            "{'descr': '<c8', 'fortran_order': False, 'shape': (2,), }",
+            false,
+            "unsupported dtype",
+        ),
+        ("rank1.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (4,), }", false, "2-D"),
+        ("rank3.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2, 2), }", false, "2-D"),
+        ("float_labels.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (4,), }", true, "integer"),
+        ("int_feats.npy", "{'descr': '<i4', 'fortran_order': False, 'shape': (2, 2), }", false, "floating"),
+        ("labels2d.npy", "{'descr': '<i4', 'fortran_order': False, 'shape': (2, 2), }", true, "1-D"),
+        ("noshape.npy", "{'descr': '<f4', 'fortran_order': False, }", false, "shape"),
+    ];
+    for (name, header, labels, needle) in headers {
+        let p = write(d, name, &raw_npy(header, &f4x4));
+        if labels {
+            assert_format_err(load_npy_labels(&p), &p, needle);
+        } else {
+            assert_format_err(load_npy_features(&p), &p, needle);
+        }
+    }
     let p = write(d, "version9.npy", b"\x93NUMPY\x09\x00\x10\x00{}");
     assert_format_err(load_npy_features(&p), &p, "version");
     let p = write(

@@ -96,3 +96,11 @@ fn info_exits_zero_and_reports_kernels_and_device() {
         assert!(stdout.contains("none usable"), "{stdout}");
     }
 }
+
+/// `featcloud smoke` runs what the kernel wrappers register (no list in the CLI); a
+/// registration the linker dropped, or a wrapper that forgot it, fails here.
+#[test]
+fn smoke_checks_are_registered_by_the_kernel_wrappers() {
+    let families: Vec<&str> = featcloud::cuda::smoke_checks().iter().map(|c| c.family).collect();
+    assert_eq!(families, ["head", "stats"]);
+}

@@ -3,8 +3,9 @@
 //! call, counted on the device (launches, allocations, copies, synchronizations).
 
 use featcloud::config::HeadConfig;
+use featcloud::cuda::args::HeadParams;
 use featcloud::cuda::args::{FusedBwdArgs, FusedFwdArgs, NormbackArgs, RefGradArgs};
-use featcloud::cuda::head::plan::{self, head_params, FORWARD_TILES, THREADS};
+use featcloud::cuda::head::plan::{self, FORWARD_TILES, THREADS};
 use featcloud::cuda::head::{CudaHead, FusedTuning, GradDtype, HeadPath, HeadUpstream};
 use featcloud::cuda::{test_device, CounterSnapshot, DevPtr, Tensor};
 use featcloud::shape::HeadShape;
@@ -76,7 +77,7 @@ fn one_warp_per_row_kernels_cover_every_row() {
 #[test]
 fn head_params_carry_every_option() {
     let cfg = HeadConfig { label_smoothing: 0.2, ..HeadConfig::combined() };
-    let p = head_params(&cfg, SHAPE, 9, 4);
+    let p = HeadParams::new(&cfg, SHAPE.c, 9, 4);
     assert_eq!((p.s, p.m1, p.m2, p.m3), (cfg.s, cfg.m1, cfg.m2, cfg.m3));
     assert_eq!(p.ls_over_c, 0.2 / 300.0);
     assert_eq!((p.seed, p.step), (9, 4));

@@ -25,8 +25,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         open_device(args.device).map_err(|e| anyhow::anyhow!("smoke needs a GPU (or --device emu): {e}"))?;
     println!("device: {} ({})", dev.info().name, dev.info().code);
     let mut lines: Vec<SmokeLine> = Vec::new();
-    lines.extend(cuda::head::smoke(&dev)?);
-    lines.extend(cuda::stats::smoke(&dev)?);
+    // Each kernel wrapper registers its own checks (cuda::SmokeCheck).
+    for check in cuda::smoke_checks() {
+        lines.extend((check.run)(&dev)?);
+    }
     let mut failed = 0;
     let mut unexpected = 0;
     for l in &lines {

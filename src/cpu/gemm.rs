@@ -11,6 +11,17 @@ use crate::error::{Error, Result};
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2};
 
+/// Errors unless A, B and C hold `m*k`, `k*n` and `m*n` elements (either layout has
+/// the same count); the CPU and CUDA training backends check their GEMMs with it.
+pub fn check_gemm_lens(m: usize, n: usize, k: usize, a: usize, b: usize, c: usize) -> Result<()> {
+    if a != m * k || b != k * n || c != m * n {
+        return Err(Error::Shape(format!(
+            "gemm m={m} n={n} k={k}: A has {a}, B has {b}, C has {c} elements"
+        )));
+    }
+    Ok(())
+}
+
 /// `C = alpha * op(A) * op(B) + beta * C`, all row-major.
 ///
 /// - `a`: `[m, k]` (or `[k, m]` when `trans_a`), in;
@@ -29,14 +40,7 @@ pub fn sgemm(
     beta: f32,
     c: &mut [f32],
 ) -> Result<()> {
-    if a.len() != m * k || b.len() != k * n || c.len() != m * n {
-        return Err(Error::Shape(format!(
-            "gemm m={m} n={n} k={k}: A has {}, B has {}, C has {} elements",
-            a.len(),
-            b.len(),
-            c.len()
-        )));
-    }
+    check_gemm_lens(m, n, k, a.len(), b.len(), c.len())?;
     if m == 0 || n == 0 {
         return Ok(());
     }

@@ -22,14 +22,15 @@
 //! C classes, D feature dimension. `Default` gives null pointers and zeros.
 
 use super::launch::{DevPtr, KernelArgs};
+use crate::config::{CloudMode, Fallback, HeadConfig, MarginGrad};
 
 // ---- head.cuh ---------------------------------------------------------------------------
 
 /// Margin-head parameters; mirrors `struct HeadParams` in `kernels/head.cuh` (56 bytes).
 ///
-/// Encoded from a [`crate::HeadConfig`] in one place, [`crate::cuda::head::plan::head_params`]
-/// (the head, its tests and the emulator's checks all call it), so a new option is one
-/// field here, one in `head.cuh` and one line there.
+/// Encoded from a [`HeadConfig`] in one place, [`HeadParams::new`] (the head, its
+/// tests and the emulator's checks all call it), so a new option is one field and one
+/// line here and one field in `head.cuh`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct HeadParams {
@@ -57,6 +58,36 @@ pub struct HeadParams {
     pub seed: u64,
     /// Philox counter (training step) of the cloud noise.
     pub step: u64,
+}
+
+impl HeadParams {
+    /// The kernel argument block of `cfg` for `num_classes` classes with Philox (seed, step).
+    pub fn new(cfg: &HeadConfig, num_classes: usize, seed: u64, step: u64) -> Self {
+        Self {
+            s: cfg.s,
+            m1: cfg.m1,
+            m2: cfg.m2,
+            m3: cfg.m3,
+            ls: cfg.label_smoothing,
+            ls_over_c: cfg.label_smoothing / num_classes as f32,
+            cloud: match cfg.cloud {
+                CloudMode::Off => 0,
+                CloudMode::Symmetric => 1,
+                CloudMode::OneSided => 2,
+            },
+            fallback: match cfg.fallback {
+                Fallback::Linear => 0,
+                Fallback::Clamp => 1,
+            },
+            margin_grad: match cfg.margin_grad {
+                MarginGrad::Exact => 0,
+                MarginGrad::StraightThrough => 1,
+            },
+            seed,
+            step,
+            ..Self::default()
+        }
+    }
 }
 const _: () = assert!(std::mem::size_of::<HeadParams>() == 56);
 const _: () = assert!(std::mem::offset_of!(HeadParams, cloud) == 24);

@@ -285,14 +285,7 @@ impl Backend for CudaBackend {
     /// `c = beta * c` as on the CPU.
     fn gemm(&self, g: Gemm, a: &Tensor<f32>, b: &Tensor<f32>, c: &mut Tensor<f32>) -> Result<()> {
         let (m, n, kk) = (g.m, g.n, g.k);
-        if a.len() != m * kk || b.len() != kk * n || c.len() != m * n {
-            return Err(Error::Shape(format!(
-                "gemm m={m} n={n} k={kk}: A has {}, B has {}, C has {} elements",
-                a.len(),
-                b.len(),
-                c.len()
-            )));
-        }
+        crate::cpu::gemm::check_gemm_lens(m, n, kk, a.len(), b.len(), c.len())?;
         if m == 0 || n == 0 {
             return Ok(());
         }

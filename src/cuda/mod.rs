@@ -679,6 +679,24 @@ fn skip_or_fail(why: &str) -> Option<Arc<Device>> {
     None
 }
 
+/// A `featcloud smoke` check of one kernel family, registered by its host wrapper next
+/// to its kernels with `inventory::submit!`, so the smoke command lists nothing by hand.
+pub struct SmokeCheck {
+    /// The family's name; orders the smoke output.
+    pub family: &'static str,
+    /// Runs the family's checks at small sizes against the CPU oracle.
+    pub run: fn(&Device) -> Result<Vec<SmokeLine>>,
+}
+
+inventory::collect!(SmokeCheck);
+
+/// Every registered smoke check, ordered by family name.
+pub fn smoke_checks() -> Vec<&'static SmokeCheck> {
+    let mut checks: Vec<&'static SmokeCheck> = inventory::iter::<SmokeCheck>.into_iter().collect();
+    checks.sort_by_key(|c| c.family);
+    checks
+}
+
 /// One line of `featcloud smoke`: a kernel checked against the CPU oracle.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct SmokeLine {

@@ -273,14 +273,7 @@ impl ClassStats {
     }
 
     fn update_angles(&mut self, dev: &Device, labels: &[i32], ang: &Tensor<f32>, is_cos: bool) -> Result<()> {
-        self.cfg.require_center(CenterMode::ClassWeight)?;
-        if ang.len() != labels.len() {
-            return Err(Error::Shape(format!(
-                "stats update: {} target angles for B = {} labels",
-                ang.len(),
-                labels.len()
-            )));
-        }
+        self.cfg.check_angle_update(ang.len(), labels.len())?;
         let seg = bucket_labels(labels, self.c)?;
         if !seg.is_empty() {
             let packed = seg.packed();
@@ -583,6 +576,8 @@ fn smoke_angles(dev: &Device, cfg: &StatsConfig, what: &str) -> Result<SmokeLine
         passed: e.passes(STATS_TOLERANCE),
     })
 }
+
+inventory::submit! { super::SmokeCheck { family: "stats", run: smoke } }
 
 /// `featcloud smoke` lines for the statistics: every stats kernel and dtype against
 /// the oracle after a few long-tailed batches, in threshold and adaptive mode.

@@ -42,25 +42,22 @@ impl DeviceElem for f32 {
     }
 }
 
-impl DeviceElem for half::bf16 {
-    const DTYPE: DType = DType::BF16;
-    fn to_f32(self) -> f32 {
-        half::bf16::to_f32(self)
-    }
-    fn from_f32(v: f32) -> Self {
-        half::bf16::from_f32(v)
-    }
+/// The 16-bit storage types: `half`'s conversions are exact widening and
+/// round-to-nearest-even narrowing, as the kernels' (checked by `emu_selftest_cvt`).
+macro_rules! half_elem {
+    ($($t:ty => $dtype:ident),*) => {$(
+        impl DeviceElem for $t {
+            const DTYPE: DType = DType::$dtype;
+            fn to_f32(self) -> f32 {
+                <$t>::to_f32(self)
+            }
+            fn from_f32(v: f32) -> Self {
+                <$t>::from_f32(v)
+            }
+        }
+    )*};
 }
-
-impl DeviceElem for half::f16 {
-    const DTYPE: DType = DType::F16;
-    fn to_f32(self) -> f32 {
-        half::f16::to_f32(self)
-    }
-    fn from_f32(v: f32) -> Self {
-        half::f16::from_f32(v)
-    }
-}
+half_elem!(half::bf16 => BF16, half::f16 => F16);
 
 /// Where a tensor's elements live.
 #[derive(Debug)]
@@ -137,25 +134,37 @@ impl<T: DeviceCopy> Tensor<T> {
 
     /// Overwrites the first `data.len()` elements with `data` (host to device).
     pub fn copy_from_host(&mut self, dev: &Device, data: &[T]) -> Result<()> {
+        let Some(s) = self.upload_target(dev, data, true)? else { return Ok(()) };
+        dev.stream()?
+            .memcpy_htod(data, &mut s.slice_mut(..data.len()))
+            .map_err(cuda_err("host-to-device copy"))
+    }
+
+    /// The shared start of every upload of `data` into `self[..data.len()]`: checks that
+    /// it fits and counts it; on the emulated device (host memory already) it is one
+    /// plain copy, done here. Returns the GPU slice to copy into, `None` when done.
+    fn upload_target(
+        &mut self,
+        dev: &Device,
+        data: &[T],
+        pageable: bool,
+    ) -> Result<Option<&mut CudaSlice<T>>> {
         if data.len() > self.len().max(1) {
             return Err(Error::Shape(format!("{} elements into a tensor of {}", data.len(), self.len())));
         }
         if data.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         dev.counters.htod();
-        dev.counters.htod_pageable();
+        if pageable {
+            dev.counters.htod_pageable();
+        }
         match &mut self.buf {
             Storage::Emu(b) => {
                 b.bytes_mut()[..std::mem::size_of_val(data)].copy_from_slice(bytemuck::cast_slice(data));
-                Ok(())
+                Ok(None)
             }
-            Storage::Cuda(s) => {
-                let n = data.len();
-                dev.stream()?
-                    .memcpy_htod(data, &mut s.slice_mut(..n))
-                    .map_err(cuda_err("host-to-device copy"))
-            }
+            Storage::Cuda(s) => Ok(Some(s)),
         }
     }
 
@@ -325,43 +334,27 @@ impl<T: DeviceCopy> Staging<T> {
     /// `dst[..data.len()] = data` through the staging buffer (one host-to-device copy).
     pub fn upload(&mut self, dev: &Device, data: &[T], dst: &mut Tensor<T>) -> Result<()> {
         let n = data.len();
-        if n > dst.len().max(1) {
-            return Err(Error::Shape(format!("{n} elements into a tensor of {}", dst.len())));
+        let Some(s) = dst.upload_target(dev, data, false)? else { return Ok(()) };
+        // The previous copy from the pinned buffer must have finished before the
+        // host overwrites (or frees) it.
+        if let Some(e) = &self.copied {
+            e.synchronize().map_err(cuda_err("waiting for the previous upload"))?;
         }
-        if n == 0 {
-            return Ok(());
+        // Exactly n: a pinned slice is copied whole (B is the same every step).
+        if self.pinned.as_ref().is_none_or(|p| p.len() != n) {
+            self.pinned = None;
+            // SAFETY: written below before the copy reads it.
+            let p = unsafe { dev.context()?.alloc_pinned::<T>(n) }.map_err(cuda_err("pinned allocation"))?;
+            self.pinned = Some(p);
         }
-        dev.counters.htod();
-        match &mut dst.buf {
-            // Host memory already: one plain copy.
-            Storage::Emu(b) => {
-                b.bytes_mut()[..std::mem::size_of_val(data)].copy_from_slice(bytemuck::cast_slice(data));
-                Ok(())
-            }
-            Storage::Cuda(s) => {
-                // The previous copy from the pinned buffer must have finished before the
-                // host overwrites (or frees) it.
-                if let Some(e) = &self.copied {
-                    e.synchronize().map_err(cuda_err("waiting for the previous upload"))?;
-                }
-                // Exactly n: a pinned slice is copied whole (B is the same every step).
-                if self.pinned.as_ref().is_none_or(|p| p.len() != n) {
-                    self.pinned = None;
-                    // SAFETY: written below before the copy reads it.
-                    let p = unsafe { dev.context()?.alloc_pinned::<T>(n) }
-                        .map_err(cuda_err("pinned allocation"))?;
-                    self.pinned = Some(p);
-                }
-                let pinned = self.pinned.as_mut().expect("allocated above");
-                pinned.as_mut_slice().map_err(cuda_err("pinned buffer"))?.copy_from_slice(data);
-                let stream = dev.stream()?;
-                stream.memcpy_htod(pinned, &mut s.slice_mut(..n)).map_err(cuda_err("host-to-device copy"))?;
-                if self.copied.is_none() {
-                    self.copied = Some(dev.context()?.new_event(None).map_err(cuda_err("event"))?);
-                }
-                let event = self.copied.as_ref().expect("created above");
-                event.record(stream).map_err(cuda_err("event record"))
-            }
+        let pinned = self.pinned.as_mut().expect("allocated above");
+        pinned.as_mut_slice().map_err(cuda_err("pinned buffer"))?.copy_from_slice(data);
+        let stream = dev.stream()?;
+        stream.memcpy_htod(pinned, &mut s.slice_mut(..n)).map_err(cuda_err("host-to-device copy"))?;
+        if self.copied.is_none() {
+            self.copied = Some(dev.context()?.new_event(None).map_err(cuda_err("event"))?);
         }
+        let event = self.copied.as_ref().expect("created above");
+        event.record(stream).map_err(cuda_err("event record"))
     }
 }

@@ -82,8 +82,7 @@ pub fn load_safetensors(
     labels_key: &str,
 ) -> Result<(Vec<f32>, usize, usize, Vec<i64>)> {
     let bytes = read(path)?;
-    let st =
-        SafeTensors::deserialize(&bytes).map_err(|e| Error::format(path, format!("not safetensors: {e}")))?;
+    let st = parse_safetensors(path, &bytes)?;
     let (features, n, f) = features_from_raw(path, &st_tensor(path, &st, features_key)?)?;
     let labels = labels_from_raw(path, &st_tensor(path, &st, labels_key)?)?;
     if labels.len() != n {
@@ -107,18 +106,12 @@ pub fn load_dataset(features: &Path, labels: &Path, num_classes: Option<usize>) 
         load_safetensors(features, FEATURES_KEY, LABELS_KEY)?
     } else {
         let (x, n, f) = if is_safetensors(features) {
-            let bytes = read(features)?;
-            let st = SafeTensors::deserialize(&bytes)
-                .map_err(|e| Error::format(features, format!("not safetensors: {e}")))?;
-            features_from_raw(features, &st_tensor(features, &st, FEATURES_KEY)?)?
+            with_safetensor(features, FEATURES_KEY, features_from_raw)?
         } else {
             load_npy_features(features)?
         };
         let y = if is_safetensors(labels) {
-            let bytes = read(labels)?;
-            let st = SafeTensors::deserialize(&bytes)
-                .map_err(|e| Error::format(labels, format!("not safetensors: {e}")))?;
-            labels_from_raw(labels, &st_tensor(labels, &st, LABELS_KEY)?)?
+            with_safetensor(labels, LABELS_KEY, labels_from_raw)?
         } else {
             load_npy_labels(labels)?
         };
@@ -363,6 +356,17 @@ fn parse_descr(d: &str) -> Option<(Elem, bool)> {
         _ => return None,
     };
     Some((elem, big))
+}
+
+/// Parses a safetensors file's bytes; the error names the file.
+fn parse_safetensors<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
+    SafeTensors::deserialize(bytes).map_err(|e| Error::format(path, format!("not safetensors: {e}")))
+}
+
+/// Reads one tensor of a safetensors file and converts it with `conv`.
+fn with_safetensor<R>(path: &Path, key: &str, conv: fn(&Path, &RawArray) -> Result<R>) -> Result<R> {
+    let bytes = read(path)?;
+    conv(path, &st_tensor(path, &parse_safetensors(path, &bytes)?, key)?)
 }
 
 /// Looks up `key` in a safetensors file as a raw array.

@@ -76,14 +76,7 @@ impl StatsState {
     /// (see [`crate::oracle::head::target_angles`]) and labels `[B]`. Only for
     /// `CenterMode::ClassWeight`. Angles of ignored rows are not read.
     pub fn update_from_angles(&mut self, labels: &[i32], theta: &[f64]) -> Result<()> {
-        self.cfg.require_center(CenterMode::ClassWeight)?;
-        if theta.len() != labels.len() {
-            return Err(Error::Shape(format!(
-                "theta has {} entries, expected B = {}",
-                theta.len(),
-                labels.len()
-            )));
-        }
+        self.cfg.check_angle_update(theta.len(), labels.len())?;
         check_labels(labels, self.c)?;
         if let Some(index) = labels.iter().zip(theta).position(|(&y, t)| y >= 0 && !t.is_finite()) {
             return Err(Error::NonFinite { what: "theta".into(), index });

@@ -248,6 +248,8 @@ pub fn smoke(dev: &Device) -> Result<Vec<super::SmokeLine>> {
     verify::smoke(dev)
 }
 
+inventory::submit! { super::SmokeCheck { family: "head", run: smoke } }
+
 fn i32_dim(name: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Shape(format!("{name} = {v} exceeds i32 indexing")))
 }
@@ -353,7 +355,7 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
     }
 
     fn params(&self, shape: HeadShape, seed: u64, step: u64) -> HeadParams {
-        plan::head_params(&self.cfg, shape, seed, step)
+        HeadParams::new(&self.cfg, shape.c, seed, step)
     }
 
     /// Checks x [B, D], W [C, D], labels [B] and sigma_cloud [C] (any length when the

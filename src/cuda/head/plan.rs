@@ -6,10 +6,9 @@
 //! host, and the reference and fused paths (`head/reference.rs`, `head/fused.rs`) execute them.
 
 use super::{GradDtype, HeadPath, Workspace};
-use crate::config::{CloudMode, Fallback, HeadConfig, MarginGrad};
 use crate::cuda::args::{
-    FusedBwdArgs, FusedCombineArgs, FusedFwdArgs, HeadParams, HeadReduceArgs, NormbackArgs, RefGradArgs,
-    RefMarginArgs, RefNormalizeArgs, RefSoftmaxArgs,
+    FusedBwdArgs, FusedCombineArgs, FusedFwdArgs, HeadReduceArgs, NormbackArgs, RefGradArgs, RefMarginArgs,
+    RefNormalizeArgs, RefSoftmaxArgs,
 };
 use crate::cuda::kernels::{head_fused as kf, head_ref as kr};
 use crate::cuda::Launch;
@@ -194,34 +193,6 @@ pub struct FusedTuning {
 pub const THREADS: u32 = 256;
 /// Rows per block of the one-warp-per-row kernels (8 warps of 256 threads).
 const WARP_ROWS: usize = 8;
-
-/// The kernel argument block of `cfg` at `shape` with Philox (seed, step).
-pub fn head_params(cfg: &HeadConfig, shape: HeadShape, seed: u64, step: u64) -> HeadParams {
-    HeadParams {
-        s: cfg.s,
-        m1: cfg.m1,
-        m2: cfg.m2,
-        m3: cfg.m3,
-        ls: cfg.label_smoothing,
-        ls_over_c: cfg.label_smoothing / shape.c as f32,
-        cloud: match cfg.cloud {
-            CloudMode::Off => 0,
-            CloudMode::Symmetric => 1,
-            CloudMode::OneSided => 2,
-        },
-        fallback: match cfg.fallback {
-            Fallback::Linear => 0,
-            Fallback::Clamp => 1,
-        },
-        margin_grad: match cfg.margin_grad {
-            MarginGrad::Exact => 0,
-            MarginGrad::StraightThrough => 1,
-        },
-        seed,
-        step,
-        ..HeadParams::default()
-    }
-}
 
 fn warp_rows(rows: usize) -> usize {
     rows.div_ceil(WARP_ROWS)
