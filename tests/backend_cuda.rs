@@ -20,7 +20,8 @@ use featcloud::cuda::{test_device, Device};
 use featcloud::data::synthetic::{generate, SyntheticConfig};
 use featcloud::data::Dataset;
 use featcloud::engine::{
-    Activation, Backend, Gemm, HeadBatch, OptimStep, OptimizerConfig, OptimizerKind, TrainConfig, Trainer,
+    Activation, Backend, Checkpoint, Gemm, HeadBatch, OptimStep, OptimizerConfig, OptimizerKind, TrainConfig,
+    Trainer,
 };
 use featcloud::shape::HeadShape;
 use rand::{Rng, SeedableRng};
@@ -528,4 +529,17 @@ fn training_is_deterministic() {
             assert_bitwise(&format!("determinism {} param {i}", precision.name()), pa, pb);
         }
     }
+}
+
+/// A checkpoint of a run on the CUDA backend (statistics kept in f32 on the device)
+/// equals itself after a save and a load: the checkpoint stores f64 and says so.
+#[test]
+fn checkpoint_round_trips_on_the_cuda_backend() {
+    let Some(dev) = test_device() else { return };
+    let ds = small_dataset();
+    let be = cuda(&dev, Precision::F32);
+    let mut t = Trainer::new(&be, train_cfg(OptimizerKind::AdamW), &ds).unwrap();
+    t.run(&ds, 6, |_| {}).unwrap();
+    let ck = t.to_checkpoint().unwrap();
+    assert_eq!(Checkpoint::from_bytes(&ck.to_bytes().unwrap()).unwrap(), ck);
 }

@@ -144,6 +144,9 @@ fn bad_inputs_give_one_line_errors_and_no_output() {
         let o = run(&train_args(xs, ys, outs, &[flag, value]));
         assert_clean_error(&o, &[flag]);
     }
+    // The threshold also cuts head from tail in the spread report with the adaptive split.
+    let o = run(&train_args(xs, ys, outs, &["--split", "adaptive", "--threshold", "0"]));
+    assert_clean_error(&o, &["--threshold"]);
     let o = run(&["train", "--no-such-flag"]);
     assert_clean_error(&o, &["--no-such-flag"]);
 

@@ -482,6 +482,11 @@ impl ModelArgs {
                 ..OptimizerConfig::default()
             },
         };
+        // With --split adaptive the threshold is not part of the configuration, but the
+        // spread report still cuts head from tail with it.
+        if self.threshold == 0 {
+            anyhow::bail!("--threshold must be > 0, got 0");
+        }
         cfg.validate_options().map_err(config_error)?;
         Ok(cfg)
     }

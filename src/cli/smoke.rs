@@ -29,6 +29,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     for check in cuda::smoke_checks() {
         lines.extend((check.run)(&dev)?);
     }
+    if lines.is_empty() {
+        // The checks are registered at link time; none at all means a broken build.
+        anyhow::bail!("no smoke checks are registered in this build");
+    }
     let mut failed = 0;
     let mut unexpected = 0;
     for l in &lines {

@@ -22,7 +22,7 @@ use crate::engine::model::Model;
 use crate::engine::sampler::Sampler;
 use crate::error::{Error, Result};
 use crate::shape::HeadShape;
-use crate::stats::StatsState;
+use crate::stats::{Precision, StatsState};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -292,7 +292,10 @@ impl<'b, B: Backend> Trainer<'b, B> {
             fingerprint: self.fingerprint,
             params,
             optim,
-            stats: self.backend.stats_export(&self.stats)?,
+            // A checkpoint stores the moments in f64 (what `Checkpoint::load` reports),
+            // whatever precision the backend keeps them in, so a saved and reloaded
+            // checkpoint equals the one that was saved.
+            stats: StatsState { precision: Precision::F64, ..self.backend.stats_export(&self.stats)? },
         })
     }
 
