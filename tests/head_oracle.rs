@@ -9,8 +9,8 @@
 use featcloud::config::{CloudMode, Fallback, HeadConfig, MarginGrad, Reduction};
 use featcloud::error::Error;
 use featcloud::oracle::head::{
-    backward, backward_f64, forward, forward_f64, target_angles, ForwardOutput, Gradients, HeadProblem,
-    HeadProblemF64, Region, Upstream,
+    backward, backward_f64, dx_attention_form_f64, forward, forward_f64, target_angles, ForwardOutput,
+    Gradients, HeadProblem, HeadProblemF64, Region, Upstream,
 };
 use featcloud::oracle::philox::cloud_normal;
 use featcloud::shape::HeadShape;
@@ -768,4 +768,99 @@ fn upstream_must_match_the_reduction() {
     assert!(matches!(backward(&none, &p, Upstream::PerRow(&[1.0, f64::NAN])), Err(Error::NonFinite { .. })));
     assert!(matches!(backward(&mean, &p, Upstream::Scalar(f64::INFINITY)), Err(Error::NonFinite { .. })));
     assert!(backward(&none, &p, Upstream::PerRow(&[1.0, 2.0])).is_ok());
+}
+
+// ---------------------------------------------------------------- dx in the attention form
+
+/// The attention form of dx (O = sum_{j != y} p_ij wh_j, the target term through expm1;
+/// the fused v2 kernels' form) equals the dc form within 1e-12 of max |dx| in every
+/// region: each margin, theta + m > pi fallback (linear and clamp), saturated, the
+/// antipodal row with m2 < 0, both clouds, label smoothing, ignored rows, every
+/// reduction, C = 1, near-parallel rows and p_iy -> 1.
+#[test]
+fn dx_attention_form_equals_the_dc_form_in_every_region() {
+    let pi = PI;
+    let cases = [
+        build_case(6, 5, &[0, 3, 1, 3], &[0.3, 1.0, 1.7, 2.4], 1),
+        build_case(5, 5, &[0, 1, 2, 1], &[2.75, 2.9, 3.05, 1.0], 3),
+        build_case(5, 4, &[0, -1, 2, -1, 4], &[0.4, 0.0, pi, 0.0, 1e-6], 7),
+        build_case(1, 3, &[0, 0, -1], &[0.5, 2.0, 0.0], 9),
+        build_case(40, 8, &[3, 7, 3], &[0.05, 0.02, 0.0], 13),
+        build_case(9, 16, &[8, 0, 4, 2], &[pi, 1e-7, 1.5, 3.1], 17),
+    ];
+    let margins = [
+        HeadConfig::arcface(),
+        HeadConfig::cosface(),
+        HeadConfig::combined(),
+        HeadConfig { m1: 1.35, m2: 0.0, ..HeadConfig::default() },
+        HeadConfig { m2: -0.3, ..HeadConfig::default() },
+        HeadConfig { m2: -0.8, ..HeadConfig::default() },
+    ];
+    let mut checked = 0;
+    let mut worst = 0.0f64;
+    let mut regions = std::collections::BTreeSet::new();
+    for (k, case) in cases.iter().enumerate() {
+        let sigma: Vec<f32> = (0..case.shape.c).map(|j| 0.05 + 0.01 * j as f32).collect();
+        let case = Case { sigma, ..case.clone() };
+        let g_rows: Vec<f64> = (0..case.shape.b).map(|i| 0.5 + 0.25 * i as f64).collect();
+        for base in margins {
+            for cloud in [CloudMode::Off, CloudMode::Symmetric, CloudMode::OneSided] {
+                for fallback in [Fallback::Linear, Fallback::Clamp] {
+                    for margin_grad in [MarginGrad::Exact, MarginGrad::StraightThrough] {
+                        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+                            for (s, label_smoothing) in [(64.0, 0.0), (30.0, 0.1), (4.0, 0.3)] {
+                                let cfg = HeadConfig {
+                                    s,
+                                    cloud,
+                                    fallback,
+                                    margin_grad,
+                                    reduction,
+                                    label_smoothing,
+                                    ..base
+                                };
+                                let g = if reduction == Reduction::None { &g_rows[..] } else { &[0.7][..] };
+                                let fwd = forward_f64(&cfg, &case.p64()).unwrap();
+                                regions.extend(fwd.rows.region.iter().map(|r| format!("{r:?}")));
+                                let dc_form = backward_f64(&cfg, &case.p64(), upstream(&cfg, g)).unwrap().dx;
+                                let o_form =
+                                    dx_attention_form_f64(&cfg, &case.p64(), upstream(&cfg, g)).unwrap();
+                                let fwd = forward_f64(&cfg, &case.p64()).unwrap();
+                                regions.extend(fwd.rows.region.iter().map(|r| format!("{r:?}")));
+                                // The size of the terms summed into a row's dx: w s (1 + ls) / ||x_i||
+                                // (each p_ij, ls/C and |wh_j| at most 1), or max |dx| if larger.
+                                let terms = (0..case.shape.b)
+                                    .filter(|&i| case.labels[i] >= 0)
+                                    .map(|i| {
+                                        let d = case.shape.d;
+                                        let w = match reduction {
+                                            Reduction::Mean => 0.7 / fwd.n_valid as f64,
+                                            Reduction::Sum => 0.7,
+                                            Reduction::None => g_rows[i],
+                                        };
+                                        w * s as f64 * (1.0 + label_smoothing as f64)
+                                            / norm(&case.x[i * d..(i + 1) * d])
+                                    })
+                                    .fold(0.0f64, f64::max);
+                                let scale = dc_form.iter().fold(terms, |m, v| m.max(v.abs())).max(1e-300);
+                                let err = o_form
+                                    .iter()
+                                    .zip(&dc_form)
+                                    .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+                                worst = worst.max(err / scale);
+                                assert!(
+                                    err <= 1e-12 * scale,
+                                    "case {k}, {cfg:?}: |dx_O - dx| = {err:.3e} (max |dx| {scale:.3e})"
+                                );
+                                checked += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 6 * 6 * 3 * 2 * 2 * 3 * 3);
+    println!("worst |dx_O - dx| / scale over {checked} configurations: {worst:.3e}");
+    let all: Vec<&str> = regions.iter().map(String::as_str).collect();
+    assert_eq!(all, ["Fallback", "Ignored", "Regular", "Saturated"], "regions covered");
 }

@@ -173,6 +173,60 @@ pub fn backward_f64(cfg: &HeadConfig, p: &HeadProblemF64, g: Upstream) -> Result
     Ok(gradients(cfg, &evaluate(cfg, p), g))
 }
 
+/// dx in the attention form (SPEC section 4, "dx in the attention form"), the form a
+/// fused kernel computes in its forward: with O_i = sum_{j != y_i} p_ij wh_j (an
+/// attention output with K = V = W-hat, the target column left out) and S = sum_j wh_j,
+///
+/// dxh_i = w s [O_i - (ls/C) (S - wh_y) + (expm1(z_iy - lse_i) + ls - ls/C) dt_i wh_y],
+///
+/// then the normalization backward. Equal to [`backward_f64`]'s dx up to rounding; the
+/// target term goes through expm1 so that p_iy -> 1 late in training loses nothing.
+pub fn dx_attention_form_f64(cfg: &HeadConfig, p: &HeadProblemF64, g: Upstream) -> Result<Vec<f64>> {
+    check_problem_f64(cfg, p)?;
+    check_upstream(cfg, p.shape, g)?;
+    let ev = evaluate(cfg, p);
+    let HeadShape { b, c, d } = ev.shape;
+    let s = cfg.s as f64;
+    let ls = cfg.label_smoothing as f64;
+    let ls_c = ls / c as f64;
+    let mut sum_wh = vec![0.0; d];
+    for j in 0..c {
+        for (acc, v) in sum_wh.iter_mut().zip(&ev.wh[j * d..(j + 1) * d]) {
+            *acc += v;
+        }
+    }
+    let mut dx = vec![0.0; b * d];
+    for i in 0..b {
+        let Ok(y) = usize::try_from(ev.labels[i]) else {
+            continue; // ignored rows: dx = 0
+        };
+        let wi = row_weight(cfg, g, ev.n_valid, i);
+        let lse = ev.rows.lse[i];
+        let mut o = vec![0.0; d];
+        for j in (0..c).filter(|&j| j != y) {
+            let pij = (ev.z[i * c + j] - lse).exp();
+            for (acc, v) in o.iter_mut().zip(&ev.wh[j * d..(j + 1) * d]) {
+                *acc += pij * v;
+            }
+        }
+        let target = ((ev.z[i * c + y] - lse).exp_m1() + ls - ls_c) * ev.dt[i];
+        let why = &ev.wh[y * d..(y + 1) * d];
+        let gh: Vec<f64> =
+            (0..d).map(|k| wi * s * (o[k] - ls_c * (sum_wh[k] - why[k]) + target * why[k])).collect();
+        project_out(&ev.xh[i * d..(i + 1) * d], &gh, ev.nx[i], &mut dx[i * d..(i + 1) * d]);
+    }
+    Ok(dx)
+}
+
+/// The upstream weight w of row i (SPEC section 4): g / N_valid (mean), g (sum), g_i (none).
+fn row_weight(cfg: &HeadConfig, g: Upstream, n_valid: usize, i: usize) -> f64 {
+    match (cfg.reduction, g) {
+        (Reduction::Mean, Upstream::Scalar(g)) => g / n_valid as f64,
+        (_, Upstream::Scalar(g)) => g,
+        (_, Upstream::PerRow(gs)) => gs[i],
+    }
+}
+
 /// Every precondition of an f32 head call (SPEC section 2): the options, the shapes, the
 /// labels, sigma_cloud, finite x and W. The CPU backend checks its calls with it too.
 pub(crate) fn check_problem(cfg: &HeadConfig, p: &HeadProblem) -> Result<()> {
@@ -409,11 +463,7 @@ fn gradients(cfg: &HeadConfig, ev: &Evaluation, g: Upstream) -> Gradients {
         let Ok(y) = usize::try_from(ev.labels[i]) else {
             continue;
         };
-        let wi = match (cfg.reduction, g) {
-            (Reduction::Mean, Upstream::Scalar(g)) => g / ev.n_valid as f64,
-            (_, Upstream::Scalar(g)) => g,
-            (_, Upstream::PerRow(gs)) => gs[i],
-        };
+        let wi = row_weight(cfg, g, ev.n_valid, i);
         let lse = ev.rows.lse[i];
         for j in 0..c {
             let p = (ev.z[i * c + j] - lse).exp();
