@@ -10,7 +10,9 @@
 //!    stored as f32 with the target column kept aside in f64;
 //! 4. `dxh = dc . wh`, `dwh = dc^T . xh` (two sgemms over the non-target
 //!    columns), the normalization backward per row, then the target terms
-//!    added in f64.
+//!    added in f64. This is dx in SPEC section 4's attention form: the first
+//!    sgemm is O_i - (ls/C)(S - wh_y) with the target column left out, and the
+//!    target term's p_iy - 1 goes through expm1.
 //!
 //! Why the target column is handled in f64: near theta = 0 the factor
 //! dt = m1 sin(phi) / sin(theta) is huge while the normalization backward
@@ -310,7 +312,8 @@ pub fn forward_backward(cfg: &HeadConfig, p: &HeadProblem, up: Upstream) -> Resu
             let z = if j == y { s * r.t } else { s * *v as f64 };
             let pj = (z - r.lse).exp();
             if j == y {
-                r.dc_target = ws * (pj - (1.0 - ls) - q_off) * r.dt;
+                // p_iy - 1 through expm1: no cancellation as p_iy -> 1 (SPEC 4, attention form).
+                r.dc_target = ws * ((z - r.lse).exp_m1() + ls - q_off) * r.dt;
                 *v = 0.0;
             } else {
                 *v = (ws * (pj - q_off)) as f32;
