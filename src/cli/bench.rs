@@ -6,13 +6,16 @@
 //! before every repetition, median of N. Memory: the stream-ordered pool's
 //! high-water mark during one call, above what was in use before it (inputs
 //! excluded; outputs dx, dW and every workspace included). Each path's result
-//! is checked against the reference path before anything is timed.
+//! is checked against the reference path before anything is timed. Each row also
+//! shows the roofline model's prediction (`src/cuda/perf_model.rs`, docs/PERF.md);
+//! `--model` prints only the model's per-kernel table and needs no GPU.
 
 use crate::config::HeadConfig;
 use crate::cuda::bench::{
     gemm_peak_tflops, measure_extra_memory, BenchShape, ThreeGemm, Timer, Timing, SHAPES,
 };
 use crate::cuda::head::{CudaHead, FusedTuning, GradDtype, HeadPath, HeadUpstream};
+use crate::cuda::perf_model::{self, DeviceModel, PathModel};
 use crate::cuda::{Device, DeviceElem, Tensor};
 use crate::dtype::DType;
 use crate::shape::HeadShape;
@@ -35,6 +38,10 @@ pub struct Args {
     /// Only shapes whose name contains this (reid, lt, face-93k, face-360k, face-1m).
     #[arg(long)]
     pub only: Option<String>,
+    /// Print the roofline model's predictions (docs/PERF.md) for the H200 instead of
+    /// timing anything; needs no GPU. With --json, writes them as JSON.
+    #[arg(long)]
+    pub model: bool,
 }
 
 /// Timing and memory of one path.
@@ -59,6 +66,10 @@ pub struct BenchRow {
     pub fused: PathResult,
     /// Reference path.
     pub reference: PathResult,
+    /// The roofline model's prediction for the fused path on this device, ms (docs/PERF.md).
+    pub predicted_fused_ms: f64,
+    /// The roofline model's prediction for the reference path on this device, ms.
+    pub predicted_reference_ms: f64,
     /// The three GEMMs alone.
     pub cublas_3gemm: PathResult,
     /// Fused vs reference: max normalized error of (loss, dx, dW) and the tolerance.
@@ -223,7 +234,15 @@ fn bench_shape<T: DeviceElem>(
         timing,
         extra_mib: extra as f64 / (1 << 20) as f64,
     };
+    // The model with this device's SM count and, for bf16, the peak measured in this run.
+    let mut model_dev = DeviceModel { sms: dev.info().sm_count.max(1) as usize, ..DeviceModel::h200() };
+    if T::DTYPE != DType::F32 {
+        model_dev.bf16_peak_tflops = peak;
+    }
+    let shape = HeadShape { b: s.b, c: s.c, d: s.d };
     Ok(BenchRow {
+        predicted_fused_ms: perf_model::fused(shape, T::DTYPE, &model_dev).total_ms(),
+        predicted_reference_ms: perf_model::reference(shape, T::DTYPE, &model_dev).total_ms(),
         shape: *s,
         dtype: T::DTYPE.name().into(),
         fraction_of_peak: f.tflops / peak,
@@ -247,11 +266,13 @@ fn bench_shape<T: DeviceElem>(
 fn print_row(r: &BenchRow) {
     let s = &r.shape;
     println!(
-        "{:<10} {:<5} {:>9.3} {:>9.3} {:>9.3} {:>8.1} {:>6.1}% {:>8.2}x {:>7.2}x {:>9.1} {:>9.1}",
+        "{:<10} {:<5} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>8.1} {:>6.1}% {:>8.2}x {:>7.2}x {:>9.1} {:>9.1}",
         s.name,
         r.dtype,
         r.fused.timing.median_ms,
+        r.predicted_fused_ms,
         r.reference.timing.median_ms,
+        r.predicted_reference_ms,
         r.cublas_3gemm.timing.median_ms,
         r.fused.tflops,
         100.0 * r.fraction_of_peak,
@@ -304,8 +325,110 @@ fn verdict(got: f64, target: f64) -> String {
     }
 }
 
-/// Runs `featcloud bench`. Without a GPU it says so and exits 0.
+/// The model's predictions for one SPEC 9 shape (bf16).
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelRow {
+    /// The shape.
+    pub shape: BenchShape,
+    /// Fused path, per kernel.
+    pub fused: PathModel,
+    /// Reference path, per kernel.
+    pub reference: PathModel,
+    /// 6*B*C*D.
+    pub three_gemm_flops: f64,
+    /// 6*B*C*D / bf16 peak, ms.
+    pub tensor_limit_ms: f64,
+}
+
+fn print_path(p: &PathModel) {
+    for k in &p.kernels {
+        let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+        println!(
+            "  {:<9} {:<34} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>4} {:>5} {:<8} {:>8.4}",
+            p.path,
+            k.name,
+            k.flops / 1e9,
+            k.hbm_bytes / 1e6,
+            k.l2_bytes / 1e6,
+            opt(k.ctas),
+            opt(k.ctas_per_sm.map(u64::from)),
+            opt(k.waves),
+            k.bound.name(),
+            k.predicted_ms
+        );
+    }
+}
+
+/// `featcloud bench --model`: the roofline predictions for every SPEC 9 shape, no GPU needed.
+fn run_model(args: &Args) -> anyhow::Result<()> {
+    let dev = DeviceModel::h200();
+    println!(
+        "roofline model (PREDICTIONS, not measurements; docs/PERF.md): {} SMs, HBM {} TB/s, L2 {} TB/s / {} MiB, \
+         bf16 {} TFLOP/s x {} (mma.sync), f32 {} TFLOP/s, launch {} us",
+        dev.sms,
+        dev.hbm_tbs,
+        dev.l2_tbs,
+        dev.l2_bytes / (1u64 << 20) as f64,
+        dev.bf16_peak_tflops,
+        dev.mma_efficiency,
+        dev.f32_peak_tflops,
+        dev.launch_us
+    );
+    if perf_model::resources("fused_bwd_c128_bf16", dev.arch).is_none() {
+        println!("(no ptxas table for sm_{}: built without NVRTC; 255 registers assumed)", dev.arch);
+    }
+    let mut rows = vec![];
+    for s in SHAPES.iter().filter(|s| args.only.as_deref().is_none_or(|o| s.name.contains(o))) {
+        let shape = HeadShape { b: s.b, c: s.c, d: s.d };
+        let row = ModelRow {
+            shape: *s,
+            fused: perf_model::fused(shape, DType::BF16, &dev),
+            reference: perf_model::reference(shape, DType::BF16, &dev),
+            three_gemm_flops: perf_model::three_gemm_flops(shape),
+            tensor_limit_ms: perf_model::tensor_limit_ms(shape, &dev),
+        };
+        println!("\n{} (B {}, D {}, C {}), bf16", s.name, s.b, s.d, s.c);
+        println!(
+            "  {:<9} {:<34} {:>9} {:>9} {:>9} {:>7} {:>4} {:>5} {:<8} {:>8}",
+            "path", "kernel", "GFLOP", "HBM MB", "L2 MB", "CTAs", "/SM", "waves", "bound", "pred ms"
+        );
+        print_path(&row.fused);
+        print_path(&row.reference);
+        let target = s.torch_compile_ms / if s.small { 20.0 } else { 2.0 };
+        let limit = (!s.small).then(|| format!(", 1.5x tensor limit {:.3} ms", 1.5 * row.tensor_limit_ms));
+        println!(
+            "  fused total {:.3} ms predicted, reference {:.3} ms predicted; torch.compile {:.2} ms (SPEC 9), \
+             target {:.3} ms ({}x){}",
+            row.fused.total_ms(),
+            row.reference.total_ms(),
+            s.torch_compile_ms,
+            target,
+            if s.small { 20 } else { 2 },
+            limit.unwrap_or_default()
+        );
+        println!(
+            "  3-GEMM floor: 6*B*C*D = {:.2} GFLOP, / {} TFLOP/s = {:.4} ms; fused mma FLOPs {:.2} GFLOP ({:.2}x)",
+            row.three_gemm_flops / 1e9,
+            dev.bf16_peak_tflops,
+            row.tensor_limit_ms,
+            row.fused.flops() / 1e9,
+            row.fused.flops() / row.three_gemm_flops
+        );
+        rows.push(row);
+    }
+    if let Some(path) = &args.json {
+        crate::io::write_atomic(path, serde_json::to_string_pretty(&(dev, rows))?.as_bytes())?;
+        println!("\nwrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Runs `featcloud bench` (with `--model`, the predictions only). Without a GPU it says so
+/// and exits 0.
 pub fn run(args: &Args) -> anyhow::Result<()> {
+    if args.model {
+        return run_model(args);
+    }
     let dev = match Device::new(0) {
         Ok(d) => d,
         Err(e) => {
@@ -329,11 +452,13 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         Some(p)
     };
     println!(
-        "\n{:<10} {:<5} {:>9} {:>9} {:>9} {:>8} {:>7} {:>9} {:>8} {:>9} {:>9}",
+        "\n{:<10} {:<5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>7} {:>9} {:>8} {:>9} {:>9}",
         "shape",
         "dtype",
         "fused ms",
+        "predicted",
         "ref ms",
+        "predicted",
         "3gemm ms",
         "TFLOP/s",
         "%peak",

@@ -16,6 +16,7 @@ pub mod head;
 pub mod kernels;
 pub mod launch;
 pub mod norms;
+pub mod perf_model;
 pub mod stats;
 pub mod tensor;
 

@@ -1,0 +1,538 @@
+//! A roofline model of today's CUDA head paths (fused and reference), per kernel of one
+//! forward+backward at a [`HeadShape`], for a [`DeviceModel`] (H200 defaults). Everything
+//! it returns is a prediction, never a measurement; `docs/PERF.md` explains each formula
+//! and `featcloud bench --model` prints the table. Runs without a GPU: the launches come
+//! from the dispatcher's own planning code (`head/plan.rs`), the registers and static
+//! shared memory from the ptxas table [`RESOURCES`].
+//!
+//! Per kernel: FLOPs (matrix products only: mma tiles as the kernel pads them, or 2*M*N*K
+//! for a cuBLAS GEMM; elementwise arithmetic is not counted, those kernels are bound by
+//! memory, latency or launch), L2 bytes (every global load and store: all of them pass
+//! through L2), HBM bytes (the part that misses L2 by the rules in [`fused`]), CTAs,
+//! CTAs per SM, waves. Then
+//!   compute = FLOPs / rate, hbm = HBM bytes / HBM bandwidth, l2 = L2 bytes / L2 bandwidth,
+//!   latency = (grid of at most one CTA per SM only) the busiest CTA's share of the work
+//!             at one SM's share of the chip = max(compute, hbm, l2) * SMs * busiest share,
+//!   predicted = max(compute, hbm, l2, latency) + launch overhead.
+
+use crate::cuda::args::{
+    FusedBwdArgs, FusedCombineArgs, FusedFwdArgs, HeadReduceArgs, NormbackArgs, RefGradArgs, RefMarginArgs,
+    RefNormalizeArgs, RefSoftmaxArgs,
+};
+use crate::cuda::head::plan;
+use crate::cuda::kernels::{KernelResources, RESOURCES};
+use crate::cuda::{norms, DevPtr, Launch};
+use crate::{DType, HeadShape};
+use serde::Serialize;
+
+/// The device the model predicts for. [`DeviceModel::h200`] (also `Default`) holds one
+/// H200 SXM; each field says where its value comes from, and which are assumptions that
+/// `featcloud bench` on the GPU should confirm.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct DeviceModel {
+    /// Streaming multiprocessors. H200 SXM: 132 (NVIDIA H200 datasheet; `featcloud info` reports it).
+    pub sms: usize,
+    /// Achievable HBM bandwidth, TB/s. H200: 4.8 TB/s peak (datasheet); 4.2 (~87%) is what a
+    /// streaming copy reaches on HBM3 parts (assumption, to be measured).
+    pub hbm_tbs: f64,
+    /// L2 bandwidth, TB/s. 5.5: Chips and Cheese's measurement on an H100 PCIe (114 SMs,
+    /// "Nvidia's H100: Funny L2, and Tons of Bandwidth", 2023); the H200's 132 SMs at a
+    /// higher clock likely do better (assumption, to be measured).
+    pub l2_tbs: f64,
+    /// L2 capacity, bytes. H200: 50 MiB (`cudaDevAttrL2CacheSize` on H100/H200).
+    pub l2_bytes: f64,
+    /// bf16 dense tensor-core peak, TFLOP/s: ~790 measured by cuBLAS 8192^3 on an H200 (SPEC 9).
+    pub bf16_peak_tflops: f64,
+    /// Fraction of [`Self::bf16_peak_tflops`] the fused kernels' mma.sync tiles reach: 0.62
+    /// (assumption: mma.sync without wgmma/TMA is commonly quoted at 60-65% of Hopper's
+    /// peak; to be measured).
+    pub mma_efficiency: f64,
+    /// FP32 (non-tensor) peak, TFLOP/s: 132 SMs x 128 FP32 lanes x 2 x 1.98 GHz = 66.9
+    /// (H100/H200 SXM datasheet: 67).
+    pub f32_peak_tflops: f64,
+    /// Fraction of [`Self::f32_peak_tflops`] the fused f32 (exact SIMT) tiles reach: 0.5 (assumption).
+    pub simt_efficiency: f64,
+    /// Fraction of [`Self::f32_peak_tflops`] cuBLAS FP32 GEMMs (the reference path, no TF32)
+    /// reach: 0.75 (assumption; `featcloud bench` prints the measured f32 peak).
+    pub cublas_f32_efficiency: f64,
+    /// Host + device overhead of one kernel launch on a busy stream, microseconds: 4 (assumption).
+    pub launch_us: f64,
+    /// Shared memory per SM usable by CTAs, bytes: 228 KiB (CUDA C programming guide, cc 9.0).
+    pub smem_per_sm: u32,
+    /// Shared memory the system reserves per CTA, bytes: 1 KiB (CUDA C programming guide, cc 8.0+).
+    pub smem_reserved_per_cta: u32,
+    /// 32-bit registers per SM: 65,536 (cc 9.0).
+    pub regs_per_sm: u32,
+    /// Register allocation unit per warp, registers: 256 (cc 9.0, CUDA occupancy calculator).
+    pub reg_alloc_unit: u32,
+    /// Resident threads per SM: 2,048 (cc 9.0).
+    pub max_threads_per_sm: u32,
+    /// Resident CTAs per SM: 32 (cc 9.0).
+    pub max_ctas_per_sm: u32,
+    /// The arch whose ptxas table gives registers: 90 (sm_90).
+    pub arch: u32,
+}
+
+impl DeviceModel {
+    /// One H200 SXM (the SPEC 9 machine).
+    pub const fn h200() -> Self {
+        Self {
+            sms: 132,
+            hbm_tbs: 4.2,
+            l2_tbs: 5.5,
+            l2_bytes: (50u64 << 20) as f64,
+            bf16_peak_tflops: 790.0,
+            mma_efficiency: 0.62,
+            f32_peak_tflops: 66.9,
+            simt_efficiency: 0.5,
+            cublas_f32_efficiency: 0.75,
+            launch_us: 4.0,
+            smem_per_sm: 228 << 10,
+            smem_reserved_per_cta: 1 << 10,
+            regs_per_sm: 65_536,
+            reg_alloc_unit: 256,
+            max_threads_per_sm: 2048,
+            max_ctas_per_sm: 32,
+            arch: 90,
+        }
+    }
+
+    /// TFLOP/s of the fused tiles for `dtype`: mma.sync for 16-bit storage, SIMT FMAs for f32.
+    pub fn tile_tflops(&self, dtype: DType) -> f64 {
+        match dtype {
+            DType::F32 => self.f32_peak_tflops * self.simt_efficiency,
+            DType::BF16 | DType::F16 => self.bf16_peak_tflops * self.mma_efficiency,
+        }
+    }
+
+    /// TFLOP/s of the reference path's cuBLAS FP32 GEMMs.
+    pub fn cublas_f32_tflops(&self) -> f64 {
+        self.f32_peak_tflops * self.cublas_f32_efficiency
+    }
+
+    /// CTAs of `threads` threads, `regs` registers each and `smem` bytes of shared memory
+    /// (static + dynamic) that fit on one SM at once: the least of the register, shared
+    /// memory, thread and CTA limits.
+    pub fn ctas_per_sm(&self, threads: u32, regs: u32, smem: u32) -> u32 {
+        let warps = threads.div_ceil(32).max(1);
+        let per_warp = (regs.max(1) * 32).div_ceil(self.reg_alloc_unit) * self.reg_alloc_unit;
+        let by_regs = self.regs_per_sm / (per_warp * warps);
+        let by_smem = self.smem_per_sm / (smem + self.smem_reserved_per_cta);
+        let by_threads = self.max_threads_per_sm / (warps * 32);
+        by_regs.min(by_smem).min(by_threads).min(self.max_ctas_per_sm)
+    }
+}
+
+impl Default for DeviceModel {
+    fn default() -> Self {
+        Self::h200()
+    }
+}
+
+/// What limits a kernel's predicted time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Bound {
+    /// Matrix-product throughput (tensor cores, SIMT FMAs or cuBLAS).
+    Compute,
+    /// HBM bandwidth.
+    Memory,
+    /// L2 bandwidth (data reused from L2 still has to move through it).
+    L2,
+    /// Too few CTAs: the grid under-fills the SMs and the busiest CTA sets the time.
+    Latency,
+    /// The launch overhead exceeds everything else.
+    Launch,
+}
+
+impl Bound {
+    /// Short lower-case name for tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Bound::Compute => "compute",
+            Bound::Memory => "memory",
+            Bound::L2 => "l2",
+            Bound::Latency => "latency",
+            Bound::Launch => "launch",
+        }
+    }
+}
+
+/// The prediction for one kernel launch (or one cuBLAS GEMM).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KernelModel {
+    /// Entry point, or `cublas_sgemm (what)` for a reference GEMM.
+    pub name: String,
+    /// Matrix-product FLOPs as executed (padded tiles included).
+    pub flops: f64,
+    /// Bytes that miss L2 and move to or from HBM.
+    pub hbm_bytes: f64,
+    /// Every byte loaded or stored (all global traffic passes through L2).
+    pub l2_bytes: f64,
+    /// CTAs in the grid (`None` for cuBLAS, whose tiling is not modelled).
+    pub ctas: Option<u64>,
+    /// CTAs resident per SM (from ptxas registers, shared memory, threads).
+    pub ctas_per_sm: Option<u32>,
+    /// ceil(CTAs / (SMs x CTAs per SM)).
+    pub waves: Option<u64>,
+    /// Registers per thread used for the occupancy (ptxas table; 255 when it lacks the kernel).
+    pub registers: Option<u32>,
+    /// Whether the ptxas table had this kernel (false: the crate was built without NVRTC).
+    pub ptxas_known: bool,
+    /// FLOPs / rate, ms.
+    pub compute_ms: f64,
+    /// HBM bytes / HBM bandwidth, ms.
+    pub hbm_ms: f64,
+    /// L2 bytes / L2 bandwidth, ms.
+    pub l2_ms: f64,
+    /// The under-filled grid's time (0 when the grid has more CTAs than SMs), ms.
+    pub latency_ms: f64,
+    /// Launch overhead, ms.
+    pub launch_ms: f64,
+    /// The largest term.
+    pub bound: Bound,
+    /// max(compute, hbm, l2, latency) + launch, ms.
+    pub predicted_ms: f64,
+}
+
+/// The prediction for one path's forward+backward.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PathModel {
+    /// "fused" or "reference".
+    pub path: &'static str,
+    /// Every launch, in stream order.
+    pub kernels: Vec<KernelModel>,
+}
+
+impl PathModel {
+    /// Sum of the kernels' predictions (they run one after another on one stream), ms.
+    pub fn total_ms(&self) -> f64 {
+        self.kernels.iter().map(|k| k.predicted_ms).sum()
+    }
+
+    /// Sum of the kernels' FLOPs.
+    pub fn flops(&self) -> f64 {
+        self.kernels.iter().map(|k| k.flops).sum()
+    }
+
+    /// Sum of the kernels' HBM bytes.
+    pub fn hbm_bytes(&self) -> f64 {
+        self.kernels.iter().map(|k| k.hbm_bytes).sum()
+    }
+}
+
+/// 6*B*C*D: the FLOPs of the three B x C x D products of a forward+backward (SPEC 9's
+/// "cuBLAS 3 GEMMs").
+pub fn three_gemm_flops(shape: HeadShape) -> f64 {
+    6.0 * shape.b as f64 * shape.c as f64 * shape.d as f64
+}
+
+/// SPEC 9's tensor-core limit 6*B*C*D / peak (bf16 peak of `dev`), ms.
+pub fn tensor_limit_ms(shape: HeadShape, dev: &DeviceModel) -> f64 {
+    three_gemm_flops(shape) / (dev.bf16_peak_tflops * 1e12) * 1e3
+}
+
+/// The ptxas entry of `kernel` for `arch`, if the build recorded one.
+pub fn resources(kernel: &str, arch: u32) -> Option<&'static KernelResources> {
+    RESOURCES.iter().find(|r| r.kernel == kernel && r.arch == arch)
+}
+
+/// Work of one kernel before the device turns it into times.
+struct Work {
+    flops: f64,
+    tflops: f64,
+    hbm: f64,
+    l2: f64,
+    /// Fraction of the work the busiest CTA does (1 / CTAs when all do the same).
+    busiest: f64,
+}
+
+fn ms(amount: f64, per_s: f64) -> f64 {
+    if amount == 0.0 {
+        0.0
+    } else {
+        amount / per_s * 1e3
+    }
+}
+
+/// Turns `w` into a [`KernelModel`]; `launch` gives grid, block and dynamic shared
+/// memory (`None`: a cuBLAS GEMM with name `name`).
+fn model(dev: &DeviceModel, name: String, launch: Option<&Launch>, w: Work) -> KernelModel {
+    let compute_ms = ms(w.flops, w.tflops * 1e12);
+    let hbm_ms = ms(w.hbm, dev.hbm_tbs * 1e12);
+    let l2_ms = ms(w.l2, dev.l2_tbs * 1e12);
+    let roof = compute_ms.max(hbm_ms).max(l2_ms);
+    let (mut ctas, mut occ, mut waves, mut regs, mut known, mut latency_ms) =
+        (None, None, None, None, false, 0.0);
+    if let Some(l) = launch {
+        let n = l.grid.iter().map(|&g| g as u64).product::<u64>();
+        let threads = l.block.iter().product::<u32>();
+        let res = resources(l.kernel.name, dev.arch);
+        known = res.is_some();
+        // Without the ptxas table: 255 registers, the per-thread maximum (lowest occupancy).
+        let r = res.map_or(255, |r| r.registers);
+        let smem = res.map_or(0, |r| r.shared_bytes) + l.smem;
+        let k = dev.ctas_per_sm(threads, r, smem).max(1);
+        let wv = n.div_ceil(dev.sms as u64 * k as u64);
+        if n < dev.sms as u64 {
+            latency_ms = roof * dev.sms as f64 * w.busiest;
+        }
+        (ctas, occ, waves, regs) = (Some(n), Some(k), Some(wv), Some(r));
+    }
+    let launch_ms = dev.launch_us * 1e-3;
+    let body = roof.max(latency_ms);
+    let bound = if launch_ms > body {
+        Bound::Launch
+    } else if latency_ms > roof {
+        Bound::Latency
+    } else if compute_ms >= hbm_ms && compute_ms >= l2_ms {
+        Bound::Compute
+    } else if hbm_ms >= l2_ms {
+        Bound::Memory
+    } else {
+        Bound::L2
+    };
+    KernelModel {
+        name,
+        flops: w.flops,
+        hbm_bytes: w.hbm,
+        l2_bytes: w.l2,
+        ctas,
+        ctas_per_sm: occ,
+        waves,
+        registers: regs,
+        ptxas_known: known,
+        compute_ms,
+        hbm_ms,
+        l2_ms,
+        latency_ms,
+        launch_ms,
+        bound,
+        predicted_ms: body + launch_ms,
+    }
+}
+
+fn launch_model(dev: &DeviceModel, l: &Launch, w: Work) -> KernelModel {
+    model(dev, l.kernel.name.to_string(), Some(l), w)
+}
+
+/// A memory-only kernel whose busiest CTA does the fraction `busiest` of the work.
+fn mem_work(hbm: f64, l2: f64, busiest: f64) -> Work {
+    Work { flops: 0.0, tflops: 1.0, hbm, l2, busiest }
+}
+
+/// The busiest CTA's share when `rows` rows go `per_cta` to a CTA (the last CTA may hold fewer).
+fn rows_share(rows: usize, per_cta: usize) -> f64 {
+    per_cta.min(rows) as f64 / rows.max(1) as f64
+}
+
+/// Rows per CTA of the one-warp-per-row kernels (8 warps of 256 threads).
+const WARP_ROWS: usize = 8;
+
+/// `row_norms_fwd_*` over `rows` x `d` (reads v, writes the inverse norms).
+fn row_norms(dev: &DeviceModel, dtype: DType, rows: usize, d: usize) -> KernelModel {
+    let l = norms::row_norms_launch(dtype, rows, d, DevPtr::NULL, DevPtr::NULL, DevPtr::NULL);
+    let bytes = (rows * d * dtype.size() + rows * 4) as f64;
+    launch_model(dev, &l, mem_work(bytes, bytes, rows_share(rows, WARP_ROWS)))
+}
+
+/// `head_normback_bwd_*`: sums `nparts` f32 partials [rows, d], reads v and the inverse
+/// norms, writes the gradient (16-bit for 16-bit storage: `GradDtype::Input`). `parts_in_l2`:
+/// the partials were just written by the previous kernel and fit in L2.
+fn normback(
+    dev: &DeviceModel,
+    dtype: DType,
+    rows: usize,
+    d: usize,
+    nparts: usize,
+    parts_in_l2: bool,
+) -> KernelModel {
+    let l = plan::normback(dtype, dtype == DType::F32, rows, d, nparts, NormbackArgs::default());
+    let e = dtype.size() as f64;
+    let (rows_f, d_f) = (rows as f64, d as f64);
+    let parts = nparts as f64 * rows_f * d_f * 4.0;
+    let rest = rows_f * d_f * e + rows_f * 4.0 + rows_f * d_f * e;
+    let hbm = rest + if parts_in_l2 { 0.0 } else { parts };
+    launch_model(dev, &l, mem_work(hbm, parts + rest, rows_share(rows, WARP_ROWS)))
+}
+
+/// `head_reduce_fwd_f32`: one CTA sums B row losses.
+fn head_reduce(dev: &DeviceModel, b: usize) -> KernelModel {
+    let l = plan::head_reduce(b, HeadReduceArgs::default());
+    let bytes = (b * 4 + 4) as f64;
+    launch_model(dev, &l, mem_work(bytes, bytes, 1.0))
+}
+
+/// The fused path's launches of one `forward_backward` (gradients in the storage dtype),
+/// as the dispatcher picks them on `dev.sms` SMs.
+///
+/// L2 rules (what is counted as HBM traffic):
+/// - a kernel's inputs come from HBM on first touch (a kernel does not inherit the
+///   previous kernel's L2, except scratch that the previous kernel wrote and that fits
+///   in L2: part -> combine, dx / dW partials -> normback);
+/// - data a kernel re-reads comes from L2 when its live set fits in the L2 capacity,
+///   filled greedily from the shortest reuse distance; a set that does not fit entirely
+///   is re-read from HBM every time (a cyclic pattern larger than an LRU cache misses);
+/// - every store reaches HBM once (write-back), re-stores to resident lines do not.
+pub fn fused(shape: HeadShape, dtype: DType, dev: &DeviceModel) -> PathModel {
+    let HeadShape { b, c, d } = shape;
+    let (bf, cf, df, e) = (b as f64, c as f64, d as f64, dtype.size() as f64);
+    let vec = plan::fused_vectorized(dtype, d);
+    let f32 = dtype == DType::F32;
+    let (bk, bd) = if f32 { (16, 32) } else { (32, 64) };
+    let dk = d.div_ceil(bk) * bk;
+    let dbd = d.div_ceil(bd) * bd;
+    let rate = dev.tile_tflops(dtype);
+    let mut kernels = vec![row_norms(dev, dtype, b, d), row_norms(dev, dtype, c, d)];
+
+    // Forward tiles: grid (class tiles, row tiles), class tiles fastest, so one pass over
+    // the row tiles streams all of W; W is re-read per row tile unless it fits in L2.
+    let (bm, bn) = plan::forward_tile_for(shape, dev.sms);
+    let (n_ct, n_rt) = (c.div_ceil(bn), b.div_ceil(bm));
+    let l = plan::fused_fwd(dtype, shape, (bm, bn), vec, FusedFwdArgs::default())
+        .expect("forward_tile_for returns one of FORWARD_TILES");
+    let flops = 2.0 * (n_rt * bm) as f64 * (n_ct * bn) as f64 * dk as f64;
+    let (nct, nrt) = (n_ct as f64, n_rt as f64);
+    let w_bytes = cf * df * e;
+    let w_passes = if w_bytes + cf * 4.0 <= dev.l2_bytes { 1.0 } else { nrt };
+    let part = 3.0 * nct * bf * 4.0;
+    let outs = 4.0 * bf * 4.0;
+    // x tile by every class tile, W (+ inv_w) by every row tile, inv_x and labels per CTA,
+    // the target rows' x and W for the f64 c_iy, the partials and per-row outputs.
+    let l2 = nct * bf * df * e
+        + nrt * cf * (df * e + 4.0)
+        + 2.0 * nct * bf * 4.0
+        + 2.0 * bf * df * e
+        + part
+        + outs;
+    let hbm = bf * df * e + w_passes * cf * (df * e + 4.0) + 2.0 * bf * 4.0 + bf * df * e + part + outs;
+    // Every tile does the same (padded) work.
+    let busiest = 1.0 / (n_ct * n_rt) as f64;
+    kernels.push(launch_model(dev, &l, Work { flops, tflops: rate, hbm, l2, busiest }));
+
+    let lc = plan::fused_combine(b, n_ct, FusedCombineArgs::default());
+    let rows_io = 2.0 * bf * 4.0 + 2.0 * bf * 4.0;
+    let part_hbm = if part <= dev.l2_bytes { 0.0 } else { part };
+    kernels.push(launch_model(
+        dev,
+        &lc,
+        mem_work(part_hbm + rows_io, part + rows_io, rows_share(b, WARP_ROWS)),
+    ));
+    kernels.push(head_reduce(dev, b));
+
+    // Backward: CTA (g, s) takes class tiles g, g + G, ... and of each the row tiles
+    // s, s + S, ...; per (row tile, class tile) pair it recomputes the cosine tile (64 x
+    // cols x D), then dxp[g] (+)= dC . W (64 x D, K = cols) and acc (+)= dC^T . x (cols x
+    // D, K = 64), both f32 read-modify-writes.
+    let cols = plan::backward_cols_for(shape, dev.sms);
+    let (g, s) = plan::backward_grid_for(shape, dev.sms);
+    let (n_ct, n_rt) = (c.div_ceil(cols), b.div_ceil(64));
+    let (nct, nrt, gf, sf, colsf) = (n_ct as f64, n_rt as f64, g as f64, s as f64, cols as f64);
+    let lb = plan::fused_bwd(dtype, shape, (cols, g, s), vec, FusedBwdArgs::default())
+        .expect("backward_cols_for returns 64 or 128");
+    let pairs = nct * nrt;
+    let flops = pairs * (2.0 * 64.0 * colsf * dk as f64 + 2.0 * 2.0 * 64.0 * colsf * dbd as f64);
+    let dw32 = f32;
+    // Live sets, shortest reuse distance first: each CTA's class tile (its W rows and its
+    // f32 dW accumulator, reused every row tile), then x (reused every class tile), then
+    // the dx partials (each CTA's B x D slice, reused once per class tile it owns).
+    let acc_live = gf * sf * colsf * df * (4.0 + e);
+    let x_bytes = bf * df * e;
+    let dxp_live = gf * bf * df * 4.0;
+    let mut cap = dev.l2_bytes;
+    let mut fits = |size: f64| {
+        let ok = size <= cap;
+        if ok {
+            cap -= size;
+        }
+        ok
+    };
+    let (acc_fit, x_fit, dxp_fit) = (fits(acc_live), fits(x_bytes), fits(dxp_live));
+    let x_loads = 2.0 * nct * x_bytes;
+    let w_loads = 2.0 * nrt * cf * df * e;
+    let rows_in = nct * bf * 5.0 * 4.0 + nrt * cf * 4.0;
+    let dxp_w = nct * bf * df * 4.0;
+    let dxp_r = (nct - gf).max(0.0) * bf * df * 4.0;
+    let acc_w = nrt * cf * df * 4.0;
+    let acc_r = (nrt - sf).max(0.0) * cf * df * 4.0;
+    // S = 1 finishes dW in the kernel: reads the accumulator, W twice, writes dW.
+    let finish_l2 = if s == 1 {
+        cf * df * 4.0 + 2.0 * cf * df * e + cf * 4.0 + cf * df * if dw32 { 4.0 } else { e }
+    } else {
+        0.0
+    };
+    let l2 = x_loads + w_loads + rows_in + dxp_w + dxp_r + acc_w + acc_r + finish_l2;
+    let x_hbm = if x_fit { x_bytes } else { (nct / gf).ceil() * x_bytes };
+    let w_hbm = if acc_fit { cf * df * e } else { w_loads + if s == 1 { 2.0 * cf * df * e } else { 0.0 } };
+    let acc_region = if s > 1 {
+        sf * cf * df * 4.0
+    } else if dw32 {
+        cf * df * 4.0
+    } else {
+        gf * colsf * df * 4.0
+    };
+    let acc_hbm = if acc_fit { acc_region } else { acc_w + acc_r + if s == 1 { cf * df * 4.0 } else { 0.0 } };
+    let dxp_hbm = if dxp_fit { dxp_live } else { dxp_w + dxp_r };
+    let dw_out = if s == 1 && !dw32 { cf * df * e } else { 0.0 };
+    let hbm = x_hbm + w_hbm + bf * 5.0 * 4.0 + cf * 4.0 + acc_hbm + dxp_hbm + dw_out;
+    let busiest = (nct / gf).ceil() * (nrt / sf).ceil() / pairs;
+    kernels.push(launch_model(dev, &lb, Work { flops, tflops: rate, hbm, l2, busiest }));
+    if s > 1 {
+        kernels.push(normback(dev, dtype, c, d, s, sf * cf * df * 4.0 <= dev.l2_bytes));
+    }
+    // The dx partials come from the kernel just before only without row splits.
+    kernels.push(normback(dev, dtype, b, d, g, s == 1 && dxp_fit));
+    PathModel { path: "fused", kernels }
+}
+
+/// One cuBLAS FP32 GEMM of M x N x K: 2*M*N*K FLOPs at the cuBLAS rate; operands and
+/// output moved once (`a_in_l2`: the first operand was just written and fits in L2).
+/// cuBLAS's own operand re-reads are not modelled, so its memory terms are lower bounds.
+fn sgemm(dev: &DeviceModel, what: &str, (m, n, k): (usize, usize, usize), a_in_l2: bool) -> KernelModel {
+    let (m, n, k) = (m as f64, n as f64, k as f64);
+    let (a, bb, out) = (m * k * 4.0, n * k * 4.0, m * n * 4.0);
+    let hbm = if a_in_l2 { 0.0 } else { a } + bb + out;
+    let w =
+        Work { flops: 2.0 * m * n * k, tflops: dev.cublas_f32_tflops(), hbm, l2: a + bb + out, busiest: 0.0 };
+    model(dev, format!("cublas_sgemm ({what})"), None, w)
+}
+
+/// The reference path's launches of one `forward_backward` (`head/reference.rs`): f32
+/// normalized copies, three FP32 cuBLAS GEMMs plus a recomputed cosine GEMM in the
+/// backward, the B x C cosines and dC materialized. Same L2 rules as [`fused`].
+pub fn reference(shape: HeadShape, dtype: DType, dev: &DeviceModel) -> PathModel {
+    let HeadShape { b, c, d } = shape;
+    let (bf, cf, df, e) = (b as f64, c as f64, d as f64, dtype.size() as f64);
+    let normalize = |rows: usize| {
+        let l = plan::ref_normalize(dtype, rows, d, RefNormalizeArgs::default());
+        let r = rows as f64;
+        let bytes = r * df * e + r * df * 4.0 + r * 4.0;
+        launch_model(dev, &l, mem_work(bytes, bytes, rows_share(rows, WARP_ROWS)))
+    };
+    let cos_bytes = bf * cf * 4.0;
+    let cos_fits = cos_bytes <= dev.l2_bytes;
+    let mut kernels = vec![normalize(b), normalize(c), sgemm(dev, "cos", (b, c, d), false)];
+    let lm = plan::ref_margin(dtype, shape, RefMarginArgs::default());
+    // Per valid row: its x row and W row (c_iy), labels, sigma, four outputs.
+    let margin = 2.0 * bf * df * e + 6.0 * bf * 4.0;
+    kernels.push(launch_model(dev, &lm, mem_work(margin, margin, rows_share(b, plan::THREADS as usize))));
+    let ls = plan::ref_softmax(shape, RefSoftmaxArgs::default());
+    let rows = 5.0 * bf * 4.0;
+    let hbm = rows + if cos_fits { 0.0 } else { cos_bytes };
+    kernels.push(launch_model(dev, &ls, mem_work(hbm, cos_bytes + rows, 1.0 / bf)));
+    kernels.push(head_reduce(dev, b));
+    kernels.extend([normalize(b), normalize(c), sgemm(dev, "cos again", (b, c, d), false)]);
+    let lg = plan::ref_grad(shape, RefGradArgs::default());
+    let rows = 5.0 * bf * 4.0 * (c.div_ceil(plan::THREADS as usize)) as f64;
+    let hbm = rows + cos_bytes + if cos_fits { 0.0 } else { cos_bytes };
+    kernels.push(launch_model(
+        dev,
+        &lg,
+        mem_work(hbm, 2.0 * cos_bytes + rows, rows_share(c, plan::THREADS as usize) / bf),
+    ));
+    kernels.push(sgemm(dev, "dx", (b, d, c), cos_fits));
+    kernels.push(sgemm(dev, "dW", (c, d, b), false));
+    // dxh was written two kernels back (by the dx GEMM); dwh by the kernel just before.
+    kernels.push(normback(dev, dtype, b, d, 1, false));
+    kernels.push(normback(dev, dtype, c, d, 1, cf * df * 4.0 <= dev.l2_bytes));
+    PathModel { path: "reference", kernels }
+}
