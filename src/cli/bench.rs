@@ -340,6 +340,15 @@ pub struct ModelRow {
     pub tensor_limit_ms: f64,
 }
 
+/// What `featcloud bench --model --json` writes.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelReport {
+    /// The device the predictions are for.
+    pub device: DeviceModel,
+    /// One entry per shape.
+    pub rows: Vec<ModelRow>,
+}
+
 fn print_path(p: &PathModel) {
     for k in &p.kernels {
         let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
@@ -417,7 +426,10 @@ fn run_model(args: &Args) -> anyhow::Result<()> {
         rows.push(row);
     }
     if let Some(path) = &args.json {
-        crate::io::write_atomic(path, serde_json::to_string_pretty(&(dev, rows))?.as_bytes())?;
+        crate::io::write_atomic(
+            path,
+            serde_json::to_string_pretty(&ModelReport { device: dev, rows })?.as_bytes(),
+        )?;
         println!("\nwrote {}", path.display());
     }
     Ok(())
