@@ -4,7 +4,7 @@
 
 use featcloud::cuda::bench::SHAPES;
 use featcloud::cuda::head::plan;
-use featcloud::cuda::perf_model::{self, Bound, DeviceModel, KernelModel, PathModel};
+use featcloud::cuda::perf_model::{self, Bound, DeviceModel, GridModel, KernelModel, PathModel};
 use featcloud::{DType, HeadShape};
 
 fn h200() -> DeviceModel {
@@ -34,16 +34,16 @@ fn hand_computed_anchor() {
     let s = shape(64, 128, 64);
     let p = perf_model::fused(s, DType::BF16, &h200());
     let f = kernel(&p, "fused_fwd_r64c64_bf16");
-    assert_eq!(f.ctas, Some(2));
-    assert_eq!(f.flops, 1_048_576.0);
-    assert_eq!(f.hbm_bytes, 36_352.0);
+    assert_eq!(f.grid.map(|g| g.ctas), Some(2));
+    assert_eq!(f.traffic.flops, 1_048_576.0);
+    assert_eq!(f.traffic.hbm_bytes, 36_352.0);
     let b = kernel(&p, "fused_bwd_c64_bf16");
-    assert_eq!(b.ctas, Some(2));
-    assert_eq!(b.flops, 3_145_728.0);
+    assert_eq!(b.grid.map(|g| g.ctas), Some(2));
+    assert_eq!(b.traffic.flops, 3_145_728.0);
     // Forward + backward = 8BCD here: the backward recomputes the cosines (2BCD on top of 6BCD).
     assert_eq!(p.flops(), 8.0 * 64.0 * 128.0 * 64.0);
     // Two CTAs on 132 SMs: under-filled, and the launch (4 us) dwarfs microseconds of work.
-    assert!(matches!(f.bound, Bound::Launch | Bound::Latency), "{f:?}");
+    assert!(matches!(f.time.bound, Bound::Launch | Bound::Latency), "{f:?}");
 }
 
 /// The fused path's FLOPs: 2 * Bp * Cp * Dk (forward, padded to its tile) plus, per backward
@@ -80,7 +80,7 @@ fn fused_launch_list() {
         let (_, splits) = plan::backward_grid_for(s, dev.sms);
         assert_eq!(p.kernels.len(), 7 + usize::from(splits > 1), "{s:?}");
         let (g, sp) = plan::backward_grid_for(s, dev.sms);
-        assert_eq!(kernel(&p, "fused_bwd_").ctas, Some((g * sp) as u64));
+        assert_eq!(kernel(&p, "fused_bwd_").grid.map(|g| g.ctas), Some((g * sp) as u64));
     }
 }
 
@@ -95,12 +95,12 @@ fn occupancy_matches_ptxas_table() {
     for s in SHAPES.iter().map(|s| shape(s.b, s.c, s.d)) {
         let p = perf_model::fused(s, DType::BF16, &dev);
         for k in &p.kernels {
-            let (Some(ctas), Some(occ), Some(waves)) = (k.ctas, k.ctas_per_sm, k.waves) else {
+            let Some(GridModel { ctas, ctas_per_sm: occ, waves, registers }) = k.grid else {
                 panic!("{} has no grid", k.name)
             };
             assert_eq!(waves, ctas.div_ceil(132 * occ as u64), "{}", k.name);
             let Some(r) = perf_model::resources(&k.name, 90) else { continue };
-            assert!(k.ptxas_known);
+            assert_eq!(registers, Some(r.registers), "{}", k.name);
             let per_warp = (r.registers * 32).div_ceil(256) * 256;
             let smem = r.shared_bytes
                 + if k.name.starts_with("fused_bwd_c128") {
@@ -164,20 +164,22 @@ fn prediction_is_the_roofline() {
     for s in SHAPES.iter().map(|s| shape(s.b, s.c, s.d)) {
         for p in [perf_model::fused(s, DType::BF16, &dev), perf_model::reference(s, DType::BF16, &dev)] {
             for k in &p.kernels {
-                let body = k.compute_ms.max(k.hbm_ms).max(k.l2_ms).max(k.latency_ms);
-                assert!((k.predicted_ms - (body + dev.launch_us * 1e-3)).abs() < 1e-12, "{k:?}");
-                let top = match k.bound {
-                    Bound::Compute => k.compute_ms,
-                    Bound::Memory => k.hbm_ms,
-                    Bound::L2 => k.l2_ms,
-                    Bound::Latency => k.latency_ms,
-                    Bound::Launch => k.launch_ms,
+                let (t, w) = (&k.time, &k.traffic);
+                let body = t.terms.compute_ms.max(t.terms.hbm_ms).max(t.terms.l2_ms).max(t.terms.latency_ms);
+                assert_eq!(body, t.terms.body_ms());
+                assert!((t.predicted_ms - (body + dev.launch_us * 1e-3)).abs() < 1e-12, "{k:?}");
+                let top = match t.bound {
+                    Bound::Compute => t.terms.compute_ms,
+                    Bound::Memory => t.terms.hbm_ms,
+                    Bound::L2 => t.terms.l2_ms,
+                    Bound::Latency => t.terms.latency_ms,
+                    Bound::Launch => t.launch_ms,
                 };
-                assert!((top - body.max(k.launch_ms)).abs() < 1e-12, "{k:?}");
-                assert!(k.hbm_bytes <= k.l2_bytes + 1e-6, "HBM traffic passes through L2: {k:?}");
+                assert!((top - body.max(t.launch_ms)).abs() < 1e-12, "{k:?}");
+                assert!(w.hbm_bytes <= w.l2_bytes + 1e-6, "HBM traffic passes through L2: {k:?}");
                 // compute = FLOPs / rate: bf16 tiles at 790 x 0.62 TFLOP/s.
-                if k.name.starts_with("fused_") && k.flops > 0.0 {
-                    assert!((k.compute_ms - k.flops / (790e12 * 0.62) * 1e3).abs() < 1e-12);
+                if k.name.starts_with("fused_") && w.flops > 0.0 {
+                    assert!((t.terms.compute_ms - w.flops / (790e12 * 0.62) * 1e3).abs() < 1e-12);
                 }
             }
         }
@@ -242,7 +244,9 @@ fn every_dtype_and_odd_d() {
                 assert!(p.total_ms().is_finite() && p.total_ms() > 0.0, "{dtype:?} {s:?} {p:?}");
                 if dtype == DType::F32 && p.path == "fused" {
                     let k = kernel(&p, "fused_bwd_");
-                    assert!((k.compute_ms - k.flops / (66.9e12 * 0.5) * 1e3).abs() < 1e-12);
+                    assert!(
+                        (k.time.terms.compute_ms - k.traffic.flops / (66.9e12 * 0.5) * 1e3).abs() < 1e-12
+                    );
                 }
             }
         }

@@ -356,14 +356,14 @@ fn print_path(p: &PathModel) {
             "  {:<9} {:<34} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>4} {:>5} {:<8} {:>8.4}",
             p.path,
             k.name,
-            k.flops / 1e9,
-            k.hbm_bytes / 1e6,
-            k.l2_bytes / 1e6,
-            opt(k.ctas),
-            opt(k.ctas_per_sm.map(u64::from)),
-            opt(k.waves),
-            k.bound.name(),
-            k.predicted_ms
+            k.traffic.flops / 1e9,
+            k.traffic.hbm_bytes / 1e6,
+            k.traffic.l2_bytes / 1e6,
+            opt(k.grid.map(|g| g.ctas)),
+            opt(k.grid.map(|g| u64::from(g.ctas_per_sm))),
+            opt(k.grid.map(|g| g.waves)),
+            k.time.bound.name(),
+            k.time.predicted_ms
         );
     }
 }

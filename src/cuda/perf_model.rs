@@ -162,36 +162,70 @@ impl Bound {
 pub struct KernelModel {
     /// Entry point, or `cublas_sgemm (what)` for a reference GEMM.
     pub name: String,
+    /// What it computes and moves.
+    pub traffic: Traffic,
+    /// Its grid and occupancy (`None` for cuBLAS, whose tiling is not modelled).
+    pub grid: Option<GridModel>,
+    /// The roofline terms and the prediction.
+    pub time: TimeModel,
+}
+
+/// A kernel's work and global-memory traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Traffic {
     /// Matrix-product FLOPs as executed (padded tiles included).
     pub flops: f64,
     /// Bytes that miss L2 and move to or from HBM.
     pub hbm_bytes: f64,
     /// Every byte loaded or stored (all global traffic passes through L2).
     pub l2_bytes: f64,
-    /// CTAs in the grid (`None` for cuBLAS, whose tiling is not modelled).
-    pub ctas: Option<u64>,
+}
+
+/// A kernel's grid against the SMs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct GridModel {
+    /// CTAs in the grid.
+    pub ctas: u64,
     /// CTAs resident per SM (from ptxas registers, shared memory, threads).
-    pub ctas_per_sm: Option<u32>,
+    pub ctas_per_sm: u32,
     /// ceil(CTAs / (SMs x CTAs per SM)).
-    pub waves: Option<u64>,
-    /// Registers per thread used for the occupancy (ptxas table; 255 when it lacks the kernel).
+    pub waves: u64,
+    /// Registers per thread from the ptxas table (`None`: the crate was built without
+    /// NVRTC, and the occupancy assumes 255, the per-thread maximum).
     pub registers: Option<u32>,
-    /// Whether the ptxas table had this kernel (false: the crate was built without NVRTC).
-    pub ptxas_known: bool,
-    /// FLOPs / rate, ms.
-    pub compute_ms: f64,
-    /// HBM bytes / HBM bandwidth, ms.
-    pub hbm_ms: f64,
-    /// L2 bytes / L2 bandwidth, ms.
-    pub l2_ms: f64,
-    /// The under-filled grid's time (0 when the grid has more CTAs than SMs), ms.
-    pub latency_ms: f64,
+}
+
+/// A kernel's roofline: the bodies' terms, the launch, the bound and the prediction.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct TimeModel {
+    /// The terms whose maximum is the kernel's body.
+    pub terms: Terms,
     /// Launch overhead, ms.
     pub launch_ms: f64,
     /// The largest term.
     pub bound: Bound,
     /// max(compute, hbm, l2, latency) + launch, ms.
     pub predicted_ms: f64,
+}
+
+/// The roofline terms of a kernel's body, ms.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Terms {
+    /// FLOPs / rate.
+    pub compute_ms: f64,
+    /// HBM bytes / HBM bandwidth.
+    pub hbm_ms: f64,
+    /// L2 bytes / L2 bandwidth.
+    pub l2_ms: f64,
+    /// The under-filled grid's time (0 when the grid has more CTAs than SMs).
+    pub latency_ms: f64,
+}
+
+impl Terms {
+    /// The body's time: the largest term.
+    pub fn body_ms(&self) -> f64 {
+        self.compute_ms.max(self.hbm_ms).max(self.l2_ms).max(self.latency_ms)
+    }
 }
 
 /// The prediction for one path's forward+backward.
@@ -206,17 +240,17 @@ pub struct PathModel {
 impl PathModel {
     /// Sum of the kernels' predictions (they run one after another on one stream), ms.
     pub fn total_ms(&self) -> f64 {
-        self.kernels.iter().map(|k| k.predicted_ms).sum()
+        self.kernels.iter().map(|k| k.time.predicted_ms).sum()
     }
 
     /// Sum of the kernels' FLOPs.
     pub fn flops(&self) -> f64 {
-        self.kernels.iter().map(|k| k.flops).sum()
+        self.kernels.iter().map(|k| k.traffic.flops).sum()
     }
 
     /// Sum of the kernels' HBM bytes.
     pub fn hbm_bytes(&self) -> f64 {
-        self.kernels.iter().map(|k| k.hbm_bytes).sum()
+        self.kernels.iter().map(|k| k.traffic.hbm_bytes).sum()
     }
 }
 
@@ -261,13 +295,11 @@ fn model(dev: &DeviceModel, name: String, launch: Option<&Launch>, w: Work) -> K
     let hbm_ms = ms(w.hbm, dev.hbm_tbs * 1e12);
     let l2_ms = ms(w.l2, dev.l2_tbs * 1e12);
     let roof = compute_ms.max(hbm_ms).max(l2_ms);
-    let (mut ctas, mut occ, mut waves, mut regs, mut known, mut latency_ms) =
-        (None, None, None, None, false, 0.0);
+    let (mut grid, mut latency_ms) = (None, 0.0);
     if let Some(l) = launch {
         let n = l.grid.iter().map(|&g| g as u64).product::<u64>();
         let threads = l.block.iter().product::<u32>();
         let res = resources(l.kernel.name, dev.arch);
-        known = res.is_some();
         // Without the ptxas table: 255 registers, the per-thread maximum (lowest occupancy).
         let r = res.map_or(255, |r| r.registers);
         let smem = res.map_or(0, |r| r.shared_bytes) + l.smem;
@@ -276,7 +308,7 @@ fn model(dev: &DeviceModel, name: String, launch: Option<&Launch>, w: Work) -> K
         if n < dev.sms as u64 {
             latency_ms = roof * dev.sms as f64 * w.busiest;
         }
-        (ctas, occ, waves, regs) = (Some(n), Some(k), Some(wv), Some(r));
+        grid = Some(GridModel { ctas: n, ctas_per_sm: k, waves: wv, registers: res.map(|r| r.registers) });
     }
     let launch_ms = dev.launch_us * 1e-3;
     let body = roof.max(latency_ms);
@@ -293,21 +325,14 @@ fn model(dev: &DeviceModel, name: String, launch: Option<&Launch>, w: Work) -> K
     };
     KernelModel {
         name,
-        flops: w.flops,
-        hbm_bytes: w.hbm,
-        l2_bytes: w.l2,
-        ctas,
-        ctas_per_sm: occ,
-        waves,
-        registers: regs,
-        ptxas_known: known,
-        compute_ms,
-        hbm_ms,
-        l2_ms,
-        latency_ms,
-        launch_ms,
-        bound,
-        predicted_ms: body + launch_ms,
+        traffic: Traffic { flops: w.flops, hbm_bytes: w.hbm, l2_bytes: w.l2 },
+        grid,
+        time: TimeModel {
+            terms: Terms { compute_ms, hbm_ms, l2_ms, latency_ms },
+            launch_ms,
+            bound,
+            predicted_ms: body + launch_ms,
+        },
     }
 }
 
