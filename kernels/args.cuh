@@ -344,3 +344,78 @@ struct FusedBwdArgs {
     int d;                 // D
 };
 FC_ASSERT_LAYOUT(FusedBwdArgs<float>, 184, p, 112, d, 180);
+
+// attn_fwd_d<DP>[_scalar]_<T> (kernels/head_attn.cu): grid (row tiles, class splits)
+template <typename T>
+struct AttnFwdArgs {
+    const T* x;            // [B, D] in
+    const T* w;            // [C, D] in
+    const int* labels;     // [B] in (< 0: ignored row)
+    const float* sigma;    // [C] in: sigma_cloud (unread when the cloud is off)
+    float* inv_x;          // [B] out: 1 / max(|x_i|, eps), written by the split-0 CTAs
+    float* inv_w;          // [C] out: 1 / max(|w_j|, eps), written by the row-tile-0 CTAs
+    float* part;           // [3][n_cs][B] out: (max, sum exp, sum z) per class split
+    float* opart;          // [n_cs][B][D] out: sum_{j != y} exp(z_ij - max) wh_j per class split
+    float* swh;            // [n_cs][D] out: sum of the split's wh_j (written only when ls > 0)
+    float* c_iy;           // [B] out, valid rows only (attn_combine_fwd zeroes the rest)
+    float* t;              // [B] out, valid rows only
+    float* alpha;          // [B] out, valid rows only
+    float* dt;             // [B] out, valid rows only
+    HeadParams p;
+    int b;                 // B
+    int c;                 // C
+    int d;                 // D
+    int tiles_per_split;   // class tiles per split; split s has tiles [s * tps, (s + 1) * tps)
+};
+FC_ASSERT_LAYOUT(AttnFwdArgs<float>, 176, p, 104, tiles_per_split, 172);
+
+// attn_combine_fwd_<T>: one warp per row
+template <typename T>
+struct AttnCombineArgs {
+    const T* x;            // [B, D] in
+    const T* w;            // [C, D] in (the target rows)
+    const int* labels;     // [B] in
+    const float* inv_x;    // [B] in (attn_fwd)
+    const float* inv_w;    // [C] in (attn_fwd)
+    const float* part;     // [3][n_cs][B] in
+    const float* opart;    // [n_cs][B][D] in
+    const float* swh;      // [n_cs][D] in (read only when ls > 0)
+    float* t;              // [B] in (valid rows) / out (0 for ignored rows)
+    float* lse;            // [B] out
+    float* loss;           // [B] out
+    float* c_iy;           // [B] out for ignored rows (0)
+    float* alpha;          // [B] out for ignored rows (0)
+    float* dt;             // [B] out for ignored rows (0)
+    float* u;              // [B, D] out: dx of row i for a unit row weight (0 for ignored rows)
+    HeadParams p;
+    int n_cs;              // class splits of the forward
+    int b;                 // B
+    int c;                 // C
+    int d;                 // D
+};
+FC_ASSERT_LAYOUT(AttnCombineArgs<float>, 192, p, 120, d, 188);
+
+// attn_bwd_d<DP>[_scalar]_<T>: one CTA per class tile
+template <typename T>
+struct AttnBwdArgs {
+    const T* x;            // [B, D] in
+    const T* w;            // [C, D] in
+    const int* labels;     // [B] in
+    const float* inv_x;    // [B] in (attn_fwd)
+    const float* inv_w;    // [C] in (attn_fwd)
+    const float* t;        // [B] in (forward)
+    const float* dt;       // [B] in (forward)
+    const float* lse;      // [B] in (forward)
+    const float* row_g;    // [B] in: per-row upstream gradient; may be null (all 1)
+    const float* u;        // [B, D] in: attn_combine_fwd's dx for a unit row weight
+    T* dx;                 // [B, D] out in T; null when dx32 is set
+    float* dx32;           // [B, D] out in f32; null when dx is set
+    T* dw;                 // [C, D] out in T; null when dw32 is set
+    float* dw32;           // [C, D] out in f32; null when dw is set
+    HeadParams p;
+    float g_scale;         // multiplies row_g (1 / N_valid for a mean)
+    int b;                 // B
+    int c;                 // C
+    int d;                 // D
+};
+FC_ASSERT_LAYOUT(AttnBwdArgs<float>, 184, p, 112, d, 180);

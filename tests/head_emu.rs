@@ -12,8 +12,8 @@ use common::*;
 use featcloud::config::{CloudMode, Fallback, HeadConfig, Reduction};
 use featcloud::cuda::head::verify::{oracle_outputs, tolerances, Problem};
 use featcloud::cuda::head::{
-    backward_cols_for, backward_grid_for, forward_tile_for, fused_vectorized, FusedTuning, GradDtype, HeadOn,
-    HeadPath, HeadUpstream,
+    attn_supported, backward_cols_for, backward_grid_for, forward_tile_for, fused_vectorized, FusedKernels,
+    FusedTuning, GradDtype, HeadOn, HeadPath, HeadUpstream,
 };
 use featcloud::cuda::{Device, DeviceElem, EmuOrder, Tensor};
 use featcloud::dtype::DType;
@@ -87,6 +87,7 @@ fn oracle_of(cfg: &HeadConfig, p: &Prob) -> (ForwardOutput, Gradients) {
 /// The fused path's launch choices for one call, as `HeadOn` reports them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct FusedPlan {
+    kernels: FusedKernels,
     fwd: (usize, usize),
     cols: usize,
     /// (G, S)
@@ -171,6 +172,7 @@ fn run_head<T: DeviceElem>(
         dw: g.dw.to_f32_host(dev).unwrap(),
         launches,
         plan: FusedPlan {
+            kernels: head.fused_kernels(p.shape, T::DTYPE).unwrap(),
             fwd: head.forward_tile(p.shape),
             cols: head.backward_cols(p.shape),
             grid: head.backward_grid(p.shape),
@@ -187,6 +189,16 @@ fn tuning(fwd: (usize, usize), cols: usize, g: usize, s: usize, scalar: bool) ->
         backward_ctas: Some(g),
         row_splits: Some(s),
         scalar_loads: scalar,
+        kernels: Some(FusedKernels::Tiles),
+    }
+}
+
+/// The kernels the dispatcher picks for `dt` at feature size `d` on `dev`.
+fn default_kernels(dev: &Device, dt: DType, d: usize) -> FusedKernels {
+    if attn_supported(dt, d, dev.info().max_smem_per_block) {
+        FusedKernels::Attention
+    } else {
+        FusedKernels::Tiles
     }
 }
 
@@ -281,7 +293,7 @@ fn fused_head_matches_oracle() {
                 }
                 let t = tuning(fwd, cols, g, s, scalar);
                 let r = run_head_dt(&dev, HeadPath::Fused, cfg, t, &p, GradDtype::Input);
-                let want = FusedPlan { fwd, cols, grid: (g, s), vec: !scalar };
+                let want = FusedPlan { kernels: FusedKernels::Tiles, fwd, cols, grid: (g, s), vec: !scalar };
                 assert_eq!(r.plan, want, "the tuning was not applied as asked");
                 assert_eq!(r.launches, 7 + (s > 1) as u64, "launches of the fused forward_backward");
                 check_fused(&format!("fused {} {:?}", dt.name(), r.plan), cfg, &p, &fo, &go, &r);
@@ -290,6 +302,7 @@ fn fused_head_matches_oracle() {
             for (sm, dv) in [(H200_SMS as usize, &dev), (4, &dev4)] {
                 let r = run_head_dt(dv, HeadPath::Fused, cfg, FusedTuning::default(), &p, GradDtype::Input);
                 let want = FusedPlan {
+                    kernels: default_kernels(dv, dt, d),
                     fwd: forward_tile_for(sh, sm),
                     cols: backward_cols_for(sh, sm),
                     grid: backward_grid_for(sh, sm),
@@ -302,6 +315,98 @@ fn fused_head_matches_oracle() {
         for region in [Region::Regular, Region::Fallback, Region::Saturated, Region::Ignored] {
             assert!(regions.contains(&region), "{}: the sweep never reaches {region:?}", dt.name());
         }
+    }
+}
+
+/// The attention-form kernels (`kernels/head_attn.cu`) against the oracle, f32 and bf16:
+/// B = 1, odd B, several row tiles; C = 1, C below the 32-class tile, C with a remainder and
+/// many class splits; D = 1, 8, 13 and 129 (element loads), 64, 128 (the d128 kernels), 512;
+/// ignored rows, labels 0 and C - 1, every target-logit region; the cloud, label smoothing,
+/// the clamp fallback, straight-through, Reduction::None with per-row weights; gradients in
+/// the storage dtype and in f32; both load paths. One forward_backward is 4 launches.
+#[test]
+fn attention_kernels_match_oracle() {
+    let Some(dev) = emulated() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let base = HeadConfig { cloud: CloudMode::Off, ..Default::default() };
+    let cloud = HeadConfig { cloud: CloudMode::Symmetric, label_smoothing: 0.1, ..Default::default() };
+    let clamp = HeadConfig {
+        cloud: CloudMode::OneSided,
+        fallback: Fallback::Clamp,
+        reduction: Reduction::None,
+        ..Default::default()
+    };
+    let st = HeadConfig {
+        margin_grad: featcloud::config::MarginGrad::StraightThrough,
+        reduction: Reduction::Sum,
+        label_smoothing: 0.2,
+        ..Default::default()
+    };
+    let shapes: &[(usize, usize, usize, &HeadConfig, f32)] = &[
+        (1, 1, 8, &base, 0.0),
+        (5, 7, 1, &base, 0.0),
+        (13, 93, 13, &cloud, 1.0),
+        (33, 300, 64, &cloud, 1.0),
+        (131, 3, 16, &clamp, 0.5),
+        (70, 1000, 128, &st, 0.0),
+        (9, 130, 129, &cloud, 0.3),
+        (17, 150, 512, &clamp, 0.3),
+        (66, 45, 200, &st, 0.0),
+    ];
+    let mut regions: Vec<Region> = Vec::new();
+    for dt in [DType::F32, DType::BF16] {
+        for (k, &(b, c, d, cfg, sig)) in shapes.iter().enumerate() {
+            let sh = HeadShape { b, c, d };
+            let p = case(&mut rng, sh, dt, sig);
+            let (fo, go) = oracle_of(cfg, &p);
+            regions.extend(fo.rows.region.iter().copied());
+            for scalar in [false, true] {
+                if !scalar && !fused_vectorized(dt, d) {
+                    continue;
+                }
+                let t = FusedTuning {
+                    kernels: Some(FusedKernels::Attention),
+                    scalar_loads: scalar,
+                    ..Default::default()
+                };
+                let grad = if k % 3 == 1 { GradDtype::F32 } else { GradDtype::Input };
+                let r = run_head_dt(&dev, HeadPath::Fused, cfg, t, &p, grad);
+                assert_eq!(r.plan.kernels, FusedKernels::Attention);
+                assert_eq!(r.launches, 4, "launches of the attention-form forward_backward");
+                check_fused(
+                    &format!("attention {} B={b} C={c} D={d} scalar={scalar}", dt.name()),
+                    cfg,
+                    &p,
+                    &fo,
+                    &go,
+                    &r,
+                );
+            }
+        }
+    }
+    for region in [Region::Regular, Region::Fallback, Region::Saturated, Region::Ignored] {
+        assert!(regions.contains(&region), "the sweep never reaches {region:?}");
+    }
+}
+
+/// Where the attention-form kernels do not apply (f16, D > 512) the dispatcher takes the
+/// tiles, and asking for the attention form there is an error, not a wrong result.
+#[test]
+fn attention_kernels_refuse_what_they_do_not_handle() {
+    let Some(dev) = emulated() else { return };
+    let head = HeadOn::new(&*dev, HeadConfig::default(), HeadPath::Fused).unwrap();
+    let forced = HeadOn::new(&*dev, HeadConfig::default(), HeadPath::Fused)
+        .unwrap()
+        .with_tuning(FusedTuning { kernels: Some(FusedKernels::Attention), ..Default::default() });
+    for (dt, d) in [(DType::F16, 64), (DType::BF16, 513), (DType::F32, 2048)] {
+        let sh = HeadShape { b: 4, c: 10, d };
+        assert_eq!(head.fused_kernels(sh, dt).unwrap(), FusedKernels::Tiles, "{} D={d}", dt.name());
+        let e = forced.fused_kernels(sh, dt).unwrap_err().to_string();
+        assert!(e.contains("attention-form") && e.contains(&format!("D = {d}")), "{e}");
+    }
+    for (dt, d) in [(DType::F32, 1), (DType::BF16, 512)] {
+        let sh = HeadShape { b: 4, c: 10, d };
+        assert_eq!(head.fused_kernels(sh, dt).unwrap(), FusedKernels::Attention, "{} D={d}", dt.name());
     }
 }
 
@@ -323,6 +428,7 @@ fn fused_head_h200_dispatch_matches_oracle() {
         let r = run_head_dt(&dev, HeadPath::Fused, &cfg, FusedTuning::default(), &p, GradDtype::Input);
         let sm = H200_SMS as usize;
         let want = FusedPlan {
+            kernels: default_kernels(&dev, dt, d),
             fwd: forward_tile_for(sh, sm),
             cols: backward_cols_for(sh, sm),
             grid: backward_grid_for(sh, sm),
@@ -392,7 +498,9 @@ fn ref_head_matches_oracle() {
 /// The same call in other block and thread orders gives the same bits: any difference is a
 /// race (a missing __syncthreads, a shared-memory overlap, a CTA reading another's output).
 /// Three fused tile configurations (both forward row tiles and the 64 x 64 tile, both load
-/// paths, G x S = 3 x 2 and 5 x 2, several class tiles per CTA), and the reference path.
+/// paths, G x S = 3 x 2 and 5 x 2, several class tiles per CTA), the attention-form kernels
+/// (both load paths; 70 x 260 is 3 row tiles in f32, 2 in bf16, with 9 class splits of one
+/// class tile), and the reference path.
 #[test]
 fn fused_head_is_deterministic() {
     let Some(dev) = emulated() else { return };
@@ -406,15 +514,25 @@ fn fused_head_is_deterministic() {
         (EmuOrder::Descending, EmuOrder::Random(7)),
         (EmuOrder::Random(11), EmuOrder::Ascending),
     ];
-    let configs: [(HeadPath, FusedTuning); 4] = [
+    let attention = |scalar| FusedTuning {
+        kernels: Some(FusedKernels::Attention),
+        scalar_loads: scalar,
+        ..Default::default()
+    };
+    let configs: [(HeadPath, FusedTuning); 6] = [
         (HeadPath::Fused, tuning((128, 128), 128, 3, 2, false)),
         (HeadPath::Fused, tuning((64, 128), 64, 3, 2, true)),
         (HeadPath::Fused, tuning((64, 64), 64, 5, 2, false)),
+        (HeadPath::Fused, attention(false)),
+        (HeadPath::Fused, attention(true)),
         (HeadPath::Reference, FusedTuning::default()),
     ];
     for dt in DTYPES {
         let p = case(&mut rng, sh, dt, 0.5);
         for (path, t) in configs {
+            if t.kernels == Some(FusedKernels::Attention) && dt == DType::F16 {
+                continue; // the attention form takes f32 and bf16
+            }
             dev.set_emu_order(EmuOrder::Ascending, EmuOrder::Ascending);
             let a = run_head_dt(&dev, path, &cfg, t, &p, GradDtype::Input);
             assert!(a.bits().iter().all(|&u| !f32::from_bits(u).is_nan()), "{}: NaN output", dt.name());

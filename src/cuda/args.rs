@@ -699,3 +699,156 @@ const _: () = assert!(std::mem::offset_of!(FusedBwdArgs, d) == 180);
 // SAFETY: #[repr(C)], Pod, and the layout of `FusedBwdArgs<T>` in kernels/args.cuh
 // (size and offsets asserted above and there).
 unsafe impl KernelArgs for FusedBwdArgs {}
+
+/// `attn_fwd_d{128,512}[_scalar]_<T>` (`kernels/head_attn.cu`): the attention-form forward
+/// tile over grid (row tiles, class splits). No pointer aliases another.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AttnFwdArgs {
+    /// `[B, D]` T in.
+    pub x: DevPtr,
+    /// `[C, D]` T in.
+    pub w: DevPtr,
+    /// `[B]` i32 in (< 0: ignored row).
+    pub labels: DevPtr,
+    /// `[C]` f32 in: sigma_cloud (unread when the cloud is off).
+    pub sigma: DevPtr,
+    /// `[B]` f32 out: inverse norms of x (written by the split-0 CTAs).
+    pub inv_x: DevPtr,
+    /// `[C]` f32 out: inverse norms of W (written by the row-tile-0 CTAs).
+    pub inv_w: DevPtr,
+    /// `[3, n_cs, B]` f32 out: (max, sum exp, sum z) per class split.
+    pub part: DevPtr,
+    /// `[n_cs, B, D]` f32 out: the attention output of each class split.
+    pub opart: DevPtr,
+    /// `[n_cs, D]` f32 out: the sum of each split's normalized W rows (only when ls > 0).
+    pub swh: DevPtr,
+    /// `[B]` f32 out, valid rows only (`attn_combine_fwd_*` zeroes the rest).
+    pub c_iy: DevPtr,
+    /// `[B]` f32 out, valid rows only.
+    pub t: DevPtr,
+    /// `[B]` f32 out, valid rows only.
+    pub alpha: DevPtr,
+    /// `[B]` f32 out, valid rows only.
+    pub dt: DevPtr,
+    /// Head parameters.
+    pub p: HeadParams,
+    /// B.
+    pub b: i32,
+    /// C.
+    pub c: i32,
+    /// D.
+    pub d: i32,
+    /// Class tiles per split.
+    pub tiles_per_split: i32,
+}
+const _: () = assert!(std::mem::size_of::<AttnFwdArgs>() == 176);
+const _: () = assert!(std::mem::offset_of!(AttnFwdArgs, p) == 104);
+const _: () = assert!(std::mem::offset_of!(AttnFwdArgs, tiles_per_split) == 172);
+// SAFETY: #[repr(C)], Pod, and the layout of `AttnFwdArgs<T>` in kernels/args.cuh
+// (size and offsets asserted above and there).
+unsafe impl KernelArgs for AttnFwdArgs {}
+
+/// `attn_combine_fwd_<T>`: merges a row's class-split partials into lse, loss and the
+/// row's dx for a unit row weight.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AttnCombineArgs {
+    /// `[B, D]` T in.
+    pub x: DevPtr,
+    /// `[C, D]` T in.
+    pub w: DevPtr,
+    /// `[B]` i32 in.
+    pub labels: DevPtr,
+    /// `[B]` f32 in.
+    pub inv_x: DevPtr,
+    /// `[C]` f32 in.
+    pub inv_w: DevPtr,
+    /// `[3, n_cs, B]` f32 in.
+    pub part: DevPtr,
+    /// `[n_cs, B, D]` f32 in.
+    pub opart: DevPtr,
+    /// `[n_cs, D]` f32 in (read only when ls > 0).
+    pub swh: DevPtr,
+    /// `[B]` f32 in (valid rows) / out (0 for ignored rows).
+    pub t: DevPtr,
+    /// `[B]` f32 out.
+    pub lse: DevPtr,
+    /// `[B]` f32 out.
+    pub loss: DevPtr,
+    /// `[B]` f32 out for ignored rows (0).
+    pub c_iy: DevPtr,
+    /// `[B]` f32 out for ignored rows (0).
+    pub alpha: DevPtr,
+    /// `[B]` f32 out for ignored rows (0).
+    pub dt: DevPtr,
+    /// `[B, D]` f32 out: dx of each row for a unit row weight.
+    pub u: DevPtr,
+    /// Head parameters.
+    pub p: HeadParams,
+    /// Class splits of the forward.
+    pub n_cs: i32,
+    /// B.
+    pub b: i32,
+    /// C.
+    pub c: i32,
+    /// D.
+    pub d: i32,
+}
+const _: () = assert!(std::mem::size_of::<AttnCombineArgs>() == 192);
+const _: () = assert!(std::mem::offset_of!(AttnCombineArgs, p) == 120);
+const _: () = assert!(std::mem::offset_of!(AttnCombineArgs, d) == 188);
+// SAFETY: #[repr(C)], Pod, and the layout of `AttnCombineArgs<T>` in kernels/args.cuh
+// (size and offsets asserted above and there).
+unsafe impl KernelArgs for AttnCombineArgs {}
+
+/// `attn_bwd_d{128,512}[_scalar]_<T>`: dW of one class tile per CTA, and dx from the
+/// combine's unit-weight rows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AttnBwdArgs {
+    /// `[B, D]` T in.
+    pub x: DevPtr,
+    /// `[C, D]` T in.
+    pub w: DevPtr,
+    /// `[B]` i32 in.
+    pub labels: DevPtr,
+    /// `[B]` f32 in.
+    pub inv_x: DevPtr,
+    /// `[C]` f32 in.
+    pub inv_w: DevPtr,
+    /// `[B]` f32 in (forward).
+    pub t: DevPtr,
+    /// `[B]` f32 in (forward).
+    pub dt: DevPtr,
+    /// `[B]` f32 in (forward).
+    pub lse: DevPtr,
+    /// `[B]` f32 in: per-row upstream gradient; may be null (all 1).
+    pub row_g: DevPtr,
+    /// `[B, D]` f32 in: the combine's dx for a unit row weight.
+    pub u: DevPtr,
+    /// `[B, D]` T out; null when `dx32` is set.
+    pub dx: DevPtr,
+    /// `[B, D]` f32 out; null when `dx` is set.
+    pub dx32: DevPtr,
+    /// `[C, D]` T out; null when `dw32` is set.
+    pub dw: DevPtr,
+    /// `[C, D]` f32 out; null when `dw` is set.
+    pub dw32: DevPtr,
+    /// Head parameters.
+    pub p: HeadParams,
+    /// Multiplies row_g (1 / N_valid for a mean).
+    pub g_scale: f32,
+    /// B.
+    pub b: i32,
+    /// C.
+    pub c: i32,
+    /// D.
+    pub d: i32,
+}
+const _: () = assert!(std::mem::size_of::<AttnBwdArgs>() == 184);
+const _: () = assert!(std::mem::offset_of!(AttnBwdArgs, p) == 112);
+const _: () = assert!(std::mem::offset_of!(AttnBwdArgs, d) == 180);
+// SAFETY: #[repr(C)], Pod, and the layout of `AttnBwdArgs<T>` in kernels/args.cuh
+// (size and offsets asserted above and there).
+unsafe impl KernelArgs for AttnBwdArgs {}

@@ -44,7 +44,7 @@ pub(super) struct BwdChoice {
 /// The cp.async kernels need D a multiple of the 16-byte chunk and both base
 /// addresses 16-byte aligned (device allocations are 256-byte aligned; a tensor
 /// wrapped at an offset need not be).
-fn vectorized<T: DeviceElem>(x: &Tensor<T>, w: &Tensor<T>, d: usize, scalar: bool) -> bool {
+pub(super) fn vectorized<T: DeviceElem>(x: &Tensor<T>, w: &Tensor<T>, d: usize, scalar: bool) -> bool {
     !scalar && plan::fused_vectorized(T::DTYPE, d) && x.ptr().0 % 16 == 0 && w.ptr().0 % 16 == 0
 }
 

@@ -25,6 +25,7 @@
 //! call allocates besides its outputs. The reference path materializes the
 //! B x C cosine and gradient matrices; the fused path never does.
 
+mod attn;
 mod fused;
 pub mod plan;
 mod reference;
@@ -32,8 +33,8 @@ mod scratch;
 pub mod verify;
 
 pub use plan::{
-    backward_cols_for, backward_grid_for, forward_tile_for, fused_vectorized, workspace_for, FusedTuning,
-    FORWARD_TILES,
+    attn_supported, backward_cols_for, backward_grid_for, forward_tile_for, fused_vectorized, workspace_for,
+    FusedKernels, FusedTuning, FORWARD_TILES,
 };
 
 use super::args::{HeadParams, HeadReduceArgs};
@@ -112,6 +113,9 @@ pub struct HeadForward {
     /// dt_i / dc_iy [B], kept for the backward.
     dt: Tensor<f32>,
     shape: HeadShape,
+    /// What the attention-form kernels keep for their backward (dx for unit row weights,
+    /// the inverse norms); `None` from the other kernels.
+    attn: Option<attn::AttnSaved>,
 }
 
 impl HeadForward {
@@ -139,6 +143,7 @@ impl HeadForward {
             alpha: make()?,
             dt: make()?,
             shape,
+            attn: None,
         })
     }
 
@@ -325,6 +330,25 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         match self.tuning.forward_tile {
             Some(t) if FORWARD_TILES.contains(&t) => t,
             _ => forward_tile_for(shape, self.dev.info().sm_count.max(1) as usize),
+        }
+    }
+
+    /// The fused path's kernel set at `shape` for storage `dtype`: the tuning's, else the
+    /// attention-form kernels where [`attn_supported`] holds on this device, else the tiles.
+    /// Asking for the attention form where it does not apply is an error.
+    pub fn fused_kernels(&self, shape: HeadShape, dtype: DType) -> Result<FusedKernels> {
+        let ok = attn_supported(dtype, shape.d, self.dev.info().max_smem_per_block);
+        match self.tuning.kernels {
+            Some(FusedKernels::Attention) if !ok => Err(Error::InvalidConfig(format!(
+                "the attention-form kernels take f32 or bf16 with D <= {} (and {} bytes of shared memory), got {} with D = {}",
+                plan::ATTN_DMAX,
+                plan::attn_smem_bytes(dtype, plan::attn_dp(shape.d)),
+                dtype.name(),
+                shape.d
+            ))),
+            Some(k) => Ok(k),
+            None if ok => Ok(FusedKernels::Attention),
+            None => Ok(FusedKernels::Tiles),
         }
     }
 
@@ -542,11 +566,16 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         let job = ForwardJob { sigma, n_valid, scale };
         match self.path {
             HeadPath::Reference => reference::forward(&self.dev, &inputs, job, scratch),
-            HeadPath::Fused => {
-                let choice =
-                    fused::FwdChoice { tile: self.forward_tile(shape), scalar: self.tuning.scalar_loads };
-                fused::forward(&self.dev, &inputs, job, choice, scratch)
-            }
+            HeadPath::Fused => match self.fused_kernels(shape, T::DTYPE)? {
+                FusedKernels::Attention => {
+                    attn::forward(&self.dev, &inputs, job, self.tuning.scalar_loads, scratch)
+                }
+                FusedKernels::Tiles => {
+                    let choice =
+                        fused::FwdChoice { tile: self.forward_tile(shape), scalar: self.tuning.scalar_loads };
+                    fused::forward(&self.dev, &inputs, job, choice, scratch)
+                }
+            },
         }
     }
 
@@ -578,6 +607,14 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         let up = Upstream { row_g, g_scale };
         match self.path {
             HeadPath::Reference => reference::backward(&self.dev, &inputs, fwd, up, grad_dtype),
+            // A forward of the attention-form kernels left dx for unit weights: only dW is left.
+            // (A forward from another path or kernel set has no such state; the tiles finish it.)
+            HeadPath::Fused
+                if fwd.attn.is_some() && self.fused_kernels(shape, T::DTYPE)? == FusedKernels::Attention =>
+            {
+                let saved = fwd.attn.as_ref().expect("checked by the guard");
+                attn::backward(&self.dev, &inputs, fwd, saved, up, grad_dtype, self.tuning.scalar_loads)
+            }
             HeadPath::Fused => {
                 let (groups, splits) = self.bwd_grid(shape);
                 let choice = fused::BwdChoice {

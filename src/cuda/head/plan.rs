@@ -7,10 +7,11 @@
 
 use super::{GradDtype, HeadPath, Workspace};
 use crate::cuda::args::{
-    FusedBwdArgs, FusedCombineArgs, FusedFwdArgs, HeadReduceArgs, NormbackArgs, RefGradArgs, RefMarginArgs,
-    RefNormalizeArgs, RefSoftmaxArgs,
+    AttnBwdArgs, AttnCombineArgs, AttnFwdArgs, FusedBwdArgs, FusedCombineArgs, FusedFwdArgs, HeadReduceArgs,
+    NormbackArgs, RefGradArgs, RefMarginArgs, RefNormalizeArgs, RefSoftmaxArgs,
 };
-use crate::cuda::kernels::{head_fused as kf, head_ref as kr};
+use crate::cuda::kernels::{head_attn as ka, head_fused as kf, head_ref as kr};
+use crate::cuda::Kernel;
 use crate::cuda::Launch;
 use crate::error::{Error, Result};
 use crate::shape::HeadShape;
@@ -187,6 +188,21 @@ pub struct FusedTuning {
     pub forward_tile: Option<(usize, usize)>,
     /// Use the element-load kernels even when D allows 16-byte cp.async.
     pub scalar_loads: bool,
+    /// Which fused kernels run; `None`: [`FusedKernels::Attention`] where
+    /// [`attn_supported`] holds, else [`FusedKernels::Tiles`]. Asking for the attention
+    /// kernels where they do not apply is an error.
+    pub kernels: Option<FusedKernels>,
+}
+
+/// The two kernel sets of the fused path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FusedKernels {
+    /// `kernels/head_fused.cu`: forward tiles with (max, sum exp) partials; the backward
+    /// recomputes the tiles for dx partials and dW. Every dtype and D.
+    Tiles,
+    /// `kernels/head_attn.cu`: dx in the forward (attention form), a dW-only backward.
+    /// f32 and bf16, D <= 512 (see [`attn_supported`]).
+    Attention,
 }
 
 /// Threads per block of every head kernel.
@@ -318,4 +334,137 @@ pub fn fused_bwd(
     a.d = shape.d as i32;
     let grid = [groups as u32, splits as u32, 1];
     Ok(Launch::new(k, grid, [THREADS, 1, 1], bwd_smem_bytes(dtype, cols), &a))
+}
+
+// ---- the attention-form kernels (kernels/head_attn.cu) ------------------------------------
+
+/// The largest D the attention-form kernels take (their O accumulator holds all of D).
+pub const ATTN_DMAX: usize = 512;
+/// Rows of the streamed operand per step (W classes in the forward, x rows in the backward).
+pub const ATTN_BT: usize = 32;
+/// The forward's class splits aim at this many CTAs: a constant, not the device's SM count,
+/// so that the summation order (and every output bit) is the same on every GPU.
+pub const ATTN_TARGET_CTAS: usize = 256;
+
+/// Whether the attention-form kernels handle storage `dtype` at feature size `d`, on a
+/// device allowing `max_smem` bytes of shared memory per block: f32 and bf16 (f16 needs
+/// the operand scaling of the tiles path), D <= [`ATTN_DMAX`].
+pub fn attn_supported(dtype: DType, d: usize, max_smem: u32) -> bool {
+    dtype != DType::F16
+        && (1..=ATTN_DMAX).contains(&d)
+        && attn_smem_bytes(dtype, attn_dp(d)) + ATTN_STATIC_SMEM <= max_smem
+}
+
+/// Upper bound of the kernels' static shared memory (a few per-row arrays).
+const ATTN_STATIC_SMEM: u32 = 4096;
+
+/// Rows a CTA keeps resident (`AttnCfg<T>::RM`): x rows in the forward, W rows in the backward.
+pub fn attn_rows(dtype: DType) -> usize {
+    if dtype == DType::F32 {
+        32
+    } else {
+        64
+    }
+}
+
+/// The padded D of the kernel that takes `d` (`attn_*_d128_*` or `attn_*_d512_*`).
+pub fn attn_dp(d: usize) -> usize {
+    if d <= 128 {
+        128
+    } else {
+        ATTN_DMAX
+    }
+}
+
+/// Dynamic shared memory of `attn_fwd_*` / `attn_bwd_*` (`attn_smem_bytes<T, DP>` in the .cu
+/// file, which asserts these values): R [RM][DP + pad], T stages [BT][DP + pad], E [RM][BT + pad].
+pub fn attn_smem_bytes(dtype: DType, dp: usize) -> u32 {
+    let (stages, pad, e) = if dtype == DType::F32 { (1, 4, 4) } else { (2, 8, 2) };
+    let rm = attn_rows(dtype);
+    (((rm + stages * ATTN_BT) * (dp + pad) + rm * (ATTN_BT + pad)) * e) as u32
+}
+
+/// The forward's class splits at `shape`: (splits, class tiles of [`ATTN_BT`] per split), so
+/// that row tiles x splits reaches [`ATTN_TARGET_CTAS`] where the classes allow, and no split
+/// is empty. A function of the shape only.
+pub fn attn_splits(dtype: DType, shape: HeadShape) -> (usize, usize) {
+    let n_rt = shape.b.div_ceil(attn_rows(dtype));
+    let n_ct = shape.c.div_ceil(ATTN_BT);
+    let want = ATTN_TARGET_CTAS.div_ceil(n_rt).clamp(1, n_ct);
+    let per = n_ct.div_ceil(want);
+    (n_ct.div_ceil(per), per)
+}
+
+fn attn_kernel(dtype: DType, d: usize, vec: bool, fwd: bool) -> Result<Kernel> {
+    use DType::{BF16, F32};
+    Ok(match (fwd, dtype, attn_dp(d), vec) {
+        (true, BF16, 512, true) => ka::ATTN_FWD_D512_BF16,
+        (true, BF16, 512, false) => ka::ATTN_FWD_D512_SCALAR_BF16,
+        (true, BF16, _, true) => ka::ATTN_FWD_D128_BF16,
+        (true, BF16, _, false) => ka::ATTN_FWD_D128_SCALAR_BF16,
+        (true, F32, 512, true) => ka::ATTN_FWD_D512_F32,
+        (true, F32, 512, false) => ka::ATTN_FWD_D512_SCALAR_F32,
+        (true, F32, _, true) => ka::ATTN_FWD_D128_F32,
+        (true, F32, _, false) => ka::ATTN_FWD_D128_SCALAR_F32,
+        (false, BF16, 512, true) => ka::ATTN_BWD_D512_BF16,
+        (false, BF16, 512, false) => ka::ATTN_BWD_D512_SCALAR_BF16,
+        (false, BF16, _, true) => ka::ATTN_BWD_D128_BF16,
+        (false, BF16, _, false) => ka::ATTN_BWD_D128_SCALAR_BF16,
+        (false, F32, 512, true) => ka::ATTN_BWD_D512_F32,
+        (false, F32, 512, false) => ka::ATTN_BWD_D512_SCALAR_F32,
+        (false, F32, _, true) => ka::ATTN_BWD_D128_F32,
+        (false, F32, _, false) => ka::ATTN_BWD_D128_SCALAR_F32,
+        (_, DType::F16, _, _) => {
+            return Err(Error::InvalidConfig("the attention-form kernels take f32 or bf16, not f16".into()))
+        }
+    })
+}
+
+fn attn_check_d(d: usize) -> Result<()> {
+    if (1..=ATTN_DMAX).contains(&d) {
+        Ok(())
+    } else {
+        Err(Error::InvalidConfig(format!("the attention-form kernels take D <= {ATTN_DMAX}, got {d}")))
+    }
+}
+
+/// `attn_fwd_*`: grid (row tiles, class splits of [`attn_splits`]).
+pub fn attn_fwd(dtype: DType, shape: HeadShape, vec: bool, mut a: AttnFwdArgs) -> Result<Launch> {
+    attn_check_d(shape.d)?;
+    let k = attn_kernel(dtype, shape.d, vec, true)?;
+    let (splits, per) = attn_splits(dtype, shape);
+    a.b = shape.b as i32;
+    a.c = shape.c as i32;
+    a.d = shape.d as i32;
+    a.tiles_per_split = per as i32;
+    let grid = [shape.b.div_ceil(attn_rows(dtype)) as u32, splits as u32, 1];
+    Ok(Launch::new(k, grid, [THREADS, 1, 1], attn_smem_bytes(dtype, attn_dp(shape.d)), &a))
+}
+
+/// `attn_combine_fwd_*`: one warp per row over the forward's `splits`.
+pub fn attn_combine(dtype: DType, shape: HeadShape, splits: usize, mut a: AttnCombineArgs) -> Result<Launch> {
+    attn_check_d(shape.d)?;
+    let k = match dtype {
+        DType::BF16 => ka::ATTN_COMBINE_FWD_BF16,
+        DType::F32 => ka::ATTN_COMBINE_FWD_F32,
+        DType::F16 => {
+            return Err(Error::InvalidConfig("the attention-form kernels take f32 or bf16, not f16".into()))
+        }
+    };
+    a.n_cs = splits as i32;
+    a.b = shape.b as i32;
+    a.c = shape.c as i32;
+    a.d = shape.d as i32;
+    Ok(Launch::linear(k, warp_rows(shape.b), THREADS, &a))
+}
+
+/// `attn_bwd_*`: one CTA per class tile of [`attn_rows`] classes.
+pub fn attn_bwd(dtype: DType, shape: HeadShape, vec: bool, mut a: AttnBwdArgs) -> Result<Launch> {
+    attn_check_d(shape.d)?;
+    let k = attn_kernel(dtype, shape.d, vec, false)?;
+    a.b = shape.b as i32;
+    a.c = shape.c as i32;
+    a.d = shape.d as i32;
+    let grid = [shape.c.div_ceil(attn_rows(dtype)) as u32, 1, 1];
+    Ok(Launch::new(k, grid, [THREADS, 1, 1], attn_smem_bytes(dtype, attn_dp(shape.d)), &a))
 }

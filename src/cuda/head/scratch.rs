@@ -19,7 +19,7 @@ pub(super) enum Slot {
     InvX,
     /// Inverse norms of W `[C]`.
     InvW,
-    /// Forward partials `[3, class tiles, B]`.
+    /// Forward partials `[3, class tiles (or splits), B]`.
     Part,
     /// The reduced loss `[1]`.
     Total,
@@ -27,9 +27,13 @@ pub(super) enum Slot {
     Dxp,
     /// Backward dW partials `[S, C, D]` or the 16-bit dW accumulators `[G, cols, D]`.
     Dw,
+    /// The attention-form forward's per-split attention outputs `[splits, B, D]`.
+    Opart,
+    /// The attention-form forward's per-split sums of normalized W rows `[splits, D]`.
+    Swh,
 }
 
-const SLOTS: usize = 6;
+const SLOTS: usize = 8;
 
 /// Buffers kept between calls (see the module docs).
 #[derive(Debug, Default)]

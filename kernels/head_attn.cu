@@ -1,0 +1,590 @@
+// head_attn.cu — the fused head in the attention form (SPEC 4, "dx in the attention form"):
+// the forward computes dx, the backward computes only dW. Three launches per forward+backward
+// (plus the loss reduction), no partial sums in global memory besides one [n_cs][B][D] buffer,
+// no atomics, no memsets, no scratch for dW. For D <= 512 (the face shapes) in f32 and bf16;
+// src/cuda/head/plan.rs routes every other case to the tiles path (head_fused.cu).
+//
+// Both tile kernels have one skeleton: a CTA keeps RM rows of one operand resident in shared
+// memory (R, all of D padded to DP) and streams BT-row tiles of the other (T) through a
+// cp.async double buffer (a single buffer in f32). Per streamed tile:
+//   S = R . T^T                 (RM x BT raw products, K = DP; inverse norms applied after)
+//   E = f(S)                    (RM x BT, the storage dtype, in shared memory)
+//   ACC += E . T                (RM x DP, f32, in registers: 128 per thread at DP = 512)
+// so T is read once from L2 per CTA and feeds both products.
+//
+// Forward (attn_fwd_d<DP>[_scalar]_<T>): R = x rows (64; 32 in f32), T = W class tiles of 32.
+//   Grid (row tiles, class splits): blockIdx.x (fastest) is the row tile, so the CTAs of one
+//   class split run together and read each W tile from HBM once. The split count is fixed by the
+//   shape (plan::attn_splits), never by the device, so results are the same bits on every GPU.
+//   E = exp(z - m) * inv_w with FlashAttention-2's online rescaling (m, l per row), the target
+//   column left out of E (its term is added in f32 by the combine, through expm1). The W norms
+//   come from the tiles as they land (no norms pass); inv_x / inv_w are written for the combine
+//   and the backward. Out per (split, row): (m, l, sum z) and O = sum_{j != y} exp(z - m) wh_j.
+// Combine (attn_combine_fwd_<T>, one warp per row): merges the splits in order into lse and
+//   loss, and the row's dx for a unit row weight (u, SPEC 4's attention form and the
+//   normalization backward); the backward scales u by the row's upstream weight.
+// Backward (attn_bwd_d<DP>[_scalar]_<T>): R = W rows (a class tile of 64; 32 in f32), T = x row
+//   tiles of 32; E = dc * inv_x (SPEC 4; lse, t, dt from the forward); ACC = dwh of the class
+//   tile over every row, then the normalization backward in the epilogue and one store of dW.
+//   Each CTA also writes dx = w_i u_i for rows blockIdx.x*8 + warp, step gridDim.x*8.
+// Every output element has one writer and a fixed summation order: bitwise deterministic in any
+// block order.
+//
+// Names: <op>_<pass>_d<DP>[_scalar]_<dtype>: DP = 128 for D <= 128, 512 for D <= 512; `_scalar`
+// takes any D and alignment with element loads.
+// Hot kernels (must not spill, tests/resources.rs): attn_fwd_*, attn_bwd_*
+#include "common.cuh"
+#include "head.cuh"
+#include "args.cuh"
+#include "mma.cuh"
+#include "tile.cuh"
+
+#define ATTN_THREADS 256
+
+// Per-dtype shape of the skeleton. RM: resident rows; BT: streamed rows per step; STAGES: T
+// buffers; PAD: row pitch pad in elements (16-bit: pitch DP + 8 halves = 4 words mod 32, so
+// the 8 row addresses of an ldmatrix phase hit distinct banks); SWM x SWN: the warp grid of the
+// S product. The ACC product uses a 2 x 4 warp grid (rows x D).
+template <typename T> struct AttnCfg {
+    static constexpr int RM = 64, BT = 32, STAGES = 2, PAD = 8, SWM = 4, SWN = 2;
+};
+template <> struct AttnCfg<float> {
+    static constexpr int RM = 32, BT = 32, STAGES = 1, PAD = 4, SWM = 2, SWN = 4;
+};
+#define ATTN_AWM 2
+#define ATTN_AWN 4
+
+// Dynamic shared memory of both tile kernels: R [RM][DP + PAD], STAGES x T [BT][DP + PAD],
+// E [RM][BT + PAD] (src/cuda/head/plan.rs: attn_smem_bytes states the same numbers).
+template <typename T, int DP> __host__ __device__ constexpr int attn_smem_bytes() {
+    using C = AttnCfg<T>;
+    return ((C::RM + C::STAGES * C::BT) * (DP + C::PAD) + C::RM * (C::BT + C::PAD)) * (int)sizeof(T);
+}
+static_assert(attn_smem_bytes<bf16_t, 512>() == 138240, "keep src/cuda/head/plan.rs in sync");
+static_assert(attn_smem_bytes<bf16_t, 128>() == 39936, "keep src/cuda/head/plan.rs in sync");
+static_assert(attn_smem_bytes<float, 512>() == 136704, "keep src/cuda/head/plan.rs in sync");
+static_assert(attn_smem_bytes<float, 128>() == 38400, "keep src/cuda/head/plan.rs in sync");
+
+// out[r] = 1 / max(|row r|, eps) for the ROWS rows of a shared-memory tile (zero beyond D, so
+// the padding adds nothing). NT / ROWS consecutive threads per row, each a strided partial sum,
+// then a fixed xor tree: the same bits in every CTA that loads the same row.
+template <typename T, int ROWS, int DP>
+__device__ __forceinline__ void tile_inv_norms(const T* s, int pitch, float* out) {
+    constexpr int TPR = ATTN_THREADS / ROWS;
+    static_assert(TPR * ROWS == ATTN_THREADS && TPR <= WARP_SIZE, "whole rows per warp");
+    const int r = threadIdx.x / TPR, k0 = threadIdx.x % TPR;
+    float acc = 0.0f;
+    for (int k = k0; k < DP; k += TPR) {
+        const float v = to_f32(s[r * pitch + k]);
+        acc = fmaf(v, v, acc);
+    }
+#pragma unroll
+    for (int o = TPR / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (k0 == 0) out[r] = 1.0f / fmaxf(sqrtf(acc), FC_EPS_NORM);
+}
+
+// S = R . T^T for one warp (K = DP), in k-chunks of 64 under a rolled loop: unrolling all of
+// DP lets the compiler hoist fragment loads of the whole product next to the 128 registers of
+// O and spill (ptxas, sm_90).
+template <typename T, int MI, int NI, int DP>
+__device__ __forceinline__ void s_product(float (&acc)[MI][NI][4], const T* sR, int pitch, int m0, const T* sT, int n0) {
+    zero_acc(acc);
+#pragma unroll 1
+    for (int k0 = 0; k0 < DP; k0 += 64) warp_gemm<T, MI, NI, 64, false, false>(acc, sR + k0, pitch, m0, sT + k0, pitch, n0);
+}
+
+// ACC += E . T for one warp: E stored [m][k] (pitch pe), T stored [k][n] (pitch pt), K = BT.
+// The same products as warp_gemm<T, MI, NI, K, false, true>, but with the k-steps rolled and
+// each 16-column B fragment used as soon as it is loaded, so only a dozen operand registers
+// live next to the 128 of ACC (the unrolled form spills on sm_90). f32 runs warp_gemm's SIMT loop.
+template <typename T, int MI, int NI, int K>
+__device__ __forceinline__ void acc_product(float (&acc)[MI][NI][4], const T* sE, int pe, int m0, const T* sT, int pt, int n0) {
+    if constexpr (IsF32<T>::value) {
+        warp_gemm<T, MI, NI, K, false, true>(acc, sE, pe, m0, sT, pt, n0);
+    } else {
+        static_assert(NI % 2 == 0 && K % 16 == 0, "mma tiles: NI even, K a multiple of 16");
+        const int lane = threadIdx.x % WARP_SIZE;
+#pragma unroll 1
+        for (int k0 = 0; k0 < K; k0 += 16) {
+            u32 a[MI][4];
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) ldmatrix_x4(a[mi], sE + (m0 + mi * 16 + (lane & 15)) * pe + k0 + (lane >> 4) * 8);
+#pragma unroll
+            for (int np = 0; np < NI / 2; ++np) {
+                // Stored [k][n]: matrices (k, n), (k + 8, n), (k, n + 8), (k + 8, n + 8) (as warp_gemm).
+                u32 r[4];
+                ldmatrix_x4_trans(r, sT + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * pt + n0 + np * 16 + (lane >> 4) * 8);
+                const u32 b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi) {
+                    mma_16816<T>(acc[mi][2 * np], a[mi], b0);
+                    mma_16816<T>(acc[mi][2 * np + 1], a[mi], b1);
+                }
+            }
+        }
+    }
+}
+
+// ---- forward ------------------------------------------------------------------------------
+template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd(const AttnFwdArgs<T>& a) {
+    using Cfg = AttnCfg<T>;
+    constexpr int RM = Cfg::RM, BT = Cfg::BT, P = DP + Cfg::PAD, EP = BT + Cfg::PAD;
+    constexpr int SWN = Cfg::SWN, SMI = RM / Cfg::SWM / 16, SNI = BT / SWN / 8;
+    constexpr int AMI = RM / ATTN_AWM / 16, ANI = DP / ATTN_AWN / 8;
+    constexpr int NT = ATTN_THREADS, NSW = (DP + NT - 1) / NT;
+    FC_DYN_SMEM(dyn);
+    T* sR = reinterpret_cast<T*>(dyn);
+    T* sT = sR + RM * P;
+    T* sE = sT + Cfg::STAGES * BT * P;
+    __shared__ float s_invx[RM], s_invw[BT], s_zt[RM], s_m[RM], s_l[RM], s_sz[RM], s_scale[RM];
+    __shared__ float s_pmax[SWN][RM], s_pl[SWN][RM], s_psz[SWN][RM];
+    __shared__ int s_y[RM];
+
+    const HeadParams& p = a.p;
+    const int B = a.b, C = a.c, D = a.d;
+    const int tid = threadIdx.x, lane = tid % WARP_SIZE, warp = tid / WARP_SIZE;
+    const int g = lane >> 2, q = lane & 3;
+    const int r0 = blockIdx.x * RM, split = blockIdx.y;
+    const int n_ct = ceil_div(C, BT);
+    const int ct_begin = split * a.tiles_per_split, ct_end = min(n_ct, ct_begin + a.tiles_per_split);
+    const int cb = ct_begin * BT, ce = min(C, ct_end * BT);  // this split's classes
+    const int sm0 = (warp / SWN) * (RM / Cfg::SWM), sn0 = (warp % SWN) * (BT / SWN);
+    const int am0 = (warp / ATTN_AWN) * (RM / ATTN_AWM), an0 = (warp % ATTN_AWN) * (DP / ATTN_AWN);
+    const bool ls_on = p.ls != 0.0f, first_rt = blockIdx.x == 0;
+
+    load_tile<T, VEC, RM, DP, NT>(sR, P, a.x, r0, B, 0, D);
+    if (ct_begin < ct_end) load_tile<T, VEC, BT, DP, NT>(sT, P, a.w, cb, C, 0, D);
+    cp_async_commit();
+    if (tid < RM) {
+        const int r = r0 + tid;
+        s_y[tid] = r < B ? a.labels[r] : -1;
+        s_m[tid] = -FC_INF;
+        s_l[tid] = 0.0f;
+        s_sz[tid] = 0.0f;
+        s_zt[tid] = 0.0f;
+    }
+    __syncthreads();
+    // Rows whose target class is in this split: c_iy in f64 from global x and W (head.cuh:
+    // target_cos says why), t_i from lane 0. Warp-uniform branch: the shuffles are whole.
+    for (int rl = warp; rl < RM; rl += NT / WARP_SIZE) {
+        const int y = s_y[rl], r = r0 + rl;
+        if (y >= cb && y < ce) {
+            const double c = target_cos_warp(a.x + (size_t)r * D, a.w + (size_t)y * D, D, lane);
+            if (lane == 0) {
+                const TargetLogit tl = target_logit(p, c, p.cloud != 0 ? a.sigma[y] : 0.0f, (u32)r);
+                a.c_iy[r] = tl.c;
+                a.t[r] = tl.t;
+                a.alpha[r] = tl.alpha;
+                a.dt[r] = tl.dt;
+                s_zt[rl] = p.s * tl.t;
+            }
+        }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // R and the first T tile landed; s_zt written
+    tile_inv_norms<T, RM, DP>(sR, P, s_invx);
+
+    float acc[AMI][ANI][4];
+    zero_acc(acc);
+    float sw[NSW];  // this thread's columns of sum wh_j (row-tile-0 CTAs, ls > 0)
+#pragma unroll
+    for (int k = 0; k < NSW; ++k) sw[k] = 0.0f;
+
+    for (int ct = ct_begin; ct < ct_end; ++ct) {
+        const int c0 = ct * BT;
+        T* cur = sT + (Cfg::STAGES == 2 ? ((ct - ct_begin) & 1) : 0) * BT * P;
+        if (Cfg::STAGES == 2 && ct + 1 < ct_end) {
+            // The other buffer was last read in the previous iteration, which ended with __syncthreads.
+            load_tile<T, VEC, BT, DP, NT>(sT + ((ct + 1 - ct_begin) & 1) * BT * P, P, a.w, c0 + BT, C, 0, D);
+        }
+        cp_async_commit();
+        tile_inv_norms<T, BT, DP>(cur, P, s_invw);
+        __syncthreads();  // s_invw (and, on the first tile, s_invx) visible
+        if (first_rt && tid < BT && c0 + tid < C) a.inv_w[c0 + tid] = s_invw[tid];
+        if (first_rt && ls_on) {
+#pragma unroll
+            for (int k = 0; k < NSW; ++k) {
+                const int col = tid + k * NT;
+                if (col < DP)
+                    for (int r = 0; r < BT && c0 + r < C; ++r) sw[k] = fmaf(to_f32(cur[r * P + col]), s_invw[r], sw[k]);
+            }
+        }
+
+        float sacc[SMI][SNI][4];
+        s_product<T, SMI, SNI, DP>(sacc, sR, P, sm0, cur, sn0);
+
+        // z in place of the products (-inf past C), then each row's maximum over the tile.
+#pragma unroll
+        for (int mi = 0; mi < SMI; ++mi)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int rl = sm0 + mi * 16 + g + 8 * h;
+                const int y = s_y[rl];
+                float mx = -FC_INF;
+#pragma unroll
+                for (int ni = 0; ni < SNI; ++ni)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int cl = sn0 + ni * 8 + 2 * q + e, j = c0 + cl;
+                        float z = -FC_INF;
+                        if (j < C) {
+                            const float c = fminf(fmaxf(sacc[mi][ni][2 * h + e] * s_invx[rl] * s_invw[cl], -1.0f), 1.0f);
+                            z = j == y ? s_zt[rl] : p.s * c;
+                        }
+                        sacc[mi][ni][2 * h + e] = z;
+                        mx = fmaxf(mx, z);
+                    }
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                if (q == 0) s_pmax[warp % SWN][rl] = mx;
+            }
+        __syncthreads();
+        if (tid < RM) {
+            float mt = s_pmax[0][tid];
+#pragma unroll
+            for (int k = 1; k < SWN; ++k) mt = fmaxf(mt, s_pmax[k][tid]);
+            const float mo = s_m[tid], mn = fmaxf(mo, mt);
+            s_scale[tid] = mo == -FC_INF ? 0.0f : expf(mo - mn);
+            s_m[tid] = mn;
+        }
+        __syncthreads();
+        // E = exp(z - m) * inv_w (0 for the target column and past C); the row sums of
+        // exp(z - m) (target included) and of z.
+#pragma unroll
+        for (int mi = 0; mi < SMI; ++mi)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int rl = sm0 + mi * 16 + g + 8 * h;
+                const int y = s_y[rl];
+                const float m = s_m[rl];
+                float lp = 0.0f, lz = 0.0f;
+#pragma unroll
+                for (int ni = 0; ni < SNI; ++ni)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int cl = sn0 + ni * 8 + 2 * q + e, j = c0 + cl;
+                        const float z = sacc[mi][ni][2 * h + e];
+                        float pe = 0.0f;
+                        if (j < C) {
+                            pe = expf(z - m);
+                            lp += pe;
+                            lz += z;
+                        }
+                        sE[rl * EP + cl] = from_f32<T>(j < C && j != y ? pe * s_invw[cl] : 0.0f);
+                    }
+                lp += __shfl_xor_sync(0xffffffffu, lp, 1);
+                lp += __shfl_xor_sync(0xffffffffu, lp, 2);
+                lz += __shfl_xor_sync(0xffffffffu, lz, 1);
+                lz += __shfl_xor_sync(0xffffffffu, lz, 2);
+                if (q == 0) {
+                    s_pl[warp % SWN][rl] = lp;
+                    s_psz[warp % SWN][rl] = lz;
+                }
+            }
+        // Rescale O to the new row maxima (s_scale was published by the last __syncthreads).
+#pragma unroll
+        for (int mi = 0; mi < AMI; ++mi)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const float sc = s_scale[am0 + mi * 16 + g + 8 * h];
+#pragma unroll
+                for (int ni = 0; ni < ANI; ++ni) {
+                    acc[mi][ni][2 * h] *= sc;
+                    acc[mi][ni][2 * h + 1] *= sc;
+                }
+            }
+        __syncthreads();  // E and the row sums visible
+        if (tid < RM) {
+            float l = s_l[tid] * s_scale[tid], z = s_sz[tid];
+#pragma unroll
+            for (int k = 0; k < SWN; ++k) {
+                l += s_pl[k][tid];
+                z += s_psz[k][tid];
+            }
+            s_l[tid] = l;
+            s_sz[tid] = z;
+        }
+        acc_product<T, AMI, ANI, BT>(acc, sE, EP, am0, cur, P, an0);
+        if (Cfg::STAGES == 1) {
+            __syncthreads();  // everyone is done with the one buffer
+            if (ct + 1 < ct_end) load_tile<T, VEC, BT, DP, NT>(sT, P, a.w, c0 + BT, C, 0, D);
+            cp_async_commit();
+        }
+        cp_async_wait<0>();
+        __syncthreads();  // the next tile landed; E, s_pmax, s_pl free
+    }
+
+    if (tid < RM) {
+        const int r = r0 + tid;
+        if (r < B) {
+            const int ns = gridDim.y;
+            a.part[(size_t)split * B + r] = s_m[tid];
+            a.part[((size_t)ns + split) * B + r] = s_l[tid];
+            a.part[((size_t)2 * ns + split) * B + r] = s_sz[tid];
+            if (split == 0) a.inv_x[r] = s_invx[tid];
+        }
+    }
+    if (first_rt && ls_on) {
+#pragma unroll
+        for (int k = 0; k < NSW; ++k) {
+            const int col = tid + k * NT;
+            if (col < D) a.swh[(size_t)split * D + col] = sw[k];
+        }
+    }
+    float* o = a.opart + (size_t)split * B * D;
+#pragma unroll
+    for (int mi = 0; mi < AMI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < ANI; ++ni)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int row = r0 + am0 + mi * 16 + g + 8 * (r >> 1);
+                const int col = an0 + ni * 8 + 2 * q + (r & 1);
+                if (row < B && col < D) o[(size_t)row * D + col] = acc[mi][ni][r];
+            }
+}
+
+// Entry points: AttnFwdArgs<T> (args.cuh); grid (ceil(B / RM), class splits), dynamic smem
+// attn_smem_bytes<T, DP>(). One CTA per SM (launch bounds (256, 1)): O takes 128 registers.
+FC_ENTRY(attn_fwd_d512_bf16, bf16_t, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, true, 512>(a))
+FC_ENTRY(attn_fwd_d512_scalar_bf16, bf16_t, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, false, 512>(a))
+FC_ENTRY(attn_fwd_d128_bf16, bf16_t, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, true, 128>(a))
+FC_ENTRY(attn_fwd_d128_scalar_bf16, bf16_t, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, false, 128>(a))
+FC_ENTRY(attn_fwd_d512_f32, float, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, true, 512>(a))
+FC_ENTRY(attn_fwd_d512_scalar_f32, float, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, false, 512>(a))
+FC_ENTRY(attn_fwd_d128_f32, float, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, true, 128>(a))
+FC_ENTRY(attn_fwd_d128_scalar_f32, float, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, false, 128>(a))
+
+// ---- combine ------------------------------------------------------------------------------
+// One warp per row (8 rows per block). Merges the row's n_cs split partials in split order
+// (lane k takes splits k, k + 32, ..., then a fixed xor tree; every lane ends with the same
+// bits), writes lse and loss, then u_i, the row's dx for a unit row weight (SPEC 4):
+//   dxh = s [ O / l - (ls / C)(S - wh_y) + (expm1(z_y - lse) + ls - ls / C) dt wh_y ]
+//   u   = (dxh - xh (xh . dxh)) * inv_x
+// with O = sum_k exp(m_k - M) O_k over the splits and S = sum_k swh_k. The warp holds dxh in
+// registers (D <= 512: 16 per lane). Ignored rows: zeros everywhere.
+#define ATTN_DMAX 512
+template <typename T> __device__ __forceinline__ void attn_combine(const AttnCombineArgs<T>& a) {
+    constexpr int KL = ATTN_DMAX / WARP_SIZE;
+    const HeadParams& p = a.p;
+    const int B = a.b, D = a.d, ns = a.n_cs;
+    const int i = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    const int lane = threadIdx.x % WARP_SIZE;
+    if (i >= B) return;  // the whole warp leaves
+    const int y = a.labels[i];
+    float* u = a.u + (size_t)i * D;
+    if (y < 0) {
+        if (lane == 0) {
+            a.lse[i] = 0.0f;
+            a.loss[i] = 0.0f;
+            a.c_iy[i] = 0.0f;
+            a.t[i] = 0.0f;
+            a.alpha[i] = 0.0f;
+            a.dt[i] = 0.0f;
+        }
+        for (int k = lane; k < D; k += WARP_SIZE) u[k] = 0.0f;
+        return;
+    }
+    LseAcc acc = lse_empty();
+    for (int k = lane; k < ns; k += WARP_SIZE) {
+        const LseAcc b = {a.part[(size_t)k * B + i], a.part[((size_t)ns + k) * B + i], a.part[((size_t)2 * ns + k) * B + i]};
+        lse_combine(acc, b);
+    }
+    acc = warp_lse(acc);
+    const float lse = acc.m + logf(acc.s);
+    const float zy = p.s * a.t[i];
+    if (lane == 0) {
+        a.lse[i] = lse;
+        a.loss[i] = row_loss(p, acc, zy);
+    }
+    float o[KL];
+#pragma unroll
+    for (int k = 0; k < KL; ++k) o[k] = 0.0f;
+    for (int sp = 0; sp < ns; ++sp) {
+        const float f = expf(a.part[(size_t)sp * B + i] - acc.m);
+        const float* op = a.opart + ((size_t)sp * B + i) * D;
+#pragma unroll
+        for (int k = 0; k < KL; ++k) {
+            const int col = lane + k * WARP_SIZE;
+            if (col < D) o[k] = fmaf(f, op[col], o[k]);
+        }
+    }
+    const float inv_l = 1.0f / acc.s, ix = a.inv_x[i], iwy = a.inv_w[y];
+    const float tc = (expm1f(zy - lse) + p.ls - p.ls_over_c) * a.dt[i];
+    const T* xr = a.x + (size_t)i * D;
+    const T* wy = a.w + (size_t)y * D;
+    float dot = 0.0f;
+#pragma unroll
+    for (int k = 0; k < KL; ++k) {
+        const int col = lane + k * WARP_SIZE;
+        if (col < D) {
+            const float why = to_f32(wy[col]) * iwy;
+            float v = o[k] * inv_l + tc * why;
+            if (p.ls != 0.0f) {
+                float sum = 0.0f;
+                for (int sp = 0; sp < ns; ++sp) sum += a.swh[(size_t)sp * D + col];
+                v -= p.ls_over_c * (sum - why);
+            }
+            o[k] = p.s * v;
+            dot = fmaf(to_f32(xr[col]) * ix, o[k], dot);
+        }
+    }
+    dot = warp_sum(dot);
+#pragma unroll
+    for (int k = 0; k < KL; ++k) {
+        const int col = lane + k * WARP_SIZE;
+        if (col < D) u[col] = (o[k] - to_f32(xr[col]) * ix * dot) * ix;
+    }
+}
+// Entry points: AttnCombineArgs<T>; grid ceil(B / 8) blocks of 256.
+FC_ENTRY(attn_combine_fwd_bf16, bf16_t, (ATTN_THREADS), AttnCombineArgs, attn_combine<T>(a))
+FC_ENTRY(attn_combine_fwd_f32, float, (ATTN_THREADS), AttnCombineArgs, attn_combine<T>(a))
+
+// ---- backward -----------------------------------------------------------------------------
+template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd(const AttnBwdArgs<T>& a) {
+    using Cfg = AttnCfg<T>;
+    constexpr int RM = Cfg::RM, BT = Cfg::BT, P = DP + Cfg::PAD, EP = BT + Cfg::PAD;
+    constexpr int SWN = Cfg::SWN, SMI = RM / Cfg::SWM / 16, SNI = BT / SWN / 8;
+    constexpr int AMI = RM / ATTN_AWM / 16, ANI = DP / ATTN_AWN / 8;
+    constexpr int NT = ATTN_THREADS;
+    FC_DYN_SMEM(dyn);
+    T* sR = reinterpret_cast<T*>(dyn);
+    T* sT = sR + RM * P;
+    T* sE = sT + Cfg::STAGES * BT * P;
+    __shared__ float s_invw[RM], s_invx[BT], s_lse[BT], s_zt[BT], s_dt[BT], s_wt[BT];
+    __shared__ float s_dot[ATTN_AWN][RM];
+    __shared__ int s_y[BT];
+
+    const HeadParams& p = a.p;
+    const int B = a.b, C = a.c, D = a.d;
+    const int tid = threadIdx.x, lane = tid % WARP_SIZE, warp = tid / WARP_SIZE;
+    const int g = lane >> 2, q = lane & 3;
+    const int j0 = blockIdx.x * RM, n_rt = ceil_div(B, BT);
+    const int sm0 = (warp / SWN) * (RM / Cfg::SWM), sn0 = (warp % SWN) * (BT / SWN);
+    const int am0 = (warp / ATTN_AWN) * (RM / ATTN_AWM), an0 = (warp % ATTN_AWN) * (DP / ATTN_AWN);
+
+    load_tile<T, VEC, RM, DP, NT>(sR, P, a.w, j0, C, 0, D);
+    load_tile<T, VEC, BT, DP, NT>(sT, P, a.x, 0, B, 0, D);
+    cp_async_commit();
+
+    // dx = w_i u_i for this CTA's rows (while the first tiles are in flight).
+    for (int i = blockIdx.x * (NT / WARP_SIZE) + warp; i < B; i += gridDim.x * (NT / WARP_SIZE)) {
+        const float wt = a.labels[i] >= 0 ? a.g_scale * (a.row_g ? a.row_g[i] : 1.0f) : 0.0f;
+        const float* ur = a.u + (size_t)i * D;
+        for (int k = lane; k < D; k += WARP_SIZE) {
+            const float v = wt * ur[k];
+            if (a.dx32) a.dx32[(size_t)i * D + k] = v;
+            else a.dx[(size_t)i * D + k] = from_f32<T>(v);
+        }
+    }
+    if (tid < RM) s_invw[tid] = j0 + tid < C ? a.inv_w[j0 + tid] : 0.0f;
+
+    float acc[AMI][ANI][4];
+    zero_acc(acc);
+    for (int rt = 0; rt < n_rt; ++rt) {
+        const int r0 = rt * BT;
+        T* cur = sT + (Cfg::STAGES == 2 ? (rt & 1) : 0) * BT * P;
+        if (tid < BT) {
+            const int r = r0 + tid;
+            const int y = r < B ? a.labels[r] : -1;
+            s_y[tid] = y;
+            s_invx[tid] = y >= 0 ? a.inv_x[r] : 0.0f;
+            s_lse[tid] = y >= 0 ? a.lse[r] : 0.0f;
+            s_zt[tid] = y >= 0 ? p.s * a.t[r] : 0.0f;
+            s_dt[tid] = y >= 0 ? a.dt[r] : 0.0f;
+            s_wt[tid] = y >= 0 ? a.g_scale * (a.row_g ? a.row_g[r] : 1.0f) : 0.0f;
+        }
+        cp_async_wait<0>();
+        __syncthreads();  // this row tile landed; the s_* rows visible
+        if (Cfg::STAGES == 2 && rt + 1 < n_rt) {
+            // The other buffer was last read in the previous iteration, which ended with __syncthreads.
+            load_tile<T, VEC, BT, DP, NT>(sT + ((rt + 1) & 1) * BT * P, P, a.x, r0 + BT, B, 0, D);
+        }
+        cp_async_commit();
+
+        float sacc[SMI][SNI][4];
+        s_product<T, SMI, SNI, DP>(sacc, sR, P, sm0, cur, sn0);
+        // E[class][row] = dc * inv_x (SPEC 4; 0 for ignored rows, rows >= B, classes >= C).
+#pragma unroll
+        for (int mi = 0; mi < SMI; ++mi)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int cl = sm0 + mi * 16 + g + 8 * h, j = j0 + cl;
+#pragma unroll
+                for (int ni = 0; ni < SNI; ++ni)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int rl = sn0 + ni * 8 + 2 * q + e;
+                        const int y = s_y[rl];
+                        float dc = 0.0f;
+                        if (y >= 0 && j < C) {
+                            const bool tgt = j == y;
+                            const float c = fminf(fmaxf(sacc[mi][ni][2 * h + e] * s_invw[cl] * s_invx[rl], -1.0f), 1.0f);
+                            const float z = tgt ? s_zt[rl] : p.s * c;
+                            const float pr = expf(z - s_lse[rl]);
+                            const float qq = (tgt ? 1.0f - p.ls : 0.0f) + p.ls_over_c;
+                            dc = s_wt[rl] * p.s * (pr - qq);
+                            if (tgt) dc *= s_dt[rl];
+                        }
+                        sE[cl * EP + rl] = from_f32<T>(dc * s_invx[rl]);
+                    }
+            }
+        __syncthreads();  // E visible
+        acc_product<T, AMI, ANI, BT>(acc, sE, EP, am0, cur, P, an0);
+        __syncthreads();  // E, the s_* rows and (one stage) the buffer are free
+        if (Cfg::STAGES == 1 && rt + 1 < n_rt) {
+            load_tile<T, VEC, BT, DP, NT>(sT, P, a.x, r0 + BT, B, 0, D);
+            cp_async_commit();
+        }
+    }
+
+    // dW = (dwh - wh (wh . dwh)) * inv_w (SPEC 4): the dot over D from the register tiles (quad,
+    // then the 4 warps of a row band, in order), wh from the resident W rows.
+#pragma unroll
+    for (int mi = 0; mi < AMI; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int cl = am0 + mi * 16 + g + 8 * h;
+            float d = 0.0f;
+#pragma unroll
+            for (int ni = 0; ni < ANI; ++ni)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) d = fmaf(acc[mi][ni][2 * h + e], to_f32(sR[cl * P + an0 + ni * 8 + 2 * q + e]), d);
+            d += __shfl_xor_sync(0xffffffffu, d, 1);
+            d += __shfl_xor_sync(0xffffffffu, d, 2);
+            if (q == 0) s_dot[warp % ATTN_AWN][cl] = d;
+        }
+    __syncthreads();
+#pragma unroll
+    for (int mi = 0; mi < AMI; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int cl = am0 + mi * 16 + g + 8 * h, j = j0 + cl;
+            if (j >= C) continue;
+            const float iw = s_invw[cl];
+            float dot = 0.0f;
+#pragma unroll
+            for (int k = 0; k < ATTN_AWN; ++k) dot += s_dot[k][cl];
+            dot *= iw;
+#pragma unroll
+            for (int ni = 0; ni < ANI; ++ni)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int col = an0 + ni * 8 + 2 * q + e;
+                    if (col >= D) continue;
+                    const float v = (acc[mi][ni][2 * h + e] - to_f32(sR[cl * P + col]) * iw * dot) * iw;
+                    if (a.dw32) a.dw32[(size_t)j * D + col] = v;
+                    else a.dw[(size_t)j * D + col] = from_f32<T>(v);
+                }
+        }
+}
+
+// Entry points: AttnBwdArgs<T>; grid ceil(C / RM), dynamic smem attn_smem_bytes<T, DP>().
+FC_ENTRY(attn_bwd_d512_bf16, bf16_t, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, true, 512>(a))
+FC_ENTRY(attn_bwd_d512_scalar_bf16, bf16_t, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, false, 512>(a))
+FC_ENTRY(attn_bwd_d128_bf16, bf16_t, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, true, 128>(a))
+FC_ENTRY(attn_bwd_d128_scalar_bf16, bf16_t, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, false, 128>(a))
+FC_ENTRY(attn_bwd_d512_f32, float, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, true, 512>(a))
+FC_ENTRY(attn_bwd_d512_scalar_f32, float, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, false, 512>(a))
+FC_ENTRY(attn_bwd_d128_f32, float, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, true, 128>(a))
+FC_ENTRY(attn_bwd_d128_scalar_f32, float, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, false, 128>(a))

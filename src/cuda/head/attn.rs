@@ -1,0 +1,193 @@
+//! The fused path's attention-form kernels (`kernels/head_attn.cu`): the forward computes
+//! lse, the loss and dx for a unit row weight (SPEC 4's attention form), the backward
+//! only dW, from the forward's saved state, and scales dx by the upstream weights.
+//!
+//! Launches per call (checked by `tests/head_emu.rs` through the device counters):
+//! forward 3 (tiles, combine, loss reduction); backward 1. No memsets; the forward's
+//! scratch (split partials) is kept between calls, the backward has none.
+
+use super::fused::vectorized;
+use super::plan;
+use super::scratch::{Scratch, Slot};
+use super::{ForwardJob, ForwardLaunched, GradDtype, GradTensor, Grads, HeadForward, Inputs, Upstream};
+use crate::cuda::args::{AttnBwdArgs, AttnCombineArgs, AttnFwdArgs};
+use crate::cuda::{Device, DeviceElem, Tensor};
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::shape::HeadShape;
+
+/// What the attention-form forward leaves for its backward (device tensors).
+#[derive(Debug)]
+pub(super) struct AttnSaved {
+    /// dx of each row for a unit row weight `[B, D]` (0 for ignored rows).
+    pub u: Tensor<f32>,
+    /// Inverse norms of x `[B]`, as the forward's tiles computed them.
+    pub inv_x: Tensor<f32>,
+    /// Inverse norms of W `[C]`.
+    pub inv_w: Tensor<f32>,
+}
+
+/// The attention-form forward: every per-row output, the reduced loss (on the device)
+/// and the saved state of [`AttnSaved`].
+pub(super) fn forward<T: DeviceElem>(
+    dev: &Device,
+    inp: &Inputs<'_, T>,
+    job: ForwardJob<'_>,
+    scalar: bool,
+    scratch: &mut Scratch,
+) -> Result<ForwardLaunched> {
+    let (shape, p) = (inp.shape, inp.p);
+    let HeadShape { b, c, d } = shape;
+    // SAFETY: attn_fwd writes c_iy, t, alpha, dt of the valid rows and attn_combine_fwd every
+    // per-row element (the ignored rows' too) and every element of u; the split-0 CTAs
+    // write inv_x for every row, the row-tile-0 CTAs inv_w for every class.
+    let mut out = unsafe { HeadForward::alloc_uninit(dev, shape, job.n_valid) }?;
+    let saved = unsafe {
+        AttnSaved {
+            u: Tensor::uninit(dev, &[b, d])?,
+            inv_x: Tensor::uninit(dev, &[b])?,
+            inv_w: Tensor::uninit(dev, &[c])?,
+        }
+    };
+    let (splits, _) = plan::attn_splits(T::DTYPE, shape);
+    // The tiles write part and opart for every (split, row < B), and swh for every (split,
+    // column < D) when ls > 0, the only case in which the combine reads it.
+    let part = scratch.take(dev, Slot::Part, &[3 * splits * b])?;
+    let opart = scratch.take(dev, Slot::Opart, &[splits * b * d])?;
+    let swh = scratch.take(dev, Slot::Swh, &[splits * d])?;
+    let total = scratch.take(dev, Slot::Total, &[1])?;
+    let tiles = plan::attn_fwd(
+        T::DTYPE,
+        shape,
+        vectorized(inp.x, inp.w, d, scalar),
+        AttnFwdArgs {
+            x: inp.x.ptr(),
+            w: inp.w.ptr(),
+            labels: inp.labels.ptr(),
+            sigma: job.sigma.ptr(),
+            inv_x: saved.inv_x.ptr(),
+            inv_w: saved.inv_w.ptr(),
+            part: part.ptr(),
+            opart: opart.ptr(),
+            swh: swh.ptr(),
+            c_iy: out.c_iy.ptr(),
+            t: out.t.ptr(),
+            alpha: out.alpha.ptr(),
+            dt: out.dt.ptr(),
+            p,
+            ..Default::default()
+        },
+    )?;
+    let combine = plan::attn_combine(
+        T::DTYPE,
+        shape,
+        splits,
+        AttnCombineArgs {
+            x: inp.x.ptr(),
+            w: inp.w.ptr(),
+            labels: inp.labels.ptr(),
+            inv_x: saved.inv_x.ptr(),
+            inv_w: saved.inv_w.ptr(),
+            part: part.ptr(),
+            opart: opart.ptr(),
+            swh: swh.ptr(),
+            t: out.t.ptr(),
+            lse: out.lse.ptr(),
+            loss: out.row_loss.ptr(),
+            c_iy: out.c_iy.ptr(),
+            alpha: out.alpha.ptr(),
+            dt: out.dt.ptr(),
+            u: saved.u.ptr(),
+            p,
+            ..Default::default()
+        },
+    )?;
+    let reduce = job.reduce(&out, &total);
+    // SAFETY: x [B, D], w [C, D] (the cp.async kernels only when D and both base addresses
+    // allow 16-byte chunks, checked in `vectorized`), labels/outputs [B], sigma [C] (unread
+    // when the cloud is off), part [3, splits, B], opart [splits, B, D], swh [splits, D] and
+    // u [B, D] with splits = the tile kernel's grid.y (plan::attn_splits, used by both);
+    // labels < C (HeadOn::check); D <= 512 (plan::attn_fwd refuses more); every output a
+    // distinct buffer; the dynamic shared memory is the kernel's (plan::attn_smem_bytes).
+    unsafe { dev.run(&[tiles, combine, reduce]) }?;
+    scratch.put(Slot::Part, part);
+    scratch.put(Slot::Opart, opart);
+    scratch.put(Slot::Swh, swh);
+    out.attn = Some(saved);
+    Ok(ForwardLaunched { out, total, inv: None })
+}
+
+/// A `[rows, d]` gradient in the asked dtype, uninitialized, and its two kernel pointers
+/// (storage dtype, f32): exactly one is non-null.
+///
+/// # Safety
+/// The kernel must write every element before it is read.
+unsafe fn grad_out<T: DeviceElem>(
+    dev: &Device,
+    f32_grads: bool,
+    rows: usize,
+    d: usize,
+) -> Result<GradTensor<T>> {
+    // SAFETY: forwarded from the caller.
+    Ok(if f32_grads {
+        GradTensor::F32(unsafe { Tensor::uninit(dev, &[rows, d]) }?)
+    } else {
+        GradTensor::Input(unsafe { Tensor::uninit(dev, &[rows, d]) }?)
+    })
+}
+
+fn grad_ptrs<T: DeviceElem>(g: &GradTensor<T>) -> (crate::cuda::DevPtr, crate::cuda::DevPtr) {
+    match g {
+        GradTensor::Input(t) => (t.ptr(), crate::cuda::DevPtr::NULL),
+        GradTensor::F32(t) => (crate::cuda::DevPtr::NULL, t.ptr()),
+    }
+}
+
+/// The attention-form backward: dW from one launch over the class tiles, dx = w_i u_i.
+pub(super) fn backward<T: DeviceElem>(
+    dev: &Device,
+    inp: &Inputs<'_, T>,
+    fwd: &HeadForward,
+    saved: &AttnSaved,
+    up: Upstream<'_>,
+    grad_dtype: GradDtype,
+    scalar: bool,
+) -> Result<Grads<T>> {
+    let (shape, p) = (inp.shape, inp.p);
+    let HeadShape { b, c, d } = shape;
+    let f32_grads = grad_dtype == GradDtype::F32 || T::DTYPE == DType::F32;
+    // SAFETY: attn_bwd writes every element of dx (rows i < B over the grid-stride loop of
+    // its >= 1 CTAs) and of dW (each class row by the CTA of its tile, every column < D).
+    let (dx, dw) = unsafe { (grad_out::<T>(dev, f32_grads, b, d)?, grad_out::<T>(dev, f32_grads, c, d)?) };
+    let ((dxp, dx32), (dwp, dw32)) = (grad_ptrs(&dx), grad_ptrs(&dw));
+    let l = plan::attn_bwd(
+        T::DTYPE,
+        shape,
+        vectorized(inp.x, inp.w, d, scalar),
+        AttnBwdArgs {
+            x: inp.x.ptr(),
+            w: inp.w.ptr(),
+            labels: inp.labels.ptr(),
+            inv_x: saved.inv_x.ptr(),
+            inv_w: saved.inv_w.ptr(),
+            t: fwd.t.ptr(),
+            dt: fwd.dt.ptr(),
+            lse: fwd.lse.ptr(),
+            row_g: up.row_g.map_or(crate::cuda::DevPtr::NULL, |g| g.ptr()),
+            u: saved.u.ptr(),
+            dx: dxp,
+            dx32,
+            dw: dwp,
+            dw32,
+            p,
+            g_scale: up.g_scale,
+            ..Default::default()
+        },
+    )?;
+    // SAFETY: x [B, D], w [C, D] (cp.async kernels only when allowed, see `vectorized`),
+    // per-row inputs [B] from a forward at this shape (HeadOn::call checks it), inv_w [C],
+    // u [B, D]; exactly one of dx / dx32 and one of dw / dw32 non-null, each [B, D] / [C, D]
+    // in its dtype; all distinct buffers; the dynamic shared memory is the kernel's.
+    unsafe { dev.launch(&l) }?;
+    Ok(Grads { dx, dw })
+}
