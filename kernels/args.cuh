@@ -408,14 +408,18 @@ struct AttnBwdArgs {
     const float* lse;      // [B] in (forward)
     const float* row_g;    // [B] in: per-row upstream gradient; may be null (all 1)
     const float* u;        // [B, D] in: attn_combine_fwd's dx for a unit row weight
+    const float* loss_rows; // [B] in: the forward's row losses (read only when total is set)
     T* dx;                 // [B, D] out in T; null when dx32 is set
     float* dx32;           // [B, D] out in f32; null when dx is set
     T* dw;                 // [C, D] out in T; null when dw32 is set
     float* dw32;           // [C, D] out in f32; null when dw is set
+    float* total;          // [1] out: loss_scale * sum of loss_rows (block 0; head_reduce); may be null
     HeadParams p;
     float g_scale;         // multiplies row_g (1 / N_valid for a mean)
+    float loss_scale;      // the forward's reduction factor (1 / N_valid for a mean)
     int b;                 // B
     int c;                 // C
     int d;                 // D
+    int _pad0;
 };
-FC_ASSERT_LAYOUT(AttnBwdArgs<float>, 184, p, 112, d, 180);
+FC_ASSERT_LAYOUT(AttnBwdArgs<float>, 208, p, 128, _pad0, 204);

@@ -155,6 +155,17 @@ __device__ __forceinline__ LseAcc warp_lse(LseAcc a) {
     return a;
 }
 
+// The reduced loss, by one 256-thread block: thread k sums rows k, k+256, ... in order, then
+// block_sum. loss_rows [B] in (0 for ignored rows); out [1] = scale * sum. head_reduce_fwd_f32
+// (head_ref.cu) and the attention-form backward (head_attn.cu) call it: the same bits.
+__device__ __forceinline__ void head_reduce(const float* __restrict__ loss_rows, int B, float scale, float* __restrict__ out) {
+    __shared__ float scratch[32];
+    float acc = 0.0f;
+    for (int i = threadIdx.x; i < B; i += blockDim.x) acc += loss_rows[i];
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) out[0] = acc * scale;
+}
+
 // Row loss from its combined state (SPEC 3). ls = 0: (m - z_y) + log(s), which
 // keeps the digits of a small loss instead of subtracting two large numbers. ls > 0:
 // (1 - ls)(m - z_y) + (ls m - (ls / C) sum z) + log(s), the same sum grouped so that

@@ -48,6 +48,17 @@
 template <typename T> struct AttnCfg {
     static constexpr int RM = 64, BT = 32, STAGES = 2, PAD = 8, SWM = 4, SWN = 2;
 };
+// The forward's ACC operand type. f16 storage: S runs on f16 operands (exact products), but E
+// and a bf16 copy of the W tile feed O: E = p * inv_w needs f32's range (1e12 for a zero row,
+// tiny probabilities), which f16 lacks and bf16 has; rounding the copy costs 2^-9 relative per
+// element of O, within SPEC 8's 16-bit tolerance (the target term, where cancellation happens,
+// is added in f32 from the f16 row). The backward cannot round x so (a target row nearly
+// parallel to its class weight leaves the rounding in dW after the projection, times dt) and
+// scales its f16 operands by powers of two instead (attn_bwd).
+template <typename T> struct AccOp { using type = T; };
+template <> struct AccOp<f16_t> { using type = bf16_t; };
+template <typename T> struct IsSame16 { static constexpr bool value = false; };
+template <> struct IsSame16<f16_t> { static constexpr bool value = true; };
 template <> struct AttnCfg<float> {
     static constexpr int RM = 32, BT = 32, STAGES = 1, PAD = 4, SWM = 2, SWN = 4;
 };
@@ -55,15 +66,33 @@ template <> struct AttnCfg<float> {
 #define ATTN_AWN 4
 
 // Dynamic shared memory of both tile kernels: R [RM][DP + PAD], STAGES x T [BT][DP + PAD],
-// E [RM][BT + PAD] (src/cuda/head/plan.rs: attn_smem_bytes states the same numbers).
+// E [RM][BT + PAD], and for f16 the bf16 copy of the streamed tile [BT][DP + PAD]
+// (src/cuda/head/plan.rs: attn_smem_bytes states the same numbers).
 template <typename T, int DP> __host__ __device__ constexpr int attn_smem_bytes() {
     using C = AttnCfg<T>;
-    return ((C::RM + C::STAGES * C::BT) * (DP + C::PAD) + C::RM * (C::BT + C::PAD)) * (int)sizeof(T);
+    return ((C::RM + (C::STAGES + (IsSame16<T>::value ? 1 : 0)) * C::BT) * (DP + C::PAD) + C::RM * (C::BT + C::PAD)) *
+           (int)sizeof(T);
 }
 static_assert(attn_smem_bytes<bf16_t, 512>() == 138240, "keep src/cuda/head/plan.rs in sync");
 static_assert(attn_smem_bytes<bf16_t, 128>() == 39936, "keep src/cuda/head/plan.rs in sync");
 static_assert(attn_smem_bytes<float, 512>() == 136704, "keep src/cuda/head/plan.rs in sync");
 static_assert(attn_smem_bytes<float, 128>() == 38400, "keep src/cuda/head/plan.rs in sync");
+static_assert(attn_smem_bytes<f16_t, 512>() == 171520, "keep src/cuda/head/plan.rs in sync");
+
+// f16: the bf16 copy of the streamed tile for the ACC product (see AccOp). Whole tile, any
+// thread mapping: the caller's next __syncthreads publishes it.
+template <typename T, int BT, int DP>
+__device__ __forceinline__ const typename AccOp<T>::type* acc_operand(const T* cur, typename AccOp<T>::type* copy, int pitch) {
+    if constexpr (IsSame16<T>::value) {
+        for (int e = threadIdx.x; e < BT * DP; e += ATTN_THREADS) {
+            const int r = e / DP, k = e % DP;
+            copy[r * pitch + k] = from_f32<bf16_t>(to_f32(cur[r * pitch + k]));
+        }
+        return copy;
+    } else {
+        return cur;
+    }
+}
 
 // out[r] = 1 / max(|row r|, eps) for the ROWS rows of a shared-memory tile (zero beyond D, so
 // the padding adds nothing). NT / ROWS consecutive threads per row, each a strided partial sum,
@@ -133,9 +162,11 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
     constexpr int AMI = RM / ATTN_AWM / 16, ANI = DP / ATTN_AWN / 8;
     constexpr int NT = ATTN_THREADS, NSW = (DP + NT - 1) / NT;
     FC_DYN_SMEM(dyn);
+    using A = typename AccOp<T>::type;
     T* sR = reinterpret_cast<T*>(dyn);
     T* sT = sR + RM * P;
-    T* sE = sT + Cfg::STAGES * BT * P;
+    A* sE = reinterpret_cast<A*>(sT + Cfg::STAGES * BT * P);
+    A* sC = sE + RM * EP;  // f16 only: the bf16 copy of the streamed tile
     __shared__ float s_invx[RM], s_invw[BT], s_zt[RM], s_m[RM], s_l[RM], s_sz[RM], s_scale[RM];
     __shared__ float s_pmax[SWN][RM], s_pl[SWN][RM], s_psz[SWN][RM];
     __shared__ int s_y[RM];
@@ -212,6 +243,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
 
         float sacc[SMI][SNI][4];
         s_product<T, SMI, SNI, DP>(sacc, sR, P, sm0, cur, sn0);
+        const A* accT = acc_operand<T, BT, DP>(cur, sC, P);
 
         // z in place of the products (-inf past C), then each row's maximum over the tile.
 #pragma unroll
@@ -270,7 +302,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
                             lp += pe;
                             lz += z;
                         }
-                        sE[rl * EP + cl] = from_f32<T>(j < C && j != y ? pe * s_invw[cl] : 0.0f);
+                        sE[rl * EP + cl] = from_f32<A>(j < C && j != y ? pe * s_invw[cl] : 0.0f);
                     }
                 lp += __shfl_xor_sync(0xffffffffu, lp, 1);
                 lp += __shfl_xor_sync(0xffffffffu, lp, 2);
@@ -304,7 +336,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
             s_l[tid] = l;
             s_sz[tid] = z;
         }
-        acc_product<T, AMI, ANI, BT>(acc, sE, EP, am0, cur, P, an0);
+        acc_product<A, AMI, ANI, BT>(acc, sE, EP, am0, accT, P, an0);
         if (Cfg::STAGES == 1) {
             __syncthreads();  // everyone is done with the one buffer
             if (ct + 1 < ct_end) load_tile<T, VEC, BT, DP, NT>(sT, P, a.w, c0 + BT, C, 0, D);
@@ -346,14 +378,10 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
 
 // Entry points: AttnFwdArgs<T> (args.cuh); grid (ceil(B / RM), class splits), dynamic smem
 // attn_smem_bytes<T, DP>(). One CTA per SM (launch bounds (256, 1)): O takes 128 registers.
-FC_ENTRY(attn_fwd_d512_bf16, bf16_t, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, true, 512>(a))
-FC_ENTRY(attn_fwd_d512_scalar_bf16, bf16_t, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, false, 512>(a))
-FC_ENTRY(attn_fwd_d128_bf16, bf16_t, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, true, 128>(a))
-FC_ENTRY(attn_fwd_d128_scalar_bf16, bf16_t, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, false, 128>(a))
-FC_ENTRY(attn_fwd_d512_f32, float, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, true, 512>(a))
-FC_ENTRY(attn_fwd_d512_scalar_f32, float, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, false, 512>(a))
-FC_ENTRY(attn_fwd_d128_f32, float, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, true, 128>(a))
-FC_ENTRY(attn_fwd_d128_scalar_f32, float, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, false, 128>(a))
+FC_DTYPES(attn_fwd_d512, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, true, 512>(a))
+FC_DTYPES(attn_fwd_d512_scalar, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, false, 512>(a))
+FC_DTYPES(attn_fwd_d128, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, true, 128>(a))
+FC_DTYPES(attn_fwd_d128_scalar, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, false, 128>(a))
 
 // ---- combine ------------------------------------------------------------------------------
 // One warp per row (8 rows per block). Merges the row's n_cs split partials in split order
@@ -437,8 +465,11 @@ template <typename T> __device__ __forceinline__ void attn_combine(const AttnCom
     }
 }
 // Entry points: AttnCombineArgs<T>; grid ceil(B / 8) blocks of 256.
-FC_ENTRY(attn_combine_fwd_bf16, bf16_t, (ATTN_THREADS), AttnCombineArgs, attn_combine<T>(a))
-FC_ENTRY(attn_combine_fwd_f32, float, (ATTN_THREADS), AttnCombineArgs, attn_combine<T>(a))
+FC_DTYPES(attn_combine_fwd, (ATTN_THREADS), AttnCombineArgs, attn_combine<T>(a))
+
+// An f16 operand from f32, saturating at +-65504 (the scaling keeps values below 2^15; this
+// is the last guard: inf times a zero would put NaN into a whole product).
+__device__ __forceinline__ f16_t to_operand_f16(float v) { return from_f32<f16_t>(fminf(fmaxf(v, -65504.0f), 65504.0f)); }
 
 // ---- backward -----------------------------------------------------------------------------
 template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd(const AttnBwdArgs<T>& a) {
@@ -448,12 +479,21 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
     constexpr int AMI = RM / ATTN_AWM / 16, ANI = DP / ATTN_AWN / 8;
     constexpr int NT = ATTN_THREADS;
     FC_DYN_SMEM(dyn);
+    // f16: E = dc * frac_x * 2^k_j with inv_x = frac_x * 2^e_i (split_pow2) and a running
+    // power of two k_j per class putting the class's largest |dc * frac_x| so far into
+    // [2^14, 2^15) (when it grows, the class's ACC row is rescaled by the exact power of two);
+    // the x rows feed ACC from a copy scaled by 2^e_i (exact). So no operand leaves f16's
+    // range and x is not rounded; the epilogue multiplies ACC back by 2^-k_j.
+    constexpr bool SCALED = IsSame16<T>::value;
     T* sR = reinterpret_cast<T*>(dyn);
     T* sT = sR + RM * P;
     T* sE = sT + Cfg::STAGES * BT * P;
+    T* sC = sE + RM * EP;  // f16 only: the scaled copy of the x tile
     __shared__ float s_invw[RM], s_invx[BT], s_lse[BT], s_zt[BT], s_dt[BT], s_wt[BT];
     __shared__ float s_dot[ATTN_AWN][RM];
     __shared__ int s_y[BT];
+    __shared__ float s_xfr[SCALED ? BT : 1], s_xpow[SCALED ? BT : 1];
+    __shared__ float s_cmax[SCALED ? SWN : 1][SCALED ? RM : 1], s_cls[SCALED ? RM : 1], s_resc[SCALED ? RM : 1];
 
     const HeadParams& p = a.p;
     const int B = a.b, C = a.c, D = a.d;
@@ -467,6 +507,8 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
     load_tile<T, VEC, BT, DP, NT>(sT, P, a.x, 0, B, 0, D);
     cp_async_commit();
 
+    // The forward's reduced loss (forward_backward queues no head_reduce launch): block 0.
+    if (a.total && blockIdx.x == 0) head_reduce(a.loss_rows, B, a.loss_scale, a.total);
     // dx = w_i u_i for this CTA's rows (while the first tiles are in flight).
     for (int i = blockIdx.x * (NT / WARP_SIZE) + warp; i < B; i += gridDim.x * (NT / WARP_SIZE)) {
         const float wt = a.labels[i] >= 0 ? a.g_scale * (a.row_g ? a.row_g[i] : 1.0f) : 0.0f;
@@ -477,7 +519,10 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
             else a.dx[(size_t)i * D + k] = from_f32<T>(v);
         }
     }
-    if (tid < RM) s_invw[tid] = j0 + tid < C ? a.inv_w[j0 + tid] : 0.0f;
+    if (tid < RM) {
+        s_invw[tid] = j0 + tid < C ? a.inv_w[j0 + tid] : 0.0f;
+        if constexpr (SCALED) s_cls[tid] = __int_as_float((127 + 64) << 23);  // 2^64: no value seen yet
+    }
 
     float acc[AMI][ANI][4];
     zero_acc(acc);
@@ -493,6 +538,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
             s_zt[tid] = y >= 0 ? p.s * a.t[r] : 0.0f;
             s_dt[tid] = y >= 0 ? a.dt[r] : 0.0f;
             s_wt[tid] = y >= 0 ? a.g_scale * (a.row_g ? a.row_g[r] : 1.0f) : 0.0f;
+            if constexpr (SCALED) split_pow2(s_invx[tid], s_xfr[tid], s_xpow[tid]);
         }
         cp_async_wait<0>();
         __syncthreads();  // this row tile landed; the s_* rows visible
@@ -504,7 +550,8 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
 
         float sacc[SMI][SNI][4];
         s_product<T, SMI, SNI, DP>(sacc, sR, P, sm0, cur, sn0);
-        // E[class][row] = dc * inv_x (SPEC 4; 0 for ignored rows, rows >= B, classes >= C).
+        // E[class][row] = dc * inv_x (SPEC 4; 0 for ignored rows, rows >= B, classes >= C); f16:
+        // dc * frac_x here, the class scale below.
 #pragma unroll
         for (int mi = 0; mi < SMI; ++mi)
 #pragma unroll
@@ -526,11 +573,64 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
                             dc = s_wt[rl] * p.s * (pr - qq);
                             if (tgt) dc *= s_dt[rl];
                         }
-                        sE[cl * EP + rl] = from_f32<T>(dc * s_invx[rl]);
+                        if constexpr (SCALED) sacc[mi][ni][2 * h + e] = dc * s_xfr[rl];
+                        else sE[cl * EP + rl] = from_f32<T>(dc * s_invx[rl]);
                     }
             }
+        if constexpr (SCALED) {
+            // Each class's largest |dc * frac_x| in this row tile: the quad, then the SWN warps.
+#pragma unroll
+            for (int mi = 0; mi < SMI; ++mi)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    float m = 0.0f;
+#pragma unroll
+                    for (int ni = 0; ni < SNI; ++ni) m = fmaxf(m, fmaxf(fabsf(sacc[mi][ni][2 * h]), fabsf(sacc[mi][ni][2 * h + 1])));
+                    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+                    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+                    if (q == 0) s_cmax[warp % SWN][sm0 + mi * 16 + g + 8 * h] = m;
+                }
+            for (int e = tid; e < BT * DP; e += NT) {  // the x copy with rows scaled by 2^e_i
+                const int r = e / DP, k = e % DP;
+                sC[r * P + k] = from_f32<T>(to_f32(cur[r * P + k]) * s_xpow[r]);
+            }
+            __syncthreads();
+            if (tid < RM) {
+                float m = s_cmax[0][tid];
+#pragma unroll
+                for (int k = 1; k < SWN; ++k) m = fmaxf(m, s_cmax[k][tid]);
+                const float old = s_cls[tid];
+                const float now = m > 0.0f ? fminf(old, f16_operand_scale(m).s) : old;
+                s_resc[tid] = now / old;  // a power of two <= 1: exact
+                s_cls[tid] = now;
+            }
+            __syncthreads();
+#pragma unroll
+            for (int mi = 0; mi < SMI; ++mi)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int cl = sm0 + mi * 16 + g + 8 * h;
+                    const float sc = s_cls[cl];
+#pragma unroll
+                    for (int ni = 0; ni < SNI; ++ni)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            sE[cl * EP + sn0 + ni * 8 + 2 * q + e] = to_operand_f16(sacc[mi][ni][2 * h + e] * sc);
+                }
+#pragma unroll
+            for (int mi = 0; mi < AMI; ++mi)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const float rs = s_resc[am0 + mi * 16 + g + 8 * h];
+#pragma unroll
+                    for (int ni = 0; ni < ANI; ++ni) {
+                        acc[mi][ni][2 * h] *= rs;
+                        acc[mi][ni][2 * h + 1] *= rs;
+                    }
+                }
+        }
         __syncthreads();  // E visible
-        acc_product<T, AMI, ANI, BT>(acc, sE, EP, am0, cur, P, an0);
+        acc_product<T, AMI, ANI, BT>(acc, sE, EP, am0, SCALED ? sC : cur, P, an0);
         __syncthreads();  // E, the s_* rows and (one stage) the buffer are free
         if (Cfg::STAGES == 1 && rt + 1 < n_rt) {
             load_tile<T, VEC, BT, DP, NT>(sT, P, a.x, r0 + BT, B, 0, D);
@@ -538,6 +638,19 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
         }
     }
 
+    if constexpr (SCALED) {
+#pragma unroll
+        for (int mi = 0; mi < AMI; ++mi)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const float inv = 1.0f / s_cls[am0 + mi * 16 + g + 8 * h];  // 2^-k: exact
+#pragma unroll
+                for (int ni = 0; ni < ANI; ++ni) {
+                    acc[mi][ni][2 * h] *= inv;
+                    acc[mi][ni][2 * h + 1] *= inv;
+                }
+            }
+    }
     // dW = (dwh - wh (wh . dwh)) * inv_w (SPEC 4): the dot over D from the register tiles (quad,
     // then the 4 warps of a row band, in order), wh from the resident W rows.
 #pragma unroll
@@ -580,11 +693,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
 }
 
 // Entry points: AttnBwdArgs<T>; grid ceil(C / RM), dynamic smem attn_smem_bytes<T, DP>().
-FC_ENTRY(attn_bwd_d512_bf16, bf16_t, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, true, 512>(a))
-FC_ENTRY(attn_bwd_d512_scalar_bf16, bf16_t, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, false, 512>(a))
-FC_ENTRY(attn_bwd_d128_bf16, bf16_t, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, true, 128>(a))
-FC_ENTRY(attn_bwd_d128_scalar_bf16, bf16_t, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, false, 128>(a))
-FC_ENTRY(attn_bwd_d512_f32, float, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, true, 512>(a))
-FC_ENTRY(attn_bwd_d512_scalar_f32, float, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, false, 512>(a))
-FC_ENTRY(attn_bwd_d128_f32, float, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, true, 128>(a))
-FC_ENTRY(attn_bwd_d128_scalar_f32, float, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, false, 128>(a))
+FC_DTYPES(attn_bwd_d512, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, true, 512>(a))
+FC_DTYPES(attn_bwd_d512_scalar, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, false, 512>(a))
+FC_DTYPES(attn_bwd_d128, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, true, 128>(a))
+FC_DTYPES(attn_bwd_d128_scalar, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, false, 128>(a))

@@ -249,29 +249,7 @@ template <> struct IsF16<f16_t> { static constexpr bool value = true; };
 //  - each row of the dx operand and each column of the dW operand gets its own power of
 //    two 2^k putting its largest |dc * frac| into [2^14, 2^15); every output row of a
 //    product uses exactly one such scale and is multiplied back (exactly) by 2^-k.
-// k is clamped to [-64, 64]; an all-zero (or non-finite) vector gets 1. bf16 and f32 have
-// f32's range and keep the plain operands.
-struct Pow2 {
-    float s, inv;
-};
-__device__ __forceinline__ Pow2 f16_operand_scale(float amax) {
-    if (!(amax > 0.0f) || amax > 3.0e38f) return {1.0f, 1.0f};
-    const int e = (__float_as_int(amax) >> 23) & 0xff;  // amax in [2^(e-127), 2^(e-126)); e = 0: below
-    const int k = min(max(141 - e, -64), 64);            // amax * 2^k in [2^14, 2^15)
-    return {__int_as_float((127 + k) << 23), __int_as_float((127 - k) << 23)};
-}
-
-// inv = frac * pow, pow = 2^e, frac in [1, 2) (both exact); inv == 0 gives frac 0, pow 1.
-__device__ __forceinline__ void split_pow2(float inv, float& frac, float& pow) {
-    const int bits = __float_as_int(inv), e = (bits >> 23) & 0xff;
-    if (e == 0 || e == 0xff) {
-        frac = inv;
-        pow = 1.0f;
-    } else {
-        pow = __int_as_float(e << 23);
-        frac = __int_as_float((bits & 0x807fffff) | (127 << 23));
-    }
-}
+// (f16_operand_scale and split_pow2 are in tile.cuh, shared with head_attn.cu.)
 
 // s[ROWS][pitch] *= pow[row] in place (a power of two: exact), then a barrier; the caller's
 // barrier before it made the loaded chunk visible.

@@ -112,16 +112,8 @@ extern "C" __global__ void __launch_bounds__(256) ref_softmax_fwd_f32(const RefS
     ref_softmax(a.cos, a.labels, a.t, a.p, a.lse, a.loss, a.c);
 }
 
-// ---- reduced loss (shared with the fused path) ------------------------------------------------
-// One 256-thread block. Thread k sums rows k, k+256, ... in order, then block_sum.
-// loss_rows [B] in (0 for ignored rows); out [1] = scale * sum. Entry point: HeadReduceArgs (args.cuh).
-__device__ __forceinline__ void head_reduce(const float* __restrict__ loss_rows, int B, float scale, float* __restrict__ out) {
-    __shared__ float scratch[32];
-    float acc = 0.0f;
-    for (int i = threadIdx.x; i < B; i += blockDim.x) acc += loss_rows[i];
-    acc = block_sum(acc, scratch);
-    if (threadIdx.x == 0) out[0] = acc * scale;
-}
+// ---- reduced loss (shared with the fused path; head_reduce in head.cuh) ----------------------
+// Entry point: HeadReduceArgs (args.cuh).
 extern "C" __global__ void __launch_bounds__(256) head_reduce_fwd_f32(const HeadReduceArgs a) {
     head_reduce(a.loss_rows, a.b, a.scale, a.out);
 }

@@ -12,8 +12,8 @@ use featcloud::cuda::head::verify::{
     run_device_with, tolerances, Problem, RunOptions, KNOWN_DEFECT_GRAD_BOUND,
 };
 use featcloud::cuda::head::{
-    backward_cols_for, backward_grid_for, forward_tile_for, fused_vectorized, workspace_for, FusedTuning,
-    GradDtype, HeadPath, HeadUpstream,
+    backward_cols_for, backward_grid_for, forward_tile_for, fused_vectorized, workspace_for, FusedKernels,
+    FusedTuning, GradDtype, HeadPath, HeadUpstream,
 };
 use featcloud::cuda::{test_device, Device, Tensor};
 use featcloud::dtype::DType;
@@ -155,7 +155,16 @@ fn fused_every_dispatcher_choice() {
     let shape = sized(&dev, HeadShape { b: 150, c: 700, d: 72 }, HeadShape { b: 130, c: 300, d: 24 });
     for dtype in DTYPES {
         let p = make_problem(shape, dtype, true, 31);
-        let base = run_device(&dev, HeadPath::Fused, &cfg, &p, GradDtype::Input).unwrap();
+        let tiles = FusedTuning { kernels: Some(FusedKernels::Tiles), ..FusedTuning::default() };
+        let base = run_device_with(
+            &dev,
+            HeadPath::Fused,
+            &cfg,
+            &p,
+            GradDtype::Input,
+            RunOptions { tuning: tiles, pad: 0 },
+        )
+        .unwrap();
         // Bitwise claims only between runs of the same kernels (SPEC 4): the backward CTA
         // count G changes no value, so the loss is bitwise equal among runs with the same
         // forward kernel (tile, load path), and dW among runs that also share the backward
@@ -181,6 +190,7 @@ fn fused_every_dispatcher_choice() {
                     forward_tile: Some(tile),
                     backward_cols: Some(bwd_cols),
                     scalar_loads,
+                    kernels: Some(FusedKernels::Tiles),
                     ..FusedTuning::default()
                 };
                 let r = run_device_with(
@@ -225,7 +235,11 @@ fn fused_every_row_split() {
         let mut base_dx = None;
         for s in [1, 2, 3, 4] {
             for grad in [GradDtype::Input, GradDtype::F32] {
-                let tuning = FusedTuning { row_splits: Some(s), ..FusedTuning::default() };
+                let tuning = FusedTuning {
+                    row_splits: Some(s),
+                    kernels: Some(FusedKernels::Tiles),
+                    ..FusedTuning::default()
+                };
                 let r = run_device_with(&dev, HeadPath::Fused, &cfg, &p, grad, RunOptions { tuning, pad: 0 })
                     .unwrap();
                 let c = compare_with_oracle(&cfg, &p, &r).unwrap();

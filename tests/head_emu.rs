@@ -318,12 +318,12 @@ fn fused_head_matches_oracle() {
     }
 }
 
-/// The attention-form kernels (`kernels/head_attn.cu`) against the oracle, f32 and bf16:
+/// The attention-form kernels (`kernels/head_attn.cu`) against the oracle, every dtype:
 /// B = 1, odd B, several row tiles; C = 1, C below the 32-class tile, C with a remainder and
 /// many class splits; D = 1, 8, 13 and 129 (element loads), 64, 128 (the d128 kernels), 512;
 /// ignored rows, labels 0 and C - 1, every target-logit region; the cloud, label smoothing,
 /// the clamp fallback, straight-through, Reduction::None with per-row weights; gradients in
-/// the storage dtype and in f32; both load paths. One forward_backward is 4 launches.
+/// the storage dtype and in f32; both load paths. One forward_backward is 3 launches.
 #[test]
 fn attention_kernels_match_oracle() {
     let Some(dev) = emulated() else { return };
@@ -354,7 +354,7 @@ fn attention_kernels_match_oracle() {
         (66, 45, 200, &st, 0.0),
     ];
     let mut regions: Vec<Region> = Vec::new();
-    for dt in [DType::F32, DType::BF16] {
+    for dt in DTYPES {
         for (k, &(b, c, d, cfg, sig)) in shapes.iter().enumerate() {
             let sh = HeadShape { b, c, d };
             let p = case(&mut rng, sh, dt, sig);
@@ -372,7 +372,7 @@ fn attention_kernels_match_oracle() {
                 let grad = if k % 3 == 1 { GradDtype::F32 } else { GradDtype::Input };
                 let r = run_head_dt(&dev, HeadPath::Fused, cfg, t, &p, grad);
                 assert_eq!(r.plan.kernels, FusedKernels::Attention);
-                assert_eq!(r.launches, 4, "launches of the attention-form forward_backward");
+                assert_eq!(r.launches, 3, "launches of the attention-form forward_backward");
                 check_fused(
                     &format!("attention {} B={b} C={c} D={d} scalar={scalar}", dt.name()),
                     cfg,
@@ -389,8 +389,8 @@ fn attention_kernels_match_oracle() {
     }
 }
 
-/// Where the attention-form kernels do not apply (f16, D > 512) the dispatcher takes the
-/// tiles, and asking for the attention form there is an error, not a wrong result.
+/// Where the attention-form kernels do not apply (D > 512) the dispatcher takes the tiles,
+/// and asking for the attention form there is an error, not a wrong result.
 #[test]
 fn attention_kernels_refuse_what_they_do_not_handle() {
     let Some(dev) = emulated() else { return };
@@ -398,13 +398,13 @@ fn attention_kernels_refuse_what_they_do_not_handle() {
     let forced = HeadOn::new(&*dev, HeadConfig::default(), HeadPath::Fused)
         .unwrap()
         .with_tuning(FusedTuning { kernels: Some(FusedKernels::Attention), ..Default::default() });
-    for (dt, d) in [(DType::F16, 64), (DType::BF16, 513), (DType::F32, 2048)] {
+    for (dt, d) in [(DType::F16, 513), (DType::BF16, 513), (DType::F32, 2048)] {
         let sh = HeadShape { b: 4, c: 10, d };
         assert_eq!(head.fused_kernels(sh, dt).unwrap(), FusedKernels::Tiles, "{} D={d}", dt.name());
         let e = forced.fused_kernels(sh, dt).unwrap_err().to_string();
         assert!(e.contains("attention-form") && e.contains(&format!("D = {d}")), "{e}");
     }
-    for (dt, d) in [(DType::F32, 1), (DType::BF16, 512)] {
+    for (dt, d) in [(DType::F32, 1), (DType::BF16, 512), (DType::F16, 64)] {
         let sh = HeadShape { b: 4, c: 10, d };
         assert_eq!(head.fused_kernels(sh, dt).unwrap(), FusedKernels::Attention, "{} D={d}", dt.name());
     }
@@ -530,9 +530,6 @@ fn fused_head_is_deterministic() {
     for dt in DTYPES {
         let p = case(&mut rng, sh, dt, 0.5);
         for (path, t) in configs {
-            if t.kernels == Some(FusedKernels::Attention) && dt == DType::F16 {
-                continue; // the attention form takes f32 and bf16
-            }
             dev.set_emu_order(EmuOrder::Ascending, EmuOrder::Ascending);
             let a = run_head_dt(&dev, path, &cfg, t, &p, GradDtype::Input);
             assert!(a.bits().iter().all(|&u| !f32::from_bits(u).is_nan()), "{}: NaN output", dt.name());
@@ -693,7 +690,11 @@ fn cvt_narrowing_matches_half() {
             .collect();
         // one row split (16-bit dW finished in the fused kernel) and three (dW through normback)
         for splits in [1usize, 3] {
-            let tuning = FusedTuning { row_splits: Some(splits), ..Default::default() };
+            let tuning = FusedTuning {
+                row_splits: Some(splits),
+                kernels: Some(FusedKernels::Tiles),
+                ..Default::default()
+            };
             let n16 = run_head_dt(&dev, HeadPath::Fused, &cfg, tuning, &p, GradDtype::Input);
             let n32 = run_head_dt(&dev, HeadPath::Fused, &cfg, tuning, &p, GradDtype::F32);
             assert_eq!(n16.plan.grid.1, splits);

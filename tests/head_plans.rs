@@ -6,7 +6,7 @@ use featcloud::config::HeadConfig;
 use featcloud::cuda::args::HeadParams;
 use featcloud::cuda::args::{FusedBwdArgs, FusedFwdArgs, NormbackArgs, RefGradArgs};
 use featcloud::cuda::head::plan::{self, FORWARD_TILES, THREADS};
-use featcloud::cuda::head::{CudaHead, FusedTuning, GradDtype, HeadPath, HeadUpstream};
+use featcloud::cuda::head::{CudaHead, FusedKernels, FusedTuning, GradDtype, HeadPath, HeadUpstream};
 use featcloud::cuda::{test_device, CounterSnapshot, DevPtr, Tensor};
 use featcloud::shape::HeadShape;
 use featcloud::DType;
@@ -116,7 +116,11 @@ fn a_fused_step_is_seven_launches_one_upload_one_readback_and_allocates_only_its
     let sigma = Tensor::<f32>::zeros(&dev, &[c]).unwrap();
     let labels: Vec<i32> = (0..b as i32).map(|i| i * 7 % c as i32).collect();
     for splits in [1usize, 2] {
-        let tuning = FusedTuning { row_splits: Some(splits), ..FusedTuning::default() };
+        let tuning = FusedTuning {
+            row_splits: Some(splits),
+            kernels: Some(FusedKernels::Tiles),
+            ..FusedTuning::default()
+        };
         let head =
             CudaHead::new(dev.clone(), HeadConfig::arcface(), HeadPath::Fused).unwrap().with_tuning(tuning);
         let first = fused_step(&head, &x, &w, &labels, &sigma);
@@ -140,4 +144,81 @@ fn a_fused_step_is_seven_launches_one_upload_one_readback_and_allocates_only_its
         assert_eq!(first.launches, launches);
         assert!(first.allocations > outputs, "the first call allocates the scratch too");
     }
+}
+
+#[test]
+fn attention_plans_split_by_shape_only_and_cover_every_tile() {
+    use featcloud::cuda::args::{AttnBwdArgs, AttnFwdArgs};
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let rm = plan::attn_rows(dtype);
+        for shape in [SHAPE, HeadShape { b: 1, c: 1, d: 1 }, HeadShape { b: 2048, c: 1_000_000, d: 512 }] {
+            let (splits, per) = plan::attn_splits(dtype, shape);
+            let n_ct = shape.c.div_ceil(plan::ATTN_BT);
+            // Every class tile in exactly one split, no split empty.
+            assert!(
+                splits * per >= n_ct && (splits - 1) * per < n_ct,
+                "{shape:?}: {splits} x {per} for {n_ct}"
+            );
+            let ctas = shape.b.div_ceil(rm) * splits;
+            assert!(
+                ctas <= plan::ATTN_TARGET_CTAS.max(shape.b.div_ceil(rm)) + shape.b.div_ceil(rm),
+                "{ctas}"
+            );
+            let fwd = plan::attn_fwd(dtype, shape, true, AttnFwdArgs::default());
+            let bwd = plan::attn_bwd(dtype, shape, true, AttnBwdArgs::default());
+            let (fwd, bwd) = (fwd.unwrap(), bwd.unwrap());
+            assert_eq!(fwd.grid, [shape.b.div_ceil(rm) as u32, splits as u32, 1]);
+            assert_eq!(fwd.args_as::<AttnFwdArgs>().unwrap().tiles_per_split, per as i32);
+            assert_eq!(bwd.grid, [shape.c.div_ceil(rm) as u32, 1, 1]);
+            let dp = if shape.d <= 128 { 128 } else { 512 };
+            for l in [&fwd, &bwd] {
+                assert!(l.kernel.name.contains(&format!("_d{dp}_")), "{}", l.kernel.name);
+                assert!(l.kernel.name.ends_with(dtype.name()), "{}", l.kernel.name);
+                assert_eq!(l.smem, plan::attn_smem_bytes(dtype, dp));
+            }
+        }
+        // D past the O accumulator is refused, not truncated.
+        let wide = HeadShape { b: 4, c: 4, d: 513 };
+        assert!(plan::attn_fwd(dtype, wide, true, AttnFwdArgs::default()).is_err());
+        assert!(plan::attn_bwd(dtype, wide, true, AttnBwdArgs::default()).is_err());
+    }
+    // The device's SM count plays no part: the same shape gives the same grid everywhere.
+    assert_eq!(plan::attn_splits(DType::BF16, SHAPE), plan::attn_splits(DType::BF16, SHAPE));
+    // The shared memory the .cu file asserts.
+    assert_eq!(plan::attn_smem_bytes(DType::BF16, 512), 138_240);
+    assert_eq!(plan::attn_smem_bytes(DType::F32, 512), 136_704);
+}
+
+#[test]
+fn an_attention_step_is_three_launches_one_upload_one_readback_and_allocates_only_its_outputs() {
+    let Some(dev) = test_device() else { return };
+    let (b, c, d) = (140usize, 300usize, 32usize);
+    let x = Tensor::<half::bf16>::from_f32(&dev, &vec![0.1; b * d], &[b, d]).unwrap();
+    let w = Tensor::<half::bf16>::from_f32(
+        &dev,
+        &(0..c * d).map(|i| (i % 7) as f32 - 3.0).collect::<Vec<_>>(),
+        &[c, d],
+    )
+    .unwrap();
+    let sigma = Tensor::<f32>::zeros(&dev, &[c]).unwrap();
+    let labels: Vec<i32> = (0..b as i32).map(|i| i * 7 % c as i32).collect();
+    let head = CudaHead::new(dev.clone(), HeadConfig::arcface(), HeadPath::Fused).unwrap();
+    assert_eq!(head.fused_kernels(HeadShape { b, c, d }, DType::BF16).unwrap(), FusedKernels::Attention);
+    let first = fused_step(&head, &x, &w, &labels, &sigma);
+    let second = fused_step(&head, &x, &w, &labels, &sigma);
+    // Tiles (with dx), combine; backward (dW, dx scaling and the loss reduction).
+    // Outputs: loss, lse, c_iy, t, alpha, dt per row; the saved dx for unit weights and the
+    // two inverse norms; dx; dW.
+    let want = CounterSnapshot {
+        launches: 3,
+        allocations: 11,
+        htod: 1,
+        htod_pageable: 0,
+        dtoh: 1,
+        syncs: 0,
+        gemms: 0,
+    };
+    assert_eq!(second, want, "a second call of the same shape");
+    assert_eq!(first.launches, 3);
+    assert!(first.allocations > 11, "the first call allocates the scratch too");
 }

@@ -14,7 +14,7 @@ use crate::config::HeadConfig;
 use crate::cuda::bench::{
     gemm_peak_tflops, measure_extra_memory, BenchShape, ThreeGemm, Timer, Timing, SHAPES,
 };
-use crate::cuda::head::{CudaHead, FusedTuning, GradDtype, HeadPath, HeadUpstream};
+use crate::cuda::head::{CudaHead, FusedKernels, FusedTuning, GradDtype, HeadPath, HeadUpstream};
 use crate::cuda::perf_model::{self, DeviceModel, PathModel};
 use crate::cuda::{Device, DeviceElem, Tensor};
 use crate::dtype::DType;
@@ -214,11 +214,17 @@ fn bench_shape<T: DeviceElem>(
     let f = measure(&fused)?;
     let grid = fused.backward_grid(HeadShape { b: s.b, c: s.c, d: s.d });
     let mut row_split_sweep = vec![];
-    if grid.1 > 1 {
+    // Row splits exist only in the tiles kernels.
+    let tiles = fused.fused_kernels(HeadShape { b: s.b, c: s.c, d: s.d }, T::DTYPE)? == FusedKernels::Tiles;
+    if tiles && grid.1 > 1 {
         row_split_sweep.push((grid.1, f.timing.median_ms, f.extra_mib));
         let mut fewer = grid.1 / 2;
         while fewer >= 1 {
-            let tuning = FusedTuning { row_splits: Some(fewer), ..FusedTuning::default() };
+            let tuning = FusedTuning {
+                row_splits: Some(fewer),
+                kernels: Some(FusedKernels::Tiles),
+                ..FusedTuning::default()
+            };
             let h = CudaHead::new(dev.clone(), cfg, HeadPath::Fused)?.with_tuning(tuning);
             let m = measure(&h)?;
             row_split_sweep.push((fewer, m.timing.median_ms, m.extra_mib));

@@ -827,6 +827,8 @@ pub struct AttnBwdArgs {
     pub row_g: DevPtr,
     /// `[B, D]` f32 in: the combine's dx for a unit row weight.
     pub u: DevPtr,
+    /// `[B]` f32 in: the forward's row losses (read only when `total` is set).
+    pub loss_rows: DevPtr,
     /// `[B, D]` T out; null when `dx32` is set.
     pub dx: DevPtr,
     /// `[B, D]` f32 out; null when `dx` is set.
@@ -835,20 +837,27 @@ pub struct AttnBwdArgs {
     pub dw: DevPtr,
     /// `[C, D]` f32 out; null when `dw` is set.
     pub dw32: DevPtr,
+    /// `[1]` f32 out: `loss_scale` times the sum of `loss_rows` (the forward's reduced loss,
+    /// computed by block 0 with `head_reduce`); may be null.
+    pub total: DevPtr,
     /// Head parameters.
     pub p: HeadParams,
     /// Multiplies row_g (1 / N_valid for a mean).
     pub g_scale: f32,
+    /// The forward's reduction factor (1 / N_valid for a mean).
+    pub loss_scale: f32,
     /// B.
     pub b: i32,
     /// C.
     pub c: i32,
     /// D.
     pub d: i32,
+    /// Explicit padding; always 0.
+    pub _pad0: i32,
 }
-const _: () = assert!(std::mem::size_of::<AttnBwdArgs>() == 184);
-const _: () = assert!(std::mem::offset_of!(AttnBwdArgs, p) == 112);
-const _: () = assert!(std::mem::offset_of!(AttnBwdArgs, d) == 180);
+const _: () = assert!(std::mem::size_of::<AttnBwdArgs>() == 208);
+const _: () = assert!(std::mem::offset_of!(AttnBwdArgs, p) == 128);
+const _: () = assert!(std::mem::offset_of!(AttnBwdArgs, _pad0) == 204);
 // SAFETY: #[repr(C)], Pod, and the layout of `AttnBwdArgs<T>` in kernels/args.cuh
 // (size and offsets asserted above and there).
 unsafe impl KernelArgs for AttnBwdArgs {}

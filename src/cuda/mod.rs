@@ -311,7 +311,7 @@ impl Device {
                 total_memory: 0,
                 driver_version: 0,
                 code: "kernels/*.cu built for the host against emu/".into(),
-                max_smem_per_block: 232_448,
+                max_smem_per_block: head::plan::SM90_MAX_SMEM,
                 emulated: true,
             },
             counters: Counters::default(),

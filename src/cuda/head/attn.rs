@@ -2,9 +2,10 @@
 //! lse, the loss and dx for a unit row weight (SPEC 4's attention form), the backward
 //! only dW, from the forward's saved state, and scales dx by the upstream weights.
 //!
-//! Launches per call (checked by `tests/head_emu.rs` through the device counters):
-//! forward 3 (tiles, combine, loss reduction); backward 1. No memsets; the forward's
-//! scratch (split partials) is kept between calls, the backward has none.
+//! Launches per call (checked by `tests/head_emu.rs` and `tests/head_plans.rs` through the
+//! device counters): forward 3 (tiles, combine, loss reduction); backward 1; forward_backward
+//! 3 (the backward's first block does the loss reduction). No memsets; the forward's scratch
+//! (split partials) is kept between calls, the backward has none.
 
 use super::fused::vectorized;
 use super::plan;
@@ -34,6 +35,7 @@ pub(super) fn forward<T: DeviceElem>(
     inp: &Inputs<'_, T>,
     job: ForwardJob<'_>,
     scalar: bool,
+    defer_reduce: bool,
     scratch: &mut Scratch,
 ) -> Result<ForwardLaunched> {
     let (shape, p) = (inp.shape, inp.p);
@@ -102,19 +104,19 @@ pub(super) fn forward<T: DeviceElem>(
             ..Default::default()
         },
     )?;
-    let reduce = job.reduce(&out, &total);
+    let reduce = (!defer_reduce).then(|| job.reduce(&out, &total));
     // SAFETY: x [B, D], w [C, D] (the cp.async kernels only when D and both base addresses
     // allow 16-byte chunks, checked in `vectorized`), labels/outputs [B], sigma [C] (unread
     // when the cloud is off), part [3, splits, B], opart [splits, B, D], swh [splits, D] and
     // u [B, D] with splits = the tile kernel's grid.y (plan::attn_splits, used by both);
     // labels < C (HeadOn::check); D <= 512 (plan::attn_fwd refuses more); every output a
     // distinct buffer; the dynamic shared memory is the kernel's (plan::attn_smem_bytes).
-    unsafe { dev.run(&[tiles, combine, reduce]) }?;
+    unsafe { dev.run(&[Some(tiles), Some(combine), reduce].into_iter().flatten().collect::<Vec<_>>()) }?;
     scratch.put(Slot::Part, part);
     scratch.put(Slot::Opart, opart);
     scratch.put(Slot::Swh, swh);
     out.attn = Some(saved);
-    Ok(ForwardLaunched { out, total, inv: None })
+    Ok(ForwardLaunched { out, total, inv: None, deferred_reduce: defer_reduce.then_some(job.scale) })
 }
 
 /// A `[rows, d]` gradient in the asked dtype, uninitialized, and its two kernel pointers
@@ -143,7 +145,9 @@ fn grad_ptrs<T: DeviceElem>(g: &GradTensor<T>) -> (crate::cuda::DevPtr, crate::c
     }
 }
 
-/// The attention-form backward: dW from one launch over the class tiles, dx = w_i u_i.
+/// The attention-form backward: dW from one launch over the class tiles, dx = w_i u_i, and
+/// with `reduce = Some((scale, total))` the forward's deferred loss reduction into `total`.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn backward<T: DeviceElem>(
     dev: &Device,
     inp: &Inputs<'_, T>,
@@ -152,6 +156,7 @@ pub(super) fn backward<T: DeviceElem>(
     up: Upstream<'_>,
     grad_dtype: GradDtype,
     scalar: bool,
+    reduce: Option<(f32, crate::cuda::DevPtr)>,
 ) -> Result<Grads<T>> {
     let (shape, p) = (inp.shape, inp.p);
     let HeadShape { b, c, d } = shape;
@@ -175,6 +180,9 @@ pub(super) fn backward<T: DeviceElem>(
             lse: fwd.lse.ptr(),
             row_g: up.row_g.map_or(crate::cuda::DevPtr::NULL, |g| g.ptr()),
             u: saved.u.ptr(),
+            loss_rows: fwd.row_loss.ptr(),
+            total: reduce.map_or(crate::cuda::DevPtr::NULL, |r| r.1),
+            loss_scale: reduce.map_or(0.0, |r| r.0),
             dx: dxp,
             dx32,
             dw: dwp,
@@ -187,7 +195,8 @@ pub(super) fn backward<T: DeviceElem>(
     // SAFETY: x [B, D], w [C, D] (cp.async kernels only when allowed, see `vectorized`),
     // per-row inputs [B] from a forward at this shape (HeadOn::call checks it), inv_w [C],
     // u [B, D]; exactly one of dx / dx32 and one of dw / dw32 non-null, each [B, D] / [C, D]
-    // in its dtype; all distinct buffers; the dynamic shared memory is the kernel's.
+    // in its dtype; all distinct buffers; the dynamic shared memory is the kernel's; total,
+    // when set, is the forward's [1] loss buffer and row_loss its [B] row losses.
     unsafe { dev.launch(&l) }?;
     Ok(Grads { dx, dw })
 }

@@ -129,7 +129,7 @@ pub(super) fn forward<T: DeviceElem>(
     // tile kernel (same tile); labels < C (HeadOn::check); every output a distinct buffer.
     unsafe { dev.run(&[tiles, combine, reduce]) }?;
     scratch.put(Slot::Part, part);
-    Ok(ForwardLaunched { out, total, inv: Some((inv_x, inv_w)) })
+    Ok(ForwardLaunched { out, total, inv: Some((inv_x, inv_w)), deferred_reduce: None })
 }
 
 /// Where the fused backward finishes dW.

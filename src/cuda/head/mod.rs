@@ -169,6 +169,10 @@ struct ForwardLaunched {
     total: Tensor<f32>,
     /// The fused path's inverse norms (x, W), for a backward of the same inputs.
     inv: Option<(Tensor<f32>, Tensor<f32>)>,
+    /// `Some(scale)` when the loss reduction into `total` was left to the backward queued
+    /// in the same call (the attention-form backward does it in its first block, which
+    /// saves a launch); `scale` is the reduction's factor.
+    deferred_reduce: Option<f32>,
 }
 
 impl ForwardLaunched {
@@ -340,11 +344,12 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         let ok = attn_supported(dtype, shape.d, self.dev.info().max_smem_per_block);
         match self.tuning.kernels {
             Some(FusedKernels::Attention) if !ok => Err(Error::InvalidConfig(format!(
-                "the attention-form kernels take f32 or bf16 with D <= {} (and {} bytes of shared memory), got {} with D = {}",
+                "the attention-form kernels take D <= {} and {} bytes of shared memory; got {} with D = {} on a device with {}",
                 plan::ATTN_DMAX,
                 plan::attn_smem_bytes(dtype, plan::attn_dp(shape.d)),
                 dtype.name(),
-                shape.d
+                shape.d,
+                self.dev.info().max_smem_per_block
             ))),
             Some(k) => Ok(k),
             None if ok => Ok(FusedKernels::Attention),
@@ -367,7 +372,9 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
     /// writing gradients in `grad` at `shape` with storage `dtype`.
     pub fn workspace(&self, shape: HeadShape, dtype: DType, grad: GradDtype) -> Workspace {
         let (g, s) = self.bwd_grid(shape);
-        let plan = Plan { fwd_cols: self.forward_tile(shape).1, bwd_cols: self.bwd_cols(shape), g, s };
+        let kernels = self.fused_kernels(shape, dtype).unwrap_or(FusedKernels::Tiles);
+        let plan =
+            Plan { kernels, fwd_cols: self.forward_tile(shape).1, bwd_cols: self.bwd_cols(shape), g, s };
         plan::workspace_with_groups(self.path, shape, dtype, grad, plan)
     }
 
@@ -439,7 +446,8 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         step: u64,
     ) -> Result<HeadForward> {
         self.call(x, w, labels, sigma_cloud, None, None, |shape, dl, scratch| {
-            let launched = self.forward_impl(x, w, labels, dl, sigma_cloud, shape, seed, step, scratch)?;
+            let launched =
+                self.forward_impl(x, w, labels, dl, sigma_cloud, shape, seed, step, false, scratch)?;
             launched.finish(&self.dev, scratch)
         })
     }
@@ -481,13 +489,24 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         grad_dtype: GradDtype,
     ) -> Result<(HeadForward, Grads<T>)> {
         self.call(x, w, labels, sigma_cloud, None, Some(upstream), |shape, dl, scratch| {
-            let launched = self.forward_impl(x, w, labels, dl, sigma_cloud, shape, seed, step, scratch)?;
-            // The backward reuses the forward's inverse norms (same x and W) and is queued
-            // before the loss is read back, so the device runs both without a host round trip.
-            let inv = launched.inv.as_ref().map(|(a, b)| (a, b));
+            let launched =
+                self.forward_impl(x, w, labels, dl, sigma_cloud, shape, seed, step, true, scratch)?;
+            // The backward reuses the forward's inverse norms (same x and W), may finish its
+            // loss reduction, and is queued before the loss is read back, so the device runs
+            // both without a host round trip.
             let out = &launched.out;
-            let grads =
-                self.backward_impl(x, w, labels, dl, out, inv, shape, upstream, grad_dtype, scratch)?;
+            let grads = self.backward_impl(
+                x,
+                w,
+                labels,
+                dl,
+                out,
+                Some(&launched),
+                shape,
+                upstream,
+                grad_dtype,
+                scratch,
+            )?;
             Ok((launched.finish(&self.dev, scratch)?, grads))
         })
     }
@@ -554,6 +573,7 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         shape: HeadShape,
         seed: u64,
         step: u64,
+        defer_reduce: bool,
         scratch: &mut Scratch,
     ) -> Result<ForwardLaunched> {
         let n_valid = labels.iter().filter(|&&y| y >= 0).count();
@@ -568,7 +588,7 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
             HeadPath::Reference => reference::forward(&self.dev, &inputs, job, scratch),
             HeadPath::Fused => match self.fused_kernels(shape, T::DTYPE)? {
                 FusedKernels::Attention => {
-                    attn::forward(&self.dev, &inputs, job, self.tuning.scalar_loads, scratch)
+                    attn::forward(&self.dev, &inputs, job, self.tuning.scalar_loads, defer_reduce, scratch)
                 }
                 FusedKernels::Tiles => {
                     let choice =
@@ -587,12 +607,14 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         labels: &[i32],
         dl: &Tensor<i32>,
         fwd: &HeadForward,
-        inv: Option<(&Tensor<f32>, &Tensor<f32>)>,
+        same_call: Option<&ForwardLaunched>,
         shape: HeadShape,
         up: HeadUpstream,
         grad_dtype: GradDtype,
         scratch: &mut Scratch,
     ) -> Result<Grads<T>> {
+        let inv = same_call.and_then(|l| l.inv.as_ref().map(|(a, b)| (a, b)));
+        let mut deferred = same_call.and_then(|l| l.deferred_reduce.map(|scale| (scale, &l.total)));
         let n_valid = labels.iter().filter(|&&y| y >= 0).count();
         let (g_scale, row_g) = match up {
             HeadUpstream::Scalar(g) => match self.cfg.reduction {
@@ -605,15 +627,34 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         // The backward draws no cloud noise: Philox (0, 0) is never read.
         let inputs = Inputs { x, w, labels: dl, shape, p: self.params(shape, 0, 0) };
         let up = Upstream { row_g, g_scale };
+        let attention = self.path == HeadPath::Fused
+            && fwd.attn.is_some()
+            && self.fused_kernels(shape, T::DTYPE)? == FusedKernels::Attention;
+        if !attention {
+            if let Some((scale, total)) = deferred.take() {
+                // Only the attention-form backward reduces the loss; none follows here.
+                let job = ForwardJob { sigma: total, n_valid, scale };
+                // SAFETY: row_loss [B] from the forward, total [1]; head_reduce writes total.
+                unsafe { self.dev.launch(&job.reduce(fwd, total)) }?;
+            }
+        }
         match self.path {
             HeadPath::Reference => reference::backward(&self.dev, &inputs, fwd, up, grad_dtype),
             // A forward of the attention-form kernels left dx for unit weights: only dW is left.
             // (A forward from another path or kernel set has no such state; the tiles finish it.)
-            HeadPath::Fused
-                if fwd.attn.is_some() && self.fused_kernels(shape, T::DTYPE)? == FusedKernels::Attention =>
-            {
+            HeadPath::Fused if attention => {
                 let saved = fwd.attn.as_ref().expect("checked by the guard");
-                attn::backward(&self.dev, &inputs, fwd, saved, up, grad_dtype, self.tuning.scalar_loads)
+                let reduce = deferred.map(|(scale, total)| (scale, total.ptr()));
+                attn::backward(
+                    &self.dev,
+                    &inputs,
+                    fwd,
+                    saved,
+                    up,
+                    grad_dtype,
+                    self.tuning.scalar_loads,
+                    reduce,
+                )
             }
             HeadPath::Fused => {
                 let (groups, splits) = self.bwd_grid(shape);

@@ -99,7 +99,7 @@ pub fn backward_grid_for(shape: HeadShape, sm_count: usize) -> (usize, usize) {
     (g, bwd_row_splits(shape, sm_count, g))
 }
 
-/// Scratch bytes of `path` at `shape` on a GPU with `sm_count` SMs (what
+/// Scratch bytes of `path` at `shape` on a GPU with `sm_count` SMs and sm_90's shared memory (what
 /// [`super::HeadOn::workspace`] reports; usable without a device).
 pub fn workspace_for(
     path: HeadPath,
@@ -109,7 +109,13 @@ pub fn workspace_for(
     sm_count: usize,
 ) -> Workspace {
     let (g, s) = backward_grid_for(shape, sm_count);
+    let kernels = if attn_supported(dtype, shape.d, SM90_MAX_SMEM) {
+        FusedKernels::Attention
+    } else {
+        FusedKernels::Tiles
+    };
     let plan = Plan {
+        kernels,
         fwd_cols: forward_tile_for(shape, sm_count).1,
         bwd_cols: backward_cols_for(shape, sm_count),
         g,
@@ -120,6 +126,8 @@ pub fn workspace_for(
 
 /// The fused path's launch choices that size its scratch.
 pub(super) struct Plan {
+    /// Which kernel set runs.
+    pub(super) kernels: FusedKernels,
     /// Classes per forward tile.
     pub(super) fwd_cols: usize,
     /// Classes per backward tile.
@@ -138,7 +146,7 @@ pub(super) fn workspace_with_groups(
     grad: GradDtype,
     plan: Plan,
 ) -> Workspace {
-    let Plan { fwd_cols, bwd_cols, g, s: splits } = plan;
+    let Plan { kernels, fwd_cols, bwd_cols, g, s: splits } = plan;
     let HeadShape { b, c, d } = shape;
     let f = 4;
     match path {
@@ -148,6 +156,15 @@ pub(super) fn workspace_with_groups(
             // xh, wh, inverse norms, cos, dc, dxh, dwh, labels
             backward: (2 * b * d + 2 * c * d + b + c + 2 * b * c + b) * f,
         },
+        HeadPath::Fused if kernels == FusedKernels::Attention => {
+            let (n_cs, _) = attn_splits(dtype, shape);
+            Workspace {
+                // split partials (part, opart, swh), the saved dx for unit weights and
+                // inverse norms, labels; the backward only the labels
+                forward: (3 * n_cs * b + n_cs * b * d + n_cs * d + b * d + b + c + b) * f,
+                backward: b * f,
+            }
+        }
         HeadPath::Fused => {
             let n_ct = c.div_ceil(fwd_cols);
             // Row splits keep S partial dW sums; otherwise a 16-bit dW accumulates one class
@@ -201,7 +218,7 @@ pub enum FusedKernels {
     /// recomputes the tiles for dx partials and dW. Every dtype and D.
     Tiles,
     /// `kernels/head_attn.cu`: dx in the forward (attention form), a dW-only backward.
-    /// f32 and bf16, D <= 512 (see [`attn_supported`]).
+    /// Every dtype, D <= 512 (see [`attn_supported`]).
     Attention,
 }
 
@@ -346,14 +363,16 @@ pub const ATTN_BT: usize = 32;
 /// so that the summation order (and every output bit) is the same on every GPU.
 pub const ATTN_TARGET_CTAS: usize = 256;
 
-/// Whether the attention-form kernels handle storage `dtype` at feature size `d`, on a
-/// device allowing `max_smem` bytes of shared memory per block: f32 and bf16 (f16 needs
-/// the operand scaling of the tiles path), D <= [`ATTN_DMAX`].
+/// Whether the attention-form kernels handle feature size `d` in storage `dtype` on a device
+/// allowing `max_smem` bytes of shared memory per block: D <= [`ATTN_DMAX`] and the kernel's
+/// shared memory (the D = 512 kernels need 134-168 KiB: sm_80 and sm_90 have it, sm_86 and
+/// sm_89 do not).
 pub fn attn_supported(dtype: DType, d: usize, max_smem: u32) -> bool {
-    dtype != DType::F16
-        && (1..=ATTN_DMAX).contains(&d)
-        && attn_smem_bytes(dtype, attn_dp(d)) + ATTN_STATIC_SMEM <= max_smem
+    (1..=ATTN_DMAX).contains(&d) && attn_smem_bytes(dtype, attn_dp(d)) + ATTN_STATIC_SMEM <= max_smem
 }
+
+/// Shared memory one block may use on sm_90 after opting in (CUDA programming guide).
+pub const SM90_MAX_SMEM: u32 = 232_448;
 
 /// Upper bound of the kernels' static shared memory (a few per-row arrays).
 const ATTN_STATIC_SMEM: u32 = 4096;
@@ -377,9 +396,14 @@ pub fn attn_dp(d: usize) -> usize {
 }
 
 /// Dynamic shared memory of `attn_fwd_*` / `attn_bwd_*` (`attn_smem_bytes<T, DP>` in the .cu
-/// file, which asserts these values): R [RM][DP + pad], T stages [BT][DP + pad], E [RM][BT + pad].
+/// file, which asserts these values): R [RM][DP + pad], T stages [BT][DP + pad], E [RM][BT + pad],
+/// and for f16 a bf16 copy of the streamed tile (one more [BT][DP + pad]).
 pub fn attn_smem_bytes(dtype: DType, dp: usize) -> u32 {
-    let (stages, pad, e) = if dtype == DType::F32 { (1, 4, 4) } else { (2, 8, 2) };
+    let (stages, pad, e) = match dtype {
+        DType::F32 => (1, 4, 4),
+        DType::BF16 => (2, 8, 2),
+        DType::F16 => (3, 8, 2), // two stages and the bf16 copy of the streamed tile
+    };
     let rm = attn_rows(dtype);
     (((rm + stages * ATTN_BT) * (dp + pad) + rm * (ATTN_BT + pad)) * e) as u32
 }
@@ -395,29 +419,18 @@ pub fn attn_splits(dtype: DType, shape: HeadShape) -> (usize, usize) {
     (n_ct.div_ceil(per), per)
 }
 
-fn attn_kernel(dtype: DType, d: usize, vec: bool, fwd: bool) -> Result<Kernel> {
-    use DType::{BF16, F32};
-    Ok(match (fwd, dtype, attn_dp(d), vec) {
-        (true, BF16, 512, true) => ka::ATTN_FWD_D512_BF16,
-        (true, BF16, 512, false) => ka::ATTN_FWD_D512_SCALAR_BF16,
-        (true, BF16, _, true) => ka::ATTN_FWD_D128_BF16,
-        (true, BF16, _, false) => ka::ATTN_FWD_D128_SCALAR_BF16,
-        (true, F32, 512, true) => ka::ATTN_FWD_D512_F32,
-        (true, F32, 512, false) => ka::ATTN_FWD_D512_SCALAR_F32,
-        (true, F32, _, true) => ka::ATTN_FWD_D128_F32,
-        (true, F32, _, false) => ka::ATTN_FWD_D128_SCALAR_F32,
-        (false, BF16, 512, true) => ka::ATTN_BWD_D512_BF16,
-        (false, BF16, 512, false) => ka::ATTN_BWD_D512_SCALAR_BF16,
-        (false, BF16, _, true) => ka::ATTN_BWD_D128_BF16,
-        (false, BF16, _, false) => ka::ATTN_BWD_D128_SCALAR_BF16,
-        (false, F32, 512, true) => ka::ATTN_BWD_D512_F32,
-        (false, F32, 512, false) => ka::ATTN_BWD_D512_SCALAR_F32,
-        (false, F32, _, true) => ka::ATTN_BWD_D128_F32,
-        (false, F32, _, false) => ka::ATTN_BWD_D128_SCALAR_F32,
-        (_, DType::F16, _, _) => {
-            return Err(Error::InvalidConfig("the attention-form kernels take f32 or bf16, not f16".into()))
-        }
-    })
+fn attn_kernel(dtype: DType, d: usize, vec: bool, fwd: bool) -> Kernel {
+    let family = match (fwd, attn_dp(d) == ATTN_DMAX, vec) {
+        (true, true, true) => ka::ATTN_FWD_D512,
+        (true, true, false) => ka::ATTN_FWD_D512_SCALAR,
+        (true, false, true) => ka::ATTN_FWD_D128,
+        (true, false, false) => ka::ATTN_FWD_D128_SCALAR,
+        (false, true, true) => ka::ATTN_BWD_D512,
+        (false, true, false) => ka::ATTN_BWD_D512_SCALAR,
+        (false, false, true) => ka::ATTN_BWD_D128,
+        (false, false, false) => ka::ATTN_BWD_D128_SCALAR,
+    };
+    family[dtype]
 }
 
 fn attn_check_d(d: usize) -> Result<()> {
@@ -431,7 +444,7 @@ fn attn_check_d(d: usize) -> Result<()> {
 /// `attn_fwd_*`: grid (row tiles, class splits of [`attn_splits`]).
 pub fn attn_fwd(dtype: DType, shape: HeadShape, vec: bool, mut a: AttnFwdArgs) -> Result<Launch> {
     attn_check_d(shape.d)?;
-    let k = attn_kernel(dtype, shape.d, vec, true)?;
+    let k = attn_kernel(dtype, shape.d, vec, true);
     let (splits, per) = attn_splits(dtype, shape);
     a.b = shape.b as i32;
     a.c = shape.c as i32;
@@ -444,13 +457,7 @@ pub fn attn_fwd(dtype: DType, shape: HeadShape, vec: bool, mut a: AttnFwdArgs) -
 /// `attn_combine_fwd_*`: one warp per row over the forward's `splits`.
 pub fn attn_combine(dtype: DType, shape: HeadShape, splits: usize, mut a: AttnCombineArgs) -> Result<Launch> {
     attn_check_d(shape.d)?;
-    let k = match dtype {
-        DType::BF16 => ka::ATTN_COMBINE_FWD_BF16,
-        DType::F32 => ka::ATTN_COMBINE_FWD_F32,
-        DType::F16 => {
-            return Err(Error::InvalidConfig("the attention-form kernels take f32 or bf16, not f16".into()))
-        }
-    };
+    let k = ka::ATTN_COMBINE_FWD[dtype];
     a.n_cs = splits as i32;
     a.b = shape.b as i32;
     a.c = shape.c as i32;
@@ -461,7 +468,7 @@ pub fn attn_combine(dtype: DType, shape: HeadShape, splits: usize, mut a: AttnCo
 /// `attn_bwd_*`: one CTA per class tile of [`attn_rows`] classes.
 pub fn attn_bwd(dtype: DType, shape: HeadShape, vec: bool, mut a: AttnBwdArgs) -> Result<Launch> {
     attn_check_d(shape.d)?;
-    let k = attn_kernel(dtype, shape.d, vec, false)?;
+    let k = attn_kernel(dtype, shape.d, vec, false);
     a.b = shape.b as i32;
     a.c = shape.c as i32;
     a.d = shape.d as i32;

@@ -79,7 +79,7 @@ pub(super) fn forward<T: DeviceElem>(
     // every output is a distinct allocation; one thread per row (margin), one block per
     // row (softmax), one block (reduce).
     unsafe { dev.run(&[margin, softmax, reduce]) }?;
-    Ok(ForwardLaunched { out, total, inv: None })
+    Ok(ForwardLaunched { out, total, inv: None, deferred_reduce: None })
 }
 
 /// cos [B, C] = xh [B, D] . wh [C, D]^T (cuBLAS SGEMM).
