@@ -190,6 +190,7 @@ fn tuning(fwd: (usize, usize), cols: usize, g: usize, s: usize, scalar: bool) ->
         row_splits: Some(s),
         scalar_loads: scalar,
         kernels: Some(FusedKernels::Tiles),
+        class_splits: None,
     }
 }
 
@@ -360,13 +361,16 @@ fn attention_kernels_match_oracle() {
             let p = case(&mut rng, sh, dt, sig);
             let (fo, go) = oracle_of(cfg, &p);
             regions.extend(fo.rows.region.iter().copied());
-            for scalar in [false, true] {
+            // The shape's own class splits (one class tile per split at these sizes), and one
+            // split, where every CTA streams all class tiles (the online rescaling across tiles).
+            for (scalar, class_splits) in [(false, None), (true, None), (false, Some(1))] {
                 if !scalar && !fused_vectorized(dt, d) {
                     continue;
                 }
                 let t = FusedTuning {
                     kernels: Some(FusedKernels::Attention),
                     scalar_loads: scalar,
+                    class_splits,
                     ..Default::default()
                 };
                 let grad = if k % 3 == 1 { GradDtype::F32 } else { GradDtype::Input };
@@ -374,7 +378,7 @@ fn attention_kernels_match_oracle() {
                 assert_eq!(r.plan.kernels, FusedKernels::Attention);
                 assert_eq!(r.launches, 3, "launches of the attention-form forward_backward");
                 check_fused(
-                    &format!("attention {} B={b} C={c} D={d} scalar={scalar}", dt.name()),
+                    &format!("attention {} B={b} C={c} D={d} scalar={scalar} splits={class_splits:?}", dt.name()),
                     cfg,
                     &p,
                     &fo,
@@ -514,17 +518,19 @@ fn fused_head_is_deterministic() {
         (EmuOrder::Descending, EmuOrder::Random(7)),
         (EmuOrder::Random(11), EmuOrder::Ascending),
     ];
-    let attention = |scalar| FusedTuning {
+    let attention = |scalar, class_splits| FusedTuning {
         kernels: Some(FusedKernels::Attention),
         scalar_loads: scalar,
+        class_splits,
         ..Default::default()
     };
-    let configs: [(HeadPath, FusedTuning); 6] = [
+    let configs: [(HeadPath, FusedTuning); 7] = [
         (HeadPath::Fused, tuning((128, 128), 128, 3, 2, false)),
         (HeadPath::Fused, tuning((64, 128), 64, 3, 2, true)),
         (HeadPath::Fused, tuning((64, 64), 64, 5, 2, false)),
-        (HeadPath::Fused, attention(false)),
-        (HeadPath::Fused, attention(true)),
+        (HeadPath::Fused, attention(false, None)),
+        (HeadPath::Fused, attention(true, None)),
+        (HeadPath::Fused, attention(false, Some(2))),
         (HeadPath::Reference, FusedTuning::default()),
     ];
     for dt in DTYPES {

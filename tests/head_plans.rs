@@ -164,7 +164,7 @@ fn attention_plans_split_by_shape_only_and_cover_every_tile() {
                 ctas <= plan::ATTN_TARGET_CTAS.max(shape.b.div_ceil(rm)) + shape.b.div_ceil(rm),
                 "{ctas}"
             );
-            let fwd = plan::attn_fwd(dtype, shape, true, AttnFwdArgs::default());
+            let fwd = plan::attn_fwd(dtype, shape, (splits, per), true, AttnFwdArgs::default());
             let bwd = plan::attn_bwd(dtype, shape, true, AttnBwdArgs::default());
             let (fwd, bwd) = (fwd.unwrap(), bwd.unwrap());
             assert_eq!(fwd.grid, [shape.b.div_ceil(rm) as u32, splits as u32, 1]);
@@ -179,7 +179,11 @@ fn attention_plans_split_by_shape_only_and_cover_every_tile() {
         }
         // D past the O accumulator is refused, not truncated.
         let wide = HeadShape { b: 4, c: 4, d: 513 };
-        assert!(plan::attn_fwd(dtype, wide, true, AttnFwdArgs::default()).is_err());
+        assert!(plan::attn_fwd(dtype, wide, (1, 1), true, AttnFwdArgs::default()).is_err());
+        // Splits that leave a class tile out (or overlap past C) are refused.
+        let (splits, per) = plan::attn_splits(dtype, SHAPE);
+        assert!(plan::attn_fwd(dtype, SHAPE, (splits, per.saturating_sub(1).max(1)), true, AttnFwdArgs::default()).is_err() || per == 1);
+        assert!(plan::attn_fwd(dtype, SHAPE, (splits + 1, per), true, AttnFwdArgs::default()).is_err());
         assert!(plan::attn_bwd(dtype, wide, true, AttnBwdArgs::default()).is_err());
     }
     // The device's SM count plays no part: the same shape gives the same grid everywhere.

@@ -14,7 +14,7 @@ use crate::config::HeadConfig;
 use crate::cuda::bench::{
     gemm_peak_tflops, measure_extra_memory, BenchShape, ThreeGemm, Timer, Timing, SHAPES,
 };
-use crate::cuda::head::{CudaHead, FusedKernels, FusedTuning, GradDtype, HeadPath, HeadUpstream};
+use crate::cuda::head::{plan, CudaHead, FusedKernels, FusedTuning, GradDtype, HeadPath, HeadUpstream};
 use crate::cuda::perf_model::{self, DeviceModel, PathModel};
 use crate::cuda::{Device, DeviceElem, Tensor};
 use crate::dtype::DType;
@@ -241,7 +241,11 @@ fn bench_shape<T: DeviceElem>(
         extra_mib: extra as f64 / (1 << 20) as f64,
     };
     // The model with this device's SM count and, for bf16, the peak measured in this run.
-    let mut model_dev = DeviceModel { sms: dev.info().sm_count.max(1) as usize, ..DeviceModel::h200() };
+    let mut model_dev = DeviceModel {
+        sms: dev.info().sm_count.max(1) as usize,
+        max_smem_per_block: dev.info().max_smem_per_block,
+        ..DeviceModel::h200()
+    };
     if T::DTYPE != DType::F32 {
         model_dev.bf16_peak_tflops = peak;
     }
@@ -336,8 +340,11 @@ fn verdict(got: f64, target: f64) -> String {
 pub struct ModelRow {
     /// The shape.
     pub shape: BenchShape,
-    /// Fused path, per kernel.
+    /// Fused path, per kernel: the kernel set the dispatcher runs (`fused.kernel_set`).
     pub fused: PathModel,
+    /// The tiles kernels at this shape where the fused path runs the attention form instead
+    /// (for comparison; `None` where the tiles are what runs).
+    pub tiles: Option<PathModel>,
     /// Reference path, per kernel.
     pub reference: PathModel,
     /// 6*B*C*D.
@@ -355,12 +362,13 @@ pub struct ModelReport {
     pub rows: Vec<ModelRow>,
 }
 
-fn print_path(p: &PathModel) {
+/// Prints `p`'s kernels, each row labelled `label`.
+fn print_path(p: &PathModel, label: &str) {
     for k in &p.kernels {
         let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
         println!(
             "  {:<9} {:<34} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>4} {:>5} {:<8} {:>8.4}",
-            p.path,
+            label,
             k.name,
             k.traffic.flops / 1e9,
             k.traffic.hbm_bytes / 1e6,
@@ -371,6 +379,18 @@ fn print_path(p: &PathModel) {
             k.time.bound.name(),
             k.time.predicted_ms
         );
+    }
+}
+
+/// Why the fused path does not run the attention form at `shape` (`plan::attn_supported`).
+fn no_attention_reason(shape: HeadShape, dev: &DeviceModel) -> String {
+    if shape.d > plan::ATTN_DMAX {
+        format!("the attention form takes D <= {}", plan::ATTN_DMAX)
+    } else {
+        format!(
+            "the attention form needs more than {} bytes of shared memory per block",
+            dev.max_smem_per_block
+        )
     }
 }
 
@@ -395,9 +415,12 @@ fn run_model(args: &Args) -> anyhow::Result<()> {
     let mut rows = vec![];
     for s in SHAPES.iter().filter(|s| args.only.as_deref().is_none_or(|o| s.name.contains(o))) {
         let shape = HeadShape { b: s.b, c: s.c, d: s.d };
+        let fused = perf_model::fused(shape, DType::BF16, &dev);
         let row = ModelRow {
             shape: *s,
-            fused: perf_model::fused(shape, DType::BF16, &dev),
+            tiles: (fused.kernel_set != Some(FusedKernels::Tiles))
+                .then(|| perf_model::tiles(shape, DType::BF16, &dev)),
+            fused,
             reference: perf_model::reference(shape, DType::BF16, &dev),
             three_gemm_flops: perf_model::three_gemm_flops(shape),
             tensor_limit_ms: perf_model::tensor_limit_ms(shape, &dev),
@@ -407,12 +430,26 @@ fn run_model(args: &Args) -> anyhow::Result<()> {
             "  {:<9} {:<34} {:>9} {:>9} {:>9} {:>7} {:>4} {:>5} {:<8} {:>8}",
             "path", "kernel", "GFLOP", "HBM MB", "L2 MB", "CTAs", "/SM", "waves", "bound", "pred ms"
         );
-        print_path(&row.fused);
-        print_path(&row.reference);
+        print_path(&row.fused, row.fused.path);
+        if let Some(t) = &row.tiles {
+            print_path(t, "tiles");
+        }
+        print_path(&row.reference, row.reference.path);
         let target = s.torch_compile_ms / if s.small { 20.0 } else { 2.0 };
         let limit = (!s.small).then(|| format!(", 1.5x tensor limit {:.3} ms", 1.5 * row.tensor_limit_ms));
+        let set = row.fused.kernel_set.map_or("?", perf_model::kernel_set_name);
+        let uses = match &row.tiles {
+            Some(t) => format!(
+                "{set} kernels, kernels/head_attn.cu; the tiles kernels, rows \"tiles\": {:.3} ms",
+                t.total_ms()
+            ),
+            None => format!(
+                "{set} kernels, kernels/head_fused.cu: {}",
+                no_attention_reason(shape, &dev)
+            ),
+        };
         println!(
-            "  fused total {:.3} ms predicted, reference {:.3} ms predicted; torch.compile {:.2} ms (SPEC 9), \
+            "  fused total {:.3} ms predicted ({uses}), reference {:.3} ms predicted; torch.compile {:.2} ms (SPEC 9), \
              target {:.3} ms ({}x){}",
             row.fused.total_ms(),
             row.reference.total_ms(),

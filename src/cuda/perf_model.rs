@@ -5,10 +5,15 @@
 //! from the dispatcher's own planning code (`head/plan.rs`), the registers and static
 //! shared memory from the ptxas table [`RESOURCES`].
 //!
+//! The fused path has two kernel sets, and [`fused`] models the one the dispatcher runs
+//! ([`fused_kernels`]): the attention form ([`attention`], `kernels/head_attn.cu`) for
+//! D <= 512 where the shared memory allows, else the tiles ([`tiles`],
+//! `kernels/head_fused.cu`).
+//!
 //! Per kernel: FLOPs (matrix products only: mma tiles as the kernel pads them, or 2*M*N*K
 //! for a cuBLAS GEMM; elementwise arithmetic is not counted, those kernels are bound by
 //! memory, latency or launch), L2 bytes (every global load and store: all of them pass
-//! through L2), HBM bytes (the part that misses L2 by the rules in [`fused`]), CTAs,
+//! through L2), HBM bytes (the part that misses L2 by the rules in [`tiles`]), CTAs,
 //! CTAs per SM, waves. Then
 //!   compute = FLOPs / rate, hbm = HBM bytes / HBM bandwidth, l2 = L2 bytes / L2 bandwidth,
 //!   latency = (grid of at most one CTA per SM only) the busiest CTA's share of the work
@@ -16,14 +21,14 @@
 //!   predicted = max(compute, hbm, l2, latency) + launch overhead.
 
 use crate::cuda::args::{
-    FusedBwdArgs, FusedCombineArgs, FusedFwdArgs, HeadReduceArgs, NormbackArgs, RefGradArgs, RefMarginArgs,
-    RefNormalizeArgs, RefSoftmaxArgs,
+    AttnBwdArgs, AttnCombineArgs, AttnFwdArgs, FusedBwdArgs, FusedCombineArgs, FusedFwdArgs, HeadReduceArgs,
+    NormbackArgs, RefGradArgs, RefMarginArgs, RefNormalizeArgs, RefSoftmaxArgs,
 };
-use crate::cuda::head::plan;
+use crate::cuda::head::{plan, FusedKernels};
 use crate::cuda::kernels::{KernelResources, RESOURCES};
 use crate::cuda::{norms, DevPtr, Launch};
 use crate::{DType, HeadShape};
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
 /// The device the model predicts for. [`DeviceModel::h200`] (also `Default`) holds one
 /// H200 SXM; each field says where its value comes from, and which are assumptions that
@@ -59,6 +64,11 @@ pub struct DeviceModel {
     pub launch_us: f64,
     /// Shared memory per SM usable by CTAs, bytes: 228 KiB (CUDA C programming guide, cc 9.0).
     pub smem_per_sm: u32,
+    /// Shared memory one block may use after opting in (static + dynamic), bytes: 227 KiB =
+    /// 232,448 (CUDA C programming guide, cc 9.0; `cudaDevAttrMaxSharedMemoryPerBlockOptin`,
+    /// which `featcloud info` reads on the device). The dispatcher runs the attention-form
+    /// kernels only where they fit ([`plan::attn_supported`]).
+    pub max_smem_per_block: u32,
     /// Shared memory the system reserves per CTA, bytes: 1 KiB (CUDA C programming guide, cc 8.0+).
     pub smem_reserved_per_cta: u32,
     /// 32-bit registers per SM: 65,536 (cc 9.0).
@@ -88,6 +98,7 @@ impl DeviceModel {
             cublas_f32_efficiency: 0.75,
             launch_us: 4.0,
             smem_per_sm: 228 << 10,
+            max_smem_per_block: 232_448,
             smem_reserved_per_cta: 1 << 10,
             regs_per_sm: 65_536,
             reg_alloc_unit: 256,
@@ -97,7 +108,8 @@ impl DeviceModel {
         }
     }
 
-    /// TFLOP/s of the fused tiles for `dtype`: mma.sync for 16-bit storage, SIMT FMAs for f32.
+    /// TFLOP/s of the fused kernels' tiles (both sets) for `dtype`: mma.sync for 16-bit
+    /// storage, SIMT FMAs for f32.
     pub fn tile_tflops(&self, dtype: DType) -> f64 {
         match dtype {
             DType::F32 => self.f32_peak_tflops * self.simt_efficiency,
@@ -233,6 +245,9 @@ impl Terms {
 pub struct PathModel {
     /// "fused" or "reference".
     pub path: &'static str,
+    /// The fused path's kernel set ("attention" or "tiles" in JSON); `None` for the reference.
+    #[serde(serialize_with = "ser_kernel_set")]
+    pub kernel_set: Option<FusedKernels>,
     /// Every launch, in stream order.
     pub kernels: Vec<KernelModel>,
 }
@@ -251,6 +266,22 @@ impl PathModel {
     /// Sum of the kernels' HBM bytes.
     pub fn hbm_bytes(&self) -> f64 {
         self.kernels.iter().map(|k| k.traffic.hbm_bytes).sum()
+    }
+}
+
+/// Short name of a fused kernel set: "attention" (`kernels/head_attn.cu`) or "tiles"
+/// (`kernels/head_fused.cu`).
+pub fn kernel_set_name(k: FusedKernels) -> &'static str {
+    match k {
+        FusedKernels::Attention => "attention",
+        FusedKernels::Tiles => "tiles",
+    }
+}
+
+fn ser_kernel_set<S: Serializer>(k: &Option<FusedKernels>, s: S) -> Result<S::Ok, S::Error> {
+    match k {
+        Some(k) => s.serialize_some(kernel_set_name(*k)),
+        None => s.serialize_none(),
     }
 }
 
@@ -288,6 +319,48 @@ fn ms(amount: f64, per_s: f64) -> f64 {
     }
 }
 
+/// The grid of `l` on `dev`: CTAs, CTAs per SM (registers and static shared memory from the
+/// ptxas table, plus the launch's dynamic shared memory), waves.
+fn grid_model(dev: &DeviceModel, l: &Launch) -> GridModel {
+    let n = l.grid.iter().map(|&g| g as u64).product::<u64>();
+    let threads = l.block.iter().product::<u32>();
+    let res = resources(l.kernel.name, dev.arch);
+    // Without the ptxas table: 255 registers, the per-thread maximum (lowest occupancy).
+    let r = res.map_or(255, |r| r.registers);
+    let smem = res.map_or(0, |r| r.shared_bytes) + l.smem;
+    let k = dev.ctas_per_sm(threads, r, smem).max(1);
+    GridModel {
+        ctas: n,
+        ctas_per_sm: k,
+        waves: n.div_ceil(dev.sms as u64 * k as u64),
+        registers: res.map(|r| r.registers),
+    }
+}
+
+/// L2 capacity left for a kernel's re-read sets (rule 2 of [`tiles`]): sets are offered in
+/// order of reuse distance, shortest first, and each one that fits takes its share.
+struct L2Left(f64);
+
+impl L2Left {
+    fn new(dev: &DeviceModel) -> Self {
+        Self(dev.l2_bytes)
+    }
+
+    /// Whether a set of `size` bytes fits in what is left (and if so, takes it).
+    fn fits(&mut self, size: f64) -> bool {
+        let ok = self.holds(size);
+        if ok {
+            self.0 -= size;
+        }
+        ok
+    }
+
+    /// Whether a set of `size` bytes fits in what is left (without taking it).
+    fn holds(&self, size: f64) -> bool {
+        size <= self.0
+    }
+}
+
 /// Turns `w` into a [`KernelModel`]; `launch` gives grid, block and dynamic shared
 /// memory (`None`: a cuBLAS GEMM with name `name`).
 fn model(dev: &DeviceModel, name: String, launch: Option<&Launch>, w: Work) -> KernelModel {
@@ -295,21 +368,11 @@ fn model(dev: &DeviceModel, name: String, launch: Option<&Launch>, w: Work) -> K
     let hbm_ms = ms(w.hbm, dev.hbm_tbs * 1e12);
     let l2_ms = ms(w.l2, dev.l2_tbs * 1e12);
     let roof = compute_ms.max(hbm_ms).max(l2_ms);
-    let (mut grid, mut latency_ms) = (None, 0.0);
-    if let Some(l) = launch {
-        let n = l.grid.iter().map(|&g| g as u64).product::<u64>();
-        let threads = l.block.iter().product::<u32>();
-        let res = resources(l.kernel.name, dev.arch);
-        // Without the ptxas table: 255 registers, the per-thread maximum (lowest occupancy).
-        let r = res.map_or(255, |r| r.registers);
-        let smem = res.map_or(0, |r| r.shared_bytes) + l.smem;
-        let k = dev.ctas_per_sm(threads, r, smem).max(1);
-        let wv = n.div_ceil(dev.sms as u64 * k as u64);
-        if n < dev.sms as u64 {
-            latency_ms = roof * dev.sms as f64 * w.busiest;
-        }
-        grid = Some(GridModel { ctas: n, ctas_per_sm: k, waves: wv, registers: res.map(|r| r.registers) });
-    }
+    let grid = launch.map(|l| grid_model(dev, l));
+    let latency_ms = match grid {
+        Some(g) if g.ctas < dev.sms as u64 => roof * dev.sms as f64 * w.busiest,
+        _ => 0.0,
+    };
     let launch_ms = dev.launch_us * 1e-3;
     let body = roof.max(latency_ms);
     let bound = if launch_ms > body {
@@ -387,8 +450,33 @@ fn head_reduce(dev: &DeviceModel, b: usize) -> KernelModel {
     launch_model(dev, &l, mem_work(bytes, bytes, 1.0))
 }
 
-/// The fused path's launches of one `forward_backward` (gradients in the storage dtype),
-/// as the dispatcher picks them on `dev.sms` SMs.
+/// The fused path's kernel set at `shape` for storage `dtype` on `dev`, as the dispatcher
+/// picks it without tuning (`HeadOn::fused_kernels`): the attention form where
+/// [`plan::attn_supported`] holds for `dev.max_smem_per_block`, else the tiles.
+pub fn fused_kernels(shape: HeadShape, dtype: DType, dev: &DeviceModel) -> FusedKernels {
+    if plan::attn_supported(dtype, shape.d, dev.max_smem_per_block) {
+        FusedKernels::Attention
+    } else {
+        FusedKernels::Tiles
+    }
+}
+
+/// The fused path's launches of one `forward_backward`, as the dispatcher runs them: the
+/// kernel set of [`fused_kernels`], modelled by [`attention`] or [`tiles`]. This is what
+/// `featcloud bench` prints next to the fused path's measured time.
+pub fn fused(shape: HeadShape, dtype: DType, dev: &DeviceModel) -> PathModel {
+    match fused_kernels(shape, dtype, dev) {
+        FusedKernels::Attention => {
+            attention(shape, dtype, dev).expect("fused_kernels checked attn_supported")
+        }
+        FusedKernels::Tiles => tiles(shape, dtype, dev),
+    }
+}
+
+/// The fused path's tiles kernels (`kernels/head_fused.cu`, `head/fused.rs`) of one
+/// `forward_backward` (gradients in the storage dtype), as the dispatcher plans them on
+/// `dev.sms` SMs; the fused path runs them where the attention form does not apply
+/// ([`fused_kernels`]). Every dtype and D.
 ///
 /// L2 rules (what is counted as HBM traffic):
 /// - a kernel's inputs come from HBM on first touch (a kernel does not inherit the
@@ -398,7 +486,7 @@ fn head_reduce(dev: &DeviceModel, b: usize) -> KernelModel {
 ///   filled greedily from the shortest reuse distance; a set that does not fit entirely
 ///   is re-read from HBM every time (a cyclic pattern larger than an LRU cache misses);
 /// - every store reaches HBM once (write-back), re-stores to resident lines do not.
-pub fn fused(shape: HeadShape, dtype: DType, dev: &DeviceModel) -> PathModel {
+pub fn tiles(shape: HeadShape, dtype: DType, dev: &DeviceModel) -> PathModel {
     let HeadShape { b, c, d } = shape;
     let (bf, cf, df, e) = (b as f64, c as f64, d as f64, dtype.size() as f64);
     let vec = plan::fused_vectorized(dtype, d);
@@ -463,15 +551,8 @@ pub fn fused(shape: HeadShape, dtype: DType, dev: &DeviceModel) -> PathModel {
     let acc_live = gf * sf * colsf * df * (4.0 + e);
     let x_bytes = bf * df * e;
     let dxp_live = gf * bf * df * 4.0;
-    let mut cap = dev.l2_bytes;
-    let mut fits = |size: f64| {
-        let ok = size <= cap;
-        if ok {
-            cap -= size;
-        }
-        ok
-    };
-    let (acc_fit, x_fit, dxp_fit) = (fits(acc_live), fits(x_bytes), fits(dxp_live));
+    let mut left = L2Left::new(dev);
+    let (acc_fit, x_fit, dxp_fit) = (left.fits(acc_live), left.fits(x_bytes), left.fits(dxp_live));
     let x_loads = 2.0 * nct * x_bytes;
     let w_loads = 2.0 * nrt * cf * df * e;
     let rows_in = nct * bf * 5.0 * 4.0 + nrt * cf * 4.0;
@@ -506,7 +587,109 @@ pub fn fused(shape: HeadShape, dtype: DType, dev: &DeviceModel) -> PathModel {
     }
     // The dx partials come from the kernel just before only without row splits.
     kernels.push(normback(dev, dtype, b, d, g, s == 1 && dxp_fit));
-    PathModel { path: "fused", kernels }
+    PathModel { path: "fused", kernel_set: Some(FusedKernels::Tiles), kernels }
+}
+
+/// The fused path's attention-form kernels (`kernels/head_attn.cu`, `head/attn.rs`) of one
+/// `forward_backward` (gradients in the storage dtype, a scalar upstream, label smoothing
+/// off, as `featcloud bench` runs it), or `None` where the dispatcher does not run them on
+/// `dev` ([`plan::attn_supported`] with `dev.max_smem_per_block`: D <= 512 and the shared memory).
+/// Three launches: `attn_fwd_*`, `attn_combine_fwd_*`, `attn_bwd_*` (which also reduces the
+/// loss: `forward_backward` queues no `head_reduce_fwd_f32`).
+///
+/// Both tile kernels keep RM rows of one operand resident ([`plan::attn_rows`]: 64 in
+/// bf16, 32 in f32) and stream [`plan::ATTN_BT`]-row tiles of the other, each tile feeding
+/// two products of 2 * RM * BT * DP FLOPs (DP = [`plan::attn_dp`], the padded D): the
+/// forward S = x . W^T and O += P . W, the backward S^T = W . x^T and dW += E . x. So the
+/// FLOPs are 4 * Bp * Cp * DP per pass, 8 B*C*D in all without padding. Same L2 rules as
+/// [`tiles`]; the forward's CTAs of one class split run together (row tile fastest in the
+/// grid) and share its W tiles through L2, except a split whose CTAs start in different
+/// waves: its later wave re-reads its W from HBM unless all the W the earlier wave streams
+/// fits in L2.
+pub fn attention(shape: HeadShape, dtype: DType, dev: &DeviceModel) -> Option<PathModel> {
+    if !plan::attn_supported(dtype, shape.d, dev.max_smem_per_block) {
+        return None;
+    }
+    let HeadShape { b, c, d } = shape;
+    let (bf, cf, df, e) = (b as f64, c as f64, d as f64, dtype.size() as f64);
+    let vec = plan::fused_vectorized(dtype, d);
+    let rate = dev.tile_tflops(dtype);
+    let (rm, bt, dp) = (plan::attn_rows(dtype), plan::ATTN_BT, plan::attn_dp(d));
+    // One streamed tile against the resident rows: two products of RM x BT x DP.
+    let tile_flops = 4.0 * (rm * bt * dp) as f64;
+    let (x_bytes, w_bytes) = (bf * df * e, cf * df * e);
+    let supported = "attn_supported checked the dtype and D";
+
+    // Forward: grid (row tiles, class splits), row tile fastest. CTA (r, s) loads its x tile,
+    // streams split s's W tiles, computes the target cosines of its rows whose label is in
+    // split s (x and W rows from global), writes (m, l, sum z) and O [D] f32 per row.
+    let (splits, per) = plan::attn_splits(dtype, shape);
+    let lf = plan::attn_fwd(dtype, shape, (splits, per), vec, AttnFwdArgs::default()).expect(supported);
+    let (n_rt, n_ct) = (b.div_ceil(rm), c.div_ceil(bt));
+    let flops = tile_flops * (n_rt * n_ct) as f64;
+    let sf = splits as f64;
+    // x is re-read by every split (shortest reuse distance: the CTAs of one row tile start
+    // together), W by the row tiles of its split.
+    let mut left = L2Left::new(dev);
+    let x_fit = left.fits(x_bytes);
+    // CTAs start in grid order, `slots` at a time (one wave), and take equally long. A split
+    // whose CTAs fall in waves w0..w1 reads its W once from HBM, then again in each later
+    // wave unless the W that the previous wave streamed (all of its splits') fits in L2.
+    let split_w = |s: usize| (c.min((s + 1) * per * bt) - s * per * bt) as f64 * df * e;
+    let slots = dev.sms * grid_model(dev, &lf).ctas_per_sm as usize;
+    let last_cta = n_rt * splits - 1;
+    let wave_w =
+        |w: usize| (w * slots / n_rt..=last_cta.min((w + 1) * slots - 1) / n_rt).map(split_w).sum::<f64>();
+    let w_hbm = (0..splits)
+        .map(|s| {
+            let (w0, w1) = (s * n_rt / slots, (s * n_rt + n_rt - 1) / slots);
+            let again = (w0..w1).filter(|&w| !left.holds(wave_w(w))).count();
+            (1 + again) as f64 * split_w(s)
+        })
+        .sum::<f64>();
+    let part = 3.0 * sf * bf * 4.0;
+    let opart = sf * bf * df * 4.0;
+    // c_iy, t, alpha, dt per row; inv_x per row, inv_w per class.
+    let outs = 4.0 * bf * 4.0 + bf * 4.0 + cf * 4.0;
+    // x tiles by every split, W by every row tile, labels per CTA, the target rows' x and W
+    // rows, the partials and outputs.
+    let l2 = sf * x_bytes + n_rt as f64 * w_bytes + sf * bf * 4.0 + 2.0 * x_bytes + part + opart + outs;
+    let x_hbm = if x_fit { x_bytes } else { sf * x_bytes };
+    // The target W rows are a first touch (HBM), the target x rows are x again (L2).
+    let hbm = x_hbm + w_hbm + bf * 4.0 + x_bytes + part + opart + outs;
+    // Every CTA streams `per` class tiles, except the last split's.
+    let busiest = per as f64 / (n_rt * n_ct) as f64;
+    let mut kernels = vec![launch_model(dev, &lf, Work { flops, tflops: rate, hbm, l2, busiest })];
+
+    // Combine: one warp per row reads the row's split partials (m twice), its O partials,
+    // labels, t, dt, inv_x, inv_w[y], the x row and the target W row; writes lse, loss, u.
+    let lc = plan::attn_combine(dtype, shape, splits, AttnCombineArgs::default()).expect(supported);
+    let scratch = part + opart;
+    let rows_io = 5.0 * bf * 4.0 + 2.0 * bf * 4.0;
+    let u_bytes = bf * df * 4.0;
+    let l2 = scratch + sf * bf * 4.0 + rows_io + 2.0 * x_bytes + u_bytes;
+    let hbm = if scratch <= dev.l2_bytes { 0.0 } else { scratch } + rows_io + 2.0 * x_bytes + u_bytes;
+    kernels.push(launch_model(dev, &lc, mem_work(hbm, l2, rows_share(b, WARP_ROWS))));
+
+    // Backward: one CTA per class tile of RM W rows, each streaming all of x in BT-row tiles
+    // with labels, inv_x, lse, t, dt per row (row_g too under per-row upstream weights: not
+    // modelled); dW written once; dx = w_i u_i for its share of the rows; block 0 also
+    // reduces the B row losses (forward_backward queues no head_reduce launch).
+    let lb = plan::attn_bwd(dtype, shape, vec, AttnBwdArgs::default()).expect(supported);
+    let (n_cb, n_rt) = (c.div_ceil(rm), b.div_ceil(bt));
+    let flops = tile_flops * (n_cb * n_rt) as f64;
+    let rows_in = 5.0 * bf * 4.0;
+    let dx_io = u_bytes + bf * 4.0 + x_bytes + bf * 4.0;
+    let l2 = n_cb as f64 * (x_bytes + rows_in) + w_bytes + cf * 4.0 + dx_io + w_bytes;
+    // x is re-read by every CTA; the CTAs of one wave stream it together, so a set that
+    // does not fit comes from HBM once per wave.
+    let x_hbm =
+        if L2Left::new(dev).fits(x_bytes) { x_bytes } else { grid_model(dev, &lb).waves as f64 * x_bytes };
+    // u was written two kernels back: HBM.
+    let hbm = x_hbm + w_bytes + rows_in + cf * 4.0 + dx_io + w_bytes;
+    let busiest = 1.0 / n_cb as f64;
+    kernels.push(launch_model(dev, &lb, Work { flops, tflops: rate, hbm, l2, busiest }));
+    Some(PathModel { path: "fused", kernel_set: Some(FusedKernels::Attention), kernels })
 }
 
 /// One cuBLAS FP32 GEMM of M x N x K: 2*M*N*K FLOPs at the cuBLAS rate; operands and
@@ -523,7 +706,7 @@ fn sgemm(dev: &DeviceModel, what: &str, (m, n, k): (usize, usize, usize), a_in_l
 
 /// The reference path's launches of one `forward_backward` (`head/reference.rs`): f32
 /// normalized copies, three FP32 cuBLAS GEMMs plus a recomputed cosine GEMM in the
-/// backward, the B x C cosines and dC materialized. Same L2 rules as [`fused`].
+/// backward, the B x C cosines and dC materialized. Same L2 rules as [`tiles`].
 pub fn reference(shape: HeadShape, dtype: DType, dev: &DeviceModel) -> PathModel {
     let HeadShape { b, c, d } = shape;
     let (bf, cf, df, e) = (b as f64, c as f64, d as f64, dtype.size() as f64);
@@ -559,5 +742,5 @@ pub fn reference(shape: HeadShape, dtype: DType, dev: &DeviceModel) -> PathModel
     // dxh was written two kernels back (by the dx GEMM); dwh by the kernel just before.
     kernels.push(normback(dev, dtype, b, d, 1, false));
     kernels.push(normback(dev, dtype, c, d, 1, cf * df * 4.0 <= dev.l2_bytes));
-    PathModel { path: "reference", kernels }
+    PathModel { path: "reference", kernel_set: None, kernels }
 }

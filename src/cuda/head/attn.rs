@@ -28,12 +28,14 @@ pub(super) struct AttnSaved {
     pub inv_w: Tensor<f32>,
 }
 
-/// The attention-form forward: every per-row output, the reduced loss (on the device)
+/// The attention-form forward over `splits` class splits of `per` class tiles: every per-row
+/// output, the reduced loss (on the device, unless `defer_reduce` leaves it to the backward)
 /// and the saved state of [`AttnSaved`].
 pub(super) fn forward<T: DeviceElem>(
     dev: &Device,
     inp: &Inputs<'_, T>,
     job: ForwardJob<'_>,
+    (splits, per): (usize, usize),
     scalar: bool,
     defer_reduce: bool,
     scratch: &mut Scratch,
@@ -51,7 +53,6 @@ pub(super) fn forward<T: DeviceElem>(
             inv_w: Tensor::uninit(dev, &[c])?,
         }
     };
-    let (splits, _) = plan::attn_splits(T::DTYPE, shape);
     // The tiles write part and opart for every (split, row < B), and swh for every (split,
     // column < D) when ls > 0, the only case in which the combine reads it.
     let part = scratch.take(dev, Slot::Part, &[3 * splits * b])?;
@@ -61,6 +62,7 @@ pub(super) fn forward<T: DeviceElem>(
     let tiles = plan::attn_fwd(
         T::DTYPE,
         shape,
+        (splits, per),
         vectorized(inp.x, inp.w, d, scalar),
         AttnFwdArgs {
             x: inp.x.ptr(),

@@ -357,6 +357,15 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         }
     }
 
+    /// The attention-form forward's (class splits, class tiles per split) at `shape`, as
+    /// the dispatcher (or the tuning) picks them.
+    pub fn attention_splits(&self, shape: HeadShape, dtype: DType) -> (usize, usize) {
+        match self.tuning.class_splits {
+            Some(n) => plan::attn_split_tiles(shape, n),
+            None => plan::attn_splits(dtype, shape),
+        }
+    }
+
     /// The fused backward's launch grid at `shape`: (G CTAs over the class tiles, S row
     /// splits), as the dispatcher (or the tuning) picks it.
     pub fn backward_grid(&self, shape: HeadShape) -> (usize, usize) {
@@ -588,7 +597,8 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
             HeadPath::Reference => reference::forward(&self.dev, &inputs, job, scratch),
             HeadPath::Fused => match self.fused_kernels(shape, T::DTYPE)? {
                 FusedKernels::Attention => {
-                    attn::forward(&self.dev, &inputs, job, self.tuning.scalar_loads, defer_reduce, scratch)
+                    let splits = self.attention_splits(shape, T::DTYPE);
+                    attn::forward(&self.dev, &inputs, job, splits, self.tuning.scalar_loads, defer_reduce, scratch)
                 }
                 FusedKernels::Tiles => {
                     let choice =

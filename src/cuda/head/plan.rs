@@ -209,6 +209,11 @@ pub struct FusedTuning {
     /// [`attn_supported`] holds, else [`FusedKernels::Tiles`]. Asking for the attention
     /// kernels where they do not apply is an error.
     pub kernels: Option<FusedKernels>,
+    /// The attention-form forward's class splits (see [`attn_split_tiles`]); `None`:
+    /// [`attn_splits`]. Fewer splits give each CTA several class tiles (the online
+    /// rescaling across tiles); a different count regroups the sums (equal within
+    /// tolerance, not bitwise).
+    pub class_splits: Option<usize>,
 }
 
 /// The two kernel sets of the fused path.
@@ -413,9 +418,14 @@ pub fn attn_smem_bytes(dtype: DType, dp: usize) -> u32 {
 /// is empty. A function of the shape only.
 pub fn attn_splits(dtype: DType, shape: HeadShape) -> (usize, usize) {
     let n_rt = shape.b.div_ceil(attn_rows(dtype));
+    attn_split_tiles(shape, ATTN_TARGET_CTAS.div_ceil(n_rt))
+}
+
+/// (splits, class tiles per split) for about `want` class splits (clamped to [1, class
+/// tiles]; every split gets the same number of tiles but the last, none is empty).
+pub fn attn_split_tiles(shape: HeadShape, want: usize) -> (usize, usize) {
     let n_ct = shape.c.div_ceil(ATTN_BT);
-    let want = ATTN_TARGET_CTAS.div_ceil(n_rt).clamp(1, n_ct);
-    let per = n_ct.div_ceil(want);
+    let per = n_ct.div_ceil(want.clamp(1, n_ct));
     (n_ct.div_ceil(per), per)
 }
 
@@ -441,11 +451,20 @@ fn attn_check_d(d: usize) -> Result<()> {
     }
 }
 
-/// `attn_fwd_*`: grid (row tiles, class splits of [`attn_splits`]).
-pub fn attn_fwd(dtype: DType, shape: HeadShape, vec: bool, mut a: AttnFwdArgs) -> Result<Launch> {
+/// `attn_fwd_*`: grid (row tiles, `splits`), `per` class tiles per split ([`attn_splits`]
+/// or [`attn_split_tiles`]).
+pub fn attn_fwd(
+    dtype: DType,
+    shape: HeadShape,
+    (splits, per): (usize, usize),
+    vec: bool,
+    mut a: AttnFwdArgs,
+) -> Result<Launch> {
     attn_check_d(shape.d)?;
+    if splits == 0 || per == 0 || (splits - 1) * per >= shape.c.div_ceil(ATTN_BT) || splits * per < shape.c.div_ceil(ATTN_BT) {
+        return Err(Error::InvalidConfig(format!("{splits} class splits of {per} tiles do not cover C = {}", shape.c)));
+    }
     let k = attn_kernel(dtype, shape.d, vec, true);
-    let (splits, per) = attn_splits(dtype, shape);
     a.b = shape.b as i32;
     a.c = shape.c as i32;
     a.d = shape.d as i32;
