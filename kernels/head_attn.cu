@@ -1,8 +1,9 @@
 // head_attn.cu — the fused head in the attention form (SPEC 4, "dx in the attention form"):
 // the forward computes dx, the backward computes only dW. Three launches per forward+backward
 // (plus the loss reduction), no partial sums in global memory besides one [n_cs][B][D] buffer,
-// no atomics, no memsets, no scratch for dW. For D <= 512 (the face shapes) in f32 and bf16;
-// src/cuda/head/plan.rs routes every other case to the tiles path (head_fused.cu).
+// no atomics, no memsets, no scratch for dW. For D <= 512 (the face shapes), every dtype, where
+// the device has the shared memory; src/cuda/head/plan.rs routes every other case to the tiles
+// path (head_fused.cu).
 //
 // Both tile kernels have one skeleton: a CTA keeps RM rows of one operand resident in shared
 // memory (R, all of D padded to DP) and streams BT-row tiles of the other (T) through a
@@ -214,6 +215,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
     cp_async_wait<0>();
     __syncthreads();  // R and the first T tile landed; s_zt written
     tile_inv_norms<T, RM, DP>(sR, P, s_invx);
+    __syncthreads();  // s_invx for every warp (also when a split had no class tile)
 
     float acc[AMI][ANI][4];
     zero_acc(acc);
@@ -419,6 +421,11 @@ template <typename T> __device__ __forceinline__ void attn_combine(const AttnCom
         lse_combine(acc, b);
     }
     acc = warp_lse(acc);
+    // Lane 0's merge for every lane: the xor tree's pairs compute a*x + b*y and b*y + a*x,
+    // which NVRTC may contract into FMAs differently, so lanes could differ in the last bit.
+    acc.m = __shfl_sync(0xffffffffu, acc.m, 0);
+    acc.s = __shfl_sync(0xffffffffu, acc.s, 0);
+    acc.sz = __shfl_sync(0xffffffffu, acc.sz, 0);
     const float lse = acc.m + logf(acc.s);
     const float zy = p.s * a.t[i];
     if (lane == 0) {
@@ -482,8 +489,10 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
     // f16: E = dc * frac_x * 2^k_j with inv_x = frac_x * 2^e_i (split_pow2) and a running
     // power of two k_j per class putting the class's largest |dc * frac_x| so far into
     // [2^14, 2^15) (when it grows, the class's ACC row is rescaled by the exact power of two);
-    // the x rows feed ACC from a copy scaled by 2^e_i (exact). So no operand leaves f16's
-    // range and x is not rounded; the epilogue multiplies ACC back by 2^-k_j.
+    // the x rows feed ACC from a copy scaled by 2^e_i (exact except for elements below 2^-14
+    // of the row's norm, which become f16 subnormals: an absolute error of at most 2^-25 of
+    // the normalized row, far below bf16's 2^-9). So no operand leaves f16's range and x is
+    // not rounded to a coarser type; the epilogue multiplies ACC back by 2^-k_j.
     constexpr bool SCALED = IsSame16<T>::value;
     T* sR = reinterpret_cast<T*>(dyn);
     T* sT = sR + RM * P;
@@ -566,7 +575,8 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
                         float dc = 0.0f;
                         if (y >= 0 && j < C) {
                             const bool tgt = j == y;
-                            const float c = fminf(fmaxf(sacc[mi][ni][2 * h + e] * s_invw[cl] * s_invx[rl], -1.0f), 1.0f);
+                            // The forward's order of the two factors (the same rounding of c).
+                            const float c = fminf(fmaxf(sacc[mi][ni][2 * h + e] * s_invx[rl] * s_invw[cl], -1.0f), 1.0f);
                             const float z = tgt ? s_zt[rl] : p.s * c;
                             const float pr = expf(z - s_lse[rl]);
                             const float qq = (tgt ? 1.0f - p.ls : 0.0f) + p.ls_over_c;

@@ -378,7 +378,10 @@ fn attention_kernels_match_oracle() {
                 assert_eq!(r.plan.kernels, FusedKernels::Attention);
                 assert_eq!(r.launches, 3, "launches of the attention-form forward_backward");
                 check_fused(
-                    &format!("attention {} B={b} C={c} D={d} scalar={scalar} splits={class_splits:?}", dt.name()),
+                    &format!(
+                        "attention {} B={b} C={c} D={d} scalar={scalar} splits={class_splits:?}",
+                        dt.name()
+                    ),
                     cfg,
                     &p,
                     &fo,

@@ -182,7 +182,17 @@ fn attention_plans_split_by_shape_only_and_cover_every_tile() {
         assert!(plan::attn_fwd(dtype, wide, (1, 1), true, AttnFwdArgs::default()).is_err());
         // Splits that leave a class tile out (or overlap past C) are refused.
         let (splits, per) = plan::attn_splits(dtype, SHAPE);
-        assert!(plan::attn_fwd(dtype, SHAPE, (splits, per.saturating_sub(1).max(1)), true, AttnFwdArgs::default()).is_err() || per == 1);
+        assert!(
+            plan::attn_fwd(
+                dtype,
+                SHAPE,
+                (splits, per.saturating_sub(1).max(1)),
+                true,
+                AttnFwdArgs::default()
+            )
+            .is_err()
+                || per == 1
+        );
         assert!(plan::attn_fwd(dtype, SHAPE, (splits + 1, per), true, AttnFwdArgs::default()).is_err());
         assert!(plan::attn_bwd(dtype, wide, true, AttnBwdArgs::default()).is_err());
     }

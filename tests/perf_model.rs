@@ -324,15 +324,9 @@ fn attention_launch_list() {
     let dev = h200();
     let names = |p: &PathModel| p.kernels.iter().map(|k| k.name.clone()).collect::<Vec<_>>();
     let p = perf_model::attention(shape(512, 93_431, 512), DType::BF16, &dev).unwrap();
-    assert_eq!(
-        names(&p),
-        ["attn_fwd_d512_bf16", "attn_combine_fwd_bf16", "attn_bwd_d512_bf16"]
-    );
+    assert_eq!(names(&p), ["attn_fwd_d512_bf16", "attn_combine_fwd_bf16", "attn_bwd_d512_bf16"]);
     let p = perf_model::attention(shape(100, 1000, 101), DType::F32, &dev).unwrap();
-    assert_eq!(
-        names(&p),
-        ["attn_fwd_d128_scalar_f32", "attn_combine_fwd_f32", "attn_bwd_d128_scalar_f32"]
-    );
+    assert_eq!(names(&p), ["attn_fwd_d128_scalar_f32", "attn_combine_fwd_f32", "attn_bwd_d128_scalar_f32"]);
     for dtype in [DType::BF16, DType::F32, DType::F16] {
         for s in attention_shapes() {
             let p = perf_model::attention(s, dtype, &dev).unwrap_or_else(|| panic!("{dtype:?} {s:?}"));

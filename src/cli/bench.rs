@@ -88,7 +88,15 @@ pub struct BenchRow {
     pub target_peer_ms: f64,
     /// Cut Cross-Entropy's extra MiB (memory target).
     pub target_mib: f64,
-    /// The fused forward's tile (rows, classes).
+    /// The fused path's kernel set at this shape (the dispatcher's choice).
+    pub fused_kernels: FusedKernels,
+    /// The attention-form forward's (class splits, class tiles per split).
+    pub attention_splits: (usize, usize),
+    /// Where the fused path runs the attention form: the tiles kernels measured too.
+    pub fused_tiles: Option<PathResult>,
+    /// The model's prediction for [`BenchRow::fused_tiles`], ms.
+    pub predicted_tiles_ms: Option<f64>,
+    /// The tiles' forward tile (rows, classes).
     pub fused_forward_tile: (usize, usize),
     /// The fused backward's class tile (64 or 128).
     pub fused_backward_cols: usize,
@@ -212,11 +220,16 @@ fn bench_shape<T: DeviceElem>(
         })
     };
     let f = measure(&fused)?;
-    let grid = fused.backward_grid(HeadShape { b: s.b, c: s.c, d: s.d });
+    let shape = HeadShape { b: s.b, c: s.c, d: s.d };
+    let grid = fused.backward_grid(shape);
+    let kernels = fused.fused_kernels(shape, T::DTYPE)?;
+    // Where the attention form runs, the tiles too: the old kernels beside the new, in one run.
+    let tiles_head = CudaHead::new(dev.clone(), cfg, HeadPath::Fused)?
+        .with_tuning(FusedTuning { kernels: Some(FusedKernels::Tiles), ..FusedTuning::default() });
+    let fused_tiles = if kernels == FusedKernels::Attention { Some(measure(&tiles_head)?) } else { None };
     let mut row_split_sweep = vec![];
     // Row splits exist only in the tiles kernels.
-    let tiles = fused.fused_kernels(HeadShape { b: s.b, c: s.c, d: s.d }, T::DTYPE)? == FusedKernels::Tiles;
-    if tiles && grid.1 > 1 {
+    if kernels == FusedKernels::Tiles && grid.1 > 1 {
         row_split_sweep.push((grid.1, f.timing.median_ms, f.extra_mib));
         let mut fewer = grid.1 / 2;
         while fewer >= 1 {
@@ -249,8 +262,13 @@ fn bench_shape<T: DeviceElem>(
     if T::DTYPE != DType::F32 {
         model_dev.bf16_peak_tflops = peak;
     }
-    let shape = HeadShape { b: s.b, c: s.c, d: s.d };
     Ok(BenchRow {
+        fused_kernels: kernels,
+        attention_splits: fused.attention_splits(shape, T::DTYPE),
+        predicted_tiles_ms: fused_tiles
+            .as_ref()
+            .map(|_| perf_model::tiles(shape, T::DTYPE, &model_dev).total_ms()),
+        fused_tiles,
         predicted_fused_ms: perf_model::fused(shape, T::DTYPE, &model_dev).total_ms(),
         predicted_reference_ms: perf_model::reference(shape, T::DTYPE, &model_dev).total_ms(),
         shape: *s,
@@ -311,15 +329,26 @@ fn print_row(r: &BenchRow) {
             format!("missed ({:.0} MiB)", r.fused.extra_mib)
         }
     ));
-    let (g, sp) = r.fused_backward_grid;
-    println!(
-        "{:<16} targets: {}; fused forward tile {} x {}, backward {}-class tiles on a {g} x {sp} grid",
-        "",
-        goals.join("; "),
-        r.fused_forward_tile.0,
-        r.fused_forward_tile.1,
-        r.fused_backward_cols
-    );
+    println!("{:<16} targets: {}", "", goals.join("; "));
+    match (r.fused_kernels, &r.fused_tiles) {
+        (FusedKernels::Attention, tiles) => {
+            let (splits, per) = r.attention_splits;
+            let old = match (tiles, r.predicted_tiles_ms) {
+                (Some(t), Some(p)) => {
+                    format!("; the tiles kernels: {:.3} ms (predicted {p:.3})", t.timing.median_ms)
+                }
+                _ => String::new(),
+            };
+            println!("{:<16} fused: attention form, {splits} class splits of {per} tiles{old}", "");
+        }
+        (FusedKernels::Tiles, _) => {
+            let (g, sp) = r.fused_backward_grid;
+            println!(
+                "{:<16} fused: tiles, forward tile {} x {}, backward {}-class tiles on a {g} x {sp} grid",
+                "", r.fused_forward_tile.0, r.fused_forward_tile.1, r.fused_backward_cols
+            );
+        }
+    }
     if !r.row_split_sweep.is_empty() {
         let runs: Vec<String> =
             r.row_split_sweep.iter().map(|(s, ms, mib)| format!("S={s} {ms:.3} ms {mib:.1} MiB")).collect();
@@ -437,16 +466,13 @@ fn run_model(args: &Args) -> anyhow::Result<()> {
         print_path(&row.reference, row.reference.path);
         let target = s.torch_compile_ms / if s.small { 20.0 } else { 2.0 };
         let limit = (!s.small).then(|| format!(", 1.5x tensor limit {:.3} ms", 1.5 * row.tensor_limit_ms));
-        let set = row.fused.kernel_set.map_or("?", perf_model::kernel_set_name);
+        let set = row.fused.kernel_set.map_or("?", FusedKernels::name);
         let uses = match &row.tiles {
             Some(t) => format!(
                 "{set} kernels, kernels/head_attn.cu; the tiles kernels, rows \"tiles\": {:.3} ms",
                 t.total_ms()
             ),
-            None => format!(
-                "{set} kernels, kernels/head_fused.cu: {}",
-                no_attention_reason(shape, &dev)
-            ),
+            None => format!("{set} kernels, kernels/head_fused.cu: {}", no_attention_reason(shape, &dev)),
         };
         println!(
             "  fused total {:.3} ms predicted ({uses}), reference {:.3} ms predicted; torch.compile {:.2} ms (SPEC 9), \

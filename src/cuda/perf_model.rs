@@ -28,7 +28,7 @@ use crate::cuda::head::{plan, FusedKernels};
 use crate::cuda::kernels::{KernelResources, RESOURCES};
 use crate::cuda::{norms, DevPtr, Launch};
 use crate::{DType, HeadShape};
-use serde::{Serialize, Serializer};
+use serde::Serialize;
 
 /// The device the model predicts for. [`DeviceModel::h200`] (also `Default`) holds one
 /// H200 SXM; each field says where its value comes from, and which are assumptions that
@@ -246,7 +246,6 @@ pub struct PathModel {
     /// "fused" or "reference".
     pub path: &'static str,
     /// The fused path's kernel set ("attention" or "tiles" in JSON); `None` for the reference.
-    #[serde(serialize_with = "ser_kernel_set")]
     pub kernel_set: Option<FusedKernels>,
     /// Every launch, in stream order.
     pub kernels: Vec<KernelModel>,
@@ -266,22 +265,6 @@ impl PathModel {
     /// Sum of the kernels' HBM bytes.
     pub fn hbm_bytes(&self) -> f64 {
         self.kernels.iter().map(|k| k.traffic.hbm_bytes).sum()
-    }
-}
-
-/// Short name of a fused kernel set: "attention" (`kernels/head_attn.cu`) or "tiles"
-/// (`kernels/head_fused.cu`).
-pub fn kernel_set_name(k: FusedKernels) -> &'static str {
-    match k {
-        FusedKernels::Attention => "attention",
-        FusedKernels::Tiles => "tiles",
-    }
-}
-
-fn ser_kernel_set<S: Serializer>(k: &Option<FusedKernels>, s: S) -> Result<S::Ok, S::Error> {
-    match k {
-        Some(k) => s.serialize_some(kernel_set_name(*k)),
-        None => s.serialize_none(),
     }
 }
 

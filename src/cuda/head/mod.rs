@@ -382,8 +382,14 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
     pub fn workspace(&self, shape: HeadShape, dtype: DType, grad: GradDtype) -> Workspace {
         let (g, s) = self.bwd_grid(shape);
         let kernels = self.fused_kernels(shape, dtype).unwrap_or(FusedKernels::Tiles);
-        let plan =
-            Plan { kernels, fwd_cols: self.forward_tile(shape).1, bwd_cols: self.bwd_cols(shape), g, s };
+        let plan = Plan {
+            kernels,
+            class_splits: self.attention_splits(shape, dtype).0,
+            fwd_cols: self.forward_tile(shape).1,
+            bwd_cols: self.bwd_cols(shape),
+            g,
+            s,
+        };
         plan::workspace_with_groups(self.path, shape, dtype, grad, plan)
     }
 
@@ -598,7 +604,15 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
             HeadPath::Fused => match self.fused_kernels(shape, T::DTYPE)? {
                 FusedKernels::Attention => {
                     let splits = self.attention_splits(shape, T::DTYPE);
-                    attn::forward(&self.dev, &inputs, job, splits, self.tuning.scalar_loads, defer_reduce, scratch)
+                    attn::forward(
+                        &self.dev,
+                        &inputs,
+                        job,
+                        splits,
+                        self.tuning.scalar_loads,
+                        defer_reduce,
+                        scratch,
+                    )
                 }
                 FusedKernels::Tiles => {
                     let choice =

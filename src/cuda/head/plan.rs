@@ -116,6 +116,7 @@ pub fn workspace_for(
     };
     let plan = Plan {
         kernels,
+        class_splits: attn_splits(dtype, shape).0,
         fwd_cols: forward_tile_for(shape, sm_count).1,
         bwd_cols: backward_cols_for(shape, sm_count),
         g,
@@ -128,6 +129,8 @@ pub fn workspace_for(
 pub(super) struct Plan {
     /// Which kernel set runs.
     pub(super) kernels: FusedKernels,
+    /// The attention-form forward's class splits.
+    pub(super) class_splits: usize,
     /// Classes per forward tile.
     pub(super) fwd_cols: usize,
     /// Classes per backward tile.
@@ -146,7 +149,7 @@ pub(super) fn workspace_with_groups(
     grad: GradDtype,
     plan: Plan,
 ) -> Workspace {
-    let Plan { kernels, fwd_cols, bwd_cols, g, s: splits } = plan;
+    let Plan { kernels, class_splits: n_cs, fwd_cols, bwd_cols, g, s: splits } = plan;
     let HeadShape { b, c, d } = shape;
     let f = 4;
     match path {
@@ -157,7 +160,6 @@ pub(super) fn workspace_with_groups(
             backward: (2 * b * d + 2 * c * d + b + c + 2 * b * c + b) * f,
         },
         HeadPath::Fused if kernels == FusedKernels::Attention => {
-            let (n_cs, _) = attn_splits(dtype, shape);
             Workspace {
                 // split partials (part, opart, swh), the saved dx for unit weights and
                 // inverse norms, labels; the backward only the labels
@@ -216,8 +218,9 @@ pub struct FusedTuning {
     pub class_splits: Option<usize>,
 }
 
-/// The two kernel sets of the fused path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The two kernel sets of the fused path (serialized as [`FusedKernels::name`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FusedKernels {
     /// `kernels/head_fused.cu`: forward tiles with (max, sum exp) partials; the backward
     /// recomputes the tiles for dx partials and dW. Every dtype and D.
@@ -358,6 +361,16 @@ pub fn fused_bwd(
     Ok(Launch::new(k, grid, [THREADS, 1, 1], bwd_smem_bytes(dtype, cols), &a))
 }
 
+impl FusedKernels {
+    /// Short name: "attention" (`kernels/head_attn.cu`) or "tiles" (`kernels/head_fused.cu`).
+    pub fn name(self) -> &'static str {
+        match self {
+            FusedKernels::Attention => "attention",
+            FusedKernels::Tiles => "tiles",
+        }
+    }
+}
+
 // ---- the attention-form kernels (kernels/head_attn.cu) ------------------------------------
 
 /// The largest D the attention-form kernels take (their O accumulator holds all of D).
@@ -370,8 +383,9 @@ pub const ATTN_TARGET_CTAS: usize = 256;
 
 /// Whether the attention-form kernels handle feature size `d` in storage `dtype` on a device
 /// allowing `max_smem` bytes of shared memory per block: D <= [`ATTN_DMAX`] and the kernel's
-/// shared memory (the D = 512 kernels need 134-168 KiB: sm_80 and sm_90 have it, sm_86 and
-/// sm_89 do not).
+/// shared memory. The D = 512 kernels need 134 KiB (f32), 135 KiB (bf16), 168 KiB (f16) plus
+/// ~4 KiB static: sm_90 (227 KiB) runs all three, sm_80 (163 KiB) f32 and bf16 (f16 takes the
+/// tiles), sm_86 and sm_89 (99 KiB) only the D <= 128 kernels.
 pub fn attn_supported(dtype: DType, d: usize, max_smem: u32) -> bool {
     (1..=ATTN_DMAX).contains(&d) && attn_smem_bytes(dtype, attn_dp(d)) + ATTN_STATIC_SMEM <= max_smem
 }
@@ -461,8 +475,15 @@ pub fn attn_fwd(
     mut a: AttnFwdArgs,
 ) -> Result<Launch> {
     attn_check_d(shape.d)?;
-    if splits == 0 || per == 0 || (splits - 1) * per >= shape.c.div_ceil(ATTN_BT) || splits * per < shape.c.div_ceil(ATTN_BT) {
-        return Err(Error::InvalidConfig(format!("{splits} class splits of {per} tiles do not cover C = {}", shape.c)));
+    if splits == 0
+        || per == 0
+        || (splits - 1) * per >= shape.c.div_ceil(ATTN_BT)
+        || splits * per < shape.c.div_ceil(ATTN_BT)
+    {
+        return Err(Error::InvalidConfig(format!(
+            "{splits} class splits of {per} tiles do not cover C = {}",
+            shape.c
+        )));
     }
     let k = attn_kernel(dtype, shape.d, vec, true);
     a.b = shape.b as i32;

@@ -7,7 +7,7 @@
 //! occur, and every fifth row can be ignored. Inputs are rounded to the device
 //! dtype before the oracle sees them.
 
-use super::{FusedTuning, GradDtype, GradTensor, HeadOn, HeadPath, HeadUpstream};
+use super::{FusedKernels, FusedTuning, GradDtype, GradTensor, HeadOn, HeadPath, HeadUpstream};
 use crate::config::{CloudMode, Fallback, HeadConfig, MarginGrad, Reduction};
 use crate::cuda::{Device, DeviceElem, SmokeLine, Tensor};
 use crate::dtype::DType;
@@ -358,13 +358,20 @@ pub fn known_defect(option_set: &str, dtype: DType) -> Option<&'static str> {
 /// that it cannot silently get worse.
 pub const KNOWN_DEFECT_GRAD_BOUND: f64 = 1e-3;
 
-/// Every head path x dtype x option set at small sizes (plus a D that routes to the
-/// scalar fallback kernels) against the CPU oracle: one line for the forward and one
-/// for the gradients of each.
+/// Every head path (the fused one with each kernel set) x dtype x option set at small sizes
+/// (plus a D that routes to the scalar fallback kernels) against the CPU oracle: one line
+/// for the forward and one for the gradients of each.
 pub fn smoke(dev: &Device) -> Result<Vec<SmokeLine>> {
     let mut lines = Vec::new();
     let shapes = [HeadShape { b: 37, c: 300, d: 64 }, HeadShape { b: 5, c: 129, d: 13 }];
-    for path in HeadPath::ALL {
+    // The reference path and each kernel set of the fused path (both apply at D <= 512).
+    let kernel_sets = [
+        ("reference", HeadPath::Reference, None),
+        ("fused_tiles", HeadPath::Fused, Some(FusedKernels::Tiles)),
+        ("fused_attention", HeadPath::Fused, Some(FusedKernels::Attention)),
+    ];
+    for (label, path, kernels) in kernel_sets {
+        let opts = RunOptions { tuning: FusedTuning { kernels, ..FusedTuning::default() }, pad: 0 };
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             for (name, cfg) in option_sets() {
                 for (k, &shape) in shapes.iter().enumerate() {
@@ -372,7 +379,7 @@ pub fn smoke(dev: &Device) -> Result<Vec<SmokeLine>> {
                         continue;
                     }
                     let p = make_problem(shape, dtype, true, 17 + k as u64);
-                    let r = run_device(dev, path, &cfg, &p, GradDtype::Input)?;
+                    let r = run_device_with(dev, path, &cfg, &p, GradDtype::Input, opts)?;
                     let cmp = compare_with_oracle(&cfg, &p, &r)?;
                     let (lt, gt) = tolerances(dtype);
                     let mut opts = format!("{name}; B={} C={} D={}", shape.b, shape.c, shape.d);
@@ -382,7 +389,7 @@ pub fn smoke(dev: &Device) -> Result<Vec<SmokeLine>> {
                     let fr = cmp.forward_ratio(dtype) * lt;
                     let br = cmp.backward_ratio(dtype) * gt;
                     lines.push(SmokeLine {
-                        kernel: format!("head_{} fwd", path.name()),
+                        kernel: format!("head_{label} fwd"),
                         dtype: dtype.name().into(),
                         options: opts.clone(),
                         max_err: fr,
@@ -390,7 +397,7 @@ pub fn smoke(dev: &Device) -> Result<Vec<SmokeLine>> {
                         passed: cmp.finite && fr <= lt,
                     });
                     lines.push(SmokeLine {
-                        kernel: format!("head_{} bwd", path.name()),
+                        kernel: format!("head_{label} bwd"),
                         dtype: dtype.name().into(),
                         options: opts,
                         max_err: br,
