@@ -155,6 +155,32 @@ __device__ __forceinline__ void acc_product(float (&acc)[MI][NI][4], const T* sE
     }
 }
 
+// acc rows times f(row), in the ACC warp layout (row m0 + 16 mi + g + 8 h): the online
+// softmax's rescale in the forward, the f16 class scales in the backward.
+template <int MI, int NI, typename F>
+__device__ __forceinline__ void scale_acc_rows(float (&acc)[MI][NI][4], int m0, F f) {
+    const int g = (threadIdx.x % WARP_SIZE) >> 2;
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const float sc = f(m0 + mi * 16 + g + 8 * h);
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni) {
+                acc[mi][ni][2 * h] *= sc;
+                acc[mi][ni][2 * h + 1] *= sc;
+            }
+        }
+}
+
+// The largest of N per-warp partials of row r, parts[k * stride + r] for k = 0..N-1.
+template <int N> __device__ __forceinline__ float max_of_parts(const float* parts, int stride, int r) {
+    float m = parts[r];
+#pragma unroll
+    for (int k = 1; k < N; ++k) m = fmaxf(m, parts[k * stride + r]);
+    return m;
+}
+
 // ---- forward ------------------------------------------------------------------------------
 template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd(const AttnFwdArgs<T>& a) {
     using Cfg = AttnCfg<T>;
@@ -274,10 +300,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
             }
         __syncthreads();
         if (tid < RM) {
-            float mt = s_pmax[0][tid];
-#pragma unroll
-            for (int k = 1; k < SWN; ++k) mt = fmaxf(mt, s_pmax[k][tid]);
-            const float mo = s_m[tid], mn = fmaxf(mo, mt);
+            const float mo = s_m[tid], mn = fmaxf(mo, max_of_parts<SWN>(&s_pmax[0][0], RM, tid));
             s_scale[tid] = mo == -FC_INF ? 0.0f : expf(mo - mn);
             s_m[tid] = mn;
         }
@@ -316,17 +339,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
                 }
             }
         // Rescale O to the new row maxima (s_scale was published by the last __syncthreads).
-#pragma unroll
-        for (int mi = 0; mi < AMI; ++mi)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const float sc = s_scale[am0 + mi * 16 + g + 8 * h];
-#pragma unroll
-                for (int ni = 0; ni < ANI; ++ni) {
-                    acc[mi][ni][2 * h] *= sc;
-                    acc[mi][ni][2 * h + 1] *= sc;
-                }
-            }
+        scale_acc_rows(acc, am0, [&](int r) { return s_scale[r]; });
         __syncthreads();  // E and the row sums visible
         if (tid < RM) {
             float l = s_l[tid] * s_scale[tid], z = s_sz[tid];
@@ -606,9 +619,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
             }
             __syncthreads();
             if (tid < RM) {
-                float m = s_cmax[0][tid];
-#pragma unroll
-                for (int k = 1; k < SWN; ++k) m = fmaxf(m, s_cmax[k][tid]);
+                const float m = max_of_parts<SWN>(&s_cmax[0][0], RM, tid);
                 const float old = s_cls[tid];
                 const float now = m > 0.0f ? fminf(old, f16_operand_scale(m).s) : old;
                 s_resc[tid] = now / old;  // a power of two <= 1: exact
@@ -627,17 +638,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
                         for (int e = 0; e < 2; ++e)
                             sE[cl * EP + sn0 + ni * 8 + 2 * q + e] = to_operand_f16(sacc[mi][ni][2 * h + e] * sc);
                 }
-#pragma unroll
-            for (int mi = 0; mi < AMI; ++mi)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const float rs = s_resc[am0 + mi * 16 + g + 8 * h];
-#pragma unroll
-                    for (int ni = 0; ni < ANI; ++ni) {
-                        acc[mi][ni][2 * h] *= rs;
-                        acc[mi][ni][2 * h + 1] *= rs;
-                    }
-                }
+            scale_acc_rows(acc, am0, [&](int r) { return s_resc[r]; });
         }
         __syncthreads();  // E visible
         acc_product<T, AMI, ANI, BT>(acc, sE, EP, am0, SCALED ? sC : cur, P, an0);
@@ -648,19 +649,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
         }
     }
 
-    if constexpr (SCALED) {
-#pragma unroll
-        for (int mi = 0; mi < AMI; ++mi)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const float inv = 1.0f / s_cls[am0 + mi * 16 + g + 8 * h];  // 2^-k: exact
-#pragma unroll
-                for (int ni = 0; ni < ANI; ++ni) {
-                    acc[mi][ni][2 * h] *= inv;
-                    acc[mi][ni][2 * h + 1] *= inv;
-                }
-            }
-    }
+    if constexpr (SCALED) scale_acc_rows(acc, am0, [&](int r) { return 1.0f / s_cls[r]; });  // 2^-k: exact
     // dW = (dwh - wh (wh . dwh)) * inv_w (SPEC 4): the dot over D from the register tiles (quad,
     // then the 4 warps of a row band, in order), wh from the resident W rows.
 #pragma unroll

@@ -83,6 +83,26 @@ fn head_params_carry_every_option() {
     assert_eq!((p.seed, p.step), (9, 4));
 }
 
+/// The step tests' shape: 3 row tiles of 64 (so the tiles' row splits S = 2 are allowed).
+const STEP: HeadShape = HeadShape { b: 140, c: 300, d: 32 };
+
+/// x, W, sigma and labels of a [`STEP`]-shaped bf16 step on `dev`.
+fn step_inputs(
+    dev: &std::sync::Arc<featcloud::cuda::Device>,
+) -> (Tensor<half::bf16>, Tensor<half::bf16>, Tensor<f32>, Vec<i32>) {
+    let HeadShape { b, c, d } = STEP;
+    let x = Tensor::<half::bf16>::from_f32(dev, &vec![0.1; b * d], &[b, d]).unwrap();
+    let w = Tensor::<half::bf16>::from_f32(
+        dev,
+        &(0..c * d).map(|i| (i % 7) as f32 - 3.0).collect::<Vec<_>>(),
+        &[c, d],
+    )
+    .unwrap();
+    let sigma = Tensor::<f32>::zeros(dev, &[c]).unwrap();
+    let labels: Vec<i32> = (0..b as i32).map(|i| i * 7 % c as i32).collect();
+    (x, w, sigma, labels)
+}
+
 /// One fused forward+backward's device operations.
 fn fused_step(
     head: &CudaHead,
@@ -105,16 +125,7 @@ fn fused_step(
 #[test]
 fn a_fused_step_is_seven_launches_one_upload_one_readback_and_allocates_only_its_outputs() {
     let Some(dev) = test_device() else { return };
-    let (b, c, d) = (140usize, 300usize, 32usize); // 3 row tiles of 64: S = 2 is allowed
-    let x = Tensor::<half::bf16>::from_f32(&dev, &vec![0.1; b * d], &[b, d]).unwrap();
-    let w = Tensor::<half::bf16>::from_f32(
-        &dev,
-        &(0..c * d).map(|i| (i % 7) as f32 - 3.0).collect::<Vec<_>>(),
-        &[c, d],
-    )
-    .unwrap();
-    let sigma = Tensor::<f32>::zeros(&dev, &[c]).unwrap();
-    let labels: Vec<i32> = (0..b as i32).map(|i| i * 7 % c as i32).collect();
+    let (x, w, sigma, labels) = step_inputs(&dev);
     for splits in [1usize, 2] {
         let tuning = FusedTuning {
             row_splits: Some(splits),
@@ -206,16 +217,8 @@ fn attention_plans_split_by_shape_only_and_cover_every_tile() {
 #[test]
 fn an_attention_step_is_three_launches_one_upload_one_readback_and_allocates_only_its_outputs() {
     let Some(dev) = test_device() else { return };
-    let (b, c, d) = (140usize, 300usize, 32usize);
-    let x = Tensor::<half::bf16>::from_f32(&dev, &vec![0.1; b * d], &[b, d]).unwrap();
-    let w = Tensor::<half::bf16>::from_f32(
-        &dev,
-        &(0..c * d).map(|i| (i % 7) as f32 - 3.0).collect::<Vec<_>>(),
-        &[c, d],
-    )
-    .unwrap();
-    let sigma = Tensor::<f32>::zeros(&dev, &[c]).unwrap();
-    let labels: Vec<i32> = (0..b as i32).map(|i| i * 7 % c as i32).collect();
+    let (x, w, sigma, labels) = step_inputs(&dev);
+    let (b, c, d) = (STEP.b, STEP.c, STEP.d);
     let head = CudaHead::new(dev.clone(), HeadConfig::arcface(), HeadPath::Fused).unwrap();
     assert_eq!(head.fused_kernels(HeadShape { b, c, d }, DType::BF16).unwrap(), FusedKernels::Attention);
     let first = fused_step(&head, &x, &w, &labels, &sigma);
