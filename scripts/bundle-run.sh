@@ -43,14 +43,15 @@ else
 fi
 step smoke sanitizer.txt ./featcloud smoke
 step "bench --quick" bench.txt ./featcloud bench --quick --json "$OUT/bench.json"
-# What limits the fused kernels: one profiled launch of each kernel of a fused
+# What limits the fused kernels (both sets: attn_* on face-93k, fused_* on re-ID and LT):
+# one profiled launch of each kernel of a fused
 # forward+backward per shape (the bench's first, untimed, verification call), with
 # the clocks left alone. Speed-of-light, occupancy and launch statistics only.
 if command -v ncu >/dev/null && [ "${PROFILE:-1}" = 1 ]; then
   for shape in reid lt face-93k; do
     step "ncu $shape" profile.txt timeout 100 ncu --clock-control none --section SpeedOfLight \
       --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-      -k 'regex:fused_|head_normback|row_norms' --launch-count 10 \
+      -k 'regex:attn_|fused_|head_normback|row_norms' --launch-count 10 \
       ./featcloud bench --only "$shape" --reps 1
   done
 fi
