@@ -1,6 +1,7 @@
 // head_attn.cu — the fused head in the attention form (SPEC 4, "dx in the attention form"):
 // the forward computes dx, the backward computes only dW. Three launches per forward+backward
-// (plus the loss reduction), no partial sums in global memory besides one [n_cs][B][D] buffer,
+// (tiles, combine, backward; the backward's block 0 also reduces the loss), no partial sums in
+// global memory besides one [n_cs][B][D] buffer,
 // no atomics, no memsets, no scratch for dW. For D <= 512 (the face shapes), every dtype, where
 // the device has the shared memory; src/cuda/head/plan.rs routes every other case to the tiles
 // path (head_fused.cu).
@@ -9,14 +10,15 @@
 // memory (R, all of D padded to DP) and streams BT-row tiles of the other (T) through a
 // cp.async double buffer (a single buffer in f32). Per streamed tile:
 //   S = R . T^T                 (RM x BT raw products, K = DP; inverse norms applied after)
-//   E = f(S)                    (RM x BT, the storage dtype, in shared memory)
+//   E = f(S)                    (RM x BT, the storage dtype (bf16 in the f16 forward), in smem)
 //   ACC += E . T                (RM x DP, f32, in registers: 128 per thread at DP = 512)
 // so T is read once from L2 per CTA and feeds both products.
 //
 // Forward (attn_fwd_d<DP>[_scalar]_<T>): R = x rows (64; 32 in f32), T = W class tiles of 32.
 //   Grid (row tiles, class splits): blockIdx.x (fastest) is the row tile, so the CTAs of one
 //   class split run together and read each W tile from HBM once. The split count is fixed by the
-//   shape (plan::attn_splits), never by the device, so results are the same bits on every GPU.
+//   shape (plan::attn_splits), never by the device, so every GPU running the same compiled code
+//   gives the same bits.
 //   E = exp(z - m) * inv_w with FlashAttention-2's online rescaling (m, l per row), the target
 //   column left out of E (its term is added in f32 by the combine, through expm1). The W norms
 //   come from the tiles as they land (no norms pass); inv_x / inv_w are written for the combine
@@ -49,6 +51,12 @@
 template <typename T> struct AttnCfg {
     static constexpr int RM = 64, BT = 32, STAGES = 2, PAD = 8, SWM = 4, SWN = 2;
 };
+template <> struct AttnCfg<float> {
+    static constexpr int RM = 32, BT = 32, STAGES = 1, PAD = 4, SWM = 2, SWN = 4;
+};
+#define ATTN_AWM 2
+#define ATTN_AWN 4
+
 // The forward's ACC operand type. f16 storage: S runs on f16 operands (exact products), but E
 // and a bf16 copy of the W tile feed O: E = p * inv_w needs f32's range (1e12 for a zero row,
 // tiny probabilities), which f16 lacks and bf16 has; rounding the copy costs 2^-9 relative per
@@ -58,20 +66,15 @@ template <typename T> struct AttnCfg {
 // scales its f16 operands by powers of two instead (attn_bwd).
 template <typename T> struct AccOp { using type = T; };
 template <> struct AccOp<f16_t> { using type = bf16_t; };
-template <typename T> struct IsSame16 { static constexpr bool value = false; };
-template <> struct IsSame16<f16_t> { static constexpr bool value = true; };
-template <> struct AttnCfg<float> {
-    static constexpr int RM = 32, BT = 32, STAGES = 1, PAD = 4, SWM = 2, SWN = 4;
-};
-#define ATTN_AWM 2
-#define ATTN_AWN 4
+template <typename T> struct IsHalf { static constexpr bool value = false; };
+template <> struct IsHalf<f16_t> { static constexpr bool value = true; };
 
 // Dynamic shared memory of both tile kernels: R [RM][DP + PAD], STAGES x T [BT][DP + PAD],
 // E [RM][BT + PAD], and for f16 the bf16 copy of the streamed tile [BT][DP + PAD]
 // (src/cuda/head/plan.rs: attn_smem_bytes states the same numbers).
 template <typename T, int DP> __host__ __device__ constexpr int attn_smem_bytes() {
     using C = AttnCfg<T>;
-    return ((C::RM + (C::STAGES + (IsSame16<T>::value ? 1 : 0)) * C::BT) * (DP + C::PAD) + C::RM * (C::BT + C::PAD)) *
+    return ((C::RM + (C::STAGES + (IsHalf<T>::value ? 1 : 0)) * C::BT) * (DP + C::PAD) + C::RM * (C::BT + C::PAD)) *
            (int)sizeof(T);
 }
 static_assert(attn_smem_bytes<bf16_t, 512>() == 138240, "keep src/cuda/head/plan.rs in sync");
@@ -84,7 +87,7 @@ static_assert(attn_smem_bytes<f16_t, 512>() == 171520, "keep src/cuda/head/plan.
 // thread mapping: the caller's next __syncthreads publishes it.
 template <typename T, int BT, int DP>
 __device__ __forceinline__ const typename AccOp<T>::type* acc_operand(const T* cur, typename AccOp<T>::type* copy, int pitch) {
-    if constexpr (IsSame16<T>::value) {
+    if constexpr (IsHalf<T>::value) {
         for (int e = threadIdx.x; e < BT * DP; e += ATTN_THREADS) {
             const int r = e / DP, k = e % DP;
             copy[r * pitch + k] = from_f32<bf16_t>(to_f32(cur[r * pitch + k]));
@@ -506,7 +509,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
     // of the row's norm, which become f16 subnormals: an absolute error of at most 2^-25 of
     // the normalized row, far below bf16's 2^-9). So no operand leaves f16's range and x is
     // not rounded to a coarser type; the epilogue multiplies ACC back by 2^-k_j.
-    constexpr bool SCALED = IsSame16<T>::value;
+    constexpr bool SCALED = IsHalf<T>::value;
     T* sR = reinterpret_cast<T*>(dyn);
     T* sT = sR + RM * P;
     T* sE = sT + Cfg::STAGES * BT * P;
