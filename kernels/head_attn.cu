@@ -2,9 +2,9 @@
 // the forward computes dx, the backward computes only dW. Three launches per forward+backward
 // (tiles, combine, backward; the backward's block 0 also reduces the loss), no partial sums in
 // global memory besides one [n_cs][B][D] buffer,
-// no atomics, no memsets, no scratch for dW. For D <= 512 (the face shapes), every dtype, where
-// the device has the shared memory; src/cuda/head/plan.rs routes every other case to the tiles
-// path (head_fused.cu).
+// no atomics, no memsets, no scratch for dW. For D <= 512 (the face shapes), every dtype, and
+// D <= 2048 (re-ID, LT) in bf16, where the device has the shared memory; src/cuda/head/plan.rs
+// routes every other case to the tiles path (head_fused.cu).
 //
 // Both tile kernels have one skeleton: a CTA keeps RM rows of one operand resident in shared
 // memory (R, all of D padded to DP) and streams BT-row tiles of the other (T) through a
@@ -14,7 +14,7 @@
 //   ACC += E . T                (RM x DP, f32, in registers: 128 per thread at DP = 512)
 // so T is read once from L2 per CTA and feeds both products.
 //
-// Forward (attn_fwd_d<DP>[_scalar]_<T>): R = x rows (64; 32 in f32), T = W class tiles of 32.
+// Forward (attn_fwd_d<DP>[_scalar]_<T>): R = x rows (64; 32 in f32; 16 at DP = 2048), T = W class tiles of 32.
 //   Grid (row tiles, class splits): blockIdx.x (fastest) is the row tile, so the CTAs of one
 //   class split run together and read each W tile from HBM once. The split count is fixed by the
 //   shape (plan::attn_splits), never by the device, so every GPU running the same compiled code
@@ -26,14 +26,18 @@
 // Combine (attn_combine_fwd_<T>, one warp per row): merges the splits in order into lse and
 //   loss, and the row's dx for a unit row weight (u, SPEC 4's attention form and the
 //   normalization backward); the backward scales u by the row's upstream weight.
-// Backward (attn_bwd_d<DP>[_scalar]_<T>): R = W rows (a class tile of 64; 32 in f32), T = x row
+// Backward (attn_bwd_d<DP>[_scalar]_<T>): R = W rows (a class tile of 64; 32 in f32; 16 at DP = 2048), T = x row
 //   tiles of 32; E = dc * inv_x (SPEC 4; lse, t, dt from the forward); ACC = dwh of the class
 //   tile over every row, then the normalization backward in the epilogue and one store of dW.
 //   Each CTA also writes dx = w_i u_i for rows blockIdx.x*8 + warp, step gridDim.x*8.
 // Every output element has one writer and a fixed summation order: bitwise deterministic in any
 // block order.
 //
-// Names: <op>_<pass>_d<DP>[_scalar]_<dtype>: DP = 128 for D <= 128, 512 for D <= 512; `_scalar`
+// DP = 2048 (bf16): 16 resident rows, one T buffer, and the S product split over K between 4
+// warp groups (AttnCfg says how); the rest is the same skeleton.
+//
+// Names: <op>_<pass>_d<DP>[_scalar]_<dtype>: DP = 128 for D <= 128, 512 for D <= 512, 2048 for
+// D <= 2048 (bf16 only); `_scalar`
 // takes any D and alignment with element loads.
 // Hot kernels (must not spill, tests/resources.rs): attn_fwd_*, attn_bwd_*
 #include "common.cuh"
@@ -48,14 +52,21 @@
 // buffers; PAD: row pitch pad in elements (16-bit: pitch DP + 8 halves = 4 words mod 32, so
 // the 8 row addresses of an ldmatrix phase hit distinct banks); SWM x SWN: the warp grid of the
 // S product. The ACC product uses a 2 x 4 warp grid (rows x D).
-template <typename T> struct AttnCfg {
-    static constexpr int RM = 64, BT = 32, STAGES = 2, PAD = 8, SWM = 4, SWN = 2;
+// AWM x AWN: the warp grid of the ACC product (rows x D). KS: the S product's split-K
+// warp groups: warp w computes S fragment w % (SWM SWN) over the K range (w / (SWM SWN)) of
+// DP / KS columns; the KS - 1 upper groups' partials go through shared memory and group 0 adds
+// them in order (ks = 1, 2, ...) and runs the S epilogue alone (KS = 1: no reduction).
+// DP = 2048 (bf16 only): 16 resident rows, one T buffer (198,656 bytes), S = 16 x 32 as 2
+// fragments of 16 x 16, each over 4 K quarters; ACC 1 x 8 warps of 16 x 256 (128 registers).
+template <typename T, int DP> struct AttnCfg {
+    static constexpr int RM = 64, BT = 32, STAGES = 2, PAD = 8, SWM = 4, SWN = 2, AWM = 2, AWN = 4, KS = 1;
 };
-template <> struct AttnCfg<float> {
-    static constexpr int RM = 32, BT = 32, STAGES = 1, PAD = 4, SWM = 2, SWN = 4;
+template <int DP> struct AttnCfg<float, DP> {
+    static constexpr int RM = 32, BT = 32, STAGES = 1, PAD = 4, SWM = 2, SWN = 4, AWM = 2, AWN = 4, KS = 1;
 };
-#define ATTN_AWM 2
-#define ATTN_AWN 4
+template <> struct AttnCfg<bf16_t, 2048> {
+    static constexpr int RM = 16, BT = 32, STAGES = 1, PAD = 8, SWM = 1, SWN = 2, AWM = 1, AWN = 8, KS = 4;
+};
 
 // The forward's ACC operand type. f16 storage: S runs on f16 operands (exact products), but E
 // and a bf16 copy of the W tile feed O: E = p * inv_w needs f32's range (1e12 for a zero row,
@@ -73,7 +84,7 @@ template <> struct IsHalf<f16_t> { static constexpr bool value = true; };
 // E [RM][BT + PAD], and for f16 the bf16 copy of the streamed tile [BT][DP + PAD]
 // (src/cuda/head/plan.rs: attn_smem_bytes states the same numbers).
 template <typename T, int DP> __host__ __device__ constexpr int attn_smem_bytes() {
-    using C = AttnCfg<T>;
+    using C = AttnCfg<T, DP>;
     return ((C::RM + (C::STAGES + (IsHalf<T>::value ? 1 : 0)) * C::BT) * (DP + C::PAD) + C::RM * (C::BT + C::PAD)) *
            (int)sizeof(T);
 }
@@ -82,6 +93,7 @@ static_assert(attn_smem_bytes<bf16_t, 128>() == 39936, "keep src/cuda/head/plan.
 static_assert(attn_smem_bytes<float, 512>() == 136704, "keep src/cuda/head/plan.rs in sync");
 static_assert(attn_smem_bytes<float, 128>() == 38400, "keep src/cuda/head/plan.rs in sync");
 static_assert(attn_smem_bytes<f16_t, 512>() == 171520, "keep src/cuda/head/plan.rs in sync");
+static_assert(attn_smem_bytes<bf16_t, 2048>() == 198656, "keep src/cuda/head/plan.rs in sync");
 
 // f16: the bf16 copy of the streamed tile for the ACC product (see AccOp). Whole tile, any
 // thread mapping: the caller's next __syncthreads publishes it.
@@ -95,6 +107,20 @@ __device__ __forceinline__ const typename AccOp<T>::type* acc_operand(const T* c
         return copy;
     } else {
         return cur;
+    }
+}
+
+// load_tile of ROWS x DP (zero past D and nrows); DP = 2048 in a rolled loop over 256-column
+// chunks: the unrolled 16-byte copies of a whole 2048-wide tile keep their addresses live
+// across the main loop and spill (ptxas, sm_90).
+template <typename T, bool VEC, int ROWS, int DP, int NT>
+__device__ __forceinline__ void attn_load(T* s, int pitch, const T* __restrict__ g, int r0, int nrows, int ncols) {
+    if constexpr (DP > 512) {
+        constexpr int CH = 256;
+#pragma unroll 1
+        for (int k0 = 0; k0 < DP; k0 += CH) load_tile<T, VEC, ROWS, CH, NT>(s + k0, pitch, g, r0, nrows, k0, ncols);
+    } else {
+        load_tile<T, VEC, ROWS, DP, NT>(s, pitch, g, r0, nrows, 0, ncols);
     }
 }
 
@@ -116,7 +142,7 @@ __device__ __forceinline__ void tile_inv_norms(const T* s, int pitch, float* out
     if (k0 == 0) out[r] = 1.0f / fmaxf(sqrtf(acc), FC_EPS_NORM);
 }
 
-// S = R . T^T for one warp (K = DP), in k-chunks of 64 under a rolled loop: unrolling all of
+// S = R . T^T for one warp (K = DP: the caller offsets sR and sT to its K range), in k-chunks of 64 under a rolled loop: unrolling all of
 // DP lets the compiler hoist fragment loads of the whole product next to the 128 registers of
 // O and spill (ptxas, sm_90).
 template <typename T, int MI, int NI, int DP>
@@ -176,6 +202,37 @@ __device__ __forceinline__ void scale_acc_rows(float (&acc)[MI][NI][4], int m0, 
         }
 }
 
+// Split-K (Cfg::KS > 1): warps of group ks > 0 put their partial S into red[ks - 1] (RM x BT,
+// f32), and after the barrier the group-0 warps add them in the order ks = 1, 2, ... (the
+// same bits in any warp schedule). Every thread reaches the __syncthreads; KS = 1: nothing.
+template <int KS, int RM, int BT, int MI, int NI>
+__device__ __forceinline__ void s_split_k_reduce(float (&acc)[MI][NI][4], float* red, int ks, int m0, int n0) {
+    if constexpr (KS > 1) {
+        const int lane = threadIdx.x % WARP_SIZE, g = lane >> 2, q = lane & 3;
+        if (ks > 0) {
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r)
+                        red[((ks - 1) * RM + m0 + mi * 16 + g + 8 * (r >> 1)) * BT + n0 + ni * 8 + 2 * q + (r & 1)] = acc[mi][ni][r];
+        }
+        __syncthreads();
+        if (ks == 0) {
+#pragma unroll 1
+            for (int k = 0; k < KS - 1; ++k)
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                    for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                        for (int r = 0; r < 4; ++r)
+                            acc[mi][ni][r] += red[(k * RM + m0 + mi * 16 + g + 8 * (r >> 1)) * BT + n0 + ni * 8 + 2 * q + (r & 1)];
+        }
+    }
+}
+
 // The largest of N per-warp partials of row r, parts[k * stride + r] for k = 0..N-1.
 template <int N> __device__ __forceinline__ float max_of_parts(const float* parts, int stride, int r) {
     float m = parts[r];
@@ -186,10 +243,13 @@ template <int N> __device__ __forceinline__ float max_of_parts(const float* part
 
 // ---- forward ------------------------------------------------------------------------------
 template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd(const AttnFwdArgs<T>& a) {
-    using Cfg = AttnCfg<T>;
+    using Cfg = AttnCfg<T, DP>;
     constexpr int RM = Cfg::RM, BT = Cfg::BT, P = DP + Cfg::PAD, EP = BT + Cfg::PAD;
     constexpr int SWN = Cfg::SWN, SMI = RM / Cfg::SWM / 16, SNI = BT / SWN / 8;
-    constexpr int AMI = RM / ATTN_AWM / 16, ANI = DP / ATTN_AWN / 8;
+    constexpr int AWN = Cfg::AWN, AMI = RM / Cfg::AWM / 16, ANI = DP / AWN / 8;
+    constexpr int KS = Cfg::KS, SW = Cfg::SWM * SWN, KL = DP / KS;
+    static_assert(SW * KS * WARP_SIZE == ATTN_THREADS && Cfg::AWM * AWN * WARP_SIZE == ATTN_THREADS, "8 warps");
+    static_assert(KL % 64 == 0, "whole k-chunks per split-K group");
     constexpr int NT = ATTN_THREADS, NSW = (DP + NT - 1) / NT;
     FC_DYN_SMEM(dyn);
     using A = typename AccOp<T>::type;
@@ -199,6 +259,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
     A* sC = sE + RM * EP;  // f16 only: the bf16 copy of the streamed tile
     __shared__ float s_invx[RM], s_invw[BT], s_zt[RM], s_m[RM], s_l[RM], s_sz[RM], s_scale[RM];
     __shared__ float s_pmax[SWN][RM], s_pl[SWN][RM], s_psz[SWN][RM];
+    __shared__ float s_red[KS > 1 ? KS - 1 : 1][KS > 1 ? RM : 1][KS > 1 ? BT : 1];  // split-K partials
     __shared__ int s_y[RM];
 
     const HeadParams& p = a.p;
@@ -209,12 +270,15 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
     const int n_ct = ceil_div(C, BT);
     const int ct_begin = split * a.tiles_per_split, ct_end = min(n_ct, ct_begin + a.tiles_per_split);
     const int cb = ct_begin * BT, ce = min(C, ct_end * BT);  // this split's classes
-    const int sm0 = (warp / SWN) * (RM / Cfg::SWM), sn0 = (warp % SWN) * (BT / SWN);
-    const int am0 = (warp / ATTN_AWN) * (RM / ATTN_AWM), an0 = (warp % ATTN_AWN) * (DP / ATTN_AWN);
+    // S warp: fragment swarp, K range ks (warp-uniform); only group ks = 0 runs the S epilogue.
+    const int swarp = KS == 1 ? warp : warp % SW, ks = KS == 1 ? 0 : warp / SW;
+    const bool s_owner = KS == 1 || ks == 0;
+    const int sm0 = (swarp / SWN) * (RM / Cfg::SWM), sn0 = (swarp % SWN) * (BT / SWN);
+    const int am0 = (warp / AWN) * (RM / Cfg::AWM), an0 = (warp % AWN) * (DP / AWN);
     const bool ls_on = p.ls != 0.0f, first_rt = blockIdx.x == 0;
 
-    load_tile<T, VEC, RM, DP, NT>(sR, P, a.x, r0, B, 0, D);
-    if (ct_begin < ct_end) load_tile<T, VEC, BT, DP, NT>(sT, P, a.w, cb, C, 0, D);
+    attn_load<T, VEC, RM, DP, NT>(sR, P, a.x, r0, B, D);
+    if (ct_begin < ct_end) attn_load<T, VEC, BT, DP, NT>(sT, P, a.w, cb, C, D);
     cp_async_commit();
     if (tid < RM) {
         const int r = r0 + tid;
@@ -257,7 +321,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
         T* cur = sT + (Cfg::STAGES == 2 ? ((ct - ct_begin) & 1) : 0) * BT * P;
         if (Cfg::STAGES == 2 && ct + 1 < ct_end) {
             // The other buffer was last read in the previous iteration, which ended with __syncthreads.
-            load_tile<T, VEC, BT, DP, NT>(sT + ((ct + 1 - ct_begin) & 1) * BT * P, P, a.w, c0 + BT, C, 0, D);
+            attn_load<T, VEC, BT, DP, NT>(sT + ((ct + 1 - ct_begin) & 1) * BT * P, P, a.w, c0 + BT, C, D);
         }
         cp_async_commit();
         tile_inv_norms<T, BT, DP>(cur, P, s_invw);
@@ -273,10 +337,12 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
         }
 
         float sacc[SMI][SNI][4];
-        s_product<T, SMI, SNI, DP>(sacc, sR, P, sm0, cur, sn0);
+        s_product<T, SMI, SNI, KL>(sacc, sR + ks * KL, P, sm0, cur + ks * KL, sn0);
+        s_split_k_reduce<KS, RM, BT>(sacc, &s_red[0][0][0], ks, sm0, sn0);
         const A* accT = acc_operand<T, BT, DP>(cur, sC, P);
 
         // z in place of the products (-inf past C), then each row's maximum over the tile.
+        if (s_owner) {
 #pragma unroll
         for (int mi = 0; mi < SMI; ++mi)
 #pragma unroll
@@ -299,8 +365,9 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
                     }
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                if (q == 0) s_pmax[warp % SWN][rl] = mx;
+                if (q == 0) s_pmax[swarp % SWN][rl] = mx;
             }
+        }
         __syncthreads();
         if (tid < RM) {
             const float mo = s_m[tid], mn = fmaxf(mo, max_of_parts<SWN>(&s_pmax[0][0], RM, tid));
@@ -310,6 +377,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
         __syncthreads();
         // E = exp(z - m) * inv_w (0 for the target column and past C); the row sums of
         // exp(z - m) (target included) and of z.
+        if (s_owner) {
 #pragma unroll
         for (int mi = 0; mi < SMI; ++mi)
 #pragma unroll
@@ -337,10 +405,11 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
                 lz += __shfl_xor_sync(0xffffffffu, lz, 1);
                 lz += __shfl_xor_sync(0xffffffffu, lz, 2);
                 if (q == 0) {
-                    s_pl[warp % SWN][rl] = lp;
-                    s_psz[warp % SWN][rl] = lz;
+                    s_pl[swarp % SWN][rl] = lp;
+                    s_psz[swarp % SWN][rl] = lz;
                 }
             }
+        }
         // Rescale O to the new row maxima (s_scale was published by the last __syncthreads).
         scale_acc_rows(acc, am0, [&](int r) { return s_scale[r]; });
         __syncthreads();  // E and the row sums visible
@@ -357,7 +426,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
         acc_product<A, AMI, ANI, BT>(acc, sE, EP, am0, accT, P, an0);
         if (Cfg::STAGES == 1) {
             __syncthreads();  // everyone is done with the one buffer
-            if (ct + 1 < ct_end) load_tile<T, VEC, BT, DP, NT>(sT, P, a.w, c0 + BT, C, 0, D);
+            if (ct + 1 < ct_end) attn_load<T, VEC, BT, DP, NT>(sT, P, a.w, c0 + BT, C, D);
             cp_async_commit();
         }
         cp_async_wait<0>();
@@ -400,6 +469,9 @@ FC_DTYPES(attn_fwd_d512, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, true, 512>(
 FC_DTYPES(attn_fwd_d512_scalar, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, false, 512>(a))
 FC_DTYPES(attn_fwd_d128, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, true, 128>(a))
 FC_DTYPES(attn_fwd_d128_scalar, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, false, 128>(a))
+// D <= 2048: bf16 only (f16's bf16 copy of the tile does not fit, nor do f32's operands).
+FC_ENTRY(attn_fwd_d2048_bf16, bf16_t, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, true, 2048>(a))
+FC_ENTRY(attn_fwd_d2048_scalar_bf16, bf16_t, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, false, 2048>(a))
 
 // ---- combine ------------------------------------------------------------------------------
 // One warp per row (8 rows per block). Merges the row's n_cs split partials in split order
@@ -408,8 +480,8 @@ FC_DTYPES(attn_fwd_d128_scalar, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, fals
 //   dxh = s [ O / l - (ls / C)(S - wh_y) + (expm1(z_y - lse) + ls - ls / C) dt wh_y ]
 //   u   = (dxh - xh (xh . dxh)) * inv_x
 // with O = sum_k exp(m_k - M) O_k over the splits and S = sum_k swh_k. The warp holds dxh in
-// registers (D <= 512: 16 per lane). Ignored rows: zeros everywhere.
-#define ATTN_DMAX 512
+// registers (D <= 2048: 64 per lane). Ignored rows: zeros everywhere.
+#define ATTN_DMAX 2048
 template <typename T> __device__ __forceinline__ void attn_combine(const AttnCombineArgs<T>& a) {
     constexpr int KL = ATTN_DMAX / WARP_SIZE;
     const HeadParams& p = a.p;
@@ -496,10 +568,13 @@ __device__ __forceinline__ f16_t to_operand_f16(float v) { return from_f32<f16_t
 
 // ---- backward -----------------------------------------------------------------------------
 template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd(const AttnBwdArgs<T>& a) {
-    using Cfg = AttnCfg<T>;
+    using Cfg = AttnCfg<T, DP>;
     constexpr int RM = Cfg::RM, BT = Cfg::BT, P = DP + Cfg::PAD, EP = BT + Cfg::PAD;
     constexpr int SWN = Cfg::SWN, SMI = RM / Cfg::SWM / 16, SNI = BT / SWN / 8;
-    constexpr int AMI = RM / ATTN_AWM / 16, ANI = DP / ATTN_AWN / 8;
+    constexpr int AWN = Cfg::AWN, AMI = RM / Cfg::AWM / 16, ANI = DP / AWN / 8;
+    constexpr int KS = Cfg::KS, SW = Cfg::SWM * SWN, KL = DP / KS;
+    static_assert(SW * KS * WARP_SIZE == ATTN_THREADS && Cfg::AWM * AWN * WARP_SIZE == ATTN_THREADS, "8 warps");
+    static_assert(KL % 64 == 0, "whole k-chunks per split-K group");
     constexpr int NT = ATTN_THREADS;
     FC_DYN_SMEM(dyn);
     // f16: E = dc * frac_x * 2^k_j with inv_x = frac_x * 2^e_i (split_pow2) and a running
@@ -515,7 +590,8 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
     T* sE = sT + Cfg::STAGES * BT * P;
     T* sC = sE + RM * EP;  // f16 only: the scaled copy of the x tile
     __shared__ float s_invw[RM], s_invx[BT], s_lse[BT], s_zt[BT], s_dt[BT], s_wt[BT];
-    __shared__ float s_dot[ATTN_AWN][RM];
+    __shared__ float s_dot[AWN][RM];
+    __shared__ float s_red[KS > 1 ? KS - 1 : 1][KS > 1 ? RM : 1][KS > 1 ? BT : 1];  // split-K partials
     __shared__ int s_y[BT];
     __shared__ float s_xfr[SCALED ? BT : 1], s_xpow[SCALED ? BT : 1];
     __shared__ float s_cmax[SCALED ? SWN : 1][SCALED ? RM : 1], s_cls[SCALED ? RM : 1], s_resc[SCALED ? RM : 1];
@@ -525,11 +601,14 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
     const int tid = threadIdx.x, lane = tid % WARP_SIZE, warp = tid / WARP_SIZE;
     const int g = lane >> 2, q = lane & 3;
     const int j0 = blockIdx.x * RM, n_rt = ceil_div(B, BT);
-    const int sm0 = (warp / SWN) * (RM / Cfg::SWM), sn0 = (warp % SWN) * (BT / SWN);
-    const int am0 = (warp / ATTN_AWN) * (RM / ATTN_AWM), an0 = (warp % ATTN_AWN) * (DP / ATTN_AWN);
+    // S warp: fragment swarp, K range ks (warp-uniform); only group ks = 0 runs the S epilogue.
+    const int swarp = KS == 1 ? warp : warp % SW, ks = KS == 1 ? 0 : warp / SW;
+    const bool s_owner = KS == 1 || ks == 0;
+    const int sm0 = (swarp / SWN) * (RM / Cfg::SWM), sn0 = (swarp % SWN) * (BT / SWN);
+    const int am0 = (warp / AWN) * (RM / Cfg::AWM), an0 = (warp % AWN) * (DP / AWN);
 
-    load_tile<T, VEC, RM, DP, NT>(sR, P, a.w, j0, C, 0, D);
-    load_tile<T, VEC, BT, DP, NT>(sT, P, a.x, 0, B, 0, D);
+    attn_load<T, VEC, RM, DP, NT>(sR, P, a.w, j0, C, D);
+    attn_load<T, VEC, BT, DP, NT>(sT, P, a.x, 0, B, D);
     cp_async_commit();
 
     // The forward's reduced loss (forward_backward queues no head_reduce launch): block 0.
@@ -569,14 +648,17 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
         __syncthreads();  // this row tile landed; the s_* rows visible
         if (Cfg::STAGES == 2 && rt + 1 < n_rt) {
             // The other buffer was last read in the previous iteration, which ended with __syncthreads.
-            load_tile<T, VEC, BT, DP, NT>(sT + ((rt + 1) & 1) * BT * P, P, a.x, r0 + BT, B, 0, D);
+            attn_load<T, VEC, BT, DP, NT>(sT + ((rt + 1) & 1) * BT * P, P, a.x, r0 + BT, B, D);
         }
         cp_async_commit();
 
         float sacc[SMI][SNI][4];
-        s_product<T, SMI, SNI, DP>(sacc, sR, P, sm0, cur, sn0);
+        s_product<T, SMI, SNI, KL>(sacc, sR + ks * KL, P, sm0, cur + ks * KL, sn0);
+        s_split_k_reduce<KS, RM, BT>(sacc, &s_red[0][0][0], ks, sm0, sn0);
         // E[class][row] = dc * inv_x (SPEC 4; 0 for ignored rows, rows >= B, classes >= C); f16:
         // dc * frac_x here, the class scale below.
+        static_assert(!(SCALED && KS > 1), "split-K: the f16 class scaling is not split");
+        if (s_owner) {
 #pragma unroll
         for (int mi = 0; mi < SMI; ++mi)
 #pragma unroll
@@ -603,6 +685,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
                         else sE[cl * EP + rl] = from_f32<T>(dc * s_invx[rl]);
                     }
             }
+        }
         if constexpr (SCALED) {
             // Each class's largest |dc * frac_x| in this row tile: the quad, then the SWN warps.
 #pragma unroll
@@ -614,7 +697,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
                     for (int ni = 0; ni < SNI; ++ni) m = fmaxf(m, fmaxf(fabsf(sacc[mi][ni][2 * h]), fabsf(sacc[mi][ni][2 * h + 1])));
                     m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
                     m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-                    if (q == 0) s_cmax[warp % SWN][sm0 + mi * 16 + g + 8 * h] = m;
+                    if (q == 0) s_cmax[swarp % SWN][sm0 + mi * 16 + g + 8 * h] = m;
                 }
             for (int e = tid; e < BT * DP; e += NT) {  // the x copy with rows scaled by 2^e_i
                 const int r = e / DP, k = e % DP;
@@ -647,7 +730,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
         acc_product<T, AMI, ANI, BT>(acc, sE, EP, am0, SCALED ? sC : cur, P, an0);
         __syncthreads();  // E, the s_* rows and (one stage) the buffer are free
         if (Cfg::STAGES == 1 && rt + 1 < n_rt) {
-            load_tile<T, VEC, BT, DP, NT>(sT, P, a.x, r0 + BT, B, 0, D);
+            attn_load<T, VEC, BT, DP, NT>(sT, P, a.x, r0 + BT, B, D);
             cp_async_commit();
         }
     }
@@ -667,7 +750,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
                 for (int e = 0; e < 2; ++e) d = fmaf(acc[mi][ni][2 * h + e], to_f32(sR[cl * P + an0 + ni * 8 + 2 * q + e]), d);
             d += __shfl_xor_sync(0xffffffffu, d, 1);
             d += __shfl_xor_sync(0xffffffffu, d, 2);
-            if (q == 0) s_dot[warp % ATTN_AWN][cl] = d;
+            if (q == 0) s_dot[warp % AWN][cl] = d;
         }
     __syncthreads();
 #pragma unroll
@@ -679,7 +762,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
             const float iw = s_invw[cl];
             float dot = 0.0f;
 #pragma unroll
-            for (int k = 0; k < ATTN_AWN; ++k) dot += s_dot[k][cl];
+            for (int k = 0; k < AWN; ++k) dot += s_dot[k][cl];
             dot *= iw;
 #pragma unroll
             for (int ni = 0; ni < ANI; ++ni)
@@ -699,3 +782,5 @@ FC_DTYPES(attn_bwd_d512, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, true, 512>(
 FC_DTYPES(attn_bwd_d512_scalar, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, false, 512>(a))
 FC_DTYPES(attn_bwd_d128, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, true, 128>(a))
 FC_DTYPES(attn_bwd_d128_scalar, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, false, 128>(a))
+FC_ENTRY(attn_bwd_d2048_bf16, bf16_t, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, true, 2048>(a))
+FC_ENTRY(attn_bwd_d2048_scalar_bf16, bf16_t, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, false, 2048>(a))

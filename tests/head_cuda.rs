@@ -473,16 +473,17 @@ fn cpu_fused_workspace_is_never_b_times_c() {
         );
         assert!(peak < mib, "fused workspace {peak:.1} MiB at {shape:?} is not below {mib} MiB");
     }
-    // The tiles (D = 2048, one row tile: no row splits): with an f32 gradient the dW
+    // The tiles (f16 at D = 2048, one row tile: no row splits): with an f32 gradient the dW
     // accumulator is the output itself.
     let s = HeadShape { b: 64, c: 751, d: 2048 };
-    let a = workspace_for(HeadPath::Fused, s, DType::BF16, GradDtype::F32, 132);
-    let b = workspace_for(HeadPath::Fused, s, DType::BF16, GradDtype::Input, 132);
+    let a = workspace_for(HeadPath::Fused, s, DType::F16, GradDtype::F32, 132);
+    let b = workspace_for(HeadPath::Fused, s, DType::F16, GradDtype::Input, 132);
     assert!(a.backward < b.backward);
-    // The attention form (D = 512): the backward keeps no scratch but the labels.
-    let s = HeadShape { b: 512, c: 93_431, d: 512 };
-    for grad in [GradDtype::F32, GradDtype::Input] {
-        assert_eq!(workspace_for(HeadPath::Fused, s, DType::BF16, grad, 132).backward, 512 * 4);
+    // The attention form (bf16 at D = 512 and D = 2048): the backward keeps no scratch but the labels.
+    for s in [HeadShape { b: 512, c: 93_431, d: 512 }, HeadShape { b: 64, c: 751, d: 2048 }] {
+        for grad in [GradDtype::F32, GradDtype::Input] {
+            assert_eq!(workspace_for(HeadPath::Fused, s, DType::BF16, grad, 132).backward, s.b * 4);
+        }
     }
 }
 

@@ -396,8 +396,87 @@ fn attention_kernels_match_oracle() {
     }
 }
 
-/// Where the attention-form kernels do not apply (D > 512) the dispatcher takes the tiles,
-/// and asking for the attention form there is an error, not a wrong result.
+/// The bf16 D <= 2048 attention-form kernels (`attn_*_d2048_*`: 16 resident rows, one T
+/// buffer, the S product split over K between 4 warp groups) against the oracle: D = 513 and
+/// 600 (just past the d512 kernels), 1024, 1100 (element loads: D % 8 != 0) and 2048; B below
+/// the 16 rows and several row tiles; C below one class tile and several class tiles, with
+/// the shape's class splits and one split (the online rescaling over every class tile);
+/// ignored rows, the cloud, label smoothing, the clamp fallback, straight-through; gradients
+/// in bf16 and in f32.
+#[test]
+fn attention_d2048_kernels_match_oracle() {
+    let Some(dev) = emulated() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(2048);
+    let base = HeadConfig { cloud: CloudMode::Off, ..Default::default() };
+    let cloud = HeadConfig { cloud: CloudMode::Symmetric, label_smoothing: 0.1, ..Default::default() };
+    let clamp = HeadConfig {
+        cloud: CloudMode::OneSided,
+        fallback: Fallback::Clamp,
+        reduction: Reduction::None,
+        ..Default::default()
+    };
+    let st = HeadConfig {
+        margin_grad: featcloud::config::MarginGrad::StraightThrough,
+        reduction: Reduction::Sum,
+        label_smoothing: 0.2,
+        ..Default::default()
+    };
+    let shapes: &[(usize, usize, usize, &HeadConfig, f32)] = &[
+        (3, 5, 2048, &base, 0.0),
+        (17, 150, 600, &clamp, 0.3),
+        (33, 70, 1024, &cloud, 1.0),
+        (9, 40, 1100, &st, 0.0),
+        (5, 33, 513, &cloud, 0.5),
+    ];
+    let dt = DType::BF16;
+    for (k, &(b, c, d, cfg, sig)) in shapes.iter().enumerate() {
+        let sh = HeadShape { b, c, d };
+        let p = case(&mut rng, sh, dt, sig);
+        let (fo, go) = oracle_of(cfg, &p);
+        for (scalar, class_splits) in [(false, None), (true, None), (false, Some(1)), (true, Some(1))] {
+            if !scalar && !fused_vectorized(dt, d) {
+                continue;
+            }
+            let t = FusedTuning {
+                kernels: Some(FusedKernels::Attention),
+                scalar_loads: scalar,
+                class_splits,
+                ..Default::default()
+            };
+            let grad = if k % 2 == 1 { GradDtype::F32 } else { GradDtype::Input };
+            let r = run_head_dt(&dev, HeadPath::Fused, cfg, t, &p, grad);
+            assert_eq!(r.plan.kernels, FusedKernels::Attention);
+            assert_eq!(r.launches, 3, "launches of the attention-form forward_backward");
+            check_fused(
+                &format!("attention bf16 B={b} C={c} D={d} scalar={scalar} splits={class_splits:?}"),
+                cfg,
+                &p,
+                &fo,
+                &go,
+                &r,
+            );
+            // The split-K reduction's order is fixed: the same bits in other block and
+            // thread orders (a missing barrier would show here).
+            if k == 2 {
+                for (blocks, threads) in
+                    [(EmuOrder::Descending, EmuOrder::Random(5)), (EmuOrder::Random(9), EmuOrder::Descending)]
+                {
+                    dev.set_emu_order(blocks, threads);
+                    let o = run_head_dt(&dev, HeadPath::Fused, cfg, t, &p, grad);
+                    dev.set_emu_order(EmuOrder::Ascending, EmuOrder::Ascending);
+                    assert!(
+                        r.bits() == o.bits(),
+                        "D={d} {t:?}: results depend on the order ({blocks:?}, {threads:?})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Where the attention-form kernels do not apply (D > 512 outside bf16, D > 2048) the
+/// dispatcher takes the tiles, and asking for the attention form there is an error, not a
+/// wrong result.
 #[test]
 fn attention_kernels_refuse_what_they_do_not_handle() {
     let Some(dev) = emulated() else { return };
@@ -405,13 +484,17 @@ fn attention_kernels_refuse_what_they_do_not_handle() {
     let forced = HeadOn::new(&*dev, HeadConfig::default(), HeadPath::Fused)
         .unwrap()
         .with_tuning(FusedTuning { kernels: Some(FusedKernels::Attention), ..Default::default() });
-    for (dt, d) in [(DType::F16, 513), (DType::BF16, 513), (DType::F32, 2048)] {
+    for (dt, d) in
+        [(DType::F16, 513), (DType::F32, 513), (DType::F32, 2048), (DType::F16, 2048), (DType::BF16, 2049)]
+    {
         let sh = HeadShape { b: 4, c: 10, d };
         assert_eq!(head.fused_kernels(sh, dt).unwrap(), FusedKernels::Tiles, "{} D={d}", dt.name());
         let e = forced.fused_kernels(sh, dt).unwrap_err().to_string();
         assert!(e.contains("attention-form") && e.contains(&format!("D = {d}")), "{e}");
     }
-    for (dt, d) in [(DType::F32, 1), (DType::BF16, 512), (DType::F16, 64)] {
+    for (dt, d) in
+        [(DType::F32, 1), (DType::BF16, 512), (DType::F16, 64), (DType::BF16, 513), (DType::BF16, 2048)]
+    {
         let sh = HeadShape { b: 4, c: 10, d };
         assert_eq!(head.fused_kernels(sh, dt).unwrap(), FusedKernels::Attention, "{} D={d}", dt.name());
     }

@@ -161,8 +161,14 @@ fn a_fused_step_is_seven_launches_one_upload_one_readback_and_allocates_only_its
 fn attention_plans_split_by_shape_only_and_cover_every_tile() {
     use featcloud::cuda::args::{AttnBwdArgs, AttnFwdArgs};
     for dtype in [DType::F32, DType::BF16, DType::F16] {
-        let rm = plan::attn_rows(dtype);
-        for shape in [SHAPE, HeadShape { b: 1, c: 1, d: 1 }, HeadShape { b: 2048, c: 1_000_000, d: 512 }] {
+        let mut shapes =
+            vec![SHAPE, HeadShape { b: 1, c: 1, d: 1 }, HeadShape { b: 2048, c: 1_000_000, d: 512 }];
+        if dtype == DType::BF16 {
+            shapes.extend([HeadShape { b: 512, c: 1000, d: 2048 }, HeadShape { b: 3, c: 5, d: 513 }]);
+        }
+        for shape in shapes {
+            let dp = plan::attn_dp(shape.d);
+            let rm = plan::attn_rows(dtype, dp);
             let (splits, per) = plan::attn_splits(dtype, shape);
             let n_ct = shape.c.div_ceil(plan::ATTN_BT);
             // Every class tile in exactly one split, no split empty.
@@ -181,16 +187,26 @@ fn attention_plans_split_by_shape_only_and_cover_every_tile() {
             assert_eq!(fwd.grid, [shape.b.div_ceil(rm) as u32, splits as u32, 1]);
             assert_eq!(fwd.args_as::<AttnFwdArgs>().unwrap().tiles_per_split, per as i32);
             assert_eq!(bwd.grid, [shape.c.div_ceil(rm) as u32, 1, 1]);
-            let dp = if shape.d <= 128 { 128 } else { 512 };
+            assert_eq!(
+                dp,
+                if shape.d <= 128 {
+                    128
+                } else if shape.d <= 512 {
+                    512
+                } else {
+                    2048
+                }
+            );
             for l in [&fwd, &bwd] {
                 assert!(l.kernel.name.contains(&format!("_d{dp}_")), "{}", l.kernel.name);
                 assert!(l.kernel.name.ends_with(dtype.name()), "{}", l.kernel.name);
                 assert_eq!(l.smem, plan::attn_smem_bytes(dtype, dp));
             }
         }
-        // D past the O accumulator is refused, not truncated.
-        let wide = HeadShape { b: 4, c: 4, d: 513 };
+        // D past the O accumulator is refused, not truncated (D > 512 outside bf16).
+        let wide = HeadShape { b: 4, c: 4, d: if dtype == DType::BF16 { 2049 } else { 513 } };
         assert!(plan::attn_fwd(dtype, wide, (1, 1), true, AttnFwdArgs::default()).is_err());
+        assert!(plan::attn_fwd(dtype, wide, (1, 1), false, AttnFwdArgs::default()).is_err());
         // Splits that leave a class tile out (or overlap past C) are refused.
         let (splits, per) = plan::attn_splits(dtype, SHAPE);
         assert!(
@@ -212,6 +228,14 @@ fn attention_plans_split_by_shape_only_and_cover_every_tile() {
     // The shared memory the .cu file asserts.
     assert_eq!(plan::attn_smem_bytes(DType::BF16, 512), 138_240);
     assert_eq!(plan::attn_smem_bytes(DType::F32, 512), 136_704);
+    assert_eq!(plan::attn_smem_bytes(DType::BF16, 2048), 198_656);
+    assert_eq!(plan::attn_rows(DType::BF16, 2048), 16);
+    // D > 512: bf16 only, on sm_90's shared memory.
+    assert!(plan::attn_supported(DType::BF16, 2048, plan::SM90_MAX_SMEM));
+    assert!(!plan::attn_supported(DType::BF16, 2049, plan::SM90_MAX_SMEM));
+    assert!(!plan::attn_supported(DType::BF16, 1024, 166_912));
+    assert!(!plan::attn_supported(DType::F16, 513, plan::SM90_MAX_SMEM));
+    assert!(!plan::attn_supported(DType::F32, 513, plan::SM90_MAX_SMEM));
 }
 
 #[test]

@@ -91,7 +91,7 @@ fn tiles_launch_list() {
 /// shared memory plus 1 KiB reserved per CTA; 2048 threads; 32 CTAs. Waves = ceil(CTAs /
 /// (132 x that)). The tiles backward's ~175 registers x 256 threads allow one CTA per SM, as
 /// its launch bounds (256, 1) say; the attention kernels' 138,240 bytes of dynamic shared
-/// memory (bf16, D = 512) allow one too.
+/// memory (bf16, D = 512) allow one too, as do the 198,656 bytes at D = 2048.
 #[test]
 fn occupancy_matches_ptxas_table() {
     let dev = h200();
@@ -113,6 +113,8 @@ fn occupancy_matches_ptxas_table() {
                     55_296
                 } else if k.name.starts_with("attn_fwd_d512") || k.name.starts_with("attn_bwd_d512") {
                     138_240
+                } else if k.name.starts_with("attn_fwd_d2048") || k.name.starts_with("attn_bwd_d2048") {
+                    198_656
                 } else {
                     0
                 };
@@ -299,11 +301,11 @@ fn every_dtype_and_odd_d() {
 }
 
 /// The SPEC 9 shapes and a few odd ones (D not a multiple of 8, C below one tile, B not a
-/// multiple of the resident rows, D <= 128) where the attention form applies.
+/// multiple of the resident rows, D <= 128) where the attention form applies in every dtype.
 fn attention_shapes() -> Vec<HeadShape> {
     SHAPES
         .iter()
-        .filter(|s| s.d <= plan::ATTN_DMAX)
+        .filter(|s| s.d <= plan::ATTN_DMAX_ALL)
         .map(|s| shape(s.b, s.c, s.d))
         .chain([
             shape(64, 128, 64),
@@ -313,6 +315,21 @@ fn attention_shapes() -> Vec<HeadShape> {
             shape(1, 1, 1),
         ])
         .collect()
+}
+
+/// Shapes (with the dtypes) where the attention form applies: every dtype at D <= 512, bf16
+/// only at 512 < D <= 2048 (re-ID, LT, D not a multiple of 8, B and C below the 16 rows).
+fn attention_cases(dtypes: &[DType]) -> Vec<(DType, HeadShape)> {
+    let mut v: Vec<(DType, HeadShape)> =
+        dtypes.iter().flat_map(|&dt| attention_shapes().into_iter().map(move |s| (dt, s))).collect();
+    if dtypes.contains(&DType::BF16) {
+        let wide = SHAPES.iter().filter(|s| s.d > plan::ATTN_DMAX_ALL).map(|s| shape(s.b, s.c, s.d));
+        v.extend(
+            wide.chain([shape(17, 150, 600), shape(9, 40, 1100), shape(3, 5, 2048)])
+                .map(|s| (DType::BF16, s)),
+        );
+    }
+    v
 }
 
 /// The attention form launches what `head/attn.rs` runs: the forward `[attn_fwd, attn_combine,
@@ -327,8 +344,10 @@ fn attention_launch_list() {
     assert_eq!(names(&p), ["attn_fwd_d512_bf16", "attn_combine_fwd_bf16", "attn_bwd_d512_bf16"]);
     let p = perf_model::attention(shape(100, 1000, 101), DType::F32, &dev).unwrap();
     assert_eq!(names(&p), ["attn_fwd_d128_scalar_f32", "attn_combine_fwd_f32", "attn_bwd_d128_scalar_f32"]);
-    for dtype in [DType::BF16, DType::F32, DType::F16] {
-        for s in attention_shapes() {
+    let p = perf_model::attention(shape(512, 1000, 2048), DType::BF16, &dev).unwrap();
+    assert_eq!(names(&p), ["attn_fwd_d2048_bf16", "attn_combine_fwd_bf16", "attn_bwd_d2048_bf16"]);
+    {
+        for (dtype, s) in attention_cases(&[DType::BF16, DType::F32, DType::F16]) {
             let p = perf_model::attention(s, dtype, &dev).unwrap_or_else(|| panic!("{dtype:?} {s:?}"));
             let vec = plan::fused_vectorized(dtype, s.d);
             let (splits, per) = plan::attn_splits(dtype, s);
@@ -344,7 +363,7 @@ fn attention_launch_list() {
                 assert_eq!(k.grid.map(|g| g.ctas), Some(ctas), "{} {s:?}", k.name);
             }
             // Forward grid: row tiles x class splits; backward: one CTA per class tile.
-            let rm = plan::attn_rows(dtype);
+            let rm = plan::attn_rows(dtype, plan::attn_dp(s.d));
             assert_eq!(want[0].grid, [s.b.div_ceil(rm) as u32, splits as u32, 1]);
             assert_eq!(want[2].grid, [s.c.div_ceil(rm) as u32, 1, 1]);
             assert_eq!(want[0].smem, plan::attn_smem_bytes(dtype, plan::attn_dp(s.d)));
@@ -360,10 +379,10 @@ fn attention_launch_list() {
 fn attention_flops_formula() {
     let dev = h200();
     let pad = |v: usize, t: usize| (v.div_ceil(t) * t) as f64;
-    for dtype in [DType::BF16, DType::F32] {
-        for s in attention_shapes() {
+    {
+        for (dtype, s) in attention_cases(&[DType::BF16, DType::F32]) {
             let p = perf_model::attention(s, dtype, &dev).unwrap();
-            let (rm, dp) = (plan::attn_rows(dtype), plan::attn_dp(s.d) as f64);
+            let (rm, dp) = (plan::attn_rows(dtype, plan::attn_dp(s.d)), plan::attn_dp(s.d) as f64);
             let fwd = 4.0 * pad(s.b, rm) * pad(s.c, 32) * dp;
             let bwd = 4.0 * pad(s.c, rm) * pad(s.b, 32) * dp;
             assert_eq!(kernel(&p, "attn_fwd_").traffic.flops, fwd, "{dtype:?} {s:?}");
@@ -385,10 +404,11 @@ fn attention_flops_formula() {
 }
 
 /// `fused()` models what the dispatcher runs (`HeadOn::fused_kernels`): the attention form
-/// where `plan::attn_supported` holds for the device's shared memory per block (D <= 512),
-/// else the tiles. On the SPEC 9 shapes (bf16): the three face shapes (D = 512) run the
-/// attention form, re-ID and LT (D = 2048) the tiles; f16 too at D = 512; a device
-/// with 99 KiB per block (sm_86) the tiles at D = 512 but the attention form at D = 128.
+/// where `plan::attn_supported` holds for the device's shared memory per block (D <= 512;
+/// D <= 2048 in bf16), else the tiles. On the SPEC 9 shapes (bf16) every shape runs the
+/// attention form (the faces with the d512 kernels, re-ID and LT with the d2048 ones); f16
+/// too at D = 512 but the tiles at D = 2048; a device with 99 KiB per block (sm_86) the tiles
+/// at D = 512 but the attention form at D = 128.
 #[test]
 fn fused_follows_the_dispatcher() {
     let dev = h200();
@@ -411,7 +431,12 @@ fn fused_follows_the_dispatcher() {
         }
     }
     let (a, t) = (Some(FusedKernels::Attention), Some(FusedKernels::Tiles));
-    assert_eq!(sets, [("reid", t), ("lt", t), ("face-93k", a), ("face-360k", a), ("face-1m", a)]);
+    assert_eq!(sets, [("reid", a), ("lt", a), ("face-93k", a), ("face-360k", a), ("face-1m", a)]);
+    for s in SHAPES.iter().filter(|s| s.d == 2048) {
+        let sh = shape(s.b, s.c, s.d);
+        assert_eq!(perf_model::fused(sh, DType::F16, &dev).kernel_set, t, "{}", s.name);
+        assert_eq!(perf_model::fused(sh, DType::F32, &dev).kernel_set, t, "{}", s.name);
+    }
 
     let face = shape(512, 93_431, 512);
     assert_eq!(perf_model::fused(face, DType::F16, &dev).kernel_set, a);
@@ -420,10 +445,14 @@ fn fused_follows_the_dispatcher() {
     let small = DeviceModel { max_smem_per_block: 101_376, ..h200() };
     assert_eq!(perf_model::fused(face, DType::BF16, &small).kernel_set, t);
     assert_eq!(perf_model::fused(shape(512, 93_431, 128), DType::BF16, &small).kernel_set, a);
+    let sm80 = DeviceModel { max_smem_per_block: 166_912, ..h200() };
+    for s in SHAPES.iter().filter(|s| s.d == 2048) {
+        assert_eq!(perf_model::fused(shape(s.b, s.c, s.d), DType::BF16, &sm80).kernel_set, t, "{}", s.name);
+    }
 
     // The same rule as the plan's, for every dtype and D up to past the limit.
     for dtype in [DType::F32, DType::BF16, DType::F16] {
-        for d in 1..=600 {
+        for d in (1..=600).chain([1024, 1100, 2047, 2048, 2049, 4096]) {
             for dm in [dev, small] {
                 let want = plan::attn_supported(dtype, d, dm.max_smem_per_block);
                 let got = perf_model::fused_kernels(shape(64, 1000, d), dtype, &dm);
@@ -439,8 +468,11 @@ fn fused_follows_the_dispatcher() {
             featcloud::cuda::head::HeadPath::Fused,
         )
         .unwrap();
-        for s in SHAPES.iter().map(|s| shape(s.b, s.c, s.d)).chain([shape(64, 100, 509), shape(64, 100, 513)])
-        {
+        for s in SHAPES.iter().map(|s| shape(s.b, s.c, s.d)).chain([
+            shape(64, 100, 509),
+            shape(64, 100, 513),
+            shape(64, 100, 2049),
+        ]) {
             for dtype in [DType::F32, DType::BF16, DType::F16] {
                 let want = head.fused_kernels(s, dtype).unwrap();
                 assert_eq!(perf_model::fused(s, dtype, &dev).kernel_set, Some(want), "{dtype:?} {s:?}");

@@ -412,9 +412,11 @@ fn print_path(p: &PathModel, label: &str) {
 }
 
 /// Why the fused path does not run the attention form at `shape` (`plan::attn_supported`).
-fn no_attention_reason(shape: HeadShape, dev: &DeviceModel) -> String {
+fn no_attention_reason(shape: HeadShape, dtype: DType, dev: &DeviceModel) -> String {
     if shape.d > plan::ATTN_DMAX {
         format!("the attention form takes D <= {}", plan::ATTN_DMAX)
+    } else if shape.d > plan::ATTN_DMAX_ALL && dtype != DType::BF16 {
+        format!("the attention form takes D <= {} in {}", plan::ATTN_DMAX_ALL, dtype.name())
     } else {
         format!(
             "the attention form needs more than {} bytes of shared memory per block",
@@ -472,7 +474,10 @@ fn run_model(args: &Args) -> anyhow::Result<()> {
                 "{set} kernels, kernels/head_attn.cu; the tiles kernels, rows \"tiles\": {:.3} ms",
                 t.total_ms()
             ),
-            None => format!("{set} kernels, kernels/head_fused.cu: {}", no_attention_reason(shape, &dev)),
+            None => format!(
+                "{set} kernels, kernels/head_fused.cu: {}",
+                no_attention_reason(shape, DType::BF16, &dev)
+            ),
         };
         println!(
             "  fused total {:.3} ms predicted ({uses}), reference {:.3} ms predicted; torch.compile {:.2} ms (SPEC 9), \

@@ -576,12 +576,13 @@ pub fn tiles(shape: HeadShape, dtype: DType, dev: &DeviceModel) -> PathModel {
 /// The fused path's attention-form kernels (`kernels/head_attn.cu`, `head/attn.rs`) of one
 /// `forward_backward` (gradients in the storage dtype, a scalar upstream, label smoothing
 /// off, as `featcloud bench` runs it), or `None` where the dispatcher does not run them on
-/// `dev` ([`plan::attn_supported`] with `dev.max_smem_per_block`: D <= 512 and the shared memory).
+/// `dev` ([`plan::attn_supported`] with `dev.max_smem_per_block`: D <= 512, or D <= 2048 in
+/// bf16, and the shared memory).
 /// Three launches: `attn_fwd_*`, `attn_combine_fwd_*`, `attn_bwd_*` (which also reduces the
 /// loss: `forward_backward` queues no `head_reduce_fwd_f32`).
 ///
 /// Both tile kernels keep RM rows of one operand resident ([`plan::attn_rows`]: 64 in
-/// bf16, 32 in f32) and stream [`plan::ATTN_BT`]-row tiles of the other, each tile feeding
+/// bf16 and f16, 32 in f32, 16 at D > 512) and stream [`plan::ATTN_BT`]-row tiles of the other, each tile feeding
 /// two products of 2 * RM * BT * DP FLOPs (DP = [`plan::attn_dp`], the padded D): the
 /// forward S = x . W^T and O += P . W, the backward S^T = W . x^T and dW += E . x. So the
 /// FLOPs are 4 * Bp * Cp * DP per pass, 8 B*C*D in all without padding. Same L2 rules as
@@ -597,7 +598,7 @@ pub fn attention(shape: HeadShape, dtype: DType, dev: &DeviceModel) -> Option<Pa
     let (bf, cf, df, e) = (b as f64, c as f64, d as f64, dtype.size() as f64);
     let vec = plan::fused_vectorized(dtype, d);
     let rate = dev.tile_tflops(dtype);
-    let (rm, bt, dp) = (plan::attn_rows(dtype), plan::ATTN_BT, plan::attn_dp(d));
+    let (rm, bt, dp) = (plan::attn_rows(dtype, plan::attn_dp(d)), plan::ATTN_BT, plan::attn_dp(d));
     // One streamed tile against the resident rows: two products of RM x BT x DP.
     let tile_flops = 4.0 * (rm * bt * dp) as f64;
     let (x_bytes, w_bytes) = (bf * df * e, cf * df * e);

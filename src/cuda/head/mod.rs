@@ -344,7 +344,8 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         let ok = attn_supported(dtype, shape.d, self.dev.info().max_smem_per_block);
         match self.tuning.kernels {
             Some(FusedKernels::Attention) if !ok => Err(Error::InvalidConfig(format!(
-                "the attention-form kernels take D <= {} and {} bytes of shared memory; got {} with D = {} on a device with {}",
+                "the attention-form kernels take D <= {} ({} in bf16) and {} bytes of shared memory; got {} with D = {} on a device with {}",
+                plan::ATTN_DMAX_ALL,
                 plan::ATTN_DMAX,
                 plan::attn_smem_bytes(dtype, plan::attn_dp(shape.d)),
                 dtype.name(),

@@ -374,7 +374,7 @@ impl FusedKernels {
 // ---- the attention-form kernels (kernels/head_attn.cu) ------------------------------------
 
 /// The largest D the attention-form kernels take (their O accumulator holds all of D).
-pub const ATTN_DMAX: usize = 512;
+pub const ATTN_DMAX: usize = 2048;
 /// Rows of the streamed operand per step (W classes in the forward, x rows in the backward).
 pub const ATTN_BT: usize = 32;
 /// The forward's class splits aim at this many CTAs: a constant, not the device's SM count,
@@ -382,33 +382,53 @@ pub const ATTN_BT: usize = 32;
 pub const ATTN_TARGET_CTAS: usize = 256;
 
 /// Whether the attention-form kernels handle feature size `d` in storage `dtype` on a device
-/// allowing `max_smem` bytes of shared memory per block: D <= [`ATTN_DMAX`] and the kernel's
-/// shared memory. The D = 512 kernels need 134 KiB (f32), 135 KiB (bf16), 168 KiB (f16) plus
-/// ~4 KiB static: sm_90 (227 KiB) runs all three, sm_80 (163 KiB) f32 and bf16 (f16 takes the
-/// tiles), sm_86 and sm_89 (99 KiB) only the D <= 128 kernels.
+/// allowing `max_smem` bytes of shared memory per block: D <= [`ATTN_DMAX`] (D > 512: bf16
+/// only) and the kernel's shared memory. The D = 512 kernels need 134 KiB (f32), 135 KiB
+/// (bf16), 168 KiB (f16) plus ~4 KiB static: sm_90 (227 KiB) runs all three, sm_80 (163 KiB)
+/// f32 and bf16 (f16 takes the tiles), sm_86 and sm_89 (99 KiB) only the D <= 128 kernels.
+/// The bf16 D = 2048 kernels need 194 KiB plus ~10 KiB static: sm_90 only.
 pub fn attn_supported(dtype: DType, d: usize, max_smem: u32) -> bool {
-    (1..=ATTN_DMAX).contains(&d) && attn_smem_bytes(dtype, attn_dp(d)) + ATTN_STATIC_SMEM <= max_smem
+    let dp = attn_dp(d);
+    (1..=ATTN_DMAX).contains(&d)
+        && (dp <= ATTN_DMAX_ALL || dtype == DType::BF16)
+        && attn_smem_bytes(dtype, dp) + attn_static_smem(dp) <= max_smem
 }
+
+/// The largest D the attention-form kernels take in every dtype (beyond it: bf16 only).
+pub const ATTN_DMAX_ALL: usize = 512;
 
 /// Shared memory one block may use on sm_90 after opting in (CUDA programming guide).
 pub const SM90_MAX_SMEM: u32 = 232_448;
 
-/// Upper bound of the kernels' static shared memory (a few per-row arrays).
-const ATTN_STATIC_SMEM: u32 = 4096;
+/// Upper bound of the kernels' static shared memory (a few per-row arrays; at DP = 2048 also
+/// the split-K partials, 3 x 16 x 32 f32).
+fn attn_static_smem(dp: usize) -> u32 {
+    if dp > ATTN_DMAX_ALL {
+        4096 + 6144
+    } else {
+        4096
+    }
+}
 
-/// Rows a CTA keeps resident (`AttnCfg<T>::RM`): x rows in the forward, W rows in the backward.
-pub fn attn_rows(dtype: DType) -> usize {
-    if dtype == DType::F32 {
+/// Rows a CTA keeps resident (`AttnCfg<T, DP>::RM`): x rows in the forward, W rows in the
+/// backward.
+pub fn attn_rows(dtype: DType, dp: usize) -> usize {
+    if dp > ATTN_DMAX_ALL {
+        16
+    } else if dtype == DType::F32 {
         32
     } else {
         64
     }
 }
 
-/// The padded D of the kernel that takes `d` (`attn_*_d128_*` or `attn_*_d512_*`).
+/// The padded D of the kernel that takes `d` (`attn_*_d128_*`, `attn_*_d512_*` or
+/// `attn_*_d2048_*`).
 pub fn attn_dp(d: usize) -> usize {
     if d <= 128 {
         128
+    } else if d <= ATTN_DMAX_ALL {
+        ATTN_DMAX_ALL
     } else {
         ATTN_DMAX
     }
@@ -416,14 +436,16 @@ pub fn attn_dp(d: usize) -> usize {
 
 /// Dynamic shared memory of `attn_fwd_*` / `attn_bwd_*` (`attn_smem_bytes<T, DP>` in the .cu
 /// file, which asserts these values): R [RM][DP + pad], T stages [BT][DP + pad], E [RM][BT + pad],
-/// and for f16 a bf16 copy of the streamed tile (one more [BT][DP + pad]).
+/// and for f16 a bf16 copy of the streamed tile (one more [BT][DP + pad]). DP = 2048 (bf16):
+/// one stage.
 pub fn attn_smem_bytes(dtype: DType, dp: usize) -> u32 {
     let (stages, pad, e) = match dtype {
         DType::F32 => (1, 4, 4),
+        DType::BF16 if dp > ATTN_DMAX_ALL => (1, 8, 2),
         DType::BF16 => (2, 8, 2),
         DType::F16 => (3, 8, 2), // two stages and the bf16 copy of the streamed tile
     };
-    let rm = attn_rows(dtype);
+    let rm = attn_rows(dtype, dp);
     (((rm + stages * ATTN_BT) * (dp + pad) + rm * (ATTN_BT + pad)) * e) as u32
 }
 
@@ -431,7 +453,7 @@ pub fn attn_smem_bytes(dtype: DType, dp: usize) -> u32 {
 /// that row tiles x splits reaches [`ATTN_TARGET_CTAS`] where the classes allow, and no split
 /// is empty. A function of the shape only.
 pub fn attn_splits(dtype: DType, shape: HeadShape) -> (usize, usize) {
-    let n_rt = shape.b.div_ceil(attn_rows(dtype));
+    let n_rt = shape.b.div_ceil(attn_rows(dtype, attn_dp(shape.d)));
     attn_split_tiles(shape, ATTN_TARGET_CTAS.div_ceil(n_rt))
 }
 
@@ -443,8 +465,20 @@ pub fn attn_split_tiles(shape: HeadShape, want: usize) -> (usize, usize) {
     (n_ct.div_ceil(per), per)
 }
 
-fn attn_kernel(dtype: DType, d: usize, vec: bool, fwd: bool) -> Kernel {
-    let family = match (fwd, attn_dp(d) == ATTN_DMAX, vec) {
+fn attn_kernel(dtype: DType, d: usize, vec: bool, fwd: bool) -> Result<Kernel> {
+    if attn_dp(d) > ATTN_DMAX_ALL {
+        return match (dtype, fwd, vec) {
+            (DType::BF16, true, true) => Ok(ka::ATTN_FWD_D2048_BF16),
+            (DType::BF16, true, false) => Ok(ka::ATTN_FWD_D2048_SCALAR_BF16),
+            (DType::BF16, false, true) => Ok(ka::ATTN_BWD_D2048_BF16),
+            (DType::BF16, false, false) => Ok(ka::ATTN_BWD_D2048_SCALAR_BF16),
+            _ => Err(Error::InvalidConfig(format!(
+                "the attention-form kernels take D <= {ATTN_DMAX_ALL} in {}, got {d}",
+                dtype.name()
+            ))),
+        };
+    }
+    let family = match (fwd, attn_dp(d) == ATTN_DMAX_ALL, vec) {
         (true, true, true) => ka::ATTN_FWD_D512,
         (true, true, false) => ka::ATTN_FWD_D512_SCALAR,
         (true, false, true) => ka::ATTN_FWD_D128,
@@ -454,7 +488,7 @@ fn attn_kernel(dtype: DType, d: usize, vec: bool, fwd: bool) -> Kernel {
         (false, false, true) => ka::ATTN_BWD_D128,
         (false, false, false) => ka::ATTN_BWD_D128_SCALAR,
     };
-    family[dtype]
+    Ok(family[dtype])
 }
 
 fn attn_check_d(d: usize) -> Result<()> {
@@ -485,12 +519,12 @@ pub fn attn_fwd(
             shape.c
         )));
     }
-    let k = attn_kernel(dtype, shape.d, vec, true);
+    let k = attn_kernel(dtype, shape.d, vec, true)?;
     a.b = shape.b as i32;
     a.c = shape.c as i32;
     a.d = shape.d as i32;
     a.tiles_per_split = per as i32;
-    let grid = [shape.b.div_ceil(attn_rows(dtype)) as u32, splits as u32, 1];
+    let grid = [shape.b.div_ceil(attn_rows(dtype, attn_dp(shape.d))) as u32, splits as u32, 1];
     Ok(Launch::new(k, grid, [THREADS, 1, 1], attn_smem_bytes(dtype, attn_dp(shape.d)), &a))
 }
 
@@ -508,10 +542,10 @@ pub fn attn_combine(dtype: DType, shape: HeadShape, splits: usize, mut a: AttnCo
 /// `attn_bwd_*`: one CTA per class tile of [`attn_rows`] classes.
 pub fn attn_bwd(dtype: DType, shape: HeadShape, vec: bool, mut a: AttnBwdArgs) -> Result<Launch> {
     attn_check_d(shape.d)?;
-    let k = attn_kernel(dtype, shape.d, vec, false);
+    let k = attn_kernel(dtype, shape.d, vec, false)?;
     a.b = shape.b as i32;
     a.c = shape.c as i32;
     a.d = shape.d as i32;
-    let grid = [shape.c.div_ceil(attn_rows(dtype)) as u32, 1, 1];
+    let grid = [shape.c.div_ceil(attn_rows(dtype, attn_dp(shape.d))) as u32, 1, 1];
     Ok(Launch::new(k, grid, [THREADS, 1, 1], attn_smem_bytes(dtype, attn_dp(shape.d)), &a))
 }
