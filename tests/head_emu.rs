@@ -319,6 +319,50 @@ fn fused_head_matches_oracle() {
     }
 }
 
+/// One forward_backward on the attention-form kernels (element loads if `scalar`, the shape's
+/// class splits or `class_splits`), asserting they ran and took 3 launches.
+fn run_attention(
+    dev: &Device,
+    cfg: &HeadConfig,
+    p: &Prob,
+    scalar: bool,
+    class_splits: Option<usize>,
+    grad: GradDtype,
+) -> HeadRun {
+    let t = FusedTuning {
+        kernels: Some(FusedKernels::Attention),
+        scalar_loads: scalar,
+        class_splits,
+        ..Default::default()
+    };
+    let r = run_head_dt(dev, HeadPath::Fused, cfg, t, p, grad);
+    assert_eq!(r.plan.kernels, FusedKernels::Attention);
+    assert_eq!(r.launches, 3, "launches of the attention-form forward_backward");
+    r
+}
+
+/// The attention sweeps' option sets: plain ArcFace; the cloud with label smoothing; the
+/// one-sided cloud with the clamp fallback and per-row weights (Reduction::None);
+/// straight-through with label smoothing and Reduction::Sum.
+fn attention_option_sets() -> [HeadConfig; 4] {
+    [
+        HeadConfig { cloud: CloudMode::Off, ..Default::default() },
+        HeadConfig { cloud: CloudMode::Symmetric, label_smoothing: 0.1, ..Default::default() },
+        HeadConfig {
+            cloud: CloudMode::OneSided,
+            fallback: Fallback::Clamp,
+            reduction: Reduction::None,
+            ..Default::default()
+        },
+        HeadConfig {
+            margin_grad: featcloud::config::MarginGrad::StraightThrough,
+            reduction: Reduction::Sum,
+            label_smoothing: 0.2,
+            ..Default::default()
+        },
+    ]
+}
+
 /// The attention-form kernels (`kernels/head_attn.cu`) against the oracle, every dtype:
 /// B = 1, odd B, several row tiles; C = 1, C below the 32-class tile, C with a remainder and
 /// many class splits; D = 1, 8, 13 and 129 (element loads), 64, 128 (the d128 kernels), 512;
@@ -329,20 +373,7 @@ fn fused_head_matches_oracle() {
 fn attention_kernels_match_oracle() {
     let Some(dev) = emulated() else { return };
     let mut rng = ChaCha8Rng::seed_from_u64(21);
-    let base = HeadConfig { cloud: CloudMode::Off, ..Default::default() };
-    let cloud = HeadConfig { cloud: CloudMode::Symmetric, label_smoothing: 0.1, ..Default::default() };
-    let clamp = HeadConfig {
-        cloud: CloudMode::OneSided,
-        fallback: Fallback::Clamp,
-        reduction: Reduction::None,
-        ..Default::default()
-    };
-    let st = HeadConfig {
-        margin_grad: featcloud::config::MarginGrad::StraightThrough,
-        reduction: Reduction::Sum,
-        label_smoothing: 0.2,
-        ..Default::default()
-    };
+    let [base, cloud, clamp, st] = attention_option_sets();
     let shapes: &[(usize, usize, usize, &HeadConfig, f32)] = &[
         (1, 1, 8, &base, 0.0),
         (5, 7, 1, &base, 0.0),
@@ -367,16 +398,8 @@ fn attention_kernels_match_oracle() {
                 if !scalar && !fused_vectorized(dt, d) {
                     continue;
                 }
-                let t = FusedTuning {
-                    kernels: Some(FusedKernels::Attention),
-                    scalar_loads: scalar,
-                    class_splits,
-                    ..Default::default()
-                };
                 let grad = if k % 3 == 1 { GradDtype::F32 } else { GradDtype::Input };
-                let r = run_head_dt(&dev, HeadPath::Fused, cfg, t, &p, grad);
-                assert_eq!(r.plan.kernels, FusedKernels::Attention);
-                assert_eq!(r.launches, 3, "launches of the attention-form forward_backward");
+                let r = run_attention(&dev, cfg, &p, scalar, class_splits, grad);
                 check_fused(
                     &format!(
                         "attention {} B={b} C={c} D={d} scalar={scalar} splits={class_splits:?}",
@@ -407,20 +430,7 @@ fn attention_kernels_match_oracle() {
 fn attention_d2048_kernels_match_oracle() {
     let Some(dev) = emulated() else { return };
     let mut rng = ChaCha8Rng::seed_from_u64(2048);
-    let base = HeadConfig { cloud: CloudMode::Off, ..Default::default() };
-    let cloud = HeadConfig { cloud: CloudMode::Symmetric, label_smoothing: 0.1, ..Default::default() };
-    let clamp = HeadConfig {
-        cloud: CloudMode::OneSided,
-        fallback: Fallback::Clamp,
-        reduction: Reduction::None,
-        ..Default::default()
-    };
-    let st = HeadConfig {
-        margin_grad: featcloud::config::MarginGrad::StraightThrough,
-        reduction: Reduction::Sum,
-        label_smoothing: 0.2,
-        ..Default::default()
-    };
+    let [base, cloud, clamp, st] = attention_option_sets();
     let shapes: &[(usize, usize, usize, &HeadConfig, f32)] = &[
         (3, 5, 2048, &base, 0.0),
         (17, 150, 600, &clamp, 0.3),
@@ -437,16 +447,8 @@ fn attention_d2048_kernels_match_oracle() {
             if !scalar && !fused_vectorized(dt, d) {
                 continue;
             }
-            let t = FusedTuning {
-                kernels: Some(FusedKernels::Attention),
-                scalar_loads: scalar,
-                class_splits,
-                ..Default::default()
-            };
             let grad = if k % 2 == 1 { GradDtype::F32 } else { GradDtype::Input };
-            let r = run_head_dt(&dev, HeadPath::Fused, cfg, t, &p, grad);
-            assert_eq!(r.plan.kernels, FusedKernels::Attention);
-            assert_eq!(r.launches, 3, "launches of the attention-form forward_backward");
+            let r = run_attention(&dev, cfg, &p, scalar, class_splits, grad);
             check_fused(
                 &format!("attention bf16 B={b} C={c} D={d} scalar={scalar} splits={class_splits:?}"),
                 cfg,
@@ -462,11 +464,11 @@ fn attention_d2048_kernels_match_oracle() {
                     [(EmuOrder::Descending, EmuOrder::Random(5)), (EmuOrder::Random(9), EmuOrder::Descending)]
                 {
                     dev.set_emu_order(blocks, threads);
-                    let o = run_head_dt(&dev, HeadPath::Fused, cfg, t, &p, grad);
+                    let o = run_attention(&dev, cfg, &p, scalar, class_splits, grad);
                     dev.set_emu_order(EmuOrder::Ascending, EmuOrder::Ascending);
                     assert!(
                         r.bits() == o.bits(),
-                        "D={d} {t:?}: results depend on the order ({blocks:?}, {threads:?})"
+                        "D={d} scalar={scalar} splits={class_splits:?}: results depend on the order ({blocks:?}, {threads:?})"
                     );
                 }
             }
