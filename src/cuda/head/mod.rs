@@ -658,9 +658,8 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         if !attention {
             if let Some((scale, total)) = deferred.take() {
                 // Only the attention-form backward reduces the loss; none follows here.
-                let job = ForwardJob { sigma: total, n_valid, scale };
                 // SAFETY: row_loss [B] from the forward, total [1]; head_reduce writes total.
-                unsafe { self.dev.launch(&job.reduce(fwd, total)) }?;
+                unsafe { self.dev.launch(&reduce_launch(fwd, total, scale)) }?;
             }
         }
         match self.path {
@@ -720,16 +719,16 @@ impl ForwardJob<'_> {
     /// `head_reduce_fwd_f32`: the reduced loss of `out`'s row losses into `total` `[1]`
     /// (the last launch of either path's forward; it always writes its one element).
     fn reduce(&self, out: &HeadForward, total: &Tensor<f32>) -> Launch {
-        plan::head_reduce(
-            out.shape.b,
-            HeadReduceArgs {
-                loss_rows: out.row_loss.ptr(),
-                out: total.ptr(),
-                scale: self.scale,
-                ..Default::default()
-            },
-        )
+        reduce_launch(out, total, self.scale)
     }
+}
+
+/// `head_reduce_fwd_f32` of `out`'s row losses times `scale` into `total` `[1]`.
+fn reduce_launch(out: &HeadForward, total: &Tensor<f32>, scale: f32) -> Launch {
+    plan::head_reduce(
+        out.shape.b,
+        HeadReduceArgs { loss_rows: out.row_loss.ptr(), out: total.ptr(), scale, ..Default::default() },
+    )
 }
 
 /// The backward's upstream gradient as the kernels take it: a scale and optional
