@@ -23,7 +23,7 @@
 //   column left out of E (its term is added in f32 by the combine, through expm1). The W norms
 //   come from the tiles as they land (no norms pass); inv_x / inv_w are written for the combine
 //   and the backward. Out per (split, row): (m, l, sum z) and O = sum_{j != y} exp(z - m) wh_j.
-// Combine (attn_combine_fwd_<T>, one warp per row): merges the splits in order into lse and
+// Combine (attn_combine_fwd_d<DP>_<T>, a warp per row, a block at DP = 2048): merges the splits in order into lse and
 //   loss, and the row's dx for a unit row weight (u, SPEC 4's attention form and the
 //   normalization backward); the backward scales u by the row's upstream weight.
 // Backward (attn_bwd_d<DP>[_scalar]_<T>): R = W rows (a class tile of 64; 32 in f32; 16 at DP = 2048), T = x row
@@ -474,25 +474,33 @@ FC_ENTRY(attn_fwd_d2048_bf16, bf16_t, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T
 FC_ENTRY(attn_fwd_d2048_scalar_bf16, bf16_t, (ATTN_THREADS, 1), AttnFwdArgs, attn_fwd<T, false, 2048>(a))
 
 // ---- combine ------------------------------------------------------------------------------
-// One warp per row (8 rows per block). Merges the row's n_cs split partials in split order
-// (lane k takes splits k, k + 32, ..., then a fixed xor tree; every lane ends with the same
-// bits), writes lse and loss, then u_i, the row's dx for a unit row weight (SPEC 4):
+// One group of WPR warps per row: one warp (8 rows per block) for D <= 512, the whole block
+// for D <= 2048, so that re-ID's 64 rows run on 64 SMs and not 8. Merges the row's n_cs split
+// partials in split order (lane k takes splits k, k + 32, ..., then a fixed xor tree; every
+// warp of the group does the same merge and every lane ends with lane 0's bits), writes lse
+// and loss, then u_i, the row's dx for a unit row weight (SPEC 4):
 //   dxh = s [ O / l - (ls / C)(S - wh_y) + (expm1(z_y - lse) + ls - ls / C) dt wh_y ]
 //   u   = (dxh - xh (xh . dxh)) * inv_x
-// with O = sum_k exp(m_k - M) O_k over the splits and S = sum_k swh_k. The warp holds dxh in
-// registers (D <= 2048: 64 per lane). Ignored rows: zeros everywhere.
+// with O = sum_k exp(m_k - M) O_k over the splits and S = sum_k swh_k. The group holds dxh in
+// registers (DP / (32 WPR) per lane: 16 at DP = 512, 8 at DP = 2048); xh . dxh is each warp's
+// xor tree, then (WPR > 1) the warps' sums added in warp order through shared memory.
+// Ignored rows: zeros everywhere.
 #define ATTN_DMAX 2048
-template <typename T> __device__ __forceinline__ void attn_combine(const AttnCombineArgs<T>& a) {
-    constexpr int KL = ATTN_DMAX / WARP_SIZE;
+template <typename T, int DP> __device__ __forceinline__ void attn_combine(const AttnCombineArgs<T>& a) {
+    constexpr int WPR = DP > 512 ? ATTN_THREADS / WARP_SIZE : 1;
+    constexpr int NT = WPR * WARP_SIZE;  // threads per row
+    constexpr int KL = DP / NT;
+    static_assert(DP <= ATTN_DMAX && DP % NT == 0, "attn_combine: DP");
+    __shared__ float s_dot[WPR];
     const HeadParams& p = a.p;
     const int B = a.b, D = a.d, ns = a.n_cs;
-    const int i = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
-    const int lane = threadIdx.x % WARP_SIZE;
-    if (i >= B) return;  // the whole warp leaves
+    const int i = blockIdx.x * (ATTN_THREADS / NT) + threadIdx.x / NT;
+    const int t = threadIdx.x % NT, lane = threadIdx.x % WARP_SIZE;
+    if (i >= B) return;  // the whole group leaves
     const int y = a.labels[i];
     float* u = a.u + (size_t)i * D;
     if (y < 0) {
-        if (lane == 0) {
+        if (t == 0) {
             a.lse[i] = 0.0f;
             a.loss[i] = 0.0f;
             a.c_iy[i] = 0.0f;
@@ -500,7 +508,7 @@ template <typename T> __device__ __forceinline__ void attn_combine(const AttnCom
             a.alpha[i] = 0.0f;
             a.dt[i] = 0.0f;
         }
-        for (int k = lane; k < D; k += WARP_SIZE) u[k] = 0.0f;
+        for (int k = t; k < D; k += NT) u[k] = 0.0f;
         return;
     }
     LseAcc acc = lse_empty();
@@ -511,12 +519,13 @@ template <typename T> __device__ __forceinline__ void attn_combine(const AttnCom
     acc = warp_lse(acc);
     // Lane 0's merge for every lane: the xor tree's pairs compute a*x + b*y and b*y + a*x,
     // which NVRTC may contract into FMAs differently, so lanes could differ in the last bit.
+    // (The warps of a group run the same instructions on the same data: the same bits.)
     acc.m = __shfl_sync(0xffffffffu, acc.m, 0);
     acc.s = __shfl_sync(0xffffffffu, acc.s, 0);
     acc.sz = __shfl_sync(0xffffffffu, acc.sz, 0);
     const float lse = acc.m + logf(acc.s);
     const float zy = p.s * a.t[i];
-    if (lane == 0) {
+    if (t == 0) {
         a.lse[i] = lse;
         a.loss[i] = row_loss(p, acc, zy);
     }
@@ -528,7 +537,7 @@ template <typename T> __device__ __forceinline__ void attn_combine(const AttnCom
         const float* op = a.opart + ((size_t)sp * B + i) * D;
 #pragma unroll
         for (int k = 0; k < KL; ++k) {
-            const int col = lane + k * WARP_SIZE;
+            const int col = t + k * NT;
             if (col < D) o[k] = fmaf(f, op[col], o[k]);
         }
     }
@@ -539,7 +548,7 @@ template <typename T> __device__ __forceinline__ void attn_combine(const AttnCom
     float dot = 0.0f;
 #pragma unroll
     for (int k = 0; k < KL; ++k) {
-        const int col = lane + k * WARP_SIZE;
+        const int col = t + k * NT;
         if (col < D) {
             const float why = to_f32(wy[col]) * iwy;
             float v = o[k] * inv_l + tc * why;
@@ -553,14 +562,24 @@ template <typename T> __device__ __forceinline__ void attn_combine(const AttnCom
         }
     }
     dot = warp_sum(dot);
+    if (WPR > 1) {
+        if (lane == 0) s_dot[t / WARP_SIZE] = dot;
+        __syncthreads();
+        dot = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WPR; ++w) dot += s_dot[w];
+    }
 #pragma unroll
     for (int k = 0; k < KL; ++k) {
-        const int col = lane + k * WARP_SIZE;
+        const int col = t + k * NT;
         if (col < D) u[col] = (o[k] - to_f32(xr[col]) * ix * dot) * ix;
     }
 }
-// Entry points: AttnCombineArgs<T>; grid ceil(B / 8) blocks of 256.
-FC_DTYPES(attn_combine_fwd, (ATTN_THREADS), AttnCombineArgs, attn_combine<T>(a))
+// Entry points: AttnCombineArgs<T>; d512 (D <= 512): grid ceil(B / 8) blocks of 256, a warp
+// per row; d2048 (D <= 2048, bf16 only like the tile kernels): grid B blocks of 256, a block
+// per row.
+FC_DTYPES(attn_combine_fwd_d512, (ATTN_THREADS), AttnCombineArgs, attn_combine<T, 512>(a))
+FC_ENTRY(attn_combine_fwd_d2048_bf16, bf16_t, (ATTN_THREADS), AttnCombineArgs, attn_combine<T, 2048>(a))
 
 // An f16 operand from f32, saturating at +-65504 (the scaling keeps values below 2^15; this
 // is the last guard: inf times a zero would put NaN into a whole product).

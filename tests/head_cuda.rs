@@ -458,6 +458,7 @@ fn cpu_fused_workspace_is_never_b_times_c() {
     // SPEC 9: below Cut Cross-Entropy's extra memory (MiB) at each peer shape, on an H200 (132 SMs).
     let cce = [
         ((64, 2048, 751), 15.0),
+        ((512, 2048, 1000), 22.0),
         ((512, 512, 93_431), 461.0),
         ((1024, 512, 360_232), 1762.0),
         ((2048, 512, 1_000_000), 4889.0),

@@ -645,15 +645,17 @@ pub fn attention(shape: HeadShape, dtype: DType, dev: &DeviceModel) -> Option<Pa
     let busiest = per as f64 / (n_rt * n_ct) as f64;
     let mut kernels = vec![launch_model(dev, &lf, Work { flops, tflops: rate, hbm, l2, busiest })];
 
-    // Combine: one warp per row reads the row's split partials (m twice), its O partials,
-    // labels, t, dt, inv_x, inv_w[y], the x row and the target W row; writes lse, loss, u.
+    // Combine: one warp per row (a block per row at DP = 2048) reads the row's split partials
+    // (m twice), its O partials, labels, t, dt, inv_x, inv_w[y], the x row and the target W
+    // row; writes lse, loss, u.
     let lc = plan::attn_combine(dtype, shape, splits, AttnCombineArgs::default()).expect(supported);
+    let rows_per_cta = if dp > plan::ATTN_DMAX_ALL { 1 } else { WARP_ROWS };
     let scratch = part + opart;
     let rows_io = 5.0 * bf * 4.0 + 2.0 * bf * 4.0;
     let u_bytes = bf * df * 4.0;
     let l2 = scratch + sf * bf * 4.0 + rows_io + 2.0 * x_bytes + u_bytes;
     let hbm = if scratch <= dev.l2_bytes { 0.0 } else { scratch } + rows_io + 2.0 * x_bytes + u_bytes;
-    kernels.push(launch_model(dev, &lc, mem_work(hbm, l2, rows_share(b, WARP_ROWS))));
+    kernels.push(launch_model(dev, &lc, mem_work(hbm, l2, rows_share(b, rows_per_cta))));
 
     // Backward: one CTA per class tile of RM W rows, each streaming all of x in BT-row tiles
     // with labels, inv_x, lse, t, dt per row (row_g too under per-row upstream weights: not

@@ -450,12 +450,21 @@ pub fn attn_smem_bytes(dtype: DType, dp: usize) -> u32 {
 }
 
 /// The forward's class splits at `shape`: (splits, class tiles of [`ATTN_BT`] per split), so
-/// that row tiles x splits reaches [`ATTN_TARGET_CTAS`] where the classes allow, and no split
-/// is empty. A function of the shape only.
+/// that row tiles x splits reaches [`ATTN_TARGET_CTAS`] where the classes and
+/// [`ATTN_OPART_BUDGET`] allow, and no split is empty. A function of the shape only.
 pub fn attn_splits(dtype: DType, shape: HeadShape) -> (usize, usize) {
     let n_rt = shape.b.div_ceil(attn_rows(dtype, attn_dp(shape.d)));
-    attn_split_tiles(shape, ATTN_TARGET_CTAS.div_ceil(n_rt))
+    let budget = ATTN_OPART_BUDGET.max(shape.c * shape.d * dtype.size());
+    let by_memory = (budget / (shape.b * shape.d * 4).max(1)).max(1);
+    attn_split_tiles(shape, ATTN_TARGET_CTAS.div_ceil(n_rt).min(by_memory))
 }
+
+/// The forward's O partials ([splits][B][D] f32) stay within this many bytes, or W's size
+/// where W is larger (a head that holds W can hold scratch of its size), where one split allows
+/// it. Fewer splits mean fewer CTAs; at the SPEC 9 shapes the cap binds on LT only (8 splits
+/// become 4, 256 CTAs in two waves of one per SM become 128 in one: no slower in the model),
+/// where it keeps the extra memory below Cut Cross-Entropy's 22 MiB.
+pub const ATTN_OPART_BUDGET: usize = 16 << 20;
 
 /// (splits, class tiles per split) for about `want` class splits (clamped to [1, class
 /// tiles]; every split gets the same number of tiles but the last, none is empty).
@@ -528,15 +537,25 @@ pub fn attn_fwd(
     Ok(Launch::new(k, grid, [THREADS, 1, 1], attn_smem_bytes(dtype, attn_dp(shape.d)), &a))
 }
 
-/// `attn_combine_fwd_*`: one warp per row over the forward's `splits`.
+/// `attn_combine_fwd_d512_*` (one warp per row) or `attn_combine_fwd_d2048_bf16` (one block
+/// per row, so that few rows still fill the device) over the forward's `splits`.
 pub fn attn_combine(dtype: DType, shape: HeadShape, splits: usize, mut a: AttnCombineArgs) -> Result<Launch> {
     attn_check_d(shape.d)?;
-    let k = ka::ATTN_COMBINE_FWD[dtype];
     a.n_cs = splits as i32;
     a.b = shape.b as i32;
     a.c = shape.c as i32;
     a.d = shape.d as i32;
-    Ok(Launch::linear(k, warp_rows(shape.b), THREADS, &a))
+    if attn_dp(shape.d) <= ATTN_DMAX_ALL {
+        return Ok(Launch::linear(ka::ATTN_COMBINE_FWD_D512[dtype], warp_rows(shape.b), THREADS, &a));
+    }
+    match dtype {
+        DType::BF16 => Ok(Launch::linear(ka::ATTN_COMBINE_FWD_D2048_BF16, shape.b, THREADS, &a)),
+        _ => Err(Error::InvalidConfig(format!(
+            "the attention-form kernels take D <= {ATTN_DMAX_ALL} in {}, got {}",
+            dtype.name(),
+            shape.d
+        ))),
+    }
 }
 
 /// `attn_bwd_*`: one CTA per class tile of [`attn_rows`] classes.
