@@ -202,13 +202,15 @@ FC_ASSERT_LAYOUT(AdamwStepArgs, 80, n, 32, hp, 40);
 // ref_normalize_fwd_<T>
 template <typename T>
 struct RefNormalizeArgs {
-    const T* x;  // [rows, d] in
-    float* xh;   // [rows, d] out: x_r / max(||x_r||, 1e-12)
-    float* inv;  // [rows] out
+    const T* x;         // [rows, d] in
+    float* xh;          // [rows, d] out: x_r / max(||x_r||, 1e-12)
+    float* inv;         // [rows] out
+    const int* labels;  // [rows] in, may be null: rows with a negative label (ignored rows of x,
+                        // which may hold anything, SPEC 3) get zeros in xh and inv
     int rows;
     int d;
 };
-FC_ASSERT_LAYOUT(RefNormalizeArgs<float>, 32, rows, 24, d, 28);
+FC_ASSERT_LAYOUT(RefNormalizeArgs<float>, 40, labels, 24, d, 36);
 
 // ref_margin_fwd_<T>
 template <typename T>
@@ -271,13 +273,15 @@ struct NormbackArgs {
     const T* x;             // [rows, d] in
     const float* inv;       // [rows] in
     TO* out;                // [rows, d] out; may be null only for TO = float: result over parts[0]
+    const int* labels;      // [rows] in, may be null: rows with a negative label (ignored rows of x,
+                            // which may hold anything) get zeros without reading x
     long long part_stride;  // elements between parts (>= rows * d)
     int nparts;
     int rows;
     int d;
     int _pad0;
 };
-FC_ASSERT_LAYOUT(NormbackArgs<float>, 56, part_stride, 32, _pad0, 52);
+FC_ASSERT_LAYOUT(NormbackArgs<float>, 64, labels, 32, _pad0, 60);
 
 // ---- head_fused.cu ------------------------------------------------------------------------
 // Nothing in a fused struct aliases another of its pointers.

@@ -665,6 +665,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
         }
         cp_async_wait<0>();
         __syncthreads();  // this row tile landed; the s_* rows visible
+        zero_ignored_rows<T, BT, DP, NT>(cur, P, s_y);  // E's zeros would not cancel their NaN
         if (Cfg::STAGES == 2 && rt + 1 < n_rt) {
             // The other buffer was last read in the previous iteration, which ended with __syncthreads.
             attn_load<T, VEC, BT, DP, NT>(sT + ((rt + 1) & 1) * BT * P, P, a.x, r0 + BT, B, D);

@@ -491,6 +491,7 @@ __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __re
                 cp_async_commit();
                 cp_async_wait<0>();
                 __syncthreads();
+                zero_ignored_rows<T, BM, BD, NTHREADS>(sChunk, CP, s_y);
                 if constexpr (SCALED) scale_chunk_rows<T, BM, BD, NTHREADS>(sChunk, CP, s_xpow);
                 float aw[WMI][WNI][4];
                 zero_acc(aw);

@@ -22,12 +22,20 @@
 
 // ---- normalize --------------------------------------------------------------------
 // One warp per row, 8 rows per 256-thread block; grid = ceil(rows / 8).
+// labels (may be null): a row with a negative label is ignored (SPEC 3) and may hold anything,
+// NaN included; it gets zeros, so that the cuBLAS products (where its coefficients are 0, and
+// 0 * NaN = NaN) never see its values.
 template <typename T>
 __device__ __forceinline__ void ref_normalize(const T* __restrict__ x, float* __restrict__ xh,
-                                              float* __restrict__ inv, int rows, int d) {
+                                              float* __restrict__ inv, const int* __restrict__ labels, int rows, int d) {
     const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
     const int lane = threadIdx.x % WARP_SIZE;
     if (row >= rows) return;  // whole warp leaves together: no shuffle below is split
+    if (labels && labels[row] < 0) {
+        for (int k = lane; k < d; k += WARP_SIZE) xh[(size_t)row * d + k] = 0.0f;
+        if (lane == 0) inv[row] = 0.0f;
+        return;
+    }
     const T* xr = x + (size_t)row * d;
     const float r = 1.0f / fmaxf(sqrtf(warp_row_sumsq(xr, d)), FC_EPS_NORM);
     float* out = xh + (size_t)row * d;
@@ -35,8 +43,9 @@ __device__ __forceinline__ void ref_normalize(const T* __restrict__ x, float* __
     if (lane == 0) inv[row] = r;
 }
 
-// RefNormalizeArgs<T>: x [rows, d] in; xh [rows, d] out; inv [rows] out. No aliasing.
-FC_DTYPES(ref_normalize_fwd, (256), RefNormalizeArgs, ref_normalize<T>(a.x, a.xh, a.inv, a.rows, a.d))
+// RefNormalizeArgs<T>: x [rows, d] in; xh [rows, d] out; inv [rows] out; labels [rows] or null.
+// No aliasing.
+FC_DTYPES(ref_normalize_fwd, (256), RefNormalizeArgs, ref_normalize<T>(a.x, a.xh, a.inv, a.labels, a.rows, a.d))
 
 // ---- margin + cloud on the target column ---------------------------------------------
 // One thread per row; grid = ceil(B / 256). Ignored rows (label < 0) write zeros.
@@ -155,13 +164,21 @@ extern "C" __global__ void __launch_bounds__(256) ref_grad_bwd_f32(const RefGrad
 // Pass 1 stores g_r back into parts[0] (each element by the thread that read it),
 // pass 2 reads it once more and writes out; out == null writes the result over
 // parts[0] in place (only for TO = float: the fused path's f32 dW).
-// parts [nparts, rows, d] f32 in/out; x [rows, d] (T); inv [rows]; out [rows, d] (TO) or null.
+// parts [nparts, rows, d] f32 in/out; x [rows, d] (T); inv [rows]; out [rows, d] (TO) or null;
+// labels [rows] or null: a row with a negative label (an ignored row of x, which may hold
+// anything, SPEC 3) gets zeros without reading x.
 template <typename T, typename TO>
 __device__ __forceinline__ void normback(float* parts, int nparts, long long part_stride, const T* __restrict__ x,
-                                         const float* __restrict__ inv, TO* out, int rows, int d) {
+                                         const float* __restrict__ inv, TO* out, const int* __restrict__ labels, int rows,
+                                         int d) {
     const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
     const int lane = threadIdx.x % WARP_SIZE;
     if (row >= rows) return;
+    if (labels && labels[row] < 0) {
+        TO* o = (out ? out : reinterpret_cast<TO*>(parts)) + (size_t)row * d;
+        for (int k = lane; k < d; k += WARP_SIZE) o[k] = from_f32<TO>(0.0f);
+        return;
+    }
     const float r = inv[row];
     const T* xr = x + (size_t)row * d;
     float* g0 = parts + (size_t)row * d;
@@ -181,9 +198,9 @@ __device__ __forceinline__ void normback(float* parts, int nparts, long long par
 }
 
 // NormbackArgs<T, TO>: parts [nparts, rows, d] f32; x [rows, d]; inv [rows]; out [rows, d] or
-// null (f32 only: in place). head_normback_bwd_<T> writes T (TO = T); the f32out variants write
+// null (f32 only: in place); labels [rows] or null. head_normback_bwd_<T> writes T (TO = T); the f32out variants write
 // an f32 dW from 16-bit storage (spelled out: their argument struct is not Args<T>).
-#define NORMBACK_PASS a.parts, a.nparts, a.part_stride, a.x, a.inv, a.out, a.rows, a.d
+#define NORMBACK_PASS a.parts, a.nparts, a.part_stride, a.x, a.inv, a.out, a.labels, a.rows, a.d
 FC_DTYPES(head_normback_bwd, (256), NormbackArgs, normback<T, T>(NORMBACK_PASS))
 extern "C" __global__ void __launch_bounds__(256) head_normback_bwd_f32out_bf16(const NormbackArgs<bf16_t, float> a) {
     normback<bf16_t, float>(NORMBACK_PASS);

@@ -89,6 +89,22 @@ __device__ __forceinline__ void split_pow2(float inv, float& frac, float& pow) {
     }
 }
 
+// Zeroes the rows r of s[ROWS][pitch] (COLS columns) whose label y[r] is negative (ignored
+// rows, and rows past B), then a barrier if it zeroed any. An ignored row may hold anything,
+// NaN or inf included (SPEC 3): its coefficients in a product are 0, but 0 * NaN is NaN inside
+// the product, so the operand row itself must be zero. y is in shared memory (every thread
+// reads the same values: the barrier is uniform); the caller's barrier made s and y visible.
+template <typename T, int ROWS, int COLS, int NT>
+__device__ __forceinline__ void zero_ignored_rows(T* s, int pitch, const int* y) {
+    bool any = false;
+    for (int r = 0; r < ROWS; ++r) {
+        if (y[r] >= 0) continue;
+        any = true;
+        for (int k = threadIdx.x; k < COLS; k += NT) s[r * pitch + k] = from_f32<T>(0.0f);
+    }
+    if (any) __syncthreads();
+}
+
 // Zeroes a warp's accumulator fragments (fully unrolled: they stay in registers).
 template <int MI, int NI> __device__ __forceinline__ void zero_acc(float (&acc)[MI][NI][4]) {
 #pragma unroll

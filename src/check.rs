@@ -49,6 +49,22 @@ pub fn check_finite(what: &str, v: &[f32]) -> Result<()> {
     }
 }
 
+/// First non-finite value of `x` `[B, d]` in a row whose label is not negative, as an error
+/// naming `what` and the flat index. Ignored rows (label < 0) may hold anything (SPEC 3):
+/// padding rows are never read into a result, so they are not checked either.
+pub fn check_finite_rows<F: Copy + Into<f64>>(what: &str, x: &[F], d: usize, labels: &[i32]) -> Result<()> {
+    let bad = x
+        .chunks(d.max(1))
+        .zip(labels)
+        .enumerate()
+        .filter(|(_, (_, &y))| y >= 0)
+        .find_map(|(i, (row, _))| row.iter().position(|&v| !v.into().is_finite()).map(|k| i * d + k));
+    match bad {
+        Some(index) => Err(Error::NonFinite { what: what.to_string(), index }),
+        None => Ok(()),
+    }
+}
+
 /// sigma_cloud must be finite and non-negative.
 pub fn check_sigma(sigma: &[f32]) -> Result<()> {
     check_finite("sigma_cloud", sigma)?;

@@ -11,6 +11,7 @@ use featcloud::{CloudMode, Fallback, HeadConfig, MarginGrad, Reduction};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+#[derive(Clone)]
 struct Case {
     shape: HeadShape,
     x: Vec<f32>,
@@ -225,4 +226,89 @@ fn bad_inputs_are_errors() {
         step: 0,
     };
     assert!(head::forward(&bad_cfg, &p).is_err(), "ls = 1");
+}
+
+/// Ignored rows may hold anything (SPEC 3), on both CPU paths: NaN, +-inf and f32::MAX in
+/// the x rows of ignored labels give bitwise the outputs of the same batch without those rows
+/// (cloud off: the cloud's noise is keyed by the row index, so removing rows moves it) and of
+/// the same batch with those rows zeroed (cloud on). Before the fix both paths refused the
+/// batch ("non-finite value in x"). A NaN in a valid row is still an error naming its index.
+#[test]
+fn ignored_rows_may_hold_anything() {
+    let (b, c, d) = (23, 17, 9);
+    let clean = case(b, c, d, 5, true);
+    let ignored: Vec<usize> = (0..b).filter(|&i| clean.labels[i] < 0).collect();
+    assert!(ignored.len() >= 4);
+    let mut poisoned = clean.clone();
+    for (n, &i) in ignored.iter().enumerate() {
+        let row = &mut poisoned.x[i * d..(i + 1) * d];
+        match n % 4 {
+            0 => row.fill(f32::NAN),
+            1 => (row[0], row[d - 1]) = (f32::INFINITY, f32::NEG_INFINITY),
+            2 => row.fill(f32::MAX),
+            _ => row[d / 2] = f32::NAN,
+        }
+    }
+    let mut zeroed = clean.clone();
+    for &i in &ignored {
+        zeroed.x[i * d..(i + 1) * d].fill(0.0);
+    }
+    let keep: Vec<usize> = (0..b).filter(|&i| clean.labels[i] >= 0).collect();
+    let removed = Case {
+        shape: HeadShape { b: keep.len(), c, d },
+        x: keep.iter().flat_map(|&i| clean.x[i * d..(i + 1) * d].to_vec()).collect(),
+        labels: keep.iter().map(|&i| clean.labels[i]).collect(),
+        ..clean.clone()
+    };
+    let up = Upstream::Scalar(1.3);
+    let rows_of = |dx: &[f32]| -> Vec<u32> {
+        keep.iter().flat_map(|&i| dx[i * d..(i + 1) * d].to_vec()).map(f32::to_bits).collect()
+    };
+    let rows_of64 = |dx: &[f64]| -> Vec<u64> {
+        keep.iter().flat_map(|&i| dx[i * d..(i + 1) * d].to_vec()).map(f64::to_bits).collect()
+    };
+    let bits = |v: &[f32]| -> Vec<u32> { v.iter().map(|a| a.to_bits()).collect() };
+    let bits64 = |v: &[f64]| -> Vec<u64> { v.iter().map(|a| a.to_bits()).collect() };
+    for cloud in [CloudMode::Off, CloudMode::OneSided] {
+        let cfg = HeadConfig { cloud, label_smoothing: 0.1, fallback: Fallback::Clamp, ..Default::default() };
+        let reference = if cloud == CloudMode::Off { &removed } else { &zeroed };
+        let compact = cloud == CloudMode::Off;
+        // The CPU backend.
+        let (f, g) = head::forward_backward(&cfg, &problem(&poisoned, 3), up).unwrap();
+        let (rf, rg) = head::forward_backward(&cfg, &problem(reference, 3), up).unwrap();
+        assert_eq!(f.loss.to_bits(), rf.loss.to_bits(), "cpu {cloud:?}: loss");
+        assert_eq!(bits(&g.dw), bits(&rg.dw), "cpu {cloud:?}: dW");
+        if compact {
+            assert_eq!(rows_of(&g.dx), bits(&rg.dx), "cpu {cloud:?}: dx of the valid rows");
+        } else {
+            assert_eq!(bits(&g.dx), bits(&rg.dx), "cpu {cloud:?}: dx");
+        }
+        for &i in &ignored {
+            assert!(
+                g.dx[i * d..(i + 1) * d].iter().all(|&v| v == 0.0),
+                "cpu {cloud:?}: dx of ignored row {i}"
+            );
+        }
+        // The oracle.
+        let f = oracle::forward(&cfg, &problem(&poisoned, 3)).unwrap();
+        let rf = oracle::forward(&cfg, &problem(reference, 3)).unwrap();
+        assert_eq!(f.loss.to_bits(), rf.loss.to_bits(), "oracle {cloud:?}: loss");
+        let g = oracle::backward(&cfg, &problem(&poisoned, 3), oracle::Upstream::Scalar(1.3)).unwrap();
+        let rg = oracle::backward(&cfg, &problem(reference, 3), oracle::Upstream::Scalar(1.3)).unwrap();
+        assert_eq!(bits64(&g.dw), bits64(&rg.dw), "oracle {cloud:?}: dW");
+        if compact {
+            assert_eq!(rows_of64(&g.dx), bits64(&rg.dx), "oracle {cloud:?}: dx of the valid rows");
+        } else {
+            assert_eq!(bits64(&g.dx), bits64(&rg.dx), "oracle {cloud:?}: dx");
+        }
+    }
+    // A non-finite value in a valid row is still refused, with its flat index.
+    let mut bad = clean.clone();
+    let row = keep[1];
+    bad.x[row * d + 2] = f32::NAN;
+    let cfg = HeadConfig::default();
+    let err = head::forward(&cfg, &problem(&bad, 0)).unwrap_err().to_string();
+    assert_eq!(err, format!("non-finite value in x at index {}", row * d + 2));
+    let err = oracle::forward(&cfg, &problem(&bad, 0)).unwrap_err().to_string();
+    assert_eq!(err, format!("non-finite value in x at index {}", row * d + 2));
 }

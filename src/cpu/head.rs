@@ -139,7 +139,14 @@ fn forward_impl(cfg: &HeadConfig, p: &HeadProblem) -> Result<Fwd> {
     // The oracle's checks: the same preconditions and the same errors.
     check_problem(cfg, p)?;
     let HeadShape { b, c, d } = p.shape;
-    let (xh, nx) = normalize_rows(p.x, d);
+    let (mut xh, mut nx) = normalize_rows(p.x, d);
+    // Ignored rows may hold anything, NaN included (SPEC 3); their logit gradients are 0, but
+    // 0 * NaN = NaN inside the dW product, so their normalized rows are zeroed (and their norms
+    // set to 1 so that the normalization backward of their zero gradient stays 0).
+    for (i, _) in p.labels.iter().enumerate().filter(|(_, &y)| y < 0) {
+        xh[i * d..(i + 1) * d].fill(0.0);
+        nx[i] = 1.0;
+    }
     let (wh, nw) = normalize_rows(p.w, d);
     let mut cos = vec![0.0f32; b * c];
     sgemm(false, true, b, c, d, 1.0, &xh, &wh, 0.0, &mut cos)?;

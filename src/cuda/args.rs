@@ -410,14 +410,17 @@ pub struct RefNormalizeArgs {
     pub xh: DevPtr,
     /// `[rows]` f32 out.
     pub inv: DevPtr,
+    /// `[rows]` i32 in, may be null: rows with a negative label (ignored rows of x, which may
+    /// hold anything) get zeros in `xh` and `inv`.
+    pub labels: DevPtr,
     /// Rows.
     pub rows: i32,
     /// Row length.
     pub d: i32,
 }
-const _: () = assert!(std::mem::size_of::<RefNormalizeArgs>() == 32);
-const _: () = assert!(std::mem::offset_of!(RefNormalizeArgs, rows) == 24);
-const _: () = assert!(std::mem::offset_of!(RefNormalizeArgs, d) == 28);
+const _: () = assert!(std::mem::size_of::<RefNormalizeArgs>() == 40);
+const _: () = assert!(std::mem::offset_of!(RefNormalizeArgs, labels) == 24);
+const _: () = assert!(std::mem::offset_of!(RefNormalizeArgs, d) == 36);
 // SAFETY: #[repr(C)], Pod, and the layout of `RefNormalizeArgs<T>` in kernels/args.cuh
 // (size and offsets asserted above and there).
 unsafe impl KernelArgs for RefNormalizeArgs {}
@@ -549,6 +552,9 @@ pub struct NormbackArgs {
     pub inv: DevPtr,
     /// `[rows, d]` out (T or f32); may be null only for an f32 output: result over `parts[0]`.
     pub out: DevPtr,
+    /// `[rows]` i32 in, may be null: rows with a negative label (ignored rows of x, which may
+    /// hold anything) get zeros without reading x.
+    pub labels: DevPtr,
     /// Elements between parts (>= rows * d).
     pub part_stride: i64,
     /// Number of parts.
@@ -560,9 +566,9 @@ pub struct NormbackArgs {
     /// Explicit padding; always 0.
     pub _pad0: i32,
 }
-const _: () = assert!(std::mem::size_of::<NormbackArgs>() == 56);
-const _: () = assert!(std::mem::offset_of!(NormbackArgs, part_stride) == 32);
-const _: () = assert!(std::mem::offset_of!(NormbackArgs, _pad0) == 52);
+const _: () = assert!(std::mem::size_of::<NormbackArgs>() == 64);
+const _: () = assert!(std::mem::offset_of!(NormbackArgs, labels) == 32);
+const _: () = assert!(std::mem::offset_of!(NormbackArgs, _pad0) == 60);
 // SAFETY: #[repr(C)], Pod, and the layout of `NormbackArgs<T, TO>` in kernels/args.cuh
 // (size and offsets asserted above and there).
 unsafe impl KernelArgs for NormbackArgs {}

@@ -17,7 +17,7 @@
 //!   are ignored, so ignoring a row never changes another row's cloud.
 //! - With `CloudMode::Off`, `sigma_cloud` may be empty (or have C entries, unused).
 
-use crate::check::{check_finite, check_head_inputs, check_sigma};
+use crate::check::{check_finite, check_finite_rows, check_head_inputs, check_sigma};
 use crate::config::{CloudMode, Fallback, HeadConfig, MarginGrad, Reduction};
 use crate::error::{Error, Result};
 use crate::oracle::philox::cloud_normal;
@@ -231,13 +231,13 @@ fn row_weight(cfg: &HeadConfig, g: Upstream, n_valid: usize, i: usize) -> f64 {
 /// labels, sigma_cloud, finite x and W. The CPU backend checks its calls with it too.
 pub(crate) fn check_problem(cfg: &HeadConfig, p: &HeadProblem) -> Result<()> {
     validate(cfg, p.shape, p.x.len(), p.w.len(), p.labels, p.sigma_cloud)?;
-    check_finite("x", p.x)?;
+    check_finite_rows("x", p.x, p.shape.d, p.labels)?;
     check_finite("W", p.w)
 }
 
 fn check_problem_f64(cfg: &HeadConfig, p: &HeadProblemF64) -> Result<()> {
     validate(cfg, p.shape, p.x.len(), p.w.len(), p.labels, p.sigma_cloud)?;
-    check_finite_f64("x", p.x)?;
+    check_finite_rows("x", p.x, p.shape.d, p.labels)?;
     check_finite_f64("W", p.w)
 }
 
@@ -400,8 +400,14 @@ fn evaluate(cfg: &HeadConfig, p: &HeadProblemF64) -> Evaluation {
     let HeadShape { b, c, d } = p.shape;
     let s = cfg.s as f64;
     let ls = cfg.label_smoothing as f64;
-    let (xh, nx) = normalize_rows(p.x, b, d);
+    let (mut xh, mut nx) = normalize_rows(p.x, b, d);
     let (wh, nw) = normalize_rows(p.w, c, d);
+    // Ignored rows may hold anything, NaN included (SPEC 3): they enter as zero rows of unit
+    // norm, so that their zero logit gradients give exact zeros in every sum (0 * NaN = NaN).
+    for (i, _) in p.labels.iter().enumerate().filter(|(_, &y)| y < 0) {
+        xh[i * d..(i + 1) * d].fill(0.0);
+        nx[i] = 1.0;
+    }
 
     let mut z = vec![0.0; b * c];
     let mut dt = vec![0.0; b];

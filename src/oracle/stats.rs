@@ -19,7 +19,7 @@
 //!   batch whose rows are all ignored;
 //! - in adaptive mode "a head class exists" means some initialized class has N_k > 0.
 
-use crate::check::{check_finite, check_labels};
+use crate::check::{check_finite_rows, check_labels};
 use crate::config::{CenterMode, Split};
 use crate::error::{Error, Result};
 use crate::oracle::head::NORM_EPS;
@@ -39,7 +39,7 @@ impl StatsState {
             )));
         }
         check_labels(labels, self.c)?;
-        check_finite("x", x)?;
+        check_finite_rows("x", x, d, labels)?;
 
         let beta = self.cfg.beta as f64;
         for (k, rows) in rows_by_class(labels, self.c) {

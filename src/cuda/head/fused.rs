@@ -225,7 +225,7 @@ pub(super) fn backward<T: DeviceElem>(
     unsafe { dev.launch(&tiles) }?;
     let dw = match dest {
         DwDest::Partials(dwp) => {
-            let dw = normback(dev, &dwp, splits, inp.w, inv_w, grad_dtype, c, d)?;
+            let dw = normback(dev, &dwp, splits, inp.w, inv_w, None, grad_dtype, c, d)?;
             scratch.put(Slot::Dw, dwp);
             dw
         }
@@ -235,7 +235,7 @@ pub(super) fn backward<T: DeviceElem>(
             GradTensor::Input(dw)
         }
     };
-    let dx = normback(dev, &dxp, groups, inp.x, inv_x, grad_dtype, b, d)?;
+    let dx = normback(dev, &dxp, groups, inp.x, inv_x, Some(inp.labels), grad_dtype, b, d)?;
     scratch.put(Slot::Dxp, dxp);
     if let Some((ix, iw)) = computed {
         scratch.put(Slot::InvX, ix);

@@ -9,12 +9,18 @@ use super::scratch::{Scratch, Slot};
 use super::{ForwardJob, ForwardLaunched, GradDtype, GradTensor, Grads, HeadForward, Inputs, Upstream};
 use crate::cuda::args::{NormbackArgs, RefGradArgs, RefMarginArgs, RefNormalizeArgs, RefSoftmaxArgs};
 use crate::cuda::gemm_plan::head_gemms;
+use crate::cuda::launch::DevPtr;
 use crate::cuda::{Device, DeviceElem, Tensor};
 use crate::error::Result;
 use crate::shape::HeadShape;
 
-/// xh = v / max(||v||, eps) in f32 `[rows, d]`, and the inverse norms `[rows]`.
-fn normalize<T: DeviceElem>(dev: &Device, v: &Tensor<T>) -> Result<(Tensor<f32>, Tensor<f32>)> {
+/// xh = v / max(||v||, eps) in f32 `[rows, d]`, and the inverse norms `[rows]`; rows whose
+/// label in `labels` is negative (x's ignored rows, which may hold anything) get zeros.
+fn normalize<T: DeviceElem>(
+    dev: &Device,
+    v: &Tensor<T>,
+    labels: Option<&Tensor<i32>>,
+) -> Result<(Tensor<f32>, Tensor<f32>)> {
     let (rows, d) = (v.shape()[0], v.shape()[1]);
     // SAFETY (both): ref_normalize writes every element (one warp per row, every column).
     let vh = unsafe { Tensor::<f32>::uninit(dev, &[rows, d]) }?;
@@ -23,7 +29,13 @@ fn normalize<T: DeviceElem>(dev: &Device, v: &Tensor<T>) -> Result<(Tensor<f32>,
         T::DTYPE,
         rows,
         d,
-        RefNormalizeArgs { x: v.ptr(), xh: vh.ptr(), inv: inv.ptr(), ..Default::default() },
+        RefNormalizeArgs {
+            x: v.ptr(),
+            xh: vh.ptr(),
+            inv: inv.ptr(),
+            labels: labels.map_or(DevPtr::NULL, |l| l.ptr()),
+            ..Default::default()
+        },
     );
     // SAFETY: v holds rows*d T, vh rows*d f32, inv rows f32 (distinct allocations); one warp
     // per row covers every row once.
@@ -41,8 +53,8 @@ pub(super) fn forward<T: DeviceElem>(
     let (shape, p) = (inp.shape, inp.p);
     // Zeroed: the margin and softmax kernels skip the ignored rows.
     let out = HeadForward::alloc_zeroed(dev, shape, job.n_valid)?;
-    let (xh, _inv_x) = normalize(dev, inp.x)?;
-    let (wh, _inv_w) = normalize(dev, inp.w)?;
+    let (xh, _inv_x) = normalize(dev, inp.x, Some(inp.labels))?;
+    let (wh, _inv_w) = normalize(dev, inp.w, None)?;
     let cos = cos_gemm(dev, &xh, &wh, shape)?;
     let margin = plan::ref_margin(
         T::DTYPE,
@@ -101,8 +113,8 @@ pub(super) fn backward<T: DeviceElem>(
 ) -> Result<Grads<T>> {
     let (shape, p) = (inp.shape, inp.p);
     let HeadShape { b, c, d } = shape;
-    let (xh, inv_x) = normalize(dev, inp.x)?;
-    let (wh, inv_w) = normalize(dev, inp.w)?;
+    let (xh, inv_x) = normalize(dev, inp.x, Some(inp.labels))?;
+    let (wh, inv_w) = normalize(dev, inp.w, None)?;
     let cos = cos_gemm(dev, &xh, &wh, shape)?;
     // SAFETY: ref_grad_bwd_f32 writes every (i, j) of dc (grid covers C x B, bounds-checked).
     let dc = unsafe { Tensor::<f32>::uninit(dev, &[b * c]) }?;
@@ -131,13 +143,14 @@ pub(super) fn backward<T: DeviceElem>(
     let mut dwh = unsafe { Tensor::<f32>::uninit(dev, &[c * d]) }?;
     dev.gemm(&dx_plan, &wh, &dc, &mut dxh, 1.0, 0.0, "reference dx GEMM")?;
     dev.gemm(&dw_plan, &xh, &dc, &mut dwh, 1.0, 0.0, "reference dW GEMM")?;
-    let dx = normback(dev, &dxh, 1, inp.x, &inv_x, grad_dtype, b, d)?;
-    let dw = normback(dev, &dwh, 1, inp.w, &inv_w, grad_dtype, c, d)?;
+    let dx = normback(dev, &dxh, 1, inp.x, &inv_x, Some(inp.labels), grad_dtype, b, d)?;
+    let dw = normback(dev, &dwh, 1, inp.w, &inv_w, None, grad_dtype, c, d)?;
     Ok(Grads { dx, dw })
 }
 
 /// out = (g - u (u . g)) * inv with g the sum of `nparts` f32 partials `[nparts, rows, d]`
-/// of the gradient of the normalized rows of `v`; in f32 or the storage dtype.
+/// of the gradient of the normalized rows of `v`; in f32 or the storage dtype. Rows whose label
+/// in `labels` is negative (x's ignored rows) get zeros.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn normback<T: DeviceElem>(
     dev: &Device,
@@ -145,6 +158,7 @@ pub(super) fn normback<T: DeviceElem>(
     nparts: usize,
     v: &Tensor<T>,
     inv: &Tensor<f32>,
+    labels: Option<&Tensor<i32>>,
     grad_dtype: GradDtype,
     rows: usize,
     d: usize,
@@ -161,8 +175,14 @@ pub(super) fn normback<T: DeviceElem>(
         GradTensor::F32(t) => t.ptr(),
         GradTensor::Input(t) => t.ptr(),
     };
-    let args =
-        NormbackArgs { parts: parts.ptr(), x: v.ptr(), inv: inv.ptr(), out: out_ptr, ..Default::default() };
+    let args = NormbackArgs {
+        parts: parts.ptr(),
+        x: v.ptr(),
+        inv: inv.ptr(),
+        out: out_ptr,
+        labels: labels.map_or(DevPtr::NULL, |l| l.ptr()),
+        ..Default::default()
+    };
     let l = plan::normback(T::DTYPE, out_f32, rows, d, nparts, args);
     // SAFETY: parts holds nparts*rows*d f32, v rows*d T, inv rows f32, out rows*d in the
     // kernel's output dtype (the kernel is picked by T and out_f32 together); distinct buffers.
