@@ -33,11 +33,11 @@ for exe in tests/*; do
   step "test $t" tests.txt "$exe" --test-threads=1
 done
 if command -v compute-sanitizer >/dev/null; then
-  step "memcheck smoke" sanitizer.txt compute-sanitizer --tool memcheck --error-exitcode 1 ./featcloud smoke --allow-known
-  step "racecheck smoke" sanitizer.txt compute-sanitizer --tool racecheck --error-exitcode 1 ./featcloud smoke --allow-known
-  step "synccheck smoke" sanitizer.txt compute-sanitizer --tool synccheck --error-exitcode 1 ./featcloud smoke --allow-known
+  step "memcheck smoke" sanitizer.txt compute-sanitizer --tool memcheck --error-exitcode 1 ./featcloud smoke
+  step "racecheck smoke" sanitizer.txt compute-sanitizer --tool racecheck --error-exitcode 1 ./featcloud smoke
+  step "synccheck smoke" sanitizer.txt compute-sanitizer --tool synccheck --error-exitcode 1 ./featcloud smoke
   # The fused path allocates its outputs and partials uninitialized: no read may precede a write.
-  step "initcheck smoke" sanitizer.txt compute-sanitizer --tool initcheck --error-exitcode 1 ./featcloud smoke --allow-known
+  step "initcheck smoke" sanitizer.txt compute-sanitizer --tool initcheck --error-exitcode 1 ./featcloud smoke
 else
   echo "compute-sanitizer: not found" | tee -a "$OUT/summary.txt"; status=1
 fi

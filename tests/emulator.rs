@@ -267,7 +267,8 @@ fn launches_outside_the_limits_are_refused() {
     refused(Launch::new(norms::ROW_NORMS_FWD_F32, [0, 1, 1], [256, 1, 1], 0, &args), "grid");
     refused(Launch::new(norms::ROW_NORMS_FWD_F32, [1, 1, 1], [256, 1, 1], 300_000, &args), "shared memory");
     // Another kernel's argument struct of the same size (32 bytes) is refused by name.
-    let other = RefNormalizeArgs { x: x.ptr(), xh: inv.ptr(), inv: inv.ptr(), rows: 8, d: 8 };
+    let other =
+        RefNormalizeArgs { x: x.ptr(), xh: inv.ptr(), inv: inv.ptr(), rows: 8, d: 8, ..Default::default() };
     assert_eq!(std::mem::size_of_val(&other), std::mem::size_of_val(&args));
     refused(Launch::new(norms::ROW_NORMS_FWD_F32, [1, 1, 1], [256, 1, 1], 0, &other), "RowNormsArgs");
 }

@@ -312,3 +312,51 @@ fn ignored_rows_may_hold_anything() {
     let err = oracle::forward(&cfg, &problem(&bad, 0)).unwrap_err().to_string();
     assert_eq!(err, format!("non-finite value in x at index {}", row * d + 2));
 }
+
+/// Issue 13's f32 precision case and its neighbours (`verify::cancellation_problem`: B = 1,
+/// classes evenly around a circle, the row opposite its class, D = 2, 3, 8, C = 100 to 3000,
+/// both fallbacks, |x| from 0.1 to 100): the CPU backend's gradients stay within SPEC 8's f32
+/// tolerance with its rounding floor (`verify::f32_floors`). The floor is needed (without it
+/// many of these fail 1e-4 of max |dx|: the row's dx nearly cancels) and not slack (the worst
+/// error beyond 1e-4 of max is more than 1/64 of the floor).
+#[test]
+fn f32_cancellation_stays_within_the_floor() {
+    use featcloud::cuda::head::verify::{cancellation_problem, f32_floors};
+    let (mut n, mut without_floor, mut worst) = (0, 0, 0.0f64);
+    for c in [100usize, 1000, 3000] {
+        for d in [2usize, 3, 8] {
+            for seed in 0..8u64 {
+                let jitter = [0.0, 1e-3, 0.3][seed as usize % 3];
+                let x_norm = 10f64.powf(-1.0 + 3.0 * seed as f64 / 7.0);
+                let p = cancellation_problem(c, d, jitter, x_norm, seed + 10 * c as u64);
+                for fallback in [Fallback::Clamp, Fallback::Linear] {
+                    let cfg = HeadConfig { cloud: CloudMode::Off, fallback, ..Default::default() };
+                    let hp = p.head_problem();
+                    let fo = oracle::forward(&cfg, &hp).unwrap();
+                    let go = oracle::backward(&cfg, &hp, oracle::Upstream::Scalar(1.0)).unwrap();
+                    let (_, g) = head::forward_backward(&cfg, &hp, Upstream::Scalar(1.0)).unwrap();
+                    let (fx, fw) = f32_floors(&cfg, &p, &fo);
+                    for (got, want, floors) in [(&g.dx, &go.dx, &fx), (&g.dw, &go.dw, &fw)] {
+                        let max = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                        for (k, (&a, &b)) in got.iter().zip(want.iter()).enumerate() {
+                            let err = (a as f64 - b).abs();
+                            let floor = floors[k / d];
+                            assert!(
+                                err <= 1e-4 * max + floor,
+                                "C={c} D={d} seed={seed} {fallback:?}: err {err:e} > 1e-4 * {max:e} + {floor:e}"
+                            );
+                            if err > 1e-4 * max {
+                                without_floor += 1;
+                                worst = worst.max((err - 1e-4 * max) / floor);
+                            }
+                        }
+                    }
+                    n += 1;
+                }
+            }
+        }
+    }
+    println!("{n} cases: {without_floor} gradient elements need the floor; worst excess {worst:.3} of it");
+    assert!(without_floor > 0, "the family no longer cancels: it tests nothing");
+    assert!(worst > 1.0 / 64.0, "the floor is far above every error ({worst:e} of it)");
+}

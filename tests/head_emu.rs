@@ -641,6 +641,56 @@ fn ignored_rows_may_hold_anything() {
     }
 }
 
+/// Issue 13's f32 precision case and its neighbours (`verify::cancellation_problem`) through
+/// the three f32 CUDA paths (reference, tiles, attention): every gradient within SPEC 8's f32
+/// tolerance with its rounding floor, and some of them only with it.
+#[test]
+fn f32_cancellation_stays_within_the_floor() {
+    use featcloud::cuda::head::verify::{
+        cancellation_problem, compare_with_oracle, run_device_with, RunOptions,
+    };
+    let Some(dev) = emulated() else { return };
+    let gt = tolerances(DType::F32).1;
+    let mut worst_without = 0.0f64;
+    for (c, d, seed) in [(1000usize, 2usize, 1u64), (1000, 2, 2), (300, 3, 3), (100, 8, 4), (1000, 2, 5)] {
+        let p = cancellation_problem(
+            c,
+            d,
+            [0.0, 1e-3, 0.3][seed as usize % 3],
+            10f64.powf(seed as f64 / 2.0 - 1.0),
+            seed,
+        );
+        for fallback in [Fallback::Clamp, Fallback::Linear] {
+            let cfg = HeadConfig { cloud: CloudMode::Off, fallback, ..Default::default() };
+            let (fo, go) = oracle_of(&cfg, &p);
+            for (path, kernels) in [
+                (HeadPath::Reference, None),
+                (HeadPath::Fused, Some(FusedKernels::Tiles)),
+                (HeadPath::Fused, Some(FusedKernels::Attention)),
+            ] {
+                let opts = RunOptions { tuning: FusedTuning { kernels, ..Default::default() }, pad: 0 };
+                let r = run_device_with(&dev, path, &cfg, &p, GradDtype::Input, opts).unwrap();
+                let cmp = compare_with_oracle(&cfg, &p, &r).unwrap();
+                let (edx, mdx, _) = max_err(&r.dx, &go.dx);
+                let rel = edx / mdx;
+                println!(
+                    "{} {kernels:?} C={c} D={d} seed={seed} {fallback:?}: dx err {edx:.1e} = {rel:.1e} of max; with the floor {:.2} of the tolerance",
+                    path.name(),
+                    cmp.dx_rel.max(cmp.dw_rel) / gt
+                );
+                assert!(
+                    cmp.passed(DType::F32),
+                    "{} {kernels:?} C={c} D={d} seed={seed} {fallback:?}: {cmp:?}",
+                    path.name()
+                );
+                assert!(fo.loss.is_finite());
+                worst_without = worst_without.max(rel / gt);
+            }
+        }
+    }
+    assert!(worst_without > 1.0, "no case needed the floor ({worst_without:.2} of the tolerance without it)");
+}
+
 /// The same call in other block and thread orders gives the same bits: any difference is a
 /// race (a missing __syncthreads, a shared-memory overlap, a CTA reading another's output).
 /// Three fused tile configurations (both forward row tiles and the 64 x 64 tile, both load
