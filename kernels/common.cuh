@@ -129,10 +129,13 @@ __device__ __forceinline__ float warp_row_sumsq(const T* __restrict__ xr, int d)
     return warp_sum(acc);
 }
 
-// Merge two online-softmax partials (m, s) where s = sum exp(z - m).
+// Merge two online-softmax partials (m, s) where s = sum exp(z - m). An empty partial is
+// (-inf, 0); a NaN in either (a NaN logit, SPEC 3's non-finite flag) survives the merge, so a
+// NaN of x or W reaches the loss instead of being dropped with an "empty" partial. Finite
+// partials merge exactly as without the NaN cases (a non-empty partial has s >= 1).
 __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
-    if (m2 == -FC_INF) return;
-    if (m == -FC_INF) { m = m2; s = s2; return; }
+    if (m2 == -FC_INF && s2 == 0.0f) return;
+    if (m == -FC_INF && s == 0.0f) { m = m2; s = s2; return; }
     const float mn = fmaxf(m, m2);
     s = s * expf(m - mn) + s2 * expf(m2 - mn);
     m = mn;

@@ -116,6 +116,11 @@ __device__ __forceinline__ TargetLogit target_logit(const HeadParams& p, double 
     return r;
 }
 
+// A cosine clamped to [-1, 1] that keeps a NaN (fminf / fmaxf would turn it into -1 and so
+// hide a NaN or infinity of x or W from the loss, the head's non-finite flag, SPEC 3): Rust's
+// f32::clamp, which the CPU backend uses.
+__device__ __forceinline__ float clamp_cos(float v) { return v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v); }
+
 // Online softmax state of a set of logits: max m, s = sum exp(z - m), sz = sum z.
 struct LseAcc {
     float m, s, sz;
@@ -124,7 +129,7 @@ struct LseAcc {
 __device__ __forceinline__ LseAcc lse_empty() { return LseAcc{-FC_INF, 0.0f, 0.0f}; }
 
 __device__ __forceinline__ void lse_add(LseAcc& a, float z) {
-    if (z > a.m) {
+    if (!(z <= a.m)) {  // z > m, and a NaN z (which then makes m and s NaN: SPEC 3's flag)
         a.s = a.s * expf(a.m - z) + 1.0f;  // expf(-inf) = 0 on the first element
         a.m = z;
     } else {

@@ -357,7 +357,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
                         const int cl = sn0 + ni * 8 + 2 * q + e, j = c0 + cl;
                         float z = -FC_INF;
                         if (j < C) {
-                            const float c = fminf(fmaxf(sacc[mi][ni][2 * h + e] * s_invx[rl] * s_invw[cl], -1.0f), 1.0f);
+                            const float c = clamp_cos(sacc[mi][ni][2 * h + e] * s_invx[rl] * s_invw[cl]);
                             z = j == y ? s_zt[rl] : p.s * c;
                         }
                         sacc[mi][ni][2 * h + e] = z;
@@ -694,7 +694,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
                         if (y >= 0 && j < C) {
                             const bool tgt = j == y;
                             // The forward's order of the two factors (the same rounding of c).
-                            const float c = fminf(fmaxf(sacc[mi][ni][2 * h + e] * s_invx[rl] * s_invw[cl], -1.0f), 1.0f);
+                            const float c = clamp_cos(sacc[mi][ni][2 * h + e] * s_invx[rl] * s_invw[cl]);
                             const float z = tgt ? s_zt[rl] : p.s * c;
                             const float pr = expf(z - s_lse[rl]);
                             const float qq = (tgt ? 1.0f - p.ls : 0.0f) + p.ls_over_c;

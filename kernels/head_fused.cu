@@ -128,7 +128,7 @@ __device__ __forceinline__ void fused_fwd(const T* __restrict__ x, const T* __re
                 for (int e = 0; e < 2; ++e) {
                     const int cl = wn * (BN / WN) + ni * 8 + 2 * q + e;
                     if (c0 + cl < C) {
-                        const float c = fminf(fmaxf(acc[mi][ni][2 * h + e] * sx * s_invw[cl], -1.0f), 1.0f);
+                        const float c = clamp_cos(acc[mi][ni][2 * h + e] * sx * s_invw[cl]);
                         lse_add(a, cl == yl ? s_zt[rl] : p.s * c);
                     }
                 }
@@ -357,7 +357,7 @@ __device__ __forceinline__ void fused_bwd(const T* __restrict__ x, const T* __re
                             float dc = 0.0f;
                             if (y >= 0 && c0 + cl < C) {
                                 const bool tgt = (c0 + cl == y);
-                                const float c = fminf(fmaxf(acc[mi][ni][2 * h + e] * s_invx[rl] * s_invw[cl], -1.0f), 1.0f);
+                                const float c = clamp_cos(acc[mi][ni][2 * h + e] * s_invx[rl] * s_invw[cl]);
                                 const float z = tgt ? s_zt[rl] : p.s * c;
                                 const float pr = expf(z - s_lse[rl]);
                                 const float qq = (tgt ? 1.0f - p.ls : 0.0f) + p.ls_over_c;

@@ -103,7 +103,7 @@ __device__ __forceinline__ void ref_softmax(const float* __restrict__ cos, const
     const float* row = cos + (size_t)i * C;
     LseAcc a = lse_empty();
     for (int j = threadIdx.x; j < C; j += blockDim.x) {
-        const float z = (j == y) ? zy : p.s * fminf(fmaxf(row[j], -1.0f), 1.0f);
+        const float z = (j == y) ? zy : p.s * clamp_cos(row[j]);
         lse_add(a, z);
     }
     a = warp_lse(a);
@@ -145,7 +145,7 @@ __device__ __forceinline__ void ref_grad(const float* __restrict__ cos, const in
     if (y >= 0) {
         const float w = g_scale * (row_g ? row_g[i] : 1.0f);
         const bool tgt = (j == y);
-        const float z = tgt ? p.s * t[i] : p.s * fminf(fmaxf(cos[(size_t)i * C + j], -1.0f), 1.0f);
+        const float z = tgt ? p.s * t[i] : p.s * clamp_cos(cos[(size_t)i * C + j]);
         const float pr = expf(z - lse[i]);
         const float q = (tgt ? 1.0f - p.ls : 0.0f) + p.ls_over_c;
         out = w * p.s * (pr - q);

@@ -60,8 +60,10 @@ __device__ __forceinline__ void bias_act_fwd(
     float* __restrict__ y, const float* __restrict__ bias, long long n, int cols, int act) {
     for (long long i = gs_start(); i < n; i += gs_stride()) {
         const float z = __fadd_rn(y[i], bias[i % cols]);
-        // fmaxf(NaN, 0) = 0, as Rust's f32::max: the two agree on every input.
-        y[i] = act ? fmaxf(z, 0.0f) : z;
+        // A NaN passes through (fmaxf would turn it into 0 and hide it from the head's
+        // non-finite check); the same expression as the CPU backend's, so the two agree on
+        // every input (-0 becomes +0 in both).
+        y[i] = act && !(z > 0.0f || z != z) ? 0.0f : z;
     }
 }
 extern "C" __global__ void __launch_bounds__(256) bias_act_fwd_f32(const BiasActFwdArgs a) {

@@ -29,6 +29,16 @@ pub enum Error {
         /// Flat index of the first bad value.
         index: usize,
     },
+    /// A training step met a NaN or infinity (`NonFinitePolicy::Error`): the step was not
+    /// applied, so the model is as the step before left it, and a checkpoint on disk is the
+    /// last one written before it.
+    #[error("training step {step}: {source}; the step was not applied (--on-nonfinite skip-step skips such steps)")]
+    NonFiniteStep {
+        /// 0-based index of the step.
+        step: u64,
+        /// What was non-finite (an [`Error::NonFinite`]).
+        source: Box<Error>,
+    },
     /// An option is out of range.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),

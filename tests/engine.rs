@@ -43,6 +43,7 @@ fn config(cloud: CloudMode, kind: OptimizerKind) -> TrainConfig {
             warmup_steps: 5,
             ..OptimizerConfig::default()
         },
+        ..TrainConfig::default()
     }
 }
 
@@ -333,4 +334,53 @@ fn backend_ops_match_naive_loops_and_the_oracle() {
         let back = be.stats_import(&st).unwrap();
         assert_eq!(be.stats_export(&back).unwrap(), st);
     }
+}
+
+/// A NaN feature reaches the head through the MLP (`Dataset::new` refuses one, but an MLP
+/// can produce one): with `NonFinitePolicy::Error` the run stops with an error naming the
+/// step and the head's input, having applied nothing of that step (the weights equal a clean
+/// run's up to it, bitwise); with `SkipStep` that step and every later batch holding the row
+/// are left out, each leaving the weights exactly as they were, and the run finishes finite.
+#[test]
+fn non_finite_steps_stop_or_are_skipped() {
+    use featcloud::engine::NonFinitePolicy;
+    let clean = data();
+    let mut bad = clean.clone();
+    let row = 17;
+    bad.features[row * bad.f + 3] = f32::NAN;
+    let be = CpuBackend::new();
+    let cfg = TrainConfig { epochs: 2, ..config(CloudMode::Symmetric, OptimizerKind::AdamW) };
+
+    let mut t = Trainer::new(&be, cfg.clone(), &bad).unwrap();
+    let err = t.run(&bad, u64::MAX, |_| {}).unwrap_err();
+    let featcloud::Error::NonFiniteStep { step, source } = &err else { panic!("{err}") };
+    let step = *step;
+    assert!(matches!(**source, featcloud::Error::NonFinite { ref what, .. } if what == "x"), "{source}");
+    assert!(
+        err.to_string().starts_with(&format!("training step {step}: non-finite value in x at index ")),
+        "{err}"
+    );
+    assert_eq!(t.step(), step, "the failed step was not counted");
+    let mut reference = Trainer::new(&be, cfg.clone(), &clean).unwrap();
+    reference.run(&clean, step, |_| {}).unwrap();
+    assert_eq!(bits(&t), bits(&reference), "nothing of the failed step was applied");
+
+    let skip = TrainConfig { on_nonfinite: NonFinitePolicy::SkipStep, ..cfg };
+    let mut t = Trainer::new(&be, skip, &bad).unwrap();
+    t.run(&bad, step, |_| {}).unwrap();
+    let before = bits(&t);
+    let info = t.train_step(&bad).unwrap();
+    assert!(info.skipped && info.loss.is_nan() && info.step == step);
+    assert_eq!(bits(&t), before, "a skipped step changes no weight");
+    let mut skipped = vec![step];
+    t.run(&bad, u64::MAX, |i| {
+        if i.skipped {
+            skipped.push(i.step)
+        }
+    })
+    .unwrap();
+    assert_eq!(t.step(), t.total_steps());
+    assert_eq!(t.skipped_steps() as usize, skipped.len());
+    assert_eq!(skipped.len(), 2, "one batch per epoch holds the row: {skipped:?}");
+    assert!(t.parameters().unwrap().iter().all(|p| p.data.iter().all(|v| v.is_finite())));
 }

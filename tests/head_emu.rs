@@ -641,6 +641,51 @@ fn ignored_rows_may_hold_anything() {
     }
 }
 
+/// The non-finite policy on the device (SPEC 3): a NaN or infinity in a valid row of x or in
+/// W makes the loss non-finite, and the head then names the first such value (x's valid rows
+/// first, then W) as `Error::NonFinite`, on every path and dtype.
+#[test]
+fn non_finite_inputs_are_named() {
+    let Some(dev) = emulated() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let cfg = HeadConfig::default();
+    let (b, c, d) = (20usize, 30usize, 16usize);
+    for dt in DTYPES {
+        let clean = case(&mut rng, HeadShape { b, c, d }, dt, 0.5);
+        let valid = (3..b).find(|&i| clean.labels[i] >= 0).unwrap();
+        let mut in_x = clean.clone();
+        in_x.x[valid * d + 5] = f32::NAN;
+        let mut in_w = clean.clone();
+        in_w.w[7 * d + 2] = f32::INFINITY;
+        for (path, kernels) in [
+            (HeadPath::Reference, None),
+            (HeadPath::Fused, Some(FusedKernels::Tiles)),
+            (HeadPath::Fused, Some(FusedKernels::Attention)),
+        ] {
+            let head = HeadOn::new(&*dev, cfg, path)
+                .unwrap()
+                .with_tuning(FusedTuning { kernels, ..Default::default() });
+            for (p, what, index) in [(&in_x, "x", valid * d + 5), (&in_w, "W", 7 * d + 2)] {
+                let err = with_dtype!(dt, T => {
+                    let x = Tensor::<T>::from_f32(&dev, &p.x, &[b, d]).unwrap();
+                    let w = Tensor::<T>::from_f32(&dev, &p.w, &[c, d]).unwrap();
+                    let sigma = Tensor::from_host(&dev, &p.sigma, &[c]).unwrap();
+                    head.forward_backward(&x, &w, &p.labels, &sigma, 1, 2, HeadUpstream::Scalar(1.0), GradDtype::Input)
+                        .err()
+                });
+                let msg = err.map(|e| e.to_string()).unwrap_or_default();
+                assert_eq!(
+                    msg,
+                    format!("non-finite value in {what} at index {index}"),
+                    "{} {kernels:?} {}",
+                    path.name(),
+                    dt.name()
+                );
+            }
+        }
+    }
+}
+
 /// Issue 13's f32 precision case and its neighbours (`verify::cancellation_problem`) through
 /// the three f32 CUDA paths (reference, tiles, attention): every gradient within SPEC 8's f32
 /// tolerance with its rounding floor, and some of them only with it.

@@ -17,7 +17,7 @@ use crate::config::{
 use crate::cpu::CpuBackend;
 use crate::cuda::backend::{CudaBackend, Precision};
 use crate::data::{self, Splits, SyntheticConfig};
-use crate::engine::{OptimizerConfig, OptimizerKind, StepInfo, TrainConfig};
+use crate::engine::{NonFinitePolicy, OptimizerConfig, OptimizerKind, StepInfo, TrainConfig};
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -425,6 +425,11 @@ pub struct ModelArgs {
     /// Linear learning-rate warm-up steps (then cosine decay).
     #[arg(long, default_value_t = 100)]
     pub lr_warmup: u64,
+    /// A step that meets a NaN or infinity (in the embeddings, the head weights or the
+    /// loss): stop with an error naming the step (the last checkpoint written stays), or
+    /// skip the step and go on.
+    #[arg(long, value_enum, default_value_t = NonFinitePolicy::Error)]
+    pub on_nonfinite: NonFinitePolicy,
     /// Backend, precision and device.
     #[command(flatten)]
     pub backend: BackendArgs,
@@ -473,6 +478,7 @@ impl ModelArgs {
                 warmup_steps: self.warmup_steps,
                 class_counts: None,
             },
+            on_nonfinite: self.on_nonfinite,
             optim: OptimizerConfig {
                 kind: self.optimizer,
                 lr: self.lr,
@@ -545,6 +551,14 @@ impl Progress {
     /// Records one step.
     pub fn step(&mut self, info: &StepInfo) {
         self.rows += info.rows as u64;
+        if info.skipped {
+            // --on-nonfinite skip-step: say so, and keep the NaN out of the loss average.
+            self.bar.suspend(|| {
+                eprintln!("{}: step {} met a NaN or infinity and was skipped", self.bar.prefix(), info.step)
+            });
+            self.bar.set_position(info.step + 1);
+            return;
+        }
         let ema = match self.loss_ema {
             Some(e) => 0.95 * e + 0.05 * info.loss,
             None => info.loss,

@@ -75,7 +75,10 @@ impl Backend for CpuBackend {
                 let z = *v + b;
                 *v = match act {
                     Activation::Identity => z,
-                    Activation::Relu => z.max(0.0),
+                    // A NaN passes through (f32::max would turn it into 0 and hide it from
+                    // the head's non-finite check); kernels/train_ops.cu has the same expression.
+                    Activation::Relu if z > 0.0 || z.is_nan() => z,
+                    Activation::Relu => 0.0,
                 };
             }
         });

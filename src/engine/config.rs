@@ -27,6 +27,23 @@ pub struct TrainConfig {
     pub stats: StatsConfig,
     /// Optimizer and learning-rate schedule.
     pub optim: OptimizerConfig,
+    /// What a step that meets a NaN or infinity does (checkpoints older than this option
+    /// load with the default, `error`).
+    #[serde(default)]
+    pub on_nonfinite: NonFinitePolicy,
+}
+
+/// What a training step does when the head reports a NaN or infinity (in its input, the
+/// embeddings of valid rows; in its weights; or in the loss).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum NonFinitePolicy {
+    /// Stop with [`crate::Error::NonFiniteStep`], naming the step and what was non-finite.
+    #[default]
+    Error,
+    /// Leave the step out (no statistics update, no optimizer step: the model stays as it
+    /// was), count it, and go on with the next batch.
+    SkipStep,
 }
 
 impl Default for TrainConfig {
@@ -40,6 +57,7 @@ impl Default for TrainConfig {
             head: HeadConfig::default(),
             stats: StatsConfig::default(),
             optim: OptimizerConfig::default(),
+            on_nonfinite: NonFinitePolicy::default(),
         }
     }
 }

@@ -22,7 +22,7 @@ pub mod train;
 pub use crate::stats::StatsState;
 pub use backend::{Activation, Backend, Gemm, HeadBatch, HeadStep, OptimStep};
 pub use checkpoint::{Checkpoint, NamedTensor};
-pub use config::TrainConfig;
+pub use config::{NonFinitePolicy, TrainConfig};
 pub use optim::{OptimizerConfig, OptimizerKind};
 pub use sampler::Sampler;
 pub use train::{StepInfo, Trainer};

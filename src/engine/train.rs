@@ -17,7 +17,7 @@ use crate::config::CloudMode;
 use crate::data::Dataset;
 use crate::engine::backend::{Backend, HeadBatch, OptimStep};
 use crate::engine::checkpoint::{Checkpoint, NamedTensor};
-use crate::engine::config::TrainConfig;
+use crate::engine::config::{NonFinitePolicy, TrainConfig};
 use crate::engine::model::Model;
 use crate::engine::sampler::Sampler;
 use crate::error::{Error, Result};
@@ -41,6 +41,9 @@ pub struct StepInfo {
     pub rows: usize,
     /// Largest sigma_cloud used this step (0 when the cloud is off or warming up).
     pub max_sigma: f32,
+    /// The step met a NaN or infinity and was left out (`NonFinitePolicy::SkipStep`); its
+    /// `loss` is NaN.
+    pub skipped: bool,
 }
 
 /// FNV-1a over the training labels and feature bits: resuming on other data is an error.
@@ -80,6 +83,7 @@ pub struct Trainer<'b, B: Backend> {
     sampler: Sampler,
     step: u64,
     total_steps: u64,
+    skipped: u64,
 }
 
 impl<'b, B: Backend> Trainer<'b, B> {
@@ -108,6 +112,7 @@ impl<'b, B: Backend> Trainer<'b, B> {
             sampler,
             step: 0,
             total_steps,
+            skipped: 0,
             cfg,
         })
     }
@@ -193,10 +198,16 @@ impl<'b, B: Backend> Trainer<'b, B> {
             seed: self.cfg.seed,
             step,
         };
-        let out = be.head_forward_backward(&self.cfg.head, batch, &mut demb, &mut head_w.grad)?;
-        if !out.loss.is_finite() {
-            return Err(Error::NonFinite { what: format!("training loss at step {step}"), index: 0 });
-        }
+        // The head reports a NaN or infinity in its inputs (the CPU backend checks them, the
+        // CUDA head looks when its loss is not finite) or its loss.
+        let out = match be.head_forward_backward(&self.cfg.head, batch, &mut demb, &mut head_w.grad) {
+            Ok(out) if out.loss.is_finite() => out,
+            Ok(_) => {
+                return self.non_finite(step, rows, Error::NonFinite { what: "the loss".into(), index: 0 })
+            }
+            Err(e @ Error::NonFinite { .. }) => return self.non_finite(step, rows, e),
+            Err(e) => return Err(e),
+        };
         // 3. Statistics with this batch (detached embeddings / target cosines).
         be.stats_update(&mut self.stats, &emb, &labels, &out.c_iy)?;
 
@@ -214,7 +225,43 @@ impl<'b, B: Backend> Trainer<'b, B> {
             be.optimizer_step(&self.cfg.optim, hp, &mut p.value, &p.grad, &mut p.state)?;
         }
         self.step += 1;
-        Ok(StepInfo { step, total_steps: self.total_steps, loss: out.loss, lr, rows, max_sigma })
+        Ok(StepInfo {
+            step,
+            total_steps: self.total_steps,
+            loss: out.loss,
+            lr,
+            rows,
+            max_sigma,
+            skipped: false,
+        })
+    }
+
+    /// Step `step` met `e` (an [`Error::NonFinite`]) before it changed anything: an error, or
+    /// under `NonFinitePolicy::SkipStep` the step left out.
+    fn non_finite(&mut self, step: u64, rows: usize, e: Error) -> Result<StepInfo> {
+        match self.cfg.on_nonfinite {
+            NonFinitePolicy::Error => Err(Error::NonFiniteStep { step, source: Box::new(e) }),
+            NonFinitePolicy::SkipStep => {
+                self.step += 1;
+                self.skipped += 1;
+                let lr = self.cfg.optim.lr_at(step, self.total_steps);
+                Ok(StepInfo {
+                    step,
+                    total_steps: self.total_steps,
+                    loss: f64::NAN,
+                    lr,
+                    rows,
+                    max_sigma: 0.0,
+                    skipped: true,
+                })
+            }
+        }
+    }
+
+    /// Steps this trainer left out under `NonFinitePolicy::SkipStep` (since it was made or
+    /// loaded).
+    pub fn skipped_steps(&self) -> u64 {
+        self.skipped
     }
 
     /// Trains until `until` steps (capped at the run's total), calling `on_step` after each.

@@ -464,7 +464,9 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         self.call(x, w, labels, sigma_cloud, None, None, |shape, dl, scratch| {
             let launched =
                 self.forward_impl(x, w, labels, dl, sigma_cloud, shape, seed, step, false, scratch)?;
-            launched.finish(&self.dev, scratch)
+            let out = launched.finish(&self.dev, scratch)?;
+            self.check_loss(x, w, labels, out.loss)?;
+            Ok(out)
         })
     }
 
@@ -523,8 +525,30 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
                 grad_dtype,
                 scratch,
             )?;
-            Ok((launched.finish(&self.dev, scratch)?, grads))
+            let out = launched.finish(&self.dev, scratch)?;
+            self.check_loss(x, w, labels, out.loss)?;
+            Ok((out, grads))
         })
+    }
+
+    /// The non-finite policy on the device (SPEC 3): the loss, read back anyway, is the flag, as
+    /// a NaN or infinity in a valid row of x or in W reaches it; only when it is not finite are
+    /// x and W copied back to name the first non-finite value ([`Error::NonFinite`]: x's valid
+    /// rows, then W; ignored rows may hold anything). Both finite: the loss itself overflowed.
+    fn check_loss<T: DeviceElem>(
+        &self,
+        x: &Tensor<T>,
+        w: &Tensor<T>,
+        labels: &[i32],
+        loss: f32,
+    ) -> Result<()> {
+        if loss.is_finite() {
+            return Ok(());
+        }
+        let d = x.shape()[1];
+        crate::check::check_finite_rows("x", &x.to_f32_host(&self.dev)?, d, labels)?;
+        crate::check::check_finite("W", &w.to_f32_host(&self.dev)?)?;
+        Err(Error::NonFinite { what: "the loss (x and W are finite)".into(), index: 0 })
     }
 
     /// What every public call does around its launches: checks the inputs (for a
