@@ -459,6 +459,7 @@ fn train_cfg(kind: OptimizerKind) -> TrainConfig {
         // Short warm-up and the adaptive split, so the cloud is on for most of the run.
         stats: StatsConfig { warmup_steps: 3, split: Split::Adaptive, ..StatsConfig::default() },
         optim: OptimizerConfig { kind, lr, warmup_steps: 5, ..OptimizerConfig::default() },
+        ..TrainConfig::default()
     }
 }
 
