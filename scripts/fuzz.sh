@@ -56,6 +56,10 @@ fi
 # The targets (instrumented, in fuzz/target). The fuzz targets need no CUDA kernels.
 (cd fuzz && FEATCLOUD_NO_KERNELS=1 cargo afl build --quiet --release --locked --bins)
 
+case $target in
+    npy_*) dict=fuzz/dict/npy.dict ;;
+    *) dict=fuzz/dict/safetensors.dict ;;
+esac
 out=fuzz/out/$target
 rm -rf "$out"
 mkdir -p "$out"
@@ -63,9 +67,9 @@ fuzz/target/release/make_seeds "$out/seeds"
 
 export AFL_NO_UI=1 AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_AFFINITY=1
 export AFL_FAST_CAL=1 AFL_NO_WARN_INSTABILITY=1
-# -V: stop after SECONDS of fuzzing. -m: a 2 GiB address-space limit, so an allocation
+# -V: stop after SECONDS of fuzzing. -x: the format's tokens (fuzz/dict/). -m: a 2 GiB address-space limit, so an allocation
 # sized by a hostile header fails (an abort, reported as a crash) rather than swapping.
-${FUZZ_NICE:+nice -n "$FUZZ_NICE"} cargo afl fuzz -V "$secs" ${FUZZ_EXECS:+-E "$FUZZ_EXECS"} -m 2048 \
+${FUZZ_NICE:+nice -n "$FUZZ_NICE"} cargo afl fuzz -V "$secs" ${FUZZ_EXECS:+-E "$FUZZ_EXECS"} -m 2048 -x "$dict" \
     -i "$out/seeds/$target" -o "$out" -- "fuzz/target/release/$target" >"$out/afl.log" 2>&1 || {
     tail -n 30 "$out/afl.log" >&2
     echo "fuzz.sh: afl-fuzz failed ($out/afl.log)" >&2
