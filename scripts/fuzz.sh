@@ -43,7 +43,11 @@ secs=$2
 [[ " ${TARGETS[*]} " == *" $target "* ]] || { echo "fuzz.sh: unknown target '$target'" >&2; usage; }
 [[ "$secs" =~ ^[1-9][0-9]*$ ]] || { echo "fuzz.sh: SECONDS must be a positive integer" >&2; usage; }
 
-# cargo-afl and the AFL++ runtime built for this rustc.
+# cargo-afl and the AFL++ runtime built for this rustc (from the AFL++ sources that
+# cargo-afl ships on crates.io; building them needs make and a C compiler).
+if ! command -v make >/dev/null 2>&1 || ! command -v cc >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq make gcc >/dev/null
+fi
 if ! cargo afl --version 2>/dev/null | grep -q "$CARGO_AFL_VERSION"; then
     echo "fuzz.sh: installing cargo-afl $CARGO_AFL_VERSION"
     cargo install --quiet --locked --force cargo-afl --version "$CARGO_AFL_VERSION"
