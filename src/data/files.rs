@@ -9,6 +9,15 @@
 //!
 //! `.safetensors` support: features under the key [`FEATURES_KEY`] (F32, F16, BF16 or F64,
 //! `[N, F]`), labels under [`LABELS_KEY`] (any integer dtype, `[N]` or `[N, 1]`).
+//!
+//! The safetensors container is parsed by the `safetensors` crate. The `.npy` header is
+//! parsed here: the crates that parse it (`npyz`, `ndarray-npy`) hand the header dict to a
+//! general Python-literal parser, allocate the announced header length (up to 4 GiB in
+//! format 2.0) before reading it, and, in `npyz`'s case, multiply the shape's dimensions
+//! unchecked; `ndarray-npy` reads no `f2`. The few lines below check every size. Each
+//! parser is reachable from bytes ([`npy_features_from_bytes`], [`npy_labels_from_bytes`],
+//! [`safetensors_from_bytes`], [`dataset_from_bytes`]), which the path loaders call and
+//! the fuzz targets in `fuzz/` exercise (`scripts/fuzz.sh`).
 
 use std::path::Path;
 
