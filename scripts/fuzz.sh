@@ -52,7 +52,9 @@ if ! cargo afl --version 2>/dev/null | grep -q "$CARGO_AFL_VERSION"; then
     echo "fuzz.sh: installing cargo-afl $CARGO_AFL_VERSION"
     cargo install --quiet --locked --force cargo-afl --version "$CARGO_AFL_VERSION"
 fi
-if cargo afl fuzz -h 2>&1 | grep -q "was not built"; then
+# (`cargo afl` refuses every subcommand but `config` until the runtime is built.)
+afl_check=$(cargo afl fuzz -h 2>&1 || true)
+if [[ $afl_check == *"was not built"* ]]; then
     echo "fuzz.sh: building AFL++ (cargo afl config --build)"
     cargo afl config --build
 fi
@@ -85,7 +87,7 @@ stat() { sed -n "s/^$1 *: *//p" "$stats"; }
 execs=$(stat execs_done)
 crashes=$(stat saved_crashes)
 hangs=$(stat saved_hangs)
-echo "fuzz $target: ${secs}s, $execs executions ($(stat execs_per_sec)/s), $(stat corpus_count) corpus entries, $crashes crashes, $hangs hangs"
+echo "fuzz $target: $(stat run_time)s, $execs executions ($(stat execs_per_sec)/s), $(stat corpus_count) corpus entries, $crashes crashes, $hangs hangs"
 if [ "$crashes" != 0 ] || [ "$hangs" != 0 ]; then
     ls -1 "$out"/default/crashes/id* "$out"/default/hangs/id* 2>/dev/null | sed 's/^/  /'
     echo "fuzz.sh: $target: findings in $out/default/{crashes,hangs}" >&2
