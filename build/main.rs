@@ -7,8 +7,9 @@
 //! `extern "C" __global__` entry point, so Rust never spells a kernel name.
 //!
 //! NVRTC is found as `nvrtc.rs` says. Without NVRTC the crate still builds (CPU only)
-//! with one warning, unless `FEATCLOUD_REQUIRE_KERNELS=1`. A kernel that does not
-//! compile is always a build error with NVRTC's log.
+//! with one warning, unless `FEATCLOUD_REQUIRE_KERNELS=1`; `FEATCLOUD_NO_KERNELS=1` builds
+//! CPU-only without looking for NVRTC (and wins over `FEATCLOUD_REQUIRE_KERNELS`). A kernel
+//! that does not compile is always a build error with NVRTC's log.
 //!
 //! | module | what |
 //! |---|---|
@@ -38,7 +39,14 @@ fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     let kdir = manifest.join("kernels");
     println!("cargo:rerun-if-changed=kernels");
-    for var in ["NVRTC_PATH", "CUDA_HOME", "CUDA_PATH", "VIRTUAL_ENV", "FEATCLOUD_REQUIRE_KERNELS"] {
+    for var in [
+        "NVRTC_PATH",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "VIRTUAL_ENV",
+        "FEATCLOUD_REQUIRE_KERNELS",
+        "FEATCLOUD_NO_KERNELS",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
@@ -61,8 +69,11 @@ fn main() {
     }
 
     let require = env::var("FEATCLOUD_REQUIRE_KERNELS").is_ok_and(|v| v == "1");
-    let nvrtc = nvrtc::find_nvrtc(&manifest);
-    if nvrtc.is_none() {
+    // `FEATCLOUD_NO_KERNELS=1`: a CPU-only build that does not look for NVRTC at all (the
+    // fuzz targets in fuzz/, which parse files and need no kernels, build this way).
+    let skip = env::var("FEATCLOUD_NO_KERNELS").is_ok_and(|v| v == "1");
+    let nvrtc = if skip { None } else { nvrtc::find_nvrtc(&manifest) };
+    if nvrtc.is_none() && !skip {
         if require {
             panic!("FEATCLOUD_REQUIRE_KERNELS=1 but NVRTC was not found; {NVRTC_HINT}");
         }

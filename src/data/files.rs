@@ -9,6 +9,15 @@
 //!
 //! `.safetensors` support: features under the key [`FEATURES_KEY`] (F32, F16, BF16 or F64,
 //! `[N, F]`), labels under [`LABELS_KEY`] (any integer dtype, `[N]` or `[N, 1]`).
+//!
+//! The safetensors container is parsed by the `safetensors` crate. The `.npy` header is
+//! parsed here: the crates that parse it (`npyz`, `ndarray-npy`) hand the header dict to a
+//! general Python-literal parser, allocate the announced header length (up to 4 GiB in
+//! format 2.0) before reading it, and, in `npyz`'s case, multiply the shape's dimensions
+//! unchecked; `ndarray-npy` reads no `f2`. The few lines below check every size. Each
+//! parser is reachable from bytes ([`npy_features_from_bytes`], [`npy_labels_from_bytes`],
+//! [`safetensors_from_bytes`], [`dataset_from_bytes`]), which the path loaders call and
+//! the fuzz targets in `fuzz/` exercise (`scripts/fuzz.sh`).
 
 use std::path::Path;
 
@@ -61,16 +70,24 @@ struct RawArray<'a> {
 /// Reads an `.npy` file of f32, f16 (or f64) features of shape `[N, F]`, returned as f32
 /// row-major with `(data, n, f)`.
 pub fn load_npy_features(path: &Path) -> Result<(Vec<f32>, usize, usize)> {
-    let bytes = read(path)?;
-    let arr = parse_npy(path, &bytes)?;
-    features_from_raw(path, &arr)
+    npy_features_from_bytes(&read(path)?, path)
 }
 
 /// Reads an `.npy` file of integer labels of shape `[N]` (or `[N, 1]`).
 pub fn load_npy_labels(path: &Path) -> Result<Vec<i64>> {
-    let bytes = read(path)?;
-    let arr = parse_npy(path, &bytes)?;
-    labels_from_raw(path, &arr)
+    npy_labels_from_bytes(&read(path)?, path)
+}
+
+/// Parses the bytes of an `.npy` features file, as [`load_npy_features`] does after
+/// reading the file (it calls this); errors name `source` as the file.
+pub fn npy_features_from_bytes(bytes: &[u8], source: &Path) -> Result<(Vec<f32>, usize, usize)> {
+    features_from_raw(source, &parse_npy(source, bytes)?)
+}
+
+/// Parses the bytes of an `.npy` labels file, as [`load_npy_labels`] does after reading
+/// the file (it calls this); errors name `source` as the file.
+pub fn npy_labels_from_bytes(bytes: &[u8], source: &Path) -> Result<Vec<i64>> {
+    labels_from_raw(source, &parse_npy(source, bytes)?)
 }
 
 /// Reads features `[N, F]` (as f32) and labels `[N]` from one `.safetensors` file:
@@ -81,13 +98,24 @@ pub fn load_safetensors(
     features_key: &str,
     labels_key: &str,
 ) -> Result<(Vec<f32>, usize, usize, Vec<i64>)> {
-    let bytes = read(path)?;
-    let st = parse_safetensors(path, &bytes)?;
-    let (features, n, f) = features_from_raw(path, &st_tensor(path, &st, features_key)?)?;
-    let labels = labels_from_raw(path, &st_tensor(path, &st, labels_key)?)?;
+    safetensors_from_bytes(&read(path)?, path, features_key, labels_key)
+}
+
+/// Parses the bytes of a `.safetensors` file holding features and labels, as
+/// [`load_safetensors`] does after reading the file (it calls this); errors name `source`
+/// as the file.
+pub fn safetensors_from_bytes(
+    bytes: &[u8],
+    source: &Path,
+    features_key: &str,
+    labels_key: &str,
+) -> Result<(Vec<f32>, usize, usize, Vec<i64>)> {
+    let st = parse_safetensors(source, bytes)?;
+    let (features, n, f) = features_from_raw(source, &st_tensor(source, &st, features_key)?)?;
+    let labels = labels_from_raw(source, &st_tensor(source, &st, labels_key)?)?;
     if labels.len() != n {
         return Err(Error::format(
-            path,
+            source,
             format!("'{labels_key}' has {} labels but '{features_key}' has {n} rows", labels.len()),
         ));
     }
@@ -102,18 +130,38 @@ pub fn load_safetensors(
 /// the row counts agree; no feature is NaN or infinite; no label is negative or
 /// `>= num_classes`. `num_classes` defaults to `max label + 1`.
 pub fn load_dataset(features: &Path, labels: &Path, num_classes: Option<usize>) -> Result<Dataset> {
+    let features_bytes = read(features)?;
+    if features == labels {
+        return dataset_from_bytes(features, &features_bytes, labels, &features_bytes, num_classes);
+    }
+    let labels_bytes = read(labels)?;
+    dataset_from_bytes(features, &features_bytes, labels, &labels_bytes, num_classes)
+}
+
+/// [`load_dataset`] on file contents already read: `features_bytes` is the content of
+/// the file `features`, `labels_bytes` that of `labels` (the paths pick the format by
+/// extension and name the files in errors; nothing is read from disk). When `features`
+/// and `labels` are the same `.safetensors` path, both tensors come from `features_bytes`.
+/// [`load_dataset`] reads the files and calls this.
+pub fn dataset_from_bytes(
+    features: &Path,
+    features_bytes: &[u8],
+    labels: &Path,
+    labels_bytes: &[u8],
+    num_classes: Option<usize>,
+) -> Result<Dataset> {
     let (x, n, f, y) = if is_safetensors(features) && features == labels {
-        load_safetensors(features, FEATURES_KEY, LABELS_KEY)?
+        safetensors_from_bytes(features_bytes, features, FEATURES_KEY, LABELS_KEY)?
     } else {
         let (x, n, f) = if is_safetensors(features) {
-            with_safetensor(features, FEATURES_KEY, features_from_raw)?
+            safetensor_from_bytes(features_bytes, features, FEATURES_KEY, features_from_raw)?
         } else {
-            load_npy_features(features)?
+            npy_features_from_bytes(features_bytes, features)?
         };
         let y = if is_safetensors(labels) {
-            with_safetensor(labels, LABELS_KEY, labels_from_raw)?
+            safetensor_from_bytes(labels_bytes, labels, LABELS_KEY, labels_from_raw)?
         } else {
-            load_npy_labels(labels)?
+            npy_labels_from_bytes(labels_bytes, labels)?
         };
         (x, n, f, y)
     };
@@ -363,10 +411,14 @@ fn parse_safetensors<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>
     SafeTensors::deserialize(bytes).map_err(|e| Error::format(path, format!("not safetensors: {e}")))
 }
 
-/// Reads one tensor of a safetensors file and converts it with `conv`.
-fn with_safetensor<R>(path: &Path, key: &str, conv: fn(&Path, &RawArray) -> Result<R>) -> Result<R> {
-    let bytes = read(path)?;
-    conv(path, &st_tensor(path, &parse_safetensors(path, &bytes)?, key)?)
+/// Parses a safetensors file's bytes and converts its tensor `key` with `conv`.
+fn safetensor_from_bytes<R>(
+    bytes: &[u8],
+    path: &Path,
+    key: &str,
+    conv: fn(&Path, &RawArray) -> Result<R>,
+) -> Result<R> {
+    conv(path, &st_tensor(path, &parse_safetensors(path, bytes)?, key)?)
 }
 
 /// Looks up `key` in a safetensors file as a raw array.

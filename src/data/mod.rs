@@ -9,7 +9,8 @@ use crate::check::check_finite;
 use crate::error::{Error, Result};
 
 pub use files::{
-    load_dataset, load_npy_features, load_npy_labels, load_safetensors, save_npy_f32, save_npy_i64,
+    dataset_from_bytes, load_dataset, load_npy_features, load_npy_labels, load_safetensors,
+    npy_features_from_bytes, npy_labels_from_bytes, safetensors_from_bytes, save_npy_f32, save_npy_i64,
     split_fraction,
 };
 pub use synthetic::{generate, SyntheticConfig};

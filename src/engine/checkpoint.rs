@@ -100,7 +100,8 @@ impl Checkpoint {
         self.writer()?.save(path)
     }
 
-    /// Reads a checkpoint; any problem is an error naming `path`.
+    /// Reads a checkpoint; any problem is an error naming `path`. The configuration must
+    /// pass [`TrainConfig::validate`] for the checkpoint's number of classes.
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         Self::parse(&bytes, path)
@@ -114,6 +115,11 @@ impl Checkpoint {
     fn parse(bytes: &[u8], path: &Path) -> Result<Self> {
         let r = TensorReader::parse(bytes, path, FORMAT)?;
         let config: TrainConfig = r.meta_json("config")?;
+        let num_classes = r.meta_u64("num_classes")? as usize;
+        // A saved configuration passed this check when its run started (`Trainer::new`);
+        // one that does not (a JSON number out of f32 range reads as infinity, say) is
+        // refused here rather than trained with.
+        config.validate(num_classes).map_err(|e| r.bad(format!("metadata 'config' is invalid: {e}")))?;
         let (c, d) = (r.meta_u64("stats.c")? as usize, r.meta_u64("stats.d")? as usize);
         let (mut params, mut optim) = (Vec::new(), Vec::new());
         for name in r.names() {
@@ -147,7 +153,7 @@ impl Checkpoint {
             step: r.meta_u64("step")?,
             total_steps: r.meta_u64("total_steps")?,
             input_dim: r.meta_u64("input_dim")? as usize,
-            num_classes: r.meta_u64("num_classes")? as usize,
+            num_classes,
             n_train: r.meta_u64("n_train")? as usize,
             fingerprint: r.meta_u64("fingerprint")?,
             config,
