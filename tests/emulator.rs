@@ -5,7 +5,7 @@
 //! emulator); the rest are the crate's real kernels launched wrongly on purpose.
 //! Skips (with a message) when the crate was built without the `emu` feature.
 
-use featcloud::cuda::args::{RefNormalizeArgs, RowNormsArgs};
+use featcloud::cuda::args::{BiasActFwdArgs, RowNormsArgs};
 use featcloud::cuda::kernels::{head_fused, norms};
 use featcloud::cuda::norms::row_norms_launch;
 use featcloud::cuda::{
@@ -267,8 +267,7 @@ fn launches_outside_the_limits_are_refused() {
     refused(Launch::new(norms::ROW_NORMS_FWD_F32, [0, 1, 1], [256, 1, 1], 0, &args), "grid");
     refused(Launch::new(norms::ROW_NORMS_FWD_F32, [1, 1, 1], [256, 1, 1], 300_000, &args), "shared memory");
     // Another kernel's argument struct of the same size (32 bytes) is refused by name.
-    let other =
-        RefNormalizeArgs { x: x.ptr(), xh: inv.ptr(), inv: inv.ptr(), rows: 8, d: 8, ..Default::default() };
+    let other = BiasActFwdArgs { y: inv.ptr(), bias: inv.ptr(), n: 8, cols: 8, act: 0 };
     assert_eq!(std::mem::size_of_val(&other), std::mem::size_of_val(&args));
     refused(Launch::new(norms::ROW_NORMS_FWD_F32, [1, 1, 1], [256, 1, 1], 0, &other), "RowNormsArgs");
 }
