@@ -459,7 +459,7 @@ pub fn attn_splits(dtype: DType, shape: HeadShape) -> (usize, usize) {
     attn_split_tiles(shape, ATTN_TARGET_CTAS.div_ceil(n_rt).min(by_memory))
 }
 
-/// The forward's O partials ([splits][B][D] f32) stay within this many bytes, or W's size
+/// The forward's O partials (`[splits][B][D]` f32) stay within this many bytes, or W's size
 /// where W is larger (a head that holds W can hold scratch of its size), where one split allows
 /// it. Fewer splits mean fewer CTAs; at the SPEC 9 shapes the cap binds on LT only (8 splits
 /// become 4, 256 CTAs in two waves of one per SM become 128 in one: no slower in the model),
