@@ -206,7 +206,7 @@ struct RefNormalizeArgs {
     float* xh;          // [rows, d] out: x_r / max(||x_r||, 1e-12)
     float* inv;         // [rows] out
     const int* labels;  // [rows] in, may be null: rows with a negative label (ignored rows of x,
-                        // which may hold anything, SPEC 3) get zeros in xh and inv
+                        // which may hold anything, SPEC 2) get zeros in xh and inv
     int rows;
     int d;
 };

@@ -130,7 +130,7 @@ __device__ __forceinline__ float warp_row_sumsq(const T* __restrict__ xr, int d)
 }
 
 // Merge two online-softmax partials (m, s) where s = sum exp(z - m). An empty partial is
-// (-inf, 0); a NaN in either (a NaN logit, SPEC 3's non-finite flag) survives the merge, so a
+// (-inf, 0); a NaN in either (a NaN logit, SPEC 2's non-finite flag) survives the merge, so a
 // NaN of x or W reaches the loss instead of being dropped with an "empty" partial. Finite
 // partials merge exactly as without the NaN cases (a non-empty partial has s >= 1).
 __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {

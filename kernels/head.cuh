@@ -42,6 +42,10 @@ __device__ __forceinline__ double cloud_normal_f64(u64 seed, u64 step, u32 row) 
 // acos(c) has slope 1/sin(theta), so near theta = 0 (or pi) the f32 tile cosine's last
 // few ulps would move t_i by 1e-4 and lse by more than SPEC 8's 1e-5; in f64 the target
 // matches the oracle to rounding. Costs 3 D FMAs per row, once per forward.
+// v clamped to [lo, hi], a NaN kept (fmin / fmax would turn it into a bound and so hide a NaN
+// or infinity of x or W from the loss, the head's non-finite flag, SPEC 2): Rust's clamp.
+__device__ __forceinline__ double clamp_keep_nan(double v, double lo, double hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
 template <typename T>
 __device__ __forceinline__ double target_cos(const T* __restrict__ xr, const T* __restrict__ wr, int d) {
     double xx = 0.0, ww = 0.0, xw = 0.0;
@@ -52,7 +56,7 @@ __device__ __forceinline__ double target_cos(const T* __restrict__ xr, const T* 
         xw = fma(a, b, xw);
     }
     const double c = xw / (fmax(sqrt(xx), 1e-12) * fmax(sqrt(ww), 1e-12));
-    return fmin(fmax(c, -1.0), 1.0);
+    return clamp_keep_nan(c, -1.0, 1.0);
 }
 
 // The same f64 cosine computed by a whole warp (lanes stride over d, then a fixed xor
@@ -74,7 +78,7 @@ __device__ __forceinline__ double target_cos_warp(const T* __restrict__ xr, cons
         xw += __shfl_xor_sync(0xffffffffu, xw, o);
     }
     const double c = xw / (fmax(sqrt(xx), 1e-12) * fmax(sqrt(ww), 1e-12));
-    return fmin(fmax(c, -1.0), 1.0);
+    return clamp_keep_nan(c, -1.0, 1.0);
 }
 
 // SPEC 3's target branch and SPEC 4's dt_i in f64 (once per row), in the oracle's order.
@@ -87,7 +91,7 @@ __device__ __forceinline__ TargetLogit target_logit(const HeadParams& p, double 
         alpha = (double)sigma * (p.cloud == 2 ? fabs(eps) : eps);
     }
     const double m1 = p.m1, m3 = p.m3;
-    const double cc = fmin(fmax(c, -1.0 + 1e-7), 1.0 - 1e-7);
+    const double cc = clamp_keep_nan(c, -1.0 + 1e-7, 1.0 - 1e-7);
     const double theta = acos(cc);
     const double delta = (double)p.m2 + alpha;
     const double phi = m1 * theta + delta;
@@ -117,7 +121,7 @@ __device__ __forceinline__ TargetLogit target_logit(const HeadParams& p, double 
 }
 
 // A cosine clamped to [-1, 1] that keeps a NaN (fminf / fmaxf would turn it into -1 and so
-// hide a NaN or infinity of x or W from the loss, the head's non-finite flag, SPEC 3): Rust's
+// hide a NaN or infinity of x or W from the loss, the head's non-finite flag, SPEC 2): Rust's
 // f32::clamp, which the CPU backend uses.
 __device__ __forceinline__ float clamp_cos(float v) { return v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v); }
 
@@ -129,7 +133,7 @@ struct LseAcc {
 __device__ __forceinline__ LseAcc lse_empty() { return LseAcc{-FC_INF, 0.0f, 0.0f}; }
 
 __device__ __forceinline__ void lse_add(LseAcc& a, float z) {
-    if (!(z <= a.m)) {  // z > m, and a NaN z (which then makes m and s NaN: SPEC 3's flag)
+    if (!(z <= a.m)) {  // z > m, and a NaN z (which then makes m and s NaN: SPEC 2's flag)
         a.s = a.s * expf(a.m - z) + 1.0f;  // expf(-inf) = 0 on the first element
         a.m = z;
     } else {

@@ -22,7 +22,7 @@
 
 // ---- normalize --------------------------------------------------------------------
 // One warp per row, 8 rows per 256-thread block; grid = ceil(rows / 8).
-// labels (may be null): a row with a negative label is ignored (SPEC 3) and may hold anything,
+// labels (may be null): a row with a negative label is ignored (SPEC 2) and may hold anything,
 // NaN included; it gets zeros, so that the cuBLAS products (where its coefficients are 0, and
 // 0 * NaN = NaN) never see its values.
 template <typename T>
@@ -166,7 +166,7 @@ extern "C" __global__ void __launch_bounds__(256) ref_grad_bwd_f32(const RefGrad
 // parts[0] in place (only for TO = float: the fused path's f32 dW).
 // parts [nparts, rows, d] f32 in/out; x [rows, d] (T); inv [rows]; out [rows, d] (TO) or null;
 // labels [rows] or null: a row with a negative label (an ignored row of x, which may hold
-// anything, SPEC 3) gets zeros without reading x.
+// anything, SPEC 2) gets zeros without reading x.
 template <typename T, typename TO>
 __device__ __forceinline__ void normback(float* parts, int nparts, long long part_stride, const T* __restrict__ x,
                                          const float* __restrict__ inv, TO* out, const int* __restrict__ labels, int rows,

@@ -91,7 +91,7 @@ __device__ __forceinline__ void split_pow2(float inv, float& frac, float& pow) {
 
 // Zeroes the rows r of s[ROWS][pitch] (COLS columns) whose label y[r] is negative (ignored
 // rows, and rows past B), then a barrier if it zeroed any. An ignored row may hold anything,
-// NaN or inf included (SPEC 3): its coefficients in a product are 0, but 0 * NaN is NaN inside
+// NaN or inf included (SPEC 2): its coefficients in a product are 0, but 0 * NaN is NaN inside
 // the product, so the operand row itself must be zero. y is in shared memory (every thread
 // reads the same values: the barrier is uniform); the caller's barrier made s and y visible.
 template <typename T, int ROWS, int COLS, int NT>

@@ -50,7 +50,7 @@ pub fn check_finite(what: &str, v: &[f32]) -> Result<()> {
 }
 
 /// First non-finite value of `x` `[B, d]` in a row whose label is not negative, as an error
-/// naming `what` and the flat index. Ignored rows (label < 0) may hold anything (SPEC 3):
+/// naming `what` and the flat index. Ignored rows (label < 0) may hold anything (SPEC 2):
 /// padding rows are never read into a result, so they are not checked either.
 pub fn check_finite_rows<F: Copy + Into<f64>>(what: &str, x: &[F], d: usize, labels: &[i32]) -> Result<()> {
     let bad = x

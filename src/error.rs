@@ -32,12 +32,14 @@ pub enum Error {
     /// A training step met a NaN or infinity (`NonFinitePolicy::Error`): the step was not
     /// applied, so the model is as the step before left it, and a checkpoint on disk is the
     /// last one written before it.
-    #[error("training step {step}: {source}; the step was not applied (--on-nonfinite skip-step skips such steps)")]
+    #[error(
+        "training step {step}: {cause}; the step was not applied (--on-nonfinite skip-step skips such steps)"
+    )]
     NonFiniteStep {
         /// 0-based index of the step.
         step: u64,
         /// What was non-finite (an [`Error::NonFinite`]).
-        source: Box<Error>,
+        cause: Box<Error>,
     },
     /// An option is out of range.
     #[error("invalid configuration: {0}")]

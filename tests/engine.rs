@@ -353,9 +353,10 @@ fn non_finite_steps_stop_or_are_skipped() {
 
     let mut t = Trainer::new(&be, cfg.clone(), &bad).unwrap();
     let err = t.run(&bad, u64::MAX, |_| {}).unwrap_err();
-    let featcloud::Error::NonFiniteStep { step, source } = &err else { panic!("{err}") };
+    let featcloud::Error::NonFiniteStep { step, cause } = &err else { panic!("{err}") };
     let step = *step;
-    assert!(matches!(**source, featcloud::Error::NonFinite { ref what, .. } if what == "x"), "{source}");
+    assert!(matches!(**cause, featcloud::Error::NonFinite { ref what, .. } if what == "x"), "{cause}");
+    assert_eq!(err.to_string().matches("non-finite value").count(), 1, "the cause once: {err}");
     assert!(
         err.to_string().starts_with(&format!("training step {step}: non-finite value in x at index ")),
         "{err}"
@@ -383,4 +384,26 @@ fn non_finite_steps_stop_or_are_skipped() {
     assert_eq!(t.skipped_steps() as usize, skipped.len());
     assert_eq!(skipped.len(), 2, "one batch per epoch holds the row: {skipped:?}");
     assert!(t.parameters().unwrap().iter().all(|p| p.data.iter().all(|v| v.is_finite())));
+}
+
+/// `SkipStep` only skips while the model is finite: from weights holding a NaN every step
+/// would be skipped and the run end on a NaN checkpoint, so the step is an error naming them.
+#[test]
+fn skip_step_refuses_non_finite_weights() {
+    use featcloud::engine::NonFinitePolicy;
+    let ds = data();
+    let be = CpuBackend::new();
+    let cfg =
+        TrainConfig { on_nonfinite: NonFinitePolicy::SkipStep, ..config(CloudMode::Off, OptimizerKind::Sgd) };
+    let mut ck = Trainer::new(&be, cfg, &ds).unwrap().to_checkpoint().unwrap();
+    let head = ck.params.iter_mut().find(|t| t.name.contains("head")).expect("a head tensor");
+    head.data[5] = f32::NAN;
+    let name = head.name.clone();
+    let mut t = Trainer::from_checkpoint(&be, &ck, &ds).unwrap();
+    let err = t.train_step(&ds).unwrap_err().to_string();
+    assert!(
+        err.starts_with("training step 0: non-finite value in the model's weights ('") && err.contains(&name),
+        "{err}"
+    );
+    assert_eq!(t.step(), 0);
 }

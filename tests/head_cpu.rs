@@ -228,7 +228,7 @@ fn bad_inputs_are_errors() {
     assert!(head::forward(&bad_cfg, &p).is_err(), "ls = 1");
 }
 
-/// Ignored rows may hold anything (SPEC 3), on both CPU paths: NaN, +-inf and f32::MAX in
+/// Ignored rows may hold anything (SPEC 2), on both CPU paths: NaN, +-inf and f32::MAX in
 /// the x rows of ignored labels give bitwise the outputs of the same batch without those rows
 /// (cloud off: the cloud's noise is keyed by the row index, so removing rows moves it) and of
 /// the same batch with those rows zeroed (cloud on). Before the fix both paths refused the

@@ -587,7 +587,7 @@ fn ref_head_matches_oracle() {
     }
 }
 
-/// Ignored rows may hold anything (SPEC 3): NaN, +-inf and the dtype's largest finite value
+/// Ignored rows may hold anything (SPEC 2): NaN, +-inf and the dtype's largest finite value
 /// in the x rows of ignored labels change nothing. On every path (reference, tiles, attention)
 /// and dtype the outputs match the oracle of the same batch at SPEC 8's tolerances (the CPU
 /// tests show that oracle equals the batch without those rows, bitwise), the ignored rows' dx
@@ -641,46 +641,56 @@ fn ignored_rows_may_hold_anything() {
     }
 }
 
-/// The non-finite policy on the device (SPEC 3): a NaN or infinity in a valid row of x or in
+/// The non-finite policy on the device (SPEC 2): a NaN or infinity in a valid row of x or in
 /// W makes the loss non-finite, and the head then names the first such value (x's valid rows
-/// first, then W) as `Error::NonFinite`, on every path and dtype.
+/// first, then W) as `Error::NonFinite`, on every path and dtype. Also where the bad value only
+/// reaches target columns, which go through the f64 target logit: C = 1, and B = 1 with the NaN
+/// in the target's class weight.
 #[test]
 fn non_finite_inputs_are_named() {
     let Some(dev) = emulated() else { return };
     let mut rng = ChaCha8Rng::seed_from_u64(21);
     let cfg = HeadConfig::default();
-    let (b, c, d) = (20usize, 30usize, 16usize);
     for dt in DTYPES {
-        let clean = case(&mut rng, HeadShape { b, c, d }, dt, 0.5);
-        let valid = (3..b).find(|&i| clean.labels[i] >= 0).unwrap();
-        let mut in_x = clean.clone();
-        in_x.x[valid * d + 5] = f32::NAN;
-        let mut in_w = clean.clone();
-        in_w.w[7 * d + 2] = f32::INFINITY;
-        for (path, kernels) in [
-            (HeadPath::Reference, None),
-            (HeadPath::Fused, Some(FusedKernels::Tiles)),
-            (HeadPath::Fused, Some(FusedKernels::Attention)),
-        ] {
-            let head = HeadOn::new(&*dev, cfg, path)
-                .unwrap()
-                .with_tuning(FusedTuning { kernels, ..Default::default() });
-            for (p, what, index) in [(&in_x, "x", valid * d + 5), (&in_w, "W", 7 * d + 2)] {
-                let err = with_dtype!(dt, T => {
-                    let x = Tensor::<T>::from_f32(&dev, &p.x, &[b, d]).unwrap();
-                    let w = Tensor::<T>::from_f32(&dev, &p.w, &[c, d]).unwrap();
-                    let sigma = Tensor::from_host(&dev, &p.sigma, &[c]).unwrap();
-                    head.forward_backward(&x, &w, &p.labels, &sigma, 1, 2, HeadUpstream::Scalar(1.0), GradDtype::Input)
-                        .err()
-                });
-                let msg = err.map(|e| e.to_string()).unwrap_or_default();
-                assert_eq!(
-                    msg,
-                    format!("non-finite value in {what} at index {index}"),
-                    "{} {kernels:?} {}",
-                    path.name(),
-                    dt.name()
-                );
+        for (b, c, d) in [(20usize, 30usize, 16usize), (6, 1, 16), (1, 30, 16)] {
+            let clean = case(&mut rng, HeadShape { b, c, d }, dt, 0.5);
+            let valid = (0..b).rev().find(|&i| clean.labels[i] >= 0).unwrap();
+            let mut poisoned = Vec::new();
+            if b > 1 {
+                let mut in_x = clean.clone();
+                in_x.x[valid * d + 5] = f32::NAN;
+                poisoned.push((in_x, "x", valid * d + 5));
+            }
+            // The class weight of a valid row's label (the only target column when B = 1).
+            let j = clean.labels[valid] as usize;
+            let mut in_w = clean.clone();
+            in_w.w[j * d + 2] = if b == 1 { f32::NAN } else { f32::INFINITY };
+            poisoned.push((in_w, "W", j * d + 2));
+            for (path, kernels) in [
+                (HeadPath::Reference, None),
+                (HeadPath::Fused, Some(FusedKernels::Tiles)),
+                (HeadPath::Fused, Some(FusedKernels::Attention)),
+            ] {
+                let head = HeadOn::new(&*dev, cfg, path)
+                    .unwrap()
+                    .with_tuning(FusedTuning { kernels, ..Default::default() });
+                for (p, what, index) in &poisoned {
+                    let err = with_dtype!(dt, T => {
+                        let x = Tensor::<T>::from_f32(&dev, &p.x, &[b, d]).unwrap();
+                        let w = Tensor::<T>::from_f32(&dev, &p.w, &[c, d]).unwrap();
+                        let sigma = Tensor::from_host(&dev, &p.sigma, &[c]).unwrap();
+                        head.forward_backward(&x, &w, &p.labels, &sigma, 1, 2, HeadUpstream::Scalar(1.0), GradDtype::Input)
+                            .err()
+                    });
+                    let msg = err.map(|e| e.to_string()).unwrap_or_default();
+                    assert_eq!(
+                        msg,
+                        format!("non-finite value in {what} at index {index}"),
+                        "{} {kernels:?} {} B={b} C={c}",
+                        path.name(),
+                        dt.name()
+                    );
+                }
             }
         }
     }

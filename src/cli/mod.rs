@@ -427,7 +427,8 @@ pub struct ModelArgs {
     pub lr_warmup: u64,
     /// A step that meets a NaN or infinity (in the embeddings, the head weights or the
     /// loss): stop with an error naming the step (the last checkpoint written stays), or
-    /// skip the step and go on.
+    /// skip the step and go on (while the weights themselves are finite). Applies to
+    /// --resume too: the flag given then, not the checkpoint's.
     #[arg(long, value_enum, default_value_t = NonFinitePolicy::Error)]
     pub on_nonfinite: NonFinitePolicy,
     /// Backend, precision and device.

@@ -54,8 +54,10 @@ fn run_on<B: Backend>(
     let mut trainer = match checkpoint {
         Some(ck) => Trainer::from_checkpoint(backend, ck, &splits.train)
             .with_context(|| format!("--resume {}", args.resume.clone().unwrap_or_default().display()))?,
-        None => Trainer::new(backend, cfg, &splits.train)?,
+        None => Trainer::new(backend, cfg.clone(), &splits.train)?,
     };
+    // A run-control flag: --resume takes the one given now (the checkpoint's would repeat a stop).
+    trainer.set_on_nonfinite(cfg.on_nonfinite);
     let total = trainer.total_steps();
     let until = args.stop_at.unwrap_or(total).min(total);
     eprintln!(

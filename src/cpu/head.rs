@@ -140,7 +140,7 @@ fn forward_impl(cfg: &HeadConfig, p: &HeadProblem) -> Result<Fwd> {
     check_problem(cfg, p)?;
     let HeadShape { b, c, d } = p.shape;
     let (mut xh, mut nx) = normalize_rows(p.x, d);
-    // Ignored rows may hold anything, NaN included (SPEC 3); their logit gradients are 0, but
+    // Ignored rows may hold anything, NaN included (SPEC 2); their logit gradients are 0, but
     // 0 * NaN = NaN inside the dW product, so their normalized rows are zeroed (and their norms
     // set to 1 so that the normalization backward of their zero gradient stays 0).
     for (i, _) in p.labels.iter().enumerate().filter(|(_, &y)| y < 0) {

@@ -755,7 +755,7 @@ const _: () = assert!(std::mem::offset_of!(AttnFwdArgs, tiles_per_split) == 172)
 // (size and offsets asserted above and there).
 unsafe impl KernelArgs for AttnFwdArgs {}
 
-/// `attn_combine_fwd_<T>`: merges a row's class-split partials into lse, loss and the
+/// `attn_combine_fwd_d512_<T>` / `attn_combine_fwd_d2048_bf16`: merges a row's class-split partials into lse, loss and the
 /// row's dx for a unit row weight.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]

@@ -240,8 +240,20 @@ impl<'b, B: Backend> Trainer<'b, B> {
     /// under `NonFinitePolicy::SkipStep` the step left out.
     fn non_finite(&mut self, step: u64, rows: usize, e: Error) -> Result<StepInfo> {
         match self.cfg.on_nonfinite {
-            NonFinitePolicy::Error => Err(Error::NonFiniteStep { step, source: Box::new(e) }),
+            NonFinitePolicy::Error => Err(Error::NonFiniteStep { step, cause: Box::new(e) }),
             NonFinitePolicy::SkipStep => {
+                // Skipping helps only while the model itself is finite (a NaN weight would make
+                // every later step skip too, and the run end on a NaN checkpoint).
+                if let Some(p) =
+                    self.parameters()?.into_iter().find(|p| p.data.iter().any(|v| !v.is_finite()))
+                {
+                    let index = p.data.iter().position(|v| !v.is_finite()).unwrap_or(0);
+                    let what = format!("the model's weights ('{}'; skipping steps cannot recover)", p.name);
+                    return Err(Error::NonFiniteStep {
+                        step,
+                        cause: Box::new(Error::NonFinite { what, index }),
+                    });
+                }
                 self.step += 1;
                 self.skipped += 1;
                 let lr = self.cfg.optim.lr_at(step, self.total_steps);
@@ -256,6 +268,13 @@ impl<'b, B: Backend> Trainer<'b, B> {
                 })
             }
         }
+    }
+
+    /// Sets what a step that meets a NaN or infinity does from now on. A run-control option, not
+    /// part of the model: `featcloud train --resume` applies the flag given then, not the
+    /// checkpoint's (so a run stopped by a non-finite step can resume with `skip-step`).
+    pub fn set_on_nonfinite(&mut self, policy: NonFinitePolicy) {
+        self.cfg.on_nonfinite = policy;
     }
 
     /// Steps this trainer left out under `NonFinitePolicy::SkipStep` (since it was made or

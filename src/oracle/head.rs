@@ -402,7 +402,7 @@ fn evaluate(cfg: &HeadConfig, p: &HeadProblemF64) -> Evaluation {
     let ls = cfg.label_smoothing as f64;
     let (mut xh, mut nx) = normalize_rows(p.x, b, d);
     let (wh, nw) = normalize_rows(p.w, c, d);
-    // Ignored rows may hold anything, NaN included (SPEC 3): they enter as zero rows of unit
+    // Ignored rows may hold anything, NaN included (SPEC 2): they enter as zero rows of unit
     // norm, so that their zero logit gradients give exact zeros in every sum (0 * NaN = NaN).
     for (i, _) in p.labels.iter().enumerate().filter(|(_, &y)| y < 0) {
         xh[i * d..(i + 1) * d].fill(0.0);

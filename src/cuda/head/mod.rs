@@ -531,7 +531,7 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         })
     }
 
-    /// The non-finite policy on the device (SPEC 3): the loss, read back anyway, is the flag, as
+    /// The non-finite policy on the device (SPEC 2): the loss, read back anyway, is the flag, as
     /// a NaN or infinity in a valid row of x or in W reaches it; only when it is not finite are
     /// x and W copied back to name the first non-finite value ([`Error::NonFinite`]: x's valid
     /// rows, then W; ignored rows may hold anything). Both finite: the loss itself overflowed.
