@@ -645,14 +645,14 @@ fn ignored_rows_may_hold_anything() {
 /// W makes the loss non-finite, and the head then names the first such value (x's valid rows
 /// first, then W) as `Error::NonFinite`, on every path and dtype. Also where the bad value only
 /// reaches target columns, which go through the f64 target logit: C = 1, and B = 1 with the NaN
-/// in the target's class weight.
+/// in the target's class weight; and a NaN block of W rows filling a whole class split.
 #[test]
 fn non_finite_inputs_are_named() {
     let Some(dev) = emulated() else { return };
     let mut rng = ChaCha8Rng::seed_from_u64(21);
     let cfg = HeadConfig::default();
     for dt in DTYPES {
-        for (b, c, d) in [(20usize, 30usize, 16usize), (6, 1, 16), (1, 30, 16)] {
+        for (b, c, d) in [(20usize, 30usize, 16usize), (6, 1, 16), (1, 30, 16), (20, 300, 16)] {
             let clean = case(&mut rng, HeadShape { b, c, d }, dt, 0.5);
             let valid = (0..b).rev().find(|&i| clean.labels[i] >= 0).unwrap();
             let mut poisoned = Vec::new();
@@ -666,6 +666,13 @@ fn non_finite_inputs_are_named() {
             let mut in_w = clean.clone();
             in_w.w[j * d + 2] = if b == 1 { f32::NAN } else { f32::INFINITY };
             poisoned.push((in_w, "W", j * d + 2));
+            if c >= 64 {
+                // A whole class tile of W (one class split of the attention forward, whose
+                // partial then has max -inf and a NaN sum: the merge must keep it).
+                let mut block = clean.clone();
+                block.w[..32 * d].fill(f32::NAN);
+                poisoned.push((block, "W", 0));
+            }
             for (path, kernels) in [
                 (HeadPath::Reference, None),
                 (HeadPath::Fused, Some(FusedKernels::Tiles)),
