@@ -667,11 +667,15 @@ fn non_finite_inputs_are_named() {
             in_w.w[j * d + 2] = if b == 1 { f32::NAN } else { f32::INFINITY };
             poisoned.push((in_w, "W", j * d + 2));
             if c >= 64 {
-                // A whole class tile of W (one class split of the attention forward, whose
-                // partial then has max -inf and a NaN sum: the merge must keep it).
+                // A whole class tile of W that no valid row targets (one class split of the
+                // attention forward: its partial has max -inf and a NaN sum, which the merge
+                // must keep, as no target logit carries the NaN).
+                let free = (0..c / 32)
+                    .find(|&t| !clean.labels.iter().any(|&y| y >= 0 && (y as usize) / 32 == t))
+                    .expect("a class tile no row targets");
                 let mut block = clean.clone();
-                block.w[..32 * d].fill(f32::NAN);
-                poisoned.push((block, "W", 0));
+                block.w[free * 32 * d..(free + 1) * 32 * d].fill(f32::NAN);
+                poisoned.push((block, "W", free * 32 * d));
             }
             for (path, kernels) in [
                 (HeadPath::Reference, None),
