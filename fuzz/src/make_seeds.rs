@@ -8,7 +8,7 @@
 use featcloud::config::{CenterMode, CloudMode, HeadConfig, Split, StatsConfig};
 use featcloud::cpu::CpuBackend;
 use featcloud::data::{generate, save_npy_f32, save_npy_i64, SyntheticConfig};
-use featcloud::engine::{OptimizerConfig, OptimizerKind, TrainConfig, Trainer};
+use featcloud::engine::{NonFinitePolicy, OptimizerConfig, OptimizerKind, TrainConfig, Trainer};
 use featcloud::StatsState;
 use safetensors::{tensor::TensorView, Dtype};
 use std::fs;
@@ -107,6 +107,12 @@ fn main() {
                 ..StatsConfig::default()
             },
             optim: OptimizerConfig { kind, ..OptimizerConfig::default() },
+            // Both policies in the corpus (the field is part of a checkpoint's config).
+            on_nonfinite: if kind == OptimizerKind::Sgd {
+                NonFinitePolicy::Error
+            } else {
+                NonFinitePolicy::SkipStep
+            },
         };
         let mut t = Trainer::new(&be, cfg, &data).unwrap();
         t.run(&data, 2, |_| {}).unwrap();
