@@ -2,7 +2,7 @@
 //! no partial output) and a tiny `train` on .npy files, resumed from its checkpoint.
 
 use featcloud::data::{save_npy_f32, save_npy_i64};
-use featcloud::engine::Checkpoint;
+use featcloud::engine::{Checkpoint, NonFinitePolicy};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -204,6 +204,21 @@ fn train_on_npy_resumes_exactly_and_evals() {
     let again = Checkpoint::load(&resumed.join("checkpoint.safetensors")).unwrap();
     assert!(again.params == full.params, "resumed weights differ from the straight run");
     assert!(again.optim == full.optim && again.stats == full.stats);
+    assert_eq!(again.config.on_nonfinite, NonFinitePolicy::Error);
+
+    // --on-nonfinite is a run-control flag: --resume takes the one given then (the resumed
+    // run's checkpoint records it), not the checkpoint's.
+    let skipping = dir.path().join("skipping");
+    let o = run(&train_args(
+        xs,
+        ys,
+        skipping.to_str().unwrap(),
+        &["--resume", ck.to_str().unwrap(), "--on-nonfinite", "skip-step"],
+    ));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let skip_ck = Checkpoint::load(&skipping.join("checkpoint.safetensors")).unwrap();
+    assert_eq!(skip_ck.config.on_nonfinite, NonFinitePolicy::SkipStep);
+    assert!(skip_ck.params == full.params, "no step met a NaN: the same weights");
 
     // Resuming on other data is a clean error.
     let other = dir.path().join("other.npy");
