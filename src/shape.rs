@@ -18,12 +18,16 @@ impl HeadShape {
     pub fn check_nonempty(&self) -> Result<()> {
         for (name, v) in [("B", self.b), ("C", self.c), ("D", self.d)] {
             if v == 0 {
-                return Err(Error::Empty(format!(
-                    "{name} = 0 (shape B={}, C={}, D={})",
-                    self.b, self.c, self.d
-                )));
+                return Err(Error::Empty(format!("{name} = 0 (shape {self})")));
             }
         }
         Ok(())
+    }
+}
+
+impl std::fmt::Display for HeadShape {
+    /// `B=2, C=3, D=4`, the form error messages use.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "B={}, C={}, D={}", self.b, self.c, self.d)
     }
 }

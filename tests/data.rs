@@ -448,7 +448,7 @@ fn load_dataset_from_safetensors() {
     );
     assert_format_err(load_dataset(&bad, &bad, None), &bad, "floating point");
     let junk = write(d, "junk.safetensors", b"\x05\x00\x00\x00\x00\x00\x00\x00{}");
-    assert_format_err(load_dataset(&junk, &junk, None), &junk, "not safetensors");
+    assert_format_err(load_dataset(&junk, &junk, None), &junk, "not a safetensors file");
 }
 
 // ---------------------------------------------------------------------------------------

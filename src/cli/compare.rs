@@ -7,7 +7,7 @@
 //! sizes run from 300 down to 3, that makes the 24 largest classes "head"),
 //! cloud on after 100 warm-up steps.
 
-use crate::cli::{ensure_dir, select_backend, write_json, Progress, RunArgs, SelectedBackend};
+use crate::cli::{check_out_dir, ensure_dir, select_backend, write_json, Progress, RunArgs, SelectedBackend};
 use crate::config::CloudMode;
 use crate::data::Splits;
 use crate::engine::report::{evaluate, EvalReport};
@@ -174,6 +174,7 @@ pub fn table(bases: &[EvalReport], leaps: &[EvalReport]) -> String {
 
 /// Runs `featcloud compare`.
 pub fn run(args: &Args) -> anyhow::Result<()> {
+    check_out_dir("--out", &args.out)?;
     if args.run.model.cloud == CloudMode::Off {
         anyhow::bail!(
             "--cloud off: compare trains baseline (off) against LEAP, so LEAP needs symmetric or one-sided"

@@ -1,6 +1,6 @@
 //! `featcloud eval`: evaluate a checkpoint on the data it was trained on.
 
-use crate::cli::{pct, select_backend, write_json, BackendArgs, DataArgs, SelectedBackend};
+use crate::cli::{check_out_file, pct, select_backend, write_json, BackendArgs, DataArgs, SelectedBackend};
 use crate::data::Splits;
 use crate::engine::report::evaluate;
 use crate::engine::{Backend, Checkpoint, Trainer};
@@ -29,6 +29,9 @@ pub struct Args {
 
 /// Runs `featcloud eval`.
 pub fn run(args: &Args) -> anyhow::Result<()> {
+    if let Some(json) = &args.json {
+        check_out_file("--json", json)?;
+    }
     let ck = Checkpoint::load(&args.checkpoint).context("--checkpoint")?;
     let splits = args.data.load()?;
     match select_backend(&args.backend)? {

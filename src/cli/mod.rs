@@ -591,6 +591,29 @@ impl Progress {
 }
 
 /// Creates `dir` (and parents) for output files.
+/// Refuses, before any work is done, an output folder (`flag`'s value) that cannot be one:
+/// a path that exists and is not a folder. Hours of training must not end in this error.
+pub fn check_out_dir(flag: &str, dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!("{flag} {}: exists and is not a folder", dir.display());
+    }
+    Ok(())
+}
+
+/// Refuses, before any work is done, an output file path (`flag`'s value) that cannot be
+/// written: an existing folder, or a path whose parent folder does not exist.
+pub fn check_out_file(flag: &str, file: &Path) -> anyhow::Result<()> {
+    if file.is_dir() {
+        anyhow::bail!("{flag} {}: is a folder, not a file", file.display());
+    }
+    let parent = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        anyhow::bail!("{flag} {}: the folder {} does not exist", file.display(), parent.display());
+    }
+    Ok(())
+}
+
+/// Creates the output folder `dir` (and its parents) if needed.
 pub fn ensure_dir(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("{}: cannot create the output directory", dir.display()))

@@ -1,7 +1,9 @@
 //! `featcloud train`: train on the built-in benchmark or on user files; writes
 //! `checkpoint.safetensors` and `metrics.json` to `--out`, resumes with `--resume`.
 
-use crate::cli::{ensure_dir, pct, select_backend, write_json, Progress, RunArgs, SelectedBackend};
+use crate::cli::{
+    check_out_dir, ensure_dir, pct, select_backend, write_json, Progress, RunArgs, SelectedBackend,
+};
 use crate::data::Splits;
 use crate::engine::report::evaluate;
 use crate::engine::{Backend, Checkpoint, TrainConfig, Trainer};
@@ -32,6 +34,7 @@ pub struct Args {
 
 /// Runs `featcloud train`.
 pub fn run(args: &Args) -> anyhow::Result<()> {
+    check_out_dir("--out", &args.out)?;
     let cfg = args.run.model.config()?;
     let checkpoint = match &args.resume {
         Some(p) => Some(Checkpoint::load(p).with_context(|| "--resume".to_string())?),

@@ -34,6 +34,12 @@ pub const FEATURES_KEY: &str = "features";
 /// Tensor name of the labels in a `.safetensors` file read by [`load_dataset`].
 pub const LABELS_KEY: &str = "labels";
 
+/// The most classes a data set may have: 2^24 (16.8 M, ten times the largest public face
+/// data sets). Per-class state is allocated for every class up to the largest label, so a
+/// label that is not a class index (a hash, an ID of 2e9) must fail here, with a message,
+/// not later in a 16 GiB allocation.
+pub const MAX_CLASSES: usize = 1 << 24;
+
 const NPY_MAGIC: &[u8] = b"\x93NUMPY";
 
 /// Element type of an array, as stored.
@@ -128,7 +134,7 @@ pub fn safetensors_from_bytes(
 /// labels under [`LABELS_KEY`]; pass the same file twice for a single file holding both),
 /// anything else as `.npy`. Checks, each failing with an error naming the offending file:
 /// the row counts agree; no feature is NaN or infinite; no label is negative or
-/// `>= num_classes`. `num_classes` defaults to `max label + 1`.
+/// `>= num_classes`. `num_classes` defaults to `max label + 1`, and is at most [`MAX_CLASSES`].
 pub fn load_dataset(features: &Path, labels: &Path, num_classes: Option<usize>) -> Result<Dataset> {
     let features_bytes = read(features)?;
     if features == labels {
@@ -183,14 +189,23 @@ pub fn dataset_from_bytes(
     let max = y.iter().copied().max();
     let c = match (num_classes, max) {
         (Some(0), _) => return Err(Error::InvalidConfig("num_classes must be >= 1".into())),
+        (Some(c), _) if c > MAX_CLASSES => {
+            return Err(Error::InvalidConfig(format!(
+                "num_classes = {c} is above the {MAX_CLASSES} classes a data set may have"
+            )))
+        }
         (Some(c), _) => c,
-        (None, Some(m)) => usize::try_from(m)
-            .ok()
-            .and_then(|m| m.checked_add(1))
-            .filter(|&c| c <= i32::MAX as usize)
-            .ok_or_else(|| {
-                Error::format(labels, format!("largest label {m} does not fit the i32 label range"))
-            })?,
+        (None, Some(m)) if m >= MAX_CLASSES as i64 => {
+            return Err(Error::format(
+                labels,
+                format!(
+                    "largest label {m} implies {} classes, above the {MAX_CLASSES} a data set may have \
+                     (labels must be class indices 0..C-1)",
+                    m as i128 + 1
+                ),
+            ))
+        }
+        (None, Some(m)) => m as usize + 1,
         (None, None) => return Err(Error::format(labels, "no labels (the file holds zero rows)")),
     };
     if let Some(row) = y.iter().position(|&l| l as u64 >= c as u64) {
@@ -408,7 +423,8 @@ fn parse_descr(d: &str) -> Option<(Elem, bool)> {
 
 /// Parses a safetensors file's bytes; the error names the file.
 fn parse_safetensors<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
-    SafeTensors::deserialize(bytes).map_err(|e| Error::format(path, format!("not safetensors: {e}")))
+    SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::format(path, crate::io::safetensors::describe_parse_error(bytes, &e)))
 }
 
 /// Parses a safetensors file's bytes and converts its tensor `key` with `conv`.

@@ -120,8 +120,7 @@ pub struct TensorReader<'a> {
 impl<'a> TensorReader<'a> {
     /// Parses `bytes` read from `path` and checks that metadata `format` is `format`.
     pub fn parse(bytes: &'a [u8], path: &Path, format: &str) -> Result<Self> {
-        let bad =
-            |e: ::safetensors::SafeTensorError| Error::format(path, format!("not a safetensors file ({e})"));
+        let bad = |e| Error::format(path, describe_parse_error(bytes, &e));
         let (_, header) = SafeTensors::read_metadata(bytes).map_err(bad)?;
         let st = SafeTensors::deserialize(bytes).map_err(bad)?;
         let meta = header.metadata().clone().unwrap_or_default();
@@ -231,6 +230,31 @@ impl<'a> TensorReader<'a> {
             Some(i) => Err(self.bad(format!("tensor '{name}' has a non-finite value at index {i}"))),
             None => Ok(()),
         }
+    }
+}
+
+/// Why `bytes` did not parse as safetensors (the crate's error `e`), in a user's words:
+/// the crate's messages for a file cut short ("incomplete metadata, file not fully
+/// covered") or for a file that is not safetensors at all ("header too large") do not say
+/// what is wrong with the file.
+pub fn describe_parse_error(bytes: &[u8], e: &::safetensors::SafeTensorError) -> String {
+    use ::safetensors::SafeTensorError as E;
+    let len = bytes.len();
+    match e {
+        _ if len < 8 => {
+            format!("not a safetensors file (it has {len} bytes, fewer than the 8 of a header length)")
+        }
+        E::HeaderTooLarge | E::InvalidHeaderLength | E::HeaderTooSmall => {
+            let n = u64::from_le_bytes(eight(&bytes[..8]));
+            format!(
+                "not a safetensors file (its first 8 bytes give a header of {n} bytes; the file has {len})"
+            )
+        }
+        E::MetadataIncompleteBuffer => format!(
+            "not a complete safetensors file: the tensors its header lists do not fill the {len} bytes \
+             (cut short, or bytes appended)"
+        ),
+        e => format!("not a safetensors file ({e})"),
     }
 }
 

@@ -569,7 +569,7 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
     ) -> Result<R> {
         let shape = self.check(x, w, labels, sigma_cloud)?;
         if let Some(fs) = forward_shape.filter(|&fs| fs != shape) {
-            return Err(Error::Shape(format!("forward ran at {fs:?}, backward called at {shape:?}")));
+            return Err(Error::Shape(format!("forward ran at {fs}, backward called at {shape}")));
         }
         if let Some(up) = upstream {
             self.check_upstream(shape, up)?;
