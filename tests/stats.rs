@@ -804,3 +804,16 @@ fn kahan_angle_keeps_single_sample_classes_exact_where_f32_acos_does_not() {
     assert!(worst[0] < 1e-6, "Kahan: {:e}", worst[0]);
     assert!(worst[1] > STATS_TOLERANCE, "f32 acos unexpectedly accurate: {:e}", worst[1]);
 }
+
+/// The same state gives the same file bytes every time: the header's keys are written in
+/// sorted order (the safetensors crate writes its metadata from a `HashMap`, whose order
+/// differs from map to map, so two saves of one state differed before).
+#[test]
+fn saved_bytes_are_deterministic() {
+    let cfg = StatsConfig { class_counts: Some(vec![3, 1, 4, 1, 5]), ..StatsConfig::default() };
+    let s = StatsState::new(5, 3, cfg).unwrap();
+    let first = s.to_bytes().unwrap();
+    for _ in 0..8 {
+        assert!(s.to_bytes().unwrap() == first, "two saves of one state gave different bytes");
+    }
+}

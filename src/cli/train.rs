@@ -74,6 +74,11 @@ fn run_on<B: Backend>(
         total
     );
     let ckpt_path = args.out.join("checkpoint.safetensors");
+    // A run killed during a write leaves its temporary file; the next run in the folder
+    // removes it (the checkpoint itself is always whole: writes are atomic).
+    for file in [&ckpt_path, &args.out.join("metrics.json")] {
+        crate::io::remove_stale_temps(file);
+    }
     let start = Instant::now();
     let mut progress = Progress::new("train", trainer.step(), total);
     let every = args.checkpoint_every.filter(|&n| n > 0);

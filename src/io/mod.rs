@@ -78,6 +78,36 @@ fn temp_path(path: &Path) -> Result<PathBuf> {
     Ok(path.with_file_name(tmp_name))
 }
 
+/// Removes temporary files that [`write_atomic`] left next to `path` in a process that no
+/// longer runs (one killed during a write), and returns how many it removed.
+///
+/// Only names of the form `.name.<pid>-<n>.tmp[.ext]` are touched, and only when `<pid>`
+/// is not a running process; where running processes cannot be listed (no `/proc`),
+/// nothing is removed. Errors (a folder that does not exist, say) count as nothing to do.
+pub fn remove_stale_temps(path: &Path) -> usize {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return 0 };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    if !Path::new("/proc/self").exists() {
+        return 0;
+    }
+    let prefix = format!(".{}.", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = file.strip_prefix(&prefix) else { continue };
+        let Some((pid, tail)) = rest.split_once('-') else { continue };
+        let (Ok(pid), Some((n, _))) = (pid.parse::<u32>(), tail.split_once(".tmp")) else { continue };
+        if n.parse::<u64>().is_err() || pid == std::process::id() {
+            continue;
+        }
+        if !Path::new(&format!("/proc/{pid}")).exists() && fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Best effort: fsync the directory holding `path` so the rename is durable.
 fn sync_dir(path: &Path) {
     let dir = match path.parent() {

@@ -101,7 +101,9 @@ impl TensorWriter {
                 .map_err(|e| self.error(Some(&format!("tensor '{name}'")), e))?;
             views.push((name.clone(), view));
         }
-        ::safetensors::serialize(views, Some(self.meta.clone())).map_err(|e| self.error(None, e))
+        let bytes =
+            ::safetensors::serialize(views, Some(self.meta.clone())).map_err(|e| self.error(None, e))?;
+        canonical_header(&bytes).map_err(|e| self.error(Some("header"), e))
     }
 
     /// Writes the file to `path` atomically ([`crate::io::write_atomic`]).
@@ -231,6 +233,33 @@ impl<'a> TensorReader<'a> {
             None => Ok(()),
         }
     }
+}
+
+/// `file` (safetensors bytes) with its JSON header's keys in sorted order, so that the same
+/// tensors and metadata always give the same bytes.
+///
+/// The safetensors crate writes the metadata from a `HashMap`, whose order changes from
+/// process to process: a checkpoint saved twice differed in its header (found by the crash
+/// test, which compares the checkpoint of a resumed run with an uninterrupted one's byte
+/// for byte). Data offsets are relative to the end of the header, so only the header is
+/// rewritten (padded with spaces to a multiple of 8 bytes, as the format wants).
+fn canonical_header(file: &[u8]) -> serde_json::Result<Vec<u8>> {
+    use std::collections::BTreeMap;
+    // The crate wrote `file` a moment ago: 8 bytes of header length, then the header.
+    let n = u64::from_le_bytes(eight(&file[..8])) as usize;
+    let (header, data) = file[8..].split_at(n);
+    let mut top: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header)?;
+    if let Some(meta) = top.get_mut("__metadata__") {
+        let sorted: BTreeMap<String, serde_json::Value> = serde_json::from_value(meta.take())?;
+        *meta = serde_json::to_value(sorted)?;
+    }
+    let mut json = serde_json::to_vec(&top)?;
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + data.len());
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(data);
+    Ok(out)
 }
 
 /// Why `bytes` did not parse as safetensors (the crate's error `e`), in a user's words:
