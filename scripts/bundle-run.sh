@@ -24,12 +24,12 @@ step() { # name, logfile, command...
 step info summary.txt ./featcloud info --arch 90
 # Every test binary the bundle holds (gpu-bundle.sh copies all of them, so a new GPU
 # suite cannot be left out), on the GPU: FEATCLOUD_DEVICE=gpu, and with
-# FEATCLOUD_REQUIRE_GPU=1 a suite cannot pass by skipping. Not here: `cli`, which looks
-# for the featcloud binary at its build path.
+# FEATCLOUD_REQUIRE_GPU=1 a suite cannot pass by skipping. Not here: `cli`, `errors` and
+# `crash_safety`, CPU-only suites that run the featcloud binary from its build path.
 export FEATCLOUD_DEVICE=gpu
 for exe in tests/*; do
   t="$(basename "$exe")"
-  case "$t" in cli) continue ;; esac
+  case "$t" in cli|errors|crash_safety) continue ;; esac
   step "test $t" tests.txt "$exe" --test-threads=1
 done
 if command -v compute-sanitizer >/dev/null; then
@@ -58,6 +58,20 @@ fi
 step "compare (cuda)" compare.txt ./featcloud compare --backend cuda --out /tmp/featcloud-compare
 if [ -f peers.py ] && [ "${PEERS:-1}" = 1 ]; then
   step "peers (torch eager)" peers.txt env OUT=/tmp timeout 240 python3 peers.py
+fi
+# compute-sanitizer over the head's GPU suite at the emulator's small shapes
+# (FEATCLOUD_SMALL_SHAPES=1; every tool), and memcheck over the training backend and the
+# statistics suites. Last, so that a short device lease spends its time on the rest first;
+# each step has its own timeout. SANITIZE_SUITES=0 skips them.
+if command -v compute-sanitizer >/dev/null && [ "${SANITIZE_SUITES:-1}" = 1 ]; then
+  for tool in memcheck racecheck synccheck initcheck; do
+    step "$tool head_cuda (small shapes)" sanitizer.txt env FEATCLOUD_SMALL_SHAPES=1 timeout 90 \
+      compute-sanitizer --tool "$tool" --error-exitcode 1 tests/head_cuda --test-threads=1
+  done
+  for t in backend_cuda stats; do
+    step "memcheck $t" sanitizer.txt timeout 90 \
+      compute-sanitizer --tool memcheck --error-exitcode 1 "tests/$t" --test-threads=1
+  done
 fi
 echo "overall: $([ $status = 0 ] && echo pass || echo FAIL)" | tee -a "$OUT/summary.txt"
 exit $status
