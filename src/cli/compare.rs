@@ -219,7 +219,6 @@ fn run_on<B: Backend>(
         leap_losses.push(loss);
         leap_secs += secs;
     }
-    let (base, leap) = (&bases[0], &leaps[0]);
     let wall = start.elapsed().as_secs_f64();
     if steps <= leap_cfg.stats.warmup_steps {
         eprintln!(
@@ -230,11 +229,24 @@ fn run_on<B: Backend>(
 
     ensure_dir(&args.out)?;
     let png = args.out.join("angular_std.png");
-    let (bp, lp) = (base.spread_points(), leap.spread_points());
+    let over_seeds = |runs: &[EvalReport]| {
+        crate::plot::spread_over_seeds(&runs.iter().map(EvalReport::spread_points).collect::<Vec<_>>())
+    };
+    let (bp, lp) = (over_seeds(&bases), over_seeds(&leaps));
+    let seeds = if args.seeds > 1 {
+        format!("{} seeds: mean, bar = range", args.seeds)
+    } else {
+        format!("seed {}", leap_cfg.seed)
+    };
+    let split_at = match leap_cfg.stats.split {
+        crate::config::Split::Threshold(t) => Some(t),
+        crate::config::Split::Adaptive => None,
+    };
     crate::plot::angular_std_vs_size(
         &png,
         &[("baseline", &bp[..]), ("LEAP", &lp[..])],
-        &format!("Per-class angular std of the training embeddings vs class size (seed {})", leap_cfg.seed),
+        split_at.or(Some(threshold)),
+        &format!("Angular std per class (training embeddings) vs class size, {seeds}"),
     )?;
     let t = &splits.train;
     let metrics = serde_json::json!({

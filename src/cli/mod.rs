@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod compare;
 pub mod eval;
+pub mod figure;
 pub mod info;
 pub mod smoke;
 pub mod train;
@@ -47,6 +48,9 @@ pub enum Command {
     Eval(eval::Args),
     /// Train baseline and LEAP from the same seed and data; print them side by side.
     Compare(compare::Args),
+    /// LEAP's motivating experiment: largest classes, some cut to a few samples, three
+    /// models; writes the embedding and angular-distribution figures.
+    Figure(figure::Args),
     /// Quick self-check of the kernels against the oracle.
     Smoke(smoke::Args),
     /// What was built in and which device is present.
@@ -61,6 +65,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<()> {
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Compare(a) => compare::run(a),
+        Command::Figure(a) => figure::run(a),
         Command::Smoke(a) => smoke::run(a),
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),

@@ -10,6 +10,7 @@
 //! All computation is in f64; embeddings are compared by cosine, so their norms do not
 //! matter (a zero vector is treated as having cosine 0 with everything).
 
+pub mod projection;
 use rayon::prelude::*;
 
 use crate::check::check_finite;
@@ -94,21 +95,8 @@ pub fn closed_set(
     check_class_labels(labels, c)?;
     check_finite("W", w)?;
 
-    let wh: Vec<f64> = w.chunks(d).flat_map(unit_f64).collect();
-    let correct: Vec<bool> = (0..n)
-        .into_par_iter()
-        .map(|i| {
-            let x = &emb[i * d..(i + 1) * d];
-            let mut best = (f64::NEG_INFINITY, 0usize);
-            for (j, wj) in wh.chunks(d).enumerate() {
-                let s: f64 = wj.iter().zip(x).map(|(a, &b)| a * b as f64).sum();
-                if s > best.0 {
-                    best = (s, j);
-                }
-            }
-            best.1 == labels[i] as usize
-        })
-        .collect();
+    let pred = predict(emb, d, w, c)?;
+    let correct: Vec<bool> = pred.iter().zip(labels).map(|(&p, &y)| p == y as usize).collect();
 
     // [hits, samples] per group: many, medium, few.
     let mut tally = [[0usize; 2]; 3];
@@ -132,6 +120,41 @@ pub fn closed_set(
         n_medium: classes[1],
         n_few: classes[2],
     })
+}
+
+/// The cosine classifier's class for each embedding of `emb` `[n, d]`: `argmax_j cos(emb_i,
+/// w_j)` over the `c` rows of `w` `[c, d]`, the lowest `j` among exact ties (what
+/// [`closed_set`] scores).
+pub fn predict(emb: &[f32], d: usize, w: &[f32], c: usize) -> Result<Vec<usize>> {
+    if d == 0 {
+        return Err(Error::Empty("embedding dimension D = 0".into()));
+    }
+    if emb.len() % d != 0 {
+        return Err(Error::Shape(format!("embeddings have {} values, not a multiple of D = {d}", emb.len())));
+    }
+    if c == 0 {
+        return Err(Error::Empty("predict: C = 0 classes".into()));
+    }
+    if w.len() != c * d {
+        return Err(Error::Shape(format!("W has {} values, expected C*D = {c}*{d}", w.len())));
+    }
+    check_finite("W", w)?;
+    check_finite("embeddings", emb)?;
+    let wh: Vec<f64> = w.chunks(d).flat_map(unit_f64).collect();
+    Ok((0..emb.len() / d)
+        .into_par_iter()
+        .map(|i| {
+            let x = &emb[i * d..(i + 1) * d];
+            let mut best = (f64::NEG_INFINITY, 0usize);
+            for (j, wj) in wh.chunks(d).enumerate() {
+                let s: f64 = wj.iter().zip(x).map(|(a, &b)| a * b as f64).sum();
+                if s > best.0 {
+                    best = (s, j);
+                }
+            }
+            best.1
+        })
+        .collect())
 }
 
 /// Retrieval and verification quality on an open set.
@@ -271,33 +294,12 @@ pub fn angular_spread(
     }
     check_class_labels(labels, c)?;
 
-    let xh: Vec<f64> = emb.chunks(d).flat_map(unit_f64).collect();
-    let mut rows: Vec<Vec<usize>> = vec![Vec::new(); c];
-    for (i, &y) in labels.iter().enumerate() {
-        rows[y as usize].push(i);
-    }
-    let per_class_std: Vec<f64> = rows
-        .par_iter()
-        .map(|idx| {
-            if idx.len() < 2 {
+    let per_class_std: Vec<f64> = class_angles(emb, labels, d, c)?
+        .into_iter()
+        .map(|angles| {
+            if angles.is_empty() {
                 return f64::NAN;
             }
-            let mut center = vec![0.0; d];
-            for &i in idx {
-                center.iter_mut().zip(&xh[i * d..(i + 1) * d]).for_each(|(c, x)| *c += x);
-            }
-            let norm = center.iter().map(|v| v * v).sum::<f64>().sqrt();
-            if norm < 1e-12 {
-                return f64::NAN;
-            }
-            let angles: Vec<f64> = idx
-                .iter()
-                .map(|&i| {
-                    let cos: f64 =
-                        center.iter().zip(&xh[i * d..(i + 1) * d]).map(|(c, x)| c * x).sum::<f64>() / norm;
-                    cos.clamp(-1.0, 1.0).acos()
-                })
-                .collect();
             let m = angles.len() as f64;
             let mean = angles.iter().sum::<f64>() / m;
             (angles.iter().map(|a| (a - mean) * (a - mean)).sum::<f64>() / m).max(0.0).sqrt()
@@ -320,6 +322,43 @@ pub fn angular_spread(
     let head_mean = mean_where(true);
     let tail_mean = mean_where(false);
     Ok(SpreadStats { per_class_std, head_mean, tail_mean })
+}
+
+/// Per class of `0..c`, the angles (radians) of its embeddings to the class's mean
+/// direction, in row order: each embedding normalized, the center the normalized mean of
+/// the class's unit vectors, `a_i = acos(clamp(xh_i . center, -1, 1))`. Empty for a class
+/// with fewer than 2 samples or a mean of zero length. [`angular_spread`] is their std.
+pub fn class_angles(emb: &[f32], labels: &[i32], d: usize, c: usize) -> Result<Vec<Vec<f64>>> {
+    check_emb(emb, labels, d)?;
+    check_class_labels(labels, c)?;
+    let xh: Vec<f64> = emb.chunks(d).flat_map(unit_f64).collect();
+    let mut rows: Vec<Vec<usize>> = vec![Vec::new(); c];
+    for (i, &y) in labels.iter().enumerate() {
+        rows[y as usize].push(i);
+    }
+    Ok(rows
+        .par_iter()
+        .map(|idx| {
+            if idx.len() < 2 {
+                return Vec::new();
+            }
+            let mut center = vec![0.0; d];
+            for &i in idx {
+                center.iter_mut().zip(&xh[i * d..(i + 1) * d]).for_each(|(c, x)| *c += x);
+            }
+            let norm = center.iter().map(|v| v * v).sum::<f64>().sqrt();
+            if norm < 1e-12 {
+                return Vec::new();
+            }
+            idx.iter()
+                .map(|&i| {
+                    let cos: f64 =
+                        center.iter().zip(&xh[i * d..(i + 1) * d]).map(|(c, x)| c * x).sum::<f64>() / norm;
+                    cos.clamp(-1.0, 1.0).acos()
+                })
+                .collect()
+        })
+        .collect())
 }
 
 /// `(train count, angular std)` for every class with a finite std: the points of
