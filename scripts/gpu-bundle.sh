@@ -30,6 +30,11 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])
 ' | while read -r name exe; do cp "$exe" "bundle/stage/tests/$name"; done
 strip bundle/stage/featcloud bundle/stage/tests/* bundle/stage/custom_trainer
+# Suites that run the featcloud binary from its build path (CARGO_BIN_EXE) and need no
+# device: run.sh skips them (the binary is not at that path on the GPU machine).
+for f in tests/*.rs; do
+  grep -q CARGO_BIN_EXE "$f" && ! grep -q 'test_device()' "$f" && basename "$f" .rs
+done > bundle/stage/cpu_only_tests.txt
 [ -d ../shared/peers ] && cp ../shared/peers/*.py bundle/stage/ || true
 # Every binary embeds the same ~18 MB of kernel images: a solid xz archive with a
 # window larger than the whole stage stores them once (about 3 MB in all).

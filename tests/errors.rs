@@ -39,11 +39,18 @@ fn catalogue() -> Vec<(String, String)> {
     while let Some(line) = lines.next() {
         let Some(rest) = line.strip_prefix("### ") else { continue };
         let id: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric()).collect();
-        let message = lines
-            .by_ref()
-            .skip_while(|l| l.trim() != "```text")
-            .nth(1)
-            .unwrap_or_else(|| panic!("ERRORS.md: {id} has no ```text block"));
+        // The section's ```text block holds exactly one line, before the next section.
+        let mut block = None;
+        for l in lines.by_ref() {
+            assert!(!l.starts_with("#"), "ERRORS.md: {id} has no ```text block");
+            if l.trim() == "```text" {
+                block = Some(());
+                break;
+            }
+        }
+        assert!(block.is_some(), "ERRORS.md: {id} has no ```text block");
+        let message = lines.next().unwrap_or_else(|| panic!("ERRORS.md: {id}: empty ```text block"));
+        assert_eq!(lines.next().map(str::trim), Some("```"), "ERRORS.md: {id}: one line per ```text block");
         out.push((id, message.to_string()));
     }
     out
@@ -94,13 +101,14 @@ fn catalogue_has_25_cases_each_with_its_test() {
 struct Ws {
     dir: tempfile::TempDir,
     before: BTreeMap<PathBuf, Vec<u8>>,
+    folders: Vec<PathBuf>,
 }
 
 impl Ws {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         copy_tree(template(), dir.path());
-        Ws { dir, before: BTreeMap::new() }
+        Ws { dir, before: BTreeMap::new(), folders: Vec::new() }
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -111,9 +119,10 @@ impl Ws {
         std::fs::write(self.path(rel), bytes).unwrap();
     }
 
-    /// Records every file's bytes; call after writing the case's inputs.
+    /// Records every file's bytes and every folder; call after writing the case's inputs.
     fn snapshot(&mut self) {
         self.before = files(self.dir.path());
+        self.folders = folders(self.dir.path());
         for must in ["out/checkpoint.safetensors", "out/metrics.json", "eval.json", "stats.safetensors"] {
             assert!(self.before.contains_key(&self.path(must)), "template lacks {must}");
         }
@@ -132,6 +141,7 @@ impl Ws {
         for p in now.keys() {
             assert!(self.before.contains_key(p), "{} was created", p.display());
         }
+        assert_eq!(folders(self.dir.path()), self.folders, "folders were created or removed");
     }
 
     /// `text` with this case's folder written as `$DIR`.
@@ -186,6 +196,23 @@ fn files(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     out
 }
 
+/// Every folder under `root`, sorted.
+fn folders(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.push(p.clone());
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 fn copy_tree(from: &Path, to: &Path) {
     for (p, bytes) in files(from) {
         let dst = to.join(p.strip_prefix(from).unwrap());
@@ -200,8 +227,14 @@ fn copy_tree(from: &Path, to: &Path) {
 fn template() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("errors-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        // Earlier runs' templates (one per test process) are not needed any more.
+        for e in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with("errors-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        let dir = tmp.join(format!("errors-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("in")).unwrap();
         let (x, y) = (dir.join("in/x.npy"), dir.join("in/y.npy"));
         let (rows, labels) = dataset();
@@ -558,6 +591,8 @@ fn e24_open_set_of_another_width() {
     );
 }
 
+// (E48, labels that are sparse IDs, is with the data cases below E47.)
+
 // ---- checkpoints -------------------------------------------------------------------------------
 
 #[test]
@@ -862,4 +897,16 @@ fn e47_backward_at_another_shape_than_its_forward() {
     let r =
         head.backward(&x1, &wt, &i.labels[..1], &sigma, &fwd, HeadUpstream::Scalar(1.0), GradDtype::Input);
     w.api("E47", r.map(|_| ()));
+}
+
+// ---- data files, added later ---------------------------------------------------------------
+
+#[test]
+fn e48_labels_that_are_sparse_ids() {
+    // Below the 2^24 class bound, but 6 labels spread over 500001 implied classes.
+    let mut w = Ws::new();
+    let y: Vec<i64> = dataset().1.iter().map(|&l| l * 100_000).collect();
+    w.write("in/y_sparse.npy", &npy("<i8", &[115], &i64_bytes(&y)));
+    w.snapshot();
+    w.cli("E48", &train("$DIR/in/x.npy", "$DIR/in/y_sparse.npy", &[]));
 }

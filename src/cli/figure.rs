@@ -89,9 +89,11 @@ fn protocol(args: &Args, splits: &Splits) -> anyhow::Result<Protocol> {
     let original: Vec<usize> = order[..k].to_vec();
     let tail: Vec<bool> = (0..k).map(|i| i >= k - m).collect();
     let threshold = counts[original[k - m - 1]];
-    if n as u64 >= threshold {
+    let smallest_cut = counts[original[k - 1]];
+    if n as u64 >= smallest_cut {
         anyhow::bail!(
-            "--cut-to {n} must be below the smallest kept class's size ({threshold} samples), or nothing is cut"
+            "--cut-to {n}: the smallest class to cut has {smallest_cut} training samples, so it would not be cut \
+             (take fewer --top-classes, or a smaller --cut-to)"
         );
     }
     let new_of = |c: i32| original.iter().position(|&o| o == c as usize);
@@ -150,6 +152,9 @@ struct Setting {
     final_loss: Option<f64>,
     #[serde(skip)]
     test_points: Vec<[f64; 2]>,
+    /// Share of the test embeddings' variance on the two principal axes drawn.
+    #[serde(skip)]
+    explained: [f64; 2],
     #[serde(skip)]
     cloud: Option<CloudMarks>,
     /// Angles of the training samples to their class center minus the class's mean angle,
@@ -213,6 +218,7 @@ fn run_on<B: Backend>(backend: &B, args: &Args, base: TrainConfig, p: &Protocol)
             tail: &p.tail,
             cloud: s.cloud.clone(),
             class_legend: i == 0,
+            explained: Some(s.explained),
         })
         .collect();
     // d) panel c around the cloud, zoomed in: a cloud of a few hundredths of a radian is a
@@ -242,6 +248,7 @@ fn run_on<B: Backend>(backend: &B, args: &Args, base: TrainConfig, p: &Protocol)
             tail: &p.tail,
             cloud: Some(c.clone()),
             class_legend: false,
+            explained: Some(settings[2].explained),
         });
     }
     let protocol_png = args.out.join("protocol.png");
@@ -275,6 +282,17 @@ fn run_on<B: Backend>(backend: &B, args: &Args, base: TrainConfig, p: &Protocol)
         }),
     )?;
     print_table(&settings, p);
+    let data = |f: &str| data_dir.join(f).display().to_string();
+    println!(
+        "each setting's numbers are `featcloud eval --checkpoint {} --features {} --labels {} \
+         --test-features {} --test-labels {} --threshold {}` (cut, cut_leap: the cut_train files)",
+        args.out.join("full").join("checkpoint.safetensors").display(),
+        data("full_train_x.npy"),
+        data("full_train_y.npy"),
+        data("test_x.npy"),
+        data("test_y.npy"),
+        p.threshold
+    );
     println!("wrote {}, {} and {}", protocol_png.display(), angles_png.display(), json.display());
     Ok(())
 }
@@ -353,13 +371,15 @@ fn run_setting<B: Backend>(
         stats,
         final_loss: progress.loss(),
         test_points,
+        explained: pca.explained,
         cloud,
         head_angles,
         tail_angles,
     })
 }
 
-/// The cloud around the first training feature of the first tail class: the head's own
+/// The cloud around the first training feature of the tail class with the widest cloud
+/// (the lowest such class among ties): the head's own
 /// draws alpha = `cloud_alpha(cfg, sigma, y, seed, step, row 0)` over the run's last
 /// `--cloud-draws` steps, each applied as a rotation of the feature's angle to its class
 /// weight (the target angle theta + alpha of SPEC 3), projected with the panel's PCA.

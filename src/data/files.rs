@@ -35,10 +35,19 @@ pub const FEATURES_KEY: &str = "features";
 pub const LABELS_KEY: &str = "labels";
 
 /// The most classes a data set may have: 2^24 (16.8 M, ten times the largest public face
-/// data sets). Per-class state is allocated for every class up to the largest label, so a
-/// label that is not a class index (a hash, an ID of 2e9) must fail here, with a message,
-/// not later in a 16 GiB allocation.
+/// data sets), given with `num_classes` or implied by the largest label.
+///
+/// Per-class state (W, its optimizer moments, the statistics) is allocated for every class
+/// up to the largest label, so labels that are not class indices (hashes, IDs of 2e9) must
+/// fail while loading, with a message, not later in a huge allocation. Two rules catch
+/// them: this bound, and, when the class count is implied by the labels, more than
+/// [`MAX_IMPLIED_EMPTY`] classes without a row making up most of the implied classes.
 pub const MAX_CLASSES: usize = 1 << 24;
+
+/// With the class count implied by the largest label, how many classes may have no row
+/// before labels that leave most classes empty are refused as IDs (pass `num_classes` to
+/// keep empty classes on purpose).
+pub const MAX_IMPLIED_EMPTY: usize = 1024;
 
 const NPY_MAGIC: &[u8] = b"\x93NUMPY";
 
@@ -208,6 +217,23 @@ pub fn dataset_from_bytes(
         (None, Some(m)) => m as usize + 1,
         (None, None) => return Err(Error::format(labels, "no labels (the file holds zero rows)")),
     };
+    if num_classes.is_none() {
+        let mut seen = vec![false; c];
+        y.iter().for_each(|&l| seen[l as usize] = true);
+        let distinct = seen.iter().filter(|&&b| b).count();
+        let empty = c - distinct;
+        if empty > MAX_IMPLIED_EMPTY && empty > distinct {
+            return Err(Error::format(
+                labels,
+                format!(
+                    "the labels imply {c} classes (largest label {}) but only {distinct} of them have rows: \
+                     they look like IDs, not class indices 0..C-1 (relabel them, or give the class count, \
+                     --num-classes, to keep empty classes)",
+                    c - 1
+                ),
+            ));
+        }
+    }
     if let Some(row) = y.iter().position(|&l| l as u64 >= c as u64) {
         return Err(Error::format(
             labels,

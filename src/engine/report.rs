@@ -51,7 +51,8 @@ pub struct EvalReport {
 }
 
 impl EvalReport {
-    /// (train count, angular std) points for the plot.
+    /// `(train count, angular std)` of every class in class order, NaN stds included, so
+    /// that the lists of several seeds pair class by class ([`crate::plot::spread_over_seeds`]).
     pub fn spread_points(&self) -> Vec<(u64, f64)> {
         self.per_class.iter().map(|c| (c.train_count, c.angular_std)).collect()
     }

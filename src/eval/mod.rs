@@ -361,8 +361,9 @@ pub fn class_angles(emb: &[f32], labels: &[i32], d: usize, c: usize) -> Result<V
         .collect())
 }
 
-/// `(train count, angular std)` for every class with a finite std: the points of
-/// [`crate::plot::angular_std_vs_size`].
+/// `(train count, angular std)` for every class with a finite std (a scatter of class size
+/// against spread; [`crate::engine::report::EvalReport::spread_points`] keeps every class,
+/// as [`crate::plot::spread_over_seeds`] needs).
 pub fn spread_points(stats: &SpreadStats, train_counts: &[u64]) -> Vec<(u64, f64)> {
     stats
         .per_class_std

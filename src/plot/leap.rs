@@ -40,6 +40,8 @@ pub struct ScatterPanel<'a> {
     pub tail: &'a [bool],
     /// The cloud around a tail feature (panel c).
     pub cloud: Option<CloudMarks>,
+    /// The share of variance of the two axes, for the axis labels.
+    pub explained: Option<[f64; 2]>,
     /// Show the classes in this panel's legend (one panel is enough: colors are the same
     /// in every panel; the cloud, when drawn, is always in its panel's legend).
     pub class_legend: bool,
@@ -77,8 +79,8 @@ pub fn protocol_figure(path: &Path, panels: &[ScatterPanel], title: &str) -> Res
                 .map_err(|e| draw_err(path, &e))?;
             chart
                 .configure_mesh()
-                .x_desc("principal axis 1")
-                .y_desc("principal axis 2")
+                .x_desc(axis_desc(1, panel.explained.map(|e| e[0])))
+                .y_desc(axis_desc(2, panel.explained.map(|e| e[1])))
                 .axis_desc_style(("sans-serif", 16))
                 .label_style(("sans-serif", 13))
                 .x_labels(6)
@@ -307,6 +309,14 @@ pub fn angle_histograms(path: &Path, panels: &[AnglePanel], x_desc: &str, title:
         }
         root.present().map_err(|e| draw_err(path, &e))
     })
+}
+
+/// "principal axis 1 (34% of the variance)".
+fn axis_desc(k: usize, share: Option<f64>) -> String {
+    match share {
+        Some(f) => format!("principal axis {k} ({:.0}% of the variance)", 100.0 * f),
+        None => format!("principal axis {k}"),
+    }
 }
 
 /// `v` with 3 decimals, without the sign of a value that rounds to zero (`-0.000`).

@@ -18,8 +18,10 @@ use crate::io::write_atomic_with;
 /// Size of the figures, pixels.
 pub const FIGURE_SIZE: (u32, u32) = (960, 640);
 
-/// Series and class colors, in order (Okabe-Ito, colorblind-safe: blue, orange, bluish
-/// green, reddish purple, sky blue, vermillion, black, grey).
+/// Series and class colors, in order (colorblind-safe: Okabe-Ito's blue, orange, bluish
+/// green, reddish purple, sky blue and vermillion, then Tol's wine and a grey; black is
+/// left for marks that are not a class, like the feature cloud). More classes than eight
+/// repeat the colors.
 pub(crate) const PALETTE8: [RGBColor; 8] = [
     RGBColor(0, 114, 178),
     RGBColor(230, 159, 0),
@@ -27,7 +29,7 @@ pub(crate) const PALETTE8: [RGBColor; 8] = [
     RGBColor(204, 121, 167),
     RGBColor(86, 180, 233),
     RGBColor(213, 94, 0),
-    RGBColor(0, 0, 0),
+    RGBColor(136, 34, 85),
     RGBColor(120, 120, 120),
 ];
 
@@ -80,7 +82,8 @@ pub struct SpreadPoint {
 /// gives them). A class whose std is not finite in any seed is left out; a seed where it is
 /// not finite does not count for it.
 pub fn spread_over_seeds(runs: &[Vec<(u64, f64)>]) -> Vec<SpreadPoint> {
-    let classes = runs.first().map_or(0, |r| r.len());
+    // Lists of other lengths cannot be paired class by class: only the classes every list has.
+    let classes = runs.iter().map(|r| r.len()).min().unwrap_or(0);
     (0..classes)
         .filter_map(|k| {
             let v: Vec<f64> = runs.iter().map(|r| r[k].1).filter(|x| x.is_finite()).collect();
