@@ -3,10 +3,12 @@
 use crate::error::{Error, Result};
 use crate::shape::HeadShape;
 
-/// Checks the lengths of x, W, labels and sigma_cloud against `shape`, the label range,
-/// and that sigma_cloud is finite and >= 0. Negative labels (ignored rows) are allowed.
+/// Checks the lengths of x, W (`[C, K, D]` with `subcenters` = K, SPEC 5b), labels and
+/// sigma_cloud against `shape`, and the label range. Negative labels (ignored rows) are
+/// allowed.
 pub fn check_head_inputs(
     shape: HeadShape,
+    subcenters: usize,
     x_len: usize,
     w_len: usize,
     labels: &[i32],
@@ -17,8 +19,13 @@ pub fn check_head_inputs(
     if x_len != b * d {
         return Err(Error::Shape(format!("x has {x_len} elements, expected B*D = {b}*{d}")));
     }
-    if w_len != c * d {
+    if subcenters == 1 && w_len != c * d {
         return Err(Error::Shape(format!("W has {w_len} elements, expected C*D = {c}*{d}")));
+    }
+    if subcenters != 1 && w_len != c * subcenters * d {
+        return Err(Error::Shape(format!(
+            "W has {w_len} elements, expected C*K*D = {c}*{subcenters}*{d} (K sub-centers per class)"
+        )));
     }
     if labels.len() != b {
         return Err(Error::Shape(format!("labels has {} entries, expected B = {b}", labels.len())));

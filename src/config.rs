@@ -59,6 +59,10 @@ pub enum Fallback {
     Clamp,
 }
 
+/// The most sub-centers per class [`HeadConfig::subcenters`] takes (Sub-center ArcFace
+/// uses 3; more than a few only splits the data of a class further).
+pub const MAX_SUBCENTERS: u32 = 16;
+
 /// Configuration of the margin head: `t = cos(m1*theta + m2 + alpha) - m3`, logits scaled by `s`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HeadConfig {
@@ -80,6 +84,15 @@ pub struct HeadConfig {
     pub margin_grad: MarginGrad,
     /// Fallback mode (default linear).
     pub fallback: Fallback,
+    /// Sub-centers per class K (SPEC 5b; default 1, today's head): W is `[C, K, D]` and each
+    /// class's cosine is its closest sub-center's. Only the CPU oracle takes K > 1 so far.
+    #[serde(default = "one")]
+    pub subcenters: u32,
+}
+
+/// The serde default of [`HeadConfig::subcenters`] (configurations saved before it existed).
+fn one() -> u32 {
+    1
 }
 
 impl Default for HeadConfig {
@@ -94,6 +107,7 @@ impl Default for HeadConfig {
             label_smoothing: 0.0,
             margin_grad: MarginGrad::Exact,
             fallback: Fallback::Linear,
+            subcenters: 1,
         }
     }
 }
@@ -126,6 +140,12 @@ impl HeadConfig {
         ])?;
         if self.s <= 0.0 {
             return Err(invalid("head.s", format!("must be > 0, got {}", self.s)));
+        }
+        if !(1..=MAX_SUBCENTERS).contains(&self.subcenters) {
+            return Err(invalid(
+                "head.subcenters",
+                format!("must be in 1..={MAX_SUBCENTERS}, got {}", self.subcenters),
+            ));
         }
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return Err(invalid(

@@ -864,3 +864,159 @@ fn dx_attention_form_equals_the_dc_form_in_every_region() {
     let all: Vec<&str> = regions.iter().map(String::as_str).collect();
     assert_eq!(all, ["Fallback", "Ignored", "Regular", "Saturated"], "regions covered");
 }
+
+// ---------------------------------------------------------------- sub-centers (SPEC 5b)
+
+/// B rows, C classes of K sub-centers each, D features: W `[C, K, D]` with row norms in
+/// [0.5, 2], x rows with norms in [0.5, 3], labels random with row 1 ignored.
+fn subcenter_case(b: usize, c: usize, k: usize, d: usize, seed: u64) -> Case {
+    let mut rng = Rng(seed);
+    let mut rows = |n: usize, lo: f64, hi: f64| -> Vec<f64> {
+        (0..n)
+            .flat_map(|_| {
+                let v: Vec<f64> = (0..d).map(|_| rng.uniform(-1.0, 1.0)).collect();
+                let scale = rng.uniform(lo, hi) / norm(&v);
+                v.into_iter().map(move |a| a * scale).collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let w = rows(c * k, 0.5, 2.0);
+    let x = rows(b, 0.5, 3.0);
+    let mut labels: Vec<i32> = (0..b).map(|i| ((i * 7 + seed as usize) % c) as i32).collect();
+    labels[1] = -1;
+    Case { shape: HeadShape { b, c, d }, x, w, labels, sigma: vec![0.15; c], seed: 3, step: 9 }
+}
+
+/// Per (valid row, class): the best and second-best sub-center cosine, and the arg-max.
+fn subcenter_cosines(case: &Case, k: usize) -> Vec<(usize, usize, usize, f64)> {
+    let HeadShape { b, c, d } = case.shape;
+    let unit = |v: &[f64]| v.iter().map(|a| a / norm(v)).collect::<Vec<_>>();
+    let mut out = Vec::new();
+    for i in (0..b).filter(|&i| case.labels[i] >= 0) {
+        let xi = unit(&case.x[i * d..(i + 1) * d]);
+        for j in 0..c {
+            let mut cos: Vec<(f64, usize)> = (0..k)
+                .map(|kk| {
+                    let r = j * k + kk;
+                    let wr = unit(&case.w[r * d..(r + 1) * d]);
+                    (xi.iter().zip(&wr).map(|(a, b)| a * b).sum::<f64>(), kk)
+                })
+                .collect();
+            cos.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let gap = if k > 1 { cos[0].0 - cos[1].0 } else { f64::INFINITY };
+            out.push((i, j, cos[0].1, gap));
+        }
+    }
+    out
+}
+
+/// K = 2 with both sub-centers of every class equal to K = 1's W_j: the same forward and dx
+/// bit for bit, sub-center 0's dW is K = 1's dW_j (a tie goes to the lowest k), and
+/// sub-center 1, which no row picks, gets exactly 0. With K = 1 the oracle runs the same
+/// arithmetic as before sub-centers existed (SPEC 5b: K = 1 is today's head).
+#[test]
+fn subcenters_duplicated_equal_one_center() {
+    let (b, c, d) = (6, 5, 7);
+    let one = subcenter_case(b, c, 1, d, 21);
+    let mut two = one.clone();
+    two.w = (0..c).flat_map(|j| [&one.w[j * d..(j + 1) * d], &one.w[j * d..(j + 1) * d]].concat()).collect();
+    let cfg1 = HeadConfig { label_smoothing: 0.1, ..cfg_with(HeadConfig::arcface(), 8.0) };
+    let cfg2 = HeadConfig { subcenters: 2, ..cfg1 };
+    let (f1, f2) = (forward_f64(&cfg1, &one.p64()).unwrap(), forward_f64(&cfg2, &two.p64()).unwrap());
+    assert_eq!(f1.loss.to_bits(), f2.loss.to_bits());
+    assert_eq!(f1.rows.lse, f2.rows.lse);
+    assert_eq!(f1.rows.c_iy, f2.rows.c_iy);
+    let up = Upstream::Scalar(1.0);
+    let (g1, g2) =
+        (backward_f64(&cfg1, &one.p64(), up).unwrap(), backward_f64(&cfg2, &two.p64(), up).unwrap());
+    assert_eq!(g1.dx, g2.dx);
+    for j in 0..c {
+        assert_eq!(g2.dw[(2 * j) * d..(2 * j + 1) * d], g1.dw[j * d..(j + 1) * d], "class {j}, sub-center 0");
+        assert!(g2.dw[(2 * j + 1) * d..(2 * j + 2) * d].iter().all(|&v| v == 0.0), "class {j}, sub-center 1");
+    }
+}
+
+/// K = 2, 3, 4 against central differences of the forward, away from ties (asserted), with
+/// the cloud, label smoothing and an ignored row; the attention form of dx agrees; a
+/// sub-center that no row picks for its class gets exactly zero gradient.
+#[test]
+fn subcenters_gradcheck_away_from_ties() {
+    let mut unpicked_checked = 0;
+    for (k, seed) in [(2usize, 31u64), (3, 32), (4, 33)] {
+        let mut case = subcenter_case(7, 4, k, 6, seed);
+        // Class 0's last sub-center points away from every row (minus their mean
+        // direction), so that some sub-center is nobody's closest.
+        let d = case.shape.d;
+        let mut away = vec![0.0; d];
+        for i in 0..case.shape.b {
+            let xi = &case.x[i * d..(i + 1) * d];
+            away.iter_mut().zip(xi).for_each(|(a, v)| *a -= v / norm(xi));
+        }
+        case.w[(k - 1) * d..k * d].copy_from_slice(&away);
+        let picks = subcenter_cosines(&case, k);
+        let gap = picks.iter().map(|p| p.3).fold(f64::INFINITY, f64::min);
+        assert!(gap > 1e-4, "K = {k}: a near tie ({gap:e}) would make the finite differences meaningless");
+        for base in [HeadConfig::arcface(), HeadConfig::cosface()] {
+            let cfg = HeadConfig { subcenters: k as u32, label_smoothing: 0.1, s: 6.0, ..base };
+            let g = [0.8];
+            let an = backward_f64(&cfg, &case.p64(), upstream(&cfg, &g)).unwrap();
+            let fd = finite_differences(&case, &|cs| objective(&cfg, cs, &g));
+            assert_close_rel(&format!("K = {k} dx"), &an.dx, &fd.dx, 1e-6);
+            assert_close_rel(&format!("K = {k} dW"), &an.dw, &fd.dw, 1e-6);
+            let o_form = dx_attention_form_f64(&cfg, &case.p64(), upstream(&cfg, &g)).unwrap();
+            assert_close_rel(&format!("K = {k} attention-form dx"), &o_form, &an.dx, 1e-12);
+            // Sub-centers never the arg-max of any row: zero rows of dW, bit for bit.
+            for r in 0..case.shape.c * k {
+                if !picks.iter().any(|&(_, j, kk, _)| j * k + kk == r) {
+                    assert!(an.dw[r * d..(r + 1) * d].iter().all(|&v| v == 0.0), "K = {k}: row {r}");
+                    unpicked_checked += 1;
+                }
+            }
+        }
+    }
+    assert!(unpicked_checked > 0, "no sub-center was left unpicked: the zero-gradient check tested nothing");
+}
+
+/// The closest sub-center decides the class cosine: a row made to lie on class 0's
+/// sub-center 2 has c_iy = 1 (clamped), whatever the other sub-centers are.
+#[test]
+fn subcenters_take_the_closest_center() {
+    let mut case = subcenter_case(3, 2, 3, 5, 41);
+    let d = 5;
+    case.labels = vec![0, -1, 1];
+    let target = case.w[2 * d..3 * d].to_vec(); // class 0, sub-center 2
+    case.x[..d].copy_from_slice(&target.iter().map(|v| 2.0 * v).collect::<Vec<_>>());
+    let cfg = HeadConfig { subcenters: 3, ..cfg_with(HeadConfig::arcface(), 8.0) };
+    let out = forward_f64(&cfg, &case.p64()).unwrap();
+    assert!((out.rows.c_iy[0] - 1.0).abs() < 1e-12, "{}", out.rows.c_iy[0]);
+}
+
+/// Bad sub-center input is an error: W of the K = 1 length for K = 3, K out of range, and
+/// the paths that do not have sub-centers yet say so.
+#[test]
+fn subcenters_bad_input_is_an_error() {
+    let case = subcenter_case(3, 2, 1, 4, 51);
+    let cfg = HeadConfig { subcenters: 3, ..HeadConfig::default() };
+    let r = forward_f64(&cfg, &case.p64());
+    assert!(matches!(&r, Err(Error::Shape(m)) if m.contains("expected C*K*D = 2*3*4")), "{r:?}");
+    for k in [0, 17] {
+        let cfg = HeadConfig { subcenters: k, ..HeadConfig::default() };
+        let r = forward_f64(&cfg, &case.p64());
+        assert!(matches!(&r, Err(Error::InvalidConfig(m)) if m.contains("head.subcenters")), "{r:?}");
+    }
+    let three = subcenter_case(3, 2, 3, 4, 52);
+    let (x, w) = (to_f32(&three.x), to_f32(&three.w));
+    let p = HeadProblem {
+        shape: three.shape,
+        x: &x,
+        w: &w,
+        labels: &three.labels,
+        sigma_cloud: &three.sigma,
+        seed: 1,
+        step: 0,
+    };
+    let cfg = HeadConfig { subcenters: 3, ..HeadConfig::default() };
+    assert!(forward(&cfg, &p).is_ok(), "the oracle takes K = 3");
+    let r = featcloud::cpu::head::forward(&cfg, &p);
+    assert!(matches!(&r, Err(Error::InvalidConfig(m)) if m.contains("not in the CPU backend yet")), "{r:?}");
+}

@@ -476,6 +476,7 @@ impl ModelArgs {
                 label_smoothing: self.label_smoothing,
                 margin_grad: self.margin_grad,
                 fallback: self.fallback,
+                subcenters: 1,
             },
             stats: StatsConfig {
                 beta: self.beta,

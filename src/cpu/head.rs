@@ -137,6 +137,12 @@ struct Fwd {
 
 fn forward_impl(cfg: &HeadConfig, p: &HeadProblem) -> Result<Fwd> {
     // The oracle's checks: the same preconditions and the same errors.
+    if cfg.subcenters != 1 {
+        return Err(Error::InvalidConfig(format!(
+            "head.subcenters = {}: sub-centers are not in the CPU backend yet (SPEC 5b; the CPU oracle has them)",
+            cfg.subcenters
+        )));
+    }
     check_problem(cfg, p)?;
     let HeadShape { b, c, d } = p.shape;
     let (mut xh, mut nx) = normalize_rows(p.x, d);

@@ -189,28 +189,34 @@ pub fn dx_attention_form_f64(cfg: &HeadConfig, p: &HeadProblemF64, g: Upstream) 
     let s = cfg.s as f64;
     let ls = cfg.label_smoothing as f64;
     let ls_c = ls / c as f64;
-    let mut sum_wh = vec![0.0; d];
-    for j in 0..c {
-        for (acc, v) in sum_wh.iter_mut().zip(&ev.wh[j * d..(j + 1) * d]) {
-            *acc += v;
-        }
-    }
+    // Row i's W-hat row for class j: its arg-max sub-center (SPEC 5b; K = 1: row j).
+    let wh_of = |i: usize, j: usize| {
+        let r = j * ev.k + ev.kstar[i * c + j];
+        &ev.wh[r * d..(r + 1) * d]
+    };
     let mut dx = vec![0.0; b * d];
     for i in 0..b {
         let Ok(y) = usize::try_from(ev.labels[i]) else {
             continue; // ignored rows: dx = 0
         };
+        // S = sum_j wh_j, with sub-centers the ones row i picked.
+        let mut sum_wh = vec![0.0; d];
+        for j in 0..c {
+            for (acc, v) in sum_wh.iter_mut().zip(wh_of(i, j)) {
+                *acc += v;
+            }
+        }
         let wi = row_weight(cfg, g, ev.n_valid, i);
         let lse = ev.rows.lse[i];
         let mut o = vec![0.0; d];
         for j in (0..c).filter(|&j| j != y) {
             let pij = (ev.z[i * c + j] - lse).exp();
-            for (acc, v) in o.iter_mut().zip(&ev.wh[j * d..(j + 1) * d]) {
+            for (acc, v) in o.iter_mut().zip(wh_of(i, j)) {
                 *acc += pij * v;
             }
         }
         let target = ((ev.z[i * c + y] - lse).exp_m1() + ls - ls_c) * ev.dt[i];
-        let why = &ev.wh[y * d..(y + 1) * d];
+        let why = wh_of(i, y);
         let gh: Vec<f64> =
             (0..d).map(|k| wi * s * (o[k] - ls_c * (sum_wh[k] - why[k]) + target * why[k])).collect();
         project_out(&ev.xh[i * d..(i + 1) * d], &gh, ev.nx[i], &mut dx[i * d..(i + 1) * d]);
@@ -252,7 +258,7 @@ fn validate(
     cfg.validate()?;
     // The cloud std is only read when the cloud is on, so it may be omitted then.
     let sigma_len = if cfg.cloud == CloudMode::Off && sigma.is_empty() { None } else { Some(sigma.len()) };
-    check_head_inputs(shape, x_len, w_len, labels, sigma_len)?;
+    check_head_inputs(shape, cfg.subcenters as usize, x_len, w_len, labels, sigma_len)?;
     check_sigma(sigma)
 }
 
@@ -312,15 +318,19 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 /// Everything the forward computes, kept for the backward.
 struct Evaluation {
     shape: HeadShape,
+    /// Sub-centers per class K (SPEC 5b).
+    k: usize,
     labels: Vec<i32>,
     /// xh `[B, D]`, ||x_i|| `[B]`.
     xh: Vec<f64>,
     nx: Vec<f64>,
-    /// wh `[C, D]`, ||W_j|| `[C]`.
+    /// wh `[C*K, D]`, ||W_jk|| `[C*K]` (class j's sub-center k is row j*K + k).
     wh: Vec<f64>,
     nw: Vec<f64>,
     /// Logits z `[B, C]` (target column already margin-transformed).
     z: Vec<f64>,
+    /// k*_ij `[B, C]`: the sub-center each row's class cosine comes from (0 for ignored rows).
+    kstar: Vec<usize>,
     /// dt_i / dc_iy as the backward uses it (SPEC section 4), 0 for ignored rows.
     dt: Vec<f64>,
     rows: RowOutputs,
@@ -398,10 +408,12 @@ pub fn row_loss(z: impl Fn(usize) -> f64, c: usize, y: usize, ls: f64) -> (f64, 
 
 fn evaluate(cfg: &HeadConfig, p: &HeadProblemF64) -> Evaluation {
     let HeadShape { b, c, d } = p.shape;
+    let k = cfg.subcenters as usize;
     let s = cfg.s as f64;
     let ls = cfg.label_smoothing as f64;
     let (mut xh, mut nx) = normalize_rows(p.x, b, d);
-    let (wh, nw) = normalize_rows(p.w, c, d);
+    // W is [C, K, D]: class j's sub-centers are rows j*K .. j*K + K - 1 (SPEC 5b).
+    let (wh, nw) = normalize_rows(p.w, c * k, d);
     // Ignored rows may hold anything, NaN included (SPEC 2): they enter as zero rows of unit
     // norm, so that their zero logit gradients give exact zeros in every sum (0 * NaN = NaN).
     for (i, _) in p.labels.iter().enumerate().filter(|(_, &y)| y < 0) {
@@ -410,6 +422,7 @@ fn evaluate(cfg: &HeadConfig, p: &HeadProblemF64) -> Evaluation {
     }
 
     let mut z = vec![0.0; b * c];
+    let mut kstar = vec![0usize; b * c];
     let mut dt = vec![0.0; b];
     let mut rows = RowOutputs {
         loss: vec![0.0; b],
@@ -426,7 +439,21 @@ fn evaluate(cfg: &HeadConfig, p: &HeadProblemF64) -> Evaluation {
         };
         n_valid += 1;
         let xi = &xh[i * d..(i + 1) * d];
-        let cos: Vec<f64> = (0..c).map(|j| dot(xi, &wh[j * d..(j + 1) * d]).clamp(-1.0, 1.0)).collect();
+        // c_ij: the closest sub-center's cosine, the lowest k among ties (K = 1: row j).
+        let cos: Vec<f64> = (0..c)
+            .map(|j| {
+                let mut best = (f64::NEG_INFINITY, 0);
+                for kk in 0..k {
+                    let r = j * k + kk;
+                    let cjk = dot(xi, &wh[r * d..(r + 1) * d]).clamp(-1.0, 1.0);
+                    if cjk > best.0 {
+                        best = (cjk, kk);
+                    }
+                }
+                kstar[i * c + j] = best.1;
+                best.0
+            })
+            .collect();
         let c_iy = cos[y];
 
         let alpha = cloud_alpha(cfg, p.sigma_cloud, y, p.seed, p.step, i);
@@ -445,7 +472,7 @@ fn evaluate(cfg: &HeadConfig, p: &HeadProblemF64) -> Evaluation {
         rows.region[i] = region;
         dt[i] = dti;
     }
-    Evaluation { shape: p.shape, labels: p.labels.to_vec(), xh, nx, wh, nw, z, dt, rows, n_valid }
+    Evaluation { shape: p.shape, k, labels: p.labels.to_vec(), xh, nx, wh, nw, z, kstar, dt, rows, n_valid }
 }
 
 fn reduce(cfg: &HeadConfig, ev: &Evaluation) -> ForwardOutput {
@@ -482,20 +509,35 @@ fn gradients(cfg: &HeadConfig, ev: &Evaluation, g: Upstream) -> Gradients {
         }
     }
 
-    // dx from dc's rows against W-hat, dW from its columns against x-hat.
-    let dx = input_grad(b, c, d, |i, j| dc[i * c + j], &ev.wh, &ev.xh, &ev.nx);
-    let dw = input_grad(c, b, d, |j, i| dc[i * c + j], &ev.xh, &ev.wh, &ev.nw);
+    // dx from dc's rows against the arg-max sub-centers' W-hat rows, dW (one row per
+    // sub-center) from dc's columns against x-hat, each sub-center taking only the rows
+    // that picked it (SPEC 5b; with K = 1 every row picks row j).
+    let k = ev.k;
+    let dx = input_grad(b, c, d, |i, j| (dc[i * c + j], j * k + ev.kstar[i * c + j]), &ev.wh, &ev.xh, &ev.nx);
+    let dw = input_grad(
+        c * k,
+        b,
+        d,
+        |r, i| {
+            let (j, kk) = (r / k, r % k);
+            (if ev.kstar[i * c + j] == kk { dc[i * c + j] } else { 0.0 }, i)
+        },
+        &ev.xh,
+        &ev.wh,
+        &ev.nw,
+    );
     Gradients { dx, dw }
 }
 
 /// The gradient of one input's `n` rows: row r of its unit rows `unit` `[n, D]` gets
-/// sum_k g(r, k) other_k over the `m` rows of `other` `[m, D]` (k in index order), then
-/// the normalization backward with its norm.
+/// sum_k g_rk other_{o_rk} for k in 0..m in index order, where `g(r, k)` = (g_rk, o_rk)
+/// names the row of `other` `[.., D]` the term takes, then the normalization backward
+/// with its norm.
 fn input_grad(
     n: usize,
     m: usize,
     d: usize,
-    g: impl Fn(usize, usize) -> f64,
+    g: impl Fn(usize, usize) -> (f64, usize),
     other: &[f64],
     unit: &[f64],
     norms: &[f64],
@@ -504,8 +546,8 @@ fn input_grad(
     for r in 0..n {
         let mut gh = vec![0.0; d];
         for k in 0..m {
-            let grk = g(r, k);
-            for (acc, v) in gh.iter_mut().zip(&other[k * d..(k + 1) * d]) {
+            let (grk, o) = g(r, k);
+            for (acc, v) in gh.iter_mut().zip(&other[o * d..(o + 1) * d]) {
                 *acc += grk * v;
             }
         }

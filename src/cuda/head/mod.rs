@@ -281,6 +281,12 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
     /// A head with options `cfg` (validated here) running `path` on `dev`.
     pub fn new(dev: D, cfg: HeadConfig, path: HeadPath) -> Result<Self> {
         cfg.validate()?;
+        if cfg.subcenters != 1 {
+            return Err(Error::InvalidConfig(format!(
+                "head.subcenters = {}: sub-centers are not in the CUDA head yet (SPEC 5b; the CPU oracle has them)",
+                cfg.subcenters
+            )));
+        }
         Ok(Self { dev, cfg, path, tuning: FusedTuning::default(), scratch: Mutex::new(Scratch::default()) })
     }
 
@@ -426,7 +432,7 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         }
         let shape = HeadShape { b, c, d };
         let sigma_len = if self.cfg.cloud == CloudMode::Off { None } else { Some(sigma.len()) };
-        check_head_inputs(shape, x.len(), w.len(), labels, sigma_len)?;
+        check_head_inputs(shape, 1, x.len(), w.len(), labels, sigma_len)?;
         i32_dim("B", b)?;
         i32_dim("C", c)?;
         i32_dim("D", d)?;
