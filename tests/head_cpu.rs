@@ -360,3 +360,24 @@ fn f32_cancellation_stays_within_the_floor() {
     assert!(without_floor > 0, "the family no longer cancels: it tests nothing");
     assert!(worst > 1.0 / 64.0, "the floor is far above every error ({worst:e} of it)");
 }
+
+/// Sub-centers (SPEC 5b): K = 2, 3, 4 against the oracle at the same tolerances, over the
+/// option sets, with rows at theta ~ 0 and ~ pi to one of their class's sub-centers.
+#[test]
+fn subcenters_match_oracle() {
+    for (si, &(b, c, d)) in [(1, 5, 8), (7, 3, 13), (33, 17, 13), (4, 6, 512), (21, 9, 16)].iter().enumerate()
+    {
+        for k in [2usize, 3, 4] {
+            // A case over C*K rows of W, then each label mapped to its class: rows 0..2 lie
+            // on (or against) one sub-center of their class.
+            let mut kc = case(b, c * k, d, 300 + si as u64 * 7 + k as u64, b > 4);
+            kc.labels.iter_mut().filter(|y| **y >= 0).for_each(|y| *y /= k as i32);
+            kc.shape = HeadShape { b, c, d };
+            kc.sigma.truncate(c);
+            for (name, cfg) in configs() {
+                let cfg = HeadConfig { subcenters: k as u32, ..cfg };
+                compare(&cfg, &kc, si as u64, &format!("B={b} C={c} K={k} D={d} {name}"));
+            }
+        }
+    }
+}

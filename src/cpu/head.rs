@@ -20,6 +20,11 @@
 //! that cancellation loses the result, so the projected target direction
 //! `wh_y - xh_i (xh_i . wh_y)` (and its twin for dW) is formed in f64.
 //!
+//! Sub-centers (SPEC 5b, K > 1): the cosines of every sub-center [B, C*K] come from the
+//! one sgemm, each class keeps its closest (ties to the lowest k), and the backward
+//! scatters dc into [B, C*K] at the arg-max before the two sgemms; K = 1 runs exactly
+//! the code it ran before sub-centers existed.
+//!
 //! Bitwise deterministic: every parallel task owns whole rows; the batch loss is
 //! summed sequentially in row order; the sgemms reduce each element in a fixed
 //! order. Materializes the B x C cosines (fine for the CPU sizes this serves).
@@ -75,7 +80,7 @@ pub struct HeadForward {
 pub struct HeadGrads {
     /// dL/dx [B, D].
     pub dx: Vec<f32>,
-    /// dL/dW [C, D].
+    /// dL/dW [C*K, D] (K sub-centers per class, SPEC 5b; [C, D] for K = 1).
     pub dw: Vec<f32>,
 }
 
@@ -127,22 +132,33 @@ fn normalize_backward(g: &mut [f32], vh: &[f32], norms: &[f64], d: usize) {
 /// Shared forward; returns the outputs plus what the backward needs.
 struct Fwd {
     rows: Vec<RowOut>,
-    /// Cosines [B, C], overwritten by the logit gradient in the backward.
+    /// Cosines [B, C] (each class's closest sub-center's), overwritten by the logit
+    /// gradient in the backward.
     cos: Vec<f32>,
+    /// Sub-centers per class K (SPEC 5b).
+    k: usize,
+    /// k*_ij [B, C]: the sub-center each class cosine came from (empty for K = 1).
+    kstar: Vec<u32>,
     xh: Vec<f32>,
     nx: Vec<f64>,
+    /// W-hat [C*K, D] (class j's sub-center k is row j*K + k), its norms [C*K].
     wh: Vec<f32>,
     nw: Vec<f64>,
 }
 
+impl Fwd {
+    /// The W row (of the C*K) that row i's class-j cosine came from.
+    fn w_row(&self, c: usize, i: usize, j: usize) -> usize {
+        if self.k == 1 {
+            j
+        } else {
+            j * self.k + self.kstar[i * c + j] as usize
+        }
+    }
+}
+
 fn forward_impl(cfg: &HeadConfig, p: &HeadProblem) -> Result<Fwd> {
     // The oracle's checks: the same preconditions and the same errors.
-    if cfg.subcenters != 1 {
-        return Err(Error::InvalidConfig(format!(
-            "head.subcenters = {}: sub-centers are not in the CPU backend yet (SPEC 5b; the CPU oracle has them)",
-            cfg.subcenters
-        )));
-    }
     check_problem(cfg, p)?;
     let HeadShape { b, c, d } = p.shape;
     let (mut xh, mut nx) = normalize_rows(p.x, d);
@@ -154,8 +170,33 @@ fn forward_impl(cfg: &HeadConfig, p: &HeadProblem) -> Result<Fwd> {
         nx[i] = 1.0;
     }
     let (wh, nw) = normalize_rows(p.w, d);
+    let k = cfg.subcenters as usize;
     let mut cos = vec![0.0f32; b * c];
-    sgemm(false, true, b, c, d, 1.0, &xh, &wh, 0.0, &mut cos)?;
+    let mut kstar = Vec::new();
+    if k == 1 {
+        sgemm(false, true, b, c, d, 1.0, &xh, &wh, 0.0, &mut cos)?;
+    } else {
+        // Every sub-center's cosine [B, C*K], then each class's closest (SPEC 5b; ties to
+        // the lowest k).
+        let mut all = vec![0.0f32; b * c * k];
+        sgemm(false, true, b, c * k, d, 1.0, &xh, &wh, 0.0, &mut all)?;
+        kstar = vec![0u32; b * c];
+        cos.par_chunks_mut(c).zip(kstar.par_chunks_mut(c)).zip(all.par_chunks(c * k)).for_each(
+            |((row, ks), a)| {
+                for j in 0..c {
+                    let (mut best, mut at) = (a[j * k], 0);
+                    for kk in 1..k {
+                        if a[j * k + kk] > best {
+                            (best, at) = (a[j * k + kk], kk);
+                        }
+                    }
+                    row[j] = best;
+                    ks[j] = at as u32;
+                }
+            },
+        );
+    }
+    let w_row = |i: usize, j: usize| if k == 1 { j } else { j * k + kstar[i * c + j] as usize };
     let s = cfg.s as f64;
     let ls = cfg.label_smoothing as f64;
     let rows: Vec<RowOut> = cos
@@ -168,13 +209,15 @@ fn forward_impl(cfg: &HeadConfig, p: &HeadProblem) -> Result<Fwd> {
                 return RowOut::default();
             }
             let y = y as usize;
-            // f64 target cosine from the raw inputs (see the module docs).
+            // f64 target cosine from the raw inputs (see the module docs), against the
+            // target's closest sub-center.
+            let ry = w_row(i, y);
             let dot: f64 = p.x[i * d..(i + 1) * d]
                 .iter()
-                .zip(&p.w[y * d..(y + 1) * d])
+                .zip(&p.w[ry * d..(ry + 1) * d])
                 .map(|(&a, &b)| a as f64 * b as f64)
                 .sum();
-            let c_iy = (dot / (nx[i].max(NORM_EPS) * nw[y].max(NORM_EPS))).clamp(-1.0, 1.0);
+            let c_iy = (dot / (nx[i].max(NORM_EPS) * nw[ry].max(NORM_EPS))).clamp(-1.0, 1.0);
             // The target logit and the row loss are the oracle's own f64 functions.
             let alpha = cloud_alpha(cfg, p.sigma_cloud, y, p.seed, p.step, i);
             let target = target_logit(cfg, c_iy, alpha);
@@ -184,7 +227,7 @@ fn forward_impl(cfg: &HeadConfig, p: &HeadProblem) -> Result<Fwd> {
             RowOut { loss, lse, c_iy, t, alpha, dt, dc_target: 0.0, valid: true }
         })
         .collect();
-    Ok(Fwd { rows, cos, xh, nx, wh, nw })
+    Ok(Fwd { rows, cos, k, kstar, xh, nx, wh, nw })
 }
 
 fn pack(cfg: &HeadConfig, rows: &[RowOut]) -> HeadForward {
@@ -219,15 +262,9 @@ fn unit64(v: &[f32], n: f64) -> Vec<f64> {
 /// Adds the target-column terms of the backward in f64:
 /// dx_i += dc_iy (wh_y - xh_i (xh_i . wh_y)) / max(nx_i, eps) and
 /// dW_y += sum_i dc_iy (xh_i - wh_y (wh_y . xh_i)) / max(nw_y, eps).
-fn add_target_terms(
-    p: &HeadProblem,
-    rows: &[RowOut],
-    nx: &[f64],
-    nw: &[f64],
-    dx: &mut [f32],
-    dw: &mut [f32],
-) {
+fn add_target_terms(p: &HeadProblem, f: &Fwd, dx: &mut [f32], dw: &mut [f32]) {
     let HeadShape { c, d, .. } = p.shape;
+    let (rows, nx, nw) = (&f.rows, &f.nx, &f.nw);
     let proj = |a: &[f64], b: &[f64]| -> Vec<f64> {
         let dot: f64 = a.iter().zip(b).map(|(u, v)| u * v).sum();
         b.iter().zip(a).map(|(bv, av)| bv - av * dot).collect()
@@ -237,18 +274,19 @@ fn add_target_terms(
         if !r.valid || r.dc_target == 0.0 {
             return;
         }
-        let y = p.labels[i] as usize;
+        let ry = f.w_row(c, i, p.labels[i] as usize);
         let xh = unit64(&p.x[i * d..(i + 1) * d], nx[i]);
-        let wh = unit64(&p.w[y * d..(y + 1) * d], nw[y]);
+        let wh = unit64(&p.w[ry * d..(ry + 1) * d], nw[ry]);
         let scale = r.dc_target / nx[i].max(NORM_EPS);
         for (o, v) in out.iter_mut().zip(proj(&xh, &wh)) {
             *o = (*o as f64 + scale * v) as f32;
         }
     });
-    let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); c];
+    // Rows by the W row (sub-center) their target cosine came from.
+    let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); c * f.k];
     for (i, r) in rows.iter().enumerate() {
         if r.valid && r.dc_target != 0.0 {
-            by_class[p.labels[i] as usize].push(i);
+            by_class[f.w_row(c, i, p.labels[i] as usize)].push(i);
         }
     }
     dw.par_chunks_mut(d).zip(by_class.par_iter()).enumerate().for_each(|(k, (out, members))| {
@@ -297,8 +335,8 @@ pub fn forward_backward(cfg: &HeadConfig, p: &HeadProblem, up: Upstream) -> Resu
         }
         check_finite("upstream", &[g])?;
     }
-    let Fwd { mut rows, mut cos, xh, nx, wh, nw } = forward_impl(cfg, p)?;
-    let out = pack(cfg, &rows);
+    let mut f = forward_impl(cfg, p)?;
+    let out = pack(cfg, &f.rows);
     let HeadShape { b, c, d } = p.shape;
     let s = cfg.s as f64;
     let ls = cfg.label_smoothing as f64;
@@ -313,7 +351,7 @@ pub fn forward_backward(cfg: &HeadConfig, p: &HeadProblem, up: Upstream) -> Resu
     // kept in f64 (`dc_target`) and zeroed in the matrix. The oracle's dc loop has the
     // same math but a materialized f64 row and another rounding order of q_y, so it
     // stays a separate loop.
-    cos.par_chunks_mut(c).zip(rows.par_iter_mut()).enumerate().for_each(|(i, (row, r))| {
+    f.cos.par_chunks_mut(c).zip(f.rows.par_iter_mut()).enumerate().for_each(|(i, (row, r))| {
         if !r.valid {
             row.iter_mut().for_each(|v| *v = 0.0);
             return;
@@ -333,12 +371,25 @@ pub fn forward_backward(cfg: &HeadConfig, p: &HeadProblem, up: Upstream) -> Resu
             }
         }
     });
+    // With K > 1 each dc_ij goes to the sub-center its cosine came from: dc [B, C*K].
+    let k = f.k;
+    let dc = if k == 1 {
+        std::mem::take(&mut f.cos)
+    } else {
+        let mut wide = vec![0.0f32; b * c * k];
+        wide.par_chunks_mut(c * k).zip(f.cos.par_chunks(c)).enumerate().for_each(|(i, (w, row))| {
+            for (j, &v) in row.iter().enumerate() {
+                w[j * k + f.kstar[i * c + j] as usize] = v;
+            }
+        });
+        wide
+    };
     let mut dx = vec![0.0f32; b * d];
-    let mut dw = vec![0.0f32; c * d];
-    sgemm(false, false, b, d, c, 1.0, &cos, &wh, 0.0, &mut dx)?;
-    sgemm(true, false, c, d, b, 1.0, &cos, &xh, 0.0, &mut dw)?;
-    normalize_backward(&mut dx, &xh, &nx, d);
-    normalize_backward(&mut dw, &wh, &nw, d);
-    add_target_terms(p, &rows, &nx, &nw, &mut dx, &mut dw);
+    let mut dw = vec![0.0f32; c * k * d];
+    sgemm(false, false, b, d, c * k, 1.0, &dc, &f.wh, 0.0, &mut dx)?;
+    sgemm(true, false, c * k, d, b, 1.0, &dc, &f.xh, 0.0, &mut dw)?;
+    normalize_backward(&mut dx, &f.xh, &f.nx, d);
+    normalize_backward(&mut dw, &f.wh, &f.nw, d);
+    add_target_terms(p, &f, &mut dx, &mut dw);
     Ok((out, HeadGrads { dx, dw }))
 }
