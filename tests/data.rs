@@ -534,3 +534,39 @@ fn write_atomic_with_cleans_up_on_error() {
     assert_eq!(fs::read(&p).unwrap(), b"new");
     assert_eq!(dir_entries(dir.path()), vec!["fig.png"]);
 }
+
+/// `label_noise`: round(p N) training labels move to another class, each uniformly among
+/// the other C - 1; the features, the test split and the open set are the clean data's bits;
+/// the same seed gives the same noise; out-of-range fractions are errors.
+#[test]
+fn label_noise_reassigns_that_fraction_of_training_labels() {
+    let base = SyntheticConfig {
+        num_classes: 12,
+        max_per_class: 60,
+        imbalance: 10.0,
+        test_per_class: 5,
+        open_classes: 3,
+        open_per_class: 4,
+        seed: 9,
+        ..Default::default()
+    };
+    let clean = generate(&base).unwrap();
+    let noisy_cfg = SyntheticConfig { label_noise: 0.2, ..base.clone() };
+    let noisy = generate(&noisy_cfg).unwrap();
+    assert_eq!(clean.train.features, noisy.train.features);
+    assert_eq!(clean.test, noisy.test);
+    assert_eq!(clean.open_set, noisy.open_set);
+    let moved: Vec<usize> =
+        (0..clean.train.n).filter(|&i| clean.train.labels[i] != noisy.train.labels[i]).collect();
+    assert_eq!(moved.len(), (0.2 * clean.train.n as f64).round() as usize);
+    assert!(moved.iter().all(|&i| (0..12).contains(&noisy.train.labels[i])));
+    // The moved labels land on several classes, not one.
+    let mut targets: Vec<i32> = moved.iter().map(|&i| noisy.train.labels[i]).collect();
+    targets.sort();
+    targets.dedup();
+    assert!(targets.len() >= 6, "{targets:?}");
+    assert_eq!(generate(&noisy_cfg).unwrap(), noisy, "the same seed, the same noise");
+    for bad in [1.0, -0.1, f64::NAN] {
+        assert!(generate(&SyntheticConfig { label_noise: bad, ..base.clone() }).is_err(), "{bad}");
+    }
+}

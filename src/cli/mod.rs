@@ -258,6 +258,10 @@ pub struct DataArgs {
     /// Synthetic: samples per open-set class.
     #[arg(long, default_value_t = 20)]
     pub open_per_class: usize,
+    /// Synthetic: fraction of the training labels reassigned to a random other class
+    /// (label noise; the test split stays clean).
+    #[arg(long, default_value_t = 0.0)]
+    pub label_noise: f64,
 }
 
 impl DataArgs {
@@ -265,6 +269,9 @@ impl DataArgs {
     pub fn describe(&self) -> String {
         match &self.features {
             Some(p) => format!("files ({})", p.display()),
+            None if self.label_noise > 0.0 => {
+                format!("synthetic (seed {}, label noise {})", self.data_seed, self.label_noise)
+            }
             None => format!("synthetic (seed {})", self.data_seed),
         }
     }
@@ -281,6 +288,7 @@ impl DataArgs {
                 open_classes: self.open_classes,
                 open_per_class: self.open_per_class,
                 seed: self.data_seed,
+                label_noise: self.label_noise,
                 ..SyntheticConfig::default()
             };
             return data::generate(&cfg).context("synthetic benchmark");

@@ -90,6 +90,13 @@ pub struct SyntheticConfig {
     pub open_per_class: usize,
     /// Seed of every random draw.
     pub seed: u64,
+    /// Fraction of the training labels reassigned to another class, in [0, 1) (default 0):
+    /// `round(label_noise * N)` training rows, chosen by a seeded shuffle, each get a label
+    /// drawn uniformly from the other C - 1 classes; features, the test split and the open
+    /// set are untouched. The mislabeled and mixed-identity samples of real data, which
+    /// sub-centers (SPEC 5b) are for. Uniform noise moves labels into every class, so the
+    /// class counts change: tail classes gain rows.
+    pub label_noise: f64,
 }
 
 impl Default for SyntheticConfig {
@@ -104,6 +111,7 @@ impl Default for SyntheticConfig {
             open_classes: 20,
             open_per_class: 20,
             seed: 0,
+            label_noise: 0.0,
         }
     }
 }
@@ -130,6 +138,12 @@ impl SyntheticConfig {
         if self.test_per_class == 0 {
             return bad("test_per_class must be >= 1".into());
         }
+        if !(0.0..1.0).contains(&self.label_noise) {
+            return bad(format!("label_noise must be in [0, 1), got {}", self.label_noise));
+        }
+        if self.label_noise > 0.0 && self.num_classes < 2 {
+            return bad("label_noise needs at least 2 classes".into());
+        }
         if self.open_classes > 0 && self.open_per_class < 2 {
             return bad(format!("open_per_class must be >= 2 for retrieval, got {}", self.open_per_class));
         }
@@ -155,7 +169,8 @@ pub fn generate(cfg: &SyntheticConfig) -> Result<Splits> {
     let c = cfg.num_classes;
 
     let counts: Vec<usize> = (0..c).map(|k| class_count(cfg, k)).collect();
-    let train = model.sample_split(1, 0, &counts)?;
+    let mut train = model.sample_split(1, 0, &counts)?;
+    relabel_noise(&mut train, cfg);
     let test = model.sample_split(2, 0, &vec![cfg.test_per_class; c])?;
     // Open-set classes follow the training classes in the model; their labels start at 0.
     let open_set = if cfg.open_classes > 0 {
@@ -164,6 +179,28 @@ pub fn generate(cfg: &SyntheticConfig) -> Result<Splits> {
         None
     };
     Ok(Splits { train, test, open_set })
+}
+
+/// [`SyntheticConfig::label_noise`]: on its own random stream (5), so that the clean data
+/// is the same bits with and without noise, and no draw at all when the fraction is 0.
+fn relabel_noise(train: &mut Dataset, cfg: &SyntheticConfig) {
+    let flips = (cfg.label_noise * train.n as f64).round() as usize;
+    if flips == 0 {
+        return;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    rng.set_stream(5);
+    let mut rows: Vec<usize> = (0..train.n).collect();
+    for i in (1..rows.len()).rev() {
+        rows.swap(i, rng.random_range(0..=i));
+    }
+    let c = cfg.num_classes as i32;
+    for &r in &rows[..flips] {
+        // Uniform over the other C - 1 classes.
+        let other = rng.random_range(0..c - 1);
+        let y = train.labels[r];
+        train.labels[r] = if other >= y { other + 1 } else { other };
+    }
 }
 
 /// The fixed random structure: class means, spreads and the latent -> input map.
