@@ -195,9 +195,11 @@ fn figure_runs_on_npy_files_and_refuses_bad_protocols() {
         "4",
     ];
     let mut args = base.to_vec();
-    args.extend(["--cut-classes", "2", "--cut-to", "3"]);
+    args.extend(["--cut-classes", "2", "--cut-to", "3", "--threshold", "7"]);
     let o = run(&args);
     assert!(String::from_utf8_lossy(&o.stdout).contains("head/tail threshold"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--split and --threshold are set by the protocol (threshold 40"), "{err}");
     let fig = json(&out.join("figure.json"));
     // The 4 largest classes, the 2 smallest of them cut.
     assert_eq!(fig["classes"]["original"], serde_json::json!([0, 1, 2, 3]));

@@ -175,6 +175,15 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     let splits = args.run.data.load()?;
     let p = protocol(args, &splits)?;
+    // The protocol sets the split itself; say so rather than ignore the flags silently.
+    let model = &args.run.model;
+    if model.split != crate::config::SplitKind::Threshold || model.threshold != 100 {
+        eprintln!(
+            "figure: --split and --threshold are set by the protocol (threshold {}: the smallest uncut class); \
+             the values given are not used",
+            p.threshold
+        );
+    }
     match select_backend(&args.run.model.backend)? {
         SelectedBackend::Cpu(be) => run_on(&be, args, base, &p),
         SelectedBackend::Cuda(be) => run_on(&*be, args, base, &p),
