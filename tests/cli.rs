@@ -1,6 +1,9 @@
 //! The `featcloud` binary on bad inputs (one-line error, non-zero exit, no panic,
 //! no partial output) and a tiny `train` on .npy files, resumed from its checkpoint.
 
+#[path = "common/blobs.rs"]
+mod blobs;
+
 use featcloud::data::{save_npy_f32, save_npy_i64};
 use featcloud::engine::{Checkpoint, NonFinitePolicy};
 use std::path::{Path, PathBuf};
@@ -36,32 +39,9 @@ fn data_dir() -> (tempfile::TempDir, String, String) {
     (dir, s(x), s(y))
 }
 
-/// A small long-tailed dataset: 6 classes, 8 features, blobs around class means.
+/// A small long-tailed dataset: 6 classes of 40 down to 5 rows, 8 features.
 fn write_data(dir: &Path) -> (PathBuf, PathBuf) {
-    let (c, f) = (6usize, 8usize);
-    let counts = [40, 30, 20, 12, 8, 5];
-    let mut x = Vec::new();
-    let mut y = Vec::new();
-    let mut state = 12345u64;
-    let mut rnd = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((state >> 33) as f64 / (1u64 << 31) as f64 - 0.5) as f32
-    };
-    for (k, &count) in counts.iter().enumerate() {
-        for _ in 0..count {
-            for j in 0..f {
-                let mean = if j % c == k { 2.0 } else { 0.0 };
-                x.push(mean + rnd());
-            }
-            y.push(k as i64);
-        }
-    }
-    let n = y.len();
-    let xp = dir.join("x.npy");
-    let yp = dir.join("y.npy");
-    save_npy_f32(&xp, &x, &[n, f]).unwrap();
-    save_npy_i64(&yp, &y).unwrap();
-    (xp, yp)
+    blobs::write_blobs(dir, &[40, 30, 20, 12, 8, 5], 8, 12345)
 }
 
 const TINY: &[&str] = &[

@@ -3,7 +3,9 @@
 //! the checkpoint on disk loads, and resuming from it (in the same folder, as a user
 //! would) ends in a checkpoint bitwise equal to the one of a run that was never killed.
 
-use featcloud::data::{save_npy_f32, save_npy_i64};
+#[path = "common/blobs.rs"]
+mod blobs;
+
 use featcloud::engine::Checkpoint;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -16,22 +18,7 @@ const KILLS: usize = 20;
 
 /// A small long-tailed dataset (6 classes, 8 features): `(x.npy, y.npy)` in `dir`.
 fn write_data(dir: &Path) -> (PathBuf, PathBuf) {
-    let mut state = 99u64;
-    let mut rnd = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((state >> 33) as f64 / (1u64 << 31) as f64 - 0.5) as f32
-    };
-    let (mut x, mut y) = (Vec::new(), Vec::new());
-    for (k, count) in [40, 30, 20, 12, 8, 5].into_iter().enumerate() {
-        for _ in 0..count {
-            x.extend((0..8).map(|j| if j % 6 == k { 2.0 } else { 0.0 } + rnd()));
-            y.push(k as i64);
-        }
-    }
-    let (xp, yp) = (dir.join("x.npy"), dir.join("y.npy"));
-    save_npy_f32(&xp, &x, &[y.len(), 8]).unwrap();
-    save_npy_i64(&yp, &y).unwrap();
-    (xp, yp)
+    blobs::write_blobs(dir, &[40, 30, 20, 12, 8, 5], 8, 99)
 }
 
 /// `featcloud train` writing a checkpoint after every step into `out` (a 64-wide MLP, so

@@ -13,6 +13,9 @@
 //! Command-line cases also assert one `error:` line on stderr, a non-zero exit status
 //! and no panic.
 
+#[path = "common/blobs.rs"]
+mod blobs;
+
 use featcloud::config::StatsConfig;
 use featcloud::cpu::head::Upstream;
 use featcloud::cuda::head::{FusedKernels, FusedTuning, GradDtype, HeadOn, HeadPath, HeadUpstream};
@@ -273,19 +276,7 @@ fn template() -> &'static Path {
 
 /// 6 classes of 40 down to 5 rows around class means, 8 features.
 fn dataset() -> (Vec<f32>, Vec<i64>) {
-    let mut state = 12345u64;
-    let mut rnd = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((state >> 33) as f64 / (1u64 << 31) as f64 - 0.5) as f32
-    };
-    let (mut x, mut y) = (Vec::new(), Vec::new());
-    for (k, count) in [40, 30, 20, 12, 8, 5].into_iter().enumerate() {
-        for _ in 0..count {
-            x.extend((0..8).map(|j| if j % 6 == k { 2.0 } else { 0.0 } + rnd()));
-            y.push(k as i64);
-        }
-    }
-    (x, y)
+    blobs::blobs(&[40, 30, 20, 12, 8, 5], 8, 12345)
 }
 
 const TINY: &[&str] = &[

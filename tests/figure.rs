@@ -3,7 +3,9 @@
 //! and are written atomically, it runs on the user's own .npy files, and the same seed
 //! gives the same bytes.
 
-use featcloud::data::{save_npy_f32, save_npy_i64};
+#[path = "common/blobs.rs"]
+mod blobs;
+
 use featcloud::plot::leap::{ANGLES_SIZE, PROTOCOL_SIZE};
 use std::path::Path;
 use std::process::{Command, Output};
@@ -154,22 +156,8 @@ fn figure_numbers_are_the_numbers_eval_gives() {
 fn figure_runs_on_npy_files_and_refuses_bad_protocols() {
     let _one_at_a_time = serial();
     let dir = tempfile::tempdir().unwrap();
-    // 5 classes of 60 down to 20 rows, 6 features, blobs around class means.
-    let mut state = 7u64;
-    let mut rnd = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((state >> 33) as f64 / (1u64 << 31) as f64 - 0.5) as f32
-    };
-    let (mut x, mut y) = (Vec::new(), Vec::new());
-    for (k, count) in [60, 50, 40, 30, 20].into_iter().enumerate() {
-        for _ in 0..count {
-            x.extend((0..6).map(|j| if j == k { 2.0 } else { 0.0 } + rnd()));
-            y.push(k as i64);
-        }
-    }
-    let (xp, yp) = (dir.path().join("x.npy"), dir.path().join("y.npy"));
-    save_npy_f32(&xp, &x, &[y.len(), 6]).unwrap();
-    save_npy_i64(&yp, &y).unwrap();
+    // 5 classes of 60 down to 20 rows, 6 features.
+    let (xp, yp) = blobs::write_blobs(dir.path(), &[60, 50, 40, 30, 20], 6, 7);
     let out = dir.path().join("fig");
     let base = [
         "figure",

@@ -149,11 +149,16 @@ struct Fwd {
 impl Fwd {
     /// The W row (of the C*K) that row i's class-j cosine came from.
     fn w_row(&self, c: usize, i: usize, j: usize) -> usize {
-        if self.k == 1 {
-            j
-        } else {
-            j * self.k + self.kstar[i * c + j] as usize
-        }
+        w_row(self.k, &self.kstar, c, i, j)
+    }
+}
+
+/// The W row (of the C*K) that row i's class-j cosine came from, given K and k*.
+fn w_row(k: usize, kstar: &[u32], c: usize, i: usize, j: usize) -> usize {
+    if k == 1 {
+        j
+    } else {
+        j * k + kstar[i * c + j] as usize
     }
 }
 
@@ -196,7 +201,7 @@ fn forward_impl(cfg: &HeadConfig, p: &HeadProblem) -> Result<Fwd> {
             },
         );
     }
-    let w_row = |i: usize, j: usize| if k == 1 { j } else { j * k + kstar[i * c + j] as usize };
+
     let s = cfg.s as f64;
     let ls = cfg.label_smoothing as f64;
     let rows: Vec<RowOut> = cos
@@ -211,7 +216,7 @@ fn forward_impl(cfg: &HeadConfig, p: &HeadProblem) -> Result<Fwd> {
             let y = y as usize;
             // f64 target cosine from the raw inputs (see the module docs), against the
             // target's closest sub-center.
-            let ry = w_row(i, y);
+            let ry = w_row(k, &kstar, c, i, y);
             let dot: f64 = p.x[i * d..(i + 1) * d]
                 .iter()
                 .zip(&p.w[ry * d..(ry + 1) * d])
