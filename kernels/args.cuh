@@ -59,25 +59,27 @@ FC_ASSERT_LAYOUT(RowNormsArgs<float>, 32, rows, 24, d, 28);
 
 // ---- stats.cu -----------------------------------------------------------------------------
 // seg (stats_update_<T>, stats_angles_f32): [2 num_seg + 1 + R] i32 segments, see stats.cu's header;
-// class ids unique and in [0, C). No pointer of a stats struct aliases another.
+// ids unique and in [0, C) (stats_update with K > 1: keys in [0, C*K)). No pointer of a stats
+// struct aliases another.
 
 // stats_update_<T>
 template <typename T>
 struct StatsUpdateArgs {
     const T* x;         // [B, D] in; only the rows listed in seg are read
     const float* inv;   // [B] in: 1 / max(||x_i||, 1e-12) (row_norms)
-    const int* seg;     // [2 num_seg + 1 + R] in
-    float* centers;     // [C, D] in/out: unit EMA centers
-    float* mu;          // [C] in/out: EMA mean angle
-    float* v;           // [C] in/out: EMA mean squared angle
-    u64* n;             // [C] in/out: samples seen
-    u32* init;          // [C] in/out: 0/1, class seen
+    const int* seg;     // [2 num_seg + 1 + R] in; segment ids are keys y*K + k (K = 1: classes)
+    float* centers;     // [C*K, D] in/out: unit EMA centers, one per sub-center
+    float* mu;          // [C] in/out: EMA mean angle (not touched when ang is set)
+    float* v;           // [C] in/out: EMA mean squared angle (not touched when ang is set)
+    u64* n;             // [C] in/out: samples seen (not touched when ang is set)
+    u32* init;          // [C] in/out: 0/1, class seen (only read when ang is set)
+    float* ang;         // [B] out, may be null: each listed row's angle a_i, for stats_angles (K > 1)
     int num_seg;        // S, segments (= grid)
     int d;              // D
     float beta;         // EMA factor
-    int _pad0;
+    int k;              // K, sub-centers per class (>= 1)
 };
-FC_ASSERT_LAYOUT(StatsUpdateArgs<float>, 80, num_seg, 64, _pad0, 76);
+FC_ASSERT_LAYOUT(StatsUpdateArgs<float>, 88, num_seg, 72, k, 84);
 
 // stats_angles_f32
 struct StatsAnglesArgs {
@@ -216,31 +218,34 @@ FC_ASSERT_LAYOUT(RefNormalizeArgs<float>, 40, labels, 24, d, 36);
 template <typename T>
 struct RefMarginArgs {
     const T* x;           // [B, D] in
-    const T* w;           // [C, D] in
+    const T* w;           // [C*K, D] in (class j's sub-center k is row j*K + k)
     const int* labels;    // [B] in (< 0: ignored row)
     const float* sigma;   // [C] in: sigma_cloud (unread when the cloud is off)
-    float* c_iy;          // [B] out
+    float* c_iy;          // [B] out: the target's dominant sub-center's cosine
     float* t;             // [B] out
     float* alpha;         // [B] out
     float* dt;            // [B] out
+    u32* k_iy;            // [B] out: the target's dominant sub-center k*_iy (0 for ignored rows)
     HeadParams p;
     int b;                // B
     int d;                // D
+    int k;                // K, sub-centers per class (>= 1)
+    int _pad0;
 };
-FC_ASSERT_LAYOUT(RefMarginArgs<float>, 128, p, 64, d, 124);
+FC_ASSERT_LAYOUT(RefMarginArgs<float>, 144, p, 72, _pad0, 140);
 
 // ref_softmax_fwd_f32
 struct RefSoftmaxArgs {
-    const float* cos;     // [B, C] in
+    const float* cos;     // [B, C*K] in
     const int* labels;    // [B] in
     const float* t;       // [B] in
     float* lse;           // [B] out (0 for ignored rows)
     float* loss;          // [B] out (0 for ignored rows)
     HeadParams p;
-    int c;                // C
-    int _pad0;
+    int c;                // C (classes)
+    int k;                // K, sub-centers per class (>= 1)
 };
-FC_ASSERT_LAYOUT(RefSoftmaxArgs, 104, p, 40, _pad0, 100);
+FC_ASSERT_LAYOUT(RefSoftmaxArgs, 104, p, 40, k, 100);
 
 // head_reduce_fwd_f32 (shared with the fused path)
 struct HeadReduceArgs {
@@ -253,18 +258,21 @@ FC_ASSERT_LAYOUT(HeadReduceArgs, 24, b, 16, scale, 20);
 
 // ref_grad_bwd_f32
 struct RefGradArgs {
-    const float* cos;     // [B, C] in
+    const float* cos;     // [B, C*K] in
     const int* labels;    // [B] in
     const float* t;       // [B] in
     const float* dt;      // [B] in
     const float* lse;     // [B] in
+    const u32* k_iy;      // [B] in: the forward's target sub-centers; may be null when K = 1
     const float* row_g;   // [B] in: per-row upstream gradient; may be null (all 1)
-    float* dc;            // [B, C] out
+    float* dc;            // [B, C*K] out
     HeadParams p;
     float g_scale;        // multiplies row_g (1 / N_valid for a mean)
-    int c;                // C
+    int c;                // C (classes)
+    int k;                // K, sub-centers per class (>= 1)
+    int _pad0;
 };
-FC_ASSERT_LAYOUT(RefGradArgs, 120, p, 56, c, 116);
+FC_ASSERT_LAYOUT(RefGradArgs, 136, p, 64, _pad0, 132);
 
 // head_normback_bwd_<T> (TO = T), head_normback_bwd_f32out_<T> (TO = float)
 template <typename T, typename TO = T>

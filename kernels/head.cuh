@@ -120,6 +120,13 @@ __device__ __forceinline__ TargetLogit target_logit(const HeadParams& p, double 
     return r;
 }
 
+// Whether a running max m gives way to v, for the max over a class's sub-centers (SPEC 5b):
+// v > m, so an equal later v does not take it (ties go to the lowest k), or v NaN while m is
+// not: a NaN takes the max and keeps it, so that a NaN of x or W reaches the loss (SPEC 2's
+// non-finite flag) as it does with one center per class.
+template <typename F>
+__device__ __forceinline__ bool nan_max_takes(F v, F m) { return v > m || (v != v && m == m); }
+
 // A cosine clamped to [-1, 1] that keeps a NaN (fminf / fmaxf would turn it into -1 and so
 // hide a NaN or infinity of x or W from the loss, the head's non-finite flag, SPEC 2): Rust's
 // f32::clamp, which the CPU backend uses.

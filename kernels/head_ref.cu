@@ -1,16 +1,22 @@
-// head_ref.cu — the reference (unfused) CUDA path of the margin head (SPEC 3, 4, 7.3).
+// head_ref.cu — the reference (unfused) CUDA path of the margin head (SPEC 3, 4, 5b, 7.3).
 //
-// Simple on purpose: it materializes the B x C cosine and gradient matrices in
-// f32 and leaves the three products to cuBLAS SGEMM (src/cuda/head.rs):
+// Simple on purpose: it materializes the B x CK cosine and gradient matrices in
+// f32 and leaves the three products to cuBLAS SGEMM (src/cuda/head/reference.rs), where
+// CK = C*K rows of W (K sub-centers per class, SPEC 5b; class j's sub-center k is row j*K + k):
 //   ref_normalize_fwd_<T>  x [rows, D] (T)   -> xh [rows, D] f32, inv [rows]
-//   cuBLAS                 cos [B, C] = xh . wh^T                      (f32)
-//   ref_margin_fwd_<T>     target column: c_iy (f64 from x, W), t_i, alpha_i, dt_i per row
-//   ref_softmax_fwd_f32    lse_i and loss_i per row (online max / sum-exp)
+//   cuBLAS                 cos [B, CK] = xh . wh^T                     (f32)
+//   ref_margin_fwd_<T>     target: c_iy (f64 from x, W; with K > 1 the max over the target's
+//                          K sub-centers, k_iy its lowest arg-max), t_i, alpha_i, dt_i per row
+//   ref_softmax_fwd_f32    lse_i and loss_i per row (online max / sum-exp over the C classes,
+//                          a non-target class's cosine the max of its K columns)
 //   head_reduce_fwd_f32    the reduced loss (fixed order; also used by the fused path)
-//   ref_grad_bwd_f32       dc [B, C] (SPEC 4)
+//   ref_grad_bwd_f32       dc [B, CK] (SPEC 4; with K > 1 each class's gradient on its
+//                          arg-max column only, the target's on column y*K + k_iy, 0 elsewhere)
 //   cuBLAS                 dxh = dc . wh,  dwh = dc^T . xh                  (f32)
 //   head_normback_bwd_<T>  dx = (dxh - xh (xh . dxh)) * inv   (also the fused path's
 //                          combine of its dx partials; writes T, or f32: _f32out_<T>)
+// K = 1 runs the same arithmetic as before sub-centers existed (a max over one column is that
+// column), so its results are bitwise those of the plain head.
 // Every reduction is a fixed shuffle tree or a fixed sequential loop, so two runs
 // give the same bits (cuBLAS SGEMM is deterministic for a fixed stream and shape).
 // Every entry point takes one argument struct from args.cuh (named next to each kernel),
@@ -50,14 +56,17 @@ FC_DTYPES(ref_normalize_fwd, (256), RefNormalizeArgs, ref_normalize<T>(a.x, a.xh
 // ---- margin + cloud on the target column ---------------------------------------------
 // One thread per row; grid = ceil(B / 256). Ignored rows (label < 0) write zeros.
 // c_iy is recomputed in f64 from x and W (head.cuh: target_cos says why) instead of
-// read from the f32 cos matrix.
-// x [B, D], w [C, D] (T); labels [B]; sigma [C] (unread when the cloud is off);
-// c_iy, t, alpha, dt [B] out.
+// read from the f32 cos matrix; with K > 1 sub-centers it is the max of the K f64 cosines
+// of rows y*K .. y*K + K-1 of W, and k_iy the lowest k reaching it (SPEC 5b). A NaN cosine
+// wins the max and stays (nan_max below), so a NaN in any of the target's rows reaches the
+// loss, the non-finite flag (SPEC 2).
+// x [B, D], w [C*K, D] (T); labels [B]; sigma [C] (unread when the cloud is off);
+// c_iy, t, alpha, dt [B] out; k_iy [B] out (0 for ignored rows).
 template <typename T>
 __device__ __forceinline__ void ref_margin(const T* __restrict__ x, const T* __restrict__ w, const int* __restrict__ labels,
                                            const float* __restrict__ sigma, const HeadParams& p, float* __restrict__ c_iy,
-                                           float* __restrict__ t, float* __restrict__ alpha, float* __restrict__ dt, int B,
-                                           int D) {
+                                           float* __restrict__ t, float* __restrict__ alpha, float* __restrict__ dt,
+                                           u32* __restrict__ k_iy, int B, int D, int K) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= B) return;
     const int y = labels[i];
@@ -66,9 +75,21 @@ __device__ __forceinline__ void ref_margin(const T* __restrict__ x, const T* __r
         t[i] = 0.0f;
         alpha[i] = 0.0f;
         dt[i] = 0.0f;
+        k_iy[i] = 0u;
         return;
     }
-    const double c = target_cos(x + (size_t)i * D, w + (size_t)y * D, D);
+    const T* xi = x + (size_t)i * D;
+    const T* wy = w + (size_t)y * K * D;
+    double c = target_cos(xi, wy, D);
+    int kb = 0;
+    for (int k = 1; k < K; ++k) {
+        const double ck = target_cos(xi, wy + (size_t)k * D, D);
+        if (nan_max_takes(ck, c)) {
+            c = ck;
+            kb = k;
+        }
+    }
+    k_iy[i] = (u32)kb;  // stored before target_logit: nothing of the loop stays live across its calls
     const TargetLogit tl = target_logit(p, c, p.cloud != 0 ? sigma[y] : 0.0f, (u32)i);
     c_iy[i] = tl.c;
     t[i] = tl.t;
@@ -78,17 +99,35 @@ __device__ __forceinline__ void ref_margin(const T* __restrict__ x, const T* __r
 
 // Entry points: RefMarginArgs<T> (args.cuh); see ref_margin for every argument.
 FC_DTYPES(ref_margin_fwd, (256), RefMarginArgs,
-          ref_margin<T>(a.x, a.w, a.labels, a.sigma, a.p, a.c_iy, a.t, a.alpha, a.dt, a.b, a.d))
+          ref_margin<T>(a.x, a.w, a.labels, a.sigma, a.p, a.c_iy, a.t, a.alpha, a.dt, a.k_iy, a.b, a.d, a.k))
+
+// Class j's cosine in row `row` of the [B, C*K] cosine matrix: the max over its K sub-center
+// columns (SPEC 5b), and in *kj the lowest column k reaching it; a NaN wins and stays. K = 1:
+// row[j] itself, untouched.
+__device__ __forceinline__ float class_cos(const float* __restrict__ row, int j, int K, int* kj) {
+    const float* r = row + (size_t)j * K;
+    float m = r[0];
+    int kb = 0;
+    for (int k = 1; k < K; ++k) {
+        if (nan_max_takes(r[k], m)) {
+            m = r[k];
+            kb = k;
+        }
+    }
+    *kj = kb;
+    return m;
+}
 
 // ---- softmax cross-entropy ---------------------------------------------------------------
 // One 256-thread block per row (grid = B). Thread k folds z_ij for j = k, k+256, ...
 // into an online (max, sum-exp, sum z), then a fixed warp tree and a fixed pass
 // over the 8 warp results in smem.
-// cos [B, C], labels [B], t [B] in; lse [B], loss [B] out (0 for ignored rows).
+// With K > 1 a non-target class's cosine is the max of its K columns (class_cos).
+// cos [B, C*K], labels [B], t [B] in; lse [B], loss [B] out (0 for ignored rows).
 // Entry point: RefSoftmaxArgs (args.cuh).
 __device__ __forceinline__ void ref_softmax(const float* __restrict__ cos, const int* __restrict__ labels,
                                             const float* __restrict__ t, HeadParams p, float* __restrict__ lse,
-                                            float* __restrict__ loss, int C) {
+                                            float* __restrict__ loss, int C, int K) {
     __shared__ LseAcc warp_acc[8];
     const int i = blockIdx.x;
     const int y = labels[i];  // uniform across the block
@@ -100,10 +139,11 @@ __device__ __forceinline__ void ref_softmax(const float* __restrict__ cos, const
         return;
     }
     const float zy = p.s * t[i];
-    const float* row = cos + (size_t)i * C;
+    const float* row = cos + (size_t)i * C * K;
     LseAcc a = lse_empty();
     for (int j = threadIdx.x; j < C; j += blockDim.x) {
-        const float z = (j == y) ? zy : p.s * clamp_cos(row[j]);
+        int kj;
+        const float z = (j == y) ? zy : p.s * clamp_cos(class_cos(row, j, K, &kj));
         lse_add(a, z);
     }
     a = warp_lse(a);
@@ -118,7 +158,7 @@ __device__ __forceinline__ void ref_softmax(const float* __restrict__ cos, const
     }
 }
 extern "C" __global__ void __launch_bounds__(256) ref_softmax_fwd_f32(const RefSoftmaxArgs a) {
-    ref_softmax(a.cos, a.labels, a.t, a.p, a.lse, a.loss, a.c);
+    ref_softmax(a.cos, a.labels, a.t, a.p, a.lse, a.loss, a.c, a.k);
 }
 
 // ---- reduced loss (shared with the fused path; head_reduce in head.cuh) ----------------------
@@ -128,33 +168,46 @@ extern "C" __global__ void __launch_bounds__(256) head_reduce_fwd_f32(const Head
 }
 
 // ---- logit gradient ------------------------------------------------------------------------
-// Grid (ceil(C / 256), B), 256 threads: one element (i, j) per thread.
+// Grid (ceil(C*K / 256), B), 256 threads: one element (i, col) per thread, col = j*K + k.
 //   w_i = g_scale * (row_g ? row_g[i] : 1)             (0 for ignored rows)
 //   dc_ij = w_i * s * (p_ij - q_ij) * (j == y_i ? dt_i : 1)
-// cos [B, C], labels, t, dt, lse [B], row_g [B] or null in; dc [B, C] out.
+// on class j's arg-max column only (SPEC 5b: the target's k_iy from the forward, another
+// class's lowest arg-max of its K cosines, as ref_softmax took it), 0 on its other columns.
+// K = 1: every column is its class's arg-max, and k_iy is not read.
+// cos [B, C*K], labels, t, dt, lse [B], k_iy [B] (may be null when K = 1), row_g [B] or null
+// in; dc [B, C*K] out.
 // Entry point: RefGradArgs (args.cuh).
 __device__ __forceinline__ void ref_grad(const float* __restrict__ cos, const int* __restrict__ labels,
                                          const float* __restrict__ t, const float* __restrict__ dt,
-                                         const float* __restrict__ lse, const float* __restrict__ row_g, float g_scale,
-                                         HeadParams p, float* __restrict__ dc, int C) {
+                                         const float* __restrict__ lse, const u32* __restrict__ k_iy,
+                                         const float* __restrict__ row_g, float g_scale, HeadParams p,
+                                         float* __restrict__ dc, int C, int K) {
     const int i = blockIdx.y;
-    const int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= C) return;
+    const int col = blockIdx.x * blockDim.x + threadIdx.x;
+    const int CK = C * K;
+    if (col >= CK) return;
+    const int j = col / K, k = col - j * K;
     const int y = labels[i];
     float out = 0.0f;
     if (y >= 0) {
-        const float w = g_scale * (row_g ? row_g[i] : 1.0f);
         const bool tgt = (j == y);
-        const float z = tgt ? p.s * t[i] : p.s * clamp_cos(cos[(size_t)i * C + j]);
-        const float pr = expf(z - lse[i]);
-        const float q = (tgt ? 1.0f - p.ls : 0.0f) + p.ls_over_c;
-        out = w * p.s * (pr - q);
-        if (tgt) out *= dt[i];
+        const float* row = cos + (size_t)i * CK;
+        int kj = 0;
+        const float cj = (K == 1) ? row[col] : class_cos(row, j, K, &kj);
+        if (K > 1 && tgt) kj = (int)k_iy[i];
+        if (k == kj) {
+            const float w = g_scale * (row_g ? row_g[i] : 1.0f);
+            const float z = tgt ? p.s * t[i] : p.s * clamp_cos(cj);
+            const float pr = expf(z - lse[i]);
+            const float q = (tgt ? 1.0f - p.ls : 0.0f) + p.ls_over_c;
+            out = w * p.s * (pr - q);
+            if (tgt) out *= dt[i];
+        }
     }
-    dc[(size_t)i * C + j] = out;
+    dc[(size_t)i * CK + col] = out;
 }
 extern "C" __global__ void __launch_bounds__(256) ref_grad_bwd_f32(const RefGradArgs a) {
-    ref_grad(a.cos, a.labels, a.t, a.dt, a.lse, a.row_g, a.g_scale, a.p, a.dc, a.c);
+    ref_grad(a.cos, a.labels, a.t, a.dt, a.lse, a.k_iy, a.row_g, a.g_scale, a.p, a.dc, a.c, a.k);
 }
 
 // ---- normalization backward (and the fused path's dx combine) ------------------------------

@@ -1,7 +1,8 @@
 // stats.cu — LEAP per-class angular statistics and the feature-cloud std (SPEC section 5).
 //
 // State (f32 on the device, all [C] unless noted; written only here):
-//   centers [C, D] unit EMA centers (center = ema only), mu / v EMA angle moments,
+//   centers [C*K, D] unit EMA centers, one per sub-center (center = ema only; K = 1 without
+//   sub-centers, see below), mu / v EMA angle moments,
 //   n (u64) samples seen, init (u32, 0/1) whether the class has been seen.
 //
 // Update, for each class k present in the batch with rows S_k (SPEC 5):
@@ -9,6 +10,17 @@
 //   center_k = normalize(init ? beta*center_k + (1-beta)*mbar_k : mbar_k)
 //   a_i      = angle(xh_i, center_k)  (the updated center)
 //   mu_k, v_k = mean a, mean a^2 (new class) or their EMA with beta;  n_k += |S_k|
+// Sub-centers (SPEC 5b, K > 1 per class): centers are [C*K, D] (class y's sub-center k is row
+// y*K + k) and row i updates and is measured from center (y_i, k*_iy), its target's dominant
+// sub-center in the head forward. The host buckets the rows by key y*K + k*_iy instead of
+// by class, so stats_update runs one CTA per present (class, sub-center) key, in ascending key
+// order (a class's sub-centers in ascending k); new-vs-EMA follows the class's flag init[y]
+// (a sub-center never picked holds zeros, so the EMA branch gives normalize(mbar) for it).
+// The moments stay per class: stats_update writes each row's angle a_i to ang [B] instead of
+// folding it in (several CTAs share a class, and its flag must not change under them), and
+// stats_angles then folds the angles of each class segment into mu, v, n, init in ascending
+// rows (is_cos = 0). K = 1 keeps the one-launch path (ang null, keys = classes).
+//
 // The angle is evaluated as 2*atan2(||xh - c||, ||xh + c||) (Kahan), equal to
 // acos(clamp(xh . c, -1, 1)) for unit vectors but accurate in f32 near 0 and pi,
 // where acos of a rounded dot product loses half the digits (a single-sample
@@ -17,8 +29,8 @@
 // Determinism without atomics: the host buckets the batch's labels into
 // segments (class ids ascending, rows ascending inside a class) and uploads
 //   seg = [ class[S] | start[S+1] | rows[R] ]   (i32; rows of class s are rows[start[s]..start[s+1]])
-// Every class appears in exactly one segment, so one CTA (update) or one thread
-// (angles) owns all writes to that class's state: no two writers, no atomics.
+// Every class (or key) appears in exactly one segment, so one CTA (update) or one thread
+// (angles) owns all writes to that class's (or key's) state: no two writers, no atomics.
 // Inside a CTA every sum has a fixed order (per-thread sequential loops over a
 // fixed index set, then the fixed shuffle trees of common.cuh), so two runs
 // give the same bits.
@@ -68,28 +80,32 @@ __device__ __forceinline__ void update_moments(int k, int cnt, float sa, float s
 
 // ---- update from features (center = ema) ------------------------------------------------
 //
-// Launch: grid = S (one CTA per present class), block = 256, no dynamic shared memory.
+// Launch: grid = S (one CTA per present key), block = 256, no dynamic shared memory.
 // x      [B, D]   in   features of storage dtype T (any row may be ignored: only rows listed in seg are read)
 // inv    [B]      in   1 / max(||x_i||, 1e-12) (norms.cu row_norms)
-// seg    [2S+1+R] in   segments, see the header; class ids unique and in [0, C)
-// centers[C, D]   in/out, mu/v/n/init [C] in/out. No argument aliases another.
+// seg    [2S+1+R] in   segments, see the header; keys y*K + k unique and in [0, C*K)
+// centers[C*K, D] in/out; init [C] in (and out when ang is null); mu/v/n [C] in/out, only
+//                 written when ang is null (K = 1: keys are classes).
+// ang    [B]      out, or null: the angle a_i of every row listed in seg (K > 1; the moments are
+//                 then left to stats_angles). No argument aliases another.
 // Entry points: StatsUpdateArgs<T> (args.cuh).
 template <typename T>
 __device__ __forceinline__ void stats_update(const T* __restrict__ x, const float* __restrict__ inv,
-                                             const int* __restrict__ seg, int num_seg, int d, float beta,
+                                             const int* __restrict__ seg, int num_seg, int d, int K, float beta,
                                              float* __restrict__ centers, float* __restrict__ mu,
                                              float* __restrict__ v, u64* __restrict__ n,
-                                             u32* __restrict__ init) {
+                                             u32* __restrict__ init, float* __restrict__ ang) {
     __shared__ float scratch[WARP_SIZE];
     __shared__ float warp_sa[STATS_WARPS], warp_sa2[STATS_WARPS];
     const int s = blockIdx.x;
-    const int k = seg[s];
+    const int key = seg[s];
     const int p0 = seg[num_seg + s], p1 = seg[num_seg + s + 1];
     const int* __restrict__ rows = seg + 2 * num_seg + 1;
     const int cnt = p1 - p0;  // >= 1: the host never emits an empty segment
     const float fcnt = (float)cnt;
-    const bool was_init = init[k] != 0u;
-    float* __restrict__ ck = centers + (size_t)k * d;
+    // The class's flag decides for each of its sub-centers (SPEC 5b); K = 1: key = class.
+    const bool was_init = init[key / K] != 0u;
+    float* __restrict__ ck = centers + (size_t)key * d;
 
     // Phase 1: thread t owns dims j = t, t+256, ...; for each it sums its column over the
     // class's rows (coalesced across the warp, one row after another), blends with the old
@@ -134,9 +150,11 @@ __device__ __forceinline__ void stats_update(const T* __restrict__ x, const floa
         // atan2(0, 0) = 0 covers x = 0 with a zero center; x = 0 with a unit center gives pi/2,
         // as acos(0) does in the oracle.
         const float a = 2.0f * atan2f(sqrtf(dm), sqrtf(dp));
+        if (ang != nullptr && lane == 0) ang[i] = a;  // row i is in this segment only
         sa += a;
         sa2 = fmaf(a, a, sa2);
     }
+    if (ang != nullptr) return;  // uniform across the block: no barrier below is split
     if (lane == 0) {
         warp_sa[warp] = sa;
         warp_sa2[warp] = sa2;
@@ -149,17 +167,18 @@ __device__ __forceinline__ void stats_update(const T* __restrict__ x, const floa
             ta += warp_sa[w];
             ta2 += warp_sa2[w];
         }
-        update_moments(k, cnt, ta, ta2, beta, mu, v, n, init);
+        update_moments(key, cnt, ta, ta2, beta, mu, v, n, init);
     }
 }
 
 FC_DTYPES(stats_update, (STATS_THREADS), StatsUpdateArgs,
-          stats_update<T>(a.x, a.inv, a.seg, a.num_seg, a.d, a.beta, a.centers, a.mu, a.v, a.n, a.init))
+          stats_update<T>(a.x, a.inv, a.seg, a.num_seg, a.d, a.k, a.beta, a.centers, a.mu, a.v, a.n, a.init, a.ang))
 
 // ---- update from the head's target angles (center = class_weight) ----------------------
 //
 // Launch: grid = ceil(S / 256), block = 256; thread s owns segment s (O(B) work in all,
-// no pass over D). ang [B] in: theta_i (is_cos = 0) or the clamped target cosine c_iy
+// no pass over D). Also folds the sub-center angles of stats_update (K > 1, is_cos = 0) into
+// the class moments. ang [B] in: theta_i or a_i (is_cos = 0) or the clamped target cosine c_iy
 // (is_cos = 1, converted to theta_i = acos(clamp(c, -1 + 1e-7, 1 - 1e-7)) as SPEC 3;
 // the clamp is done in f64 because 1 - 1e-7 is not an f32). Rows are summed in
 // ascending order. mu/v/n/init [C] in/out; no aliasing. Entry point: StatsAnglesArgs (args.cuh).

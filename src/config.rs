@@ -85,14 +85,20 @@ pub struct HeadConfig {
     /// Fallback mode (default linear).
     pub fallback: Fallback,
     /// Sub-centers per class K (SPEC 5b; default 1, today's head): W is `[C, K, D]` and each
-    /// class's cosine is its closest sub-center's. Only the CPU oracle takes K > 1 so far.
-    #[serde(default = "one")]
+    /// class's cosine is its closest sub-center's. Left out of serialized configurations
+    /// when it is 1, so K = 1 checkpoints are byte for byte what they were before it existed.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
     pub subcenters: u32,
 }
 
 /// The serde default of [`HeadConfig::subcenters`] (configurations saved before it existed).
 fn one() -> u32 {
     1
+}
+
+/// Whether [`HeadConfig::subcenters`] is the default 1 (then it is not serialized).
+fn is_one(k: &u32) -> bool {
+    *k == 1
 }
 
 impl Default for HeadConfig {

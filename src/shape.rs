@@ -31,3 +31,15 @@ impl std::fmt::Display for HeadShape {
         write!(f, "B={}, C={}, D={}", self.b, self.c, self.d)
     }
 }
+
+/// The stored shape of a per-sub-center tensor of `c` classes with `k` sub-centers each and
+/// width `d` (the head's W in checkpoints, the EMA centers in statistics files; SPEC 5b):
+/// `[C, D]` for one per class, so that K = 1 files are what they were before sub-centers,
+/// and `[C, K, D]` with sub-centers (row-major, so class j's sub-center k is row j*K + k of
+/// the `[C*K, D]` matrix the head takes).
+pub fn subcenter_shape(c: usize, k: usize, d: usize) -> Vec<usize> {
+    match k {
+        1 => vec![c, d],
+        k => vec![c, k, d],
+    }
+}

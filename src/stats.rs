@@ -8,7 +8,7 @@
 //!   [`ClassStats`](crate::cuda::stats::ClassStats), which converts to and from it;
 //! - [`StatsSummary`]: per-class and head/tail aggregates for reports.
 
-use crate::config::{CenterMode, Split, StatsConfig};
+use crate::config::{CenterMode, Split, StatsConfig, MAX_SUBCENTERS};
 use crate::error::{Error, Result};
 use serde::Serialize;
 
@@ -28,7 +28,10 @@ pub struct StatsState {
     pub c: usize,
     /// Embedding dimension D.
     pub d: usize,
-    /// Unit class centers `[C, D]` (center = ema); empty for center = class_weight.
+    /// Sub-centers per class K (SPEC 5b; 1 for the plain head).
+    pub subcenters: usize,
+    /// Unit centers `[C, K, D]`, one per sub-center (center = ema; a sub-center no
+    /// sample has picked yet holds zeros); empty for center = class_weight.
     pub centers: Vec<f64>,
     /// EMA mean angle per class `[C]`.
     pub mu: Vec<f64>,
@@ -48,14 +51,22 @@ impl StatsState {
     /// Empty statistics for `c` classes of dimension `d` (f64 precision); errors if
     /// `cfg` is invalid or c, d = 0.
     pub fn new(c: usize, d: usize, cfg: StatsConfig) -> Result<Self> {
+        Self::with_subcenters(c, 1, d, cfg)
+    }
+
+    /// Empty statistics for `c` classes of `k` sub-centers each (SPEC 5b) and
+    /// dimension `d`; errors as [`StatsState::new`] and unless `k` is in
+    /// `1..=MAX_SUBCENTERS`.
+    pub fn with_subcenters(c: usize, k: usize, d: usize, cfg: StatsConfig) -> Result<Self> {
         let centers = match cfg.center {
-            CenterMode::Ema => vec![0.0; c.saturating_mul(d)],
+            CenterMode::Ema => vec![0.0; c.saturating_mul(k).saturating_mul(d)],
             CenterMode::ClassWeight => Vec::new(),
         };
         let state = Self {
             cfg,
             c,
             d,
+            subcenters: k,
             centers,
             mu: vec![0.0; c],
             v: vec![0.0; c],
@@ -75,6 +86,12 @@ impl StatsState {
             return Err(Error::Empty(format!("statistics need C > 0 and D > 0, got C={c}, D={d}")));
         }
         self.cfg.validate(c)?;
+        if !(1..=MAX_SUBCENTERS as usize).contains(&self.subcenters) {
+            return Err(Error::InvalidConfig(format!(
+                "statistics: subcenters must be in 1..={MAX_SUBCENTERS}, got {}",
+                self.subcenters
+            )));
+        }
         for (name, len) in [("mu", self.mu.len()), ("v", self.v.len()), ("n", self.n.len())] {
             if len != c {
                 return Err(Error::Shape(format!("{name} has {len} entries, expected C = {c}")));
@@ -87,13 +104,14 @@ impl StatsState {
             )));
         }
         let want_centers = match self.cfg.center {
-            CenterMode::Ema => c * d,
+            CenterMode::Ema => c * self.subcenters * d,
             CenterMode::ClassWeight => 0,
         };
         if self.centers.len() != want_centers {
             return Err(Error::Shape(format!(
-                "centers has {} entries, expected {want_centers} (C = {c}, D = {d}, center = {:?})",
+                "centers has {} entries, expected {want_centers} (C = {c}, K = {}, D = {d}, center = {:?})",
                 self.centers.len(),
+                self.subcenters,
                 self.cfg.center
             )));
         }

@@ -4,11 +4,14 @@
 //! the CPU oracle f64).
 //!
 //! File layout (safetensors):
-//! - tensors `mu`, `v` \[C\] and, with `center = ema`, `centers` \[C, D\], in F32 or F64
+//! - tensors `mu`, `v` \[C\] and, with `center = ema`, `centers` \[C, D\] (\[C, K, D\]
+//!   with K > 1 sub-centers, SPEC 5b), in F32 or F64
 //!   (the precision of the state that was saved, so a save/load round trip is exact);
 //!   `n` \[C\] U64; `initialized` \[C\] U8 (0/1); `class_counts` \[C\] U64 when configured;
 //! - metadata `format` = [`FORMAT`], `config` (JSON of the [`StatsConfig`] without its
-//!   class counts, which are the tensor above), `c`, `d`, `updates`.
+//!   class counts, which are the tensor above), `c`, `d`, `updates`, and `subcenters`
+//!   when K > 1 (absent means 1, so a K = 1 file is byte for byte what it was before
+//!   sub-centers existed).
 
 use crate::config::{CenterMode, StatsConfig};
 use crate::error::{Error, Result};
@@ -29,7 +32,7 @@ impl StatsState {
         w.u64s("n", &[c], &self.n);
         w.bools("initialized", &[c], &self.initialized);
         if self.cfg.center == CenterMode::Ema {
-            w.floats("centers", &[c, d], &self.centers, p);
+            w.floats("centers", &crate::shape::subcenter_shape(c, self.subcenters, d), &self.centers, p);
         }
         if let Some(counts) = &self.cfg.class_counts {
             w.u64s("class_counts", &[c], counts);
@@ -38,6 +41,9 @@ impl StatsState {
         w.meta("c", c);
         w.meta("d", d);
         w.meta("updates", self.updates);
+        if self.subcenters > 1 {
+            w.meta("subcenters", self.subcenters);
+        }
         Ok(w)
     }
 
@@ -65,6 +71,18 @@ impl StatsState {
     fn parse(bytes: &[u8], path: &Path) -> Result<Self> {
         let r = TensorReader::parse(bytes, path, FORMAT)?;
         let (c, d, updates) = (r.meta_u64("c")? as usize, r.meta_u64("d")? as usize, r.meta_u64("updates")?);
+        // Absent means K = 1; a stored K is 2..=MAX_SUBCENTERS (validate checks the upper end).
+        let subcenters = match r.has_meta("subcenters") {
+            false => 1,
+            true => match r.meta_u64("subcenters")? {
+                k @ 2.. => usize::try_from(k).unwrap_or(usize::MAX),
+                k => {
+                    return Err(
+                        r.bad(format!("metadata 'subcenters' = {k}: a K of 1 is stored by leaving it out"))
+                    )
+                }
+            },
+        };
         let mut cfg: StatsConfig = r.meta_json("config")?;
         let (precision, mu) = r.floats("mu", &[c])?;
         let (pv, v) = r.floats("v", &[c])?;
@@ -73,7 +91,7 @@ impl StatsState {
         let mut precisions = vec![pv];
         let centers = match (cfg.center, r.has("centers")) {
             (CenterMode::Ema, true) => {
-                let (pc, centers) = r.floats("centers", &[c, d])?;
+                let (pc, centers) = r.floats("centers", &crate::shape::subcenter_shape(c, subcenters, d))?;
                 precisions.push(pc);
                 centers
             }
@@ -92,7 +110,7 @@ impl StatsState {
         if r.has("class_counts") {
             cfg.class_counts = Some(r.u64s("class_counts", &[c])?);
         }
-        let state = Self { cfg, c, d, centers, mu, v, n, initialized, updates, precision };
+        let state = Self { cfg, c, d, subcenters, centers, mu, v, n, initialized, updates, precision };
         state.validate().map_err(|e| r.bad(e.to_string()))?;
         Ok(state)
     }

@@ -20,8 +20,8 @@ use featcloud::cuda::{test_device, Device};
 use featcloud::data::synthetic::{generate, SyntheticConfig};
 use featcloud::data::Dataset;
 use featcloud::engine::{
-    Activation, Backend, Checkpoint, Gemm, HeadBatch, OptimStep, OptimizerConfig, OptimizerKind, TrainConfig,
-    Trainer,
+    Activation, Backend, Checkpoint, Gemm, HeadBatch, HeadStep, OptimStep, OptimizerConfig, OptimizerKind,
+    TrainConfig, Trainer,
 };
 use featcloud::shape::HeadShape;
 use rand::{Rng, SeedableRng};
@@ -373,8 +373,8 @@ fn stats_match_cpu() {
     let (c, d, b) = (12, 16, 48);
     for center in [CenterMode::Ema, CenterMode::ClassWeight] {
         let cfg = StatsConfig { center, warmup_steps: 2, split: Split::Adaptive, ..StatsConfig::default() };
-        let mut sc = cpu.stats_new(c, d, &cfg).unwrap();
-        let mut sg = be.stats_new(c, d, &cfg).unwrap();
+        let mut sc = cpu.stats_new(c, 1, d, &cfg).unwrap();
+        let mut sg = be.stats_new(c, 1, d, &cfg).unwrap();
         let mut r = rng(4);
         for _ in 0..5 {
             // Long-tailed labels (class k with weight ~ 1/(k+1)), a few ignored rows.
@@ -382,9 +382,9 @@ fn stats_match_cpu() {
                 .map(|i| if i % 11 == 10 { -1 } else { ((r.random::<f32>().powi(3)) * c as f32) as i32 })
                 .collect();
             let x = uniform(&mut r, b * d, 1.0);
-            let c_iy: Vec<f32> = uniform(&mut r, b, 0.9);
-            cpu.stats_update(&mut sc, &x, &labels, &c_iy).unwrap();
-            be.stats_update(&mut sg, &be.upload(&x).unwrap(), &labels, &c_iy).unwrap();
+            let head = HeadStep { c_iy: uniform(&mut r, b, 0.9), k_iy: vec![0; b], ..HeadStep::default() };
+            cpu.stats_update(&mut sc, &x, &labels, &head).unwrap();
+            be.stats_update(&mut sg, &be.upload(&x).unwrap(), &labels, &head).unwrap();
         }
         let (ec, eg) = (cpu.stats_export(&sc).unwrap(), be.stats_export(&sg).unwrap());
         assert_eq!((eg.c, eg.d, eg.updates), (ec.c, ec.d, ec.updates), "{center:?}");
@@ -543,4 +543,168 @@ fn checkpoint_round_trips_on_the_cuda_backend() {
     t.run(&ds, 6, |_| {}).unwrap();
     let ck = t.to_checkpoint().unwrap();
     assert_eq!(Checkpoint::from_bytes(&ck.to_bytes().unwrap()).unwrap(), ck);
+}
+
+// ---- sub-centers (SPEC 5b) -----------------------------------------------------------------------
+
+/// x near a random sub-center of its class, W `[C*K, D]` (class j's sub-center k is row j*K + k).
+fn subcenter_problem(
+    seed: u64,
+    b: usize,
+    c: usize,
+    k: usize,
+    d: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<i32>, Vec<f32>) {
+    let (x, w, labels, _) = head_problem(seed, b, c * k, d);
+    let labels = labels.iter().map(|&y| if y < 0 { y } else { y / k as i32 }).collect();
+    let sigma: Vec<f32> = (0..c).map(|j| 0.05 * (j % 4) as f32).collect();
+    (x, w, labels, sigma)
+}
+
+/// A head step with K = 3 sub-centers on the CUDA backend (whose head path is the fused one
+/// by default: with sub-centers it runs the reference path) against the CPU backend: loss,
+/// c_iy, k*_iy exactly, dx and dW [C*K, D] at SPEC 8's tolerances, f32 and bf16.
+#[test]
+fn head_step_with_subcenters_matches_cpu() {
+    let Some(dev) = test_device() else { return };
+    let cpu = CpuBackend::new();
+    let (k, seed, step) = (3usize, 7, 11);
+    let mut picked = 0;
+    for (precision, loss_tol, grad_tol) in [(Precision::F32, 1e-5, 1e-4), (Precision::Bf16, 2e-3, 1e-2)] {
+        for path in HeadPath::ALL {
+            let be = cuda(&dev, precision).with_head_path(path);
+            for cfg in [
+                HeadConfig { subcenters: k as u32, ..HeadConfig::arcface() },
+                HeadConfig { subcenters: k as u32, reduction: Reduction::None, ..HeadConfig::cosface() },
+            ] {
+                for (b, c, d) in [(1usize, 1usize, 8usize), (13, 31, 40)] {
+                    let shape = HeadShape { b, c, d };
+                    let (x, w, labels, sigma) = subcenter_problem(b as u64 + 3 * c as u64, b, c, k, d);
+                    let (xh, wh) = match precision {
+                        Precision::Bf16 => (round_bf16(&x), round_bf16(&w)),
+                        Precision::F32 => (x.clone(), w.clone()),
+                    };
+                    let (mut dx_c, mut dw_c) = (vec![0.0f32; b * d], vec![0.0f32; c * k * d]);
+                    let batch =
+                        HeadBatch { shape, x: &xh, w: &wh, labels: &labels, sigma_cloud: &sigma, seed, step };
+                    let want = cpu.head_forward_backward(&cfg, batch, &mut dx_c, &mut dw_c).unwrap();
+                    let (mut dx, mut dw) = (be.zeros(b * d).unwrap(), be.zeros(c * k * d).unwrap());
+                    let (dxs, dws, ds) =
+                        (be.upload(&x).unwrap(), be.upload(&w).unwrap(), be.upload(&sigma).unwrap());
+                    let batch =
+                        HeadBatch { shape, x: &dxs, w: &dws, labels: &labels, sigma_cloud: &ds, seed, step };
+                    let got = be.head_forward_backward(&cfg, batch, &mut dx, &mut dw).unwrap();
+                    let name = format!(
+                        "head K={k} {} {} {:?} B{b} C{c} D{d}",
+                        precision.name(),
+                        path.name(),
+                        cfg.reduction
+                    );
+                    let rel = (got.loss - want.loss).abs() / want.loss.abs().max(1e-3);
+                    println!("{name:<60} loss {:.6} vs {:.6} rel {rel:.2e}", got.loss, want.loss);
+                    assert!(rel <= loss_tol, "{name}: loss {} vs CPU {}", got.loss, want.loss);
+                    assert_eq!(got.k_iy, want.k_iy, "{name}: k_iy");
+                    picked += got.k_iy.iter().filter(|&&v| v > 0).count();
+                    assert_close(&format!("{name} c_iy"), &got.c_iy, &want.c_iy, grad_tol, 1.0);
+                    assert_close(&format!("{name} dx"), &be.download(&dx).unwrap(), &dx_c, grad_tol, 1e-6);
+                    assert_close(&format!("{name} dW"), &be.download(&dw).unwrap(), &dw_c, grad_tol, 1e-6);
+                }
+            }
+        }
+    }
+    assert!(picked > 0, "no row picked a sub-center other than 0");
+}
+
+/// EMA statistics with K = 3 sub-centers on the CUDA backend against the CPU backend over a
+/// few long-tailed batches with ignored rows (their k*_iy out of range: never read) and a
+/// sub-center no row picks; export, import and a k*_iy out of range (an error, not a panic).
+#[test]
+fn stats_with_subcenters_match_cpu() {
+    let Some(dev) = test_device() else { return };
+    let cpu = CpuBackend::new();
+    let be = cuda(&dev, Precision::F32);
+    let (c, k, d, b) = (12usize, 3usize, 16usize, 48usize);
+    let cfg = StatsConfig { warmup_steps: 2, split: Split::Adaptive, ..StatsConfig::default() };
+    let mut sc = cpu.stats_new(c, k, d, &cfg).unwrap();
+    let mut sg = be.stats_new(c, k, d, &cfg).unwrap();
+    let mut r = rng(14);
+    for _ in 0..5 {
+        let labels: Vec<i32> = (0..b)
+            .map(|i| if i % 11 == 10 { -1 } else { ((r.random::<f32>().powi(3)) * c as f32) as i32 })
+            .collect();
+        let x = uniform(&mut r, b * d, 1.0);
+        let k_iy = labels.iter().map(|&y| if y < 0 { 99 } else { r.random_range(0..k as u32 - 1) }).collect();
+        let head = HeadStep { c_iy: uniform(&mut r, b, 0.9), k_iy, ..HeadStep::default() };
+        cpu.stats_update(&mut sc, &x, &labels, &head).unwrap();
+        be.stats_update(&mut sg, &be.upload(&x).unwrap(), &labels, &head).unwrap();
+    }
+    let (ec, eg) = (cpu.stats_export(&sc).unwrap(), be.stats_export(&sg).unwrap());
+    assert_eq!((eg.c, eg.subcenters, eg.d, eg.updates), (ec.c, ec.subcenters, ec.d, ec.updates));
+    assert_eq!(eg.n, ec.n, "counts");
+    assert_eq!(eg.initialized, ec.initialized, "initialized");
+    let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+    assert_close("stats K=3 mu", &f(&eg.mu), &f(&ec.mu), 1e-4, 1.0);
+    assert_close("stats K=3 v", &f(&eg.v), &f(&ec.v), 1e-4, 1.0);
+    assert_close("stats K=3 centers", &f(&eg.centers), &f(&ec.centers), 1e-4, 1.0);
+    let mut sig_c = vec![0.0f32; c];
+    cpu.stats_cloud_sigma(&sc, &mut sig_c).unwrap();
+    let mut sig_g = be.zeros(c).unwrap();
+    be.stats_cloud_sigma(&sg, &mut sig_g).unwrap();
+    assert!(sig_c.iter().any(|&s| s > 0.0), "the test should produce a cloud");
+    let sq = |v: &[f32]| v.iter().map(|s| s * s).collect::<Vec<f32>>();
+    assert_close("stats K=3 sigma^2", &sq(&be.download(&sig_g).unwrap()), &sq(&sig_c), 1e-4, 1.0);
+    let back = be.stats_export(&be.stats_import(&ec).unwrap()).unwrap();
+    assert_eq!(
+        (back.subcenters, back.n.clone(), back.initialized.clone()),
+        (k, ec.n.clone(), ec.initialized.clone())
+    );
+    assert_close("stats K=3 import centers", &f(&back.centers), &f(&ec.centers), 1e-6, 1.0);
+    let labels = vec![0i32; b];
+    let head = HeadStep { c_iy: vec![0.5; b], k_iy: vec![k as u32; b], ..HeadStep::default() };
+    let x = be.upload(&uniform(&mut r, b * d, 1.0)).unwrap();
+    let e = be.stats_update(&mut sg, &x, &labels, &head).unwrap_err().to_string();
+    assert!(e.contains("sub-center"), "{e}");
+}
+
+/// A short training run with 3 sub-centers per class on the CUDA backend (its fused default
+/// path switches to the reference path) follows the CPU backend's losses, f32 and bf16, as
+/// `training_matches_cpu` does for one center per class; the checkpoint keeps W as [C, K, D].
+#[test]
+fn training_with_subcenters_matches_cpu() {
+    let Some(dev) = test_device() else { return };
+    let ds = small_dataset();
+    let cpu = CpuBackend::new();
+    let cfg = |kind| {
+        let mut c = train_cfg(kind);
+        c.head.subcenters = 3;
+        c
+    };
+    for (precision, kind, tol) in
+        [(Precision::F32, OptimizerKind::Sgd, 5e-3), (Precision::Bf16, OptimizerKind::AdamW, 5e-2)]
+    {
+        let be = cuda(&dev, precision);
+        let (lc, sc, _) = run(&cpu, cfg(kind), &ds, 12);
+        let (lg, sg, _) = run(&be, cfg(kind), &ds, 12);
+        assert!(sc.iter().any(|&s| s > 0.0), "the cloud should switch on during the run");
+        for (step, (g, c)) in lg.iter().zip(&lc).enumerate() {
+            let rel = (g - c).abs() / c.abs().max(1e-6);
+            println!(
+                "train K=3 {} {kind:?} step {step:>2}: cuda {g:.5} cpu {c:.5} rel {rel:.2e} sigma {:.4}/{:.4}",
+                precision.name(),
+                sg[step],
+                sc[step]
+            );
+            assert!(
+                g.is_finite() && rel <= tol,
+                "{} {kind:?} step {step}: loss {g} vs CPU {c}",
+                precision.name()
+            );
+        }
+    }
+    let be = cuda(&dev, Precision::F32);
+    let mut t = Trainer::new(&be, cfg(OptimizerKind::Sgd), &ds).unwrap();
+    t.run(&ds, 3, |_| {}).unwrap();
+    let ck = t.to_checkpoint().unwrap();
+    assert_eq!(Checkpoint::from_bytes(&ck.to_bytes().unwrap()).unwrap(), ck);
+    assert_eq!(t.subcenters(), 3);
 }

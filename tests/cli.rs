@@ -337,3 +337,143 @@ fn smoke_and_cuda_training_run_on_the_emulated_device() {
         serde_json::from_slice(&std::fs::read(out.join("metrics.json")).unwrap()).unwrap();
     assert!(metrics["eval"]["top1_overall"].as_f64().unwrap() > 0.3, "{metrics}");
 }
+
+/// `train --subcenters 3` then `clean`: the report names rows of the user's file (through
+/// the --test-fraction split), each with its label and an angle above --max-angle; the
+/// cleaned files hold exactly the other training rows; the synthetic benchmark's injected
+/// noise is scored; bad flags are one-line errors.
+#[test]
+fn clean_reports_outliers_by_file_row_and_writes_the_rest() {
+    let (dir, xs, ys) = data_dir();
+    let (xs, ys) = (xs.as_str(), ys.as_str());
+    let run_dir = dir.path().join("k3");
+    let o = run(&train_args(xs, ys, run_dir.to_str().unwrap(), &["--subcenters", "3"]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ck_path = run_dir.join("checkpoint.safetensors");
+    let ck = Checkpoint::load(&ck_path).unwrap();
+    assert_eq!(ck.config.head.subcenters, 3);
+    let ck_s = ck_path.to_str().unwrap();
+
+    let ds = featcloud::data::load_dataset(Path::new(xs), Path::new(ys), None).unwrap();
+    let (train_rows, _) = featcloud::data::split_fraction_rows(&ds, 0.2, 0).unwrap();
+    let clean = |out: &Path, angle: &str, extra: &[&str]| {
+        let mut a = vec!["clean", "--checkpoint", ck_s, "--features", xs, "--labels", ys, "--backend", "cpu"];
+        a.extend_from_slice(&["--out", out.to_str().unwrap(), "--max-angle", angle]);
+        a.extend_from_slice(extra);
+        run(&a)
+    };
+    let read =
+        |p: PathBuf| -> serde_json::Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
+
+    // --max-angle 0: every training row not exactly on its class's dominant sub-center is an
+    // outlier, so the report lists (almost) every training row, by its row in the file.
+    let all = dir.path().join("all");
+    let o = clean(&all, "0", &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j = read(all.join("outliers.json"));
+    let rows: Vec<usize> =
+        j["outliers"].as_array().unwrap().iter().map(|o| o["row"].as_u64().unwrap() as usize).collect();
+    assert!(rows.len() + 3 >= train_rows.len() && rows.iter().all(|r| train_rows.contains(r)), "{rows:?}");
+    for o in j["outliers"].as_array().unwrap() {
+        let r = o["row"].as_u64().unwrap() as usize;
+        assert_eq!(
+            o["label"].as_i64().unwrap(),
+            ds.labels[r] as i64,
+            "row {r} is reported with its file label"
+        );
+        assert!(o["closest_subcenter"].as_u64().unwrap() < 3);
+    }
+    assert_eq!(j["subcenters"], 3);
+
+    // A middle threshold with --write-cleaned: kept = training rows minus outliers, in order.
+    let mid = dir.path().join("mid");
+    let o = clean(&mid, "20", &["--write-cleaned"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j = read(mid.join("outliers.json"));
+    let out_rows: Vec<usize> =
+        j["outliers"].as_array().unwrap().iter().map(|o| o["row"].as_u64().unwrap() as usize).collect();
+    assert!(j["outliers"].as_array().unwrap().iter().all(|o| o["angle_deg"].as_f64().unwrap() > 20.0));
+    let kept =
+        featcloud::data::load_dataset(&mid.join("features.npy"), &mid.join("labels.npy"), Some(6)).unwrap();
+    let want: Vec<usize> = train_rows.iter().copied().filter(|r| !out_rows.contains(r)).collect();
+    assert_eq!(kept.n, want.len());
+    for (i, &r) in want.iter().enumerate() {
+        assert_eq!(kept.row(i), ds.row(r), "kept row {i} is file row {r}");
+        assert_eq!(kept.labels[i], ds.labels[r]);
+    }
+
+    // The synthetic benchmark with --label-noise: the relabeled rows are counted and scored.
+    let syn = dir.path().join("syn");
+    let small = [
+        "--classes",
+        "6",
+        "--max-per-class",
+        "40",
+        "--imbalance",
+        "8",
+        "--open-classes",
+        "0",
+        "--label-noise",
+        "0.25",
+    ];
+    let mut a = vec!["train", "--out", syn.to_str().unwrap(), "--subcenters", "2"];
+    a.extend_from_slice(TINY);
+    a.extend_from_slice(&small);
+    let o = run(&a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let syn_ck = syn.join("checkpoint.safetensors");
+    let syn_clean = |extra: &[&str]| {
+        let mut a = vec!["clean", "--checkpoint", syn_ck.to_str().unwrap(), "--out", syn.to_str().unwrap()];
+        a.extend_from_slice(&["--backend", "cpu"]);
+        a.extend_from_slice(&small);
+        a.extend_from_slice(extra);
+        run(&a)
+    };
+    let o = syn_clean(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j = read(syn.join("outliers.json"));
+    let n_train = Checkpoint::load(&syn_ck).unwrap().n_train;
+    let relabeled = j["label_noise"]["relabeled_rows"].as_u64().unwrap();
+    assert_eq!(relabeled, (0.25 * n_train as f64).round() as u64);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("recall"));
+    // At 0 degrees every relabeled row not exactly on its class's dominant sub-center is
+    // found: the scores count the right rows.
+    assert!(syn_clean(&["--max-angle", "0"]).status.success());
+    let j = read(syn.join("outliers.json"));
+    let (hits, n_out) =
+        (j["label_noise"]["relabeled_outliers"].as_u64().unwrap(), j["outliers"].as_array().unwrap().len());
+    assert!(
+        hits + 2 >= relabeled && hits <= relabeled,
+        "{hits} of {relabeled} relabeled rows found at 0 degrees"
+    );
+    assert!((j["label_noise"]["precision"].as_f64().unwrap() - hits as f64 / n_out as f64).abs() < 1e-12);
+    assert!((j["label_noise"]["recall"].as_f64().unwrap() - hits as f64 / relabeled as f64).abs() < 1e-12);
+
+    // --write-cleaned into the folder of the inputs it would replace: refused, inputs kept.
+    let xy_dir = dir.path().join("xy");
+    std::fs::create_dir(&xy_dir).unwrap();
+    let (xp, yp) = (xy_dir.join("features.npy"), xy_dir.join("labels.npy"));
+    std::fs::copy(xs, &xp).unwrap();
+    std::fs::copy(ys, &yp).unwrap();
+    let before = std::fs::read(&xp).unwrap();
+    let mut a = vec![
+        "clean",
+        "--checkpoint",
+        ck_s,
+        "--features",
+        xp.to_str().unwrap(),
+        "--labels",
+        yp.to_str().unwrap(),
+    ];
+    a.extend_from_slice(&["--out", xy_dir.to_str().unwrap(), "--write-cleaned", "--backend", "cpu"]);
+    assert_clean_error(&run(&a), &["would overwrite the input file"]);
+    assert_eq!(std::fs::read(&xp).unwrap(), before);
+    assert!(!xy_dir.join("outliers.json").exists());
+
+    // Bad flags: one line, nothing written.
+    let bad = dir.path().join("bad");
+    assert_clean_error(&clean(&bad, "200", &[]), &["--max-angle"]);
+    assert!(!bad.exists());
+    let o = run(&train_args(xs, ys, bad.to_str().unwrap(), &["--subcenters", "0"]));
+    assert_clean_error(&o, &["--subcenters", "1..=16"]);
+}

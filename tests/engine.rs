@@ -103,12 +103,16 @@ fn resume_continues_exactly() {
     let ds = data();
     let be = CpuBackend::new();
     let dir = tempfile::tempdir().unwrap();
-    for (cloud, kind, center) in [
-        (CloudMode::Symmetric, OptimizerKind::Sgd, CenterMode::Ema),
-        (CloudMode::OneSided, OptimizerKind::AdamW, CenterMode::ClassWeight),
+    for (cloud, kind, center, subcenters) in [
+        (CloudMode::Symmetric, OptimizerKind::Sgd, CenterMode::Ema, 1),
+        (CloudMode::OneSided, OptimizerKind::AdamW, CenterMode::ClassWeight, 1),
+        // Sub-centers (SPEC 5b): [C, K, D] head and EMA centers through the checkpoint.
+        (CloudMode::Symmetric, OptimizerKind::Sgd, CenterMode::Ema, 3),
+        (CloudMode::Symmetric, OptimizerKind::AdamW, CenterMode::ClassWeight, 2),
     ] {
         let mut cfg = config(cloud, kind);
         cfg.stats.center = center;
+        cfg.head.subcenters = subcenters;
         let mut straight = Trainer::new(&be, cfg.clone(), &ds).unwrap();
         let total = straight.total_steps();
         straight.run(&ds, total, |_| {}).unwrap();
@@ -120,6 +124,15 @@ fn resume_continues_exactly() {
         first.to_checkpoint().unwrap().save(&path).unwrap();
         let ck = Checkpoint::load(&path).unwrap();
         assert!(ck == first.to_checkpoint().unwrap(), "checkpoint round trip");
+        let head = ck.params.iter().find(|p| p.name == "head.w").unwrap();
+        let (c, d) = (ds.num_classes, cfg.embed_dim);
+        let sc = subcenters as usize;
+        let want: Vec<usize> = if sc == 1 { vec![c, d] } else { vec![c, sc, d] };
+        assert_eq!(head.shape, want, "head.w shape with K = {sc}");
+        assert_eq!(ck.stats.subcenters, sc);
+        if center == CenterMode::Ema {
+            assert_eq!(ck.stats.centers.len(), c * sc * d);
+        }
         assert_eq!(ck.step, k);
         let mut resumed = Trainer::from_checkpoint(&be, &ck, &ds).unwrap();
         resumed.run(&ds, total, |_| {}).unwrap();
@@ -314,10 +327,10 @@ fn backend_ops_match_naive_loops_and_the_oracle() {
             class_counts: None,
             ..StatsConfig::default()
         };
-        let mut s = be.stats_new(shape.c, shape.d, &scfg).unwrap();
+        let mut s = be.stats_new(shape.c, 1, shape.d, &scfg).unwrap();
         let mut o = StatsState::new(shape.c, shape.d, scfg.clone()).unwrap();
         for step in 0..3 {
-            be.stats_update(&mut s, &x, &labels, &out.c_iy).unwrap();
+            be.stats_update(&mut s, &x, &labels, &out).unwrap();
             match center {
                 CenterMode::Ema => o.update(&x, &labels).unwrap(),
                 CenterMode::ClassWeight => {
@@ -406,4 +419,33 @@ fn skip_step_refuses_non_finite_weights() {
         "{err}"
     );
     assert_eq!(t.step(), 0);
+}
+
+/// Sub-centers train (SPEC 5b): with K = 3 the loss falls, more than one sub-center of some
+/// class ends up used by the statistics (their EMA centers are no longer all zero), and a
+/// K = 3 run differs from K = 1 (the option is not ignored).
+#[test]
+fn subcenters_train_and_use_several_centers() {
+    let ds = data();
+    let be = CpuBackend::new();
+    let mut cfg = config(CloudMode::Symmetric, OptimizerKind::Sgd);
+    cfg.head.subcenters = 3;
+    let mut t = Trainer::new(&be, cfg.clone(), &ds).unwrap();
+    let total = t.total_steps();
+    let mut losses = Vec::new();
+    t.run(&ds, total, |i| losses.push(i.loss)).unwrap();
+    let n = losses.len() / 4;
+    let (first, last) = (losses[..n].iter().sum::<f64>(), losses[losses.len() - n..].iter().sum::<f64>());
+    assert!(last < first * 0.8, "loss {first} -> {last}");
+    let ck = t.to_checkpoint().unwrap();
+    let d = cfg.embed_dim;
+    let used = |j: usize| {
+        (0..3)
+            .filter(|&k| ck.stats.centers[(j * 3 + k) * d..(j * 3 + k + 1) * d].iter().any(|&v| v != 0.0))
+            .count()
+    };
+    assert!((0..ds.num_classes).any(|j| used(j) > 1), "no class has more than one used sub-center");
+    let mut k1 = Trainer::new(&be, config(CloudMode::Symmetric, OptimizerKind::Sgd), &ds).unwrap();
+    k1.run(&ds, total, |_| {}).unwrap();
+    assert!(bits(&k1) != bits(&t));
 }

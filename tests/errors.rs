@@ -901,3 +901,45 @@ fn e48_labels_that_are_sparse_ids() {
     w.snapshot();
     w.cli("E48", &train("$DIR/in/x.npy", "$DIR/in/y_sparse.npy", &[]));
 }
+
+// ---- sub-centers and clean ------------------------------------------------------------------
+
+#[test]
+fn e49_subcenters_out_of_range() {
+    let mut w = Ws::new();
+    w.snapshot();
+    w.cli("E49", &train("$DIR/in/x.npy", "$DIR/in/y.npy", &["--subcenters", "0"]));
+}
+
+/// `featcloud clean` of the workspace's checkpoint on its data, with `extra` flags.
+fn clean_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "clean",
+        "--checkpoint",
+        "$DIR/out/checkpoint.safetensors",
+        "--features",
+        "$DIR/in/x.npy",
+        "--labels",
+        "$DIR/in/y.npy",
+        "--out",
+        out,
+        "--backend",
+        "cpu",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn e50_clean_angle_out_of_range() {
+    let mut w = Ws::new();
+    w.snapshot();
+    w.cli("E50", &clean_args("$DIR/clean", &["--max-angle", "200"]));
+}
+
+#[test]
+fn e51_clean_out_is_a_file() {
+    let mut w = Ws::new();
+    w.snapshot();
+    w.cli("E51", &clean_args("$DIR/eval.json", &[]));
+}

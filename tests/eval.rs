@@ -1,7 +1,9 @@
 //! Metrics on hand-checkable cases: perfect embeddings, a known confusion, a tiny ranking
 //! whose mAP is worked out by hand, the TPR threshold rule, angles at known values.
 
-use featcloud::eval::{angular_spread, closed_set, open_set, shot_group, spread_points, ShotGroup};
+use featcloud::eval::{
+    angular_spread, closed_set, open_set, predict, shot_group, spread_points, subcenter_outliers, ShotGroup,
+};
 use featcloud::Error;
 
 fn close(a: f64, b: f64) -> bool {
@@ -31,7 +33,7 @@ fn perfect_embeddings_score_one() {
     let emb: Vec<f32> =
         labels.iter().flat_map(|&y| (0..d).map(move |j| if j == y as usize { 2.5 } else { 0.0 })).collect();
     let counts = [500u64, 50, 30, 5];
-    let m = closed_set(&emb, &labels, d, &w, c, &counts).unwrap();
+    let m = closed_set(&emb, &labels, d, &w, c, 1, &counts).unwrap();
     assert_eq!((m.overall, m.many, m.medium, m.few), (1.0, 1.0, 1.0, 1.0));
     assert_eq!((m.n_many, m.n_medium, m.n_few), (1, 2, 1));
 
@@ -50,7 +52,7 @@ fn known_confusion_gives_known_group_accuracy() {
     let cases = [(0, 0), (0, 0), (0, 0), (0, 1), (1, 1), (1, 2), (2, 0), (2, 1), (2, 0), (2, 1), (2, 0)];
     let labels: Vec<i32> = cases.iter().map(|c| c.0).collect();
     let emb: Vec<f32> = cases.iter().flat_map(|&(_, p)| at(p as f64 * third + 0.1)).collect();
-    let m = closed_set(&emb, &labels, 2, &w, 3, &counts).unwrap();
+    let m = closed_set(&emb, &labels, 2, &w, 3, 1, &counts).unwrap();
     assert!(close(m.many, 3.0 / 4.0), "{m:?}");
     assert!(close(m.medium, 1.0 / 2.0), "{m:?}");
     assert!(close(m.few, 0.0), "{m:?}");
@@ -59,7 +61,7 @@ fn known_confusion_gives_known_group_accuracy() {
 
     // No medium-shot class: NaN accuracy and n = 0. A few-shot class with no test samples
     // still counts as a class, but its group has no samples -> NaN.
-    let m = closed_set(&emb[..8], &labels[..4], 2, &w, 3, &[150, 150, 5]).unwrap();
+    let m = closed_set(&emb[..8], &labels[..4], 2, &w, 3, 1, &[150, 150, 5]).unwrap();
     assert!(m.medium.is_nan() && m.n_medium == 0, "{m:?}");
     assert!(m.few.is_nan() && m.n_few == 1, "{m:?}");
     assert!(close(m.many, 0.75));
@@ -69,13 +71,13 @@ fn known_confusion_gives_known_group_accuracy() {
 fn closed_set_rejects_bad_inputs() {
     let w = [1.0f32, 0.0, 0.0, 1.0];
     let emb = [1.0f32, 0.0];
-    assert!(matches!(closed_set(&emb, &[2], 2, &w, 2, &[1, 1]), Err(Error::LabelOutOfRange { .. })));
-    assert!(matches!(closed_set(&emb, &[-1], 2, &w, 2, &[1, 1]), Err(Error::LabelOutOfRange { .. })));
-    assert!(matches!(closed_set(&emb, &[0, 1], 2, &w, 2, &[1, 1]), Err(Error::Shape(_))));
-    assert!(matches!(closed_set(&emb, &[0], 2, &w[..3], 2, &[1, 1]), Err(Error::Shape(_))));
-    assert!(matches!(closed_set(&emb, &[0], 2, &w, 2, &[1]), Err(Error::Shape(_))));
-    assert!(matches!(closed_set(&[f32::NAN, 0.0], &[0], 2, &w, 2, &[1, 1]), Err(Error::NonFinite { .. })));
-    assert!(matches!(closed_set(&[], &[], 0, &[], 2, &[1, 1]), Err(Error::Empty(_))));
+    assert!(matches!(closed_set(&emb, &[2], 2, &w, 2, 1, &[1, 1]), Err(Error::LabelOutOfRange { .. })));
+    assert!(matches!(closed_set(&emb, &[-1], 2, &w, 2, 1, &[1, 1]), Err(Error::LabelOutOfRange { .. })));
+    assert!(matches!(closed_set(&emb, &[0, 1], 2, &w, 2, 1, &[1, 1]), Err(Error::Shape(_))));
+    assert!(matches!(closed_set(&emb, &[0], 2, &w[..3], 2, 1, &[1, 1]), Err(Error::Shape(_))));
+    assert!(matches!(closed_set(&emb, &[0], 2, &w, 2, 1, &[1]), Err(Error::Shape(_))));
+    assert!(matches!(closed_set(&[f32::NAN, 0.0], &[0], 2, &w, 2, 1, &[1, 1]), Err(Error::NonFinite { .. })));
+    assert!(matches!(closed_set(&[], &[], 0, &[], 2, 1, &[1, 1]), Err(Error::Empty(_))));
 }
 
 #[test]
@@ -215,4 +217,54 @@ fn angular_std_of_points_at_known_angles() {
         angular_spread(&emb, &labels, 3, 3, &counts[..3], 100),
         Err(Error::LabelOutOfRange { .. })
     ));
+}
+
+// ---- sub-centers (SPEC 5b) --------------------------------------------------------------------
+
+/// With K sub-centers a class scores its closest sub-center: class 0 has sub-centers at 0 and
+/// 180 degrees, class 1 one at 90 and one at 45 degrees (K = 2). A sample at 170 degrees is
+/// class 0 (by its second sub-center), one at 40 is class 1, one at 10 is class 0; a plain
+/// K = 1 reading of the same rows (four classes) gives rows, not classes.
+#[test]
+fn predict_takes_each_class_closest_subcenter() {
+    let w: Vec<f32> = [0.0f64, 180.0, 90.0, 45.0].iter().flat_map(|&a| at(a.to_radians())).collect();
+    let emb: Vec<f32> = [170.0f64, 40.0, 10.0].iter().flat_map(|&a| at(a.to_radians())).collect();
+    assert_eq!(predict(&emb, 2, &w, 2, 2).unwrap(), vec![0, 1, 0]);
+    assert_eq!(predict(&emb, 2, &w, 4, 1).unwrap(), vec![1, 3, 0]);
+    let m = closed_set(&emb, &[0, 1, 0], 2, &w, 2, 2, &[150, 5]).unwrap();
+    assert!(close(m.overall, 1.0));
+    assert!(matches!(predict(&emb, 2, &w, 2, 3), Err(Error::Shape(m)) if m.contains("C*K*D")));
+    assert!(matches!(predict(&emb, 2, &w, 2, 0), Err(Error::Empty(_))));
+}
+
+/// Class 0 (K = 3): sub-center 0 at 0 degrees holds three samples (dominant), sub-center 1
+/// at 120 holds two, sub-center 2 at 240 none. With a 60-degree threshold the two samples
+/// on sub-center 1 (about 115 and 125 degrees from the dominant one) are outliers, the
+/// three near 0 are not; class 1 (one sample, exactly on its sub-center 2) has sub-center 2
+/// dominant and no outlier.
+#[test]
+fn outliers_are_far_from_the_class_dominant_subcenter() {
+    let deg = |a: f64| at(a.to_radians());
+    let w: Vec<f32> = [0.0, 120.0, 240.0, 30.0, 60.0, 200.0].iter().flat_map(|&a| deg(a)).collect();
+    let emb: Vec<f32> = [5.0, 115.0, -10.0, 125.0, 0.0, 200.0].iter().flat_map(|&a| deg(a)).collect();
+    let labels = [0, 0, 0, 0, 0, 1];
+    let r = subcenter_outliers(&emb, &labels, 2, &w, 2, 3, 60.0).unwrap();
+    assert_eq!(r.dominant, vec![0, 2]);
+    assert_eq!(r.subcenter_counts, vec![vec![3, 2, 0], vec![0, 0, 1]]);
+    let rows: Vec<usize> = r.outliers.iter().map(|o| o.row).collect();
+    assert_eq!(rows, vec![1, 3]);
+    assert!((r.outliers[0].angle_deg - 115.0).abs() < 1e-4 && r.outliers[0].closest_subcenter == 1);
+    assert!((r.outliers[1].angle_deg - 125.0).abs() < 1e-4 && r.outliers[1].label == 0);
+    // Threshold 130: none; threshold 0: every sample not exactly on its dominant sub-center.
+    assert!(subcenter_outliers(&emb, &labels, 2, &w, 2, 3, 130.0).unwrap().outliers.is_empty());
+    let all = subcenter_outliers(&emb, &labels, 2, &w, 2, 3, 0.0).unwrap();
+    assert_eq!(all.outliers.iter().map(|o| o.row).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+    // Bad input is an error.
+    assert!(subcenter_outliers(&emb, &labels, 2, &w, 2, 3, f64::NAN).is_err());
+    assert!(subcenter_outliers(&emb, &labels, 2, &w, 2, 3, 181.0).is_err());
+    assert!(matches!(
+        subcenter_outliers(&emb, &[0, 0, 0, 0, 0, 2], 2, &w, 2, 3, 60.0),
+        Err(Error::LabelOutOfRange { .. })
+    ));
+    assert!(matches!(subcenter_outliers(&emb, &labels, 2, &w[..10], 2, 3, 60.0), Err(Error::Shape(_))));
 }

@@ -548,3 +548,24 @@ fn separate_forward_and_backward_equal_forward_backward() {
         separate_vs_combined::<half::f16>(&dev, path);
     }
 }
+
+/// `featcloud bench`'s check before it times sub-centers (SPEC 5b, issue 16), on a small
+/// shape in every dtype: K = 3 equal sub-centers give K = 1's loss on the path the backend
+/// runs K > 1 on. (The timing itself needs CUDA events: the GPU bundle runs it.)
+#[test]
+fn bench_subcenter_check_passes() {
+    let Some(dev) = test_device() else { return };
+    let s = featcloud::cuda::bench::BenchShape {
+        name: "tiny",
+        b: 24,
+        d: 32,
+        c: 40,
+        torch_compile_ms: 1.0,
+        cce_mib: 1.0,
+        small: true,
+    };
+    use featcloud::cli::bench::subcenter_duplicate_check as check;
+    assert!(check::<f32>(&dev, &s).unwrap() <= 1e-5);
+    assert!(check::<half::bf16>(&dev, &s).unwrap() <= 2e-3);
+    assert!(check::<half::f16>(&dev, &s).unwrap() <= 2e-3);
+}

@@ -103,6 +103,8 @@ struct HeadRun {
     loss: f32,
     /// loss_i, lse_i, c_iy, t_i, alpha_i, dt_i
     rows: [Vec<f32>; 6],
+    /// k*_iy (SPEC 5b; zeros from the fused path)
+    k_iy: Vec<u32>,
     dx: Vec<f32>,
     dw: Vec<f32>,
     launches: u64,
@@ -145,7 +147,8 @@ fn run_head<T: DeviceElem>(
     let (dev, path) = (head.device(), head.path());
     let HeadShape { b, c, d } = p.shape;
     let x = Tensor::<T>::from_f32(dev, &p.x, &[b, d]).unwrap();
-    let w = Tensor::<T>::from_f32(dev, &p.w, &[c, d]).unwrap();
+    // W [C*K, D] with K sub-centers per class (SPEC 5b).
+    let w = Tensor::<T>::from_f32(dev, &p.w, &[c * head.config().subcenters as usize, d]).unwrap();
     let sigma = Tensor::from_host(dev, &p.sigma, &[c]).unwrap();
     let row_g = Tensor::from_host(dev, &p.row_g, &[b]).unwrap();
     let up = match head.config().reduction {
@@ -168,6 +171,7 @@ fn run_head<T: DeviceElem>(
             host(&fwd.alpha),
             host(fwd.dt()),
         ],
+        k_iy: fwd.k_iy_to_host(dev).unwrap(),
         dx: g.dx.to_f32_host(dev).unwrap(),
         dw: g.dw.to_f32_host(dev).unwrap(),
         launches,
@@ -998,4 +1002,205 @@ fn cvt_narrowing_matches_half() {
             }
         }
     }
+}
+
+// ---- sub-centers (SPEC 5b): the reference path ---------------------------------------------------
+
+/// The option sets of the sub-center checks: ArcFace with the one-sided cloud, label smoothing
+/// and the mean; the combined margin without cloud, with a per-row upstream, the clamp fallback
+/// and the straight-through margin gradient.
+fn subcenter_configs(k: u32) -> [(&'static str, HeadConfig); 2] {
+    [
+        (
+            "arcface one_sided ls=0.1 mean",
+            HeadConfig {
+                subcenters: k,
+                cloud: CloudMode::OneSided,
+                label_smoothing: 0.1,
+                ..HeadConfig::arcface()
+            },
+        ),
+        (
+            "combined off none clamp straight_through",
+            HeadConfig {
+                subcenters: k,
+                cloud: CloudMode::Off,
+                reduction: Reduction::None,
+                fallback: Fallback::Clamp,
+                margin_grad: featcloud::config::MarginGrad::StraightThrough,
+                ..HeadConfig::combined()
+            },
+        ),
+    ]
+}
+
+/// The reference path with K = 2, 3, 4 sub-centers per class against the f64 oracle at SPEC 8's
+/// tolerances (f32 with its rounding floor; bf16, f16), every per-row output, k*_iy exactly, dx
+/// and dW [C*K, D]; B = 1 and C = 1, C*K not a multiple of 8 or 32, more than 256 columns (two
+/// column blocks of ref_grad), odd D, ignored rows poisoned with NaN. x rows lie near a random
+/// sub-center of their class, so rows pick sub-centers other than 0; a sub-center that no row
+/// picks as its class's max gets a dW row of exact zeros, as in the oracle.
+#[test]
+fn subcenter_reference_head_matches_oracle() {
+    use featcloud::cuda::head::verify::{compare_with_oracle, make_problem_subcenters, run_device};
+    let Some(dev) = emulated() else { return };
+    let (mut picked, mut zero_rows) = (0usize, 0usize);
+    for k in [2usize, 3, 4] {
+        for dt in DTYPES {
+            for (n, (b, c, d)) in
+                [(1usize, 1usize, 8usize), (7, 5, 13), (33, 11, 9), (19, 37, 64), (9, 90, 16)]
+                    .into_iter()
+                    .enumerate()
+            {
+                for (name, cfg) in subcenter_configs(k as u32) {
+                    let shape = HeadShape { b, c, d };
+                    let mut p = make_problem_subcenters(shape, k, dt, true, 100 + n as u64 * 7 + k as u64);
+                    for i in (0..b).filter(|&i| p.labels[i] < 0) {
+                        p.x[i * d..(i + 1) * d].fill(f32::NAN);
+                    }
+                    let what = format!("{name} K={k} {} B={b} C={c} D={d}", dt.name());
+                    let r = run_device(&dev, HeadPath::Reference, &cfg, &p, GradDtype::Input)
+                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                    let cmp = compare_with_oracle(&cfg, &p, &r).unwrap();
+                    let (_, go) = oracle_of(&cfg, &p);
+                    println!(
+                        "{what}: forward {:.2} and gradients {:.2} of the tolerance, k_iy equal {}",
+                        cmp.forward_ratio(dt),
+                        cmp.backward_ratio(dt),
+                        cmp.k_iy_equal
+                    );
+                    assert!(cmp.k_iy_equal, "{what}: k_iy {:?}", r.k_iy);
+                    assert!(cmp.passed(dt), "{what}: {cmp:?}");
+                    assert_eq!(r.dw.len(), c * k * d, "{what}: dW is [C*K, D]");
+                    for i in (0..b).filter(|&i| p.labels[i] < 0) {
+                        assert_eq!(r.k_iy[i], 0, "{what}: k_iy of ignored row {i}");
+                        assert!(
+                            r.dx[i * d..(i + 1) * d].iter().all(|&v| v == 0.0),
+                            "{what}: dx of ignored row {i}"
+                        );
+                    }
+                    picked += r.k_iy.iter().filter(|&&v| v > 0).count();
+                    for row in 0..c * k {
+                        if go.dw[row * d..(row + 1) * d].iter().all(|&v| v == 0.0) {
+                            zero_rows += 1;
+                            assert!(
+                                r.dw[row * d..(row + 1) * d].iter().all(|&v| v == 0.0),
+                                "{what}: dW row {row} (a sub-center no row picks) is not 0"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    println!("{picked} target rows picked a sub-center k > 0; {zero_rows} dW rows of unpicked sub-centers exactly 0");
+    assert!(picked > 50 && zero_rows > 10, "the sweep no longer exercises the sub-center choice");
+}
+
+/// K sub-centers that all equal their class's one row (W's class rows repeated K times) give
+/// the plain head's results (SPEC 5b: ties go to the lowest k, so k*_iy = 0 everywhere): every
+/// forward output bit for bit, dx equal, dW of sub-center 0 equal to the plain dW and the other
+/// sub-centers' rows exactly 0. Equal, not only close, on the emulated device: the cosine and
+/// gradient GEMMs over the repeated rows add the same products in the same order plus exact
+/// zeros (cuBLAS on a GPU may block a C*K-column product differently).
+#[test]
+fn subcenter_duplicates_equal_the_plain_head() {
+    let Some(dev) = emulated() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    let plain = HeadConfig { cloud: CloudMode::Symmetric, label_smoothing: 0.05, ..HeadConfig::arcface() };
+    for dt in DTYPES {
+        let p1 = case(&mut rng, HeadShape { b: 21, c: 37, d: 24 }, dt, 0.4);
+        let d = p1.shape.d;
+        let r1 =
+            run_head_dt(&dev, HeadPath::Reference, &plain, FusedTuning::default(), &p1, GradDtype::Input);
+        for k in [2usize, 3, 4] {
+            let mut pk = p1.clone();
+            pk.w = p1.w.chunks(d).flat_map(|row| row.repeat(k)).collect();
+            let cfg = HeadConfig { subcenters: k as u32, ..plain };
+            let rk =
+                run_head_dt(&dev, HeadPath::Reference, &cfg, FusedTuning::default(), &pk, GradDtype::Input);
+            let what = format!("{} K={k}", dt.name());
+            assert_eq!(rk.loss.to_bits(), r1.loss.to_bits(), "{what}: loss");
+            for (n, (a, b)) in rk.rows.iter().zip(&r1.rows).enumerate() {
+                assert_eq!(bits(a), bits(b), "{what}: per-row output {n}");
+            }
+            assert!(rk.k_iy.iter().all(|&v| v == 0), "{what}: k_iy {:?}", rk.k_iy);
+            assert_eq!(rk.dx, r1.dx, "{what}: dx");
+            for (j, plain_row) in r1.dw.chunks(d).enumerate() {
+                let rows = &rk.dw[j * k * d..(j + 1) * k * d];
+                assert_eq!(&rows[..d], plain_row, "{what}: dW of class {j}'s sub-center 0");
+                assert!(rows[d..].iter().all(|&v| v == 0.0), "{what}: dW of class {j}'s other sub-centers");
+            }
+        }
+    }
+}
+
+/// forward() then backward() (k*_iy kept in the HeadForward) gives the bits of
+/// forward_backward() with sub-centers, and K = 1 on the reference path reports k*_iy = 0.
+#[test]
+fn subcenter_forward_then_backward_equals_forward_backward() {
+    use featcloud::cuda::head::verify::make_problem_subcenters;
+    let Some(dev) = emulated() else { return };
+    for k in [1usize, 3] {
+        let cfg = HeadConfig { subcenters: k as u32, ..HeadConfig::arcface() };
+        let p = make_problem_subcenters(HeadShape { b: 13, c: 20, d: 16 }, k, DType::F32, true, 5);
+        let head = HeadOn::new(&*dev, cfg, HeadPath::Reference).unwrap();
+        let x = Tensor::<f32>::from_host(&dev, &p.x, &[13, 16]).unwrap();
+        let w = Tensor::<f32>::from_host(&dev, &p.w, &[20 * k, 16]).unwrap();
+        let sigma = Tensor::from_host(&dev, &p.sigma, &[20]).unwrap();
+        let up = HeadUpstream::Scalar(1.0);
+        let (f1, g1) = head.forward_backward(&x, &w, &p.labels, &sigma, 3, 4, up, GradDtype::Input).unwrap();
+        let f2 = head.forward(&x, &w, &p.labels, &sigma, 3, 4).unwrap();
+        let g2 = head.backward(&x, &w, &p.labels, &sigma, &f2, up, GradDtype::Input).unwrap();
+        assert_eq!(f1.loss.to_bits(), f2.loss.to_bits(), "K={k}: loss");
+        let (k1, k2) = (f1.k_iy_to_host(&dev).unwrap(), f2.k_iy_to_host(&dev).unwrap());
+        assert_eq!(k1, k2, "K={k}: k_iy");
+        assert_eq!(k1.iter().any(|&v| v > 0), k > 1, "K={k}: k_iy {k1:?}");
+        for (a, b) in [(&g1.dx, &g2.dx), (&g1.dw, &g2.dw)] {
+            assert_eq!(bits(&a.to_f32_host(&dev).unwrap()), bits(&b.to_f32_host(&dev).unwrap()), "K={k}");
+        }
+    }
+}
+
+/// Sub-centers on the fused path are refused with an error that names the option and the path
+/// that takes them; bad shapes and labels with sub-centers are errors before any launch: W rows
+/// not a multiple of K, a label >= C (C = W's rows / K, even where row y*K would still be in W),
+/// sigma_cloud with C*K entries; and a NaN in a target's other sub-center row reaches the loss
+/// and is named (the max over sub-centers keeps a NaN).
+#[test]
+fn subcenter_bad_inputs_are_errors() {
+    let Some(dev) = emulated() else { return };
+    let cfg = HeadConfig { subcenters: 3, ..HeadConfig::arcface() };
+    let msg = HeadOn::new(&*dev, cfg, HeadPath::Fused).expect_err("fused refuses K > 1").to_string();
+    assert!(msg.contains("head.subcenters") && msg.contains("HeadPath::Reference"), "{msg}");
+    let head = HeadOn::new(&*dev, cfg, HeadPath::Reference).unwrap();
+    let (b, c, d, k) = (5usize, 4usize, 8usize, 3usize);
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let xs = randn(&mut rng, b * d, 1.0);
+    let ws = randn(&mut rng, c * k * d, 1.0);
+    let x = Tensor::<f32>::from_host(&dev, &xs, &[b, d]).unwrap();
+    let labels = vec![0, 3, -1, 2, 1];
+    let sigma = Tensor::<f32>::zeros(&dev, &[c]).unwrap();
+    let call = |w: &[f32], rows: usize, labels: &[i32], sigma: &Tensor<f32>| {
+        let w = Tensor::<f32>::from_host(&dev, w, &[rows, d]).unwrap();
+        head.forward_backward(&x, &w, labels, sigma, 1, 1, HeadUpstream::Scalar(1.0), GradDtype::Input)
+            .map(|(f, _)| f.loss)
+    };
+    assert!(call(&ws, c * k, &labels, &sigma).unwrap().is_finite());
+    let e = call(&ws[..(c * k - 1) * d], c * k - 1, &labels, &sigma).unwrap_err().to_string();
+    assert!(e.contains("multiple of K"), "{e}");
+    let e = call(&ws, c * k, &[0, 4, -1, 2, 1], &sigma).unwrap_err();
+    assert!(matches!(e, featcloud::Error::LabelOutOfRange { row: 1, label: 4, classes: 4 }), "{e}");
+    let e =
+        call(&ws, c * k, &labels, &Tensor::<f32>::zeros(&dev, &[c * k]).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("sigma_cloud"), "{e}");
+    // Class 3 (row 1's target): NaN in its sub-center 1, never the first one the max sees.
+    let mut bad = ws.clone();
+    let index = (3 * k + 1) * d + 2;
+    bad[index] = f32::NAN;
+    let e = call(&bad, c * k, &labels, &sigma).unwrap_err().to_string();
+    assert_eq!(e, format!("non-finite value in W at index {index}"));
+    // The same NaN in a class no row targets reaches the loss through the softmax's max.
+    let e = call(&bad, c * k, &[0, 2, -1, 2, 1], &sigma).unwrap_err().to_string();
+    assert_eq!(e, format!("non-finite value in W at index {index}"));
 }

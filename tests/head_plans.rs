@@ -70,8 +70,15 @@ fn one_warp_per_row_kernels_cover_every_row() {
         let a = l.args_as::<NormbackArgs>().unwrap();
         assert_eq!((a.nparts, a.part_stride, a.rows, a.d), (3, (rows * 40) as i64, rows as i32, 40));
     }
-    let l = plan::ref_grad(SHAPE, RefGradArgs::default());
+    let l = plan::ref_grad(SHAPE, 1, RefGradArgs::default());
     assert_eq!(l.grid, [SHAPE.c.div_ceil(256) as u32, SHAPE.b as u32, 1]);
+    // K sub-centers: one thread per column of the B x C*K cosines (SPEC 5b).
+    let l = plan::ref_grad(SHAPE, 3, RefGradArgs::default());
+    assert_eq!(l.grid, [(3 * SHAPE.c).div_ceil(256) as u32, SHAPE.b as u32, 1]);
+    assert_eq!(
+        (l.args_as::<RefGradArgs>().unwrap().c, l.args_as::<RefGradArgs>().unwrap().k),
+        (SHAPE.c as i32, 3)
+    );
 }
 
 #[test]

@@ -327,3 +327,110 @@ fn bad_config_and_inputs_are_errors() {
     ));
     assert_eq!(st.updates, 0);
 }
+
+// ---- sub-centers (SPEC 5b) -------------------------------------------------------------------
+
+/// Class 0 with K = 2: rows on sub-center 0 sit at angles 0.2, 0.2 around e0, rows on
+/// sub-center 1 at 0.1, 0.3 around e1 (tilted toward e2 with opposite signs, so each group's
+/// mean is its axis); class 1 has one row on sub-center 1; class 2 is absent (its centers
+/// stay zero). Each row is measured from its own sub-center's center, and the class's one
+/// EMA step takes all its angles.
+#[test]
+fn subcenters_measure_each_row_from_its_own_center() {
+    let rows: Vec<(i32, u32, [f32; D])> = vec![
+        (0, 0, feat(0, 1, 1.0, 0.2, 1.0)),
+        (0, 1, feat(1, 2, 1.0, 0.1, 2.0)),
+        (-1, 7, [f32::NAN; D]), // ignored: neither its features nor its k_iy are read
+        (0, 0, feat(0, 1, -1.0, 0.2, 0.5)),
+        (1, 1, feat(2, 0, 1.0, 0.4, 1.0)),
+        (0, 1, feat(1, 2, -1.0, 0.1, 1.0)),
+    ];
+    let x: Vec<f32> = rows.iter().flat_map(|r| r.2).collect();
+    let labels: Vec<i32> = rows.iter().map(|r| r.0).collect();
+    let k_iy: Vec<u32> = rows.iter().map(|r| r.1).collect();
+    let cfg = stats_cfg(Split::Adaptive, 0, None);
+    let mut st = StatsState::with_subcenters(3, 2, D, cfg).unwrap();
+    st.update_subcenters(&x, &labels, &k_iy).unwrap();
+
+    // Centers [C, K, D]: class 0 -> (e0, e1); class 1 -> (0, the one row's direction); class 2 -> zeros.
+    let unit = |v: [f32; D]| {
+        let n = v.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
+        v.map(|a| a as f64 / n).to_vec()
+    };
+    let c = |st: &StatsState, j: usize, k: usize| st.centers[(j * 2 + k) * D..(j * 2 + k + 1) * D].to_vec();
+    assert_vec_close("class 0 sub-center 0", &c(&st, 0, 0), &[1.0, 0.0, 0.0]);
+    assert_vec_close("class 0 sub-center 1", &c(&st, 0, 1), &[0.0, 1.0, 0.0]);
+    assert_eq!(c(&st, 1, 0), vec![0.0; D], "a sub-center no row picked keeps zeros");
+    assert_vec_close("class 1 sub-center 1", &c(&st, 1, 1), &unit(rows[4].2));
+    assert!(st.centers[2 * 2 * D..].iter().all(|&v| v == 0.0), "absent class");
+
+    // Class 0's angles: each from its own sub-center (not from a class-wide mean).
+    let a0 = [
+        angle_to_axis(&rows[0].2, 0),
+        angle_to_axis(&rows[1].2, 1),
+        angle_to_axis(&rows[3].2, 0),
+        angle_to_axis(&rows[5].2, 1),
+    ];
+    let (mu0, v0) = moments(&a0);
+    assert!(close(st.mu[0], mu0) && close(st.v[0], v0), "class 0 moments {} {}", st.mu[0], st.v[0]);
+    assert!(st.mu[1].abs() < 1e-7, "class 1: one row, angle 0 to its own center");
+    assert_eq!(st.n, vec![4, 1, 0]);
+    assert_eq!(st.initialized, vec![true, true, false]);
+
+    // Second batch: class 1's sub-center 0 is picked for the first time while the class is
+    // initialized: the EMA branch on a zero center gives normalize(mbar) (SPEC 5b).
+    let x2: Vec<f32> = feat(0, 1, 1.0, 0.0, 3.0).to_vec();
+    st.update_subcenters(&x2, &[1], &[0]).unwrap();
+    assert_vec_close("class 1 sub-center 0 after its first row", &c(&st, 1, 0), &[1.0, 0.0, 0.0]);
+    assert_vec_close("class 1 sub-center 1 untouched", &c(&st, 1, 1), &unit(rows[4].2));
+    let beta = st.cfg.beta as f64;
+    assert!(close(st.mu[1], beta * 0.0 + (1.0 - beta) * 0.0) && st.n[1] == 2);
+}
+
+/// K = 1 with update_subcenters (all k_iy = 0) is `update`, bit for bit; `update` refuses
+/// K > 1 (it would silently put every row on sub-center 0), and a k_iy outside 0..K, a
+/// k_iy list of the wrong length and sub-center counts outside 1..=16 are errors.
+#[test]
+fn subcenter_updates_reduce_to_k1_and_check_their_inputs() {
+    let b = batch1();
+    let cfg = stats_cfg(Split::Adaptive, 0, None);
+    let mut plain = StatsState::new(4, D, cfg.clone()).unwrap();
+    let mut via_k = StatsState::with_subcenters(4, 1, D, cfg.clone()).unwrap();
+    plain.update(&b.x, &b.labels).unwrap();
+    via_k.update_subcenters(&b.x, &b.labels, &vec![0; b.labels.len()]).unwrap();
+    assert_eq!(plain, via_k);
+
+    let mut k3 = StatsState::with_subcenters(4, 3, D, cfg.clone()).unwrap();
+    assert!(matches!(k3.update(&b.x, &b.labels), Err(Error::InvalidConfig(m)) if m.contains("sub-centers")));
+    let mut bad = vec![0u32; b.labels.len()];
+    bad[0] = 3;
+    assert!(
+        matches!(k3.update_subcenters(&b.x, &b.labels, &bad), Err(Error::InvalidConfig(m)) if m.contains("row 0"))
+    );
+    assert!(matches!(k3.update_subcenters(&b.x, &b.labels, &bad[1..]), Err(Error::Shape(_))));
+    assert_eq!(k3.updates, 0, "a refused update changes nothing");
+    for k in [0, 17] {
+        assert!(StatsState::with_subcenters(4, k, D, cfg.clone()).is_err(), "K = {k}");
+    }
+}
+
+/// Statistics files: K > 1 round-trips with its [C, K, D] centers; a K = 1 file carries no
+/// `subcenters` entry, so it is byte for byte what it was before sub-centers existed.
+#[test]
+fn subcenter_statistics_files_round_trip() {
+    let b = batch1();
+    let cfg = stats_cfg(Split::Adaptive, 0, None);
+    let mut k2 = StatsState::with_subcenters(4, 2, D, cfg.clone()).unwrap();
+    let k_iy: Vec<u32> = (0..b.labels.len() as u32).map(|i| i % 2).collect();
+    k2.update_subcenters(&b.x, &b.labels, &k_iy).unwrap();
+    let bytes = k2.to_bytes().unwrap();
+    assert_eq!(StatsState::from_bytes(&bytes).unwrap(), k2);
+    let text = String::from_utf8_lossy(&bytes[..200.min(bytes.len())]).to_string();
+    assert!(String::from_utf8_lossy(&bytes).contains("\"subcenters\""), "K = 2 is stored: {text}");
+
+    let mut k1 = StatsState::new(4, D, cfg).unwrap();
+    k1.update(&b.x, &b.labels).unwrap();
+    let bytes1 = k1.to_bytes().unwrap();
+    assert!(!String::from_utf8_lossy(&bytes1).contains("subcenters"));
+    assert_eq!(StatsState::from_bytes(&bytes1).unwrap(), k1);
+}

@@ -9,6 +9,10 @@
 //! is checked against the reference path before anything is timed. Each row also
 //! shows the roofline model's prediction (`src/cuda/perf_model.rs`, docs/PERF.md);
 //! `--model` prints only the model's per-kernel table and needs no GPU.
+//!
+//! Sub-centers (SPEC 5b): a second table times K = 3 beside K = 1 on the face shapes,
+//! on the path that takes K > 1 (the reference path today: the fused kernels refuse it),
+//! after checking that K = 3 with every class's sub-centers equal gives K = 1's loss.
 
 use crate::config::HeadConfig;
 use crate::cuda::bench::{
@@ -107,6 +111,29 @@ pub struct BenchRow {
     pub row_split_sweep: Vec<(usize, f64, f64)>,
 }
 
+/// K sub-centers beside K = 1 on one shape and path (SPEC 5b).
+#[derive(Debug, Clone, Serialize)]
+pub struct SubcenterRow {
+    /// The shape (C classes).
+    pub shape: BenchShape,
+    /// Storage dtype.
+    pub dtype: String,
+    /// Sub-centers per class of the second measurement.
+    pub k: usize,
+    /// The head path both were timed on.
+    pub path: String,
+    /// K = 1.
+    pub k1: PathResult,
+    /// K sub-centers (W of C*K rows).
+    pub kk: PathResult,
+    /// kk / k1 time: close to K when the GEMMs dominate (they do K times the work).
+    pub time_ratio: f64,
+    /// kk / k1 extra memory (the B x C*K matrices of the reference path grow K times).
+    pub memory_ratio: f64,
+    /// |loss(K with equal sub-centers) - loss(K = 1)| / |loss(K = 1)|, checked before timing.
+    pub duplicate_loss_err: f64,
+}
+
 /// Everything one run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
@@ -116,6 +143,8 @@ pub struct BenchReport {
     pub peak_tflops: Vec<(String, f64, usize)>,
     /// Rows.
     pub rows: Vec<BenchRow>,
+    /// Sub-centers beside K = 1 (face shapes).
+    pub subcenters: Vec<SubcenterRow>,
 }
 
 fn flops(s: &BenchShape) -> f64 {
@@ -165,6 +194,28 @@ fn rel_max_err(a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
+/// Times `call` on `head` (warm-up, then `reps` repetitions) and measures the extra memory
+/// of one call on a copy of `head` with empty scratch, so that the figure includes the
+/// scratch a trainer's head keeps between calls (the timed head already holds its own).
+fn measure_head(
+    timer: &mut Timer<'_>,
+    dev: &Device,
+    s: &BenchShape,
+    warm: usize,
+    reps: usize,
+    head: &CudaHead,
+    call: impl Fn(&CudaHead) -> crate::Result<()>,
+) -> anyhow::Result<PathResult> {
+    let timing = timer.time(warm, reps, || call(head))?;
+    let fresh = head.without_scratch();
+    let extra = measure_extra_memory(dev, || call(&fresh))?;
+    Ok(PathResult {
+        tflops: flops(s) / (timing.median_ms * 1e-3) / 1e12,
+        timing,
+        extra_mib: extra as f64 / (1 << 20) as f64,
+    })
+}
+
 fn bench_shape<T: DeviceElem>(
     dev: &Arc<Device>,
     s: &BenchShape,
@@ -207,18 +258,7 @@ fn bench_shape<T: DeviceElem>(
 
     let mut timer = Timer::new(dev)?;
     let warm = 3;
-    let mut measure = |h: &CudaHead| -> anyhow::Result<PathResult> {
-        let timing = timer.time(warm, reps, || run(h).map(|_| ()))?;
-        // A head with empty scratch, so the figure includes the scratch a trainer's head
-        // keeps between calls (the timed head above already holds its own).
-        let fresh = h.without_scratch();
-        let extra = measure_extra_memory(dev, || run(&fresh).map(|_| ()))?;
-        Ok(PathResult {
-            tflops: flops(s) / (timing.median_ms * 1e-3) / 1e12,
-            timing,
-            extra_mib: extra as f64 / (1 << 20) as f64,
-        })
-    };
+    let mut measure = |h: &CudaHead| measure_head(&mut timer, dev, s, warm, reps, h, |h| run(h).map(|_| ()));
     let f = measure(&fused)?;
     let shape = HeadShape { b: s.b, c: s.c, d: s.d };
     let grid = fused.backward_grid(shape);
@@ -288,6 +328,106 @@ fn bench_shape<T: DeviceElem>(
         fused: f,
         reference: r,
         cublas_3gemm: g,
+    })
+}
+
+/// The sub-center count the bench times beside K = 1 (the and the paper's K).
+pub const BENCH_K: usize = 3;
+
+/// The path the CUDA backend runs K > 1 on (the fused kernels refuse it).
+const SUBCENTER_PATH: HeadPath = HeadPath::Reference;
+
+/// The two heads the sub-center bench compares (K = 1 and K = [`BENCH_K`], both on
+/// [`SUBCENTER_PATH`]) and one set of inputs for both.
+struct SubcenterHeads<T: DeviceElem> {
+    plain: CudaHead,
+    sub: CudaHead,
+    inp: Inputs<T>,
+}
+
+impl<T: DeviceElem> SubcenterHeads<T> {
+    fn new(dev: &Arc<Device>, s: &BenchShape) -> anyhow::Result<Self> {
+        let sub_cfg = HeadConfig { subcenters: BENCH_K as u32, ..HeadConfig::default() };
+        Ok(Self {
+            plain: CudaHead::new(dev.clone(), HeadConfig::default(), SUBCENTER_PATH)?,
+            sub: CudaHead::new(dev.clone(), sub_cfg, SUBCENTER_PATH)?,
+            inp: inputs::<T>(dev, s)?,
+        })
+    }
+
+    /// See [`subcenter_duplicate_check`].
+    fn duplicate_check(&self, dev: &Device, s: &BenchShape) -> anyhow::Result<f64> {
+        let k = BENCH_K;
+        let w1 = fill(s.c * s.d, 2);
+        let dup: Vec<f32> =
+            w1.chunks(s.d).flat_map(|row| std::iter::repeat_n(row, k).flatten().copied()).collect();
+        let wdup = Tensor::<T>::from_f32(dev, &dup, &[s.c * k, s.d])?;
+        drop(dup);
+        let inp = &self.inp;
+        let loss = |h: &CudaHead, w: &Tensor<T>| -> anyhow::Result<f64> {
+            Ok(h.forward(&inp.x, w, &inp.labels, &inp.sigma, 7, 11)?.loss as f64)
+        };
+        let (l1, lk) = (loss(&self.plain, &inp.w)?, loss(&self.sub, &wdup)?);
+        let err = (lk - l1).abs() / l1.abs().max(1e-30);
+        let tol = if T::DTYPE == DType::F32 { 1e-5 } else { 2e-3 };
+        if err.is_nan() || err > tol {
+            anyhow::bail!(
+                "{} K={k}: equal sub-centers give loss {lk} vs K = 1 {l1} (rel {err:.2e}); not timing it",
+                s.name
+            );
+        }
+        Ok(err)
+    }
+}
+
+/// The bench's correctness check before it times sub-centers: the loss of the K =
+/// [`BENCH_K`] head whose sub-centers all equal the K = 1 head's class rows, relative to
+/// K = 1's (SPEC 5b: equal sub-centers are the plain head), on shape `s`; an error past
+/// the SPEC 8 loss tolerance of `T`. Runs on the emulated device too.
+pub fn subcenter_duplicate_check<T: DeviceElem>(dev: &Arc<Device>, s: &BenchShape) -> anyhow::Result<f64> {
+    SubcenterHeads::<T>::new(dev, s)?.duplicate_check(dev, s)
+}
+
+/// K = [`BENCH_K`] sub-centers beside K = 1 on shape `s`, both on the path the CUDA
+/// backend runs K > 1 on, after [`subcenter_duplicate_check`]. Needs a GPU (CUDA events).
+pub fn bench_subcenters<T: DeviceElem>(
+    dev: &Arc<Device>,
+    s: &BenchShape,
+    reps: usize,
+) -> anyhow::Result<SubcenterRow> {
+    let k = BENCH_K;
+    let heads = SubcenterHeads::<T>::new(dev, s)?;
+    let err = heads.duplicate_check(dev, s)?;
+    let SubcenterHeads { plain, sub, inp } = &heads;
+    let run = |h: &CudaHead, w: &Tensor<T>| {
+        h.forward_backward(
+            &inp.x,
+            w,
+            &inp.labels,
+            &inp.sigma,
+            7,
+            11,
+            HeadUpstream::Scalar(1.0),
+            GradDtype::Input,
+        )
+    };
+    // Timing with independent sub-centers (the arg-max moves between them).
+    let wk = Tensor::<T>::from_f32(dev, &fill(s.c * k * s.d, 5), &[s.c * k, s.d])?;
+    let mut timer = Timer::new(dev)?;
+    let mut measure =
+        |h: &CudaHead, w: &Tensor<T>| measure_head(&mut timer, dev, s, 3, reps, h, |h| run(h, w).map(|_| ()));
+    let k1 = measure(plain, &inp.w)?;
+    let kk = measure(sub, &wk)?;
+    Ok(SubcenterRow {
+        shape: *s,
+        dtype: T::DTYPE.name().into(),
+        k,
+        path: SUBCENTER_PATH.name().into(),
+        time_ratio: kk.timing.median_ms / k1.timing.median_ms,
+        memory_ratio: kk.extra_mib / k1.extra_mib.max(1e-9),
+        k1,
+        kk,
+        duplicate_loss_err: err,
     })
 }
 
@@ -583,7 +723,40 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             }
         }
     }
-    let report = BenchReport { device: dev.info().name.clone(), peak_tflops: peaks, rows };
+    println!(
+        "\nsub-centers (SPEC 5b): K = {BENCH_K} beside K = 1, bf16, on the path the CUDA backend runs K > 1 on"
+    );
+    println!(
+        "{:<10} {:<9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>7}",
+        "shape", "path", "K=1 ms", "K=3 ms", "ratio", "K=1 MiB", "K=3 MiB", "ratio"
+    );
+    let mut subcenters = Vec::new();
+    for s in SHAPES.iter().filter(|s| s.name.starts_with("face")) {
+        if (args.quick && s.name != "face-93k") || args.only.as_deref().is_some_and(|o| !s.name.contains(o)) {
+            continue;
+        }
+        match bench_subcenters::<half::bf16>(&dev, s, reps) {
+            Ok(r) => {
+                println!(
+                    "{:<10} {:<9} {:>9.3} {:>9.3} {:>6.2}x {:>9.1} {:>9.1} {:>6.2}x",
+                    s.name,
+                    r.path,
+                    r.k1.timing.median_ms,
+                    r.kk.timing.median_ms,
+                    r.time_ratio,
+                    r.k1.extra_mib,
+                    r.kk.extra_mib,
+                    r.memory_ratio
+                );
+                subcenters.push(r);
+            }
+            Err(e) => {
+                println!("{:<10} K={BENCH_K}  ERROR: {e}", s.name);
+                failures.push(format!("{} K={BENCH_K}: {e}", s.name));
+            }
+        }
+    }
+    let report = BenchReport { device: dev.info().name.clone(), peak_tflops: peaks, rows, subcenters };
     if let Some(path) = &args.json {
         crate::io::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
         println!("\nwrote {}", path.display());

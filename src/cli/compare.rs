@@ -279,11 +279,12 @@ fn run_on<B: Backend>(
         splits.open_set.as_ref().map_or("none".to_string(), |o| format!("{} rows", o.n)),
     );
     println!(
-        "model {} -> {} -> {} + head [{} x {}] | s={} m=({}, {}, {}) | LEAP cloud {:?}, split {:?}, warm-up {} | {} steps per run ({} epochs, batch {}), {} paired seed(s) | wall {:.1}s",
+        "model {} -> {} -> {} + head [{} x {}{}] | s={} m=({}, {}, {}) | LEAP cloud {:?}, split {:?}, warm-up {} | {} steps per run ({} epochs, batch {}), {} paired seed(s) | wall {:.1}s",
         t.f,
         leap_cfg.hidden,
         leap_cfg.embed_dim,
         t.num_classes,
+        if h.subcenters > 1 { format!("{} x ", h.subcenters) } else { String::new() },
         leap_cfg.embed_dim,
         h.s,
         h.m1,

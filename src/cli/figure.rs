@@ -337,7 +337,7 @@ fn run_setting<B: Backend>(
     let d = t.embed_dim();
     let w = t.head_weights()?;
     let test_emb = t.embed(&p.test.features)?;
-    let pred = crate::eval::predict(&test_emb, d, &w, p.tail.len())?;
+    let pred = crate::eval::predict(&test_emb, d, &w, p.tail.len(), t.subcenters())?;
     let tail_rows: Vec<usize> = (0..p.test.n).filter(|&i| p.tail[p.test.labels[i] as usize]).collect();
     let tail_top1 = if tail_rows.is_empty() {
         f64::NAN
@@ -412,7 +412,16 @@ fn cloud_marks(
     })?;
     let row = train.labels.iter().position(|&l| l as usize == y)?;
     let x: Vec<f64> = train_emb[row * d..(row + 1) * d].iter().map(|&v| v as f64).collect();
-    let wy: Vec<f64> = w[y * d..(y + 1) * d].iter().map(|&v| v as f64).collect();
+    // The cloud moves the angle to the target's dominant sub-center (SPEC 5b): class y's
+    // closest of its K rows (K = 1: row y).
+    let k = cfg.head.subcenters as usize;
+    let cos = |r: usize| {
+        let wr = &w[r * d..(r + 1) * d];
+        let n = wr.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt().max(1e-12);
+        wr.iter().zip(&x).map(|(&a, b)| a as f64 * b).sum::<f64>() / n
+    };
+    let ry = (y * k + 1..(y + 1) * k).fold(y * k, |best, r| if cos(r) > cos(best) { r } else { best });
+    let wy: Vec<f64> = w[ry * d..(ry + 1) * d].iter().map(|&v| v as f64).collect();
     let sigma32: Vec<f32> = sigma.iter().map(|&s| s as f32).collect();
     let first = total_steps.saturating_sub(args.cloud_draws as u64);
     let samples = (first..total_steps)

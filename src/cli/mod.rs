@@ -1,10 +1,11 @@
-//! The `featcloud` command line: `train`, `eval`, `compare`, `smoke`, `info`, `bench`.
+//! The `featcloud` command line: `train`, `eval`, `clean`, `compare`, `figure`, `smoke`, `info`, `bench`.
 //!
 //! Errors are one line on stderr (`error: ...`, naming the file or flag),
 //! exit code non-zero, never a panic; output files are written atomically, so
 //! a failed command leaves no partial file behind.
 
 pub mod bench;
+pub mod clean;
 pub mod compare;
 pub mod eval;
 pub mod figure;
@@ -46,6 +47,9 @@ pub enum Command {
     Train(train::Args),
     /// Evaluate a checkpoint (closed set, open set, angular spread).
     Eval(eval::Args),
+    /// Find the training samples far from their class's dominant sub-center (likely
+    /// mislabeled); report them and optionally write the data without them.
+    Clean(clean::Args),
     /// Train baseline and LEAP from the same seed and data; print them side by side.
     Compare(compare::Args),
     /// LEAP's motivating experiment: largest classes, some cut to a few samples, three
@@ -64,6 +68,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Clean(a) => clean::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Figure(a) => figure::run(a),
         Command::Smoke(a) => smoke::run(a),
@@ -278,6 +283,13 @@ impl DataArgs {
 
     /// Loads or generates the splits.
     pub fn load(&self) -> anyhow::Result<Splits> {
+        Ok(self.load_with_rows()?.0)
+    }
+
+    /// [`DataArgs::load`], and for each training row its row in the `--features` file (the
+    /// rows a `--test-fraction` split kept for training); `None` when training rows are the
+    /// file's rows (test files given) or the data is the synthetic benchmark.
+    pub fn load_with_rows(&self) -> anyhow::Result<(Splits, Option<Vec<usize>>)> {
         let Some(features) = &self.features else {
             let cfg = SyntheticConfig {
                 num_classes: self.classes,
@@ -291,11 +303,11 @@ impl DataArgs {
                 label_noise: self.label_noise,
                 ..SyntheticConfig::default()
             };
-            return data::generate(&cfg).context("synthetic benchmark");
+            return Ok((data::generate(&cfg).context("synthetic benchmark")?, None));
         };
         let labels = labels_for(features, self.labels.as_deref(), "--labels")?;
         let ds = data::load_dataset(features, labels, self.num_classes)?;
-        let (train, test) = match &self.test_features {
+        let (train, test, rows) = match &self.test_features {
             Some(tf) => {
                 let tl = labels_for(tf, self.test_labels.as_deref(), "--test-labels")?;
                 let test = data::load_dataset(tf, tl, Some(ds.num_classes))?;
@@ -307,13 +319,15 @@ impl DataArgs {
                         ds.f
                     );
                 }
-                (ds, test)
+                (ds, test, None)
             }
             None => {
                 if !(self.test_fraction > 0.0 && self.test_fraction < 1.0) {
                     anyhow::bail!("--test-fraction must be in (0, 1), got {}", self.test_fraction);
                 }
-                data::split_fraction(&ds, self.test_fraction, self.data_seed)?
+                let (train_rows, test_rows) =
+                    data::split_fraction_rows(&ds, self.test_fraction, self.data_seed)?;
+                (ds.subset(&train_rows), ds.subset(&test_rows), Some(train_rows))
             }
         };
         let open_set = match &self.open_features {
@@ -332,7 +346,7 @@ impl DataArgs {
             }
             None => None,
         };
-        Ok(Splits { train, test, open_set })
+        Ok((Splits { train, test, open_set }, rows))
     }
 }
 
@@ -408,6 +422,11 @@ pub struct ModelArgs {
     /// What happens when the margin pushes the angle past pi.
     #[arg(long, value_enum, default_value_t = Fallback::Linear)]
     pub fallback: Fallback,
+    /// Sub-centers per class K (Sub-center ArcFace, SPEC 5b): each class gets K weight
+    /// rows and a sample is scored against its closest one; K > 1 absorbs mislabeled
+    /// samples (see `featcloud clean`).
+    #[arg(long, default_value_t = 1)]
+    pub subcenters: u32,
     /// EMA momentum of the class statistics.
     #[arg(long, default_value_t = 0.9)]
     pub beta: f32,
@@ -484,7 +503,7 @@ impl ModelArgs {
                 label_smoothing: self.label_smoothing,
                 margin_grad: self.margin_grad,
                 fallback: self.fallback,
-                subcenters: 1,
+                subcenters: self.subcenters,
             },
             stats: StatsConfig {
                 beta: self.beta,
@@ -514,7 +533,7 @@ impl ModelArgs {
 }
 
 /// The flag of each configuration field that has one (`validate` names fields).
-const FIELD_FLAGS: [(&str, &str); 17] = [
+const FIELD_FLAGS: [(&str, &str); 18] = [
     ("train.seed", "--seed"),
     ("train.epochs", "--epochs"),
     ("train.batch_size", "--batch-size"),
@@ -525,6 +544,7 @@ const FIELD_FLAGS: [(&str, &str); 17] = [
     ("head.m2", "--m2"),
     ("head.m3", "--m3"),
     ("head.label_smoothing", "--label-smoothing"),
+    ("head.subcenters", "--subcenters"),
     ("stats.beta", "--beta"),
     ("stats.split.threshold", "--threshold"),
     ("stats.warmup_steps", "--warmup-steps"),
@@ -537,8 +557,24 @@ const FIELD_FLAGS: [(&str, &str); 17] = [
 /// A configuration error in the command line's words: field names become flags.
 fn config_error(e: crate::Error) -> anyhow::Error {
     let crate::Error::InvalidConfig(msg) = e else { return e.into() };
-    let msg = FIELD_FLAGS.iter().fold(msg, |m, (field, flag)| m.replace(field, flag));
+    let msg = FIELD_FLAGS.iter().fold(msg, |m, (field, flag)| replace_field(&m, field, flag));
     anyhow::anyhow!("{msg}")
+}
+
+/// `msg` with every whole occurrence of `field` replaced by `flag` (not inside a longer
+/// name: `head.s` is not the start of `head.subcenters`).
+fn replace_field(msg: &str, field: &str, flag: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(at) = rest.find(field) {
+        let after = &rest[at + field.len()..];
+        let whole = !after.starts_with(|ch: char| ch.is_ascii_alphanumeric() || ch == '_' || ch == '.');
+        out.push_str(&rest[..at]);
+        out.push_str(if whole { flag } else { field });
+        rest = after;
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A progress bar (hidden when stderr is not a terminal) showing loss and throughput.

@@ -62,6 +62,8 @@ pub struct HeadRows {
     pub t: Vec<f32>,
     /// alpha_i, the cloud perturbation actually used.
     pub alpha: Vec<f32>,
+    /// k*_iy, the target's dominant sub-center (SPEC 5b; 0 with K = 1 and for ignored rows).
+    pub k_iy: Vec<u32>,
 }
 
 /// Forward result.
@@ -96,6 +98,8 @@ struct RowOut {
     dt: f64,
     /// dc_iy, the target column of the logit gradient (backward only).
     dc_target: f64,
+    /// k*_iy, the target's dominant sub-center.
+    k_iy: u32,
     valid: bool,
 }
 
@@ -229,7 +233,8 @@ fn forward_impl(cfg: &HeadConfig, p: &HeadProblem) -> Result<Fwd> {
             let (t, dt) = (target.t, target.dt);
             let z_y = s * t;
             let (loss, lse) = row_loss(|j| if j == y { z_y } else { s * row[j] as f64 }, c, y, ls);
-            RowOut { loss, lse, c_iy, t, alpha, dt, dc_target: 0.0, valid: true }
+            let k_iy = (ry - y * k) as u32;
+            RowOut { loss, lse, c_iy, t, alpha, dt, dc_target: 0.0, k_iy, valid: true }
         })
         .collect();
     Ok(Fwd { rows, cos, k, kstar, xh, nx, wh, nw })
@@ -253,6 +258,7 @@ fn pack(cfg: &HeadConfig, rows: &[RowOut]) -> HeadForward {
             c_iy: col(|r| r.c_iy),
             t: col(|r| r.t),
             alpha: col(|r| r.alpha),
+            k_iy: rows.iter().map(|r| r.k_iy).collect(),
         },
         n_valid,
     }

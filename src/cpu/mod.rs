@@ -142,11 +142,11 @@ impl Backend for CpuBackend {
         same_len("head dw", dw.len(), grads.dw.len())?;
         *dx = grads.dx;
         *dw = grads.dw;
-        Ok(HeadStep { loss: fwd.loss, n_valid: fwd.n_valid, c_iy: fwd.rows.c_iy })
+        Ok(HeadStep { loss: fwd.loss, n_valid: fwd.n_valid, c_iy: fwd.rows.c_iy, k_iy: fwd.rows.k_iy })
     }
 
-    fn stats_new(&self, c: usize, d: usize, cfg: &StatsConfig) -> Result<StatsState> {
-        StatsState::new(c, d, cfg.clone())
+    fn stats_new(&self, c: usize, subcenters: usize, d: usize, cfg: &StatsConfig) -> Result<StatsState> {
+        StatsState::with_subcenters(c, subcenters, d, cfg.clone())
     }
 
     fn stats_cloud_sigma(&self, stats: &StatsState, out: &mut Vec<f32>) -> Result<()> {
@@ -158,12 +158,18 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn stats_update(&self, stats: &mut StatsState, x: &Vec<f32>, labels: &[i32], c_iy: &[f32]) -> Result<()> {
+    fn stats_update(
+        &self,
+        stats: &mut StatsState,
+        x: &Vec<f32>,
+        labels: &[i32],
+        head: &HeadStep,
+    ) -> Result<()> {
         match stats.cfg.center {
-            CenterMode::Ema => stats.update(x, labels),
+            CenterMode::Ema => stats.update_subcenters(x, labels, &head.k_iy),
             CenterMode::ClassWeight => {
                 let theta: Vec<f64> =
-                    c_iy.iter().map(|&c| (c as f64).clamp(-1.0 + 1e-7, 1.0 - 1e-7).acos()).collect();
+                    head.c_iy.iter().map(|&c| (c as f64).clamp(-1.0 + 1e-7, 1.0 - 1e-7).acos()).collect();
                 stats.update_from_angles(labels, &theta)
             }
         }

@@ -120,7 +120,8 @@ unsafe impl KernelArgs for RowNormsArgs {}
 
 // ---- stats.cu ---------------------------------------------------------------------------
 
-/// `stats_update_<T>`: one CTA per segment updates its class's center and moments.
+/// `stats_update_<T>`: one CTA per segment updates its class's (or, with sub-centers, its
+/// (class, sub-center) key's) center, and either the class's moments or the rows' angles.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct StatsUpdateArgs {
@@ -128,30 +129,33 @@ pub struct StatsUpdateArgs {
     pub x: DevPtr,
     /// `[B]` f32 in: `1 / max(||x_i||, 1e-12)`.
     pub inv: DevPtr,
-    /// `[2 num_seg + 1 + R]` i32 in: the packed segments (class ids unique, in `[0, C)`).
+    /// `[2 num_seg + 1 + R]` i32 in: the packed segments (ids unique: classes in `[0, C)`, or
+    /// keys `y*K + k` in `[0, C*K)`).
     pub seg: DevPtr,
-    /// `[C, D]` f32 in/out: unit EMA centers.
+    /// `[C*K, D]` f32 in/out: unit EMA centers, one per sub-center.
     pub centers: DevPtr,
-    /// `[C]` f32 in/out: EMA mean angle.
+    /// `[C]` f32 in/out: EMA mean angle (not touched when `ang` is set).
     pub mu: DevPtr,
-    /// `[C]` f32 in/out: EMA mean squared angle.
+    /// `[C]` f32 in/out: EMA mean squared angle (not touched when `ang` is set).
     pub v: DevPtr,
-    /// `[C]` u64 in/out: samples seen.
+    /// `[C]` u64 in/out: samples seen (not touched when `ang` is set).
     pub n: DevPtr,
-    /// `[C]` u32 in/out: 0/1, class seen.
+    /// `[C]` u32 in/out: 0/1, class seen (only read when `ang` is set).
     pub init: DevPtr,
+    /// `[B]` f32 out, may be null: each listed row's angle, for `stats_angles_f32` (K > 1).
+    pub ang: DevPtr,
     /// S, the number of segments (= grid).
     pub num_seg: i32,
     /// D.
     pub d: i32,
     /// EMA factor.
     pub beta: f32,
-    /// Explicit padding; always 0.
-    pub _pad0: i32,
+    /// K, sub-centers per class (>= 1).
+    pub k: i32,
 }
-const _: () = assert!(std::mem::size_of::<StatsUpdateArgs>() == 80);
-const _: () = assert!(std::mem::offset_of!(StatsUpdateArgs, num_seg) == 64);
-const _: () = assert!(std::mem::offset_of!(StatsUpdateArgs, _pad0) == 76);
+const _: () = assert!(std::mem::size_of::<StatsUpdateArgs>() == 88);
+const _: () = assert!(std::mem::offset_of!(StatsUpdateArgs, num_seg) == 72);
+const _: () = assert!(std::mem::offset_of!(StatsUpdateArgs, k) == 84);
 // SAFETY: #[repr(C)], Pod, and the layout of `StatsUpdateArgs<T>` in kernels/args.cuh
 // (size and offsets asserted above and there).
 unsafe impl KernelArgs for StatsUpdateArgs {}
@@ -425,19 +429,20 @@ const _: () = assert!(std::mem::offset_of!(RefNormalizeArgs, d) == 36);
 // (size and offsets asserted above and there).
 unsafe impl KernelArgs for RefNormalizeArgs {}
 
-/// `ref_margin_fwd_<T>`: margin and cloud on the target column, one thread per row.
+/// `ref_margin_fwd_<T>`: margin and cloud on the target column, one thread per row; with K
+/// sub-centers per class the target's cosine is the max over its K rows (SPEC 5b).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct RefMarginArgs {
     /// `[B, D]` T in.
     pub x: DevPtr,
-    /// `[C, D]` T in.
+    /// `[C*K, D]` T in (class j's sub-center k is row j*K + k).
     pub w: DevPtr,
     /// `[B]` i32 in (< 0: ignored row).
     pub labels: DevPtr,
     /// `[C]` f32 in: sigma_cloud (unread when the cloud is off).
     pub sigma: DevPtr,
-    /// `[B]` f32 out.
+    /// `[B]` f32 out: the target's dominant sub-center's cosine.
     pub c_iy: DevPtr,
     /// `[B]` f32 out.
     pub t: DevPtr,
@@ -445,25 +450,32 @@ pub struct RefMarginArgs {
     pub alpha: DevPtr,
     /// `[B]` f32 out.
     pub dt: DevPtr,
+    /// `[B]` u32 out: the target's dominant sub-center k*_iy (0 for ignored rows).
+    pub k_iy: DevPtr,
     /// Head parameters.
     pub p: HeadParams,
     /// B.
     pub b: i32,
     /// D.
     pub d: i32,
+    /// K, sub-centers per class (>= 1).
+    pub k: i32,
+    /// Explicit padding; always 0.
+    pub _pad0: i32,
 }
-const _: () = assert!(std::mem::size_of::<RefMarginArgs>() == 128);
-const _: () = assert!(std::mem::offset_of!(RefMarginArgs, p) == 64);
-const _: () = assert!(std::mem::offset_of!(RefMarginArgs, d) == 124);
+const _: () = assert!(std::mem::size_of::<RefMarginArgs>() == 144);
+const _: () = assert!(std::mem::offset_of!(RefMarginArgs, p) == 72);
+const _: () = assert!(std::mem::offset_of!(RefMarginArgs, _pad0) == 140);
 // SAFETY: #[repr(C)], Pod, and the layout of `RefMarginArgs<T>` in kernels/args.cuh
 // (size and offsets asserted above and there).
 unsafe impl KernelArgs for RefMarginArgs {}
 
-/// `ref_softmax_fwd_f32`: lse and loss per row from the cosine matrix.
+/// `ref_softmax_fwd_f32`: lse and loss per row from the cosine matrix (a class's cosine the
+/// max over its K sub-center columns).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct RefSoftmaxArgs {
-    /// `[B, C]` f32 in.
+    /// `[B, C*K]` f32 in.
     pub cos: DevPtr,
     /// `[B]` i32 in.
     pub labels: DevPtr,
@@ -475,14 +487,14 @@ pub struct RefSoftmaxArgs {
     pub loss: DevPtr,
     /// Head parameters.
     pub p: HeadParams,
-    /// C.
+    /// C (classes).
     pub c: i32,
-    /// Explicit padding; always 0.
-    pub _pad0: i32,
+    /// K, sub-centers per class (>= 1).
+    pub k: i32,
 }
 const _: () = assert!(std::mem::size_of::<RefSoftmaxArgs>() == 104);
 const _: () = assert!(std::mem::offset_of!(RefSoftmaxArgs, p) == 40);
-const _: () = assert!(std::mem::offset_of!(RefSoftmaxArgs, _pad0) == 100);
+const _: () = assert!(std::mem::offset_of!(RefSoftmaxArgs, k) == 100);
 // SAFETY: #[repr(C)], Pod, and the layout of `RefSoftmaxArgs` in kernels/args.cuh
 // (size and offsets asserted above and there).
 unsafe impl KernelArgs for RefSoftmaxArgs {}
@@ -507,11 +519,12 @@ const _: () = assert!(std::mem::offset_of!(HeadReduceArgs, scale) == 20);
 // (size and offsets asserted above and there).
 unsafe impl KernelArgs for HeadReduceArgs {}
 
-/// `ref_grad_bwd_f32`: the logit gradient dc `[B, C]`.
+/// `ref_grad_bwd_f32`: the logit gradient dc `[B, C*K]` (each class's on its arg-max
+/// sub-center column only, SPEC 5b).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct RefGradArgs {
-    /// `[B, C]` f32 in.
+    /// `[B, C*K]` f32 in.
     pub cos: DevPtr,
     /// `[B]` i32 in.
     pub labels: DevPtr,
@@ -521,20 +534,26 @@ pub struct RefGradArgs {
     pub dt: DevPtr,
     /// `[B]` f32 in.
     pub lse: DevPtr,
+    /// `[B]` u32 in: the forward's target sub-centers k*_iy; may be null when K = 1.
+    pub k_iy: DevPtr,
     /// `[B]` f32 in: per-row upstream gradient; may be null (all 1).
     pub row_g: DevPtr,
-    /// `[B, C]` f32 out.
+    /// `[B, C*K]` f32 out.
     pub dc: DevPtr,
     /// Head parameters.
     pub p: HeadParams,
     /// Multiplies row_g (1 / N_valid for a mean).
     pub g_scale: f32,
-    /// C.
+    /// C (classes).
     pub c: i32,
+    /// K, sub-centers per class (>= 1).
+    pub k: i32,
+    /// Explicit padding; always 0.
+    pub _pad0: i32,
 }
-const _: () = assert!(std::mem::size_of::<RefGradArgs>() == 120);
-const _: () = assert!(std::mem::offset_of!(RefGradArgs, p) == 56);
-const _: () = assert!(std::mem::offset_of!(RefGradArgs, c) == 116);
+const _: () = assert!(std::mem::size_of::<RefGradArgs>() == 136);
+const _: () = assert!(std::mem::offset_of!(RefGradArgs, p) == 64);
+const _: () = assert!(std::mem::offset_of!(RefGradArgs, _pad0) == 132);
 // SAFETY: #[repr(C)], Pod, and the layout of `RefGradArgs` in kernels/args.cuh
 // (size and offsets asserted above and there).
 unsafe impl KernelArgs for RefGradArgs {}

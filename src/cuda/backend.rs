@@ -11,7 +11,8 @@
 //!   (the optimizer updates are bitwise the CPU's: see the kernel file's header);
 //! - the margin head: [`crate::cuda::head::CudaHead`] (fused path by default) in
 //!   f32 or on bf16 copies of the f32 master embeddings and class weights, with
-//!   f32 gradients either way;
+//!   f32 gradients either way; with sub-centers (SPEC 5b) on the reference path, the one
+//!   that takes them;
 //! - class statistics: [`ClassStats`], converted to and from the host
 //!   [`StatsState`] for checkpoints.
 //!
@@ -154,7 +155,9 @@ impl CudaBackend {
         Ok(Self { dev, precision, head_path: HeadPath::Fused, head: Mutex::new(None) })
     }
 
-    /// The same backend running the head on `path` (default [`HeadPath::Fused`]).
+    /// The same backend running the head on `path` (default [`HeadPath::Fused`]). A head with
+    /// sub-centers (`head.subcenters` > 1, SPEC 5b) runs on [`HeadPath::Reference`] whatever
+    /// `path` says: the fused kernels take one center per class.
     pub fn with_head_path(mut self, path: HeadPath) -> Self {
         self.head_path = path;
         self
@@ -249,7 +252,14 @@ impl Backend for CudaBackend {
     type Stats = CudaStats;
 
     fn name(&self) -> String {
-        format!("cuda ({}, {}, {} head)", self.dev.info().name, self.precision.name(), self.head_path.name())
+        // The fused kernels do not take sub-centers (SPEC 5b): such heads run the reference path.
+        let sub = if self.head_path == HeadPath::Fused { "; reference with sub-centers" } else { "" };
+        format!(
+            "cuda ({}, {}, {} head{sub})",
+            self.dev.info().name,
+            self.precision.name(),
+            self.head_path.name()
+        )
     }
 
     fn zeros(&self, len: usize) -> Result<Tensor<f32>> {
@@ -360,13 +370,17 @@ impl Backend for CudaBackend {
         dw: &mut Tensor<f32>,
     ) -> Result<HeadStep> {
         let HeadBatch { shape: HeadShape { b, c, d }, x, w, labels, sigma_cloud, seed, step } = batch;
+        // W holds K sub-center rows per class (SPEC 5b): [C*K, D].
+        let ck = c * cfg.subcenters as usize;
         same_len("head x", x.len(), b * d)?;
-        same_len("head w", w.len(), c * d)?;
+        same_len("head w", w.len(), ck * d)?;
         same_len("head dx", dx.len(), b * d)?;
-        same_len("head dw", dw.len(), c * d)?;
+        same_len("head dw", dw.len(), ck * d)?;
+        // Only the reference path takes sub-centers: K > 1 runs there whatever the backend's path.
+        let path = if cfg.subcenters > 1 { HeadPath::Reference } else { self.head_path };
         let mut kept = self.head.lock().unwrap_or_else(|p| p.into_inner());
-        if kept.as_ref().is_none_or(|(c, h)| c != cfg || h.path() != self.head_path) {
-            *kept = Some((*cfg, CudaHead::new(self.dev.clone(), *cfg, self.head_path)?));
+        if kept.as_ref().is_none_or(|(c, h)| c != cfg || h.path() != path) {
+            *kept = Some((*cfg, CudaHead::new(self.dev.clone(), *cfg, path)?));
         }
         let head = &kept.as_ref().expect("set above").1;
         // Reduction none: d loss / d loss_i = 1 per row, as the CPU backend passes.
@@ -379,29 +393,32 @@ impl Backend for CudaBackend {
         };
         let (fwd, gdx, gdw) = match self.precision {
             Precision::F32 => {
-                let (xs, ws) = (self.shaped_copy(x, &[b, d])?, self.shaped_copy(w, &[c, d])?);
+                let (xs, ws) = (self.shaped_copy(x, &[b, d])?, self.shaped_copy(w, &[ck, d])?);
                 let (fwd, g) =
                     head.forward_backward(&xs, &ws, labels, sigma_cloud, seed, step, up, GradDtype::F32)?;
                 (fwd, f32_grad(g.dx, "dx")?, f32_grad(g.dw, "dW")?)
             }
             Precision::Bf16 => {
-                let (xs, ws) = (self.to_bf16(x, &[b, d])?, self.to_bf16(w, &[c, d])?);
+                let (xs, ws) = (self.to_bf16(x, &[b, d])?, self.to_bf16(w, &[ck, d])?);
                 let (fwd, g) =
                     head.forward_backward(&xs, &ws, labels, sigma_cloud, seed, step, up, GradDtype::F32)?;
                 (fwd, f32_grad(g.dx, "dx")?, f32_grad(g.dw, "dW")?)
             }
         };
         same_len("head dx result", gdx.len(), b * d)?;
-        same_len("head dW result", gdw.len(), c * d)?;
+        same_len("head dW result", gdw.len(), ck * d)?;
         let c_iy = if b == 0 { Vec::new() } else { fwd.c_iy.to_host(&self.dev)? };
+        let k_iy = fwd.k_iy_to_host(&self.dev)?;
         // The head's fresh f32 gradients become the engine's buffers (same lengths).
         *dx = gdx;
         *dw = gdw;
-        Ok(HeadStep { loss: fwd.loss as f64, n_valid: fwd.n_valid, c_iy })
+        Ok(HeadStep { loss: fwd.loss as f64, n_valid: fwd.n_valid, c_iy, k_iy })
     }
 
-    fn stats_new(&self, c: usize, d: usize, cfg: &StatsConfig) -> Result<CudaStats> {
-        Ok(CudaStats { inner: Mutex::new(ClassStats::new(&self.dev, c, d, cfg.clone())?) })
+    fn stats_new(&self, c: usize, subcenters: usize, d: usize, cfg: &StatsConfig) -> Result<CudaStats> {
+        Ok(CudaStats {
+            inner: Mutex::new(ClassStats::with_subcenters(&self.dev, c, subcenters, d, cfg.clone())?),
+        })
     }
 
     fn stats_cloud_sigma(&self, stats: &CudaStats, out: &mut Tensor<f32>) -> Result<()> {
@@ -416,12 +433,13 @@ impl Backend for CudaBackend {
         stats: &mut CudaStats,
         x: &Tensor<f32>,
         labels: &[i32],
-        c_iy: &[f32],
+        head: &HeadStep,
     ) -> Result<()> {
+        let c_iy = &head.c_iy;
         stats.with(|s| match s.config().center {
             crate::config::CenterMode::Ema => {
                 let xs = self.shaped_copy(x, &[labels.len(), s.dim()])?;
-                s.update(&self.dev, &xs, labels)
+                s.update_subcenters(&self.dev, &xs, labels, &head.k_iy)
             }
             crate::config::CenterMode::ClassWeight => {
                 same_len("stats update c_iy/labels", c_iy.len(), labels.len())?;

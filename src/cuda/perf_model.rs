@@ -705,17 +705,17 @@ pub fn reference(shape: HeadShape, dtype: DType, dev: &DeviceModel) -> PathModel
     let cos_bytes = bf * cf * 4.0;
     let cos_fits = cos_bytes <= dev.l2_bytes;
     let mut kernels = vec![normalize(b), normalize(c), sgemm(dev, "cos", (b, c, d), false)];
-    let lm = plan::ref_margin(dtype, shape, RefMarginArgs::default());
+    let lm = plan::ref_margin(dtype, shape, 1, RefMarginArgs::default());
     // Per valid row: its x row and W row (c_iy), labels, sigma, four outputs.
     let margin = 2.0 * bf * df * e + 6.0 * bf * 4.0;
     kernels.push(launch_model(dev, &lm, mem_work(margin, margin, rows_share(b, plan::THREADS as usize))));
-    let ls = plan::ref_softmax(shape, RefSoftmaxArgs::default());
+    let ls = plan::ref_softmax(shape, 1, RefSoftmaxArgs::default());
     let rows = 5.0 * bf * 4.0;
     let hbm = rows + if cos_fits { 0.0 } else { cos_bytes };
     kernels.push(launch_model(dev, &ls, mem_work(hbm, cos_bytes + rows, 1.0 / bf)));
     kernels.push(head_reduce(dev, b));
     kernels.extend([normalize(b), normalize(c), sgemm(dev, "cos again", (b, c, d), false)]);
-    let lg = plan::ref_grad(shape, RefGradArgs::default());
+    let lg = plan::ref_grad(shape, 1, RefGradArgs::default());
     let rows = 5.0 * bf * 4.0 * (c.div_ceil(plan::THREADS as usize)) as f64;
     let hbm = rows + cos_bytes + if cos_fits { 0.0 } else { cos_bytes };
     kernels.push(launch_model(

@@ -1,13 +1,15 @@
 //! LEAP class statistics and the feature-cloud std on the device (`kernels/stats.cu`,
 //! SPEC section 5). The host twin is [`StatsState`] with the f64 rules of [`crate::oracle::stats`].
 //!
-//! [`ClassStats`] holds the per-class state in f32 (`centers` \[C, D\] only with
-//! `center = ema`; `mu`, `v`, `n`, `initialized` \[C\]) and the cloud std
-//! `sigma_cloud` \[C\]. A training step reads [`ClassStats::cloud_sigma`] (a device
-//! buffer for the head), runs the head, then calls [`ClassStats::update`] with the
-//! batch features (EMA centers) or [`ClassStats::update_from_cos`] /
-//! [`ClassStats::update_from_angles`] with the head's target cosines or angles
-//! (class-weight centers, O(B) work).
+//! [`ClassStats`] holds the per-class state in f32 (`centers` \[C*K, D\] only with
+//! `center = ema`, one per sub-center, K = 1 without sub-centers; `mu`, `v`, `n`,
+//! `initialized` \[C\]) and the cloud std `sigma_cloud` \[C\]. A training step reads
+//! [`ClassStats::cloud_sigma`] (a device buffer for the head), runs the head, then calls
+//! [`ClassStats::update`] (or, with sub-centers, [`ClassStats::update_subcenters`] with the
+//! head's target sub-centers k*_iy, SPEC 5b) with the batch features (EMA centers) or
+//! [`ClassStats::update_from_cos`] / [`ClassStats::update_from_angles`] with the head's
+//! target cosines or angles (class-weight centers, O(B) work; with sub-centers the head's
+//! c_iy is already its dominant sub-center's).
 //!
 //! Determinism: labels are host data, so [`bucket_labels`] sorts them on the host
 //! into (class, rows) segments in ascending class order; each class's state is then
@@ -15,13 +17,13 @@
 //! cloud reduces over C with a partition that depends on C only. No float atomics:
 //! the same inputs give bitwise the same state, run after run.
 //!
-//! Limits: C <= 2^30 and B, D < 2^31 (i32 indexing in the kernels).
+//! Limits: C*K <= 2^30 and B, D < 2^31 (i32 indexing in the kernels).
 
 use super::args::{StatsAnglesArgs, StatsCloudArgs, StatsReduceArgs, StatsUpdateArgs};
 use super::kernels::stats as k;
-use super::{norms, Device, DeviceElem, Launch, SmokeLine, Tensor};
+use super::{norms, DevPtr, Device, DeviceElem, Launch, SmokeLine, Tensor};
 use crate::check::check_labels;
-use crate::config::{CenterMode, Split, StatsConfig};
+use crate::config::{CenterMode, Split, StatsConfig, MAX_SUBCENTERS};
 use crate::error::{Error, Result};
 use crate::stats::{Precision, StatsState, StatsSummary};
 use crate::DType;
@@ -101,14 +103,27 @@ pub fn bucket_labels(labels: &[i32], c: usize) -> Result<Segments> {
 /// before touching the device): C, D > 0 and within the kernels' limits, beta in
 /// [0, 1), T > 0 in threshold mode, class counts of length C.
 pub fn check_config(c: usize, d: usize, cfg: &StatsConfig) -> Result<()> {
+    check_config_subcenters(c, 1, d, cfg)
+}
+
+/// [`check_config`] for C classes of `k` sub-centers each (SPEC 5b): also k in
+/// `1..=MAX_SUBCENTERS` and C*K within the kernels' limits.
+pub fn check_config_subcenters(c: usize, k: usize, d: usize, cfg: &StatsConfig) -> Result<()> {
     if c == 0 || d == 0 {
         return Err(Error::Empty(format!("statistics need C > 0 and D > 0, got C={c}, D={d}")));
     }
-    if c > MAX_CLASSES || d > i32::MAX as usize {
-        return Err(Error::Shape(format!("statistics for C={c}, D={d} exceed the kernels' i32 indexing")));
+    if !(1..=MAX_SUBCENTERS as usize).contains(&k) {
+        return Err(Error::InvalidConfig(format!(
+            "statistics: subcenters must be in 1..={MAX_SUBCENTERS}, got {k}"
+        )));
     }
-    if cfg.center == CenterMode::Ema && c.checked_mul(d).is_none() {
-        return Err(Error::Shape(format!("C*D overflows for C={c}, D={d}")));
+    if c.saturating_mul(k) > MAX_CLASSES || d > i32::MAX as usize {
+        return Err(Error::Shape(format!(
+            "statistics for C={c}, K={k}, D={d} exceed the kernels' i32 indexing"
+        )));
+    }
+    if cfg.center == CenterMode::Ema && (c * k).checked_mul(d).is_none() {
+        return Err(Error::Shape(format!("C*K*D overflows for C={c}, K={k}, D={d}")));
     }
     cfg.validate(c)
 }
@@ -120,8 +135,11 @@ pub fn check_config(c: usize, d: usize, cfg: &StatsConfig) -> Result<()> {
 pub struct ClassStats {
     cfg: StatsConfig,
     c: usize,
+    /// Sub-centers per class K (SPEC 5b; 1 without).
+    k: usize,
     d: usize,
-    /// Unit centers \[C, D\]; `None` with `center = class_weight`.
+    /// Unit centers \[C*K, D\] (class y's sub-center k is row y*K + k); `None` with
+    /// `center = class_weight`.
     centers: Option<Tensor<f32>>,
     mu: Tensor<f32>,
     v: Tensor<f32>,
@@ -146,9 +164,16 @@ impl ClassStats {
     ///
     /// Allocates O(C*D) only with `center = ema`. Errors: see [`check_config`].
     pub fn new(dev: &Device, c: usize, d: usize, cfg: StatsConfig) -> Result<Self> {
-        check_config(c, d, &cfg)?;
+        Self::with_subcenters(dev, c, 1, d, cfg)
+    }
+
+    /// Empty statistics for `c` classes of `k` sub-centers each (SPEC 5b) and dimension `d`:
+    /// with `center = ema` one center per sub-center (\[C*K, D\]), the moments per class.
+    /// Errors: see [`check_config_subcenters`].
+    pub fn with_subcenters(dev: &Device, c: usize, k: usize, d: usize, cfg: StatsConfig) -> Result<Self> {
+        check_config_subcenters(c, k, d, &cfg)?;
         let centers = match cfg.center {
-            CenterMode::Ema => Some(Tensor::zeros(dev, &[c, d])?),
+            CenterMode::Ema => Some(Tensor::zeros(dev, &[c * k, d])?),
             CenterMode::ClassWeight => None,
         };
         let chunk = MIN_REDUCE_CHUNK.max(c.div_ceil(MAX_PARTIALS));
@@ -173,6 +198,7 @@ impl ClassStats {
             stale: true,
             cfg,
             c,
+            k,
             d,
         })
     }
@@ -192,12 +218,17 @@ impl ClassStats {
         self.d
     }
 
+    /// Sub-centers per class K (SPEC 5b; 1 without).
+    pub fn subcenters(&self) -> usize {
+        self.k
+    }
+
     /// Update calls so far (the warm-up counter).
     pub fn updates(&self) -> u64 {
         self.updates
     }
 
-    /// Unit centers \[C, D\] (`None` with `center = class_weight`).
+    /// Unit centers \[C*K, D\] (`None` with `center = class_weight`).
     pub fn centers(&self) -> Option<&Tensor<f32>> {
         self.centers.as_ref()
     }
@@ -214,9 +245,81 @@ impl ClassStats {
 
     /// EMA-center update from the batch features `x` \[B, D\] (any storage dtype,
     /// normalized here) and host labels \[B\] (negative = ignored). Only for
-    /// `center = ema`. Every call counts as one step of the warm-up, even a batch
-    /// whose rows are all ignored. O(B*D) work; `x` must be finite.
+    /// `center = ema` and one center per class (with sub-centers see
+    /// [`ClassStats::update_subcenters`]). Every call counts as one step of the warm-up, even
+    /// a batch whose rows are all ignored. O(B*D) work; `x` must be finite.
     pub fn update<T: DeviceElem>(&mut self, dev: &Device, x: &Tensor<T>, labels: &[i32]) -> Result<()> {
+        if self.k != 1 {
+            return Err(Error::InvalidConfig(format!(
+                "stats update: {} sub-centers per class need the head's target sub-centers \
+                 (ClassStats::update_subcenters, SPEC 5b)",
+                self.k
+            )));
+        }
+        self.check_update(x, labels)?;
+        let seg = bucket_labels(labels, self.c)?;
+        self.launch_update(dev, x, &seg, None)?;
+        self.updates += 1;
+        self.stale = true;
+        Ok(())
+    }
+
+    /// EMA-center update with sub-centers (SPEC 5b): as [`ClassStats::update`], where row i of
+    /// class y updates and is measured from center (y, `k_iy[i]`), its target's dominant
+    /// sub-center in the head forward (`HeadForward::k_iy`); the class's flag decides new vs
+    /// EMA for all its sub-centers, and the class's moments take one EMA step from all its
+    /// rows' angles. `k_iy` of ignored rows is not read; a valid row's must be < K (else an
+    /// error, nothing changed). With K = 1 this is [`ClassStats::update`] (same kernels, same bits).
+    pub fn update_subcenters<T: DeviceElem>(
+        &mut self,
+        dev: &Device,
+        x: &Tensor<T>,
+        labels: &[i32],
+        k_iy: &[u32],
+    ) -> Result<()> {
+        self.check_update(x, labels)?;
+        if k_iy.len() != labels.len() {
+            return Err(Error::Shape(format!(
+                "stats update: k_iy has {} entries, expected B = {}",
+                k_iy.len(),
+                labels.len()
+            )));
+        }
+        check_labels(labels, self.c)?;
+        let kk = self.k;
+        if let Some(i) = (0..labels.len()).find(|&i| labels[i] >= 0 && k_iy[i] as usize >= kk) {
+            return Err(Error::InvalidConfig(format!(
+                "stats update: row {i}: target sub-center {} is outside 0..{kk}",
+                k_iy[i]
+            )));
+        }
+        if kk == 1 {
+            let seg = bucket_labels(labels, self.c)?;
+            self.launch_update(dev, x, &seg, None)?;
+        } else {
+            // Keys y*K + k*_iy: one segment (one CTA) per (class, sub-center), ascending.
+            let keys: Vec<i32> = labels
+                .iter()
+                .zip(k_iy)
+                .map(|(&y, &k)| if y < 0 { -1 } else { y * kk as i32 + k as i32 })
+                .collect();
+            let key_seg = bucket_labels(&keys, self.c * kk)?;
+            if !key_seg.is_empty() {
+                // SAFETY: stats_update writes ang[i] for every row i listed in key_seg, and
+                // stats_angles reads only the rows listed in class_seg: the same rows.
+                let ang = unsafe { Tensor::<f32>::uninit(dev, &[labels.len()]) }?;
+                self.launch_update(dev, x, &key_seg, Some(&ang))?;
+                let class_seg = bucket_labels(labels, self.c)?;
+                self.launch_angles(dev, &class_seg, &ang, false)?;
+            }
+        }
+        self.updates += 1;
+        self.stale = true;
+        Ok(())
+    }
+
+    /// x is \[B, D\] for B = `labels.len()`, and the statistics keep EMA centers.
+    fn check_update<T: DeviceElem>(&self, x: &Tensor<T>, labels: &[i32]) -> Result<()> {
         self.cfg.require_center(CenterMode::Ema)?;
         if x.shape() != [labels.len(), self.d] {
             return Err(Error::Shape(format!(
@@ -226,36 +329,47 @@ impl ClassStats {
                 self.d
             )));
         }
-        let seg = bucket_labels(labels, self.c)?;
-        if !seg.is_empty() {
-            let (_, inv) = norms::row_norms(dev, x)?;
-            let packed = seg.packed();
-            let seg_dev = Tensor::from_host(dev, &packed, &[packed.len()])?;
-            let centers = self.centers.as_ref().ok_or_else(|| Error::InvalidConfig("no centers".into()))?;
-            let args = StatsUpdateArgs {
-                x: x.ptr(),
-                inv: inv.ptr(),
-                seg: seg_dev.ptr(),
-                centers: centers.ptr(),
-                mu: self.mu.ptr(),
-                v: self.v.ptr(),
-                n: self.n.ptr(),
-                init: self.initialized.ptr(),
-                num_seg: seg.len() as i32,
-                d: self.d as i32,
-                beta: self.cfg.beta,
-                ..Default::default()
-            };
-            let l = Launch::linear(k::STATS_UPDATE[T::DTYPE], seg.len(), THREADS, &args);
-            // SAFETY: x holds B*D elements of T and inv B f32 (row_norms of x); seg_dev holds
-            // 2S+1+R i32 laid out as the kernel reads them, with unique classes in [0, C)
-            // (bucket_labels checked the labels) and rows in [0, B); centers [C, D], mu, v, n,
-            // initialized [C] are separate allocations of this struct. One CTA per segment.
-            unsafe { dev.launch(&l) }?;
-        }
-        self.updates += 1;
-        self.stale = true;
         Ok(())
+    }
+
+    /// `stats_update_<T>` over `seg` (classes, or keys y*K + k when `ang` is given: then the
+    /// rows' angles go to `ang` \[B\] and the moments are left to [`Self::launch_angles`]).
+    fn launch_update<T: DeviceElem>(
+        &self,
+        dev: &Device,
+        x: &Tensor<T>,
+        seg: &Segments,
+        ang: Option<&Tensor<f32>>,
+    ) -> Result<()> {
+        if seg.is_empty() {
+            return Ok(());
+        }
+        let (_, inv) = norms::row_norms(dev, x)?;
+        let packed = seg.packed();
+        let seg_dev = Tensor::from_host(dev, &packed, &[packed.len()])?;
+        let centers = self.centers.as_ref().ok_or_else(|| Error::InvalidConfig("no centers".into()))?;
+        let args = StatsUpdateArgs {
+            x: x.ptr(),
+            inv: inv.ptr(),
+            seg: seg_dev.ptr(),
+            centers: centers.ptr(),
+            mu: self.mu.ptr(),
+            v: self.v.ptr(),
+            n: self.n.ptr(),
+            init: self.initialized.ptr(),
+            ang: ang.map_or(DevPtr::NULL, |a| a.ptr()),
+            num_seg: seg.len() as i32,
+            d: self.d as i32,
+            beta: self.cfg.beta,
+            k: self.k as i32,
+        };
+        let l = Launch::linear(k::STATS_UPDATE[T::DTYPE], seg.len(), THREADS, &args);
+        // SAFETY: x holds B*D elements of T and inv B f32 (row_norms of x); seg_dev holds
+        // 2S+1+R i32 laid out as the kernel reads them, with unique ids in [0, C*K) (classes
+        // when K = 1, keys y*K + k otherwise; bucket_labels checked them) and rows in [0, B);
+        // centers [C*K, D], mu, v, n, initialized [C] are separate allocations of this struct,
+        // ang (when given) a separate [B] buffer. One CTA per segment.
+        unsafe { dev.launch(&l) }
     }
 
     /// Class-weight update from the head's target angles theta \[B\] (device f32,
@@ -275,30 +389,37 @@ impl ClassStats {
     fn update_angles(&mut self, dev: &Device, labels: &[i32], ang: &Tensor<f32>, is_cos: bool) -> Result<()> {
         self.cfg.check_angle_update(ang.len(), labels.len())?;
         let seg = bucket_labels(labels, self.c)?;
-        if !seg.is_empty() {
-            let packed = seg.packed();
-            let seg_dev = Tensor::from_host(dev, &packed, &[packed.len()])?;
-            let args = StatsAnglesArgs {
-                ang: ang.ptr(),
-                seg: seg_dev.ptr(),
-                mu: self.mu.ptr(),
-                v: self.v.ptr(),
-                n: self.n.ptr(),
-                init: self.initialized.ptr(),
-                num_seg: seg.len() as i32,
-                is_cos: is_cos as i32,
-                beta: self.cfg.beta,
-                ..Default::default()
-            };
-            let l = Launch::linear(k::STATS_ANGLES_F32, seg.len().div_ceil(THREADS as usize), THREADS, &args);
-            // SAFETY: ang holds B f32; seg_dev is the packed segments (unique classes in
-            // [0, C), rows in [0, B)); mu, v, n, initialized hold C entries each and are
-            // separate allocations. Threads past S return before touching memory.
-            unsafe { dev.launch(&l) }?;
-        }
+        self.launch_angles(dev, &seg, ang, is_cos)?;
         self.updates += 1;
         self.stale = true;
         Ok(())
+    }
+
+    /// `stats_angles_f32` over the class segments `seg`: each class's moments from the angles
+    /// (or cosines, `is_cos`) `ang` \[B\] of its rows.
+    fn launch_angles(&self, dev: &Device, seg: &Segments, ang: &Tensor<f32>, is_cos: bool) -> Result<()> {
+        if seg.is_empty() {
+            return Ok(());
+        }
+        let packed = seg.packed();
+        let seg_dev = Tensor::from_host(dev, &packed, &[packed.len()])?;
+        let args = StatsAnglesArgs {
+            ang: ang.ptr(),
+            seg: seg_dev.ptr(),
+            mu: self.mu.ptr(),
+            v: self.v.ptr(),
+            n: self.n.ptr(),
+            init: self.initialized.ptr(),
+            num_seg: seg.len() as i32,
+            is_cos: is_cos as i32,
+            beta: self.cfg.beta,
+            ..Default::default()
+        };
+        let l = Launch::linear(k::STATS_ANGLES_F32, seg.len().div_ceil(THREADS as usize), THREADS, &args);
+        // SAFETY: ang holds B f32 (every row listed in seg written); seg_dev is the packed
+        // segments (unique classes in [0, C), rows in [0, B)); mu, v, n, initialized hold C
+        // entries each and are separate allocations. Threads past S return before touching memory.
+        unsafe { dev.launch(&l) }
     }
 
     /// Recomputes sigma_cloud and var_h when the state changed since the last call.
@@ -384,6 +505,7 @@ impl ClassStats {
             cfg: self.cfg.clone(),
             c: self.c,
             d: self.d,
+            subcenters: self.k,
             centers: match &self.centers {
                 Some(t) => widen(t)?,
                 None => Vec::new(),
@@ -400,10 +522,10 @@ impl ClassStats {
     /// Statistics holding `snap`'s state (f64 values are rounded to f32).
     pub fn from_snapshot(dev: &Device, snap: &StatsState) -> Result<Self> {
         snap.validate()?;
-        let mut s = Self::new(dev, snap.c, snap.d, snap.cfg.clone())?;
+        let mut s = Self::with_subcenters(dev, snap.c, snap.subcenters, snap.d, snap.cfg.clone())?;
         let narrow = |v: &[f64]| -> Vec<f32> { v.iter().map(|&x| x as f32).collect() };
         if let Some(t) = s.centers.as_mut() {
-            *t = Tensor::from_host(dev, &narrow(&snap.centers), &[snap.c, snap.d])?;
+            *t = Tensor::from_host(dev, &narrow(&snap.centers), &[snap.c * snap.subcenters, snap.d])?;
         }
         s.mu = Tensor::from_host(dev, &narrow(&snap.mu), &[snap.c])?;
         s.v = Tensor::from_host(dev, &narrow(&snap.v), &[snap.c])?;
@@ -555,6 +677,33 @@ fn smoke_update<T: DeviceElem>(dev: &Device, cfg: &StatsConfig, what: &str) -> R
     })
 }
 
+/// Target sub-centers for a batch: row i's k*_iy from a hash of (i, seed), in 0..k-1 only, so
+/// that sub-center k-1 is never picked (its center stays zero, SPEC 5b).
+pub fn synthetic_subcenters(seed: u64, b: usize, k: usize) -> Vec<u32> {
+    (0..b).map(|i| ((i as u64 * 2_654_435_761 + seed * 97) % (k.max(2) as u64 - 1)) as u32).collect()
+}
+
+fn smoke_subcenters(dev: &Device, cfg: &StatsConfig, what: &str) -> Result<SmokeLine> {
+    let (b, c, kk, d, steps) = (97, 41, 3, 70, 4);
+    let mut gpu = ClassStats::with_subcenters(dev, c, kk, d, cfg.clone())?;
+    let mut oracle = StatsState::with_subcenters(c, kk, d, cfg.clone())?;
+    for step in 0..steps {
+        let (x, labels) = synthetic_batch(3000 + step, b, c, d, DType::F32);
+        let k_iy = synthetic_subcenters(step, b, kk);
+        gpu.update_subcenters(dev, &Tensor::<f32>::from_f32(dev, &x, &[b, d])?, &labels, &k_iy)?;
+        oracle.update_subcenters(&x, &labels, &k_iy)?;
+    }
+    let e = compare_with_oracle(dev, &mut gpu, &oracle)?;
+    Ok(SmokeLine {
+        kernel: "stats_update + stats_angles + stats_reduce + stats_cloud".into(),
+        dtype: "f32".into(),
+        options: format!("center=ema subcenters={kk} {what} B={b} C={c} D={d} x{steps} steps"),
+        max_err: e.max(),
+        tolerance: STATS_TOLERANCE,
+        passed: e.passes(STATS_TOLERANCE),
+    })
+}
+
 fn smoke_angles(dev: &Device, cfg: &StatsConfig, what: &str) -> Result<SmokeLine> {
     let (b, c, steps) = (97, 41, 4);
     let mut gpu = ClassStats::new(dev, c, 1, cfg.clone())?;
@@ -589,6 +738,7 @@ pub fn smoke(dev: &Device) -> Result<Vec<SmokeLine>> {
         smoke_update::<half::bf16>(dev, &threshold, "threshold(6)")?,
         smoke_update::<half::f16>(dev, &threshold, "threshold(6)")?,
         smoke_update::<f32>(dev, &adaptive, "adaptive")?,
+        smoke_subcenters(dev, &threshold, "threshold(6)")?,
     ];
     let cw = |cfg: &StatsConfig| StatsConfig { center: CenterMode::ClassWeight, ..cfg.clone() };
     lines.push(smoke_angles(dev, &cw(&threshold), "threshold(6)")?);

@@ -252,6 +252,13 @@ pub fn dataset_from_bytes(
 /// classes visited in label order. Both outputs keep the original row order.
 /// `test_fraction` must be in `(0, 1)`.
 pub fn split_fraction(ds: &Dataset, test_fraction: f64, seed: u64) -> Result<(Dataset, Dataset)> {
+    let (train, test) = split_fraction_rows(ds, test_fraction, seed)?;
+    Ok((ds.subset(&train), ds.subset(&test)))
+}
+
+/// The rows of `ds` that [`split_fraction`] puts in (train, test), each ascending: how a
+/// training row maps back to its row in the user's file (`featcloud clean`).
+pub fn split_fraction_rows(ds: &Dataset, test_fraction: f64, seed: u64) -> Result<(Vec<usize>, Vec<usize>)> {
     if !(test_fraction > 0.0 && test_fraction < 1.0) {
         return Err(Error::InvalidConfig(format!("test fraction must be in (0, 1), got {test_fraction}")));
     }
@@ -277,7 +284,7 @@ pub fn split_fraction(ds: &Dataset, test_fraction: f64, seed: u64) -> Result<(Da
     }
     let train: Vec<usize> = (0..ds.n).filter(|&i| !is_test[i]).collect();
     let test: Vec<usize> = (0..ds.n).filter(|&i| is_test[i]).collect();
-    Ok((ds.subset(&train), ds.subset(&test)))
+    Ok((train, test))
 }
 
 /// Writes `data` with `shape` (C order) as a little-endian f32 `.npy` file, atomically.

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 pub use files::{
     dataset_from_bytes, load_dataset, load_npy_features, load_npy_labels, load_safetensors,
     npy_features_from_bytes, npy_labels_from_bytes, safetensors_from_bytes, save_npy_f32, save_npy_i64,
-    split_fraction,
+    split_fraction, split_fraction_rows,
 };
 pub use synthetic::{generate, SyntheticConfig};
 

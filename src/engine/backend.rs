@@ -50,16 +50,19 @@ pub struct HeadStep {
     pub n_valid: usize,
     /// Clamped target cosines c_iy `[B]` (feed the class-weight statistics).
     pub c_iy: Vec<f32>,
+    /// The target's dominant sub-center k*_iy `[B]` (SPEC 5b; all 0 with one center per
+    /// class): the EMA statistics measure row i from center (y_i, k*_iy).
+    pub k_iy: Vec<u32>,
 }
 
-/// The inputs of one head step: `x [B, D]`, `w [C, D]`, `labels [B]` (negative:
+/// The inputs of one head step: `x [B, D]`, `w [C*K, D]` (K sub-centers per class), `labels [B]` (negative:
 /// ignored row), `sigma_cloud [C]`, and the cloud RNG's (seed, step).
 pub struct HeadBatch<'a, Buf> {
     /// B, C, D.
     pub shape: HeadShape,
     /// Embeddings `[B, D]`.
     pub x: &'a Buf,
-    /// Class weights `[C, D]`.
+    /// Class weights `[C*K, D]` (class j's sub-center k is row j*K + k; K = 1: `[C, D]`).
     pub w: &'a Buf,
     /// Labels `[B]`.
     pub labels: &'a [i32],
@@ -136,7 +139,7 @@ pub trait Backend {
     ) -> Result<()>;
 
     /// Margin head forward and backward (SPEC sections 3-4) of `batch` with
-    /// upstream gradient 1: writes `dx` [B, D] and `dw` [C, D].
+    /// upstream gradient 1: writes `dx` [B, D] and `dw` [C*K, D] (K sub-centers per class).
     fn head_forward_backward(
         &self,
         cfg: &HeadConfig,
@@ -145,19 +148,19 @@ pub trait Backend {
         dw: &mut Self::Buf,
     ) -> Result<HeadStep>;
 
-    /// Fresh class statistics for C classes of dimension D.
-    fn stats_new(&self, c: usize, d: usize, cfg: &StatsConfig) -> Result<Self::Stats>;
+    /// Fresh class statistics for C classes of `subcenters` sub-centers each and dimension D.
+    fn stats_new(&self, c: usize, subcenters: usize, d: usize, cfg: &StatsConfig) -> Result<Self::Stats>;
     /// sigma_cloud `[C]` from the current statistics (zeros during the warm-up).
     fn stats_cloud_sigma(&self, stats: &Self::Stats, out: &mut Self::Buf) -> Result<()>;
-    /// One statistics update with this batch (SPEC section 5): from the
-    /// detached embeddings `x` [B, D] (EMA centers) or from the target cosines
-    /// `c_iy` (class-weight centers).
+    /// One statistics update with this batch (SPEC sections 5 and 5b): from the
+    /// detached embeddings `x` [B, D] and the head's target sub-centers `head.k_iy`
+    /// (EMA centers), or from its target cosines `head.c_iy` (class-weight centers).
     fn stats_update(
         &self,
         stats: &mut Self::Stats,
         x: &Self::Buf,
         labels: &[i32],
-        c_iy: &[f32],
+        head: &HeadStep,
     ) -> Result<()>;
     /// Host copy of the statistics (configuration included).
     fn stats_export(&self, stats: &Self::Stats) -> Result<StatsState>;

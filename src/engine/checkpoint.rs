@@ -3,9 +3,10 @@
 //! data fingerprint as metadata. Written atomically (temp file + rename).
 //!
 //! Tensors: `mlp.w1` `[H, F]`, `mlp.b1` `[H]`, `mlp.w2` `[D, H]`, `mlp.b2` `[D]`,
-//! `head.w` [C, D] (f32); `optim.<param>.<i>` (f32, the optimizer's state
+//! `head.w` [C, D] (f32; `[C, K, D]` with K sub-centers per class, SPEC 5b); `optim.<param>.<i>` (f32, the optimizer's state
 //! buffers); `stats.mu`, `stats.v` `[C]` (f64), `stats.n` `[C]` (u64),
-//! `stats.initialized` `[C]` (u8), `stats.centers` `[C, D]` (f64, EMA mode only).
+//! `stats.initialized` `[C]` (u8), `stats.centers` `[C, D]` (f64, EMA mode only; `[C, K, D]` with K sub-centers,
+//! K being the configuration's `head.subcenters`).
 
 use crate::engine::config::TrainConfig;
 use crate::error::{Error, Result};
@@ -69,7 +70,12 @@ impl Checkpoint {
         w.u64s("stats.n", &[s.c], &s.n);
         w.bools("stats.initialized", &[s.c], &s.initialized);
         if !s.centers.is_empty() {
-            w.floats("stats.centers", &[s.c, s.d], &s.centers, Precision::F64);
+            w.floats(
+                "stats.centers",
+                &crate::shape::subcenter_shape(s.c, s.subcenters, s.d),
+                &s.centers,
+                Precision::F64,
+            );
         }
         w.meta_json("config", &self.config)?;
         let numbers = [
@@ -136,11 +142,16 @@ impl Checkpoint {
             }
         }
         let f64s = |name: &str, shape: &[usize]| r.floats(name, shape).map(|(_, v)| v);
-        let centers = if r.has("stats.centers") { f64s("stats.centers", &[c, d])? } else { Vec::new() };
+        let k = config.head.subcenters as usize;
+        let centers = match r.has("stats.centers") {
+            true => f64s("stats.centers", &crate::shape::subcenter_shape(c, k, d))?,
+            false => Vec::new(),
+        };
         let stats = StatsState {
             cfg: config.stats.clone(),
             c,
             d,
+            subcenters: k,
             mu: f64s("stats.mu", &[c])?,
             v: f64s("stats.v", &[c])?,
             n: r.u64s("stats.n", &[c])?,

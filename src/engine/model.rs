@@ -1,6 +1,6 @@
 //! The model's learnable tensors by name: the embedding MLP
 //! `x [B, F] -> h = relu(x W1^T + b1) [B, H] -> e = h W2^T + b2 [B, D]` and the
-//! head W [C, D], each with its gradient and optimizer state on the backend.
+//! head W [C, D] (`[C, K, D]` with K sub-centers per class, SPEC 5b), each with its gradient and optimizer state on the backend.
 //!
 //! The names (`mlp.w1`, `mlp.b1`, `mlp.w2`, `mlp.b2`, `head.w`) are the tensor
 //! names of checkpoints; [`Model::params`] lists them in that fixed order.
@@ -50,7 +50,7 @@ pub struct Model<B: Backend> {
     pub w2: Param<B>,
     /// `mlp.b2` `[D]`.
     pub b2: Param<B>,
-    /// `head.w` `[C, D]`.
+    /// `head.w` `[C, D]`, or `[C, K, D]` with K sub-centers per class.
     pub head: Param<B>,
 }
 
@@ -69,17 +69,25 @@ impl<B: Backend> Model<B> {
     /// A seeded init for inputs of width `f`, hidden width `h`, embeddings of
     /// dimension `d` and `c` classes (He init for W1, 1/sqrt(H) for W2, unit
     /// normal for the head, zero biases), with `states` optimizer buffers each.
-    pub fn new(be: &B, rng: &mut ChaCha8Rng, [f, h, d, c]: [usize; 4], states: usize) -> Result<Self> {
-        // Draw order W1, W2, head: the init of a seed must not change.
+    /// The head has `k` sub-centers per class (rows j*K .. j*K + K - 1 for class j).
+    pub fn new(
+        be: &B,
+        rng: &mut ChaCha8Rng,
+        [f, h, d, c]: [usize; 4],
+        k: usize,
+        states: usize,
+    ) -> Result<Self> {
+        // Draw order W1, W2, head: the init of a seed must not change (and with K = 1 the
+        // head draws exactly the C*D values it always did).
         let w1 = normals(rng, h * f, (2.0 / f as f64).sqrt());
         let w2 = normals(rng, d * h, (1.0 / h as f64).sqrt());
-        let head = normals(rng, c * d, 1.0);
+        let head = normals(rng, c * k * d, 1.0);
         Ok(Self {
             w1: Param::new(be, "mlp.w1", vec![h, f], &w1, true, states)?,
             b1: Param::new(be, "mlp.b1", vec![h], &vec![0.0; h], false, states)?,
             w2: Param::new(be, "mlp.w2", vec![d, h], &w2, true, states)?,
             b2: Param::new(be, "mlp.b2", vec![d], &vec![0.0; d], false, states)?,
-            head: Param::new(be, "head.w", vec![c, d], &head, true, states)?,
+            head: Param::new(be, "head.w", crate::shape::subcenter_shape(c, k, d), &head, true, states)?,
         })
     }
 

@@ -70,7 +70,7 @@ pub fn evaluate<B: Backend>(
     let counts = splits.train.class_counts();
     let w = trainer.head_weights()?;
     let test_emb = trainer.embed(&splits.test.features)?;
-    let closed = eval::closed_set(&test_emb, &splits.test.labels, d, &w, c, &counts)?;
+    let closed = eval::closed_set(&test_emb, &splits.test.labels, d, &w, c, trainer.subcenters(), &counts)?;
     let (rank1, map, tpr) = match &splits.open_set {
         Some(open) if open.n >= 2 => {
             let emb = trainer.embed(&open.features)?;

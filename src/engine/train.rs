@@ -1,7 +1,7 @@
 //! One training step in the LEAP order of SPEC section 5, and the loop around it.
 //!
 //! Model ([`crate::engine::model`]): an MLP `x [B, F] -> e [B, D]`, then the
-//! head W [C, D] on e. Step t:
+//! head W [C*K, D] on e (K sub-centers per class, SPEC 5b). Step t:
 //! 1. sigma_cloud `[C]` from the current class statistics (0 during the warm-up);
 //! 2. head forward + backward with that cloud at RNG (seed, t);
 //! 3. statistics update with this batch's detached embeddings (EMA centers) or
@@ -97,8 +97,9 @@ impl<'b, B: Backend> Trainer<'b, B> {
         cfg.validate(train.num_classes)?;
         let (f, h, d, c) = (train.f, cfg.hidden, cfg.embed_dim, train.num_classes);
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-        let model = Model::new(backend, &mut rng, [f, h, d, c], cfg.optim.kind.state_count())?;
-        let stats = backend.stats_new(c, d, &cfg.stats)?;
+        let k = cfg.head.subcenters as usize;
+        let model = Model::new(backend, &mut rng, [f, h, d, c], k, cfg.optim.kind.state_count())?;
+        let stats = backend.stats_new(c, k, d, &cfg.stats)?;
         let sampler = Sampler::new(train.n, cfg.batch_size, cfg.seed);
         let total_steps = cfg.epochs * sampler.steps_per_epoch();
         Ok(Self {
@@ -145,6 +146,11 @@ impl<'b, B: Backend> Trainer<'b, B> {
     /// Number of classes C.
     pub fn num_classes(&self) -> usize {
         self.num_classes
+    }
+
+    /// Sub-centers per class K (SPEC 5b; 1 for the plain head).
+    pub fn subcenters(&self) -> usize {
+        self.cfg.head.subcenters as usize
     }
 
     fn check_data(&self, train: &Dataset) -> Result<()> {
@@ -209,7 +215,7 @@ impl<'b, B: Backend> Trainer<'b, B> {
             Err(e) => return Err(e),
         };
         // 3. Statistics with this batch (detached embeddings / target cosines).
-        be.stats_update(&mut self.stats, &emb, &labels, &out.c_iy)?;
+        be.stats_update(&mut self.stats, &emb, &labels, &out)?;
 
         // 4. MLP backward.
         self.model.mlp_backward(be, &x, &hid, &emb, &mut demb, rows)?;
@@ -312,7 +318,8 @@ impl<'b, B: Backend> Trainer<'b, B> {
         Ok(out)
     }
 
-    /// Head weights W [C, D] on the host.
+    /// Head weights W `[C*K, D]` on the host (K = [`Trainer::subcenters`]; class j's
+    /// sub-center k is row j*K + k).
     pub fn head_weights(&self) -> Result<Vec<f32>> {
         self.backend.download(&self.model.head.value)
     }

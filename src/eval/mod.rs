@@ -4,6 +4,8 @@
 //!   (many / medium / few-shot classes by training count, the usual long-tailed split).
 //! - [`open_set`]: retrieval and verification on classes never seen in training: Rank-1,
 //!   mAP and TPR at FPR = 1e-3.
+//! - [`subcenter_outliers`]: the samples far from their class's dominant sub-center
+//!   (Sub-center ArcFace's cleaning step, SPEC 5b), for `featcloud clean`.
 //! - [`angular_spread`]: the per-class angular std that LEAP equalizes between head and
 //!   tail classes (SPEC.md section 5), the quantity the paper's diagnosis rests on.
 //!
@@ -65,9 +67,10 @@ pub struct ShotMetrics {
 
 /// Closed-set top-1 accuracy of the cosine classifier.
 ///
-/// `emb` [n, d] embeddings, `labels` `[n]` in `[0, c)`, `w` [c, d] class weights (or class
-/// centers), `train_counts` `[c]` training samples per class. Sample `i` is predicted as
-/// `argmax_j cos(emb_i, w_j)` (the lowest `j` among exact ties). Each group's accuracy is
+/// `emb` [n, d] embeddings, `labels` `[n]` in `[0, c)`, `w` `[c*k, d]` class weights (or
+/// class centers) with `k` sub-centers per class (SPEC 5b; `k` = 1: `[c, d]`),
+/// `train_counts` `[c]` training samples per class. Sample `i` is predicted as
+/// [`predict`] does. Each group's accuracy is
 /// averaged over its samples, not over classes. A group ([`shot_group`]) with no samples
 /// here gets NaN; `n_*` count the classes of each group, so a group with no classes has
 /// `n = 0` and NaN accuracy.
@@ -77,15 +80,11 @@ pub fn closed_set(
     d: usize,
     w: &[f32],
     c: usize,
+    k: usize,
     train_counts: &[u64],
 ) -> Result<ShotMetrics> {
     let n = check_emb(emb, labels, d)?;
-    if c == 0 {
-        return Err(Error::Empty("closed_set: C = 0 classes".into()));
-    }
-    if w.len() != c * d {
-        return Err(Error::Shape(format!("W has {} values, expected C*D = {c}*{d}", w.len())));
-    }
+    check_w("closed_set", w, c, k, d)?;
     if train_counts.len() != c {
         return Err(Error::Shape(format!(
             "train_counts has {} entries, expected C = {c}",
@@ -93,9 +92,8 @@ pub fn closed_set(
         )));
     }
     check_class_labels(labels, c)?;
-    check_finite("W", w)?;
 
-    let pred = predict(emb, d, w, c)?;
+    let pred = predict(emb, d, w, c, k)?;
     let correct: Vec<bool> = pred.iter().zip(labels).map(|(&p, &y)| p == y as usize).collect();
 
     // [hits, samples] per group: many, medium, few.
@@ -123,22 +121,18 @@ pub fn closed_set(
 }
 
 /// The cosine classifier's class for each embedding of `emb` `[n, d]`: `argmax_j cos(emb_i,
-/// w_j)` over the `c` rows of `w` `[c, d]`, the lowest `j` among exact ties (what
-/// [`closed_set`] scores).
-pub fn predict(emb: &[f32], d: usize, w: &[f32], c: usize) -> Result<Vec<usize>> {
+/// w_j)` over the `c` classes of `w` `[c*k, d]`, the lowest `j` among exact ties (what
+/// [`closed_set`] scores). With `k` sub-centers per class (SPEC 5b) a class's cosine is
+/// its closest sub-center's, `max_k cos(emb_i, w_jk)`; the arg-max over all `c*k` rows,
+/// lowest row first, is the same class, because class j's rows come before class j+1's.
+pub fn predict(emb: &[f32], d: usize, w: &[f32], c: usize, k: usize) -> Result<Vec<usize>> {
     if d == 0 {
         return Err(Error::Empty("embedding dimension D = 0".into()));
     }
     if emb.len() % d != 0 {
         return Err(Error::Shape(format!("embeddings have {} values, not a multiple of D = {d}", emb.len())));
     }
-    if c == 0 {
-        return Err(Error::Empty("predict: C = 0 classes".into()));
-    }
-    if w.len() != c * d {
-        return Err(Error::Shape(format!("W has {} values, expected C*D = {c}*{d}", w.len())));
-    }
-    check_finite("W", w)?;
+    check_w("predict", w, c, k, d)?;
     check_finite("embeddings", emb)?;
     let wh: Vec<f64> = w.chunks(d).flat_map(unit_f64).collect();
     Ok((0..emb.len() / d)
@@ -152,9 +146,115 @@ pub fn predict(emb: &[f32], d: usize, w: &[f32], c: usize) -> Result<Vec<usize>>
                     best = (s, j);
                 }
             }
-            best.1
+            best.1 / k
         })
         .collect())
+}
+
+/// Errors unless `w` holds `c*k` finite rows of `d` with `c` >= 1 classes and `k` >= 1
+/// sub-centers per class (`caller` names the function in the errors).
+fn check_w(caller: &str, w: &[f32], c: usize, k: usize, d: usize) -> Result<()> {
+    if c == 0 {
+        return Err(Error::Empty(format!("{caller}: C = 0 classes")));
+    }
+    if k == 0 {
+        return Err(Error::Empty("W needs at least one sub-center per class (K = 0)".into()));
+    }
+    if w.len() != c * k * d {
+        return Err(Error::Shape(match k {
+            1 => format!("W has {} values, expected C*D = {c}*{d}", w.len()),
+            _ => format!("W has {} values, expected C*K*D = {c}*{k}*{d}", w.len()),
+        }));
+    }
+    check_finite("W", w)
+}
+
+/// A sample [`subcenter_outliers`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct Outlier {
+    /// Row of `emb`.
+    pub row: usize,
+    /// Its label.
+    pub label: i32,
+    /// Its angle to its class's dominant sub-center, in degrees.
+    pub angle_deg: f64,
+    /// The sub-center closest to it (which may be a non-dominant one of its class).
+    pub closest_subcenter: usize,
+}
+
+/// The result of [`subcenter_outliers`].
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct OutlierReport {
+    /// Per class: its dominant sub-center (0 for a class with no samples).
+    pub dominant: Vec<usize>,
+    /// Per class: how many of its samples are closest to each sub-center, `[C][K]`.
+    pub subcenter_counts: Vec<Vec<usize>>,
+    /// The samples farther than the threshold from their class's dominant sub-center,
+    /// in row order.
+    pub outliers: Vec<Outlier>,
+}
+
+/// Sub-center ArcFace's cleaning step (SPEC 5b): for each class j, its dominant
+/// sub-center is the one that most of its samples are closest to (ties: the lowest k);
+/// a sample of class j is an outlier when its angle to class j's dominant sub-center
+/// exceeds `max_angle_deg` degrees.
+///
+/// `emb` `[n, d]` embeddings, `labels` `[n]` in `[0, c)`, `w` `[c*k, d]` the head's
+/// weights with `k` sub-centers per class (class j's sub-center s is row j*k + s; with
+/// `k` = 1 every sample's dominant sub-center is its class weight). Cosines in f64,
+/// clamped to [-1, 1]; a sample's closest sub-center is the lowest k among ties.
+pub fn subcenter_outliers(
+    emb: &[f32],
+    labels: &[i32],
+    d: usize,
+    w: &[f32],
+    c: usize,
+    k: usize,
+    max_angle_deg: f64,
+) -> Result<OutlierReport> {
+    let n = check_emb(emb, labels, d)?;
+    check_w("subcenter_outliers", w, c, k, d)?;
+    check_class_labels(labels, c)?;
+    if !(max_angle_deg.is_finite() && (0.0..=180.0).contains(&max_angle_deg)) {
+        return Err(Error::InvalidConfig(format!(
+            "the outlier angle must be in [0, 180] degrees, got {max_angle_deg}"
+        )));
+    }
+    let wh: Vec<Vec<f64>> = w.chunks(d).map(unit_f64).collect();
+    // Per row: the cosine to each of its class's sub-centers.
+    let cos: Vec<Vec<f64>> = (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let x = unit_f64(&emb[i * d..(i + 1) * d]);
+            let y = labels[i] as usize;
+            (0..k)
+                .map(|s| wh[y * k + s].iter().zip(&x).map(|(a, b)| a * b).sum::<f64>().clamp(-1.0, 1.0))
+                .collect()
+        })
+        .collect();
+    let closest: Vec<usize> =
+        cos.iter().map(|row| (1..k).fold(0, |best, s| if row[s] > row[best] { s } else { best })).collect();
+    let mut subcenter_counts = vec![vec![0usize; k]; c];
+    for (i, &s) in closest.iter().enumerate() {
+        subcenter_counts[labels[i] as usize][s] += 1;
+    }
+    let dominant: Vec<usize> = subcenter_counts
+        .iter()
+        .map(|counts| (1..k).fold(0, |best, s| if counts[s] > counts[best] { s } else { best }))
+        .collect();
+    let outliers = (0..n)
+        .filter_map(|i| {
+            let y = labels[i] as usize;
+            let angle_deg = cos[i][dominant[y]].acos().to_degrees();
+            (angle_deg > max_angle_deg).then_some(Outlier {
+                row: i,
+                label: labels[i],
+                angle_deg,
+                closest_subcenter: closest[i],
+            })
+        })
+        .collect();
+    Ok(OutlierReport { dominant, subcenter_counts, outliers })
 }
 
 /// Retrieval and verification quality on an open set.

@@ -158,6 +158,11 @@ impl<'a> TensorReader<'a> {
         self.meta.get(key).map(String::as_str).ok_or_else(|| self.bad(format!("metadata '{key}' is missing")))
     }
 
+    /// Whether metadata `key` exists.
+    pub fn has_meta(&self, key: &str) -> bool {
+        self.meta.contains_key(key)
+    }
+
     /// Metadata `key` as a number.
     pub fn meta_u64(&self, key: &str) -> Result<u64> {
         let v = self.meta(key)?;

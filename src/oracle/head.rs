@@ -101,6 +101,8 @@ pub struct RowOutputs {
     pub alpha: Vec<f64>,
     /// Branch taken by the target logit.
     pub region: Vec<Region>,
+    /// k*_iy, the target's dominant sub-center (SPEC 5b; 0 with K = 1 and for ignored rows).
+    pub k_iy: Vec<u32>,
 }
 
 /// Result of [`forward`] / [`forward_f64`].
@@ -431,6 +433,7 @@ fn evaluate(cfg: &HeadConfig, p: &HeadProblemF64) -> Evaluation {
         t: vec![0.0; b],
         alpha: vec![0.0; b],
         region: vec![Region::Ignored; b],
+        k_iy: vec![0; b],
     };
     let mut n_valid = 0;
     for i in 0..b {
@@ -467,6 +470,7 @@ fn evaluate(cfg: &HeadConfig, p: &HeadProblemF64) -> Evaluation {
         rows.loss[i] = loss;
         rows.lse[i] = lse;
         rows.c_iy[i] = c_iy;
+        rows.k_iy[i] = kstar[i * c + y] as u32;
         rows.t[i] = t;
         rows.alpha[i] = alpha;
         rows.region[i] = region;

@@ -27,10 +27,26 @@ use crate::stats::{StatsState, StatsSummary};
 
 impl StatsState {
     /// EMA-center update from a batch of features x `[B, D]` (row-normalized here)
-    /// and labels `[B]` (negative labels skipped). Only for `CenterMode::Ema`.
+    /// and labels `[B]` (negative labels skipped). Only for `CenterMode::Ema` with
+    /// one center per class; with sub-centers use [`StatsState::update_subcenters`].
     pub fn update(&mut self, x: &[f32], labels: &[i32]) -> Result<()> {
+        if self.subcenters != 1 {
+            return Err(Error::InvalidConfig(format!(
+                "the statistics have {} sub-centers per class: update them with each row's target sub-center (update_subcenters)",
+                self.subcenters
+            )));
+        }
+        self.update_subcenters(x, labels, &vec![0; labels.len()])
+    }
+
+    /// EMA-center update with sub-centers (SPEC 5b): as [`StatsState::update`], where
+    /// row i of class y updates and is measured from center `(y, k_iy[i])`, its
+    /// target's dominant sub-center in the head forward. Sub-centers of a class are
+    /// updated in ascending k, all before its angles are taken; the class's moments
+    /// take one EMA step from all its rows. `k_iy` of ignored rows is not read.
+    pub fn update_subcenters(&mut self, x: &[f32], labels: &[i32], k_iy: &[u32]) -> Result<()> {
         self.cfg.require_center(CenterMode::Ema)?;
-        let d = self.d;
+        let (d, kk) = (self.d, self.subcenters);
         if x.len() != labels.len() * d {
             return Err(Error::Shape(format!(
                 "x has {} elements, expected B*D = {}*{d}",
@@ -38,35 +54,64 @@ impl StatsState {
                 labels.len()
             )));
         }
+        if k_iy.len() != labels.len() {
+            return Err(Error::Shape(format!(
+                "k_iy has {} entries, expected B = {}",
+                k_iy.len(),
+                labels.len()
+            )));
+        }
         check_labels(labels, self.c)?;
+        if let Some(i) = (0..labels.len()).find(|&i| labels[i] >= 0 && k_iy[i] as usize >= kk) {
+            return Err(Error::InvalidConfig(format!(
+                "row {i}: target sub-center {} is outside 0..{kk}",
+                k_iy[i]
+            )));
+        }
         check_finite_rows("x", x, d, labels)?;
 
         let beta = self.cfg.beta as f64;
-        for (k, rows) in rows_by_class(labels, self.c) {
+        for (y, rows) in rows_by_class(labels, self.c) {
             let xh: Vec<Vec<f64>> = rows.iter().map(|&i| unit(&x[i * d..(i + 1) * d])).collect();
-            let count = xh.len() as f64;
-            let mut mbar = vec![0.0; d];
-            for v in &xh {
-                for (m, a) in mbar.iter_mut().zip(v) {
-                    *m += a / count;
+            let sub: Vec<usize> = rows.iter().map(|&i| k_iy[i] as usize).collect();
+            // A sub-center no row has picked holds zeros, so the EMA branch gives
+            // normalize((1 - beta) mbar) = normalize(mbar) for it: the class's flag
+            // decides (SPEC 5b), and with K = 1 this is section 5's rule.
+            let was_init = self.initialized[y];
+            for k in 0..kk {
+                let members: Vec<&Vec<f64>> =
+                    xh.iter().zip(&sub).filter(|(_, &s)| s == k).map(|(v, _)| v).collect();
+                if members.is_empty() {
+                    continue;
+                }
+                let count = members.len() as f64;
+                let mut mbar = vec![0.0; d];
+                for v in &members {
+                    for (m, a) in mbar.iter_mut().zip(v.iter()) {
+                        *m += a / count;
+                    }
+                }
+                let center = &mut self.centers[(y * kk + k) * d..(y * kk + k + 1) * d];
+                let blended: Vec<f64> = if was_init {
+                    center.iter().zip(&mbar).map(|(c, m)| beta * c + (1.0 - beta) * m).collect()
+                } else {
+                    mbar
+                };
+                let norm = blended.iter().map(|a| a * a).sum::<f64>().sqrt().max(NORM_EPS);
+                for (c, b) in center.iter_mut().zip(&blended) {
+                    *c = b / norm;
                 }
             }
-            let center = &mut self.centers[k * d..(k + 1) * d];
-            let blended: Vec<f64> = if self.initialized[k] {
-                center.iter().zip(&mbar).map(|(c, m)| beta * c + (1.0 - beta) * m).collect()
-            } else {
-                mbar
-            };
-            let norm = blended.iter().map(|a| a * a).sum::<f64>().sqrt().max(NORM_EPS);
-            for (c, b) in center.iter_mut().zip(&blended) {
-                *c = b / norm;
-            }
-            // The angles use the center just updated with this batch (SPEC section 5).
+            // The angles use the centers just updated with this batch (SPEC section 5).
             let angles: Vec<f64> = xh
                 .iter()
-                .map(|v| v.iter().zip(center.iter()).map(|(a, b)| a * b).sum::<f64>().clamp(-1.0, 1.0).acos())
+                .zip(&sub)
+                .map(|(v, &k)| {
+                    let center = &self.centers[(y * kk + k) * d..(y * kk + k + 1) * d];
+                    v.iter().zip(center).map(|(a, b)| a * b).sum::<f64>().clamp(-1.0, 1.0).acos()
+                })
                 .collect();
-            self.accumulate(k, &angles);
+            self.accumulate(y, &angles);
         }
         self.updates += 1;
         Ok(())

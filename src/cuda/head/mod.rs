@@ -24,6 +24,10 @@
 //! Workspace: [`CudaHead::workspace_bytes`] tells how many bytes of scratch a
 //! call allocates besides its outputs. The reference path materializes the
 //! B x C cosine and gradient matrices; the fused path never does.
+//!
+//! Sub-centers (SPEC 5b, `head.subcenters` = K > 1): W is `[C*K, D]` and only the
+//! reference path takes it (B x C*K matrices; [`HeadForward::k_iy`] reports each row's
+//! dominant target sub-center); [`HeadOn::new`] refuses K > 1 on the fused path.
 
 mod attn;
 mod fused;
@@ -112,6 +116,9 @@ pub struct HeadForward {
     pub alpha: Tensor<f32>,
     /// dt_i / dc_iy [B], kept for the backward.
     dt: Tensor<f32>,
+    /// k*_iy `[B]`, the target's dominant sub-center (SPEC 5b; 0 for ignored rows): written by
+    /// the reference path (any K), `None` from the fused path (K = 1 only: all 0).
+    k_iy: Option<Tensor<u32>>,
     shape: HeadShape,
     /// What the attention-form kernels keep for their backward (dx for unit row weights,
     /// the inverse norms); `None` from the other kernels.
@@ -128,6 +135,21 @@ impl HeadForward {
     pub fn dt(&self) -> &Tensor<f32> {
         &self.dt
     }
+
+    /// k*_iy `[B]` on the device, the target's dominant sub-center (SPEC 5b; 0 for ignored
+    /// rows), as the reference path writes it; `None` from the fused path, which takes one
+    /// center per class only (there every k*_iy is 0).
+    pub fn k_iy(&self) -> Option<&Tensor<u32>> {
+        self.k_iy.as_ref()
+    }
+
+    /// k*_iy `[B]` on the host (zeros from the fused path, see [`HeadForward::k_iy`]).
+    pub fn k_iy_to_host(&self, dev: &Device) -> Result<Vec<u32>> {
+        match &self.k_iy {
+            Some(t) if self.shape.b > 0 => t.to_host(dev),
+            _ => Ok(vec![0; self.shape.b]),
+        }
+    }
 }
 
 impl HeadForward {
@@ -142,6 +164,7 @@ impl HeadForward {
             t: make()?,
             alpha: make()?,
             dt: make()?,
+            k_iy: None,
             shape,
             attn: None,
         })
@@ -281,9 +304,10 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
     /// A head with options `cfg` (validated here) running `path` on `dev`.
     pub fn new(dev: D, cfg: HeadConfig, path: HeadPath) -> Result<Self> {
         cfg.validate()?;
-        if cfg.subcenters != 1 {
+        if cfg.subcenters != 1 && path == HeadPath::Fused {
             return Err(Error::InvalidConfig(format!(
-                "head.subcenters = {}: sub-centers are not in the CUDA head yet (SPEC 5b; the CPU oracle has them)",
+                "head.subcenters = {}: the fused CUDA head takes one center per class; sub-centers \
+                 (SPEC 5b) run on the reference path (HeadPath::Reference)",
                 cfg.subcenters
             )));
         }
@@ -387,6 +411,11 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
     /// Scratch bytes (beyond inputs and outputs) of a forward and of a backward
     /// writing gradients in `grad` at `shape` with storage `dtype`.
     pub fn workspace(&self, shape: HeadShape, dtype: DType, grad: GradDtype) -> Workspace {
+        if self.path == HeadPath::Reference {
+            // The reference path's buffers scale with W's C*K rows (SPEC 5b).
+            let rows = HeadShape { c: shape.c * self.subcenters(), ..shape };
+            return workspace_for(self.path, rows, dtype, grad, 1);
+        }
         let (g, s) = self.bwd_grid(shape);
         let kernels = self.fused_kernels(shape, dtype).unwrap_or(FusedKernels::Tiles);
         let plan = Plan {
@@ -411,8 +440,14 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         HeadParams::new(&self.cfg, shape.c, seed, step)
     }
 
-    /// Checks x [B, D], W [C, D], labels [B] and sigma_cloud [C] (any length when the
-    /// cloud is off) before anything is launched.
+    /// K, the sub-centers per class (`head.subcenters`, SPEC 5b).
+    fn subcenters(&self) -> usize {
+        self.cfg.subcenters as usize
+    }
+
+    /// Checks x [B, D], W [C*K, D] (K = `head.subcenters`), labels [B] and sigma_cloud [C]
+    /// (any length when the cloud is off) before anything is launched; the shape it returns
+    /// counts classes (C), not W's rows.
     fn check<T: DeviceElem>(
         &self,
         x: &Tensor<T>,
@@ -420,9 +455,10 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         labels: &[i32],
         sigma: &Tensor<f32>,
     ) -> Result<HeadShape> {
-        let (&[b, d], &[c, d2]) = (x.shape(), w.shape()) else {
+        let k = self.subcenters();
+        let (&[b, d], &[wrows, d2]) = (x.shape(), w.shape()) else {
             return Err(Error::Shape(format!(
-                "x must be [B, D] and W [C, D], got {:?} and {:?}",
+                "x must be [B, D] and W [C*K, D] (K = head.subcenters = {k}), got {:?} and {:?}",
                 x.shape(),
                 w.shape()
             )));
@@ -430,14 +466,21 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         if d != d2 {
             return Err(Error::Shape(format!("x has D = {d} but W has D = {d2}")));
         }
+        if wrows % k != 0 {
+            return Err(Error::Shape(format!(
+                "W has {wrows} rows, not a multiple of K = head.subcenters = {k} (W is [C*K, D], SPEC 5b)"
+            )));
+        }
+        let c = wrows / k;
         let shape = HeadShape { b, c, d };
         let sigma_len = if self.cfg.cloud == CloudMode::Off { None } else { Some(sigma.len()) };
-        check_head_inputs(shape, 1, x.len(), w.len(), labels, sigma_len)?;
+        check_head_inputs(shape, k, x.len(), w.len(), labels, sigma_len)?;
         i32_dim("B", b)?;
         i32_dim("C", c)?;
         i32_dim("D", d)?;
         if self.path == HeadPath::Reference {
-            i32_dim("B*C", b * c)?;
+            i32_dim("C*K", wrows)?;
+            i32_dim("B*C*K", b * wrows)?;
             if b > 65_535 {
                 return Err(Error::Shape(format!("the reference path supports B <= 65535, got {b}")));
             }
@@ -628,7 +671,8 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
             Reduction::Mean => 1.0 / n_valid as f32,
             Reduction::Sum | Reduction::None => 1.0,
         };
-        let inputs = Inputs { x, w, labels: dl, shape, p: self.params(shape, seed, step) };
+        let inputs =
+            Inputs { x, w, labels: dl, shape, k: self.subcenters(), p: self.params(shape, seed, step) };
         let job = ForwardJob { sigma, n_valid, scale };
         match self.path {
             HeadPath::Reference => reference::forward(&self.dev, &inputs, job, scratch),
@@ -680,7 +724,7 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
             HeadUpstream::PerRow(t) => (1.0, Some(t)),
         };
         // The backward draws no cloud noise: Philox (0, 0) is never read.
-        let inputs = Inputs { x, w, labels: dl, shape, p: self.params(shape, 0, 0) };
+        let inputs = Inputs { x, w, labels: dl, shape, k: self.subcenters(), p: self.params(shape, 0, 0) };
         let up = Upstream { row_g, g_scale };
         let attention = self.path == HeadPath::Fused
             && fwd.attn.is_some()
@@ -730,7 +774,10 @@ struct Inputs<'a, T: DeviceElem> {
     x: &'a Tensor<T>,
     w: &'a Tensor<T>,
     labels: &'a Tensor<i32>,
+    /// B, C (classes), D; W has C*K rows.
     shape: HeadShape,
+    /// K, sub-centers per class (1 on the fused path).
+    k: usize,
     p: HeadParams,
 }
 

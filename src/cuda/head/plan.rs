@@ -246,23 +246,28 @@ pub fn ref_normalize(dtype: DType, rows: usize, d: usize, mut a: RefNormalizeArg
     Launch::linear(kr::REF_NORMALIZE_FWD[dtype], warp_rows(rows), THREADS, &a)
 }
 
-/// `ref_margin_fwd_*`: the target logit per row (one thread per row).
-pub fn ref_margin(dtype: DType, shape: HeadShape, mut a: RefMarginArgs) -> Launch {
+/// `ref_margin_fwd_*`: the target logit per row (one thread per row), from the max over the
+/// target's `k` sub-centers (SPEC 5b; `k` = 1: its one row).
+pub fn ref_margin(dtype: DType, shape: HeadShape, k: usize, mut a: RefMarginArgs) -> Launch {
     a.b = shape.b as i32;
     a.d = shape.d as i32;
+    a.k = k as i32;
     Launch::linear(kr::REF_MARGIN_FWD[dtype], shape.b.div_ceil(THREADS as usize), THREADS, &a)
 }
 
-/// `ref_softmax_fwd_f32`: lse and loss per row (one block per row of the B x C cosines).
-pub fn ref_softmax(shape: HeadShape, mut a: RefSoftmaxArgs) -> Launch {
+/// `ref_softmax_fwd_f32`: lse and loss per row (one block per row of the B x C*K cosines;
+/// `shape.c` classes of `k` sub-centers each).
+pub fn ref_softmax(shape: HeadShape, k: usize, mut a: RefSoftmaxArgs) -> Launch {
     a.c = shape.c as i32;
+    a.k = k as i32;
     Launch::linear(kr::REF_SOFTMAX_FWD_F32, shape.b, THREADS, &a)
 }
 
-/// `ref_grad_bwd_f32`: dc [B, C] (grid: class blocks x rows).
-pub fn ref_grad(shape: HeadShape, mut a: RefGradArgs) -> Launch {
+/// `ref_grad_bwd_f32`: dc [B, C*K] (grid: column blocks of the C*K sub-center columns x rows).
+pub fn ref_grad(shape: HeadShape, k: usize, mut a: RefGradArgs) -> Launch {
     a.c = shape.c as i32;
-    let grid = [shape.c.div_ceil(THREADS as usize) as u32, shape.b as u32, 1];
+    a.k = k as i32;
+    let grid = [(shape.c * k).div_ceil(THREADS as usize) as u32, shape.b as u32, 1];
     Launch::new(kr::REF_GRAD_BWD_F32, grid, [THREADS, 1, 1], 0, &a)
 }
 

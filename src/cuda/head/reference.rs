@@ -3,6 +3,12 @@
 //! kernels, and for the backward the B x C logit gradient and two more SGEMMs.
 //! Simple on purpose: the baseline of the benchmarks and a second oracle on the
 //! device.
+//!
+//! Sub-centers (SPEC 5b): with K per class W has C*K rows, and every matrix above is
+//! B x C*K (the GEMMs and the normalization of W run on W's rows unchanged); the margin,
+//! softmax and gradient kernels take each class's max over its K columns, the forward
+//! writes the target's dominant sub-center k*_iy, and the backward puts each class's
+//! gradient on its arg-max column only. The only path of the CUDA head that takes K > 1.
 
 use super::plan;
 use super::scratch::{Scratch, Slot};
@@ -50,15 +56,18 @@ pub(super) fn forward<T: DeviceElem>(
     job: ForwardJob<'_>,
     scratch: &mut Scratch,
 ) -> Result<ForwardLaunched> {
-    let (shape, p) = (inp.shape, inp.p);
+    let (shape, p, k) = (inp.shape, inp.p, inp.k);
     // Zeroed: the margin and softmax kernels skip the ignored rows.
-    let out = HeadForward::alloc_zeroed(dev, shape, job.n_valid)?;
+    let mut out = HeadForward::alloc_zeroed(dev, shape, job.n_valid)?;
+    // SAFETY: ref_margin writes k_iy for every row (0 for the ignored ones).
+    let k_iy = unsafe { Tensor::<u32>::uninit(dev, &[shape.b]) }?;
     let (xh, _inv_x) = normalize(dev, inp.x, Some(inp.labels))?;
     let (wh, _inv_w) = normalize(dev, inp.w, None)?;
-    let cos = cos_gemm(dev, &xh, &wh, shape)?;
+    let cos = cos_gemm(dev, &xh, &wh, w_rows(shape, k))?;
     let margin = plan::ref_margin(
         T::DTYPE,
         shape,
+        k,
         RefMarginArgs {
             x: inp.x.ptr(),
             w: inp.w.ptr(),
@@ -69,11 +78,13 @@ pub(super) fn forward<T: DeviceElem>(
             t: out.t.ptr(),
             alpha: out.alpha.ptr(),
             dt: out.dt.ptr(),
+            k_iy: k_iy.ptr(),
             ..Default::default()
         },
     );
     let softmax = plan::ref_softmax(
         shape,
+        k,
         RefSoftmaxArgs {
             cos: cos.ptr(),
             labels: inp.labels.ptr(),
@@ -86,15 +97,21 @@ pub(super) fn forward<T: DeviceElem>(
     );
     let total = scratch.take(dev, Slot::Total, &[1])?;
     let reduce = job.reduce(&out, &total);
-    // SAFETY: x is [B, D], w [C, D]; labels, c_iy, t, alpha, dt, lse, loss hold B entries
-    // and sigma C whenever the cloud is on (HeadOn::check); labels are < C; cos is [B, C];
-    // every output is a distinct allocation; one thread per row (margin), one block per
-    // row (softmax), one block (reduce).
+    // SAFETY: x is [B, D], w [C*K, D] (k = K, HeadOn::check); labels, c_iy, t, alpha, dt,
+    // k_iy, lse, loss hold B entries and sigma C whenever the cloud is on; labels are < C, so
+    // the target's rows y*K .. y*K + K-1 lie in W; cos is [B, C*K]; every output is a distinct
+    // allocation; one thread per row (margin), one block per row (softmax), one block (reduce).
     unsafe { dev.run(&[margin, softmax, reduce]) }?;
+    out.k_iy = Some(k_iy);
     Ok(ForwardLaunched { out, total, inv: None, deferred_reduce: None })
 }
 
-/// cos [B, C] = xh [B, D] . wh [C, D]^T (cuBLAS SGEMM).
+/// The shape of the products over W's rows: B, C*K, D (`shape` counts classes).
+fn w_rows(shape: HeadShape, k: usize) -> HeadShape {
+    HeadShape { c: shape.c * k, ..shape }
+}
+
+/// cos [B, R] = xh [B, D] . wh [R, D]^T (cuBLAS SGEMM), R = `shape.c` rows of W.
 fn cos_gemm(dev: &Device, xh: &Tensor<f32>, wh: &Tensor<f32>, shape: HeadShape) -> Result<Tensor<f32>> {
     // SAFETY: beta = 0: cuBLAS writes every element of C without reading it.
     let mut cos = unsafe { Tensor::<f32>::uninit(dev, &[shape.b, shape.c]) }?;
@@ -111,21 +128,34 @@ pub(super) fn backward<T: DeviceElem>(
     up: Upstream<'_>,
     grad_dtype: GradDtype,
 ) -> Result<Grads<T>> {
-    let (shape, p) = (inp.shape, inp.p);
-    let HeadShape { b, c, d } = shape;
+    let (shape, p, k) = (inp.shape, inp.p, inp.k);
+    let rows = w_rows(shape, k);
+    // C*K columns: W's rows (`c` here counts them, not the classes).
+    let HeadShape { b, c, d } = rows;
+    let k_iy = match (&fwd.k_iy, k) {
+        (Some(t), _) => t.ptr(),
+        (None, 1) => DevPtr::NULL,
+        (None, _) => {
+            return Err(crate::error::Error::InvalidConfig(format!(
+                "head.subcenters = {k}: the backward needs the target sub-centers of a reference-path forward"
+            )))
+        }
+    };
     let (xh, inv_x) = normalize(dev, inp.x, Some(inp.labels))?;
     let (wh, inv_w) = normalize(dev, inp.w, None)?;
-    let cos = cos_gemm(dev, &xh, &wh, shape)?;
-    // SAFETY: ref_grad_bwd_f32 writes every (i, j) of dc (grid covers C x B, bounds-checked).
+    let cos = cos_gemm(dev, &xh, &wh, rows)?;
+    // SAFETY: ref_grad_bwd_f32 writes every (i, col) of dc (grid covers C*K x B, bounds-checked).
     let dc = unsafe { Tensor::<f32>::uninit(dev, &[b * c]) }?;
     let grad = plan::ref_grad(
         shape,
+        k,
         RefGradArgs {
             cos: cos.ptr(),
             labels: inp.labels.ptr(),
             t: fwd.t.ptr(),
             dt: fwd.dt.ptr(),
             lse: fwd.lse.ptr(),
+            k_iy,
             row_g: up.row_g.map_or(crate::cuda::DevPtr::NULL, |g| g.ptr()),
             g_scale: up.g_scale,
             p,
@@ -133,11 +163,12 @@ pub(super) fn backward<T: DeviceElem>(
             ..Default::default()
         },
     );
-    // SAFETY: cos and dc are [B, C] (B <= 65535 checked: grid.y), labels, t, dt, lse and
-    // row_g (or null) hold B entries; dc is a fresh allocation.
+    // SAFETY: cos and dc are [B, C*K] (B <= 65535 checked: grid.y), labels, t, dt, lse,
+    // k_iy (or null, K = 1 only: not read then; else values < K from ref_margin) and row_g
+    // (or null) hold B entries; dc is a fresh allocation.
     unsafe { dev.launch(&grad) }?;
     drop(cos);
-    let [_, dx_plan, dw_plan] = head_gemms(shape);
+    let [_, dx_plan, dw_plan] = head_gemms(rows);
     // SAFETY (both): beta = 0, cuBLAS writes every element.
     let mut dxh = unsafe { Tensor::<f32>::uninit(dev, &[b * d]) }?;
     let mut dwh = unsafe { Tensor::<f32>::uninit(dev, &[c * d]) }?;

@@ -26,7 +26,7 @@ pub struct Problem {
     pub dtype: DType,
     /// x [B, D].
     pub x: Vec<f32>,
-    /// W [C, D].
+    /// W [C*K, D] (K = the configuration's `subcenters`; class j's sub-center k is row j*K + k).
     pub w: Vec<f32>,
     /// y `[B]`.
     pub labels: Vec<i32>,
@@ -95,6 +95,20 @@ pub fn make_problem(shape: HeadShape, dtype: DType, ignore: bool, seed: u64) -> 
     }
 }
 
+/// A problem with `k` sub-centers per class (SPEC 5b; W `[C*K, D]`): [`make_problem`] over
+/// the C*K rows of W as if each were a class, then row i's label is its row's class (row / K),
+/// so that each x row lies near one sub-center of its class, picked at random (not always k =
+/// 0), and sigma_cloud keeps C entries. `k` = 1 is [`make_problem`].
+pub fn make_problem_subcenters(shape: HeadShape, k: usize, dtype: DType, ignore: bool, seed: u64) -> Problem {
+    let mut p = make_problem(HeadShape { c: shape.c * k, ..shape }, dtype, ignore, seed);
+    p.shape = shape;
+    for y in p.labels.iter_mut().filter(|y| **y >= 0) {
+        *y /= k as i32;
+    }
+    p.sigma.truncate(shape.c);
+    p
+}
+
 /// Tolerances of SPEC section 8 for a storage dtype: (loss and lse relative, gradient
 /// max-abs relative to max |gradient|).
 pub fn tolerances(dtype: DType) -> (f64, f64) {
@@ -160,22 +174,26 @@ pub const F32_FLOOR: f64 = 1.0 / 262_144.0;
 /// terms (their cosines, the normalized rows, the running sum) leaves errors of order
 /// 2^-24 times their size. No f32 summation order avoids that; the floor is F32_FLOOR times
 /// the sizes above.
+///
+/// With K sub-centers per class (SPEC 5b) class j's terms are those of its dominant sub-center
+/// (the lowest k of the largest cosine), and dW's floors are per row of W (`[C*K]`).
 pub fn f32_floors(cfg: &HeadConfig, p: &Problem, fo: &ForwardOutput) -> (Vec<f64>, Vec<f64>) {
     let HeadShape { b, c, d } = p.shape;
+    let kk = cfg.subcenters as usize;
     if p.dtype != DType::F32 {
-        return (vec![0.0; b], vec![0.0; c]);
+        return (vec![0.0; b], vec![0.0; c * kk]);
     }
     let norm = |v: &[f32]| v.iter().map(|&a| a as f64 * a as f64).sum::<f64>().sqrt().max(oracle::NORM_EPS);
     let (s, ls) = (cfg.s as f64, cfg.label_smoothing as f64);
     let n_valid = p.labels.iter().filter(|&&y| y >= 0).count().max(1);
-    let wh: Vec<Vec<f64>> = (0..c)
+    let wh: Vec<Vec<f64>> = (0..c * kk)
         .map(|j| {
             let r = &p.w[j * d..(j + 1) * d];
             let n = norm(r);
             r.iter().map(|&a| a as f64 / n).collect()
         })
         .collect();
-    let (mut fx, mut mass) = (vec![0.0; b], vec![0.0; c]);
+    let (mut fx, mut mass) = (vec![0.0; b], vec![0.0; c * kk]);
     for (i, f) in fx.iter_mut().enumerate() {
         let Ok(y) = usize::try_from(p.labels[i]) else { continue };
         let wi = match cfg.reduction {
@@ -189,19 +207,29 @@ pub fn f32_floors(cfg: &HeadConfig, p: &Problem, fo: &ForwardOutput) -> (Vec<f64
         let py = (s * fo.rows.t[i] - fo.rows.lse[i]).exp();
         let target = (py - 1.0 + ls - ls / c as f64).abs() * dt;
         let mut sum = 0.0;
-        for (j, whj) in wh.iter().enumerate() {
-            let cos: f64 = xr.iter().zip(whj).map(|(&a, w)| a as f64 * w).sum::<f64>() / nx;
+        for (j, subs) in wh.chunks(kk).enumerate() {
+            // The class's dominant sub-center (SPEC 5b; K = 1: its one row).
+            let (mut cos, mut kj) = (f64::NEG_INFINITY, 0);
+            for (k, whk) in subs.iter().enumerate() {
+                let ck: f64 = xr.iter().zip(whk).map(|(&a, w)| a as f64 * w).sum::<f64>() / nx;
+                if ck > cos {
+                    (cos, kj) = (ck, k);
+                }
+            }
+            if j == y {
+                kj = fo.rows.k_iy[i] as usize;
+            }
             let pq = if j == y {
                 target
             } else {
                 (s * cos.clamp(-1.0, 1.0) - fo.rows.lse[i]).exp() + ls / c as f64
             };
             sum += pq;
-            mass[j] += wi * pq;
+            mass[j * kk + kj] += wi * pq;
         }
         *f = F32_FLOOR * s * wi * sum / nx;
     }
-    let fw = (0..c).map(|j| F32_FLOOR * s * mass[j] / norm(&p.w[j * d..(j + 1) * d])).collect();
+    let fw = (0..c * kk).map(|j| F32_FLOOR * s * mass[j] / norm(&p.w[j * d..(j + 1) * d])).collect();
     (fx, fw)
 }
 
@@ -212,9 +240,11 @@ pub struct DeviceResult {
     pub loss: f32,
     /// loss_i, lse_i, c_iy, t_i, alpha_i `[B]`.
     pub rows: [Vec<f32>; 5],
+    /// k*_iy `[B]`, the target's dominant sub-center (SPEC 5b; zeros from the fused path).
+    pub k_iy: Vec<u32>,
     /// dx [B, D] as f32.
     pub dx: Vec<f32>,
-    /// dW [C, D] as f32.
+    /// dW [C*K, D] as f32.
     pub dw: Vec<f32>,
 }
 
@@ -271,7 +301,8 @@ fn run_typed<T: DeviceElem>(
     let HeadShape { b, c, d } = p.shape;
     let dev = head.device();
     let x = padded::<T>(dev, &p.x, &[b, d], pad)?;
-    let w = padded::<T>(dev, &p.w, &[c, d], pad)?;
+    // W [C*K, D] with K sub-centers per class (SPEC 5b).
+    let w = padded::<T>(dev, &p.w, &[c * head.config().subcenters as usize, d], pad)?;
     let sigma = padded::<f32>(dev, &p.sigma, &[c], pad)?;
     let row_g = padded::<f32>(dev, &p.row_g, &[b], pad)?;
     let up = match head.config().reduction {
@@ -288,6 +319,7 @@ fn run_typed<T: DeviceElem>(
     Ok(DeviceResult {
         loss: fwd.loss,
         rows: [host(&fwd.row_loss)?, host(&fwd.lse)?, host(&fwd.c_iy)?, host(&fwd.t)?, host(&fwd.alpha)?],
+        k_iy: fwd.k_iy_to_host(dev)?,
         dx,
         dw,
     })
@@ -310,6 +342,8 @@ pub struct Comparison {
     pub dw_rel: f64,
     /// Every device output is finite.
     pub finite: bool,
+    /// k*_iy equals the oracle's on every row (SPEC 5b; both 0 with K = 1).
+    pub k_iy_equal: bool,
 }
 
 impl Comparison {
@@ -327,7 +361,10 @@ impl Comparison {
 
     /// Both within tolerance and all outputs finite.
     pub fn passed(&self, dtype: DType) -> bool {
-        self.finite && self.forward_ratio(dtype) <= 1.0 && self.backward_ratio(dtype) <= 1.0
+        self.finite
+            && self.k_iy_equal
+            && self.forward_ratio(dtype) <= 1.0
+            && self.backward_ratio(dtype) <= 1.0
     }
 }
 
@@ -404,6 +441,7 @@ pub fn compare_with_oracle(cfg: &HeadConfig, p: &Problem, r: &DeviceResult) -> R
         dx_rel: grad_rel(&r.dx, &go.dx, p.shape.d, &fx),
         dw_rel: grad_rel(&r.dw, &go.dw, p.shape.d, &fw),
         finite,
+        k_iy_equal: r.k_iy == o.k_iy,
     })
 }
 
@@ -473,30 +511,53 @@ pub fn smoke(dev: &Device) -> Result<Vec<SmokeLine>> {
                     }
                     let p = make_problem(shape, dtype, true, 17 + k as u64);
                     let r = run_device_with(dev, path, &cfg, &p, GradDtype::Input, opts)?;
-                    let cmp = compare_with_oracle(&cfg, &p, &r)?;
-                    let (lt, gt) = tolerances(dtype);
-                    let opts = format!("{name}; B={} C={} D={}", shape.b, shape.c, shape.d);
-                    let fr = cmp.forward_ratio(dtype) * lt;
-                    let br = cmp.backward_ratio(dtype) * gt;
-                    lines.push(SmokeLine {
-                        kernel: format!("head_{label} fwd"),
-                        dtype: dtype.name().into(),
-                        options: opts.clone(),
-                        max_err: fr,
-                        tolerance: lt,
-                        passed: cmp.finite && fr <= lt,
-                    });
-                    lines.push(SmokeLine {
-                        kernel: format!("head_{label} bwd"),
-                        dtype: dtype.name().into(),
-                        options: opts,
-                        max_err: br,
-                        tolerance: gt,
-                        passed: cmp.finite && br <= gt,
-                    });
+                    let what = format!("{name}; B={} C={} D={}", shape.b, shape.c, shape.d);
+                    lines.extend(smoke_pair(label, &cfg, &p, &r, what)?);
                 }
             }
         }
     }
+    // Sub-centers (SPEC 5b), on the reference path, the one that takes them.
+    let shape = HeadShape { b: 37, c: 100, d: 64 };
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let cfg = HeadConfig { subcenters: 3, ..HeadConfig::arcface() };
+        let p = make_problem_subcenters(shape, 3, dtype, true, 23);
+        let r = run_device(dev, HeadPath::Reference, &cfg, &p, GradDtype::Input)?;
+        let what = format!("arcface symmetric mean subcenters=3; B={} C={} D={}", shape.b, shape.c, shape.d);
+        lines.extend(smoke_pair("reference", &cfg, &p, &r, what)?);
+    }
     Ok(lines)
+}
+
+/// The forward and gradient lines of one device result against the oracle.
+fn smoke_pair(
+    label: &str,
+    cfg: &HeadConfig,
+    p: &Problem,
+    r: &DeviceResult,
+    what: String,
+) -> Result<[SmokeLine; 2]> {
+    let dtype = p.dtype;
+    let cmp = compare_with_oracle(cfg, p, r)?;
+    let (lt, gt) = tolerances(dtype);
+    let fr = cmp.forward_ratio(dtype) * lt;
+    let br = cmp.backward_ratio(dtype) * gt;
+    Ok([
+        SmokeLine {
+            kernel: format!("head_{label} fwd"),
+            dtype: dtype.name().into(),
+            options: what.clone(),
+            max_err: fr,
+            tolerance: lt,
+            passed: cmp.finite && cmp.k_iy_equal && fr <= lt,
+        },
+        SmokeLine {
+            kernel: format!("head_{label} bwd"),
+            dtype: dtype.name().into(),
+            options: what,
+            max_err: br,
+            tolerance: gt,
+            passed: cmp.finite && br <= gt,
+        },
+    ])
 }
