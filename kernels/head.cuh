@@ -13,7 +13,7 @@ struct HeadParams {
     float ls;        // label smoothing
     float ls_over_c; // ls / C
     int cloud;       // 0 off, 1 symmetric, 2 one-sided
-    int fallback;    // 0 linear, 1 clamp
+    int fallback;    // 0 linear, 1 clamp, 2 none (cos(phi) - m3 for every phi)
     int margin_grad; // 0 exact, 1 straight-through
     int _pad;
     u64 seed, step;
@@ -96,7 +96,8 @@ __device__ __forceinline__ TargetLogit target_logit(const HeadParams& p, double 
     const double delta = (double)p.m2 + alpha;
     const double phi = m1 * theta + delta;
     double t, dt;
-    if (phi > PI) {
+    // fallback none (2) takes the regular formula for every phi; a NaN phi takes it too.
+    if (phi > PI && p.fallback != 2) {
         if (p.fallback == 0) {
             t = c - m3 - delta * sin(delta);
             dt = 1.0;
@@ -104,7 +105,7 @@ __device__ __forceinline__ TargetLogit target_logit(const HeadParams& p, double 
             t = cos(PI) - m3;
             dt = 0.0;
         }
-    } else if (phi < 0.0) {
+    } else if (phi < 0.0 && p.fallback != 2) {
         t = 1.0 - m3;
         dt = 0.0;
     } else {

@@ -57,6 +57,16 @@ pub enum Fallback {
     Linear,
     /// Clamp phi_i to [0, pi] (zero gradient outside).
     Clamp,
+    /// No fallback: `cos(phi) - m3` for every phi, with its exact derivative, as
+    /// current insightface (`CombinedMarginLoss`) and pytorch-metric-learning's
+    /// `ArcFaceLoss` compute it; past pi the target logit grows again as theta grows.
+    None,
+}
+
+impl Fallback {
+    /// Every fallback, for tests and tools that cover them all (clap's `value_variants`
+    /// lists the same set; the test below checks that they agree).
+    pub const ALL: [Fallback; 3] = [Fallback::Linear, Fallback::Clamp, Fallback::None];
 }
 
 /// The most sub-centers per class [`HeadConfig::subcenters`] takes (Sub-center ArcFace
@@ -307,5 +317,15 @@ impl StatsConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fallback_all_is_every_variant() {
+        assert_eq!(Fallback::ALL.as_slice(), Fallback::value_variants());
     }
 }

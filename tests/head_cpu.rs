@@ -164,7 +164,7 @@ fn matches_oracle_over_shapes_and_options() {
 fn hits_every_target_region() {
     let mut seen = std::collections::HashSet::new();
     for (name, cfg) in configs() {
-        for fallback in [Fallback::Linear, Fallback::Clamp] {
+        for fallback in Fallback::ALL {
             let cfg = HeadConfig { fallback, ..cfg };
             let k = case(12, 7, 8, 7, true);
             for r in compare(&cfg, &k, 3, &format!("regions {name} {fallback:?}")) {
@@ -331,7 +331,7 @@ fn f32_cancellation_stays_within_the_floor() {
                 let jitter = [0.0, 1e-3, 0.3][seed as usize % 3];
                 let x_norm = 10f64.powf(-1.0 + 3.0 * seed as f64 / 7.0);
                 let p = cancellation_problem(c, d, jitter, x_norm, seed + 10 * c as u64);
-                for fallback in [Fallback::Clamp, Fallback::Linear] {
+                for fallback in Fallback::ALL {
                     let cfg = HeadConfig { cloud: CloudMode::Off, fallback, ..Default::default() };
                     let hp = p.head_problem();
                     let fo = oracle::forward(&cfg, &hp).unwrap();

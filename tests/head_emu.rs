@@ -730,7 +730,7 @@ fn f32_cancellation_stays_within_the_floor() {
             10f64.powf(seed as f64 / 2.0 - 1.0),
             seed,
         );
-        for fallback in [Fallback::Clamp, Fallback::Linear] {
+        for fallback in Fallback::ALL {
             let cfg = HeadConfig { cloud: CloudMode::Off, fallback, ..Default::default() };
             let (fo, go) = oracle_of(&cfg, &p);
             for (path, kernels) in [
@@ -1203,4 +1203,43 @@ fn subcenter_bad_inputs_are_errors() {
     // The same NaN in a class no row targets reaches the loss through the softmax's max.
     let e = call(&bad, c * k, &[0, 2, -1, 2, 1], &sigma).unwrap_err().to_string();
     assert_eq!(e, format!("non-finite value in W at index {index}"));
+}
+
+/// Fallback `none` (SPEC 3: cos(phi) - m3 for every phi, the peers' formula) on the reference
+/// path and both fused kernel sets, every dtype, against the oracle, with rows past pi (the
+/// opposite row) and below 0 (m2 < 0 with the cloud): the kernels take the regular formula
+/// there. The same rows under the linear fallback give other target logits (asserted), so a
+/// kernel that ignored the option would fail.
+#[test]
+fn fallback_none_matches_oracle_on_every_path() {
+    let Some(dev) = emulated() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(33);
+    // Past pi: the opposite row with the cloud off; below 0: m2 < 0 and the cloud (sigma 1).
+    let cfgs = [
+        (HeadConfig { fallback: Fallback::None, cloud: CloudMode::Off, ..Default::default() }, 0.0),
+        (HeadConfig { fallback: Fallback::None, m2: -0.4, m3: 0.1, ..Default::default() }, 1.0),
+    ];
+    let mut regions: Vec<Region> = Vec::new();
+    for dt in DTYPES {
+        for (cfg, sigma) in &cfgs {
+            let p = case(&mut rng, HeadShape { b: 37, c: 75, d: 64 }, dt, *sigma);
+            let (fo, go) = oracle_of(cfg, &p);
+            regions.extend(fo.rows.region.iter().copied());
+            let linear = oracle_of(&HeadConfig { fallback: Fallback::Linear, ..*cfg }, &p).0;
+            let moved = fo.rows.t.iter().zip(&linear.rows.t).fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+            assert!(moved > 1e-2, "no row leaves [0, pi] (max |t_none - t_linear| = {moved:e})");
+            for (path, kernels) in [
+                (HeadPath::Reference, None),
+                (HeadPath::Fused, Some(FusedKernels::Tiles)),
+                (HeadPath::Fused, Some(FusedKernels::Attention)),
+            ] {
+                let t = FusedTuning { kernels, ..Default::default() };
+                let r = run_head_dt(&dev, path, cfg, t, &p, GradDtype::Input);
+                check_fused(&format!("fallback none {} {} {kernels:?}", dt.name(), path.name()), cfg, &p, &fo, &go, &r);
+            }
+        }
+    }
+    for region in [Region::Fallback, Region::Saturated] {
+        assert!(regions.contains(&region), "the sweep never reaches {region:?}");
+    }
 }

@@ -280,6 +280,22 @@ fn hand_linear_fallback_and_clamp() {
 }
 
 #[test]
+fn hand_fallback_none_is_the_raw_formula() {
+    // Past pi: t = cos(theta + m2) - m3, no branch (theta + m2 = 3.4).
+    let (th, psi): (f64, f64) = (2.9, 1.0);
+    let none = HeadConfig { fallback: Fallback::None, m3: 0.25, ..cfg_with(HeadConfig::arcface(), 64.0) };
+    check_hand(&none, &two_class(th, psi), th.cos(), (psi - th).cos(), (th + 0.5).cos() - 0.25, 0.0, Fb);
+    // Below 0: m2 = -0.75, theta = 0.5, t = cos(-0.25) - m3, where the others give 1 - m3.
+    let (th, psi): (f64, f64) = (0.5, 2.0);
+    let none = HeadConfig { m2: -0.75, m3: 0.125, ..none };
+    check_hand(&none, &two_class(th, psi), th.cos(), (psi - th).cos(), (-0.25f64).cos() - 0.125, 0.0, Sat);
+    // And the exact derivative everywhere: dt = m1 sin(phi) / sin(theta), negative past pi.
+    let tl = featcloud::oracle::head::target_logit(&HeadConfig { m3: 0.0, ..none }, 2.9f64.cos(), 0.75 + 0.5);
+    let phi: f64 = 2.9 + 0.5;
+    assert!((tl.dt - phi.sin() / 2.9f64.sin()).abs() < 1e-12 && tl.dt < 0.0, "dt {}", tl.dt);
+}
+
+#[test]
 fn hand_saturated() {
     // m2 = -0.75 and theta = 0.5: phi = -0.25 < 0, so t = 1 - m3.
     let (th, psi): (f64, f64) = (0.5, 2.0);
@@ -805,7 +821,7 @@ fn dx_attention_form_equals_the_dc_form_in_every_region() {
         let g_rows: Vec<f64> = (0..case.shape.b).map(|i| 0.5 + 0.25 * i as f64).collect();
         for base in margins {
             for cloud in [CloudMode::Off, CloudMode::Symmetric, CloudMode::OneSided] {
-                for fallback in [Fallback::Linear, Fallback::Clamp] {
+                for fallback in Fallback::ALL {
                     for margin_grad in [MarginGrad::Exact, MarginGrad::StraightThrough] {
                         for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
                             for (s, label_smoothing) in [(64.0, 0.0), (30.0, 0.1), (4.0, 0.3)] {
@@ -859,7 +875,7 @@ fn dx_attention_form_equals_the_dc_form_in_every_region() {
             }
         }
     }
-    assert_eq!(checked, 6 * 6 * 3 * 2 * 2 * 3 * 3);
+    assert_eq!(checked, 6 * 6 * 3 * Fallback::ALL.len() * 2 * 3 * 3);
     println!("worst |dx_O - dx| / scale over {checked} configurations: {worst:.3e}");
     let all: Vec<&str> = regions.iter().map(String::as_str).collect();
     assert_eq!(all, ["Fallback", "Ignored", "Regular", "Saturated"], "regions covered");

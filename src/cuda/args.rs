@@ -78,6 +78,7 @@ impl HeadParams {
             fallback: match cfg.fallback {
                 Fallback::Linear => 0,
                 Fallback::Clamp => 1,
+                Fallback::None => 2,
             },
             margin_grad: match cfg.margin_grad {
                 MarginGrad::Exact => 0,

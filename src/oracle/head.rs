@@ -73,7 +73,8 @@ impl<'a, F> HeadProblemOf<'a, F> {
 
 /// Which branch of the target logit (SPEC section 3) a row took.
 ///
-/// With `Fallback::Clamp` this is where phi_i was before clamping.
+/// With `Fallback::Clamp` this is where phi_i was before clamping; with `Fallback::None`
+/// where phi_i is (the formula is the regular one everywhere).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Region {
     /// 0 <= phi_i <= pi: t_i = cos(phi_i) - m3.
@@ -376,6 +377,7 @@ pub fn target_logit(cfg: &HeadConfig, c_iy: f64, alpha: f64) -> TargetLogit {
         (Fallback::Linear, Region::Fallback) => (c_iy - m3 - delta * delta.sin(), 1.0),
         (Fallback::Linear, Region::Saturated | Region::Ignored) => (1.0 - m3, 0.0),
         (Fallback::Clamp, _) => (phi.clamp(0.0, PI).cos() - m3, 0.0),
+        (Fallback::None, _) => (phi.cos() - m3, regular_dt),
     };
     let dt = match cfg.margin_grad {
         MarginGrad::Exact => exact_dt,
