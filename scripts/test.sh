@@ -2,7 +2,8 @@
 # README's test command: makes sure NVRTC is available (PyPI wheel in ./.venv when
 # no CUDA toolkit is found), builds the kernels (a kernel that fails to compile
 # fails the run) and the CPU emulator of them (cargo feature `emu`, host C++
-# compiler), and runs every test. The GPU test suites run on the emulated device
+# compiler), and runs every test, the Python package's included (scripts/python-test.sh:
+# PyTorch from PyPI into ./.venv). The GPU test suites run on the emulated device
 # (FEATCLOUD_DEVICE=emu, the default here); on a GPU machine set
 # FEATCLOUD_DEVICE=gpu FEATCLOUD_REQUIRE_GPU=1 so nothing passes by skipping.
 # Afterwards it prints how many tests ran on the emulated device.
@@ -20,5 +21,7 @@ cargo test --release --features emu "$@"
 # fails when its loss does not decrease.
 cargo run --quiet --release --features emu --example custom_trainer > target/custom_trainer.log
 grep "mean loss" target/custom_trainer.log
+# The Python package (featcloud.torch) and its tests.
+bash scripts/python-test.sh
 n=$(sort -u "$FEATCLOUD_DEVICE_LOG" | grep -c . || true)
 echo "device tests executed on FEATCLOUD_DEVICE=$FEATCLOUD_DEVICE (not skipped): $n"

@@ -1,0 +1,299 @@
+//! `featcloud._native`: the extension module behind the `featcloud` Python package.
+//!
+//! It is private: `featcloud/torch.py` is its only caller, and that wrapper checks every
+//! tensor (device, dtype, shape, contiguity) before passing its address here. The head runs
+//! on the tensors' own memory (no copies in or out): inputs are read through the addresses,
+//! and the outputs are written into tensors the wrapper allocated.
+//!
+//! - `float32` runs the CPU backend (`featcloud::cpu::head`, the crate's training path);
+//! - `float64` runs the oracle (`featcloud::oracle::head`, f64 throughout), so that
+//!   `torch.autograd.gradcheck` can check the gradients.
+//!
+//! Errors of the crate (bad labels, shapes, options, non-finite inputs) come back as
+//! Python `ValueError`s with the crate's message.
+
+use featcloud::cpu::head as cpu;
+use featcloud::oracle::head as oracle;
+use featcloud::{HeadConfig, HeadShape};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+/// A crate error as the Python exception the wrapper documents.
+fn value_error(e: impl std::fmt::Display) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+/// A slice over `len` elements at address `addr` (0 with `len` 0 gives an empty slice).
+///
+/// # Safety
+/// `addr` must point to `len` initialized, properly aligned `T` that stay alive and unwritten
+/// for `'a` (the wrapper passes a contiguous tensor of exactly that many elements of that
+/// dtype, which it holds for the whole call).
+unsafe fn input<'a, T>(addr: usize, len: usize) -> &'a [T] {
+    if len == 0 {
+        return &[];
+    }
+    // SAFETY: as the caller promises above.
+    unsafe { std::slice::from_raw_parts(addr as *const T, len) }
+}
+
+/// Copies `src` to the `src.len()` elements at `addr` (nothing if `addr` is 0).
+///
+/// # Safety
+/// A non-zero `addr` must point to `src.len()` writable, properly aligned `T` that nothing
+/// else reads or writes during the call (an output tensor the wrapper allocated for it).
+unsafe fn output<T: Copy>(addr: usize, src: &[T]) {
+    if addr != 0 && !src.is_empty() {
+        // SAFETY: as the caller promises above; `src` is Rust-owned, so the two do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), addr as *mut T, src.len()) }
+    }
+}
+
+/// The per-row outputs, as the six f64 rows of the wrapper's `[6, B]` tensor: loss_i, lse_i,
+/// c_iy, t_i, alpha_i and k*_iy (an index, exact in f64).
+fn rows_f64(cols: [&dyn Fn(usize) -> f64; 6], b: usize) -> Vec<f64> {
+    cols.iter().flat_map(|f| (0..b).map(f)).collect()
+}
+
+/// Addresses of one call's tensors (0 = absent). Plain integers, so that the call can run
+/// with the GIL released (raw pointers are not `Send`).
+#[derive(Clone, Copy)]
+struct Addrs {
+    x: usize,
+    w: usize,
+    labels: usize,
+    sigma: usize,
+    upstream_rows: usize,
+    rows: usize,
+    dx: usize,
+    dw: usize,
+}
+
+/// One call of the head: the configuration (JSON of `featcloud::HeadConfig`), the element
+/// type, B, C, D, the number of sigma_cloud entries (0 or C), seed, step, and the scalar
+/// upstream gradient (used when `upstream_rows` is 0).
+#[derive(Clone)]
+struct Call {
+    cfg: HeadConfig,
+    shape: HeadShape,
+    n_sigma: usize,
+    seed: u64,
+    step: u64,
+    upstream: f64,
+    a: Addrs,
+}
+
+impl Call {
+    /// Runs the head and writes its outputs; returns the reduced loss.
+    ///
+    /// # Safety
+    /// Every non-zero address in `self.a` is as [`input`] and [`output`] require for the
+    /// lengths this call derives from the shape (x B*D, W C*K*D, labels B i32, sigma n_sigma
+    /// f32, upstream_rows B, rows 6*B f64, dx B*D, dw C*K*D, in the element type `F`).
+    unsafe fn run<F: Elem>(&self) -> featcloud::Result<f64> {
+        let HeadShape { b, c, d } = self.shape;
+        let k = self.cfg.subcenters as usize;
+        let a = self.a;
+        // SAFETY: the addresses and lengths are the wrapper's checked tensors (the contract above).
+        let (x, w, labels, sigma) = unsafe {
+            (
+                input::<F>(a.x, b * d),
+                input::<F>(a.w, c * k * d),
+                input::<i32>(a.labels, b),
+                input::<f32>(a.sigma, self.n_sigma),
+            )
+        };
+        let p = oracle::HeadProblemOf {
+            shape: self.shape,
+            x,
+            w,
+            labels,
+            sigma_cloud: sigma,
+            seed: self.seed,
+            step: self.step,
+        };
+        // SAFETY: as above, for the upstream rows (B elements of F).
+        let up_rows = unsafe { input::<F>(a.upstream_rows, if a.upstream_rows == 0 { 0 } else { b }) };
+        let want_grad = a.dx != 0 || a.dw != 0;
+        let (loss, rows, grads) = F::head(&self.cfg, &p, want_grad, self.upstream, up_rows)?;
+        // SAFETY: the output tensors have 6*B f64, B*D and C*K*D elements of F (the contract).
+        unsafe {
+            output(a.rows, &rows);
+            if let Some((dx, dw)) = grads {
+                output(a.dx, &dx);
+                output(a.dw, &dw);
+            }
+        }
+        Ok(loss)
+    }
+}
+
+/// The two element types and the implementation each runs.
+trait Elem: Copy + Sized {
+    /// (loss, rows [6*B] f64, (dx, dw) if `want_grad`) for problem `p`; the upstream is the
+    /// per-row `up_rows` when not empty, else the scalar `up`.
+    #[allow(clippy::type_complexity)]
+    fn head(
+        cfg: &HeadConfig,
+        p: &oracle::HeadProblemOf<Self>,
+        want_grad: bool,
+        up: f64,
+        up_rows: &[Self],
+    ) -> featcloud::Result<(f64, Vec<f64>, Option<(Vec<Self>, Vec<Self>)>)>;
+}
+
+impl Elem for f32 {
+    fn head(
+        cfg: &HeadConfig,
+        p: &oracle::HeadProblemOf<f32>,
+        want_grad: bool,
+        up: f64,
+        up_rows: &[f32],
+    ) -> featcloud::Result<(f64, Vec<f64>, Option<(Vec<f32>, Vec<f32>)>)> {
+        let (fwd, grads) = if want_grad {
+            let upstream = if up_rows.is_empty() {
+                cpu::Upstream::Scalar(up as f32)
+            } else {
+                cpu::Upstream::PerRow(up_rows)
+            };
+            let (f, g) = cpu::forward_backward(cfg, p, upstream)?;
+            (f, Some((g.dx, g.dw)))
+        } else {
+            (cpu::forward(cfg, p)?, None)
+        };
+        let r = &fwd.rows;
+        let rows = rows_f64(
+            [
+                &|i| r.loss[i] as f64,
+                &|i| r.lse[i] as f64,
+                &|i| r.c_iy[i] as f64,
+                &|i| r.t[i] as f64,
+                &|i| r.alpha[i] as f64,
+                &|i| r.k_iy[i] as f64,
+            ],
+            p.shape.b,
+        );
+        Ok((fwd.loss, rows, grads))
+    }
+}
+
+impl Elem for f64 {
+    fn head(
+        cfg: &HeadConfig,
+        p: &oracle::HeadProblemOf<f64>,
+        want_grad: bool,
+        up: f64,
+        up_rows: &[f64],
+    ) -> featcloud::Result<(f64, Vec<f64>, Option<(Vec<f64>, Vec<f64>)>)> {
+        let fwd = oracle::forward_f64(cfg, p)?;
+        let grads = if want_grad {
+            let upstream = if up_rows.is_empty() {
+                oracle::Upstream::Scalar(up)
+            } else {
+                oracle::Upstream::PerRow(up_rows)
+            };
+            let g = oracle::backward_f64(cfg, p, upstream)?;
+            Some((g.dx, g.dw))
+        } else {
+            None
+        };
+        let r = &fwd.rows;
+        let rows = rows_f64(
+            [&|i| r.loss[i], &|i| r.lse[i], &|i| r.c_iy[i], &|i| r.t[i], &|i| r.alpha[i], &|i| {
+                r.k_iy[i] as f64
+            }],
+            p.shape.b,
+        );
+        Ok((fwd.loss, rows, grads))
+    }
+}
+
+/// Runs the margin head on CPU memory (see the module doc for the contract): returns the
+/// reduced loss and writes the per-row outputs, and dx / dW when their addresses are given.
+#[pyfunction]
+#[pyo3(signature = (cfg_json, dtype, b, c, d, x, w, labels, sigma, n_sigma, seed, step, upstream, upstream_rows, rows, dx, dw))]
+#[allow(clippy::too_many_arguments)]
+fn head_cpu(
+    py: Python<'_>,
+    cfg_json: &str,
+    dtype: &str,
+    b: usize,
+    c: usize,
+    d: usize,
+    x: usize,
+    w: usize,
+    labels: usize,
+    sigma: usize,
+    n_sigma: usize,
+    seed: u64,
+    step: u64,
+    upstream: f64,
+    upstream_rows: usize,
+    rows: usize,
+    dx: usize,
+    dw: usize,
+) -> PyResult<f64> {
+    let cfg: HeadConfig = serde_json::from_str(cfg_json).map_err(value_error)?;
+    cfg.validate().map_err(value_error)?;
+    if x == 0 || w == 0 || labels == 0 || (sigma == 0) != (n_sigma == 0) {
+        return Err(value_error("head_cpu: x, W and labels need addresses (sigma with n_sigma)"));
+    }
+    let call = Call {
+        cfg,
+        shape: HeadShape { b, c, d },
+        n_sigma,
+        seed,
+        step,
+        upstream,
+        a: Addrs { x, w, labels, sigma, upstream_rows, rows, dx, dw },
+    };
+    let result = py.detach(|| match dtype {
+        // SAFETY: the wrapper's tensors, checked against these lengths and dtypes (module doc).
+        "float32" => Ok(unsafe { call.run::<f32>() }),
+        // SAFETY: as above.
+        "float64" => Ok(unsafe { call.run::<f64>() }),
+        other => Err(other.to_string()),
+    });
+    match result {
+        Ok(r) => r.map_err(value_error),
+        Err(other) => Err(value_error(format!("head_cpu: dtype {other} (float32 or float64)"))),
+    }
+}
+
+/// What this build holds: the version, whether the CUDA kernels were compiled in (NVRTC at
+/// build time), their archs, and the CUDA device found now (or why none is usable).
+#[pyfunction]
+fn info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    use featcloud::cuda::{kernels, Device};
+    let out = PyDict::new(py);
+    out.set_item("version", env!("CARGO_PKG_VERSION"))?;
+    out.set_item("kernels", kernels::KERNELS_BUILT)?;
+    let archs: Vec<String> = if kernels::KERNELS_BUILT {
+        kernels::CUBIN_ARCHS.iter().map(|a| format!("sm_{a}")).collect()
+    } else {
+        Vec::new()
+    };
+    out.set_item("archs", archs)?;
+    let device = match Device::new(0) {
+        Ok(dev) => {
+            let i = dev.info();
+            format!(
+                "{} (sm_{}{}, {} SMs)",
+                i.name, i.compute_capability.0, i.compute_capability.1, i.sm_count
+            )
+        }
+        Err(e) => format!("none ({e})"),
+    };
+    out.set_item("device", device)?;
+    Ok(out)
+}
+
+/// The module: `head_cpu` and `info` (see the module doc).
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(head_cpu, m)?)?;
+    m.add_function(wrap_pyfunction!(info, m)?)?;
+    Ok(())
+}
