@@ -9,6 +9,10 @@
 //! - `float64` runs the oracle (`featcloud::oracle::head`, f64 throughout), so that
 //!   `torch.autograd.gradcheck` can check the gradients.
 //!
+//! The LEAP statistics (`stats_update`, `stats_sigma`) live in the module's buffers (so that
+//! `state_dict` holds them); each call loads them into the crate's `StatsState`, checks them,
+//! and writes an update back.
+//!
 //! Errors of the crate (bad labels, shapes, options, non-finite inputs) come back as
 //! Python `ValueError`s with the crate's message.
 
@@ -261,6 +265,141 @@ fn head_cpu(
     }
 }
 
+/// Addresses of the LEAP statistics buffers of `featcloud.torch.LeapHead` (SPEC 5 and 5b):
+/// centers f64 `[C*K*D]` (0 with center = class_weight), mu and v f64 `[C]`, n i64 `[C]`.
+#[derive(Clone, Copy)]
+struct StatsAddrs {
+    centers: usize,
+    mu: usize,
+    v: usize,
+    n: usize,
+}
+
+/// The statistics held in the wrapper's buffers, checked as a statistics file is
+/// (`StatsState::validate`: finite, n >= 0, initialized exactly where n > 0).
+///
+/// # Safety
+/// The addresses hold the element counts and types of [`StatsAddrs`] for `c`, `k`, `d`.
+unsafe fn load_stats(
+    cfg: featcloud::StatsConfig,
+    (c, k, d): (usize, usize, usize),
+    a: StatsAddrs,
+    updates: u64,
+) -> featcloud::Result<featcloud::StatsState> {
+    let mut s = featcloud::StatsState::with_subcenters(c, k, d, cfg)?;
+    // SAFETY: as the caller promises; each length is the state's own.
+    let (centers, mu, v, n) = unsafe {
+        (
+            input::<f64>(a.centers, s.centers.len()),
+            input::<f64>(a.mu, c),
+            input::<f64>(a.v, c),
+            input::<i64>(a.n, c),
+        )
+    };
+    s.centers.copy_from_slice(centers);
+    s.mu.copy_from_slice(mu);
+    s.v.copy_from_slice(v);
+    if let Some(i) = n.iter().position(|&n| n < 0) {
+        return Err(featcloud::Error::InvalidConfig(format!("stats_n[{i}] = {} is negative", n[i])));
+    }
+    s.n = n.iter().map(|&n| n as u64).collect();
+    s.initialized = s.n.iter().map(|&n| n > 0).collect();
+    s.updates = updates;
+    s.validate()?;
+    Ok(s)
+}
+
+/// Writes the statistics back into the wrapper's buffers.
+///
+/// # Safety
+/// As [`load_stats`], the buffers writable and not otherwise in use.
+unsafe fn store_stats(s: &featcloud::StatsState, a: StatsAddrs) {
+    let n: Vec<i64> = s.n.iter().map(|&n| n as i64).collect();
+    // SAFETY: as the caller promises; the lengths are the state's, as loaded.
+    unsafe {
+        output(a.centers, &s.centers);
+        output(a.mu, &s.mu);
+        output(a.v, &s.v);
+        output(a.n, &n);
+    }
+}
+
+/// One statistics update (SPEC 5, 5b) from a batch: x f32 `[B, D]`, labels i32 `[B]`, and
+/// from the head's forward k*_iy i32 `[B]` and c_iy f64 `[B]` (class_weight centers take
+/// theta_i from it). Updates the buffers in place; returns the new update count.
+#[pyfunction]
+#[pyo3(signature = (cfg_json, c, k, d, centers, mu, v, n, updates, b, x, labels, k_iy, c_iy))]
+#[allow(clippy::too_many_arguments)]
+fn stats_update(
+    py: Python<'_>,
+    cfg_json: &str,
+    c: usize,
+    k: usize,
+    d: usize,
+    centers: usize,
+    mu: usize,
+    v: usize,
+    n: usize,
+    updates: u64,
+    b: usize,
+    x: usize,
+    labels: usize,
+    k_iy: usize,
+    c_iy: usize,
+) -> PyResult<u64> {
+    let cfg: featcloud::StatsConfig = serde_json::from_str(cfg_json).map_err(value_error)?;
+    let a = StatsAddrs { centers, mu, v, n };
+    py.detach(|| {
+        // SAFETY: the wrapper's buffers and batch tensors, checked against these sizes and
+        // dtypes (module doc); the buffers are written only after the update succeeded.
+        unsafe {
+            let mut s = load_stats(cfg, (c, k, d), a, updates)?;
+            let (x, labels, k_iy, c_iy) = (
+                input::<f32>(x, b * d),
+                input::<i32>(labels, b),
+                input::<u32>(k_iy, b),
+                input::<f64>(c_iy, b),
+            );
+            match s.cfg.center {
+                featcloud::CenterMode::Ema => s.update_subcenters(x, labels, k_iy)?,
+                featcloud::CenterMode::ClassWeight => {
+                    let rows = oracle::RowOutputs { c_iy: c_iy.to_vec(), ..Default::default() };
+                    s.update_from_angles(labels, &oracle::target_angles(&rows))?
+                }
+            }
+            store_stats(&s, a);
+            Ok(s.updates)
+        }
+    })
+    .map_err(|e: featcloud::Error| value_error(e))
+}
+
+/// sigma_cloud `[C]` (SPEC 5) from the statistics in the buffers, written as f32 at `sigma`.
+#[pyfunction]
+#[pyo3(signature = (cfg_json, c, k, d, centers, mu, v, n, updates, sigma))]
+#[allow(clippy::too_many_arguments)]
+fn stats_sigma(
+    cfg_json: &str,
+    c: usize,
+    k: usize,
+    d: usize,
+    centers: usize,
+    mu: usize,
+    v: usize,
+    n: usize,
+    updates: u64,
+    sigma: usize,
+) -> PyResult<()> {
+    let cfg: featcloud::StatsConfig = serde_json::from_str(cfg_json).map_err(value_error)?;
+    // SAFETY: the wrapper's buffers (module doc); `sigma` is a [C] f32 output tensor.
+    unsafe {
+        let s = load_stats(cfg, (c, k, d), StatsAddrs { centers, mu, v, n }, updates).map_err(value_error)?;
+        let out: Vec<f32> = s.cloud_sigma().iter().map(|&v| v as f32).collect();
+        output(sigma, &out);
+    }
+    Ok(())
+}
+
 /// What this build holds: the version, whether the CUDA kernels were compiled in (NVRTC at
 /// build time), their archs, and the CUDA device found now (or why none is usable).
 #[pyfunction]
@@ -295,5 +434,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(head_cpu, m)?)?;
     m.add_function(wrap_pyfunction!(info, m)?)?;
+    m.add_function(wrap_pyfunction!(stats_update, m)?)?;
+    m.add_function(wrap_pyfunction!(stats_sigma, m)?)?;
     Ok(())
 }

@@ -375,3 +375,117 @@ def test_bad_inputs_raise_clear_errors():
             call()
     # The head still works afterwards (nothing was left half-done).
     assert torch.isfinite(ft.margin_loss(x, w, y))
+
+
+# --------------------------------------------------------------------------- LeapHead
+
+
+def long_tailed_batch(seed, b=96, c=6, d=5):
+    """Class 0 and 1 frequent and spread, the rest rare and tight (as a tail class's few
+    samples look); features near a per-class direction."""
+    dirs = torch.randn(c, d, generator=torch.Generator().manual_seed(1234))
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.tensor([0.45, 0.35] + [0.2 / (c - 2)] * (c - 2))
+    y = torch.multinomial(probs, b, replacement=True, generator=g)
+    spread = torch.where(y < 2, 0.5, 0.1)
+    x = dirs[y] + spread[:, None] * torch.randn(b, d, generator=g)
+    y[-1] = -1
+    return x, y
+
+
+def spec5_update(state, x, y, beta):
+    """SPEC 5's EMA-center update written out in torch (f64), on dict state."""
+    xh = x.double() / x.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    for k in sorted(set(y[y >= 0].tolist())):
+        rows = xh[y == k]
+        mbar = rows.mean(0)
+        new = state["n"][k] == 0
+        c = mbar if new else beta * state["centers"][k] + (1 - beta) * mbar
+        c = c / c.norm().clamp_min(1e-12)
+        state["centers"][k] = c
+        a = torch.acos((rows @ c).clamp(-1, 1))
+        if new:
+            state["mu"][k], state["v"][k] = a.mean(), (a * a).mean()
+        else:
+            state["mu"][k] = beta * state["mu"][k] + (1 - beta) * a.mean()
+            state["v"][k] = beta * state["v"][k] + (1 - beta) * (a * a).mean()
+        state["n"][k] += rows.shape[0]
+
+
+def test_leap_statistics_follow_spec5_and_set_the_cloud():
+    c, d, beta, t = 6, 5, 0.8, 30
+    head = ft.LeapHead(c, d, beta=beta, threshold=t, warmup_steps=2, s=16.0)
+    want = {"centers": torch.zeros(c, d, dtype=torch.float64), "mu": torch.zeros(c, dtype=torch.float64),
+            "v": torch.zeros(c, dtype=torch.float64), "n": [0] * c}
+    for step in range(4):
+        x, y = long_tailed_batch(step)
+        sigma = head.cloud_sigma()
+        if step < 2:
+            assert (sigma == 0).all(), "no cloud during the warm-up"
+        # The loss uses sigma from the statistics before this batch, at this step's draws.
+        expect = ft.margin_loss(x, head.weight, y, s=16.0, cloud="symmetric", sigma=sigma, seed=0, step=step)
+        assert torch.equal(head(x, y), expect)
+        spec5_update(want, x, y, beta)
+    assert int(head.step) == 4 and int(head.stats_updates) == 4
+    assert head.stats_n.tolist() == want["n"]
+    close(head.stats_centers, want["centers"], 1e-6, "centers")
+    close(head.stats_mu, want["mu"], 1e-6, "mu")
+    close(head.stats_v, want["v"], 1e-6, "v")
+    # Threshold split: head = classes with n >= T, var_h their mean variance.
+    var = (head.stats_v - head.stats_mu**2).clamp_min(0)
+    is_head = head.stats_n >= t
+    assert is_head.any() and (~is_head).any()
+    var_h = var[is_head].mean()
+    sigma = torch.where(is_head, torch.zeros_like(var), (var_h - var).clamp_min(0).sqrt())
+    close(head.cloud_sigma().double(), sigma, 1e-6, "sigma")
+    assert (head.cloud_sigma()[~is_head] > 0).any()
+
+
+def test_leap_class_weight_centers_use_the_target_angle():
+    head = ft.LeapHead(6, 5, center="class_weight", warmup_steps=0, threshold=30, s=16.0)
+    assert head.stats_centers.numel() == 0
+    x, y = long_tailed_batch(1)
+    sigma = head.cloud_sigma()
+    _, rows = ft.margin_loss(x, head.weight, y, s=16.0, cloud="symmetric", sigma=sigma, return_rows=True)
+    head(x, y)
+    theta = torch.acos(rows.c_iy.double().clamp(-1 + 1e-7, 1 - 1e-7))
+    for k in range(6):
+        sel = y == k
+        if sel.any():
+            assert abs(head.stats_mu[k].item() - theta[sel].mean().item()) < 1e-6
+
+
+def test_leap_state_dict_round_trips_and_eval_is_plain():
+    torch.manual_seed(3)
+    a = ft.LeapHead(6, 5, warmup_steps=1, threshold=30, s=16.0, subcenters=2, seed=11)
+    for step in range(3):
+        a(*long_tailed_batch(step))
+    b = ft.LeapHead(6, 5, warmup_steps=1, threshold=30, s=16.0, subcenters=2, seed=11)
+    b.load_state_dict(a.state_dict())
+    x, y = long_tailed_batch(9)
+    assert torch.equal(a(x, y), b(x, y)), "the same state continues identically"
+    for (name, u), (_, v) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(u, v), name
+    # eval: no cloud, no update.
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    a.eval()
+    plain = ft.margin_loss(x, a.weight, y, **a.options)
+    assert torch.equal(a(x, y), plain)
+    assert all(torch.equal(before[k], v) for k, v in a.state_dict().items())
+
+
+def test_leap_rejects_a_corrupted_state():
+    head = ft.LeapHead(6, 5, warmup_steps=0)
+    head(*long_tailed_batch(0))
+    for name, bad in (("stats_n", -1), ("stats_mu", float("nan"))):
+        h = ft.LeapHead(6, 5, warmup_steps=0)
+        state = head.state_dict()
+        state[name] = state[name].clone()
+        state[name][0] = bad
+        h.load_state_dict(state)
+        with pytest.raises(ValueError):
+            h(*long_tailed_batch(1))
+    with pytest.raises(ValueError, match="cloud"):
+        ft.LeapHead(6, 5, cloud="off")
+    with pytest.raises(ValueError, match="beta"):
+        ft.LeapHead(6, 5, beta=1.5)

@@ -8,6 +8,8 @@ and softmax cross-entropy; the B x C logits are never returned to Python.
 - :class:`MarginHead`: an ``nn.Module`` owning the class weights W (``[C * K, D]``, a
   ``Parameter``); ``forward(x, labels)`` returns the loss, and autograd takes it back to x
   and W.
+- :class:`LeapHead`: the same plus LEAP's class statistics (buffers, updated in the
+  training forward) and the feature cloud they set.
 - :func:`margin_loss`: the same as a function of (x, W, labels), with the feature cloud
   (``cloud``, ``sigma``, ``seed``, ``step``) for callers that keep their own statistics.
 
@@ -396,4 +398,133 @@ class MarginHead(torch.nn.Module):
         return head
 
 
-__all__ = ["MarginHead", "margin_loss", "HeadRows", "FALLBACKS", "MARGIN_GRADS", "REDUCTIONS", "CLOUDS"]
+class LeapHead(MarginHead):
+    """A margin head with LEAP's feature cloud (featcloud SPEC section 5): per-class angular
+    statistics of the features, updated every training step, set each tail class's cloud
+    width ``sigma_k = sqrt(max(var_head - var_k, 0))``, and the target angle of a row of
+    class k moves by ``alpha_i = sigma_k * eps_i`` in the loss.
+
+    Order inside ``forward`` in training mode (``module.train()``), as the SPEC says: sigma
+    from the current statistics, then the loss with that cloud, then (without gradient) the
+    statistics update with this batch; the step counter (the random draws' counter) then
+    advances. In eval mode the cloud is off and nothing is updated.
+
+    The statistics are buffers, so ``state_dict`` / ``load_state_dict`` carry them with the
+    weight and the step: ``stats_centers`` (f64 ``[C * K, D]``, EMA unit centers; empty with
+    ``center="class_weight"``), ``stats_mu`` and ``stats_v`` (f64 ``[C]``, EMA of the angle and
+    its square), ``stats_n`` (int64 ``[C]``, samples seen), ``stats_updates`` and ``step``
+    (int64). A loaded state is checked before use (finite, counts >= 0).
+
+    Options: ``cloud`` (``"symmetric"`` or ``"one_sided"``), ``beta`` (EMA momentum),
+    ``center`` (``"ema"`` or ``"class_weight"``), ``split`` (``"threshold"``: head = classes with
+    at least ``threshold`` samples, only tail classes get a cloud; or ``"adaptive"``),
+    ``warmup_steps`` (no cloud before), ``class_counts`` (the dataset's counts per class, when
+    known; else the running counts), ``seed``; the rest as :class:`MarginHead`.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        *,
+        cloud: str = "symmetric",
+        beta: float = 0.9,
+        center: str = "ema",
+        split: str = "threshold",
+        threshold: int = 100,
+        warmup_steps: int = 100,
+        class_counts=None,
+        seed: int = 0,
+        **head_options,
+    ):
+        super().__init__(num_classes, embedding_size, **head_options)
+        if cloud not in ("symmetric", "one_sided"):
+            raise ValueError(f"cloud must be 'symmetric' or 'one_sided', got {cloud!r}")
+        _choice("center", center, ("ema", "class_weight"))
+        _choice("split", split, ("threshold", "adaptive"))
+        if class_counts is not None:
+            class_counts = [int(n) for n in class_counts]
+            if len(class_counts) != num_classes or min(class_counts) < 0:
+                raise ValueError(f"class_counts must be {num_classes} counts >= 0")
+        if not (isinstance(seed, int) and 0 <= seed < 2**64):
+            raise ValueError(f"seed must be an integer in [0, 2^64), got {seed!r}")
+        self.cloud, self.seed = cloud, seed
+        self.stats_json = json.dumps(
+            {
+                "beta": float(beta),
+                "center": center,
+                "split": {"threshold": int(threshold)} if split == "threshold" else "adaptive",
+                "warmup_steps": int(warmup_steps),
+                "class_counts": class_counts,
+            }
+        )
+        k = self.options["subcenters"]
+        centers = (num_classes * k, embedding_size) if center == "ema" else (0,)
+        self.register_buffer("stats_centers", torch.zeros(centers, dtype=torch.float64))
+        self.register_buffer("stats_mu", torch.zeros(num_classes, dtype=torch.float64))
+        self.register_buffer("stats_v", torch.zeros(num_classes, dtype=torch.float64))
+        self.register_buffer("stats_n", torch.zeros(num_classes, dtype=torch.int64))
+        self.register_buffer("stats_updates", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        # The configuration is checked by the crate now, not at the first step.
+        self.cloud_sigma()
+
+    def _stats_args(self):
+        bufs = (self.stats_centers, self.stats_mu, self.stats_v, self.stats_n)
+        for name, t in zip(("stats_centers", "stats_mu", "stats_v", "stats_n"), bufs):
+            if t.device.type != "cpu" or not t.is_contiguous():
+                raise NotImplementedError(f"{name}: LeapHead keeps its statistics on the CPU in this build")
+        c, d = self.num_classes, self.embedding_size
+        k = self.options["subcenters"]
+        want = {
+            "stats_centers": (c * k, d) if json.loads(self.stats_json)["center"] == "ema" else (0,),
+            "stats_mu": (c,),
+            "stats_v": (c,),
+            "stats_n": (c,),
+        }
+        for name, t in zip(want, bufs):
+            if tuple(t.shape) != want[name]:
+                raise ValueError(f"{name} is {tuple(t.shape)}, expected {want[name]}")
+        return (self.stats_json, c, k, d) + tuple(t.data_ptr() for t in bufs) + (int(self.stats_updates),)
+
+    def cloud_sigma(self) -> torch.Tensor:
+        """sigma_cloud ``[C]`` (radians, float32) from the current statistics (SPEC 5)."""
+        sigma = torch.empty(self.num_classes, dtype=torch.float32)
+        _native.stats_sigma(*self._stats_args(), sigma.data_ptr())
+        return sigma
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, return_rows: bool = False):
+        """The loss of ``x`` ``[B, D]`` with ``labels`` ``[B]``; in training mode with the
+        cloud, then a statistics update (see the class doc)."""
+        if not self.training:
+            return margin_loss(x, self.weight, labels, return_rows=return_rows, **self.options)
+        sigma = self.cloud_sigma()
+        loss, rows = margin_loss(
+            x,
+            self.weight,
+            labels,
+            cloud=self.cloud,
+            sigma=sigma,
+            seed=self.seed,
+            step=int(self.step),
+            return_rows=True,
+            **self.options,
+        )
+        with torch.no_grad():
+            xs = x.detach().to(torch.float32).contiguous()
+            lab = labels.to(torch.int64).clamp(min=-1).to(torch.int32).contiguous()
+            k_iy = rows.k_iy.to(torch.int32).contiguous()
+            c_iy = rows.c_iy.to(torch.float64).contiguous()
+            args = self._stats_args()
+            updates = _native.stats_update(
+                *args, xs.shape[0], xs.data_ptr(), lab.data_ptr(), k_iy.data_ptr(), c_iy.data_ptr()
+            )
+            self.stats_updates.fill_(updates)
+            self.step += 1
+        return (loss, rows) if return_rows else loss
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, cloud={self.cloud!r}, stats={self.stats_json}"
+
+
+__all__ = ["MarginHead", "LeapHead", "margin_loss", "HeadRows", "FALLBACKS", "MARGIN_GRADS", "REDUCTIONS", "CLOUDS"]
