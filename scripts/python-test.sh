@@ -15,3 +15,5 @@ fi
 "$py" -m pip install --quiet --disable-pip-version-check ./python
 # Run from python/ so that `import featcloud` is the installed package, not a source tree.
 (cd python && "../$py" -m pytest -q tests)
+# The example trainer end to end (it fails if a model's loss does not decrease).
+"$py" examples/torch_train.py
