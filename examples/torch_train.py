@@ -2,7 +2,7 @@
 against LeapHead (ArcFace + LEAP's feature cloud) on long-tailed data, from the same seed.
 
     pip install ./python torch      # once (README's test command does it into ./.venv)
-    python examples/torch_train.py  # CPU; about a minute
+    python examples/torch_train.py  # CPU; a few seconds
 
 The data is generated here: C classes of Gaussian clusters in R^32 whose training counts fall
 off as a power law (the largest class 300 samples, the smallest a handful), and a balanced

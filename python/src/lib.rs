@@ -14,7 +14,8 @@
 //! and writes an update back.
 //!
 //! Errors of the crate (bad labels, shapes, options, non-finite inputs) come back as
-//! Python `ValueError`s with the crate's message.
+//! Python `ValueError`s with the crate's message. Every call holds the GIL: the tensors are
+//! read in place, and no other Python thread may free or resize them meanwhile.
 
 use featcloud::cpu::head as cpu;
 use featcloud::oracle::head as oracle;
@@ -60,8 +61,7 @@ fn rows_f64(cols: [&dyn Fn(usize) -> f64; 6], b: usize) -> Vec<f64> {
     cols.iter().flat_map(|f| (0..b).map(f)).collect()
 }
 
-/// Addresses of one call's tensors (0 = absent). Plain integers, so that the call can run
-/// with the GIL released (raw pointers are not `Send`).
+/// Addresses of one call's tensors (0 = absent), as the wrapper passes them.
 #[derive(Clone, Copy)]
 struct Addrs {
     x: usize,
@@ -219,7 +219,6 @@ impl Elem for f64 {
 #[pyo3(signature = (cfg_json, dtype, b, c, d, x, w, labels, sigma, n_sigma, seed, step, upstream, upstream_rows, rows, dx, dw))]
 #[allow(clippy::too_many_arguments)]
 fn head_cpu(
-    py: Python<'_>,
     cfg_json: &str,
     dtype: &str,
     b: usize,
@@ -252,17 +251,16 @@ fn head_cpu(
         upstream,
         a: Addrs { x, w, labels, sigma, upstream_rows, rows, dx, dw },
     };
-    let result = py.detach(|| match dtype {
+    // The GIL stays held (the call is not detached): the tensors are read in place, and no
+    // other Python thread may free or resize them during the call.
+    let result = match dtype {
         // SAFETY: the wrapper's tensors, checked against these lengths and dtypes (module doc).
-        "float32" => Ok(unsafe { call.run::<f32>() }),
+        "float32" => unsafe { call.run::<f32>() },
         // SAFETY: as above.
-        "float64" => Ok(unsafe { call.run::<f64>() }),
-        other => Err(other.to_string()),
-    });
-    match result {
-        Ok(r) => r.map_err(value_error),
-        Err(other) => Err(value_error(format!("head_cpu: dtype {other} (float32 or float64)"))),
-    }
+        "float64" => unsafe { call.run::<f64>() },
+        other => return Err(value_error(format!("head_cpu: dtype {other} (float32 or float64)"))),
+    };
+    result.map_err(value_error)
 }
 
 /// Addresses of the LEAP statistics buffers of `featcloud.torch.LeapHead` (SPEC 5 and 5b):
@@ -331,7 +329,6 @@ unsafe fn store_stats(s: &featcloud::StatsState, a: StatsAddrs) {
 #[pyo3(signature = (cfg_json, c, k, d, centers, mu, v, n, updates, b, x, labels, k_iy, c_iy))]
 #[allow(clippy::too_many_arguments)]
 fn stats_update(
-    py: Python<'_>,
     cfg_json: &str,
     c: usize,
     k: usize,
@@ -349,7 +346,8 @@ fn stats_update(
 ) -> PyResult<u64> {
     let cfg: featcloud::StatsConfig = serde_json::from_str(cfg_json).map_err(value_error)?;
     let a = StatsAddrs { centers, mu, v, n };
-    py.detach(|| {
+    // The GIL stays held (see head_cpu).
+    let update = || -> featcloud::Result<u64> {
         // SAFETY: the wrapper's buffers and batch tensors, checked against these sizes and
         // dtypes (module doc); the buffers are written only after the update succeeded.
         unsafe {
@@ -370,8 +368,8 @@ fn stats_update(
             store_stats(&s, a);
             Ok(s.updates)
         }
-    })
-    .map_err(|e: featcloud::Error| value_error(e))
+    };
+    update().map_err(value_error)
 }
 
 /// sigma_cloud `[C]` (SPEC 5) from the statistics in the buffers, written as f32 at `sigma`.

@@ -296,7 +296,7 @@ def pml_large_margin(x, W_dc, y, scale, kind, margin):
     mask = torch.nn.functional.one_hot(y, W_dc.shape[1]).to(x.dtype)
     cos_t = cosine[mask == 1]
     if kind == "arcface":
-        angles = torch.acos(torch.clamp(cos_t, -1 + 1e-7, 1 - 1e-7))
+        angles = torch.acos(torch.clamp(cos_t, -1, 1))  # current releases (older: +-(1 - 1e-7))
         modified = torch.cos(angles + f32(math.radians(margin)))
     else:
         modified = cos_t - f32(margin)
@@ -489,3 +489,66 @@ def test_leap_rejects_a_corrupted_state():
         ft.LeapHead(6, 5, cloud="off")
     with pytest.raises(ValueError, match="beta"):
         ft.LeapHead(6, 5, beta=1.5)
+
+
+def test_review_findings_are_errors_not_crashes():
+    """A LeapHead cast to another dtype keeps float64 statistics; buffers swapped for other
+    dtypes or shapes, x of another width, double backward and in-place changes of the
+    outputs are clear errors (each was a crash or a silent wrong result once)."""
+    x, y = long_tailed_batch(0)
+    for cast in (lambda h: h.float(), lambda h: h.half().float(), lambda h: h.to(torch.bfloat16).float()):
+        h = cast(ft.LeapHead(6, 5, warmup_steps=0, threshold=30, s=16.0))
+        assert h.stats_mu.dtype == torch.float64 and h.stats_centers.dtype == torch.float64
+        for _ in range(3):
+            h(x, y).backward()
+        assert torch.isfinite(h.stats_mu).all() and int(h.stats_n.sum()) == 3 * int((y >= 0).sum())
+    h = ft.LeapHead(6, 5, warmup_steps=0)
+    state = {k: (v.float() if k == "stats_mu" else v.int() if k == "stats_n" else v) for k, v in h.state_dict().items()}
+    for name in ("stats_mu", "stats_n"):
+        g = ft.LeapHead(6, 5, warmup_steps=0)
+        g.load_state_dict({**h.state_dict(), name: state[name]}, assign=True)
+        with pytest.raises(TypeError, match=name):
+            g(x, y)
+    with pytest.raises(ValueError, match=r"x must be \[B, 5\]"):
+        h(torch.randn(4, 3), y[:4])
+    h.weight.data = torch.randn(6, 3)
+    with pytest.raises(ValueError, match="weight is"):
+        h(torch.randn(4, 5), y[:4])
+    with pytest.raises(ValueError, match="whole numbers"):
+        ft.LeapHead(6, 5, class_counts=[1.5] * 6)
+    # Double backward is refused (the gradients are not differentiable), not silently zero.
+    xx, w, yy = problem(seed=1)
+    xx.requires_grad_(True)
+    loss = ft.margin_loss(xx, w, yy, s=4.0)
+    (gx,) = torch.autograd.grad(loss, xx, create_graph=True)
+    with pytest.raises(RuntimeError):
+        (gx**2).sum().backward()
+    # The outputs are not views of one another: in-place changes are allowed and local.
+    per_row, rows = ft.margin_loss(xx, w, yy, reduction="none", return_rows=True)
+    rows.c_iy.mul_(0)
+    per_row = per_row * 1.0
+    per_row.sum().backward()
+
+
+def test_one_sided_cloud_only_pushes_targets_away():
+    x, w, y = problem(b=40, seed=12, dtype=torch.float32)
+    sigma = torch.full((7,), 0.3)
+    _, sym = ft.margin_loss(x, w, y, cloud="symmetric", sigma=sigma, seed=3, return_rows=True)
+    _, one = ft.margin_loss(x, w, y, cloud="one_sided", sigma=sigma, seed=3, return_rows=True)
+    valid = y >= 0
+    assert (sym.alpha[valid] < 0).any() and (sym.alpha[valid] > 0).any()
+    assert torch.equal(one.alpha, sym.alpha.abs()), "one-sided is |alpha| of the same draws"
+
+
+def test_adaptive_split_follows_spec5():
+    """Adaptive: var_h = sum_k N_k var_k / sum_k N_k over seen classes, sigma_k =
+    sqrt(max(var_h - var_k, 0)) for every class (the given class_counts as N_k)."""
+    counts = [500, 300, 40, 10, 5, 2]
+    h = ft.LeapHead(6, 5, split="adaptive", warmup_steps=0, class_counts=counts, s=16.0)
+    for step in range(3):
+        h(*long_tailed_batch(step))
+    var = (h.stats_v - h.stats_mu**2).clamp_min(0)
+    n = torch.tensor(counts, dtype=torch.float64)
+    seen = h.stats_n > 0
+    var_h = (n[seen] * var[seen]).sum() / n[seen].sum()
+    close(h.cloud_sigma().double(), (var_h - var).clamp_min(0).sqrt(), 1e-6, "adaptive sigma")

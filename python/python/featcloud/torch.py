@@ -34,7 +34,12 @@ Conventions (exactly what each option computes is in SPEC section 3):
 
 Peers: :meth:`MarginHead.from_insightface` and :meth:`MarginHead.from_pml` set these options
 so that the loss and gradients equal those libraries' formulas (see their docstrings for the
-exact correspondence and its limits).
+exact correspondence and its limits). s, m1, m2, m3 and label_smoothing are held as float32
+(the crate's configuration), so against a peer computing with the float64 values the losses
+agree to the rounding of those numbers (a few 1e-9 relative).
+
+Calls hold the GIL: the head reads the tensors in place, so no other Python thread may free
+or resize them meanwhile. A module is not meant to be called from two threads at once.
 """
 
 from __future__ import annotations
@@ -178,7 +183,9 @@ def _run(cfg_json, x, w, labels, sigma, seed, step, rows, upstream=1.0, upstream
 class _HeadFunction(torch.autograd.Function):
     """Autograd of the head. With reduction mean or sum the gradients for a unit upstream are
     computed in the forward (one pass over the classes does both) and scaled in the backward;
-    with reduction none the backward runs the head again with the per-row upstream."""
+    with reduction none the backward runs the head again with the per-row upstream. The
+    gradients are not themselves differentiable (`once_differentiable`: a double backward is
+    an error, not a silent zero)."""
 
     @staticmethod
     def forward(ctx, x, w, labels, sigma, cfg_json, reduction, seed, step, need_grad):
@@ -193,11 +200,12 @@ class _HeadFunction(torch.autograd.Function):
             loss = _run(cfg_json, x, w, labels, sigma, seed, step, rows)
             ctx.save_for_backward(x, w, labels, sigma if sigma is not None else torch.empty(0))
             ctx.call = (cfg_json, sigma is not None, seed, step)
-        out = rows[0].to(x.dtype) if reduction == "none" else torch.tensor(loss, dtype=x.dtype)
+        out = rows[0].to(x.dtype, copy=True) if reduction == "none" else torch.tensor(loss, dtype=x.dtype)
         ctx.mark_non_differentiable(rows)
         return out, rows
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g, _g_rows):
         if ctx.reduction != "none":
             dx, dw = ctx.saved_tensors
@@ -260,7 +268,8 @@ def margin_loss(
     if not return_rows:
         return loss
     dt = x.dtype
-    return loss, HeadRows(rows[1].to(dt), rows[2].to(dt), rows[3].to(dt), rows[4].to(dt), rows[5].to(torch.int64))
+    # Copies: in-place changes to them must not reach the autograd output they came from.
+    return loss, HeadRows(*(rows[i].to(dt, copy=True) for i in range(1, 5)), rows[5].to(torch.int64, copy=True))
 
 
 class MarginHead(torch.nn.Module):
@@ -377,9 +386,9 @@ class MarginHead(torch.nn.Module):
         their ``scale`` and mean cross-entropy.
 
         pytorch-metric-learning stores W as ``[D, C]`` (``loss_fn.W``); pass it as ``weight``
-        and it is copied transposed into this head's ``[C, D]`` weight. (It clamps the
-        cosine to ``[-1 + 1e-7, 1 - 1e-7]`` before ``acos`` as featcloud does; its gradient
-        is zero where that clamp binds, featcloud's passes through.)
+        and it is copied transposed into this head's ``[C, D]`` weight. (Current releases clamp
+        the cosine to ``[-1, 1]`` before ``acos``, older ones to ``[-1 + 1e-7, 1 - 1e-7]`` as
+        featcloud does; the results differ only for cosines within 1e-7 of +-1.)
         """
         loss = _choice("loss", loss, ("arcface", "cosface"))
         if loss == "arcface":
@@ -407,7 +416,9 @@ class LeapHead(MarginHead):
     Order inside ``forward`` in training mode (``module.train()``), as the SPEC says: sigma
     from the current statistics, then the loss with that cloud, then (without gradient) the
     statistics update with this batch; the step counter (the random draws' counter) then
-    advances. In eval mode the cloud is off and nothing is updated.
+    advances. In eval mode the cloud is off and nothing is updated. Every training-mode
+    forward is a step, also one under ``torch.no_grad`` (call ``.eval()`` to validate) and each
+    micro-batch of gradient accumulation.
 
     The statistics are buffers, so ``state_dict`` / ``load_state_dict`` carry them with the
     weight and the step: ``stats_centers`` (f64 ``[C * K, D]``, EMA unit centers; empty with
@@ -443,6 +454,8 @@ class LeapHead(MarginHead):
         _choice("center", center, ("ema", "class_weight"))
         _choice("split", split, ("threshold", "adaptive"))
         if class_counts is not None:
+            if any(int(n) != n for n in class_counts):
+                raise ValueError("class_counts must be whole numbers")
             class_counts = [int(n) for n in class_counts]
             if len(class_counts) != num_classes or min(class_counts) < 0:
                 raise ValueError(f"class_counts must be {num_classes} counts >= 0")
@@ -469,11 +482,24 @@ class LeapHead(MarginHead):
         # The configuration is checked by the crate now, not at the first step.
         self.cloud_sigma()
 
+    _F64_STATS = ("stats_centers", "stats_mu", "stats_v")
+
+    def _apply(self, fn, *args, **kwargs):
+        # module.float() / .half() / .to(dtype) convert floating buffers; the statistics stay
+        # float64 (only moved with the module), as the crate keeps them.
+        keep = {n: self._buffers[n] for n in self._F64_STATS}
+        out = super()._apply(fn, *args, **kwargs)
+        for n, old in keep.items():
+            self._buffers[n] = old.to(device=self._buffers[n].device)
+        return out
+
     def _stats_args(self):
         bufs = (self.stats_centers, self.stats_mu, self.stats_v, self.stats_n)
         for name, t in zip(("stats_centers", "stats_mu", "stats_v", "stats_n"), bufs):
-            if t.device.type != "cpu" or not t.is_contiguous():
+            if t.device.type != "cpu":
                 raise NotImplementedError(f"{name}: LeapHead keeps its statistics on the CPU in this build")
+            if not t.is_contiguous():
+                raise ValueError(f"{name} is not contiguous")
         c, d = self.num_classes, self.embedding_size
         k = self.options["subcenters"]
         want = {
@@ -485,6 +511,11 @@ class LeapHead(MarginHead):
         for name, t in zip(want, bufs):
             if tuple(t.shape) != want[name]:
                 raise ValueError(f"{name} is {tuple(t.shape)}, expected {want[name]}")
+            dtype = torch.int64 if name == "stats_n" else torch.float64
+            if t.dtype != dtype:
+                raise TypeError(f"{name} is {t.dtype}; the statistics are {dtype} (SPEC 5)")
+        if tuple(self.weight.shape) != (c * k, d):
+            raise ValueError(f"weight is {tuple(self.weight.shape)}, expected {(c * k, d)}")
         return (self.stats_json, c, k, d) + tuple(t.data_ptr() for t in bufs) + (int(self.stats_updates),)
 
     def cloud_sigma(self) -> torch.Tensor:
@@ -498,6 +529,8 @@ class LeapHead(MarginHead):
         cloud, then a statistics update (see the class doc)."""
         if not self.training:
             return margin_loss(x, self.weight, labels, return_rows=return_rows, **self.options)
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.embedding_size:
+            raise ValueError(f"x must be [B, {self.embedding_size}], got {getattr(x, 'shape', type(x).__name__)}")
         sigma = self.cloud_sigma()
         loss, rows = margin_loss(
             x,
