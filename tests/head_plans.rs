@@ -188,8 +188,8 @@ fn attention_plans_split_by_shape_only_and_cover_every_tile() {
                 ctas <= plan::ATTN_TARGET_CTAS.max(shape.b.div_ceil(rm)) + shape.b.div_ceil(rm),
                 "{ctas}"
             );
-            let fwd = plan::attn_fwd(dtype, shape, (splits, per), true, AttnFwdArgs::default());
-            let bwd = plan::attn_bwd(dtype, shape, true, AttnBwdArgs::default());
+            let fwd = plan::attn_fwd(dtype, shape, 1, (splits, per), true, AttnFwdArgs::default());
+            let bwd = plan::attn_bwd(dtype, shape, 1, true, AttnBwdArgs::default());
             let (fwd, bwd) = (fwd.unwrap(), bwd.unwrap());
             assert_eq!(fwd.grid, [shape.b.div_ceil(rm) as u32, splits as u32, 1]);
             assert_eq!(fwd.args_as::<AttnFwdArgs>().unwrap().tiles_per_split, per as i32);
@@ -212,14 +212,15 @@ fn attention_plans_split_by_shape_only_and_cover_every_tile() {
         }
         // D past the O accumulator is refused, not truncated (D > 512 outside bf16).
         let wide = HeadShape { b: 4, c: 4, d: if dtype == DType::BF16 { 2049 } else { 513 } };
-        assert!(plan::attn_fwd(dtype, wide, (1, 1), true, AttnFwdArgs::default()).is_err());
-        assert!(plan::attn_fwd(dtype, wide, (1, 1), false, AttnFwdArgs::default()).is_err());
+        assert!(plan::attn_fwd(dtype, wide, 1, (1, 1), true, AttnFwdArgs::default()).is_err());
+        assert!(plan::attn_fwd(dtype, wide, 1, (1, 1), false, AttnFwdArgs::default()).is_err());
         // Splits that leave a class tile out (or overlap past C) are refused.
         let (splits, per) = plan::attn_splits(dtype, SHAPE);
         assert!(
             plan::attn_fwd(
                 dtype,
                 SHAPE,
+                1,
                 (splits, per.saturating_sub(1).max(1)),
                 true,
                 AttnFwdArgs::default()
@@ -227,8 +228,8 @@ fn attention_plans_split_by_shape_only_and_cover_every_tile() {
             .is_err()
                 || per == 1
         );
-        assert!(plan::attn_fwd(dtype, SHAPE, (splits + 1, per), true, AttnFwdArgs::default()).is_err());
-        assert!(plan::attn_bwd(dtype, wide, true, AttnBwdArgs::default()).is_err());
+        assert!(plan::attn_fwd(dtype, SHAPE, 1, (splits + 1, per), true, AttnFwdArgs::default()).is_err());
+        assert!(plan::attn_bwd(dtype, wide, 1, true, AttnBwdArgs::default()).is_err());
     }
     // The device's SM count plays no part: the same shape gives the same grid everywhere.
     assert_eq!(plan::attn_splits(DType::BF16, SHAPE), plan::attn_splits(DType::BF16, SHAPE));

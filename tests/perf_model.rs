@@ -355,9 +355,9 @@ fn attention_launch_list() {
             let vec = plan::fused_vectorized(dtype, s.d);
             let (splits, per) = plan::attn_splits(dtype, s);
             let want = [
-                plan::attn_fwd(dtype, s, (splits, per), vec, AttnFwdArgs::default()).unwrap(),
-                plan::attn_combine(dtype, s, splits, AttnCombineArgs::default()).unwrap(),
-                plan::attn_bwd(dtype, s, vec, AttnBwdArgs::default()).unwrap(),
+                plan::attn_fwd(dtype, s, 1, (splits, per), vec, AttnFwdArgs::default()).unwrap(),
+                plan::attn_combine(dtype, s, 1, splits, AttnCombineArgs::default()).unwrap(),
+                plan::attn_bwd(dtype, s, 1, vec, AttnBwdArgs::default()).unwrap(),
             ];
             assert_eq!(p.kernels.len(), want.len(), "{dtype:?} {s:?}");
             for (k, l) in p.kernels.iter().zip(&want) {
