@@ -36,6 +36,21 @@
 // DP = 2048 (bf16): 16 resident rows, one T buffer, and the S product split over K between 4
 // warp groups (AttnCfg says how); the rest is the same skeleton.
 //
+// Sub-centers (SPEC 5b; args.k = K >= 1 rows of W per class, class j's sub-center k at row
+// j K + k): c_ij = max_k c_ijk, ties to the lowest k. The W tiles are class-aligned: a
+// streamed forward tile holds CPT = floor(BT / K) whole classes (TW = CPT K rows, the rest of
+// the BT rows masked), a resident backward tile floor(RM / K) classes, so a class's K columns
+// are always in one tile. The prologue takes the target's K f64 cosines and keeps the max
+// (k*_iy, written to args.k_iy); in the tile the target class's other columns get z = -inf,
+// so the row maximum is the max over the columns as before. One shared-memory pass (s_z) then
+// lets every thread see its class's K values, and only each class's arg-max column
+// (kept_column: the lowest k reaching the max of the K f32 z values) enters l, sum z and
+// E, so O sums p_ij wh_j(k*_ij), each class once. The combine takes the target's row
+// y K + k*_iy; the backward recomputes the same z, keeps dc on the same columns (the target's
+// k*_iy from the forward), and writes dW rows of sub-centers no row picks as 0. Label
+// smoothing with K > 1 is refused on the host (its swh term would depend on the row). K = 1
+// runs the arithmetic it ran before (no s_z pass, every column its class's arg-max).
+//
 // Names: <op>_<pass>_d<DP>[_scalar]_<dtype>: DP = 128 for D <= 128, 512 for D <= 512, 2048 for
 // D <= 2048 (bf16 only); `_scalar`
 // takes any D and alignment with element loads.
