@@ -393,14 +393,14 @@ pub const ATTN_TARGET_CTAS: usize = 256;
 /// Whether the attention-form kernels handle feature size `d` in storage `dtype` on a device
 /// allowing `max_smem` bytes of shared memory per block: D <= [`ATTN_DMAX`] (D > 512: bf16
 /// only) and the kernel's shared memory. The D = 512 kernels need 134 KiB (f32), 135 KiB
-/// (bf16), 168 KiB (f16) plus ~4 KiB static: sm_90 (227 KiB) runs all three, sm_80 (163 KiB)
+/// (bf16), 168 KiB (f16) plus up to 12 KiB static: sm_90 (227 KiB) runs all three, sm_80 (163 KiB)
 /// f32 and bf16 (f16 takes the tiles), sm_86 and sm_89 (99 KiB) only the D <= 128 kernels.
-/// The bf16 D = 2048 kernels need 194 KiB plus ~10 KiB static: sm_90 only.
+/// The bf16 D = 2048 kernels need 194 KiB plus up to 12 KiB static: sm_90 only.
 pub fn attn_supported(dtype: DType, d: usize, max_smem: u32) -> bool {
     let dp = attn_dp(d);
     (1..=ATTN_DMAX).contains(&d)
         && (dp <= ATTN_DMAX_ALL || dtype == DType::BF16)
-        && attn_smem_bytes(dtype, dp) + attn_static_smem(dp) <= max_smem
+        && attn_smem_bytes(dtype, dp) + ATTN_STATIC_SMEM <= max_smem
 }
 
 /// The largest D the attention-form kernels take in every dtype (beyond it: bf16 only).
@@ -409,16 +409,11 @@ pub const ATTN_DMAX_ALL: usize = 512;
 /// Shared memory one block may use on sm_90 after opting in (CUDA programming guide).
 pub const SM90_MAX_SMEM: u32 = 232_448;
 
-/// Upper bound of the kernels' static shared memory: a few per-row arrays, the sub-centers'
-/// z tile (RM x BT f32: 8 KiB at 64 resident rows, 2 KiB at 16), and at DP = 2048 the split-K
-/// partials, 3 x 16 x 32 f32.
-fn attn_static_smem(dp: usize) -> u32 {
-    if dp > ATTN_DMAX_ALL {
-        4096 + 2048 + 6144
-    } else {
-        4096 + 8192
-    }
-}
+/// Upper bound of the kernels' static shared memory (ptxas reports at most 11,904 bytes): a
+/// few per-row arrays (4 KiB), the sub-centers' z tile (RM x BT f32: 8 KiB at 64 resident
+/// rows, 2 KiB at 16), and at DP = 2048 the split-K partials (3 x 16 x 32 f32, 6 KiB): 12 KiB
+/// either way.
+const ATTN_STATIC_SMEM: u32 = 12_288;
 
 /// Rows a CTA keeps resident (`AttnCfg<T, DP>::RM`): x rows in the forward, W rows in the
 /// backward.
