@@ -11,8 +11,8 @@
 //!   (the optimizer updates are bitwise the CPU's: see the kernel file's header);
 //! - the margin head: [`crate::cuda::head::CudaHead`] (fused path by default) in
 //!   f32 or on bf16 copies of the f32 master embeddings and class weights, with
-//!   f32 gradients either way; with sub-centers (SPEC 5b) on the reference path, the one
-//!   that takes them;
+//!   f32 gradients either way; with sub-centers (SPEC 5b) on the fused path's attention
+//!   form where it takes them, else on the reference path ([`CudaBackend::head_path_for`]);
 //! - class statistics: [`ClassStats`], converted to and from the host
 //!   [`StatsState`] for checkpoints.
 //!
