@@ -361,11 +361,11 @@ FC_ASSERT_LAYOUT(FusedBwdArgs<float>, 184, p, 112, d, 180);
 template <typename T>
 struct AttnFwdArgs {
     const T* x;            // [B, D] in
-    const T* w;            // [C, D] in
+    const T* w;            // [C*K, D] in (class j sub-center k: row j*K + k)
     const int* labels;     // [B] in (< 0: ignored row)
     const float* sigma;    // [C] in: sigma_cloud (unread when the cloud is off)
     float* inv_x;          // [B] out: 1 / max(|x_i|, eps), written by the split-0 CTAs
-    float* inv_w;          // [C] out: 1 / max(|w_j|, eps), written by the row-tile-0 CTAs
+    float* inv_w;          // [C*K] out: 1 / max(|w_j|, eps) per W row, written by the row-tile-0 CTAs
     float* part;           // [3][n_cs][B] out: (max, sum exp, sum z) per class split
     float* opart;          // [n_cs][B][D] out: sum_{j != y} exp(z_ij - max) wh_j per class split
     float* swh;            // [n_cs][D] out: sum of the split's wh_j (written only when ls > 0)
@@ -373,22 +373,25 @@ struct AttnFwdArgs {
     float* t;              // [B] out, valid rows only
     float* alpha;          // [B] out, valid rows only
     float* dt;             // [B] out, valid rows only
+    u32* k_iy;             // [B] out, valid rows only: k*_iy (SPEC 5b); null when K = 1
     HeadParams p;
     int b;                 // B
-    int c;                 // C
+    int c;                 // C (classes; W has C*K rows)
     int d;                 // D
     int tiles_per_split;   // class tiles per split; split s has tiles [s * tps, (s + 1) * tps)
+    int k;                 // K, sub-centers per class (>= 1)
+    int _pad0;
 };
-FC_ASSERT_LAYOUT(AttnFwdArgs<float>, 176, p, 104, tiles_per_split, 172);
+FC_ASSERT_LAYOUT(AttnFwdArgs<float>, 192, p, 112, _pad0, 188);
 
 // attn_combine_fwd_<T>: one warp per row
 template <typename T>
 struct AttnCombineArgs {
     const T* x;            // [B, D] in
-    const T* w;            // [C, D] in (the target rows)
+    const T* w;            // [C*K, D] in (the target rows)
     const int* labels;     // [B] in
     const float* inv_x;    // [B] in (attn_fwd)
-    const float* inv_w;    // [C] in (attn_fwd)
+    const float* inv_w;    // [C*K] in (attn_fwd)
     const float* part;     // [3][n_cs][B] in
     const float* opart;    // [n_cs][B][D] in
     const float* swh;      // [n_cs][D] in (read only when ls > 0)
@@ -399,22 +402,25 @@ struct AttnCombineArgs {
     float* alpha;          // [B] out for ignored rows (0)
     float* dt;             // [B] out for ignored rows (0)
     float* u;              // [B, D] out: dx of row i for a unit row weight (0 for ignored rows)
+    u32* k_iy;             // [B] in (valid rows, attn_fwd) / out (0 for ignored rows); null when K = 1
     HeadParams p;
     int n_cs;              // class splits of the forward
     int b;                 // B
-    int c;                 // C
+    int c;                 // C (classes)
     int d;                 // D
+    int k;                 // K, sub-centers per class (>= 1)
+    int _pad0;
 };
-FC_ASSERT_LAYOUT(AttnCombineArgs<float>, 192, p, 120, d, 188);
+FC_ASSERT_LAYOUT(AttnCombineArgs<float>, 208, p, 128, _pad0, 204);
 
 // attn_bwd_d<DP>[_scalar]_<T>: one CTA per class tile
 template <typename T>
 struct AttnBwdArgs {
     const T* x;            // [B, D] in
-    const T* w;            // [C, D] in
+    const T* w;            // [C*K, D] in (class j sub-center k: row j*K + k)
     const int* labels;     // [B] in
     const float* inv_x;    // [B] in (attn_fwd)
-    const float* inv_w;    // [C] in (attn_fwd)
+    const float* inv_w;    // [C*K] in (attn_fwd)
     const float* t;        // [B] in (forward)
     const float* dt;       // [B] in (forward)
     const float* lse;      // [B] in (forward)
@@ -423,15 +429,16 @@ struct AttnBwdArgs {
     const float* loss_rows; // [B] in: the forward's row losses (read only when total is set)
     T* dx;                 // [B, D] out in T; null when dx32 is set
     float* dx32;           // [B, D] out in f32; null when dx is set
-    T* dw;                 // [C, D] out in T; null when dw32 is set
-    float* dw32;           // [C, D] out in f32; null when dw is set
+    T* dw;                 // [C*K, D] out in T; null when dw32 is set
+    float* dw32;           // [C*K, D] out in f32; null when dw is set
     float* total;          // [1] out: loss_scale * sum of loss_rows (block 0; head_reduce); may be null
+    const u32* k_iy;       // [B] in (forward): k*_iy; null when K = 1
     HeadParams p;
     float g_scale;         // multiplies row_g (1 / N_valid for a mean)
     float loss_scale;      // the forward's reduction factor (1 / N_valid for a mean)
     int b;                 // B
-    int c;                 // C
+    int c;                 // C (classes; W and dW have C*K rows)
     int d;                 // D
-    int _pad0;
+    int k;                 // K, sub-centers per class (>= 1)
 };
-FC_ASSERT_LAYOUT(AttnBwdArgs<float>, 208, p, 128, _pad0, 204);
+FC_ASSERT_LAYOUT(AttnBwdArgs<float>, 216, p, 136, k, 212);

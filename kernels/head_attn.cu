@@ -36,6 +36,21 @@
 // DP = 2048 (bf16): 16 resident rows, one T buffer, and the S product split over K between 4
 // warp groups (AttnCfg says how); the rest is the same skeleton.
 //
+// Sub-centers (SPEC 5b; args.k = K >= 1 rows of W per class, class j's sub-center k at row
+// j K + k): c_ij = max_k c_ijk, ties to the lowest k. The W tiles are class-aligned: a
+// streamed forward tile holds CPT = floor(BT / K) whole classes (TW = CPT K rows, the rest of
+// the BT rows masked), a resident backward tile floor(RM / K) classes, so a class's K columns
+// are always in one tile. The prologue takes the target's K f64 cosines and keeps the max
+// (k*_iy, written to args.k_iy); in the tile the target class's other columns get z = -inf,
+// so the row maximum is the max over the columns as before. One shared-memory pass (s_z) then
+// lets every thread see its class's K values, and only each class's arg-max column
+// (kept_column: the lowest k reaching the max of the K f32 z values) enters l, sum z and
+// E, so O sums p_ij wh_j(k*_ij), each class once. The combine takes the target's row
+// y K + k*_iy; the backward recomputes the same z, keeps dc on the same columns (the target's
+// k*_iy from the forward), and writes dW rows of sub-centers no row picks as 0. Label
+// smoothing with K > 1 is refused on the host (its swh term would depend on the row). K = 1
+// runs the arithmetic it ran before (no s_z pass, every column its class's arg-max).
+//
 // Names: <op>_<pass>_d<DP>[_scalar]_<dtype>: DP = 128 for D <= 128, 512 for D <= 512, 2048 for
 // D <= 2048 (bf16 only); `_scalar`
 // takes any D and alignment with element loads.
@@ -241,6 +256,26 @@ template <int N> __device__ __forceinline__ float max_of_parts(const float* part
     return m;
 }
 
+// Sub-centers (SPEC 5b): whether column cl, class jl's sub-center cl - jl K, is the one that
+// class counts through. zs: the K values of the row's class group at zs[jl K ..] (a z row of
+// the forward, a cosine-logit row of the backward). The target class: its k*_iy (from the
+// forward's f64 cosines); another class: the lowest k reaching the max of its K f32 values (a
+// NaN wins and stays, as ref_head's class_cos), so near-ties may differ from the f64 oracle.
+__device__ __forceinline__ bool kept_column(const float* zs, int jl, int cl, int K, bool target, int kt) {
+    const int k = cl - jl * K;
+    if (target) return k == kt;
+    const float* r = zs + jl * K;
+    float m = r[0];
+    int kb = 0;
+    for (int kk = 1; kk < K; ++kk) {
+        if (nan_max_takes(r[kk], m)) {
+            m = r[kk];
+            kb = kk;
+        }
+    }
+    return kb == k;
+}
+
 // ---- forward ------------------------------------------------------------------------------
 template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd(const AttnFwdArgs<T>& a) {
     using Cfg = AttnCfg<T, DP>;
@@ -260,16 +295,20 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
     __shared__ float s_invx[RM], s_invw[BT], s_zt[RM], s_m[RM], s_l[RM], s_sz[RM], s_scale[RM];
     __shared__ float s_pmax[SWN][RM], s_pl[SWN][RM], s_psz[SWN][RM];
     __shared__ float s_red[KS > 1 ? KS - 1 : 1][KS > 1 ? RM : 1][KS > 1 ? BT : 1];  // split-K partials
-    __shared__ int s_y[RM];
+    __shared__ float s_z[RM][BT];  // K > 1: the tile's z, for each class's arg-max column
+    __shared__ int s_y[RM], s_kt[RM];
 
     const HeadParams& p = a.p;
-    const int B = a.b, C = a.c, D = a.d;
+    const int B = a.b, C = a.c, D = a.d, K = a.k;
     const int tid = threadIdx.x, lane = tid % WARP_SIZE, warp = tid / WARP_SIZE;
     const int g = lane >> 2, q = lane & 3;
     const int r0 = blockIdx.x * RM, split = blockIdx.y;
-    const int n_ct = ceil_div(C, BT);
+    // Class-aligned tiles (SPEC 5b): a W tile holds CPT whole classes, TW = CPT K rows (the
+    // rest masked), so that each class's arg-max is taken inside one tile. K = 1: BT classes.
+    const int CPT = BT / K, TW = CPT * K, CK = C * K;
+    const int n_ct = ceil_div(C, CPT);
     const int ct_begin = split * a.tiles_per_split, ct_end = min(n_ct, ct_begin + a.tiles_per_split);
-    const int cb = ct_begin * BT, ce = min(C, ct_end * BT);  // this split's classes
+    const int cb = ct_begin * CPT, ce = min(C, ct_end * CPT);  // this split's classes
     // S warp: fragment swarp, K range ks (warp-uniform); only group ks = 0 runs the S epilogue.
     const int swarp = KS == 1 ? warp : warp % SW, ks = KS == 1 ? 0 : warp / SW;
     const bool s_owner = KS == 1 || ks == 0;
@@ -278,11 +317,12 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
     const bool ls_on = p.ls != 0.0f, first_rt = blockIdx.x == 0;
 
     attn_load<T, VEC, RM, DP, NT>(sR, P, a.x, r0, B, D);
-    if (ct_begin < ct_end) attn_load<T, VEC, BT, DP, NT>(sT, P, a.w, cb, C, D);
+    if (ct_begin < ct_end) attn_load<T, VEC, BT, DP, NT>(sT, P, a.w, cb * K, CK, D);
     cp_async_commit();
     if (tid < RM) {
         const int r = r0 + tid;
         s_y[tid] = r < B ? a.labels[r] : -1;
+        s_kt[tid] = 0;
         s_m[tid] = -FC_INF;
         s_l[tid] = 0.0f;
         s_sz[tid] = 0.0f;
@@ -291,11 +331,25 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
     __syncthreads();
     // Rows whose target class is in this split: c_iy in f64 from global x and W (head.cuh:
     // target_cos says why), t_i from lane 0. Warp-uniform branch: the shuffles are whole.
+    // K > 1: the max of the target's K f64 cosines, k*_iy the lowest k reaching it (a NaN wins
+    // and stays, as ref_margin), kept in s_kt for the tiles and written for the combine.
     for (int rl = warp; rl < RM; rl += NT / WARP_SIZE) {
         const int y = s_y[rl], r = r0 + rl;
         if (y >= cb && y < ce) {
-            const double c = target_cos_warp(a.x + (size_t)r * D, a.w + (size_t)y * D, D, lane);
+            const T* xr = a.x + (size_t)r * D;
+            const T* wy = a.w + (size_t)y * K * D;
+            double c = target_cos_warp(xr, wy, D, lane);
+            int kb = 0;
+            for (int k = 1; k < K; ++k) {
+                const double ck = target_cos_warp(xr, wy + (size_t)k * D, D, lane);
+                if (nan_max_takes(ck, c)) {
+                    c = ck;
+                    kb = k;
+                }
+            }
             if (lane == 0) {
+                s_kt[rl] = kb;
+                if (a.k_iy) a.k_iy[r] = (u32)kb;
                 const TargetLogit tl = target_logit(p, c, p.cloud != 0 ? a.sigma[y] : 0.0f, (u32)r);
                 a.c_iy[r] = tl.c;
                 a.t[r] = tl.t;
@@ -317,17 +371,17 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
     for (int k = 0; k < NSW; ++k) sw[k] = 0.0f;
 
     for (int ct = ct_begin; ct < ct_end; ++ct) {
-        const int c0 = ct * BT;
+        const int c0 = ct * CPT, w0 = c0 * K;  // the tile's first class and W row
         T* cur = sT + (Cfg::STAGES == 2 ? ((ct - ct_begin) & 1) : 0) * BT * P;
         if (Cfg::STAGES == 2 && ct + 1 < ct_end) {
             // The other buffer was last read in the previous iteration, which ended with __syncthreads.
-            attn_load<T, VEC, BT, DP, NT>(sT + ((ct + 1 - ct_begin) & 1) * BT * P, P, a.w, c0 + BT, C, D);
+            attn_load<T, VEC, BT, DP, NT>(sT + ((ct + 1 - ct_begin) & 1) * BT * P, P, a.w, w0 + TW, CK, D);
         }
         cp_async_commit();
         tile_inv_norms<T, BT, DP>(cur, P, s_invw);
         __syncthreads();  // s_invw (and, on the first tile, s_invx) visible
-        if (first_rt && tid < BT && c0 + tid < C) a.inv_w[c0 + tid] = s_invw[tid];
-        if (first_rt && ls_on) {
+        if (first_rt && tid < TW && w0 + tid < CK) a.inv_w[w0 + tid] = s_invw[tid];
+        if (first_rt && ls_on) {  // K = 1 only (the host refuses ls > 0 with K > 1)
 #pragma unroll
             for (int k = 0; k < NSW; ++k) {
                 const int col = tid + k * NT;
@@ -341,7 +395,10 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
         s_split_k_reduce<KS, RM, BT>(sacc, &s_red[0][0][0], ks, sm0, sn0);
         const A* accT = acc_operand<T, BT, DP>(cur, sC, P);
 
-        // z in place of the products (-inf past C), then each row's maximum over the tile.
+        // z in place of the products (-inf past C and past the tile's TW rows), then each row's
+        // maximum over the tile. K > 1: column cl is class c0 + cl / K's sub-center cl % K; the
+        // target class's columns other than k*_iy get -inf (the margin acts on k*_iy's only),
+        // and z goes to s_z for the arg-max pass (published by the next __syncthreads).
         if (s_owner) {
 #pragma unroll
         for (int mi = 0; mi < SMI; ++mi)
@@ -354,13 +411,14 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
                 for (int ni = 0; ni < SNI; ++ni)
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        const int cl = sn0 + ni * 8 + 2 * q + e, j = c0 + cl;
+                        const int cl = sn0 + ni * 8 + 2 * q + e, jl = cl / K, j = c0 + jl;
                         float z = -FC_INF;
-                        if (j < C) {
+                        if (cl < TW && j < C) {
                             const float c = clamp_cos(sacc[mi][ni][2 * h + e] * s_invx[rl] * s_invw[cl]);
-                            z = j == y ? s_zt[rl] : p.s * c;
+                            z = j != y ? p.s * c : (cl - jl * K == s_kt[rl] ? s_zt[rl] : -FC_INF);
                         }
                         sacc[mi][ni][2 * h + e] = z;
+                        if (K > 1) s_z[rl][cl] = z;
                         mx = fmaxf(mx, z);
                     }
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -376,7 +434,9 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
         }
         __syncthreads();
         // E = exp(z - m) * inv_w (0 for the target column and past C); the row sums of
-        // exp(z - m) (target included) and of z.
+        // exp(z - m) (target included) and of z. K > 1: only each class's arg-max column
+        // counts (kept_column: the target's k*_iy, another class's lowest arg-max of its K z),
+        // so l, sum z and O see each class once, through its dominant sub-center.
         if (s_owner) {
 #pragma unroll
         for (int mi = 0; mi < SMI; ++mi)
@@ -390,15 +450,16 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
                 for (int ni = 0; ni < SNI; ++ni)
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        const int cl = sn0 + ni * 8 + 2 * q + e, j = c0 + cl;
+                        const int cl = sn0 + ni * 8 + 2 * q + e, jl = cl / K, j = c0 + jl;
                         const float z = sacc[mi][ni][2 * h + e];
+                        const bool keep = cl < TW && j < C && (K == 1 || kept_column(&s_z[rl][0], jl, cl, K, j == y, s_kt[rl]));
                         float pe = 0.0f;
-                        if (j < C) {
+                        if (keep) {
                             pe = expf(z - m);
                             lp += pe;
                             lz += z;
                         }
-                        sE[rl * EP + cl] = from_f32<A>(j < C && j != y ? pe * s_invw[cl] : 0.0f);
+                        sE[rl * EP + cl] = from_f32<A>(keep && j != y ? pe * s_invw[cl] : 0.0f);
                     }
                 lp += __shfl_xor_sync(0xffffffffu, lp, 1);
                 lp += __shfl_xor_sync(0xffffffffu, lp, 2);
@@ -426,7 +487,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_fwd
         acc_product<A, AMI, ANI, BT>(acc, sE, EP, am0, accT, P, an0);
         if (Cfg::STAGES == 1) {
             __syncthreads();  // everyone is done with the one buffer
-            if (ct + 1 < ct_end) attn_load<T, VEC, BT, DP, NT>(sT, P, a.w, c0 + BT, C, D);
+            if (ct + 1 < ct_end) attn_load<T, VEC, BT, DP, NT>(sT, P, a.w, w0 + TW, CK, D);
             cp_async_commit();
         }
         cp_async_wait<0>();
@@ -484,7 +545,9 @@ FC_ENTRY(attn_fwd_d2048_scalar_bf16, bf16_t, (ATTN_THREADS, 1), AttnFwdArgs, att
 // with O = sum_k exp(m_k - M) O_k over the splits and S = sum_k swh_k. The group holds dxh in
 // registers (DP / (32 WPR) per lane: 16 at DP = 512, 8 at DP = 2048); xh . dxh is each warp's
 // xor tree, then (WPR > 1) the warps' sums added in warp order through shared memory.
-// Ignored rows: zeros everywhere.
+// Sub-centers (K > 1): wh_y is the target's dominant sub-center's row, y K + k*_iy; ls = 0
+// (the host refuses ls > 0 with K > 1: S would depend on the row's arg-max sub-centers).
+// Ignored rows: zeros everywhere (k*_iy too).
 #define ATTN_DMAX 2048
 template <typename T, int DP> __device__ __forceinline__ void attn_combine(const AttnCombineArgs<T>& a) {
     constexpr int WPR = DP > 512 ? ATTN_THREADS / WARP_SIZE : 1;
@@ -507,6 +570,7 @@ template <typename T, int DP> __device__ __forceinline__ void attn_combine(const
             a.t[i] = 0.0f;
             a.alpha[i] = 0.0f;
             a.dt[i] = 0.0f;
+            if (a.k_iy) a.k_iy[i] = 0u;
         }
         for (int k = t; k < D; k += NT) u[k] = 0.0f;
         return;
@@ -541,10 +605,12 @@ template <typename T, int DP> __device__ __forceinline__ void attn_combine(const
             if (col < D) o[k] = fmaf(f, op[col], o[k]);
         }
     }
-    const float inv_l = 1.0f / acc.s, ix = a.inv_x[i], iwy = a.inv_w[y];
+    // The target's W row: its dominant sub-center y K + k*_iy (SPEC 5b; K = 1: row y).
+    const int wrow = a.k_iy ? y * a.k + (int)a.k_iy[i] : y;
+    const float inv_l = 1.0f / acc.s, ix = a.inv_x[i], iwy = a.inv_w[wrow];
     const float tc = (expm1f(zy - lse) + p.ls - p.ls_over_c) * a.dt[i];
     const T* xr = a.x + (size_t)i * D;
-    const T* wy = a.w + (size_t)y * D;
+    const T* wy = a.w + (size_t)wrow * D;
     float dot = 0.0f;
 #pragma unroll
     for (int k = 0; k < KL; ++k) {
@@ -610,23 +676,28 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
     T* sC = sE + RM * EP;  // f16 only: the scaled copy of the x tile
     __shared__ float s_invw[RM], s_invx[BT], s_lse[BT], s_zt[BT], s_dt[BT], s_wt[BT];
     __shared__ float s_dot[AWN][RM];
+    __shared__ float s_z[BT][RM];  // K > 1: each row's cosine logits of the tile, for the arg-max
+    __shared__ int s_kt[BT];
     __shared__ float s_red[KS > 1 ? KS - 1 : 1][KS > 1 ? RM : 1][KS > 1 ? BT : 1];  // split-K partials
     __shared__ int s_y[BT];
     __shared__ float s_xfr[SCALED ? BT : 1], s_xpow[SCALED ? BT : 1];
     __shared__ float s_cmax[SCALED ? SWN : 1][SCALED ? RM : 1], s_cls[SCALED ? RM : 1], s_resc[SCALED ? RM : 1];
 
     const HeadParams& p = a.p;
-    const int B = a.b, C = a.c, D = a.d;
+    const int B = a.b, C = a.c, D = a.d, K = a.k;
     const int tid = threadIdx.x, lane = tid % WARP_SIZE, warp = tid / WARP_SIZE;
     const int g = lane >> 2, q = lane & 3;
-    const int j0 = blockIdx.x * RM, n_rt = ceil_div(B, BT);
+    // Class-aligned tiles as in the forward: CPR whole classes, TW = CPR K resident W rows
+    // starting at row w0 (the rest masked). K = 1: RM classes.
+    const int CPR = RM / K, TW = CPR * K, CK = C * K;
+    const int j0 = blockIdx.x * CPR, w0 = j0 * K, n_rt = ceil_div(B, BT);
     // S warp: fragment swarp, K range ks (warp-uniform); only group ks = 0 runs the S epilogue.
     const int swarp = KS == 1 ? warp : warp % SW, ks = KS == 1 ? 0 : warp / SW;
     const bool s_owner = KS == 1 || ks == 0;
     const int sm0 = (swarp / SWN) * (RM / Cfg::SWM), sn0 = (swarp % SWN) * (BT / SWN);
     const int am0 = (warp / AWN) * (RM / Cfg::AWM), an0 = (warp % AWN) * (DP / AWN);
 
-    attn_load<T, VEC, RM, DP, NT>(sR, P, a.w, j0, C, D);
+    attn_load<T, VEC, RM, DP, NT>(sR, P, a.w, w0, CK, D);
     attn_load<T, VEC, BT, DP, NT>(sT, P, a.x, 0, B, D);
     cp_async_commit();
 
@@ -643,7 +714,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
         }
     }
     if (tid < RM) {
-        s_invw[tid] = j0 + tid < C ? a.inv_w[j0 + tid] : 0.0f;
+        s_invw[tid] = tid < TW && w0 + tid < CK ? a.inv_w[w0 + tid] : 0.0f;
         if constexpr (SCALED) s_cls[tid] = __int_as_float((127 + 64) << 23);  // 2^64: no value seen yet
     }
 
@@ -661,6 +732,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
             s_zt[tid] = y >= 0 ? p.s * a.t[r] : 0.0f;
             s_dt[tid] = y >= 0 ? a.dt[r] : 0.0f;
             s_wt[tid] = y >= 0 ? a.g_scale * (a.row_g ? a.row_g[r] : 1.0f) : 0.0f;
+            s_kt[tid] = y >= 0 && a.k_iy ? (int)a.k_iy[r] : 0;
             if constexpr (SCALED) split_pow2(s_invx[tid], s_xfr[tid], s_xpow[tid]);
         }
         cp_async_wait<0>();
@@ -678,12 +750,34 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
         // E[class][row] = dc * inv_x (SPEC 4; 0 for ignored rows, rows >= B, classes >= C); f16:
         // dc * frac_x here, the class scale below.
         static_assert(!(SCALED && KS > 1), "split-K: the f16 class scaling is not split");
+        if (K > 1) {
+            // Sub-centers: each (row, W row)'s cosine logit s c into s_z, so that every thread
+            // sees the K values of its class (spread over lanes and warps) and keeps the
+            // gradient on the class's arg-max row only, the forward's choice (kept_column,
+            // the same c as the forward computed).
+            if (s_owner) {
+#pragma unroll
+                for (int mi = 0; mi < SMI; ++mi)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int cl = sm0 + mi * 16 + g + 8 * h;
+#pragma unroll
+                        for (int ni = 0; ni < SNI; ++ni)
+#pragma unroll
+                            for (int e = 0; e < 2; ++e) {
+                                const int rl = sn0 + ni * 8 + 2 * q + e;
+                                s_z[rl][cl] = p.s * clamp_cos(sacc[mi][ni][2 * h + e] * s_invx[rl] * s_invw[cl]);
+                            }
+                    }
+            }
+            __syncthreads();  // s_z visible (K is the same in every thread)
+        }
         if (s_owner) {
 #pragma unroll
         for (int mi = 0; mi < SMI; ++mi)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const int cl = sm0 + mi * 16 + g + 8 * h, j = j0 + cl;
+                const int cl = sm0 + mi * 16 + g + 8 * h, jl = cl / K, j = j0 + jl;
 #pragma unroll
                 for (int ni = 0; ni < SNI; ++ni)
 #pragma unroll
@@ -691,7 +785,7 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
                         const int rl = sn0 + ni * 8 + 2 * q + e;
                         const int y = s_y[rl];
                         float dc = 0.0f;
-                        if (y >= 0 && j < C) {
+                        if (y >= 0 && cl < TW && j < C && (K == 1 || kept_column(&s_z[rl][0], jl, cl, K, j == y, s_kt[rl]))) {
                             const bool tgt = j == y;
                             // The forward's order of the two factors (the same rounding of c).
                             const float c = clamp_cos(sacc[mi][ni][2 * h + e] * s_invx[rl] * s_invw[cl]);
@@ -777,8 +871,8 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
     for (int mi = 0; mi < AMI; ++mi)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int cl = am0 + mi * 16 + g + 8 * h, j = j0 + cl;
-            if (j >= C) continue;
+            const int cl = am0 + mi * 16 + g + 8 * h, j = w0 + cl;  // j: the W row
+            if (cl >= TW || j >= CK) continue;
             const float iw = s_invw[cl];
             float dot = 0.0f;
 #pragma unroll

@@ -561,24 +561,38 @@ fn subcenter_problem(
     (x, w, labels, sigma)
 }
 
-/// A head step with K = 3 sub-centers on the CUDA backend (whose head path is the fused one
-/// by default: with sub-centers it runs the reference path) against the CPU backend: loss,
-/// c_iy, k*_iy exactly, dx and dW [C*K, D] at SPEC 8's tolerances, f32 and bf16.
+/// A head step with K = 3 sub-centers on the CUDA backend against the CPU backend: loss,
+/// c_iy, k*_iy exactly, dx and dW [C*K, D] at SPEC 8's tolerances, f32 and bf16, with the
+/// backend's head path fused (its default: sub-centers run on the attention-form kernels, and
+/// on the reference path with label smoothing or at a D those kernels do not take) and
+/// reference.
 #[test]
 fn head_step_with_subcenters_matches_cpu() {
     let Some(dev) = test_device() else { return };
     let cpu = CpuBackend::new();
     let (k, seed, step) = (3usize, 7, 11);
-    let mut picked = 0;
+    let (mut picked, mut fused_steps) = (0, 0);
     for (precision, loss_tol, grad_tol) in [(Precision::F32, 1e-5, 1e-4), (Precision::Bf16, 2e-3, 1e-2)] {
         for path in HeadPath::ALL {
             let be = cuda(&dev, precision).with_head_path(path);
             for cfg in [
                 HeadConfig { subcenters: k as u32, ..HeadConfig::arcface() },
                 HeadConfig { subcenters: k as u32, reduction: Reduction::None, ..HeadConfig::cosface() },
+                HeadConfig { subcenters: k as u32, label_smoothing: 0.1, ..HeadConfig::arcface() },
             ] {
-                for (b, c, d) in [(1usize, 1usize, 8usize), (13, 31, 40)] {
+                for (b, c, d) in [(1usize, 1usize, 8usize), (13, 31, 40), (5, 7, 600)] {
                     let shape = HeadShape { b, c, d };
+                    // The attention form takes D <= 512 in f32, D <= 2048 in bf16; no label smoothing.
+                    let fused = path == HeadPath::Fused
+                        && cfg.label_smoothing == 0.0
+                        && (d <= 512 || precision == Precision::Bf16);
+                    let runs = be.head_path_for(&cfg, shape);
+                    assert_eq!(
+                        runs,
+                        if fused { HeadPath::Fused } else { HeadPath::Reference },
+                        "{cfg:?} {shape:?}"
+                    );
+                    fused_steps += fused as usize;
                     let (x, w, labels, sigma) = subcenter_problem(b as u64 + 3 * c as u64, b, c, k, d);
                     let (xh, wh) = match precision {
                         Precision::Bf16 => (round_bf16(&x), round_bf16(&w)),
@@ -595,10 +609,12 @@ fn head_step_with_subcenters_matches_cpu() {
                         HeadBatch { shape, x: &dxs, w: &dws, labels: &labels, sigma_cloud: &ds, seed, step };
                     let got = be.head_forward_backward(&cfg, batch, &mut dx, &mut dw).unwrap();
                     let name = format!(
-                        "head K={k} {} {} {:?} B{b} C{c} D{d}",
+                        "head K={k} {} {} (runs {}) {:?} ls={} B{b} C{c} D{d}",
                         precision.name(),
                         path.name(),
-                        cfg.reduction
+                        runs.name(),
+                        cfg.reduction,
+                        cfg.label_smoothing
                     );
                     let rel = (got.loss - want.loss).abs() / want.loss.abs().max(1e-3);
                     println!("{name:<60} loss {:.6} vs {:.6} rel {rel:.2e}", got.loss, want.loss);
@@ -613,6 +629,7 @@ fn head_step_with_subcenters_matches_cpu() {
         }
     }
     assert!(picked > 0, "no row picked a sub-center other than 0");
+    assert!(fused_steps >= 8, "the fused path ran {fused_steps} steps with sub-centers");
 }
 
 /// EMA statistics with K = 3 sub-centers on the CUDA backend against the CPU backend over a
@@ -667,7 +684,7 @@ fn stats_with_subcenters_match_cpu() {
 }
 
 /// A short training run with 3 sub-centers per class on the CUDA backend (its fused default
-/// path switches to the reference path) follows the CPU backend's losses, f32 and bf16, as
+/// path, on the attention-form kernels) follows the CPU backend's losses, f32 and bf16, as
 /// `training_matches_cpu` does for one center per class; the checkpoint keeps W as [C, K, D].
 #[test]
 fn training_with_subcenters_matches_cpu() {

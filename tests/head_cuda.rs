@@ -550,8 +550,9 @@ fn separate_forward_and_backward_equal_forward_backward() {
 }
 
 /// `featcloud bench`'s check before it times sub-centers (SPEC 5b, issue 16), on a small
-/// shape in every dtype: K = 3 equal sub-centers give K = 1's loss on the path the backend
-/// runs K > 1 on. (The timing itself needs CUDA events: the GPU bundle runs it.)
+/// shape in every dtype: K = 3 equal sub-centers give K = 1's loss on both paths the table
+/// times (fused, which the backend runs K > 1 on, and reference). (The timing itself needs
+/// CUDA events: the GPU bundle runs it.)
 #[test]
 fn bench_subcenter_check_passes() {
     let Some(dev) = test_device() else { return };
@@ -564,8 +565,10 @@ fn bench_subcenter_check_passes() {
         cce_mib: 1.0,
         small: true,
     };
-    use featcloud::cli::bench::subcenter_duplicate_check as check;
-    assert!(check::<f32>(&dev, &s).unwrap() <= 1e-5);
-    assert!(check::<half::bf16>(&dev, &s).unwrap() <= 2e-3);
-    assert!(check::<half::f16>(&dev, &s).unwrap() <= 2e-3);
+    use featcloud::cli::bench::{subcenter_duplicate_check as check, SUBCENTER_PATHS};
+    for path in SUBCENTER_PATHS {
+        assert!(check::<f32>(&dev, &s, path).unwrap() <= 1e-5, "{}", path.name());
+        assert!(check::<half::bf16>(&dev, &s, path).unwrap() <= 2e-3, "{}", path.name());
+        assert!(check::<half::f16>(&dev, &s, path).unwrap() <= 2e-3, "{}", path.name());
+    }
 }

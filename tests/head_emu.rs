@@ -1004,7 +1004,7 @@ fn cvt_narrowing_matches_half() {
     }
 }
 
-// ---- sub-centers (SPEC 5b): the reference path ---------------------------------------------------
+// ---- sub-centers (SPEC 5b): the reference path and the fused attention form -----------------------
 
 /// The option sets of the sub-center checks: ArcFace with the one-sided cloud, label smoothing
 /// and the mean; the combined margin without cloud, with a per-row upstream, the clamp fallback
@@ -1162,17 +1162,41 @@ fn subcenter_forward_then_backward_equals_forward_backward() {
     }
 }
 
-/// Sub-centers on the fused path are refused with an error that names the option and the path
-/// that takes them; bad shapes and labels with sub-centers are errors before any launch: W rows
-/// not a multiple of K, a label >= C (C = W's rows / K, even where row y*K would still be in W),
-/// sigma_cloud with C*K entries; and a NaN in a target's other sub-center row reaches the loss
-/// and is named (the max over sub-centers keeps a NaN).
+/// Sub-centers on the fused path with label smoothing, with the tiles kernels asked for, or at
+/// a D the attention-form kernels do not take are refused with an error that names the option
+/// and the path that takes them; bad shapes and labels with sub-centers are errors before any
+/// launch: W rows not a multiple of K, a label >= C (C = W's rows / K, even where row y*K
+/// would still be in W), sigma_cloud with C*K entries; and a NaN in a target's other
+/// sub-center row reaches the loss and is named (the max over sub-centers keeps a NaN).
 #[test]
 fn subcenter_bad_inputs_are_errors() {
     let Some(dev) = emulated() else { return };
     let cfg = HeadConfig { subcenters: 3, ..HeadConfig::arcface() };
-    let msg = HeadOn::new(&*dev, cfg, HeadPath::Fused).expect_err("fused refuses K > 1").to_string();
+    let smoothed = HeadConfig { label_smoothing: 0.1, ..cfg };
+    let msg =
+        HeadOn::new(&*dev, smoothed, HeadPath::Fused).expect_err("fused refuses K > 1 with ls").to_string();
     assert!(msg.contains("head.subcenters") && msg.contains("HeadPath::Reference"), "{msg}");
+    let fused = HeadOn::new(&*dev, cfg, HeadPath::Fused).unwrap();
+    let tiles = HeadOn::new(&*dev, cfg, HeadPath::Fused)
+        .unwrap()
+        .with_tuning(FusedTuning { kernels: Some(FusedKernels::Tiles), ..Default::default() });
+    for (head, d, dtype) in [(&fused, 600, DType::F32), (&fused, 4096, DType::BF16), (&tiles, 16, DType::F32)]
+    {
+        let msg = head
+            .fused_kernels(HeadShape { b: 4, c: 5, d }, dtype)
+            .expect_err("no tiles with K > 1")
+            .to_string();
+        assert!(msg.contains("head.subcenters") && msg.contains("HeadPath::Reference"), "{msg}");
+        let (x, w) =
+            (Tensor::<f32>::zeros(&dev, &[4, d]).unwrap(), Tensor::<f32>::zeros(&dev, &[15, d]).unwrap());
+        if dtype == DType::F32 {
+            let e = head
+                .forward(&x, &w, &[0, 1, 2, 3], &Tensor::zeros(&dev, &[5]).unwrap(), 1, 1)
+                .expect_err("the call is refused too")
+                .to_string();
+            assert!(e.contains("head.subcenters"), "{e}");
+        }
+    }
     let head = HeadOn::new(&*dev, cfg, HeadPath::Reference).unwrap();
     let (b, c, d, k) = (5usize, 4usize, 8usize, 3usize);
     let mut rng = ChaCha8Rng::seed_from_u64(8);
@@ -1241,5 +1265,260 @@ fn fallback_none_matches_oracle_on_every_path() {
     }
     for region in [Region::Fallback, Region::Saturated] {
         assert!(regions.contains(&region), "the sweep never reaches {region:?}");
+    }
+}
+
+/// A sub-center problem ([`make_problem_subcenters`]) whose row 0 lies opposite every
+/// sub-center of its class (they are made near-equal), so that its target angle reaches the
+/// fallback region (theta + m2 > pi) also with K > 1.
+fn subcenter_problem(shape: HeadShape, k: usize, dt: DType, seed: u64) -> Prob {
+    use featcloud::cuda::head::verify::make_problem_subcenters;
+    let mut p = make_problem_subcenters(shape, k, dt, true, seed);
+    let d = shape.d;
+    if shape.b > 1 && p.labels[0] >= 0 {
+        let y = p.labels[0] as usize;
+        let base: Vec<f32> = p.x[..d].iter().map(|v| -v).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xfa11);
+        for kk in 0..k {
+            for (e, &v) in base.iter().enumerate() {
+                let jitter = if kk == 0 { 0.0 } else { 0.02 * rng.random_range(-1.0f32..1.0) };
+                p.w[(y * k + kk) * d + e] = dt.round(v + jitter);
+            }
+        }
+    }
+    p
+}
+
+/// The option sets of the fused sub-center checks (label smoothing 0: the fused path refuses
+/// it with K > 1): ArcFace with the one-sided cloud and the mean; CosFace with the symmetric
+/// cloud and the sum; the combined margin without cloud, with a per-row upstream, the clamp
+/// fallback and the straight-through margin gradient.
+fn fused_subcenter_configs(k: u32) -> [(&'static str, HeadConfig); 3] {
+    [
+        (
+            "arcface one_sided mean",
+            HeadConfig { subcenters: k, cloud: CloudMode::OneSided, ..HeadConfig::arcface() },
+        ),
+        (
+            "cosface symmetric sum",
+            HeadConfig {
+                subcenters: k,
+                cloud: CloudMode::Symmetric,
+                reduction: Reduction::Sum,
+                ..HeadConfig::cosface()
+            },
+        ),
+        (
+            "combined off none clamp straight_through",
+            HeadConfig {
+                subcenters: k,
+                cloud: CloudMode::Off,
+                reduction: Reduction::None,
+                fallback: Fallback::Clamp,
+                margin_grad: featcloud::config::MarginGrad::StraightThrough,
+                ..HeadConfig::combined()
+            },
+        ),
+    ]
+}
+
+/// The fused path's attention-form kernels with K = 1, 2, 3, 4 sub-centers per class against
+/// the f64 oracle at SPEC 8's tolerances in f32, bf16 and f16 (bf16 also at D = 2048, its
+/// other kernel family), every per-row output, k*_iy exactly (the target's arg-max is taken
+/// from f64 cosines, as the oracle's), dx and dW [C*K, D]; B = 1, C = 1, B not a multiple of
+/// the row tile (32 in f32, 64 in 16 bits), C not a multiple of the class tiles (floor(32 / K)
+/// classes streamed, floor(RM / K) resident), odd D (element loads), ignored rows poisoned
+/// with NaN, both margins, a row in the fallback region, the cloud on and off, and the
+/// class splits the dispatcher picks as well as a single split (several class tiles per CTA:
+/// the online rescaling across class-aligned tiles). Unpicked sub-centers get dW rows of
+/// exact zeros.
+#[test]
+fn subcenter_fused_head_matches_oracle() {
+    use featcloud::cuda::head::verify::{compare_with_oracle, run_device_with, RunOptions};
+    let Some(dev) = emulated() else { return };
+    let (mut picked, mut zero_rows, mut fallback, mut runs) = (0usize, 0usize, 0usize, 0usize);
+    let shapes = [(1usize, 1usize, 8usize), (7, 5, 13), (33, 11, 9), (70, 37, 64), (9, 90, 16), (3, 1, 24)];
+    for k in [1usize, 2, 3, 4] {
+        for dt in DTYPES {
+            let wide = (dt == DType::BF16).then_some((5usize, 9usize, 2048usize));
+            for (n, (b, c, d)) in shapes.into_iter().chain(wide).enumerate() {
+                for (ci, (name, cfg)) in fused_subcenter_configs(k as u32).into_iter().enumerate() {
+                    let shape = HeadShape { b, c, d };
+                    let mut p = subcenter_problem(shape, k, dt, 300 + n as u64 * 7 + k as u64);
+                    for i in (0..b).filter(|&i| p.labels[i] < 0) {
+                        p.x[i * d..(i + 1) * d].fill(f32::NAN);
+                    }
+                    // One split (every class tile in one CTA) on the first option set, the
+                    // dispatcher's on the others.
+                    let class_splits = (ci == 0).then_some(1);
+                    let tuning = FusedTuning {
+                        kernels: Some(FusedKernels::Attention),
+                        class_splits,
+                        ..Default::default()
+                    };
+                    let what =
+                        format!("{name} K={k} {} B={b} C={c} D={d} splits {class_splits:?}", dt.name());
+                    let r = run_device_with(
+                        &dev,
+                        HeadPath::Fused,
+                        &cfg,
+                        &p,
+                        GradDtype::Input,
+                        RunOptions { tuning, pad: 64 },
+                    )
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                    let cmp = compare_with_oracle(&cfg, &p, &r).unwrap();
+                    let (fo, go) = oracle_of(&cfg, &p);
+                    println!(
+                        "{what}: forward {:.2} and gradients {:.2} of the tolerance, k_iy equal {}",
+                        cmp.forward_ratio(dt),
+                        cmp.backward_ratio(dt),
+                        cmp.k_iy_equal
+                    );
+                    assert!(cmp.k_iy_equal, "{what}: k_iy {:?} oracle {:?}", r.k_iy, fo.rows.k_iy);
+                    assert!(cmp.passed(dt), "{what}: {cmp:?}");
+                    assert_eq!(r.dw.len(), c * k * d, "{what}: dW is [C*K, D]");
+                    for i in (0..b).filter(|&i| p.labels[i] < 0) {
+                        assert_eq!(r.k_iy[i], 0, "{what}: k_iy of ignored row {i}");
+                        assert!(
+                            r.dx[i * d..(i + 1) * d].iter().all(|&v| v == 0.0),
+                            "{what}: dx of ignored row {i}"
+                        );
+                    }
+                    fallback += fo.rows.region.iter().filter(|&&g| g == Region::Fallback).count();
+                    picked += r.k_iy.iter().filter(|&&v| v > 0).count();
+                    for row in 0..c * k {
+                        if go.dw[row * d..(row + 1) * d].iter().all(|&v| v == 0.0) {
+                            zero_rows += 1;
+                            assert!(
+                                r.dw[row * d..(row + 1) * d].iter().all(|&v| v == 0.0),
+                                "{what}: dW row {row} (a sub-center no row picks) is not 0"
+                            );
+                        }
+                    }
+                    runs += 1;
+                }
+            }
+        }
+    }
+    println!(
+        "{runs} runs; {picked} target rows picked a sub-center k > 0; {zero_rows} dW rows of unpicked \
+         sub-centers exactly 0; {fallback} rows in the fallback region"
+    );
+    assert!(
+        picked > 100 && zero_rows > 20 && fallback > 20,
+        "the sweep no longer exercises the sub-center choice"
+    );
+}
+
+/// K sub-centers that all equal their class's one row give the fused K = 1 head's results up to
+/// the regrouping of the class sums (the class-aligned tiles of floor(32 / K) classes group the
+/// classes differently from K = 1's tiles of 32, so the softmax sums are added in another
+/// order: not bitwise): every target output (c_iy, t, alpha, dt; from the same f64 cosines)
+/// bit for bit, k*_iy = 0 everywhere (ties to the lowest k), the loss and lse within 4 f32
+/// units, dx and dW of sub-center 0 within 1e-5 of the largest element (f32; 16-bit rounding
+/// of E in bf16 and f16 only at 1e-2, SPEC 8), the other sub-centers' dW rows exactly 0.
+#[test]
+fn subcenter_fused_duplicates_equal_the_plain_head() {
+    let Some(dev) = emulated() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(32);
+    let plain = HeadConfig { cloud: CloudMode::Symmetric, ..HeadConfig::arcface() };
+    let attention = FusedTuning { kernels: Some(FusedKernels::Attention), ..Default::default() };
+    for dt in DTYPES {
+        let p1 = case(&mut rng, HeadShape { b: 71, c: 37, d: 24 }, dt, 0.4);
+        let d = p1.shape.d;
+        let r1 = run_head_dt(&dev, HeadPath::Fused, &plain, attention, &p1, GradDtype::F32);
+        for k in [2usize, 3, 4] {
+            let mut pk = p1.clone();
+            pk.w = p1.w.chunks(d).flat_map(|row| row.repeat(k)).collect();
+            let cfg = HeadConfig { subcenters: k as u32, ..plain };
+            let rk = run_head_dt(&dev, HeadPath::Fused, &cfg, attention, &pk, GradDtype::F32);
+            let what = format!("{} K={k}", dt.name());
+            assert_eq!(rk.plan.kernels, FusedKernels::Attention, "{what}");
+            for n in 2..6 {
+                assert_eq!(bits(&rk.rows[n]), bits(&r1.rows[n]), "{what}: per-row output {n}");
+            }
+            assert!(rk.k_iy.iter().all(|&v| v == 0), "{what}: k_iy {:?}", rk.k_iy);
+            let ulps = |a: f32, b: f32| (a.to_bits() as i64 - b.to_bits() as i64).abs();
+            assert!(ulps(rk.loss, r1.loss) <= 4, "{what}: loss {} vs {}", rk.loss, r1.loss);
+            for n in 0..2 {
+                for (a, b) in rk.rows[n].iter().zip(&r1.rows[n]) {
+                    assert!(
+                        ulps(*a, *b) <= 4 || (a - b).abs() <= 1e-6,
+                        "{what}: per-row output {n}: {a} vs {b}"
+                    );
+                }
+            }
+            let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
+            let close = |a: &[f32], b: &[f32], name: &str| {
+                let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let err = a.iter().zip(b).fold(0.0f32, |m, (u, v)| m.max((u - v).abs()));
+                println!("{what}: {name} max error {:.2e} of max {scale:.2e}", err);
+                assert!(err <= tol * scale, "{what}: {name} max error {err} of max {scale}");
+            };
+            close(&rk.dx, &r1.dx, "dx");
+            let dw0: Vec<f32> = rk.dw.chunks(k * d).flat_map(|rows| rows[..d].to_vec()).collect();
+            close(&dw0, &r1.dw, "dW of sub-center 0");
+            for (j, rows) in rk.dw.chunks(k * d).enumerate() {
+                assert!(rows[d..].iter().all(|&v| v == 0.0), "{what}: dW of class {j}'s other sub-centers");
+            }
+        }
+    }
+}
+
+/// The fused head with sub-centers is bitwise deterministic in every block and thread order
+/// (ascending, descending, seeded random) on the emulated device, with the dispatcher's class
+/// splits and with two, with cp.async and element loads; forward() then backward() (k*_iy
+/// kept in the HeadForward) gives forward_backward()'s bits.
+#[test]
+fn subcenter_fused_head_is_deterministic() {
+    let Some(dev) = emulated() else { return };
+    let orders = [
+        (EmuOrder::Descending, EmuOrder::Descending),
+        (EmuOrder::Random(3), EmuOrder::Random(12345)),
+        (EmuOrder::Random(11), EmuOrder::Ascending),
+    ];
+    let attention = |scalar, class_splits| FusedTuning {
+        kernels: Some(FusedKernels::Attention),
+        scalar_loads: scalar,
+        class_splits,
+        ..Default::default()
+    };
+    for (k, dt) in [(3usize, DType::F32), (2, DType::BF16), (4, DType::F16), (3, DType::BF16)] {
+        let p = subcenter_problem(HeadShape { b: 70, c: 45, d: 32 }, k, dt, 17 + k as u64);
+        let cfg = HeadConfig { subcenters: k as u32, cloud: CloudMode::Symmetric, ..HeadConfig::arcface() };
+        for t in [attention(false, None), attention(true, Some(2))] {
+            dev.set_emu_order(EmuOrder::Ascending, EmuOrder::Ascending);
+            let a = run_head_dt(&dev, HeadPath::Fused, &cfg, t, &p, GradDtype::Input);
+            assert!(a.bits().iter().all(|&u| !f32::from_bits(u).is_nan()), "{}: NaN output", dt.name());
+            assert!(a.k_iy.iter().any(|&v| v > 0), "K={k}: no row picked a sub-center k > 0");
+            for (blocks, threads) in orders {
+                dev.set_emu_order(blocks, threads);
+                let o = run_head_dt(&dev, HeadPath::Fused, &cfg, t, &p, GradDtype::Input);
+                assert!(
+                    a.bits() == o.bits() && a.k_iy == o.k_iy,
+                    "{} K={k} {t:?}: results depend on the order (blocks {blocks:?}, threads {threads:?})",
+                    dt.name()
+                );
+            }
+            println!("{} K={k} {t:?}: bitwise equal in {} block/thread orders", dt.name(), orders.len() + 1);
+        }
+        dev.set_emu_order(EmuOrder::Ascending, EmuOrder::Ascending);
+        with_dtype!(dt, T => {
+            let head = HeadOn::new(&*dev, cfg, HeadPath::Fused).unwrap();
+            let HeadShape { b, c, d } = p.shape;
+            let x = Tensor::<T>::from_f32(&dev, &p.x, &[b, d]).unwrap();
+            let w = Tensor::<T>::from_f32(&dev, &p.w, &[c * k, d]).unwrap();
+            let sigma = Tensor::from_host(&dev, &p.sigma, &[c]).unwrap();
+            let up = HeadUpstream::Scalar(1.0);
+            let (f1, g1) = head.forward_backward(&x, &w, &p.labels, &sigma, 3, 4, up, GradDtype::F32).unwrap();
+            let f2 = head.forward(&x, &w, &p.labels, &sigma, 3, 4).unwrap();
+            let g2 = head.backward(&x, &w, &p.labels, &sigma, &f2, up, GradDtype::F32).unwrap();
+            assert_eq!(f1.loss.to_bits(), f2.loss.to_bits(), "K={k}: loss");
+            assert_eq!(f1.k_iy_to_host(&dev).unwrap(), f2.k_iy_to_host(&dev).unwrap(), "K={k}: k_iy");
+            for (a, b) in [(&g1.dx, &g2.dx), (&g1.dw, &g2.dw)] {
+                assert_eq!(bits(&a.to_f32_host(&dev).unwrap()), bits(&b.to_f32_host(&dev).unwrap()), "K={k}");
+            }
+        });
     }
 }

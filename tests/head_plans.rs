@@ -188,8 +188,8 @@ fn attention_plans_split_by_shape_only_and_cover_every_tile() {
                 ctas <= plan::ATTN_TARGET_CTAS.max(shape.b.div_ceil(rm)) + shape.b.div_ceil(rm),
                 "{ctas}"
             );
-            let fwd = plan::attn_fwd(dtype, shape, (splits, per), true, AttnFwdArgs::default());
-            let bwd = plan::attn_bwd(dtype, shape, true, AttnBwdArgs::default());
+            let fwd = plan::attn_fwd(dtype, shape, 1, (splits, per), true, AttnFwdArgs::default());
+            let bwd = plan::attn_bwd(dtype, shape, 1, true, AttnBwdArgs::default());
             let (fwd, bwd) = (fwd.unwrap(), bwd.unwrap());
             assert_eq!(fwd.grid, [shape.b.div_ceil(rm) as u32, splits as u32, 1]);
             assert_eq!(fwd.args_as::<AttnFwdArgs>().unwrap().tiles_per_split, per as i32);
@@ -212,14 +212,15 @@ fn attention_plans_split_by_shape_only_and_cover_every_tile() {
         }
         // D past the O accumulator is refused, not truncated (D > 512 outside bf16).
         let wide = HeadShape { b: 4, c: 4, d: if dtype == DType::BF16 { 2049 } else { 513 } };
-        assert!(plan::attn_fwd(dtype, wide, (1, 1), true, AttnFwdArgs::default()).is_err());
-        assert!(plan::attn_fwd(dtype, wide, (1, 1), false, AttnFwdArgs::default()).is_err());
+        assert!(plan::attn_fwd(dtype, wide, 1, (1, 1), true, AttnFwdArgs::default()).is_err());
+        assert!(plan::attn_fwd(dtype, wide, 1, (1, 1), false, AttnFwdArgs::default()).is_err());
         // Splits that leave a class tile out (or overlap past C) are refused.
         let (splits, per) = plan::attn_splits(dtype, SHAPE);
         assert!(
             plan::attn_fwd(
                 dtype,
                 SHAPE,
+                1,
                 (splits, per.saturating_sub(1).max(1)),
                 true,
                 AttnFwdArgs::default()
@@ -227,8 +228,8 @@ fn attention_plans_split_by_shape_only_and_cover_every_tile() {
             .is_err()
                 || per == 1
         );
-        assert!(plan::attn_fwd(dtype, SHAPE, (splits + 1, per), true, AttnFwdArgs::default()).is_err());
-        assert!(plan::attn_bwd(dtype, wide, true, AttnBwdArgs::default()).is_err());
+        assert!(plan::attn_fwd(dtype, SHAPE, 1, (splits + 1, per), true, AttnFwdArgs::default()).is_err());
+        assert!(plan::attn_bwd(dtype, wide, 1, true, AttnBwdArgs::default()).is_err());
     }
     // The device's SM count plays no part: the same shape gives the same grid everywhere.
     assert_eq!(plan::attn_splits(DType::BF16, SHAPE), plan::attn_splits(DType::BF16, SHAPE));
@@ -269,4 +270,53 @@ fn an_attention_step_is_three_launches_one_upload_one_readback_and_allocates_onl
     assert_eq!(second, want, "a second call of the same shape");
     assert_eq!(first.launches, 3);
     assert!(first.allocations > 11, "the first call allocates the scratch too");
+}
+
+/// Sub-centers (SPEC 5b) in the attention-form plans: class-aligned tiles of floor(32 / K)
+/// classes streamed in the forward (the splits cover ceil(C / that) tiles) and floor(RM / K)
+/// resident in the backward (its grid); K reaches every launch's arguments; a K larger than a
+/// tile's rows (16 at D > 512) is refused; the fused path takes K > 1 only where the attention
+/// form runs.
+#[test]
+fn attention_plans_with_subcenters_use_class_aligned_tiles() {
+    use featcloud::cuda::args::{AttnBwdArgs, AttnCombineArgs, AttnFwdArgs};
+    use featcloud::cuda::head::fused_takes_subcenters;
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let mut shapes = vec![SHAPE, HeadShape { b: 1, c: 1, d: 8 }, HeadShape { b: 512, c: 93_431, d: 512 }];
+        if dtype == DType::BF16 {
+            shapes.push(HeadShape { b: 64, c: 751, d: 2048 });
+        }
+        for shape in shapes {
+            let rm = plan::attn_rows(dtype, plan::attn_dp(shape.d));
+            for k in [1usize, 2, 3, 4, 16] {
+                let (splits, per) = plan::attn_splits_k(dtype, shape, k);
+                let n_ct = shape.c.div_ceil(32 / k);
+                assert_eq!(plan::attn_tile_classes(k), 32 / k);
+                assert!(
+                    splits * per >= n_ct && (splits - 1) * per < n_ct,
+                    "{shape:?} K={k}: {splits} x {per} for {n_ct}"
+                );
+                let fwd =
+                    plan::attn_fwd(dtype, shape, k, (splits, per), true, AttnFwdArgs::default()).unwrap();
+                let comb = plan::attn_combine(dtype, shape, k, splits, AttnCombineArgs::default()).unwrap();
+                let bwd = plan::attn_bwd(dtype, shape, k, true, AttnBwdArgs::default()).unwrap();
+                assert_eq!(fwd.args_as::<AttnFwdArgs>().unwrap().k, k as i32);
+                assert_eq!(comb.args_as::<AttnCombineArgs>().unwrap().k, k as i32);
+                assert_eq!(bwd.args_as::<AttnBwdArgs>().unwrap().k, k as i32);
+                assert_eq!(bwd.grid, [shape.c.div_ceil(rm / k) as u32, 1, 1], "{shape:?} K={k}");
+                assert!(fused_takes_subcenters(dtype, shape.d, k, plan::SM90_MAX_SMEM));
+                // A split count set by hand covers the same class-aligned tiles.
+                let (s2, p2) = plan::attn_split_tiles_k(shape, k, 2);
+                assert!(plan::attn_fwd(dtype, shape, k, (s2, p2), true, AttnFwdArgs::default()).is_ok());
+            }
+            for k in [0usize, rm.min(32) + 1] {
+                assert!(plan::attn_bwd(dtype, shape, k, true, AttnBwdArgs::default()).is_err(), "K={k}");
+                assert!(!fused_takes_subcenters(dtype, shape.d, k, plan::SM90_MAX_SMEM) || k == 0);
+            }
+        }
+        // Where the attention form does not run, the fused path takes K = 1 only.
+        let d = if dtype == DType::BF16 { 4096 } else { 1024 };
+        assert!(fused_takes_subcenters(dtype, d, 1, plan::SM90_MAX_SMEM));
+        assert!(!fused_takes_subcenters(dtype, d, 2, plan::SM90_MAX_SMEM));
+    }
 }

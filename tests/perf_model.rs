@@ -355,9 +355,9 @@ fn attention_launch_list() {
             let vec = plan::fused_vectorized(dtype, s.d);
             let (splits, per) = plan::attn_splits(dtype, s);
             let want = [
-                plan::attn_fwd(dtype, s, (splits, per), vec, AttnFwdArgs::default()).unwrap(),
-                plan::attn_combine(dtype, s, splits, AttnCombineArgs::default()).unwrap(),
-                plan::attn_bwd(dtype, s, vec, AttnBwdArgs::default()).unwrap(),
+                plan::attn_fwd(dtype, s, 1, (splits, per), vec, AttnFwdArgs::default()).unwrap(),
+                plan::attn_combine(dtype, s, 1, splits, AttnCombineArgs::default()).unwrap(),
+                plan::attn_bwd(dtype, s, 1, vec, AttnBwdArgs::default()).unwrap(),
             ];
             assert_eq!(p.kernels.len(), want.len(), "{dtype:?} {s:?}");
             for (k, l) in p.kernels.iter().zip(&want) {
@@ -537,4 +537,45 @@ fn attention_face_1m_anchor() {
     // block 0 reduces: each once.
     let hbm_b = x + w + 5.0 * 2048.0 * 4.0 + 4e6 + 2048.0 * 512.0 * 4.0 + 2048.0 * 4.0 + x + w + 2048.0 * 4.0;
     assert_eq!(b.traffic.hbm_bytes, hbm_b);
+}
+
+/// The attention form with K sub-centers (SPEC 5b): the same three launches; the forward's
+/// FLOPs scale with K times 32 / (K floor(32 / K)) (the masked rows of a class-aligned tile
+/// are still multiplied), the backward's with the resident tiles of floor(RM / K) classes;
+/// W's HBM bytes grow with K; K = 1 is `attention` itself; where the fused path does not take
+/// K (f32 at D > 512) there is no prediction.
+#[test]
+fn attention_with_subcenters_scales_with_k() {
+    let dev = h200();
+    for s in [shape(512, 93_431, 512), shape(64, 751, 2048)] {
+        let one = perf_model::attention(s, DType::BF16, &dev).unwrap();
+        let same = perf_model::attention_k(s, 1, DType::BF16, &dev).unwrap();
+        assert_eq!(one.total_ms(), same.total_ms());
+        for k in [2usize, 3, 4] {
+            let p = perf_model::attention_k(s, k, DType::BF16, &dev).unwrap();
+            assert_eq!(p.kernels.len(), 3);
+            let rm = plan::attn_rows(DType::BF16, plan::attn_dp(s.d));
+            let (cpt, cpr) = (32 / k, rm / k);
+            let fwd = |p: &PathModel| kernel(p, "attn_fwd").traffic.flops;
+            let bwd = |p: &PathModel| kernel(p, "attn_bwd").traffic.flops;
+            let want_f = s.c.div_ceil(cpt) as f64 / s.c.div_ceil(32) as f64;
+            let want_b = s.c.div_ceil(cpr) as f64 / s.c.div_ceil(rm) as f64;
+            assert!((fwd(&p) / fwd(&one) - want_f).abs() < 1e-9, "K={k} {s:?}");
+            assert!((bwd(&p) / bwd(&one) - want_b).abs() < 1e-9, "K={k} {s:?}");
+            // W read by the forward and the backward, dW written: at least 3 (K - 1) W more.
+            let w_bytes = (s.c * s.d * 2) as f64;
+            assert!(
+                p.hbm_bytes() - one.hbm_bytes() >= 2.5 * (k - 1) as f64 * w_bytes,
+                "K={k} {s:?}: W bytes scale with K"
+            );
+            println!(
+                "{s:?} K={k}: {:.3} ms predicted vs {:.3} ms at K = 1 ({:.2}x; FLOPs {:.2}x)",
+                p.total_ms(),
+                one.total_ms(),
+                p.total_ms() / one.total_ms(),
+                p.flops() / one.flops()
+            );
+        }
+    }
+    assert!(perf_model::attention_k(shape(64, 100, 1024), 3, DType::F32, &dev).is_none());
 }

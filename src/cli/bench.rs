@@ -10,9 +10,10 @@
 //! shows the roofline model's prediction (`src/cuda/perf_model.rs`, docs/PERF.md);
 //! `--model` prints only the model's per-kernel table and needs no GPU.
 //!
-//! Sub-centers (SPEC 5b): a second table times K = 3 beside K = 1 on the face shapes,
-//! on the path that takes K > 1 (the reference path today: the fused kernels refuse it),
-//! after checking that K = 3 with every class's sub-centers equal gives K = 1's loss.
+//! Sub-centers (SPEC 5b): a second table times K = 3 beside K = 1 on the face shapes, on
+//! the fused path (its attention-form kernels, what the CUDA backend runs K > 1 on) and on
+//! the reference path, after checking on each that K = 3 with every class's sub-centers equal
+//! gives K = 1's loss.
 
 use crate::config::HeadConfig;
 use crate::cuda::bench::{
@@ -334,11 +335,12 @@ fn bench_shape<T: DeviceElem>(
 /// The sub-center count the bench times beside K = 1 (the issue's and the paper's K).
 pub const BENCH_K: usize = 3;
 
-/// The path the CUDA backend runs K > 1 on (the fused kernels refuse it).
-const SUBCENTER_PATH: HeadPath = HeadPath::Reference;
+/// The paths the sub-center table times: the fused one (the attention-form kernels, which
+/// the CUDA backend runs K > 1 on without label smoothing) and the reference one.
+pub const SUBCENTER_PATHS: [HeadPath; 2] = [HeadPath::Fused, HeadPath::Reference];
 
-/// The two heads the sub-center bench compares (K = 1 and K = [`BENCH_K`], both on
-/// [`SUBCENTER_PATH`]) and one set of inputs for both.
+/// The two heads the sub-center bench compares (K = 1 and K = [`BENCH_K`], both on one
+/// path) and one set of inputs for both.
 struct SubcenterHeads<T: DeviceElem> {
     plain: CudaHead,
     sub: CudaHead,
@@ -346,11 +348,11 @@ struct SubcenterHeads<T: DeviceElem> {
 }
 
 impl<T: DeviceElem> SubcenterHeads<T> {
-    fn new(dev: &Arc<Device>, s: &BenchShape) -> anyhow::Result<Self> {
+    fn new(dev: &Arc<Device>, s: &BenchShape, path: HeadPath) -> anyhow::Result<Self> {
         let sub_cfg = HeadConfig { subcenters: BENCH_K as u32, ..HeadConfig::default() };
         Ok(Self {
-            plain: CudaHead::new(dev.clone(), HeadConfig::default(), SUBCENTER_PATH)?,
-            sub: CudaHead::new(dev.clone(), sub_cfg, SUBCENTER_PATH)?,
+            plain: CudaHead::new(dev.clone(), HeadConfig::default(), path)?,
+            sub: CudaHead::new(dev.clone(), sub_cfg, path)?,
             inp: inputs::<T>(dev, s)?,
         })
     }
@@ -382,21 +384,26 @@ impl<T: DeviceElem> SubcenterHeads<T> {
 
 /// The bench's correctness check before it times sub-centers: the loss of the K =
 /// [`BENCH_K`] head whose sub-centers all equal the K = 1 head's class rows, relative to
-/// K = 1's (SPEC 5b: equal sub-centers are the plain head), on shape `s`; an error past
-/// the SPEC 8 loss tolerance of `T`. Runs on the emulated device too.
-pub fn subcenter_duplicate_check<T: DeviceElem>(dev: &Arc<Device>, s: &BenchShape) -> anyhow::Result<f64> {
-    SubcenterHeads::<T>::new(dev, s)?.duplicate_check(dev, s)
+/// K = 1's (SPEC 5b: equal sub-centers are the plain head), on shape `s` and `path`; an
+/// error past the SPEC 8 loss tolerance of `T`. Runs on the emulated device too.
+pub fn subcenter_duplicate_check<T: DeviceElem>(
+    dev: &Arc<Device>,
+    s: &BenchShape,
+    path: HeadPath,
+) -> anyhow::Result<f64> {
+    SubcenterHeads::<T>::new(dev, s, path)?.duplicate_check(dev, s)
 }
 
-/// K = [`BENCH_K`] sub-centers beside K = 1 on shape `s`, both on the path the CUDA
-/// backend runs K > 1 on, after [`subcenter_duplicate_check`]. Needs a GPU (CUDA events).
+/// K = [`BENCH_K`] sub-centers beside K = 1 on shape `s`, both on `path`, after
+/// [`subcenter_duplicate_check`]. Needs a GPU (CUDA events).
 pub fn bench_subcenters<T: DeviceElem>(
     dev: &Arc<Device>,
     s: &BenchShape,
+    path: HeadPath,
     reps: usize,
 ) -> anyhow::Result<SubcenterRow> {
     let k = BENCH_K;
-    let heads = SubcenterHeads::<T>::new(dev, s)?;
+    let heads = SubcenterHeads::<T>::new(dev, s, path)?;
     let err = heads.duplicate_check(dev, s)?;
     let SubcenterHeads { plain, sub, inp } = &heads;
     let run = |h: &CudaHead, w: &Tensor<T>| {
@@ -422,7 +429,7 @@ pub fn bench_subcenters<T: DeviceElem>(
         shape: *s,
         dtype: T::DTYPE.name().into(),
         k,
-        path: SUBCENTER_PATH.name().into(),
+        path: path.name().into(),
         time_ratio: kk.timing.median_ms / k1.timing.median_ms,
         memory_ratio: kk.extra_mib / k1.extra_mib.max(1e-9),
         k1,
@@ -724,7 +731,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         }
     }
     println!(
-        "\nsub-centers (SPEC 5b): K = {BENCH_K} beside K = 1, bf16, on the path the CUDA backend runs K > 1 on"
+        "\nsub-centers (SPEC 5b): K = {BENCH_K} beside K = 1, bf16, on the fused path (what the CUDA backend \
+         runs K > 1 on) and the reference path"
     );
     println!(
         "{:<10} {:<9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>7}",
@@ -735,24 +743,26 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         if (args.quick && s.name != "face-93k") || args.only.as_deref().is_some_and(|o| !s.name.contains(o)) {
             continue;
         }
-        match bench_subcenters::<half::bf16>(&dev, s, reps) {
-            Ok(r) => {
-                println!(
-                    "{:<10} {:<9} {:>9.3} {:>9.3} {:>6.2}x {:>9.1} {:>9.1} {:>6.2}x",
-                    s.name,
-                    r.path,
-                    r.k1.timing.median_ms,
-                    r.kk.timing.median_ms,
-                    r.time_ratio,
-                    r.k1.extra_mib,
-                    r.kk.extra_mib,
-                    r.memory_ratio
-                );
-                subcenters.push(r);
-            }
-            Err(e) => {
-                println!("{:<10} K={BENCH_K}  ERROR: {e}", s.name);
-                failures.push(format!("{} K={BENCH_K}: {e}", s.name));
+        for path in SUBCENTER_PATHS {
+            match bench_subcenters::<half::bf16>(&dev, s, path, reps) {
+                Ok(r) => {
+                    println!(
+                        "{:<10} {:<9} {:>9.3} {:>9.3} {:>6.2}x {:>9.1} {:>9.1} {:>6.2}x",
+                        s.name,
+                        r.path,
+                        r.k1.timing.median_ms,
+                        r.kk.timing.median_ms,
+                        r.time_ratio,
+                        r.k1.extra_mib,
+                        r.kk.extra_mib,
+                        r.memory_ratio
+                    );
+                    subcenters.push(r);
+                }
+                Err(e) => {
+                    println!("{:<10} {:<9} K={BENCH_K}  ERROR: {e}", s.name, path.name());
+                    failures.push(format!("{} {} K={BENCH_K}: {e}", s.name, path.name()));
+                }
             }
         }
     }

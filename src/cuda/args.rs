@@ -733,7 +733,7 @@ unsafe impl KernelArgs for FusedBwdArgs {}
 pub struct AttnFwdArgs {
     /// `[B, D]` T in.
     pub x: DevPtr,
-    /// `[C, D]` T in.
+    /// `[C*K, D]` T in (class j's sub-center k: row j*K + k).
     pub w: DevPtr,
     /// `[B]` i32 in (< 0: ignored row).
     pub labels: DevPtr,
@@ -741,7 +741,7 @@ pub struct AttnFwdArgs {
     pub sigma: DevPtr,
     /// `[B]` f32 out: inverse norms of x (written by the split-0 CTAs).
     pub inv_x: DevPtr,
-    /// `[C]` f32 out: inverse norms of W (written by the row-tile-0 CTAs).
+    /// `[C*K]` f32 out: inverse norms of W's rows (written by the row-tile-0 CTAs).
     pub inv_w: DevPtr,
     /// `[3, n_cs, B]` f32 out: (max, sum exp, sum z) per class split.
     pub part: DevPtr,
@@ -757,20 +757,26 @@ pub struct AttnFwdArgs {
     pub alpha: DevPtr,
     /// `[B]` f32 out, valid rows only.
     pub dt: DevPtr,
+    /// `[B]` u32 out, valid rows only: k*_iy (SPEC 5b); null when K = 1.
+    pub k_iy: DevPtr,
     /// Head parameters.
     pub p: HeadParams,
     /// B.
     pub b: i32,
-    /// C.
+    /// C (classes; W has C*K rows).
     pub c: i32,
     /// D.
     pub d: i32,
     /// Class tiles per split.
     pub tiles_per_split: i32,
+    /// K, sub-centers per class (>= 1).
+    pub k: i32,
+    /// Padding (the struct's size a multiple of 8).
+    pub _pad0: i32,
 }
-const _: () = assert!(std::mem::size_of::<AttnFwdArgs>() == 176);
-const _: () = assert!(std::mem::offset_of!(AttnFwdArgs, p) == 104);
-const _: () = assert!(std::mem::offset_of!(AttnFwdArgs, tiles_per_split) == 172);
+const _: () = assert!(std::mem::size_of::<AttnFwdArgs>() == 192);
+const _: () = assert!(std::mem::offset_of!(AttnFwdArgs, p) == 112);
+const _: () = assert!(std::mem::offset_of!(AttnFwdArgs, _pad0) == 188);
 // SAFETY: #[repr(C)], Pod, and the layout of `AttnFwdArgs<T>` in kernels/args.cuh
 // (size and offsets asserted above and there).
 unsafe impl KernelArgs for AttnFwdArgs {}
@@ -782,13 +788,13 @@ unsafe impl KernelArgs for AttnFwdArgs {}
 pub struct AttnCombineArgs {
     /// `[B, D]` T in.
     pub x: DevPtr,
-    /// `[C, D]` T in.
+    /// `[C*K, D]` T in (class j's sub-center k: row j*K + k).
     pub w: DevPtr,
     /// `[B]` i32 in.
     pub labels: DevPtr,
     /// `[B]` f32 in.
     pub inv_x: DevPtr,
-    /// `[C]` f32 in.
+    /// `[C*K]` f32 in.
     pub inv_w: DevPtr,
     /// `[3, n_cs, B]` f32 in.
     pub part: DevPtr,
@@ -810,20 +816,27 @@ pub struct AttnCombineArgs {
     pub dt: DevPtr,
     /// `[B, D]` f32 out: dx of each row for a unit row weight.
     pub u: DevPtr,
+    /// `[B]` u32 in (valid rows, from `attn_fwd_*`) / out (0 for ignored rows): k*_iy; null
+    /// when K = 1.
+    pub k_iy: DevPtr,
     /// Head parameters.
     pub p: HeadParams,
     /// Class splits of the forward.
     pub n_cs: i32,
     /// B.
     pub b: i32,
-    /// C.
+    /// C (classes).
     pub c: i32,
     /// D.
     pub d: i32,
+    /// K, sub-centers per class (>= 1).
+    pub k: i32,
+    /// Padding (the struct's size a multiple of 8).
+    pub _pad0: i32,
 }
-const _: () = assert!(std::mem::size_of::<AttnCombineArgs>() == 192);
-const _: () = assert!(std::mem::offset_of!(AttnCombineArgs, p) == 120);
-const _: () = assert!(std::mem::offset_of!(AttnCombineArgs, d) == 188);
+const _: () = assert!(std::mem::size_of::<AttnCombineArgs>() == 208);
+const _: () = assert!(std::mem::offset_of!(AttnCombineArgs, p) == 128);
+const _: () = assert!(std::mem::offset_of!(AttnCombineArgs, _pad0) == 204);
 // SAFETY: #[repr(C)], Pod, and the layout of `AttnCombineArgs<T>` in kernels/args.cuh
 // (size and offsets asserted above and there).
 unsafe impl KernelArgs for AttnCombineArgs {}
@@ -835,13 +848,13 @@ unsafe impl KernelArgs for AttnCombineArgs {}
 pub struct AttnBwdArgs {
     /// `[B, D]` T in.
     pub x: DevPtr,
-    /// `[C, D]` T in.
+    /// `[C*K, D]` T in (class j's sub-center k: row j*K + k).
     pub w: DevPtr,
     /// `[B]` i32 in.
     pub labels: DevPtr,
     /// `[B]` f32 in.
     pub inv_x: DevPtr,
-    /// `[C]` f32 in.
+    /// `[C*K]` f32 in.
     pub inv_w: DevPtr,
     /// `[B]` f32 in (forward).
     pub t: DevPtr,
@@ -859,13 +872,15 @@ pub struct AttnBwdArgs {
     pub dx: DevPtr,
     /// `[B, D]` f32 out; null when `dx` is set.
     pub dx32: DevPtr,
-    /// `[C, D]` T out; null when `dw32` is set.
+    /// `[C*K, D]` T out; null when `dw32` is set.
     pub dw: DevPtr,
-    /// `[C, D]` f32 out; null when `dw` is set.
+    /// `[C*K, D]` f32 out; null when `dw` is set.
     pub dw32: DevPtr,
     /// `[1]` f32 out: `loss_scale` times the sum of `loss_rows` (the forward's reduced loss,
     /// computed by block 0 with `head_reduce`); may be null.
     pub total: DevPtr,
+    /// `[B]` u32 in (forward): k*_iy; null when K = 1.
+    pub k_iy: DevPtr,
     /// Head parameters.
     pub p: HeadParams,
     /// Multiplies row_g (1 / N_valid for a mean).
@@ -874,16 +889,16 @@ pub struct AttnBwdArgs {
     pub loss_scale: f32,
     /// B.
     pub b: i32,
-    /// C.
+    /// C (classes; W and dW have C*K rows).
     pub c: i32,
     /// D.
     pub d: i32,
-    /// Explicit padding; always 0.
-    pub _pad0: i32,
+    /// K, sub-centers per class (>= 1).
+    pub k: i32,
 }
-const _: () = assert!(std::mem::size_of::<AttnBwdArgs>() == 208);
-const _: () = assert!(std::mem::offset_of!(AttnBwdArgs, p) == 128);
-const _: () = assert!(std::mem::offset_of!(AttnBwdArgs, _pad0) == 204);
+const _: () = assert!(std::mem::size_of::<AttnBwdArgs>() == 216);
+const _: () = assert!(std::mem::offset_of!(AttnBwdArgs, p) == 136);
+const _: () = assert!(std::mem::offset_of!(AttnBwdArgs, k) == 212);
 // SAFETY: #[repr(C)], Pod, and the layout of `AttnBwdArgs<T>` in kernels/args.cuh
 // (size and offsets asserted above and there).
 unsafe impl KernelArgs for AttnBwdArgs {}

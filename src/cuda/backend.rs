@@ -11,8 +11,8 @@
 //!   (the optimizer updates are bitwise the CPU's: see the kernel file's header);
 //! - the margin head: [`crate::cuda::head::CudaHead`] (fused path by default) in
 //!   f32 or on bf16 copies of the f32 master embeddings and class weights, with
-//!   f32 gradients either way; with sub-centers (SPEC 5b) on the reference path, the one
-//!   that takes them;
+//!   f32 gradients either way; with sub-centers (SPEC 5b) on the fused path's attention
+//!   form where it takes them, else on the reference path ([`CudaBackend::head_path_for`]);
 //! - class statistics: [`ClassStats`], converted to and from the host
 //!   [`StatsState`] for checkpoints.
 //!
@@ -156,11 +156,37 @@ impl CudaBackend {
     }
 
     /// The same backend running the head on `path` (default [`HeadPath::Fused`]). A head with
-    /// sub-centers (`head.subcenters` > 1, SPEC 5b) runs on [`HeadPath::Reference`] whatever
-    /// `path` says: the fused kernels take one center per class.
+    /// sub-centers (`head.subcenters` > 1, SPEC 5b) runs on the fused path only where its
+    /// attention-form kernels take them, else on [`HeadPath::Reference`] (see
+    /// [`CudaBackend::head_path_for`]).
     pub fn with_head_path(mut self, path: HeadPath) -> Self {
         self.head_path = path;
         self
+    }
+
+    /// The head path a step with options `cfg` at `shape` runs: the backend's, except that
+    /// sub-centers (K > 1, SPEC 5b) leave the fused path for [`HeadPath::Reference`] where the
+    /// fused path does not take them: with label smoothing, or where its attention-form
+    /// kernels do not run (D, the storage dtype, the device's shared memory:
+    /// [`crate::cuda::head::fused_takes_subcenters`]).
+    pub fn head_path_for(&self, cfg: &HeadConfig, shape: HeadShape) -> HeadPath {
+        let k = cfg.subcenters as usize;
+        let dtype = match self.precision {
+            Precision::F32 => crate::DType::F32,
+            Precision::Bf16 => crate::DType::BF16,
+        };
+        let fused_takes = cfg.label_smoothing == 0.0
+            && crate::cuda::head::fused_takes_subcenters(
+                dtype,
+                shape.d,
+                k,
+                self.dev.info().max_smem_per_block,
+            );
+        if k > 1 && self.head_path == HeadPath::Fused && !fused_takes {
+            HeadPath::Reference
+        } else {
+            self.head_path
+        }
     }
 
     /// The device.
@@ -252,8 +278,12 @@ impl Backend for CudaBackend {
     type Stats = CudaStats;
 
     fn name(&self) -> String {
-        // The fused kernels do not take sub-centers (SPEC 5b): such heads run the reference path.
-        let sub = if self.head_path == HeadPath::Fused { "; reference with sub-centers" } else { "" };
+        // Sub-centers (SPEC 5b) run on the fused attention-form kernels where those take them.
+        let sub = if self.head_path == HeadPath::Fused {
+            "; sub-centers fused where the attention form takes them, else reference"
+        } else {
+            ""
+        };
         format!(
             "cuda ({}, {}, {} head{sub})",
             self.dev.info().name,
@@ -376,8 +406,7 @@ impl Backend for CudaBackend {
         same_len("head w", w.len(), ck * d)?;
         same_len("head dx", dx.len(), b * d)?;
         same_len("head dw", dw.len(), ck * d)?;
-        // Only the reference path takes sub-centers: K > 1 runs there whatever the backend's path.
-        let path = if cfg.subcenters > 1 { HeadPath::Reference } else { self.head_path };
+        let path = self.head_path_for(cfg, HeadShape { b, c, d });
         let mut kept = self.head.lock().unwrap_or_else(|p| p.into_inner());
         if kept.as_ref().is_none_or(|(c, h)| c != cfg || h.path() != path) {
             *kept = Some((*cfg, CudaHead::new(self.dev.clone(), *cfg, path)?));

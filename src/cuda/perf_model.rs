@@ -591,25 +591,38 @@ pub fn tiles(shape: HeadShape, dtype: DType, dev: &DeviceModel) -> PathModel {
 /// waves: its later wave re-reads its W from HBM unless all the W the earlier wave streams
 /// fits in L2.
 pub fn attention(shape: HeadShape, dtype: DType, dev: &DeviceModel) -> Option<PathModel> {
-    if !plan::attn_supported(dtype, shape.d, dev.max_smem_per_block) {
+    attention_k(shape, 1, dtype, dev)
+}
+
+/// [`attention`] with `k` sub-centers per class (SPEC 5b): W has C*K rows, streamed in
+/// class-aligned tiles of floor(BT / K) classes (K times that rows, the rest of a tile masked
+/// but still multiplied) in the forward and resident tiles of floor(RM / K) classes in the
+/// backward, so the FLOPs and W's bytes scale with K (a bit more where K divides neither BT
+/// nor RM); the forward's target cosines read K W rows per row. `None` where the fused path
+/// does not take K ([`crate::cuda::head::fused_takes_subcenters`]).
+pub fn attention_k(shape: HeadShape, k: usize, dtype: DType, dev: &DeviceModel) -> Option<PathModel> {
+    if !crate::cuda::head::fused_takes_subcenters(dtype, shape.d, k, dev.max_smem_per_block)
+        || !plan::attn_supported(dtype, shape.d, dev.max_smem_per_block)
+    {
         return None;
     }
     let HeadShape { b, c, d } = shape;
-    let (bf, cf, df, e) = (b as f64, c as f64, d as f64, dtype.size() as f64);
+    let (bf, cf, df, e, kf) = (b as f64, c as f64, d as f64, dtype.size() as f64, k as f64);
     let vec = plan::fused_vectorized(dtype, d);
     let rate = dev.tile_tflops(dtype);
     let (rm, bt, dp) = (plan::attn_rows(dtype, plan::attn_dp(d)), plan::ATTN_BT, plan::attn_dp(d));
     // One streamed tile against the resident rows: two products of RM x BT x DP.
     let tile_flops = 4.0 * (rm * bt * dp) as f64;
-    let (x_bytes, w_bytes) = (bf * df * e, cf * df * e);
+    let (x_bytes, w_bytes) = (bf * df * e, kf * cf * df * e);
     let supported = "attn_supported checked the dtype and D";
 
     // Forward: grid (row tiles, class splits), row tile fastest. CTA (r, s) loads its x tile,
     // streams split s's W tiles, computes the target cosines of its rows whose label is in
     // split s (x and W rows from global), writes (m, l, sum z) and O [D] f32 per row.
-    let (splits, per) = plan::attn_splits(dtype, shape);
-    let lf = plan::attn_fwd(dtype, shape, (splits, per), vec, AttnFwdArgs::default()).expect(supported);
-    let (n_rt, n_ct) = (b.div_ceil(rm), c.div_ceil(bt));
+    let (splits, per) = plan::attn_splits_k(dtype, shape, k);
+    let lf = plan::attn_fwd(dtype, shape, k, (splits, per), vec, AttnFwdArgs::default()).expect(supported);
+    let cpt = plan::attn_tile_classes(k);
+    let (n_rt, n_ct) = (b.div_ceil(rm), c.div_ceil(cpt));
     let flops = tile_flops * (n_rt * n_ct) as f64;
     let sf = splits as f64;
     // x is re-read by every split (shortest reuse distance: the CTAs of one row tile start
@@ -619,7 +632,7 @@ pub fn attention(shape: HeadShape, dtype: DType, dev: &DeviceModel) -> Option<Pa
     // CTAs start in grid order, `slots` at a time (one wave), and take equally long. A split
     // whose CTAs fall in waves w0..w1 reads its W once from HBM, then again in each later
     // wave unless the W that the previous wave streamed (all of its splits') fits in L2.
-    let split_w = |s: usize| (c.min((s + 1) * per * bt) - s * per * bt) as f64 * df * e;
+    let split_w = |s: usize| (c.min((s + 1) * per * cpt) - s * per * cpt) as f64 * kf * df * e;
     let slots = dev.sms * grid_model(dev, &lf).ctas_per_sm as usize;
     let last_cta = n_rt * splits - 1;
     let wave_w =
@@ -633,14 +646,14 @@ pub fn attention(shape: HeadShape, dtype: DType, dev: &DeviceModel) -> Option<Pa
         .sum::<f64>();
     let part = 3.0 * sf * bf * 4.0;
     let opart = sf * bf * df * 4.0;
-    // c_iy, t, alpha, dt per row; inv_x per row, inv_w per class.
-    let outs = 4.0 * bf * 4.0 + bf * 4.0 + cf * 4.0;
-    // x tiles by every split, W by every row tile, labels per CTA, the target rows' x and W
-    // rows, the partials and outputs.
-    let l2 = sf * x_bytes + n_rt as f64 * w_bytes + sf * bf * 4.0 + 2.0 * x_bytes + part + opart + outs;
+    // c_iy, t, alpha, dt (and k*_iy with K > 1) per row; inv_x per row, inv_w per W row.
+    let outs = if k > 1 { 5.0 } else { 4.0 } * bf * 4.0 + bf * 4.0 + kf * cf * 4.0;
+    // x tiles by every split, W by every row tile, labels per CTA, the target rows' x row
+    // and K W rows (the x row once per sub-center), the partials and outputs.
+    let l2 = sf * x_bytes + n_rt as f64 * w_bytes + sf * bf * 4.0 + 2.0 * kf * x_bytes + part + opart + outs;
     let x_hbm = if x_fit { x_bytes } else { sf * x_bytes };
     // The target W rows are a first touch (HBM), the target x rows are x again (L2).
-    let hbm = x_hbm + w_hbm + bf * 4.0 + x_bytes + part + opart + outs;
+    let hbm = x_hbm + w_hbm + bf * 4.0 + kf * x_bytes + part + opart + outs;
     // Every CTA streams `per` class tiles, except the last split's.
     let busiest = per as f64 / (n_rt * n_ct) as f64;
     let mut kernels = vec![launch_model(dev, &lf, Work { flops, tflops: rate, hbm, l2, busiest })];
@@ -648,7 +661,7 @@ pub fn attention(shape: HeadShape, dtype: DType, dev: &DeviceModel) -> Option<Pa
     // Combine: one warp per row (a block per row at DP = 2048) reads the row's split partials
     // (m twice), its O partials, labels, t, dt, inv_x, inv_w[y], the x row and the target W
     // row; writes lse, loss, u.
-    let lc = plan::attn_combine(dtype, shape, splits, AttnCombineArgs::default()).expect(supported);
+    let lc = plan::attn_combine(dtype, shape, k, splits, AttnCombineArgs::default()).expect(supported);
     let rows_per_cta = if dp > plan::ATTN_DMAX_ALL { 1 } else { WARP_ROWS };
     let scratch = part + opart;
     let rows_io = 5.0 * bf * 4.0 + 2.0 * bf * 4.0;
@@ -661,18 +674,18 @@ pub fn attention(shape: HeadShape, dtype: DType, dev: &DeviceModel) -> Option<Pa
     // with labels, inv_x, lse, t, dt per row (row_g too under per-row upstream weights: not
     // modelled); dW written once; dx = w_i u_i for its share of the rows; block 0 also
     // reduces the B row losses (forward_backward queues no head_reduce launch).
-    let lb = plan::attn_bwd(dtype, shape, vec, AttnBwdArgs::default()).expect(supported);
-    let (n_cb, n_rt) = (c.div_ceil(rm), b.div_ceil(bt));
+    let lb = plan::attn_bwd(dtype, shape, k, vec, AttnBwdArgs::default()).expect(supported);
+    let (n_cb, n_rt) = (c.div_ceil(plan::attn_bwd_classes(dtype, d, k)), b.div_ceil(bt));
     let flops = tile_flops * (n_cb * n_rt) as f64;
-    let rows_in = 5.0 * bf * 4.0;
+    let rows_in = if k > 1 { 6.0 } else { 5.0 } * bf * 4.0;
     let dx_io = u_bytes + bf * 4.0 + x_bytes + bf * 4.0;
-    let l2 = n_cb as f64 * (x_bytes + rows_in) + w_bytes + cf * 4.0 + dx_io + w_bytes;
+    let l2 = n_cb as f64 * (x_bytes + rows_in) + w_bytes + kf * cf * 4.0 + dx_io + w_bytes;
     // x is re-read by every CTA; the CTAs of one wave stream it together, so a set that
     // does not fit comes from HBM once per wave.
     let x_hbm =
         if L2Left::new(dev).fits(x_bytes) { x_bytes } else { grid_model(dev, &lb).waves as f64 * x_bytes };
     // u was written two kernels back: HBM.
-    let hbm = x_hbm + w_bytes + rows_in + cf * 4.0 + dx_io + w_bytes;
+    let hbm = x_hbm + w_bytes + rows_in + kf * cf * 4.0 + dx_io + w_bytes;
     let busiest = 1.0 / n_cb as f64;
     kernels.push(launch_model(dev, &lb, Work { flops, tflops: rate, hbm, l2, busiest }));
     Some(PathModel { path: "fused", kernel_set: Some(FusedKernels::Attention), kernels })

@@ -2,6 +2,9 @@
 //! lse, the loss and dx for a unit row weight (SPEC 4's attention form), the backward
 //! only dW, from the forward's saved state, and scales dx by the upstream weights.
 //!
+//! Sub-centers (SPEC 5b): with K > 1 the kernels take W `[C*K, D]` in class-aligned tiles,
+//! the forward writes [`HeadForward::k_iy`] and the backward reads it back; dW is `[C*K, D]`.
+//!
 //! Launches per call (checked by `tests/head_emu.rs` and `tests/head_plans.rs` through the
 //! device counters): forward 3 (tiles, combine, loss reduction); backward 1; forward_backward
 //! 3 (the backward's first block does the loss reduction). No memsets; the forward's scratch
@@ -24,7 +27,7 @@ pub(super) struct AttnSaved {
     pub u: Tensor<f32>,
     /// Inverse norms of x `[B]`, as the forward's tiles computed them.
     pub inv_x: Tensor<f32>,
-    /// Inverse norms of W `[C]`.
+    /// Inverse norms of W's rows `[C*K]`.
     pub inv_w: Tensor<f32>,
 }
 
@@ -40,19 +43,22 @@ pub(super) fn forward<T: DeviceElem>(
     defer_reduce: bool,
     scratch: &mut Scratch,
 ) -> Result<ForwardLaunched> {
-    let (shape, p) = (inp.shape, inp.p);
+    let (shape, p, k) = (inp.shape, inp.p, inp.k);
     let HeadShape { b, c, d } = shape;
-    // SAFETY: attn_fwd writes c_iy, t, alpha, dt of the valid rows and attn_combine_fwd every
-    // per-row element (the ignored rows' too) and every element of u; the split-0 CTAs
-    // write inv_x for every row, the row-tile-0 CTAs inv_w for every class.
+    // SAFETY: attn_fwd writes c_iy, t, alpha, dt (and with K > 1 k_iy) of the valid rows and
+    // attn_combine_fwd every per-row element (the ignored rows' too) and every element of u;
+    // the split-0 CTAs write inv_x for every row, the row-tile-0 CTAs inv_w for every W row.
     let mut out = unsafe { HeadForward::alloc_uninit(dev, shape, job.n_valid) }?;
     let saved = unsafe {
         AttnSaved {
             u: Tensor::uninit(dev, &[b, d])?,
             inv_x: Tensor::uninit(dev, &[b])?,
-            inv_w: Tensor::uninit(dev, &[c])?,
+            inv_w: Tensor::uninit(dev, &[c * k])?,
         }
     };
+    // SAFETY: as c_iy above (attn_fwd's valid rows, attn_combine_fwd's ignored rows).
+    out.k_iy = if k > 1 { Some(unsafe { Tensor::<u32>::uninit(dev, &[b]) }?) } else { None };
+    let k_iy = out.k_iy.as_ref().map_or(crate::cuda::DevPtr::NULL, |t| t.ptr());
     // The tiles write part and opart for every (split, row < B), and swh for every (split,
     // column < D) when ls > 0, the only case in which the combine reads it.
     let part = scratch.take(dev, Slot::Part, &[3 * splits * b])?;
@@ -62,6 +68,7 @@ pub(super) fn forward<T: DeviceElem>(
     let tiles = plan::attn_fwd(
         T::DTYPE,
         shape,
+        k,
         (splits, per),
         vectorized(inp.x, inp.w, d, scalar),
         AttnFwdArgs {
@@ -78,6 +85,7 @@ pub(super) fn forward<T: DeviceElem>(
             t: out.t.ptr(),
             alpha: out.alpha.ptr(),
             dt: out.dt.ptr(),
+            k_iy,
             p,
             ..Default::default()
         },
@@ -85,6 +93,7 @@ pub(super) fn forward<T: DeviceElem>(
     let combine = plan::attn_combine(
         T::DTYPE,
         shape,
+        k,
         splits,
         AttnCombineArgs {
             x: inp.x.ptr(),
@@ -102,17 +111,19 @@ pub(super) fn forward<T: DeviceElem>(
             alpha: out.alpha.ptr(),
             dt: out.dt.ptr(),
             u: saved.u.ptr(),
+            k_iy,
             p,
             ..Default::default()
         },
     )?;
     let reduce = (!defer_reduce).then(|| job.reduce(&out, &total));
-    // SAFETY: x [B, D], w [C, D] (the cp.async kernels only when D and both base addresses
-    // allow 16-byte chunks, checked in `vectorized`), labels/outputs [B], sigma [C] (unread
-    // when the cloud is off), part [3, splits, B], opart [splits, B, D], swh [splits, D] and
-    // u [B, D] with splits = the tile kernel's grid.y (plan::attn_splits, used by both);
-    // labels < C (HeadOn::check); D <= 512 (plan::attn_fwd refuses more); every output a
-    // distinct buffer; the dynamic shared memory is the kernel's (plan::attn_smem_bytes).
+    // SAFETY: x [B, D], w [C*K, D] (the cp.async kernels only when D and both base addresses
+    // allow 16-byte chunks, checked in `vectorized`), labels/outputs [B] (k_iy [B] or null
+    // with K = 1), sigma [C] (unread when the cloud is off), inv_w [C*K], part [3, splits, B],
+    // opart [splits, B, D], swh [splits, D] and u [B, D] with splits = the tile kernel's
+    // grid.y (plan::attn_splits_k, used by both); labels < C (HeadOn::check); D and K within
+    // the kernels' limits (plan::attn_fwd refuses others); every output a distinct buffer;
+    // the dynamic shared memory is the kernel's (plan::attn_smem_bytes).
     unsafe { dev.run(&[Some(tiles), Some(combine), reduce].into_iter().flatten().collect::<Vec<_>>()) }?;
     scratch.put(Slot::Part, part);
     scratch.put(Slot::Opart, opart);
@@ -160,16 +171,27 @@ pub(super) fn backward<T: DeviceElem>(
     scalar: bool,
     reduce: Option<(f32, crate::cuda::DevPtr)>,
 ) -> Result<Grads<T>> {
-    let (shape, p) = (inp.shape, inp.p);
+    let (shape, p, k) = (inp.shape, inp.p, inp.k);
     let HeadShape { b, c, d } = shape;
     let f32_grads = grad_dtype == GradDtype::F32 || T::DTYPE == DType::F32;
     // SAFETY: attn_bwd writes every element of dx (rows i < B over the grid-stride loop of
-    // its >= 1 CTAs) and of dW (each class row by the CTA of its tile, every column < D).
-    let (dx, dw) = unsafe { (grad_out::<T>(dev, f32_grads, b, d)?, grad_out::<T>(dev, f32_grads, c, d)?) };
+    // its >= 1 CTAs) and of dW (each W row by the CTA of its class tile, every column < D).
+    let (dx, dw) =
+        unsafe { (grad_out::<T>(dev, f32_grads, b, d)?, grad_out::<T>(dev, f32_grads, c * k, d)?) };
+    let k_iy = match (&fwd.k_iy, k) {
+        (_, 1) => crate::cuda::DevPtr::NULL,
+        (Some(t), _) => t.ptr(),
+        (None, _) => {
+            return Err(crate::error::Error::InvalidConfig(
+                "a forward with one center per class cannot feed a backward with sub-centers".into(),
+            ))
+        }
+    };
     let ((dxp, dx32), (dwp, dw32)) = (grad_ptrs(&dx), grad_ptrs(&dw));
     let l = plan::attn_bwd(
         T::DTYPE,
         shape,
+        k,
         vectorized(inp.x, inp.w, d, scalar),
         AttnBwdArgs {
             x: inp.x.ptr(),
@@ -185,6 +207,7 @@ pub(super) fn backward<T: DeviceElem>(
             loss_rows: fwd.row_loss.ptr(),
             total: reduce.map_or(crate::cuda::DevPtr::NULL, |r| r.1),
             loss_scale: reduce.map_or(0.0, |r| r.0),
+            k_iy,
             dx: dxp,
             dx32,
             dw: dwp,
@@ -194,9 +217,10 @@ pub(super) fn backward<T: DeviceElem>(
             ..Default::default()
         },
     )?;
-    // SAFETY: x [B, D], w [C, D] (cp.async kernels only when allowed, see `vectorized`),
-    // per-row inputs [B] from a forward at this shape (HeadOn::call checks it), inv_w [C],
-    // u [B, D]; exactly one of dx / dx32 and one of dw / dw32 non-null, each [B, D] / [C, D]
+    // SAFETY: x [B, D], w [C*K, D] (cp.async kernels only when allowed, see `vectorized`),
+    // per-row inputs [B] from a forward at this shape (HeadOn::call checks it; k_iy [B] when
+    // K > 1, checked above), inv_w [C*K], u [B, D]; exactly one of dx / dx32 and one of
+    // dw / dw32 non-null, each [B, D] / [C*K, D]
     // in its dtype; all distinct buffers; the dynamic shared memory is the kernel's; total,
     // when set, is the forward's [1] loss buffer and row_loss its [B] row losses.
     unsafe { dev.launch(&l) }?;

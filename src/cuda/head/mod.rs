@@ -25,9 +25,11 @@
 //! call allocates besides its outputs. The reference path materializes the
 //! B x C cosine and gradient matrices; the fused path never does.
 //!
-//! Sub-centers (SPEC 5b, `head.subcenters` = K > 1): W is `[C*K, D]` and only the
-//! reference path takes it (B x C*K matrices; [`HeadForward::k_iy`] reports each row's
-//! dominant target sub-center); [`HeadOn::new`] refuses K > 1 on the fused path.
+//! Sub-centers (SPEC 5b, `head.subcenters` = K > 1): W is `[C*K, D]`. The reference path
+//! takes any K (B x C*K matrices); the fused path takes K > 1 in its attention-form kernels
+//! (class-aligned tiles, each class counted once through its arg-max sub-center) without
+//! label smoothing, and refuses it where those kernels do not apply ([`HeadOn::fused_kernels`]).
+//! [`HeadForward::k_iy`] reports each row's dominant target sub-center.
 
 mod attn;
 mod fused;
@@ -117,7 +119,8 @@ pub struct HeadForward {
     /// dt_i / dc_iy [B], kept for the backward.
     dt: Tensor<f32>,
     /// k*_iy `[B]`, the target's dominant sub-center (SPEC 5b; 0 for ignored rows): written by
-    /// the reference path (any K), `None` from the fused path (K = 1 only: all 0).
+    /// the reference path (any K) and the attention-form kernels (K > 1); `None` from the
+    /// fused path with K = 1 (all 0).
     k_iy: Option<Tensor<u32>>,
     shape: HeadShape,
     /// What the attention-form kernels keep for their backward (dx for unit row weights,
@@ -137,8 +140,8 @@ impl HeadForward {
     }
 
     /// k*_iy `[B]` on the device, the target's dominant sub-center (SPEC 5b; 0 for ignored
-    /// rows), as the reference path writes it; `None` from the fused path, which takes one
-    /// center per class only (there every k*_iy is 0).
+    /// rows), as the reference path (any K) and the fused path (K > 1) write it; `None` from the
+    /// fused path with one center per class (there every k*_iy is 0).
     pub fn k_iy(&self) -> Option<&Tensor<u32>> {
         self.k_iy.as_ref()
     }
@@ -282,6 +285,17 @@ pub fn smoke(dev: &Device) -> Result<Vec<super::SmokeLine>> {
 
 inventory::submit! { super::SmokeCheck { family: "head", run: smoke } }
 
+/// Whether the fused path takes `k` sub-centers per class (SPEC 5b) for storage `dtype` and
+/// feature size `d` on a device allowing `max_smem` bytes of shared memory per block: K = 1
+/// always; K > 1 where the attention-form kernels run ([`attn_supported`]) and a resident
+/// tile holds a whole class (K <= 16 at D > 512, K <= 32 elsewhere). Label smoothing is a
+/// separate condition ([`HeadOn::new`] refuses it with K > 1 on the fused path).
+pub fn fused_takes_subcenters(dtype: DType, d: usize, k: usize, max_smem: u32) -> bool {
+    k == 1
+        || (attn_supported(dtype, d, max_smem)
+            && (1..=plan::attn_rows(dtype, plan::attn_dp(d)).min(plan::ATTN_BT)).contains(&k))
+}
+
 fn i32_dim(name: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Shape(format!("{name} = {v} exceeds i32 indexing")))
 }
@@ -304,11 +318,14 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
     /// A head with options `cfg` (validated here) running `path` on `dev`.
     pub fn new(dev: D, cfg: HeadConfig, path: HeadPath) -> Result<Self> {
         cfg.validate()?;
-        if cfg.subcenters != 1 && path == HeadPath::Fused {
+        if cfg.subcenters != 1 && path == HeadPath::Fused && cfg.label_smoothing != 0.0 {
+            // The attention form's label-smoothing term sums wh_j over the classes once for all
+            // rows; with sub-centers it would be each row's own arg-max rows (SPEC 5b).
             return Err(Error::InvalidConfig(format!(
-                "head.subcenters = {}: the fused CUDA head takes one center per class; sub-centers \
-                 (SPEC 5b) run on the reference path (HeadPath::Reference)",
-                cfg.subcenters
+                "head.subcenters = {} with head.label_smoothing = {}: the fused CUDA head takes \
+                 sub-centers without label smoothing only; run it on the reference path \
+                 (HeadPath::Reference)",
+                cfg.subcenters, cfg.label_smoothing
             )));
         }
         Ok(Self { dev, cfg, path, tuning: FusedTuning::default(), scratch: Mutex::new(Scratch::default()) })
@@ -369,9 +386,23 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
 
     /// The fused path's kernel set at `shape` for storage `dtype`: the tuning's, else the
     /// attention-form kernels where [`attn_supported`] holds on this device, else the tiles.
-    /// Asking for the attention form where it does not apply is an error.
+    /// Asking for the attention form where it does not apply is an error, and so is K > 1
+    /// sub-centers (SPEC 5b) anywhere but in the attention form ([`fused_takes_subcenters`]).
     pub fn fused_kernels(&self, shape: HeadShape, dtype: DType) -> Result<FusedKernels> {
         let ok = attn_supported(dtype, shape.d, self.dev.info().max_smem_per_block);
+        let k = self.subcenters();
+        if k > 1
+            && (!fused_takes_subcenters(dtype, shape.d, k, self.dev.info().max_smem_per_block)
+                || self.tuning.kernels == Some(FusedKernels::Tiles))
+        {
+            return Err(Error::InvalidConfig(format!(
+                "head.subcenters = {k}: the fused CUDA head takes sub-centers in its attention-form \
+                 kernels only, which do not run {} with D = {} on this device (or were not asked for); \
+                 run it on the reference path (HeadPath::Reference)",
+                dtype.name(),
+                shape.d
+            )));
+        }
         match self.tuning.kernels {
             Some(FusedKernels::Attention) if !ok => Err(Error::InvalidConfig(format!(
                 "the attention-form kernels take D <= {} ({} in bf16) and {} bytes of shared memory; got {} with D = {} on a device with {}",
@@ -391,9 +422,10 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
     /// The attention-form forward's (class splits, class tiles per split) at `shape`, as
     /// the dispatcher (or the tuning) picks them.
     pub fn attention_splits(&self, shape: HeadShape, dtype: DType) -> (usize, usize) {
+        let k = self.subcenters();
         match self.tuning.class_splits {
-            Some(n) => plan::attn_split_tiles(shape, n),
-            None => plan::attn_splits(dtype, shape),
+            Some(n) => plan::attn_split_tiles_k(shape, k, n),
+            None => plan::attn_splits_k(dtype, shape, k),
         }
     }
 
@@ -425,6 +457,7 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
             bwd_cols: self.bwd_cols(shape),
             g,
             s,
+            k: self.subcenters(),
         };
         plan::workspace_with_groups(self.path, shape, dtype, grad, plan)
     }
@@ -478,8 +511,8 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         i32_dim("B", b)?;
         i32_dim("C", c)?;
         i32_dim("D", d)?;
+        i32_dim("C*K", wrows)?;
         if self.path == HeadPath::Reference {
-            i32_dim("C*K", wrows)?;
             i32_dim("B*C*K", b * wrows)?;
             if b > 65_535 {
                 return Err(Error::Shape(format!("the reference path supports B <= 65535, got {b}")));
@@ -776,7 +809,7 @@ struct Inputs<'a, T: DeviceElem> {
     labels: &'a Tensor<i32>,
     /// B, C (classes), D; W has C*K rows.
     shape: HeadShape,
-    /// K, sub-centers per class (1 on the fused path).
+    /// K, sub-centers per class (1 on the fused tiles kernels).
     k: usize,
     p: HeadParams,
 }

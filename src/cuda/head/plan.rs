@@ -121,6 +121,7 @@ pub fn workspace_for(
         bwd_cols: backward_cols_for(shape, sm_count),
         g,
         s,
+        k: 1,
     };
     workspace_with_groups(path, shape, dtype, grad, plan)
 }
@@ -139,6 +140,8 @@ pub(super) struct Plan {
     pub(super) g: usize,
     /// Backward row splits.
     pub(super) s: usize,
+    /// Sub-centers per class (W has C*K rows; the attention form only).
+    pub(super) k: usize,
 }
 
 /// [`workspace_for`] with the fused path's launch choices given.
@@ -149,7 +152,7 @@ pub(super) fn workspace_with_groups(
     grad: GradDtype,
     plan: Plan,
 ) -> Workspace {
-    let Plan { kernels, class_splits: n_cs, fwd_cols, bwd_cols, g, s: splits } = plan;
+    let Plan { kernels, class_splits: n_cs, fwd_cols, bwd_cols, g, s: splits, k } = plan;
     let HeadShape { b, c, d } = shape;
     let f = 4;
     match path {
@@ -162,8 +165,9 @@ pub(super) fn workspace_with_groups(
         HeadPath::Fused if kernels == FusedKernels::Attention => {
             Workspace {
                 // split partials (part, opart, swh), the saved dx for unit weights and
-                // inverse norms, labels; the backward only the labels
-                forward: (3 * n_cs * b + n_cs * b * d + n_cs * d + b * d + b + c + b) * f,
+                // inverse norms (of W's C*K rows), labels; the backward only the labels
+                // (k*_iy, B u32 with K > 1, is an output like c_iy)
+                forward: (3 * n_cs * b + n_cs * b * d + n_cs * d + b * d + b + c * k + b) * f,
                 backward: b * f,
             }
         }
@@ -389,14 +393,14 @@ pub const ATTN_TARGET_CTAS: usize = 256;
 /// Whether the attention-form kernels handle feature size `d` in storage `dtype` on a device
 /// allowing `max_smem` bytes of shared memory per block: D <= [`ATTN_DMAX`] (D > 512: bf16
 /// only) and the kernel's shared memory. The D = 512 kernels need 134 KiB (f32), 135 KiB
-/// (bf16), 168 KiB (f16) plus ~4 KiB static: sm_90 (227 KiB) runs all three, sm_80 (163 KiB)
+/// (bf16), 168 KiB (f16) plus up to 12 KiB static: sm_90 (227 KiB) runs all three, sm_80 (163 KiB)
 /// f32 and bf16 (f16 takes the tiles), sm_86 and sm_89 (99 KiB) only the D <= 128 kernels.
-/// The bf16 D = 2048 kernels need 194 KiB plus ~10 KiB static: sm_90 only.
+/// The bf16 D = 2048 kernels need 194 KiB plus up to 12 KiB static: sm_90 only.
 pub fn attn_supported(dtype: DType, d: usize, max_smem: u32) -> bool {
     let dp = attn_dp(d);
     (1..=ATTN_DMAX).contains(&d)
         && (dp <= ATTN_DMAX_ALL || dtype == DType::BF16)
-        && attn_smem_bytes(dtype, dp) + attn_static_smem(dp) <= max_smem
+        && attn_smem_bytes(dtype, dp) + ATTN_STATIC_SMEM <= max_smem
 }
 
 /// The largest D the attention-form kernels take in every dtype (beyond it: bf16 only).
@@ -405,15 +409,11 @@ pub const ATTN_DMAX_ALL: usize = 512;
 /// Shared memory one block may use on sm_90 after opting in (CUDA programming guide).
 pub const SM90_MAX_SMEM: u32 = 232_448;
 
-/// Upper bound of the kernels' static shared memory (a few per-row arrays; at DP = 2048 also
-/// the split-K partials, 3 x 16 x 32 f32).
-fn attn_static_smem(dp: usize) -> u32 {
-    if dp > ATTN_DMAX_ALL {
-        4096 + 6144
-    } else {
-        4096
-    }
-}
+/// Upper bound of the kernels' static shared memory (ptxas reports at most 11,904 bytes): a
+/// few per-row arrays (4 KiB), the sub-centers' z tile (RM x BT f32: 8 KiB at 64 resident
+/// rows, 2 KiB at 16), and at DP = 2048 the split-K partials (3 x 16 x 32 f32, 6 KiB): 12 KiB
+/// either way.
+const ATTN_STATIC_SMEM: u32 = 12_288;
 
 /// Rows a CTA keeps resident (`AttnCfg<T, DP>::RM`): x rows in the forward, W rows in the
 /// backward.
@@ -454,14 +454,32 @@ pub fn attn_smem_bytes(dtype: DType, dp: usize) -> u32 {
     (((rm + stages * ATTN_BT) * (dp + pad) + rm * (ATTN_BT + pad)) * e) as u32
 }
 
-/// The forward's class splits at `shape`: (splits, class tiles of [`ATTN_BT`] per split), so
-/// that row tiles x splits reaches [`ATTN_TARGET_CTAS`] where the classes and
-/// [`ATTN_OPART_BUDGET`] allow, and no split is empty. A function of the shape only.
+/// The forward's class splits at `shape` with one center per class: [`attn_splits_k`] with K = 1.
 pub fn attn_splits(dtype: DType, shape: HeadShape) -> (usize, usize) {
+    attn_splits_k(dtype, shape, 1)
+}
+
+/// The forward's class splits at `shape` with `k` sub-centers per class: (splits, class tiles
+/// of [`attn_tile_classes`] per split), so that row tiles x splits reaches
+/// [`ATTN_TARGET_CTAS`] where the classes and [`ATTN_OPART_BUDGET`] allow, and no split is
+/// empty. A function of the shape and K only.
+pub fn attn_splits_k(dtype: DType, shape: HeadShape, k: usize) -> (usize, usize) {
     let n_rt = shape.b.div_ceil(attn_rows(dtype, attn_dp(shape.d)));
-    let budget = ATTN_OPART_BUDGET.max(shape.c * shape.d * dtype.size());
+    let budget = ATTN_OPART_BUDGET.max(shape.c * k * shape.d * dtype.size());
     let by_memory = (budget / (shape.b * shape.d * 4).max(1)).max(1);
-    attn_split_tiles(shape, ATTN_TARGET_CTAS.div_ceil(n_rt).min(by_memory))
+    attn_split_tiles_k(shape, k, ATTN_TARGET_CTAS.div_ceil(n_rt).min(by_memory))
+}
+
+/// Classes in one streamed W tile of the forward with `k` sub-centers per class: the tiles are
+/// class-aligned (SPEC 5b), floor([`ATTN_BT`] / K) whole classes, K times that W rows.
+pub fn attn_tile_classes(k: usize) -> usize {
+    ATTN_BT / k.max(1)
+}
+
+/// Classes in one resident W tile of the backward (a CTA) with `k` sub-centers per class:
+/// floor([`attn_rows`] / K) whole classes.
+pub fn attn_bwd_classes(dtype: DType, d: usize, k: usize) -> usize {
+    attn_rows(dtype, attn_dp(d)) / k.max(1)
 }
 
 /// The forward's O partials (`[splits][B][D]` f32) stay within this many bytes, or W's size
@@ -471,12 +489,31 @@ pub fn attn_splits(dtype: DType, shape: HeadShape) -> (usize, usize) {
 /// where it keeps the extra memory below Cut Cross-Entropy's 22 MiB.
 pub const ATTN_OPART_BUDGET: usize = 16 << 20;
 
-/// (splits, class tiles per split) for about `want` class splits (clamped to [1, class
-/// tiles]; every split gets the same number of tiles but the last, none is empty).
+/// (splits, class tiles per split) for about `want` class splits with one center per class:
+/// [`attn_split_tiles_k`] with K = 1.
 pub fn attn_split_tiles(shape: HeadShape, want: usize) -> (usize, usize) {
-    let n_ct = shape.c.div_ceil(ATTN_BT);
+    attn_split_tiles_k(shape, 1, want)
+}
+
+/// (splits, class tiles per split) for about `want` class splits with `k` sub-centers per class
+/// (clamped to [1, class tiles]; every split gets the same number of tiles but the last, none
+/// is empty).
+pub fn attn_split_tiles_k(shape: HeadShape, k: usize, want: usize) -> (usize, usize) {
+    let n_ct = shape.c.div_ceil(attn_tile_classes(k));
     let per = n_ct.div_ceil(want.clamp(1, n_ct));
     (n_ct.div_ceil(per), per)
+}
+
+/// K as the attention-form kernels take it: 1..=[`crate::config::MAX_SUBCENTERS`], at most the
+/// rows of a resident tile (16 at D > 512), so that a tile holds a whole class.
+fn attn_check_k(dtype: DType, d: usize, k: usize) -> Result<i32> {
+    if k == 0 || k > attn_rows(dtype, attn_dp(d)).min(ATTN_BT) {
+        return Err(Error::InvalidConfig(format!(
+            "the attention-form kernels take 1 to {} sub-centers per class here, got {k}",
+            attn_rows(dtype, attn_dp(d)).min(ATTN_BT)
+        )));
+    }
+    Ok(k as i32)
 }
 
 fn attn_kernel(dtype: DType, d: usize, vec: bool, fwd: bool) -> Result<Kernel> {
@@ -513,39 +550,46 @@ fn attn_check_d(d: usize) -> Result<()> {
     }
 }
 
-/// `attn_fwd_*`: grid (row tiles, `splits`), `per` class tiles per split ([`attn_splits`]
-/// or [`attn_split_tiles`]).
+/// `attn_fwd_*`: grid (row tiles, `splits`), `per` class tiles per split ([`attn_splits_k`]
+/// or [`attn_split_tiles_k`]) of [`attn_tile_classes`]`(k)` classes, `k` sub-centers each.
 pub fn attn_fwd(
     dtype: DType,
     shape: HeadShape,
+    k: usize,
     (splits, per): (usize, usize),
     vec: bool,
     mut a: AttnFwdArgs,
 ) -> Result<Launch> {
     attn_check_d(shape.d)?;
-    if splits == 0
-        || per == 0
-        || (splits - 1) * per >= shape.c.div_ceil(ATTN_BT)
-        || splits * per < shape.c.div_ceil(ATTN_BT)
-    {
+    a.k = attn_check_k(dtype, shape.d, k)?;
+    let n_ct = shape.c.div_ceil(attn_tile_classes(k));
+    if splits == 0 || per == 0 || (splits - 1) * per >= n_ct || splits * per < n_ct {
         return Err(Error::InvalidConfig(format!(
             "{splits} class splits of {per} tiles do not cover C = {}",
             shape.c
         )));
     }
-    let k = attn_kernel(dtype, shape.d, vec, true)?;
+    let kernel = attn_kernel(dtype, shape.d, vec, true)?;
     a.b = shape.b as i32;
     a.c = shape.c as i32;
     a.d = shape.d as i32;
     a.tiles_per_split = per as i32;
     let grid = [shape.b.div_ceil(attn_rows(dtype, attn_dp(shape.d))) as u32, splits as u32, 1];
-    Ok(Launch::new(k, grid, [THREADS, 1, 1], attn_smem_bytes(dtype, attn_dp(shape.d)), &a))
+    Ok(Launch::new(kernel, grid, [THREADS, 1, 1], attn_smem_bytes(dtype, attn_dp(shape.d)), &a))
 }
 
 /// `attn_combine_fwd_d512_*` (one warp per row) or `attn_combine_fwd_d2048_bf16` (one block
-/// per row, so that few rows still fill the device) over the forward's `splits`.
-pub fn attn_combine(dtype: DType, shape: HeadShape, splits: usize, mut a: AttnCombineArgs) -> Result<Launch> {
+/// per row, so that few rows still fill the device) over the forward's `splits`; `k`
+/// sub-centers per class.
+pub fn attn_combine(
+    dtype: DType,
+    shape: HeadShape,
+    k: usize,
+    splits: usize,
+    mut a: AttnCombineArgs,
+) -> Result<Launch> {
     attn_check_d(shape.d)?;
+    a.k = attn_check_k(dtype, shape.d, k)?;
     a.n_cs = splits as i32;
     a.b = shape.b as i32;
     a.c = shape.c as i32;
@@ -563,13 +607,14 @@ pub fn attn_combine(dtype: DType, shape: HeadShape, splits: usize, mut a: AttnCo
     }
 }
 
-/// `attn_bwd_*`: one CTA per class tile of [`attn_rows`] classes.
-pub fn attn_bwd(dtype: DType, shape: HeadShape, vec: bool, mut a: AttnBwdArgs) -> Result<Launch> {
+/// `attn_bwd_*`: one CTA per class tile of [`attn_bwd_classes`] classes (`k` sub-centers each).
+pub fn attn_bwd(dtype: DType, shape: HeadShape, k: usize, vec: bool, mut a: AttnBwdArgs) -> Result<Launch> {
     attn_check_d(shape.d)?;
-    let k = attn_kernel(dtype, shape.d, vec, false)?;
+    a.k = attn_check_k(dtype, shape.d, k)?;
+    let kernel = attn_kernel(dtype, shape.d, vec, false)?;
     a.b = shape.b as i32;
     a.c = shape.c as i32;
     a.d = shape.d as i32;
-    let grid = [shape.c.div_ceil(attn_rows(dtype, attn_dp(shape.d))) as u32, 1, 1];
-    Ok(Launch::new(k, grid, [THREADS, 1, 1], attn_smem_bytes(dtype, attn_dp(shape.d)), &a))
+    let grid = [shape.c.div_ceil(attn_bwd_classes(dtype, shape.d, k)) as u32, 1, 1];
+    Ok(Launch::new(kernel, grid, [THREADS, 1, 1], attn_smem_bytes(dtype, attn_dp(shape.d)), &a))
 }

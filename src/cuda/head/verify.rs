@@ -517,14 +517,19 @@ pub fn smoke(dev: &Device) -> Result<Vec<SmokeLine>> {
             }
         }
     }
-    // Sub-centers (SPEC 5b), on the reference path, the one that takes them.
+    // Sub-centers (SPEC 5b), on the reference path and on the fused attention form (where
+    // this device runs it: D = 64 needs the D <= 128 kernels' shared memory).
     let shape = HeadShape { b: 37, c: 100, d: 64 };
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         let cfg = HeadConfig { subcenters: 3, ..HeadConfig::arcface() };
         let p = make_problem_subcenters(shape, 3, dtype, true, 23);
-        let r = run_device(dev, HeadPath::Reference, &cfg, &p, GradDtype::Input)?;
         let what = format!("arcface symmetric mean subcenters=3; B={} C={} D={}", shape.b, shape.c, shape.d);
-        lines.extend(smoke_pair("reference", &cfg, &p, &r, what)?);
+        let r = run_device(dev, HeadPath::Reference, &cfg, &p, GradDtype::Input)?;
+        lines.extend(smoke_pair("reference", &cfg, &p, &r, what.clone())?);
+        if super::fused_takes_subcenters(dtype, shape.d, 3, dev.info().max_smem_per_block) {
+            let r = run_device(dev, HeadPath::Fused, &cfg, &p, GradDtype::Input)?;
+            lines.extend(smoke_pair("fused_attention", &cfg, &p, &r, what)?);
+        }
     }
     Ok(lines)
 }
