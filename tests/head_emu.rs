@@ -1259,7 +1259,14 @@ fn fallback_none_matches_oracle_on_every_path() {
             ] {
                 let t = FusedTuning { kernels, ..Default::default() };
                 let r = run_head_dt(&dev, path, cfg, t, &p, GradDtype::Input);
-                check_fused(&format!("fallback none {} {} {kernels:?}", dt.name(), path.name()), cfg, &p, &fo, &go, &r);
+                check_fused(
+                    &format!("fallback none {} {} {kernels:?}", dt.name(), path.name()),
+                    cfg,
+                    &p,
+                    &fo,
+                    &go,
+                    &r,
+                );
             }
         }
     }
