@@ -482,6 +482,20 @@ fn run<B: Backend>(
     (losses, sig, params)
 }
 
+/// The CUDA run's per-step losses (and cloud widths, printed) against the CPU run's: each
+/// finite and within `tol` relative; the cloud must have switched on during the run.
+fn assert_losses_follow_cpu(what: &str, (lg, sg): (&[f64], &[f32]), (lc, sc): (&[f64], &[f32]), tol: f64) {
+    assert!(sc.iter().any(|&s| s > 0.0), "{what}: the cloud should switch on during the run");
+    for (step, (g, c)) in lg.iter().zip(lc).enumerate() {
+        let rel = (g - c).abs() / c.abs().max(1e-6);
+        println!(
+            "{what} step {step:>2}: cuda {g:.5} cpu {c:.5} rel {rel:.2e} sigma {:.4}/{:.4}",
+            sg[step], sc[step]
+        );
+        assert!(g.is_finite() && rel <= tol, "{what} step {step}: loss {g} vs CPU {c}");
+    }
+}
+
 #[test]
 fn training_matches_cpu() {
     let Some(dev) = test_device() else { return };
@@ -498,21 +512,12 @@ fn training_matches_cpu() {
         let be = cuda(&dev, precision);
         let (lc, sc, _) = run(&cpu, train_cfg(kind), &ds, 20);
         let (lg, sg, _) = run(&be, train_cfg(kind), &ds, 20);
-        assert!(sc.iter().any(|&s| s > 0.0), "the cloud should switch on during the run");
-        for (step, (g, c)) in lg.iter().zip(&lc).enumerate() {
-            let rel = (g - c).abs() / c.abs().max(1e-6);
-            println!(
-                "train {} {kind:?} step {step:>2}: cuda {g:.5} cpu {c:.5} rel {rel:.2e} sigma {:.4}/{:.4}",
-                precision.name(),
-                sg[step],
-                sc[step]
-            );
-            assert!(
-                g.is_finite() && rel <= tol,
-                "{} {kind:?} step {step}: loss {g} vs CPU {c}",
-                precision.name()
-            );
-        }
+        assert_losses_follow_cpu(
+            &format!("train {} {kind:?}", precision.name()),
+            (&lg, &sg),
+            (&lc, &sc),
+            tol,
+        );
     }
 }
 
@@ -702,21 +707,12 @@ fn training_with_subcenters_matches_cpu() {
         let be = cuda(&dev, precision);
         let (lc, sc, _) = run(&cpu, cfg(kind), &ds, 12);
         let (lg, sg, _) = run(&be, cfg(kind), &ds, 12);
-        assert!(sc.iter().any(|&s| s > 0.0), "the cloud should switch on during the run");
-        for (step, (g, c)) in lg.iter().zip(&lc).enumerate() {
-            let rel = (g - c).abs() / c.abs().max(1e-6);
-            println!(
-                "train K=3 {} {kind:?} step {step:>2}: cuda {g:.5} cpu {c:.5} rel {rel:.2e} sigma {:.4}/{:.4}",
-                precision.name(),
-                sg[step],
-                sc[step]
-            );
-            assert!(
-                g.is_finite() && rel <= tol,
-                "{} {kind:?} step {step}: loss {g} vs CPU {c}",
-                precision.name()
-            );
-        }
+        assert_losses_follow_cpu(
+            &format!("train K=3 {} {kind:?}", precision.name()),
+            (&lg, &sg),
+            (&lc, &sc),
+            tol,
+        );
     }
     let be = cuda(&dev, Precision::F32);
     let mut t = Trainer::new(&be, cfg(OptimizerKind::Sgd), &ds).unwrap();

@@ -116,21 +116,22 @@ fn stats_case<T: DeviceElem>(devs: &[Arc<Device>], rng: &mut ChaCha8Rng, c: usiz
             worst[k] = worst[k].max(e);
         }
     }
+    assert_stats_errors(&format!("{} C={c} D={d} {split:?}", T::NAME), worst, devs.len());
+}
+
+/// Prints and checks the worst absolute errors against the oracle over a sweep: centers,
+/// mu, v, sigma_cloud and var_h, in that order (`orders`: the block / thread orders every
+/// result was bitwise equal in).
+fn assert_stats_errors(what: &str, worst: [f64; 5], orders: usize) {
     println!(
-        "stats {} C={c} D={d} {split:?}: max abs err centers {:.1e} mu {:.1e} v {:.1e} sigma {:.1e} var_h {:.1e}; \
-         bitwise equal in {} block/thread orders",
-        T::NAME,
-        worst[0],
-        worst[1],
-        worst[2],
-        worst[3],
-        worst[4],
-        devs.len()
+        "stats {what}: max abs err centers {:.1e} mu {:.1e} v {:.1e} sigma {:.1e} var_h {:.1e}; \
+         bitwise equal in {orders} block/thread orders",
+        worst[0], worst[1], worst[2], worst[3], worst[4]
     );
-    assert!(worst[0] <= 2e-6, "centers");
-    assert!(worst[1] <= 2e-5 && worst[2] <= 5e-5, "moments");
-    assert!(worst[4] <= 5e-5, "var_h");
-    assert!(worst[3] <= 2e-3, "sigma");
+    assert!(worst[0] <= 2e-6, "{what}: centers");
+    assert!(worst[1] <= 2e-5 && worst[2] <= 5e-5, "{what}: moments");
+    assert!(worst[4] <= 5e-5, "{what}: var_h");
+    assert!(worst[3] <= 2e-3, "{what}: sigma");
 }
 
 #[test]
@@ -315,20 +316,7 @@ fn subcenter_case<T: DeviceElem>(
             }
         }
     }
-    println!(
-        "stats {what}: max abs err centers {:.1e} mu {:.1e} v {:.1e} sigma {:.1e} var_h {:.1e}; \
-         bitwise equal in {} block/thread orders",
-        worst[0],
-        worst[1],
-        worst[2],
-        worst[3],
-        worst[4],
-        devs.len()
-    );
-    assert!(worst[0] <= 2e-6, "{what}: centers");
-    assert!(worst[1] <= 2e-5 && worst[2] <= 5e-5, "{what}: moments");
-    assert!(worst[4] <= 5e-5, "{what}: var_h");
-    assert!(worst[3] <= 2e-3, "{what}: sigma");
+    assert_stats_errors(&what, worst, devs.len());
 
     // A statistics file round trip keeps K and every bit; a reloaded state and the oracle's
     // state imported on the device take one more step like the original.
