@@ -107,6 +107,12 @@ def _config_json(
     )
 
 
+def _labels_i32(labels: torch.Tensor) -> torch.Tensor:
+    """Labels as the crate takes them: contiguous int32, every negative label -1 ("ignored",
+    also below int32's range). Labels >= C are refused before this (`_check_inputs`)."""
+    return labels.to(torch.int64).clamp(min=-1).to(torch.int32).contiguous()
+
+
 def _check_inputs(x, weight, labels, sigma, subcenters):
     """Checks the tensors; returns (x, W, labels as int32, sigma or None), contiguous."""
     for name, t in (("x", x), ("weight", weight), ("labels", labels)):
@@ -142,8 +148,7 @@ def _check_inputs(x, weight, labels, sigma, subcenters):
         )
     if labels.numel() and int(labels.max()) >= c:
         raise ValueError(f"label {int(labels.max())} out of range: there are {c} classes (negative = ignored row)")
-    # Below int32's range any negative label is just "ignored".
-    labels = labels.to(torch.int64).clamp(min=-1).to(torch.int32).contiguous()
+    labels = _labels_i32(labels)
     if sigma is not None:
         if not isinstance(sigma, torch.Tensor) or sigma.shape != (c,):
             raise ValueError(f"sigma must be a [C] = [{c}] tensor, got {getattr(sigma, 'shape', sigma)}")
@@ -545,7 +550,7 @@ class LeapHead(MarginHead):
         )
         with torch.no_grad():
             xs = x.detach().to(torch.float32).contiguous()
-            lab = labels.to(torch.int64).clamp(min=-1).to(torch.int32).contiguous()
+            lab = _labels_i32(labels)
             k_iy = rows.k_iy.to(torch.int32).contiguous()
             c_iy = rows.c_iy.to(torch.float64).contiguous()
             args = self._stats_args()
