@@ -14,6 +14,20 @@ pub fn check_head_inputs(
     labels: &[i32],
     sigma_cloud_len: Option<usize>,
 ) -> Result<()> {
+    check_head_inputs_of(shape, subcenters, x_len, w_len, labels, sigma_cloud_len, shape.c)
+}
+
+/// [`check_head_inputs`] for a shard of a class-parallel head (SPEC 5c): W and sigma_cloud
+/// hold the shard's `shape.c` classes, while the labels are global, in `[0, label_classes)`.
+pub fn check_head_inputs_of(
+    shape: HeadShape,
+    subcenters: usize,
+    x_len: usize,
+    w_len: usize,
+    labels: &[i32],
+    sigma_cloud_len: Option<usize>,
+    label_classes: usize,
+) -> Result<()> {
     shape.check_nonempty()?;
     let HeadShape { b, c, d } = shape;
     if x_len != b * d {
@@ -35,7 +49,7 @@ pub fn check_head_inputs(
             return Err(Error::Shape(format!("sigma_cloud has {n} entries, expected C = {c}")));
         }
     }
-    check_labels(labels, c)
+    check_labels(labels, label_classes)
 }
 
 /// Every label must be < C; negative labels mark ignored rows.

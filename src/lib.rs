@@ -15,6 +15,7 @@ pub mod dtype;
 pub mod error;
 pub mod oracle;
 pub mod shape;
+pub mod shard;
 pub mod stats;
 
 pub use config::{CenterMode, CloudMode, Fallback, HeadConfig, MarginGrad, Reduction, Split, StatsConfig};

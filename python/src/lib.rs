@@ -19,6 +19,7 @@
 
 use featcloud::cpu::head as cpu;
 use featcloud::oracle::head as oracle;
+use featcloud::shard::ClassShard;
 use featcloud::{HeadConfig, HeadShape};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -263,6 +264,179 @@ fn head_cpu(
     result.map_err(value_error)
 }
 
+/// One shard of a class-parallel head (SPEC 5c): the shard's classes `first .. first + c` of
+/// `total`, W and sigma the shard's, the labels global.
+struct ShardCall {
+    cfg: HeadConfig,
+    shape: HeadShape,
+    shard: ClassShard,
+    n_sigma: usize,
+    seed: u64,
+    step: u64,
+    x: usize,
+    w: usize,
+    labels: usize,
+    sigma: usize,
+}
+
+impl ShardCall {
+    /// Runs `f` on the call's problem with inputs of element type `F`.
+    ///
+    /// # Safety
+    /// The addresses are as [`input`] requires for x B*D, W C*K*D (type `F`), labels B i32
+    /// and sigma n_sigma f32.
+    unsafe fn with<F, R>(&self, f: impl FnOnce(&oracle::HeadProblemOf<F>) -> R) -> R {
+        let HeadShape { b, c, d } = self.shape;
+        let k = self.cfg.subcenters as usize;
+        // SAFETY: as the caller promises.
+        let p = unsafe {
+            oracle::HeadProblemOf {
+                shape: self.shape,
+                x: input::<F>(self.x, b * d),
+                w: input::<F>(self.w, c * k * d),
+                labels: input::<i32>(self.labels, b),
+                sigma_cloud: input::<f32>(self.sigma, self.n_sigma),
+                seed: self.seed,
+                step: self.step,
+            }
+        };
+        f(&p)
+    }
+}
+
+/// Parses a shard call's common arguments.
+#[allow(clippy::too_many_arguments)]
+fn shard_call(
+    cfg_json: &str,
+    (b, c, d): (usize, usize, usize),
+    (first, total): (usize, usize),
+    (x, w, labels, sigma, n_sigma): (usize, usize, usize, usize, usize),
+    seed: u64,
+    step: u64,
+) -> PyResult<ShardCall> {
+    let cfg: HeadConfig = serde_json::from_str(cfg_json).map_err(value_error)?;
+    cfg.validate().map_err(value_error)?;
+    if x == 0 || w == 0 || labels == 0 || (sigma == 0) != (n_sigma == 0) {
+        return Err(value_error("head shard: x, W and labels need addresses (sigma with n_sigma)"));
+    }
+    let shape = HeadShape { b, c, d };
+    Ok(ShardCall { cfg, shape, shard: ClassShard { first, total }, n_sigma, seed, step, x, w, labels, sigma })
+}
+
+/// One shard's forward (SPEC 5c) on CPU memory: writes the partials as the eight f64 rows of
+/// the `[8, B]` tensor at `parts`: max, sum_exp, sum_z, z_y, c_iy, t, alpha, k_iy.
+#[pyfunction]
+#[pyo3(signature = (cfg_json, dtype, b, c, d, first, total, x, w, labels, sigma, n_sigma, seed, step, parts))]
+#[allow(clippy::too_many_arguments)]
+fn head_shard_cpu(
+    cfg_json: &str,
+    dtype: &str,
+    b: usize,
+    c: usize,
+    d: usize,
+    first: usize,
+    total: usize,
+    x: usize,
+    w: usize,
+    labels: usize,
+    sigma: usize,
+    n_sigma: usize,
+    seed: u64,
+    step: u64,
+    parts: usize,
+) -> PyResult<()> {
+    let call = shard_call(cfg_json, (b, c, d), (first, total), (x, w, labels, sigma, n_sigma), seed, step)?;
+    let (cfg, shard) = (&call.cfg, call.shard);
+    // The GIL stays held (see head_cpu).
+    let out = match dtype {
+        // SAFETY: the wrapper's tensors, checked against these lengths and dtypes (module doc).
+        "float32" => unsafe { call.with(|p| featcloud::cpu::head::shard_forward(cfg, p, shard)) },
+        // SAFETY: as above.
+        "float64" => unsafe { call.with(|p| oracle::shard_forward_f64(cfg, p, shard)) },
+        other => return Err(value_error(format!("head_shard_cpu: dtype {other} (float32 or float64)"))),
+    }
+    .map_err(value_error)?;
+    let k_iy: Vec<f64> = out.k_iy.iter().map(|&k| k as f64).collect();
+    let rows: Vec<f64> = [&out.max, &out.sum_exp, &out.sum_z, &out.z_y, &out.c_iy, &out.t, &out.alpha, &k_iy]
+        .into_iter()
+        .flatten()
+        .copied()
+        .collect();
+    // SAFETY: `parts` is the wrapper's [8, B] f64 output tensor.
+    unsafe { output(parts, &rows) };
+    Ok(())
+}
+
+/// One shard's backward (SPEC 5c) on CPU memory, given the combined lse f64 `[B]` and row
+/// weights f64 `[B]`: writes this shard's part of dx `[B, D]` and its dW `[C*K, D]`.
+#[pyfunction]
+#[pyo3(signature = (cfg_json, dtype, b, c, d, first, total, x, w, labels, sigma, n_sigma, seed, step, lse, weight, dx, dw))]
+#[allow(clippy::too_many_arguments)]
+fn head_shard_backward_cpu(
+    cfg_json: &str,
+    dtype: &str,
+    b: usize,
+    c: usize,
+    d: usize,
+    first: usize,
+    total: usize,
+    x: usize,
+    w: usize,
+    labels: usize,
+    sigma: usize,
+    n_sigma: usize,
+    seed: u64,
+    step: u64,
+    lse: usize,
+    weight: usize,
+    dx: usize,
+    dw: usize,
+) -> PyResult<()> {
+    let call = shard_call(cfg_json, (b, c, d), (first, total), (x, w, labels, sigma, n_sigma), seed, step)?;
+    let (cfg, shard) = (&call.cfg, call.shard);
+    if lse == 0 || weight == 0 || dx == 0 || dw == 0 {
+        return Err(value_error("head_shard_backward_cpu: lse, weight, dx and dW need addresses"));
+    }
+    // SAFETY: the wrapper's [B] f64 tensors.
+    let (lse, weight) = unsafe { (input::<f64>(lse, b), input::<f64>(weight, b)) };
+    // SAFETY (both arms): the wrapper's tensors, checked against these lengths and dtypes; dx
+    // and dW are its output tensors of B*D and C*K*D elements of the dtype.
+    match dtype {
+        "float32" => unsafe {
+            let g = call
+                .with(|p| featcloud::cpu::head::shard_backward(cfg, p, shard, lse, weight))
+                .map_err(value_error)?;
+            output(dx, &g.dx);
+            output(dw, &g.dw);
+        },
+        "float64" => unsafe {
+            let g =
+                call.with(|p| oracle::shard_backward_f64(cfg, p, shard, lse, weight)).map_err(value_error)?;
+            output(dx, &g.dx);
+            output(dw, &g.dw);
+        },
+        other => {
+            return Err(value_error(format!("head_shard_backward_cpu: dtype {other} (float32 or float64)")))
+        }
+    }
+    Ok(())
+}
+
+/// PartialFC's kept classes of shard `first .. first + c` at `step` (SPEC 5c,
+/// `featcloud::shard::sample_classes`) for the batch's global `labels`.
+#[pyfunction]
+fn sample_classes(
+    labels: Vec<i64>,
+    first: usize,
+    c: usize,
+    rate: f64,
+    seed: u64,
+    step: u64,
+) -> PyResult<Vec<usize>> {
+    let labels: Vec<i32> = labels.iter().map(|&y| y.clamp(-1, i32::MAX as i64) as i32).collect();
+    featcloud::shard::sample_classes(&labels, first, c, rate, seed, step).map_err(value_error)
+}
+
 /// Addresses of the LEAP statistics buffers of `featcloud.torch.LeapHead` (SPEC 5 and 5b):
 /// centers f64 `[C*K*D]` (0 with center = class_weight), mu and v f64 `[C]`, n i64 `[C]`.
 #[derive(Clone, Copy)]
@@ -374,7 +548,7 @@ fn stats_update(
 
 /// sigma_cloud `[C]` (SPEC 5) from the statistics in the buffers, written as f32 at `sigma`.
 #[pyfunction]
-#[pyo3(signature = (cfg_json, c, k, d, centers, mu, v, n, updates, sigma))]
+#[pyo3(signature = (cfg_json, c, k, d, centers, mu, v, n, updates, sigma, head_variance=None))]
 #[allow(clippy::too_many_arguments)]
 fn stats_sigma(
     cfg_json: &str,
@@ -387,15 +561,44 @@ fn stats_sigma(
     n: usize,
     updates: u64,
     sigma: usize,
+    head_variance: Option<(f64, f64)>,
 ) -> PyResult<()> {
     let cfg: featcloud::StatsConfig = serde_json::from_str(cfg_json).map_err(value_error)?;
     // SAFETY: the wrapper's buffers (module doc); `sigma` is a [C] f32 output tensor.
     unsafe {
         let s = load_stats(cfg, (c, k, d), StatsAddrs { centers, mu, v, n }, updates).map_err(value_error)?;
-        let out: Vec<f32> = s.cloud_sigma().iter().map(|&v| v as f32).collect();
+        let sigma_f64 = match head_variance {
+            None => s.cloud_sigma(),
+            // A shard of a class-parallel head: var_h from the sums over every shard (SPEC 5c).
+            Some((num, den)) => s.cloud_sigma_with((den > 0.0).then(|| num / den)),
+        };
+        let out: Vec<f32> = sigma_f64.iter().map(|&v| v as f32).collect();
         output(sigma, &out);
     }
     Ok(())
+}
+
+/// The sums (numerator, denominator) of var_h over the state's classes (SPEC 5c), which a
+/// class-parallel head adds over its shards before `stats_sigma`.
+#[pyfunction]
+#[pyo3(signature = (cfg_json, c, k, d, centers, mu, v, n, updates))]
+#[allow(clippy::too_many_arguments)]
+fn stats_head_variance_parts(
+    cfg_json: &str,
+    c: usize,
+    k: usize,
+    d: usize,
+    centers: usize,
+    mu: usize,
+    v: usize,
+    n: usize,
+    updates: u64,
+) -> PyResult<(f64, f64)> {
+    let cfg: featcloud::StatsConfig = serde_json::from_str(cfg_json).map_err(value_error)?;
+    // SAFETY: the wrapper's buffers (module doc).
+    let s = unsafe { load_stats(cfg, (c, k, d), StatsAddrs { centers, mu, v, n }, updates) }
+        .map_err(value_error)?;
+    Ok(s.head_variance_parts())
 }
 
 /// What this build holds: the version, whether the CUDA kernels were compiled in (NVRTC at
@@ -434,5 +637,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(info, m)?)?;
     m.add_function(wrap_pyfunction!(stats_update, m)?)?;
     m.add_function(wrap_pyfunction!(stats_sigma, m)?)?;
+    m.add_function(wrap_pyfunction!(stats_head_variance_parts, m)?)?;
+    m.add_function(wrap_pyfunction!(head_shard_cpu, m)?)?;
+    m.add_function(wrap_pyfunction!(head_shard_backward_cpu, m)?)?;
+    m.add_function(wrap_pyfunction!(sample_classes, m)?)?;
     Ok(())
 }

@@ -33,8 +33,11 @@ use crate::check::check_finite;
 use crate::config::{HeadConfig, Reduction};
 use crate::cpu::gemm::sgemm;
 use crate::error::{Error, Result};
-use crate::oracle::head::{check_problem, cloud_alpha, row_loss, target_logit, NORM_EPS};
+use crate::oracle::head::{
+    check_shard_problem, check_shard_rows, cloud_alpha, row_loss, target_logit, NORM_EPS,
+};
 use crate::shape::HeadShape;
+use crate::shard::{ClassShard, ShardPartials};
 use rayon::prelude::*;
 
 /// One head call (the same type the oracle takes, so tests feed both the same problem).
@@ -101,6 +104,10 @@ struct RowOut {
     /// k*_iy, the target's dominant sub-center.
     k_iy: u32,
     valid: bool,
+    /// The row's target column in this shard (SPEC 5c; always the label for the whole head).
+    target: Option<usize>,
+    /// A proper shard's sums over its logits: max, sum of exp(z - max), sum (SPEC 5c).
+    sums: (f64, f64, f64),
 }
 
 /// Normalized rows (f32) and their norms (f64, before the eps clamp) of `v` [rows, d].
@@ -166,9 +173,13 @@ fn w_row(k: usize, kstar: &[u32], c: usize, i: usize, j: usize) -> usize {
     }
 }
 
-fn forward_impl(cfg: &HeadConfig, p: &HeadProblem) -> Result<Fwd> {
+/// The forward of the whole head (`shard` None), or of one shard (SPEC 5c): then the rows
+/// hold its partials instead of the loss.
+fn forward_impl(cfg: &HeadConfig, p: &HeadProblem, shard: Option<ClassShard>) -> Result<Fwd> {
+    let is_whole = shard.is_none();
+    let shard = shard.unwrap_or(ClassShard::whole(p.shape.c));
     // The oracle's checks: the same preconditions and the same errors.
-    check_problem(cfg, p)?;
+    check_shard_problem(cfg, p, shard)?;
     let HeadShape { b, c, d } = p.shape;
     let (mut xh, mut nx) = normalize_rows(p.x, d);
     // Ignored rows may hold anything, NaN included (SPEC 2); their logit gradients are 0, but
@@ -213,11 +224,17 @@ fn forward_impl(cfg: &HeadConfig, p: &HeadProblem) -> Result<Fwd> {
         .enumerate()
         .map(|(i, row)| {
             row.iter_mut().for_each(|v| *v = v.clamp(-1.0, 1.0));
-            let y = p.labels[i];
-            if y < 0 {
+            let Ok(y) = usize::try_from(p.labels[i]) else {
                 return RowOut::default();
-            }
-            let y = y as usize;
+            };
+            let Some(y) = shard.local(y, c) else {
+                // Another shard holds the label: only the sums over this shard's logits.
+                return RowOut {
+                    valid: true,
+                    sums: shard_sums(c, |j| s * row[j] as f64),
+                    ..Default::default()
+                };
+            };
             // f64 target cosine from the raw inputs (see the module docs), against the
             // target's closest sub-center.
             let ry = w_row(k, &kstar, c, i, y);
@@ -232,12 +249,24 @@ fn forward_impl(cfg: &HeadConfig, p: &HeadProblem) -> Result<Fwd> {
             let target = target_logit(cfg, c_iy, alpha);
             let (t, dt) = (target.t, target.dt);
             let z_y = s * t;
-            let (loss, lse) = row_loss(|j| if j == y { z_y } else { s * row[j] as f64 }, c, y, ls);
+            let z = |j| if j == y { z_y } else { s * row[j] as f64 };
+            let ((loss, lse), sums) = if is_whole {
+                (row_loss(z, c, y, ls), (0.0, 0.0, 0.0))
+            } else {
+                ((0.0, 0.0), shard_sums(c, z))
+            };
             let k_iy = (ry - y * k) as u32;
-            RowOut { loss, lse, c_iy, t, alpha, dt, dc_target: 0.0, k_iy, valid: true }
+            RowOut { loss, lse, c_iy, t, alpha, dt, dc_target: 0.0, k_iy, valid: true, target: Some(y), sums }
         })
         .collect();
     Ok(Fwd { rows, cos, k, kstar, xh, nx, wh, nw })
+}
+
+/// (max_j z(j), sum_j exp(z(j) - max), sum_j z(j)) over a shard's `c` logits, in f64 and
+/// index order (SPEC 5c).
+fn shard_sums(c: usize, z: impl Fn(usize) -> f64) -> (f64, f64, f64) {
+    let m = (0..c).map(&z).fold(f64::NEG_INFINITY, f64::max);
+    (m, (0..c).map(|j| (z(j) - m).exp()).sum(), (0..c).map(&z).sum())
 }
 
 fn pack(cfg: &HeadConfig, rows: &[RowOut]) -> HeadForward {
@@ -285,7 +314,7 @@ fn add_target_terms(p: &HeadProblem, f: &Fwd, dx: &mut [f32], dw: &mut [f32]) {
         if !r.valid || r.dc_target == 0.0 {
             return;
         }
-        let ry = f.w_row(c, i, p.labels[i] as usize);
+        let ry = f.w_row(c, i, r.target.expect("a row with a target term has a target column"));
         let xh = unit64(&p.x[i * d..(i + 1) * d], nx[i]);
         let wh = unit64(&p.w[ry * d..(ry + 1) * d], nw[ry]);
         let scale = r.dc_target / nx[i].max(NORM_EPS);
@@ -296,8 +325,8 @@ fn add_target_terms(p: &HeadProblem, f: &Fwd, dx: &mut [f32], dw: &mut [f32]) {
     // Rows by the W row (sub-center) their target cosine came from.
     let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); c * f.k];
     for (i, r) in rows.iter().enumerate() {
-        if r.valid && r.dc_target != 0.0 {
-            by_class[f.w_row(c, i, p.labels[i] as usize)].push(i);
+        if let (Some(y), true) = (r.target, r.dc_target != 0.0) {
+            by_class[f.w_row(c, i, y)].push(i);
         }
     }
     dw.par_chunks_mut(d).zip(by_class.par_iter()).enumerate().for_each(|(k, (out, members))| {
@@ -321,8 +350,42 @@ fn add_target_terms(p: &HeadProblem, f: &Fwd, dx: &mut [f32], dw: &mut [f32]) {
 
 /// Forward only: the loss and the per-row outputs.
 pub fn forward(cfg: &HeadConfig, p: &HeadProblem) -> Result<HeadForward> {
-    let f = forward_impl(cfg, p)?;
+    let f = forward_impl(cfg, p, None)?;
     Ok(pack(cfg, &f.rows))
+}
+
+/// One shard's partials (SPEC 5c): `p.shape.c`, `p.w` and `p.sigma_cloud` are the shard's
+/// classes, `p.labels` the global labels.
+pub fn shard_forward(cfg: &HeadConfig, p: &HeadProblem, shard: ClassShard) -> Result<ShardPartials> {
+    let f = forward_impl(cfg, p, Some(shard))?;
+    let mut out = ShardPartials::zeros(p.shape.b);
+    let s = cfg.s as f64;
+    for (i, r) in f.rows.iter().enumerate().filter(|(_, r)| r.valid) {
+        (out.max[i], out.sum_exp[i], out.sum_z[i]) = r.sums;
+        if r.target.is_some() {
+            (out.z_y[i], out.c_iy[i], out.t[i], out.alpha[i], out.k_iy[i]) =
+                (s * r.t, r.c_iy, r.t, r.alpha, r.k_iy);
+        }
+    }
+    Ok(out)
+}
+
+/// One shard's gradients (SPEC 5c): its part of dx (the head's dx is the sum over shards)
+/// and the dW of its classes, given the combined `lse` `[B]` and the upstream weights
+/// `weight` `[B]` (w_i of SPEC 4; read only for valid rows).
+pub fn shard_backward(
+    cfg: &HeadConfig,
+    p: &HeadProblem,
+    shard: ClassShard,
+    lse: &[f64],
+    weight: &[f64],
+) -> Result<HeadGrads> {
+    let mut f = forward_impl(cfg, p, Some(shard))?;
+    check_shard_rows(p.shape.b, lse, weight, p.labels)?;
+    for (i, r) in f.rows.iter_mut().enumerate() {
+        r.lse = lse[i];
+    }
+    gradients(cfg, p, f, |i| weight[i], shard.total)
 }
 
 /// Forward and backward in one pass (the training path).
@@ -346,11 +409,8 @@ pub fn forward_backward(cfg: &HeadConfig, p: &HeadProblem, up: Upstream) -> Resu
         }
         check_finite("upstream", &[g])?;
     }
-    let mut f = forward_impl(cfg, p)?;
+    let f = forward_impl(cfg, p, None)?;
     let out = pack(cfg, &f.rows);
-    let HeadShape { b, c, d } = p.shape;
-    let s = cfg.s as f64;
-    let ls = cfg.label_smoothing as f64;
     let row_w = |i: usize| -> f64 {
         match (up, cfg.reduction) {
             (Upstream::PerRow(g), _) => g[i] as f64,
@@ -358,6 +418,22 @@ pub fn forward_backward(cfg: &HeadConfig, p: &HeadProblem, up: Upstream) -> Resu
             (Upstream::Scalar(g), _) => g as f64,
         }
     };
+    let grads = gradients(cfg, p, f, row_w, p.shape.c)?;
+    Ok((out, grads))
+}
+
+/// The backward of an evaluated shard (the whole head, or SPEC 5c's shard) with row weights
+/// `row_w(i)`, each row's `lse` already in `f.rows`, and `total` classes in the whole head.
+fn gradients(
+    cfg: &HeadConfig,
+    p: &HeadProblem,
+    mut f: Fwd,
+    row_w: impl Fn(usize) -> f64 + Sync,
+    total: usize,
+) -> Result<HeadGrads> {
+    let HeadShape { b, c, d } = p.shape;
+    let s = cfg.s as f64;
+    let ls = cfg.label_smoothing as f64;
     // Logit gradient dc [B, C] written over the cosines; the target column is
     // kept in f64 (`dc_target`) and zeroed in the matrix. The oracle's dc loop has the
     // same math but a materialized f64 row and another rounding order of q_y, so it
@@ -367,13 +443,13 @@ pub fn forward_backward(cfg: &HeadConfig, p: &HeadProblem, up: Upstream) -> Resu
             row.iter_mut().for_each(|v| *v = 0.0);
             return;
         }
-        let y = p.labels[i] as usize;
+        let y = r.target;
         let ws = row_w(i) * s;
-        let q_off = ls / c as f64;
+        let q_off = ls / total as f64;
         for (j, v) in row.iter_mut().enumerate() {
-            let z = if j == y { s * r.t } else { s * *v as f64 };
+            let z = if Some(j) == y { s * r.t } else { s * *v as f64 };
             let pj = (z - r.lse).exp();
-            if j == y {
+            if Some(j) == y {
                 // p_iy - 1 through expm1: no cancellation as p_iy -> 1 (SPEC 4, attention form).
                 r.dc_target = ws * ((z - r.lse).exp_m1() + ls - q_off) * r.dt;
                 *v = 0.0;
@@ -402,5 +478,5 @@ pub fn forward_backward(cfg: &HeadConfig, p: &HeadProblem, up: Upstream) -> Resu
     normalize_backward(&mut dx, &f.xh, &f.nx, d);
     normalize_backward(&mut dw, &f.wh, &f.nw, d);
     add_target_terms(p, &f, &mut dx, &mut dw);
-    Ok((out, HeadGrads { dx, dw }))
+    Ok(HeadGrads { dx, dw })
 }

@@ -17,11 +17,12 @@
 //!   are ignored, so ignoring a row never changes another row's cloud.
 //! - With `CloudMode::Off`, `sigma_cloud` may be empty (or have C entries, unused).
 
-use crate::check::{check_finite, check_finite_rows, check_head_inputs, check_sigma};
+use crate::check::{check_finite, check_finite_rows, check_head_inputs_of, check_sigma};
 use crate::config::{CloudMode, Fallback, HeadConfig, MarginGrad, Reduction};
 use crate::error::{Error, Result};
 use crate::oracle::philox::cloud_normal;
 use crate::shape::HeadShape;
+use crate::shard::{ClassShard, ShardPartials};
 use std::f64::consts::PI;
 
 /// Floor on vector norms before dividing (SPEC section 3: `max(||v||, 1e-12)`).
@@ -152,7 +153,7 @@ fn target_angle(c_iy: f64) -> f64 {
 pub fn forward(cfg: &HeadConfig, p: &HeadProblem) -> Result<ForwardOutput> {
     check_problem(cfg, p)?;
     let (x, w) = (widen(p.x), widen(p.w));
-    Ok(reduce(cfg, &evaluate(cfg, &p.with_inputs(&x, &w))))
+    Ok(reduce(cfg, &evaluate(cfg, &p.with_inputs(&x, &w), None)))
 }
 
 /// Gradients dx and dW for f32 inputs (SPEC section 4).
@@ -160,20 +161,62 @@ pub fn backward(cfg: &HeadConfig, p: &HeadProblem, g: Upstream) -> Result<Gradie
     check_problem(cfg, p)?;
     check_upstream(cfg, p.shape, g)?;
     let (x, w) = (widen(p.x), widen(p.w));
-    Ok(gradients(cfg, &evaluate(cfg, &p.with_inputs(&x, &w)), g))
+    Ok(whole_gradients(cfg, &evaluate(cfg, &p.with_inputs(&x, &w), None), g))
 }
 
 /// Loss and per-row outputs for f64 features and weights (SPEC section 3).
 pub fn forward_f64(cfg: &HeadConfig, p: &HeadProblemF64) -> Result<ForwardOutput> {
     check_problem_f64(cfg, p)?;
-    Ok(reduce(cfg, &evaluate(cfg, p)))
+    Ok(reduce(cfg, &evaluate(cfg, p, None)))
 }
 
 /// Gradients dx and dW for f64 features and weights (SPEC section 4).
 pub fn backward_f64(cfg: &HeadConfig, p: &HeadProblemF64, g: Upstream) -> Result<Gradients> {
     check_problem_f64(cfg, p)?;
     check_upstream(cfg, p.shape, g)?;
-    Ok(gradients(cfg, &evaluate(cfg, p), g))
+    Ok(whole_gradients(cfg, &evaluate(cfg, p, None), g))
+}
+
+/// One shard's partials (SPEC 5c) for f64 features and the shard's weights: `p.shape.c` and
+/// `p.w` are the shard's classes (`p.sigma_cloud` too), `p.labels` the global labels.
+pub fn shard_forward_f64(cfg: &HeadConfig, p: &HeadProblemF64, shard: ClassShard) -> Result<ShardPartials> {
+    check_shard_problem_f64(cfg, p, shard)?;
+    Ok(evaluate(cfg, p, Some(shard)).partials)
+}
+
+/// One shard's gradients (SPEC 5c): dx's part from this shard's classes (the whole head's dx
+/// is the sum over shards) and dW of its classes, given every row's combined `lse` `[B]` and
+/// upstream weight `weight` `[B]` (w_i of SPEC 4: g / N_valid, g or g_i; read only for valid
+/// rows).
+pub fn shard_backward_f64(
+    cfg: &HeadConfig,
+    p: &HeadProblemF64,
+    shard: ClassShard,
+    lse: &[f64],
+    weight: &[f64],
+) -> Result<Gradients> {
+    check_shard_problem_f64(cfg, p, shard)?;
+    check_shard_rows(p.shape.b, lse, weight, p.labels)?;
+    let ev = evaluate(cfg, p, Some(shard));
+    Ok(gradients(cfg, &ev, |i| weight[i], lse, shard.total))
+}
+
+/// The whole head as one shard.
+fn whole<F>(p: &HeadProblemOf<F>) -> ClassShard {
+    ClassShard::whole(p.shape.c)
+}
+
+/// Checks a shard backward's per-row inputs: `[B]` each, finite on valid rows.
+pub(crate) fn check_shard_rows(b: usize, lse: &[f64], weight: &[f64], labels: &[i32]) -> Result<()> {
+    for (what, v) in [("lse", lse), ("row weights", weight)] {
+        if v.len() != b {
+            return Err(Error::Shape(format!("{what} has {} entries, expected B = {b}", v.len())));
+        }
+        if let Some(index) = (0..b).find(|&i| labels[i] >= 0 && !v[i].is_finite()) {
+            return Err(Error::NonFinite { what: what.to_string(), index });
+        }
+    }
+    Ok(())
 }
 
 /// dx in the attention form (SPEC section 4, "dx in the attention form"), the form a
@@ -187,7 +230,7 @@ pub fn backward_f64(cfg: &HeadConfig, p: &HeadProblemF64, g: Upstream) -> Result
 pub fn dx_attention_form_f64(cfg: &HeadConfig, p: &HeadProblemF64, g: Upstream) -> Result<Vec<f64>> {
     check_problem_f64(cfg, p)?;
     check_upstream(cfg, p.shape, g)?;
-    let ev = evaluate(cfg, p);
+    let ev = evaluate(cfg, p, None);
     let HeadShape { b, c, d } = ev.shape;
     let s = cfg.s as f64;
     let ls = cfg.label_smoothing as f64;
@@ -239,13 +282,24 @@ fn row_weight(cfg: &HeadConfig, g: Upstream, n_valid: usize, i: usize) -> f64 {
 /// Every precondition of an f32 head call (SPEC section 2): the options, the shapes, the
 /// labels, sigma_cloud, finite x and W. The CPU backend checks its calls with it too.
 pub(crate) fn check_problem(cfg: &HeadConfig, p: &HeadProblem) -> Result<()> {
-    validate(cfg, p.shape, p.x.len(), p.w.len(), p.labels, p.sigma_cloud)?;
+    check_shard_problem(cfg, p, whole(p))
+}
+
+/// [`check_problem`] for one shard of a class-parallel head (SPEC 5c): the labels are global.
+pub(crate) fn check_shard_problem(cfg: &HeadConfig, p: &HeadProblem, shard: ClassShard) -> Result<()> {
+    shard.check(p.shape.c)?;
+    validate(cfg, p.shape, p.x.len(), p.w.len(), p.labels, p.sigma_cloud, shard.total)?;
     check_finite_rows("x", p.x, p.shape.d, p.labels)?;
     check_finite("W", p.w)
 }
 
 fn check_problem_f64(cfg: &HeadConfig, p: &HeadProblemF64) -> Result<()> {
-    validate(cfg, p.shape, p.x.len(), p.w.len(), p.labels, p.sigma_cloud)?;
+    check_shard_problem_f64(cfg, p, whole(p))
+}
+
+fn check_shard_problem_f64(cfg: &HeadConfig, p: &HeadProblemF64, shard: ClassShard) -> Result<()> {
+    shard.check(p.shape.c)?;
+    validate(cfg, p.shape, p.x.len(), p.w.len(), p.labels, p.sigma_cloud, shard.total)?;
     check_finite_rows("x", p.x, p.shape.d, p.labels)?;
     check_finite_f64("W", p.w)
 }
@@ -257,11 +311,12 @@ fn validate(
     w_len: usize,
     labels: &[i32],
     sigma: &[f32],
+    label_classes: usize,
 ) -> Result<()> {
     cfg.validate()?;
     // The cloud std is only read when the cloud is on, so it may be omitted then.
     let sigma_len = if cfg.cloud == CloudMode::Off && sigma.is_empty() { None } else { Some(sigma.len()) };
-    check_head_inputs(shape, cfg.subcenters as usize, x_len, w_len, labels, sigma_len)?;
+    check_head_inputs_of(shape, cfg.subcenters as usize, x_len, w_len, labels, sigma_len, label_classes)?;
     check_sigma(sigma)
 }
 
@@ -336,6 +391,10 @@ struct Evaluation {
     kstar: Vec<usize>,
     /// dt_i / dc_iy as the backward uses it (SPEC section 4), 0 for ignored rows.
     dt: Vec<f64>,
+    /// Each row's target column in this shard (None: ignored, or held by another shard).
+    target: Vec<Option<usize>>,
+    /// The shard's partials (SPEC 5c); with the whole head only the target fields are read.
+    partials: ShardPartials,
     rows: RowOutputs,
     n_valid: usize,
 }
@@ -410,7 +469,9 @@ pub fn row_loss(z: impl Fn(usize) -> f64, c: usize, y: usize, ls: f64) -> (f64, 
     (loss, lse)
 }
 
-fn evaluate(cfg: &HeadConfig, p: &HeadProblemF64) -> Evaluation {
+/// The forward of the whole head (`shard` None), or of one shard (SPEC 5c): then the rows'
+/// partials instead of the loss.
+fn evaluate(cfg: &HeadConfig, p: &HeadProblemF64, shard: Option<ClassShard>) -> Evaluation {
     let HeadShape { b, c, d } = p.shape;
     let k = cfg.subcenters as usize;
     let s = cfg.s as f64;
@@ -428,6 +489,10 @@ fn evaluate(cfg: &HeadConfig, p: &HeadProblemF64) -> Evaluation {
     let mut z = vec![0.0; b * c];
     let mut kstar = vec![0usize; b * c];
     let mut dt = vec![0.0; b];
+    let mut target = vec![None; b];
+    let mut partials = ShardPartials::zeros(b);
+    let is_whole = shard.is_none();
+    let shard = shard.unwrap_or(ClassShard::whole(c));
     let mut rows = RowOutputs {
         loss: vec![0.0; b],
         lse: vec![0.0; b],
@@ -439,7 +504,7 @@ fn evaluate(cfg: &HeadConfig, p: &HeadProblemF64) -> Evaluation {
     };
     let mut n_valid = 0;
     for i in 0..b {
-        let Ok(y) = usize::try_from(p.labels[i]) else {
+        let Ok(y_global) = usize::try_from(p.labels[i]) else {
             continue; // ignored row: everything stays 0
         };
         n_valid += 1;
@@ -459,18 +524,30 @@ fn evaluate(cfg: &HeadConfig, p: &HeadProblemF64) -> Evaluation {
                 best.0
             })
             .collect();
+        for j in 0..c {
+            z[i * c + j] = s * cos[j];
+        }
+        // The target column, where this shard holds the label (always for the whole head).
+        let Some(y) = shard.local(y_global, c) else {
+            let zi = &z[i * c..(i + 1) * c];
+            (partials.max[i], partials.sum_exp[i], partials.sum_z[i]) = shard_sums(zi);
+            continue;
+        };
+        target[i] = Some(y);
         let c_iy = cos[y];
 
         let alpha = cloud_alpha(cfg, p.sigma_cloud, y, p.seed, p.step, i);
         let TargetLogit { t, region, dt: dti } = target_logit(cfg, c_iy, alpha);
-        for j in 0..c {
-            z[i * c + j] = if j == y { s * t } else { s * cos[j] };
-        }
+        z[i * c + y] = s * t;
         let zi = &z[i * c..(i + 1) * c];
-        let (loss, lse) = row_loss(|j| zi[j], c, y, ls);
+        if is_whole {
+            (rows.loss[i], rows.lse[i]) = row_loss(|j| zi[j], c, y, ls);
+        } else {
+            (partials.max[i], partials.sum_exp[i], partials.sum_z[i]) = shard_sums(zi);
+        }
+        (partials.z_y[i], partials.c_iy[i], partials.t[i], partials.alpha[i]) = (s * t, c_iy, t, alpha);
+        partials.k_iy[i] = kstar[i * c + y] as u32;
 
-        rows.loss[i] = loss;
-        rows.lse[i] = lse;
         rows.c_iy[i] = c_iy;
         rows.k_iy[i] = kstar[i * c + y] as u32;
         rows.t[i] = t;
@@ -478,7 +555,29 @@ fn evaluate(cfg: &HeadConfig, p: &HeadProblemF64) -> Evaluation {
         rows.region[i] = region;
         dt[i] = dti;
     }
-    Evaluation { shape: p.shape, k, labels: p.labels.to_vec(), xh, nx, wh, nw, z, kstar, dt, rows, n_valid }
+    Evaluation {
+        shape: p.shape,
+        k,
+        labels: p.labels.to_vec(),
+        xh,
+        nx,
+        wh,
+        nw,
+        z,
+        kstar,
+        dt,
+        target,
+        partials,
+        rows,
+        n_valid,
+    }
+}
+
+/// (max_j z_j, sum_j exp(z_j - max), sum_j z_j) of one row of a shard's logits, in index
+/// order (SPEC 5c).
+fn shard_sums(z: &[f64]) -> (f64, f64, f64) {
+    let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (m, z.iter().map(|v| (v - m).exp()).sum(), z.iter().sum())
 }
 
 fn reduce(cfg: &HeadConfig, ev: &Evaluation) -> ForwardOutput {
@@ -491,24 +590,35 @@ fn reduce(cfg: &HeadConfig, ev: &Evaluation) -> ForwardOutput {
     ForwardOutput { loss, rows: ev.rows.clone(), n_valid: ev.n_valid }
 }
 
-fn gradients(cfg: &HeadConfig, ev: &Evaluation, g: Upstream) -> Gradients {
+/// The whole head's gradients for upstream `g`.
+fn whole_gradients(cfg: &HeadConfig, ev: &Evaluation, g: Upstream) -> Gradients {
+    gradients(cfg, ev, |i| row_weight(cfg, g, ev.n_valid, i), &ev.rows.lse, ev.shape.c)
+}
+
+/// The gradients of the evaluated shard (the whole head, or SPEC 5c's shard) with row
+/// weights `weight(i)`, log-sum-exps `lse` `[B]` and `total` classes in the whole head.
+fn gradients(
+    cfg: &HeadConfig,
+    ev: &Evaluation,
+    weight: impl Fn(usize) -> f64,
+    lse: &[f64],
+    total: usize,
+) -> Gradients {
     let HeadShape { b, c, d } = ev.shape;
     let s = cfg.s as f64;
     let ls = cfg.label_smoothing as f64;
 
     // dc [B, C] (SPEC section 4); ignored rows stay 0.
     let mut dc = vec![0.0; b * c];
-    for i in 0..b {
-        let Ok(y) = usize::try_from(ev.labels[i]) else {
-            continue;
-        };
-        let wi = row_weight(cfg, g, ev.n_valid, i);
-        let lse = ev.rows.lse[i];
+    for i in (0..b).filter(|&i| ev.labels[i] >= 0) {
+        let y = ev.target[i];
+        let wi = weight(i);
+        let lse = lse[i];
         for j in 0..c {
             let p = (ev.z[i * c + j] - lse).exp();
-            let q = if j == y { 1.0 - ls + ls / c as f64 } else { ls / c as f64 };
+            let q = if Some(j) == y { 1.0 - ls + ls / total as f64 } else { ls / total as f64 };
             let mut dcij = wi * s * (p - q);
-            if j == y {
+            if Some(j) == y {
                 dcij *= ev.dt[i];
             }
             dc[i * c + j] = dcij;

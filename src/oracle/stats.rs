@@ -176,30 +176,31 @@ impl StatsState {
     /// Threshold(T): unweighted mean of var_k over initialized classes with N_k >= T.
     /// Adaptive: sum N_k var_k / sum N_k over initialized classes (None if that sum is 0).
     pub fn head_variance(&self) -> Option<f64> {
+        let (num, den) = self.head_variance_parts();
+        (den > 0.0).then(|| num / den)
+    }
+
+    /// The two sums whose ratio is var_h (SPEC 5): threshold, (sum of var_k over the head
+    /// classes, their count); adaptive, (sum N_k var_k, sum N_k) over initialized classes; in
+    /// class order. A class-parallel head (SPEC 5c) adds them over its shards' states.
+    pub fn head_variance_parts(&self) -> (f64, f64) {
         let var = self.variances();
         let counts = self.counts();
-        match self.cfg.split {
-            Split::Threshold(t) => {
-                let head: Vec<usize> =
-                    (0..self.c).filter(|&k| self.initialized[k] && counts[k] >= t).collect();
-                if head.is_empty() {
-                    return None;
+        let (mut num, mut den) = (0.0, 0.0);
+        for k in (0..self.c).filter(|&k| self.initialized[k]) {
+            match self.cfg.split {
+                Split::Threshold(t) if counts[k] >= t => {
+                    num += var[k];
+                    den += 1.0;
                 }
-                Some(head.iter().map(|&k| var[k]).sum::<f64>() / head.len() as f64)
-            }
-            Split::Adaptive => {
-                let (mut num, mut den) = (0.0, 0.0);
-                for k in (0..self.c).filter(|&k| self.initialized[k]) {
+                Split::Threshold(_) => {}
+                Split::Adaptive => {
                     num += counts[k] as f64 * var[k];
                     den += counts[k] as f64;
                 }
-                if den > 0.0 {
-                    Some(num / den)
-                } else {
-                    None
-                }
             }
         }
+        (num, den)
     }
 
     /// sigma_cloud `[C]` from the current state (SPEC section 5).
@@ -208,10 +209,16 @@ impl StatsState {
     /// Threshold(T): sqrt(max(var_h - var_k, 0)) for classes with N_k < T, else 0.
     /// Adaptive: sqrt(max(var_h - var_k, 0)) for every class.
     pub fn cloud_sigma(&self) -> Vec<f64> {
+        self.cloud_sigma_with(self.head_variance())
+    }
+
+    /// [`Self::cloud_sigma`] with the head variance given: a class-parallel head's shard
+    /// (SPEC 5c) takes var_h from every shard's [`Self::head_variance_parts`].
+    pub fn cloud_sigma_with(&self, head_variance: Option<f64>) -> Vec<f64> {
         if self.updates < self.cfg.warmup_steps {
             return vec![0.0; self.c];
         }
-        let Some(var_h) = self.head_variance() else {
+        let Some(var_h) = head_variance else {
             return vec![0.0; self.c];
         };
         let var = self.variances();
