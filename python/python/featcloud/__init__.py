@@ -1,7 +1,8 @@
 """featcloud: margin heads (ArcFace / CosFace / combined) with LEAP feature clouds.
 
 The heads themselves are in :mod:`featcloud.torch` (``import featcloud.torch``; it needs
-PyTorch). This module alone needs nothing but the extension:
+PyTorch), their class-parallel forms over ``torch.distributed`` in :mod:`featcloud.parallel`.
+This module alone needs nothing but the extension:
 
 >>> import featcloud
 >>> featcloud.__version__
