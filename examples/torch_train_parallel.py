@@ -49,13 +49,10 @@ def train(head, x, y, epochs, seed, batch=128):
 
 
 class _FullWeight:
-    """The whole W gathered from the shards, for the evaluation (`accuracy` reads
-    `.weight` and `.options`)."""
+    """The whole W (`gather_weight`) as `accuracy` reads a head: `.weight` and `.options`."""
 
     def __init__(self, head):
-        shards = [None] * dist.get_world_size()
-        dist.all_gather_object(shards, head.weight.detach())
-        self.weight, self.options = torch.cat(shards), head.options
+        self.weight, self.options = head.gather_weight(), head.options
 
 
 def main():

@@ -35,6 +35,7 @@ def run_case(case, rank, world):
         if case.get("leap"):
             with torch.no_grad():
                 head.weight -= 1e-4 * head.weight.grad  # a step, so that the statistics move
+    out["gathered"] = head.gather_weight()
     if case.get("leap"):
         out["stats"] = {k: v.clone() for k, v in head.stats.state_dict().items() if k.startswith("stats_")}
         out["sigma"] = head.cloud_sigma()

@@ -107,6 +107,9 @@ def test_shards_equal_the_single_process_head(ranks, name):
         _close(got["losses"][0], want_loss, tol, f"R={world} {name} rank {r} loss")
         _close(got["dx"][0], dx[_rows(world, r)], gtol, f"R={world} {name} rank {r} dx")
         _close(got["dw"][0], dw[first * k : (first + n) * k], gtol, f"R={world} {name} rank {r} dW")
+    # Every rank gathers the whole W (after the step: the weight did not change).
+    for r in range(world):
+        assert torch.equal(res[r][name]["gathered"], weight)
     # Ignored rows get exactly zero.
     for r in range(world):
         lab = labels_all[_rows(world, r)]

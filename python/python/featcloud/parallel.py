@@ -228,6 +228,18 @@ class ParallelMarginHead(torch.nn.Module):
             f"sample_rate={self.sample_rate}, {opts}"
         )
 
+    def gather_weight(self) -> torch.Tensor:
+        """The whole W ``[C * K, D]`` (every rank's shard in rank order), on every rank; a
+        collective (every rank calls it), without gradient. For evaluation and export."""
+        k = self.options["subcenters"]
+        rows = max(shard_range(self.num_classes, self.world_size, r)[1] for r in range(self.world_size)) * k
+        mine = torch.zeros(rows, self.embedding_size, dtype=self.weight.dtype)
+        mine[: self.weight.shape[0]] = self.weight.detach()
+        every = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(every, mine, group=self.group)
+        sizes = [shard_range(self.num_classes, self.world_size, r)[1] * k for r in range(self.world_size)]
+        return torch.cat([t[:n] for t, n in zip(every, sizes)])
+
     # -- the parts a LEAP head changes -------------------------------------------------------
 
     def _cloud(self):
