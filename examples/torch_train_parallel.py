@@ -38,9 +38,11 @@ def train(head, x, y, epochs, seed, batch=128):
             idx = perm[i + rank * per_rank : i + (rank + 1) * per_rank]
             loss = head(ddp(x[idx]), y[idx])
             opt.zero_grad()
-            # DDP averages the backbone's gradients over the ranks: times R, the backbone gets
-            # the whole batch's loss gradient, as in one process.
-            (loss * world).backward()
+            loss.backward()
+            # DDP averaged the backbone's gradients over the ranks: times R, they are the whole
+            # batch's loss gradient, as in one process. (The head's dW is exact already.)
+            for p in net.parameters():
+                p.grad.mul_(world)
             opt.step()
             total += loss.item() * batch
             rows += batch

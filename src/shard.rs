@@ -160,10 +160,11 @@ pub fn combine(
 /// The classes of shard `first .. first + c` that PartialFC's negative-class sampling keeps
 /// at step `step` (SPEC 5c), as global class indices: every class that labels a row of the
 /// batch (`labels`, global; negatives ignored), in increasing order, then the
-/// `max(ceil(rate c) - positives, 0)` other classes of the shard with the smallest scores
+/// `max(n - positives, 0)` other classes of the shard with the smallest scores
 /// u_j = r0 / 2^32, r0 the first Philox word of counter (j, 1, step low, step high) under
-/// key `seed` (ties to the lower j), in increasing order. `rate` 1 keeps every class in
-/// order. The same (labels, shard, rate, seed, step) give the same classes in any process.
+/// key `seed` (ties to the lower j), in increasing order; n = ceil(rate c - 1e-9), at least
+/// 1 (the 1e-9: a product that rounds just above a whole number, as 0.07 * 100, keeps that
+/// number). `rate` 1 keeps every class in order. The same (labels, shard, rate, seed, step) give the same classes in any process.
 pub fn sample_classes(
     labels: &[i32],
     first: usize,
@@ -185,7 +186,7 @@ pub fn sample_classes(
         }
     }
     let mut kept: Vec<usize> = (0..c).filter(|&j| positive[j]).map(|j| first + j).collect();
-    let want = ((rate * c as f64).ceil() as usize).min(c);
+    let want = ((rate * c as f64 - 1e-9).ceil().max(1.0) as usize).min(c);
     if want > kept.len() {
         let key = [seed as u32, (seed >> 32) as u32];
         let mut negatives: Vec<(u32, usize)> = (0..c)
@@ -237,6 +238,11 @@ mod tests {
         assert!(b != a && c != a && b[..2] == a[..2] && c[..2] == a[..2]);
         // More positives than the rate asks for: all of them, no negative.
         assert_eq!(sample_classes(&labels, 10, 20, 0.05, 7, 5).unwrap(), vec![12, 15]);
+        // The count is the whole number the rate names, though 0.07 * 100 rounds above 7.
+        assert!(0.07 * 100.0 > 7.0);
+        assert_eq!(sample_classes(&[], 0, 100, 0.07, 1, 1).unwrap().len(), 7);
+        assert_eq!(sample_classes(&[], 0, 50, 0.14, 1, 1).unwrap().len(), 7);
+        assert_eq!(sample_classes(&[], 0, 50, 0.001, 1, 1).unwrap().len(), 1);
         // Rate 1: every class in order.
         assert_eq!(sample_classes(&labels, 10, 4, 1.0, 7, 5).unwrap(), vec![10, 11, 12, 13]);
         for bad in [0.0, -0.5, 1.5, f64::NAN] {

@@ -36,6 +36,12 @@ CASES = {
     "subcenters": dict(dtype=torch.float64, options=dict(s=30.0, subcenters=3)),
     "rate_one": dict(dtype=torch.float32, options=dict(s=30.0, sample_rate=1.0)),
     "sampled": dict(dtype=torch.float64, label_set=[1, 4, 7, 9], options=dict(s=30.0, sample_rate=0.4, seed=9), steps=2),
+    "sampled_k2_smoothing_none": dict(
+        dtype=torch.float64,
+        label_set=[2, 5, 8, 10],
+        options=dict(s=30.0, sample_rate=0.6, seed=4, subcenters=2, label_smoothing=0.2, reduction="none"),
+        steps=2,
+    ),
     "leap": dict(
         dtype=torch.float64,
         leap=True,

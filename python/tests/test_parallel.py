@@ -90,7 +90,9 @@ def _rows(world, r):
     return slice(r * pc.ROWS_PER_RANK, (r + 1) * pc.ROWS_PER_RANK)
 
 
-@pytest.mark.parametrize("name", [n for n, c in pc.CASES.items() if not c.get("leap") and n != "sampled"])
+@pytest.mark.parametrize(
+    "name", [n for n, c in pc.CASES.items() if not c.get("leap") and c["options"].get("sample_rate", 1.0) == 1.0]
+)
 def test_shards_equal_the_single_process_head(ranks, name):
     world, res = ranks
     case = pc.CASES[name]
@@ -124,41 +126,49 @@ def test_rate_one_is_no_sampling(ranks):
         assert torch.equal(a["dx"][0], b["dx"][0]) and torch.equal(a["dw"][0], b["dw"][0])
 
 
-def test_sampling_is_the_head_over_the_kept_classes(ranks):
+@pytest.mark.parametrize("name", ["sampled", "sampled_k2_smoothing_none"])
+def test_sampling_is_the_head_over_the_kept_classes(ranks, name):
     world, res = ranks
-    case = pc.CASES["sampled"]
+    case = pc.CASES[name]
+    opts = case["options"]
+    k = opts.get("subcenters", 1)
     x_all, labels_all = pc.batch(case, world)
-    weight = torch.cat([res[r]["sampled"]["weight"] for r in range(world)])
+    weight = torch.cat([res[r][name]["weight"] for r in range(world)])
     positives = set(labels_all[labels_all >= 0].tolist())
     for step in range(case["steps"]):
-        kept = [res[r]["sampled"]["kept"][step] for r in range(world)]
-        # The sample of every rank is what any process computes for it (SPEC 5c), and a rerun
-        # draws it again.
+        kept = [res[r][name]["kept"][step] for r in range(world)]
+        # What each rank's head used is the sample any process computes for that rank
+        # (SPEC 5c), and a rerun draws it again.
         for r in range(world):
             first, n = shard_range(pc.C, world, r)
-            assert kept[r] == _native.sample_classes(labels_all.tolist(), first, n, 0.4, 9, step)
-            assert kept[r] == res[r]["sampled_again"]["kept"][step]
+            assert kept[r] == _native.sample_classes(labels_all.tolist(), first, n, opts["sample_rate"], opts["seed"], step)
+            if name == "sampled":
+                assert kept[r] == res[r]["sampled_again"]["kept"][step]
             assert positives & set(range(first, first + n)) <= set(kept[r])
         every = [j for ks in kept for j in ks]
         assert len(every) < pc.C, "the sample keeps every class: it tests nothing"
-        # The single-process head over the kept classes, labels mapped to their positions.
+        # The single-process head over the kept classes (their K rows each), labels mapped to
+        # their positions.
         pos = {j: i for i, j in enumerate(every)}
         mapped = torch.tensor([pos[int(y)] if y >= 0 else -1 for y in labels_all])
-        loss, dx, dw_sub = _reference(case, world, weight[every], x_all, mapped)
+        rows = [j * k + kk for j in every for kk in range(k)]
+        loss, dx, dw_sub = _reference(case, world, weight[rows], x_all, mapped)
         dw = torch.zeros_like(weight)
-        dw[every] = dw_sub
+        dw[rows] = dw_sub
         for r in range(world):
-            got = res[r]["sampled"]
+            got = res[r][name]
             first, n = shard_range(pc.C, world, r)
-            _close(got["losses"][step], loss, 1e-10, f"R={world} sampled step {step} rank {r} loss")
-            _close(got["dx"][step], dx[_rows(world, r)], 1e-9, f"R={world} sampled rank {r} dx")
-            _close(got["dw"][step], dw[first : first + n], 1e-9, f"R={world} sampled rank {r} dW")
-            # Run after run, the same bits (SPEC 4).
-            again = res[r]["sampled_again"]
-            for key in ("losses", "dx", "dw"):
-                assert torch.equal(got[key][step], again[key][step]), f"rank {r} step {step}: {key} differs on a rerun"
+            want_loss = loss if loss.dim() == 0 else loss[_rows(world, r)]
+            _close(got["losses"][step], want_loss, 1e-10, f"R={world} {name} step {step} rank {r} loss")
+            _close(got["dx"][step], dx[_rows(world, r)], 1e-9, f"R={world} {name} rank {r} dx")
+            _close(got["dw"][step], dw[first * k : (first + n) * k], 1e-9, f"R={world} {name} rank {r} dW")
+            if name == "sampled":
+                # Run after run, the same bits (SPEC 4).
+                again = res[r]["sampled_again"]
+                for key in ("losses", "dx", "dw"):
+                    assert torch.equal(got[key][step], again[key][step]), f"rank {r} step {step}: {key} differs on a rerun"
     # Another step draws another sample.
-    assert any(res[r]["sampled"]["kept"][0] != res[r]["sampled"]["kept"][1] for r in range(world))
+    assert any(res[r][name]["kept"][0] != res[r][name]["kept"][1] for r in range(world))
 
 
 def test_leap_statistics_shard_with_the_weight(ranks):
@@ -199,14 +209,35 @@ def test_leap_statistics_shard_with_the_weight(ranks):
         ("label_out_of_range", "ValueError", "out of range"),
         ("wrong_dtype", "TypeError", "dtype"),
         ("too_few_classes", "ValueError", "cannot be sharded"),
+        ("different_steps", "ValueError", "different steps"),
+        # Only the last rank's input is bad: it raises why, every other rank names it.
+        ("nan_weight_on_the_last_rank", "ValueError", "W"),
+        ("bad_statistics_on_the_last_rank", "ValueError", "stats_n"),
+        ("nan_upstream_on_the_last_rank", "ValueError", "not finite"),
     ],
 )
 def test_bad_inputs_raise_on_every_rank(ranks, name, kind, words):
     world, res = ranks
+    only_last = name.endswith("on_the_last_rank")
     for r in range(world):
         err = res[r]["errors"][name]
         assert err is not None, f"rank {r}: {name} did not raise"
-        assert err[0] == kind and words in err[1], f"rank {r}: {name} raised {err}"
+        if only_last and r < world - 1:
+            assert err[0] == "RuntimeError" and "rank" in err[1], f"rank {r}: {name} raised {err}"
+            if "statistics" not in err[1]:
+                assert f"rank {world - 1}" in err[1], f"rank {r}: {name} raised {err}"
+        else:
+            assert err[0] == kind and words in err[1], f"rank {r}: {name} raised {err}"
+
+
+def test_leap_state_round_trips_and_ddp_leaves_the_shards(ranks):
+    world, res = ranks
+    for r in range(world):
+        st = res[r]["state"]
+        assert st["weight_loaded"], f"rank {r}: the weight entry was not loaded"
+        assert "stats.weight" not in st["keys"] and "stats.step" not in st["keys"], st["keys"]
+        assert st["step"] == 2 and st["stats_equal"] and st["same_next_loss"], st
+        assert st["ddp_kept_shard"], f"rank {r}: DDP replaced the shard"
 
 
 def test_needs_an_initialized_process_group():

@@ -12,7 +12,7 @@ B x C is exchanged. This is insightface's PartialFC, with featcloud's head on ev
 - :class:`ParallelMarginHead`: the margin head (the options of
   :class:`featcloud.torch.MarginHead`), plus PartialFC's negative-class sampling
   (``sample_rate`` < 1: each step, every rank keeps the classes of its shard that label a
-  row of the global batch and a random share of the others, ``ceil(rate * C_r)`` in all; a
+  row of the global batch and a random share of the others, ``rate * C_r`` rounded up in all; a
   deterministic function of ``seed``, the step and the labels, the same on every rank).
 - :class:`ParallelLeapHead`: the same with LEAP's class statistics, sharded with W (each
   rank's buffers hold its own classes; the head variance is summed over the ranks).
@@ -22,9 +22,16 @@ for reductions ``mean`` and ``sum``, returns the loss of the whole (gathered) ba
 value on every rank; for ``none``, this rank's rows' losses. Its gradient to ``x`` is the
 exact gradient of that loss with respect to this rank's rows. Every rank must call forward
 and backward together (they communicate), with the same upstream gradient of the loss (as
-``loss.backward()`` on every rank does). Wrapped in ``DistributedDataParallel``, a backbone's
-gradients are averaged over the R ranks, i.e. they are 1/R of the whole batch's loss
-gradient; multiply the loss by R (or the learning rate) to train at the single-process scale.
+``loss.backward()`` on every rank does). A bad input on one rank (a non-finite weight in its
+shard, a bad batch or state) raises on every rank: the failing rank its own error, the
+others a ``RuntimeError`` naming it, never a hang.
+
+With ``DistributedDataParallel``: keep the head out of it (the head's parameters are
+sharded, not replicated; the head also lists them in ``_ddp_params_and_buffers_to_ignore``,
+so that ``DistributedDataParallel(head)`` leaves them alone). DDP averages the backbone's
+gradients over the R ranks, which gives 1/R of the whole batch's loss gradient: multiply the
+backbone's gradients (not the loss: the head's dW is already exact) by R after
+``backward()`` to train at the single-process scale (``examples/torch_train_parallel.py``).
 
 Works with the ``gloo`` backend on CPU tensors (float32: the CPU backend; float64: the
 oracle). CUDA tensors (``nccl``) need the crate's CUDA kernels on torch's tensors, not wired
@@ -84,15 +91,28 @@ class _ShardHead(torch.autograd.Function):
         b, d = x.shape
         k = json.loads(cfg_json)["subcenters"]
         n_local = w.shape[0] // k
-        parts = torch.empty(8, b, dtype=torch.float64)
+        parts = torch.zeros(8, b, dtype=torch.float64)
         sig = (0, 0) if sigma is None else (sigma.data_ptr(), sigma.numel())
-        _native.head_shard_cpu(
-            cfg_json, _CPU_DTYPES[x.dtype], b, n_local, d, first, total,
-            x.data_ptr(), w.data_ptr(), labels.data_ptr(), *sig, seed, step, parts.data_ptr(),
-        )  # fmt: skip
+        error = None
+        try:
+            _native.head_shard_cpu(
+                cfg_json, _CPU_DTYPES[x.dtype], b, n_local, d, first, total,
+                x.data_ptr(), w.data_ptr(), labels.data_ptr(), *sig, seed, step, parts.data_ptr(),
+            )  # fmt: skip
+        except ValueError as e:  # e.g. a non-finite weight in this shard: every rank raises
+            error = e
+            parts.zero_()
         valid = labels >= 0
-        m = parts[0].clone()
+        # The row maxima, with this rank's failure flag as one more entry of the same all-reduce.
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        flag = torch.tensor([0.0 if error is None else float(world - rank)], dtype=torch.float64)
+        m = torch.cat([parts[0], flag])
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        if error is not None:
+            raise error
+        if m[-1] > 0:
+            raise RuntimeError(f"the head failed on rank {world - int(m[-1])} of the process group (that rank raised why)")
+        m = m[:-1]
         # Each rank's sum of exp rescaled to the common max, then one sum for everything else
         # (the target fields are the owner's and 0 elsewhere: their sum is the owner's value).
         packed = torch.cat([(parts[1] * torch.exp(parts[0] - m)).unsqueeze(0), parts[2:]])
@@ -131,16 +151,34 @@ class _ShardHead(torch.autograd.Function):
         else:
             scale = float(g) / (ctx.n_valid if reduction == "mean" and ctx.n_valid else 1)
             weight = torch.full((b,), scale, dtype=torch.float64)
-        if not torch.isfinite(weight).all():
-            raise ValueError("the upstream gradient of the loss is not finite")
         dx, dw = torch.empty_like(x), torch.empty_like(w)
         sig = (sigma.data_ptr(), sigma.numel()) if ctx.has_sigma else (0, 0)
-        _native.head_shard_backward_cpu(
-            cfg_json, _CPU_DTYPES[x.dtype], b, w.shape[0] // k, d, first, total,
-            x.data_ptr(), w.data_ptr(), labels.data_ptr(), *sig, seed, step,
-            lse.data_ptr(), weight.data_ptr(), dx.data_ptr(), dw.data_ptr(),
-        )  # fmt: skip
+        error = None
+        try:
+            if not torch.isfinite(weight).all():
+                raise ValueError("the upstream gradient of the loss is not finite")
+            _native.head_shard_backward_cpu(
+                cfg_json, _CPU_DTYPES[x.dtype], b, w.shape[0] // k, d, first, total,
+                x.data_ptr(), w.data_ptr(), labels.data_ptr(), *sig, seed, step,
+                lse.data_ptr(), weight.data_ptr(), dx.data_ptr(), dw.data_ptr(),
+            )  # fmt: skip
+        except ValueError as e:
+            error = e
+        # Before the dx all-reduce that the other ranks' backward enters next.
+        _raise_together(ctx.group, error, "the head's backward")
         return dx, dw, None, None, None, None
+
+
+def _raise_together(group, error: Optional[BaseException], what: str) -> None:
+    """Raises on every rank if any rank failed (a collective: every rank calls it): the failing
+    rank its own ``error``, the others a ``RuntimeError`` naming the lowest failing rank."""
+    flag = torch.tensor([0 if error is None else dist.get_world_size(group) - dist.get_rank(group)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if error is not None:
+        raise error
+    if int(flag):
+        failed = dist.get_world_size(group) - int(flag)
+        raise RuntimeError(f"{what} failed on rank {failed} of the process group (that rank raised why)")
 
 
 def _fingerprint(*fields) -> int:
@@ -209,15 +247,28 @@ class ParallelMarginHead(torch.nn.Module):
             w[j * k : (j + 1) * k].normal_(0.0, 0.01, generator=gen)
         self.weight = torch.nn.Parameter(w)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        #: The global classes this rank kept in the last training forward (sampling on), else None.
+        self.last_sample: Optional[torch.Tensor] = None
+        self._ignore_in_ddp()
+
+    def _ignore_in_ddp(self) -> None:
+        # Sharded, not replicated: DistributedDataParallel must neither broadcast nor average
+        # them (it reads this list from the module it wraps).
+        self._ddp_params_and_buffers_to_ignore = [n for n, _ in self.named_parameters()] + [
+            n for n, _ in self.named_buffers()
+        ]
 
     def _extra_fingerprint(self) -> tuple:
         return ()
 
+    def _all_gather(self, t: torch.Tensor) -> list:
+        every = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(every, t, group=self.group)
+        return every
+
     def _check_same_on_every_rank(self, what: str, fields) -> None:
         mine = torch.tensor([_fingerprint(fields)], dtype=torch.int64)
-        every = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(every, mine, group=self.group)
-        if any(int(t) != int(mine) for t in every):
+        if any(int(t) != int(mine) for t in self._all_gather(mine)):
             raise ValueError(f"{what} differs between the ranks of the process group")
 
     def extra_repr(self) -> str:
@@ -235,8 +286,7 @@ class ParallelMarginHead(torch.nn.Module):
         rows = max(shard_range(self.num_classes, self.world_size, r)[1] for r in range(self.world_size)) * k
         mine = torch.zeros(rows, self.embedding_size, dtype=self.weight.dtype)
         mine[: self.weight.shape[0]] = self.weight.detach()
-        every = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(every, mine, group=self.group)
+        every = self._all_gather(mine)
         sizes = [shard_range(self.num_classes, self.world_size, r)[1] * k for r in range(self.world_size)]
         return torch.cat([t[:n] for t, n in zip(every, sizes)])
 
@@ -251,7 +301,7 @@ class ParallelMarginHead(torch.nn.Module):
 
     # -- forward -----------------------------------------------------------------------------
 
-    def _gather_batch(self, x, labels):
+    def _check_batch(self, x, labels):
         for name, t in (("x", x), ("labels", labels)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -267,19 +317,30 @@ class ParallelMarginHead(torch.nn.Module):
             raise NotImplementedError(f"featcloud.parallel runs CPU tensors (gloo) in this build; got {x.device}")
         if x.dtype != self.weight.dtype or x.dtype not in _CPU_DTYPES:
             raise TypeError(f"x must have the weight's dtype ({self.weight.dtype}: float32 or float64), got {x.dtype}")
-        # Every rank the same number of rows, and the same flags (checked before the gathers
-        # that need them, so that a mismatch is an error on every rank rather than a hang).
-        mine = torch.tensor([x.shape[0], int(self.training)], dtype=torch.int64)
-        every = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(every, mine, group=self.group)
-        if any(int(t[0]) != x.shape[0] for t in every):
-            raise ValueError(f"every rank must pass the same number of rows; got {[int(t[0]) for t in every]}")
-        if any(int(t[1]) != int(self.training) for t in every):
+
+    def _gather_batch(self, x, labels):
+        error = None
+        try:
+            self._check_batch(x, labels)
+        except (TypeError, ValueError, NotImplementedError) as e:
+            error = e
+        # Every rank's row count, mode, step and check result in one gather, before the gathers
+        # that need them: a mismatch or a bad input is an error on every rank, not a hang.
+        rank_code = 0 if error is None else self.world_size - self.rank
+        mine = torch.tensor([-1 if error else x.shape[0], int(self.training), int(self.step), rank_code])
+        every = torch.stack(self._all_gather(mine))
+        if error is not None:
+            raise error
+        if int(every[:, 3].max()):
+            failed = self.world_size - int(every[:, 3].max())
+            raise RuntimeError(f"the head's input check failed on rank {failed} of the process group (that rank raised why)")
+        if (every[:, 0] != x.shape[0]).any():
+            raise ValueError(f"every rank must pass the same number of rows; got {every[:, 0].tolist()}")
+        if (every[:, 1] != int(self.training)).any():
             raise ValueError("every rank must be in the same mode (train() or eval())")
-        lab = labels.to(torch.int64).contiguous()
-        every_labels = [torch.empty_like(lab) for _ in range(self.world_size)]
-        dist.all_gather(every_labels, lab, group=self.group)
-        labels_all = torch.cat(every_labels)
+        if (every[:, 2] != int(self.step)).any():
+            raise ValueError(f"the ranks' heads are at different steps {every[:, 2].tolist()} (restore every rank's state)")
+        labels_all = torch.cat(self._all_gather(labels.to(torch.int64).contiguous()))
         if labels_all.numel() and int(labels_all.max()) >= self.num_classes:
             raise ValueError(
                 f"label {int(labels_all.max())} out of range: there are {self.num_classes} classes (negative = ignored row)"
@@ -294,10 +355,7 @@ class ParallelMarginHead(torch.nn.Module):
         kept = _native.sample_classes(
             labels_all.tolist(), self.first, self.num_local, self.sample_rate, self.seed, int(self.step)
         )
-        counts = torch.tensor([len(kept)], dtype=torch.int64)
-        every = [torch.empty_like(counts) for _ in range(self.world_size)]
-        dist.all_gather(every, counts, group=self.group)
-        counts = torch.cat(every)
+        counts = torch.cat(self._all_gather(torch.tensor([len(kept)], dtype=torch.int64)))
         offsets = torch.cumsum(counts, 0) - counts
         # Positives come first in each shard's kept list, in increasing order (SPEC 5c), so a
         # label's position is its shard's offset plus its rank among that shard's positives.
@@ -318,6 +376,8 @@ class ParallelMarginHead(torch.nn.Module):
         see the module doc."""
         x_all, labels_all = self._gather_batch(x, labels)
         rows_idx, first, total, mapped, kept = self._sampled(labels_all)
+        if self.training:
+            self.last_sample = kept
         w = self.weight if rows_idx is None else self.weight.index_select(0, rows_idx)
         cloud, sigma = self._cloud() if self.training else ("off", None)
         if sigma is not None and kept is not None:
@@ -373,15 +433,16 @@ class ParallelLeapHead(ParallelMarginHead):
         if class_counts is not None and len(class_counts) != num_classes:
             raise ValueError(f"class_counts must be {num_classes} counts (the whole head's)")
         counts = None if class_counts is None else list(class_counts)[self.first : self.first + self.num_local]
-        # The statistics of this rank's classes: a LeapHead of C_r classes (its buffers, their
-        # checks and the crate's update), sharing this head's weight shard. Its `step` buffer
-        # is unused: this head's `step` counts the steps.
+        # The statistics of this rank's classes: the buffers of a LeapHead of C_r classes (their
+        # checks and the crate's update) without its weight and step (this head's weight shard
+        # and step are the ones; a second registration would make state_dict ambiguous).
         self.stats = LeapHead(
             self.num_local, embedding_size, cloud=cloud, beta=beta, center=center, split=split,
             threshold=threshold, warmup_steps=warmup_steps, class_counts=counts, seed=self.seed,
             subcenters=self.options["subcenters"], dtype=self.weight.dtype,
         )  # fmt: skip
-        self.stats.weight = self.weight
+        del self.stats.weight, self.stats.step
+        self._ignore_in_ddp()
 
     def _extra_fingerprint(self) -> tuple:
         return (self._leap_args,)
@@ -389,9 +450,19 @@ class ParallelLeapHead(ParallelMarginHead):
     def cloud_sigma(self) -> torch.Tensor:
         """sigma_cloud of this rank's classes ``[C_r]`` (float32), the head variance's sums
         added over the ranks (SPEC 5c). Every rank must call it together."""
-        args = self.stats._stats_args()
-        parts = torch.tensor(_native.stats_head_variance_parts(*args), dtype=torch.float64)
+        error, parts = None, torch.zeros(3, dtype=torch.float64)
+        try:
+            args = self.stats._stats_args()
+            parts[:2] = torch.tensor(_native.stats_head_variance_parts(*args), dtype=torch.float64)
+        except (TypeError, ValueError, NotImplementedError) as e:  # e.g. a bad loaded state
+            error = e
+            parts[2] = self.world_size - self.rank
+        # The sums of every shard, and the failure flags (their sum is > 0 if any rank failed).
         dist.all_reduce(parts, op=dist.ReduceOp.SUM, group=self.group)
+        if error is not None:
+            raise error
+        if parts[2] > 0:
+            raise RuntimeError("the LEAP statistics failed their check on another rank (that rank raised why)")
         sigma = torch.empty(self.num_local, dtype=torch.float32)
         _native.stats_sigma(*args, sigma.data_ptr(), (float(parts[0]), float(parts[1])))
         return sigma

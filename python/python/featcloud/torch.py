@@ -519,8 +519,6 @@ class LeapHead(MarginHead):
             dtype = torch.int64 if name == "stats_n" else torch.float64
             if t.dtype != dtype:
                 raise TypeError(f"{name} is {t.dtype}; the statistics are {dtype} (SPEC 5)")
-        if tuple(self.weight.shape) != (c * k, d):
-            raise ValueError(f"weight is {tuple(self.weight.shape)}, expected {(c * k, d)}")
         return (self.stats_json, c, k, d) + tuple(t.data_ptr() for t in bufs) + (int(self.stats_updates),)
 
     def cloud_sigma(self) -> torch.Tensor:
@@ -536,6 +534,9 @@ class LeapHead(MarginHead):
             return margin_loss(x, self.weight, labels, return_rows=return_rows, **self.options)
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.embedding_size:
             raise ValueError(f"x must be [B, {self.embedding_size}], got {getattr(x, 'shape', type(x).__name__)}")
+        want = (self.num_classes * self.options["subcenters"], self.embedding_size)
+        if tuple(self.weight.shape) != want:
+            raise ValueError(f"weight is {tuple(self.weight.shape)}, expected {want}")
         sigma = self.cloud_sigma()
         loss, rows = margin_loss(
             x,
