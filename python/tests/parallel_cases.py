@@ -32,7 +32,18 @@ CASES = {
     "arcface_f32": dict(dtype=torch.float32, options=dict(_ARC)),
     "cosface_sum": dict(dtype=torch.float32, options=dict(s=30.0, m2=0.0, m3=0.35, reduction="sum")),
     "smoothing_none": dict(dtype=torch.float64, options=dict(s=30.0, label_smoothing=0.1, reduction="none")),
-    "insightface": dict(dtype=torch.float32, options=dict(s=30.0, fallback="none", margin_grad="straight_through")),
+    # Built with ParallelMarginHead.from_insightface(**insightface); `options` are the
+    # single-process head's (MarginHead.from_insightface's, written out).
+    "insightface": dict(
+        dtype=torch.float32,
+        insightface=dict(s=30.0, m2=0.5),
+        options=dict(s=30.0, m2=0.5, fallback="none", margin_grad="straight_through"),
+    ),
+    "insightface_cosface": dict(
+        dtype=torch.float64,
+        insightface=dict(s=30.0, m3=0.35),
+        options=dict(s=30.0, m2=0.0, m3=0.35, fallback="none"),
+    ),
     "subcenters": dict(dtype=torch.float64, options=dict(s=30.0, subcenters=3)),
     "rate_one": dict(dtype=torch.float32, options=dict(s=30.0, sample_rate=1.0)),
     "sampled": dict(dtype=torch.float64, label_set=[1, 4, 7, 9], options=dict(s=30.0, sample_rate=0.4, seed=9), steps=2),

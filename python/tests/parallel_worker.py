@@ -21,7 +21,10 @@ def run_case(case, rank, world):
     x = x_all[rank * b : (rank + 1) * b].clone().requires_grad_(True)
     labels = labels_all[rank * b : (rank + 1) * b]
     cls = ParallelLeapHead if case.get("leap") else ParallelMarginHead
-    head = cls(pc.C, pc.D, dtype=case["dtype"], init_seed=3, **case["options"])
+    if case.get("insightface"):
+        head = ParallelMarginHead.from_insightface(pc.C, pc.D, dtype=case["dtype"], init_seed=3, **case["insightface"])
+    else:
+        head = cls(pc.C, pc.D, dtype=case["dtype"], init_seed=3, **case["options"])
     out = {"weight": head.weight.detach().clone(), "losses": [], "dx": [], "dw": [], "kept": []}
     for step in range(case.get("steps", 1)):
         x.grad, head.weight.grad = None, None

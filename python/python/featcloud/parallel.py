@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from . import _native
-from .torch import _CPU_DTYPES, _config_json, _labels_i32, LeapHead, MarginHead
+from .torch import _CPU_DTYPES, _config_json, _labels_i32, insightface_options, LeapHead, MarginHead
 
 __all__ = ["ParallelMarginHead", "ParallelLeapHead", "shard_range"]
 
@@ -257,6 +257,25 @@ class ParallelMarginHead(torch.nn.Module):
         self._ddp_params_and_buffers_to_ignore = [n for n, _ in self.named_parameters()] + [
             n for n, _ in self.named_buffers()
         ]
+
+    @classmethod
+    def from_insightface(
+        cls,
+        num_classes: int,
+        embedding_size: int,
+        s: float = 64.0,
+        m1: float = 1.0,
+        m2: float = 0.5,
+        m3: float = 0.0,
+        sample_rate: float = 1.0,
+        **kwargs,
+    ) -> "ParallelMarginHead":
+        """In place of insightface's ``PartialFC_V2(CombinedMarginLoss(s, m1, m2, m3),
+        embedding_size, num_classes, sample_rate)``: the loss of
+        :meth:`featcloud.torch.MarginHead.from_insightface` (the same conventions), class-parallel,
+        with PartialFC's sampling at ``sample_rate`` (featcloud's sample rule, SPEC 5c: the
+        same positives-always rule, its own random choice of negatives)."""
+        return cls(num_classes, embedding_size, s=s, sample_rate=sample_rate, **insightface_options(m1, m2, m3), **kwargs)
 
     def _extra_fingerprint(self) -> tuple:
         return ()

@@ -277,6 +277,21 @@ def margin_loss(
     return loss, HeadRows(*(rows[i].to(dt, copy=True) for i in range(1, 5)), rows[5].to(torch.int64, copy=True))
 
 
+def insightface_options(m1: float, m2: float, m3: float, legacy: bool = False) -> dict:
+    """The margin options (m1, m2, m3, fallback, margin_grad) that reproduce insightface's
+    ``CombinedMarginLoss(s, m1, m2, m3)`` (or, with ``legacy``, its older ``ArcFace``); see
+    :meth:`MarginHead.from_insightface`."""
+    if legacy:
+        if m1 != 1.0 or m3 != 0.0:
+            raise ValueError("insightface's legacy ArcFace has only m2 (m1 = 1, m3 = 0)")
+        return dict(m1=1.0, m2=m2, m3=0.0, fallback="linear", margin_grad="exact")
+    if m1 == 1.0 and m3 == 0.0:
+        return dict(m1=1.0, m2=m2, m3=0.0, fallback="none", margin_grad="straight_through")
+    if m3 > 0:
+        return dict(m1=1.0, m2=0.0, m3=m3, fallback="none", margin_grad="exact")
+    raise ValueError(f"insightface's CombinedMarginLoss supports (m1 = 1, m3 = 0) or m3 > 0, got ({m1}, {m2}, {m3})")
+
+
 class MarginHead(torch.nn.Module):
     """A margin head (ArcFace / CosFace / combined) owning the class weights.
 
@@ -360,19 +375,7 @@ class MarginHead(torch.nn.Module):
         ``[-1, 1]``, featcloud of ``c`` clamped to ``[-1 + 1e-7, 1 - 1e-7]`` (a difference only
         within 1e-7 of +-1). The weight is ``[C, D]`` in both (``num_classes`` rows).
         """
-        if legacy:
-            if m1 != 1.0 or m3 != 0.0:
-                raise ValueError("insightface's legacy ArcFace has only m2 (m1 = 1, m3 = 0)")
-            opts = dict(m1=1.0, m2=m2, m3=0.0, fallback="linear", margin_grad="exact")
-        elif m1 == 1.0 and m3 == 0.0:
-            opts = dict(m1=1.0, m2=m2, m3=0.0, fallback="none", margin_grad="straight_through")
-        elif m3 > 0:
-            opts = dict(m1=1.0, m2=0.0, m3=m3, fallback="none", margin_grad="exact")
-        else:
-            raise ValueError(
-                f"insightface's CombinedMarginLoss supports (m1 = 1, m3 = 0) or m3 > 0, got ({m1}, {m2}, {m3})"
-            )
-        return cls(num_classes, embedding_size, s=s, **opts, **kwargs)
+        return cls(num_classes, embedding_size, s=s, **insightface_options(m1, m2, m3, legacy), **kwargs)
 
     @classmethod
     def from_pml(
@@ -566,4 +569,4 @@ class LeapHead(MarginHead):
         return f"{super().extra_repr()}, cloud={self.cloud!r}, stats={self.stats_json}"
 
 
-__all__ = ["MarginHead", "LeapHead", "margin_loss", "HeadRows", "FALLBACKS", "MARGIN_GRADS", "REDUCTIONS", "CLOUDS"]
+__all__ = ["MarginHead", "LeapHead", "margin_loss", "insightface_options", "HeadRows", "FALLBACKS", "MARGIN_GRADS", "REDUCTIONS", "CLOUDS"]
