@@ -139,15 +139,55 @@ fn shard_of<'a, F>(
 
 use featcloud::oracle::head::HeadProblemOf;
 
+/// Runs problem `p` shard by shard over partition `part` through one implementation
+/// (`forward`: a shard's partials; `backward`: its (dx part, dW) widened to f64), combines,
+/// and checks against the whole head's oracle outputs `want` and `wg`: the rows within `tol`
+/// relative, dx summed over shards and dW concatenated within `gtol` of their max. Ignored
+/// rows (NaN-filled) get exactly 0 from every shard.
+#[allow(clippy::too_many_arguments)]
+fn check_partition<F: Copy>(
+    ctx: &str,
+    cfg: &HeadConfig,
+    p: &HeadProblemOf<F>,
+    part: &[(usize, usize)],
+    forward: impl Fn(&HeadProblemOf<F>, ClassShard) -> ShardPartials,
+    backward: impl Fn(&HeadProblemOf<F>, ClassShard, &[f64], &[f64]) -> (Vec<f64>, Vec<f64>),
+    (want, wg): (&oracle::ForwardOutput, &oracle::Gradients),
+    (tol, gtol): (f64, f64),
+) {
+    let HeadShape { b, c, d } = p.shape;
+    let k = cfg.subcenters as usize;
+    let shard = |first| ClassShard { first, total: c };
+    let parts: Vec<ShardPartials> =
+        part.iter().map(|&(first, n)| forward(&shard_of(p, k, first, n, p.w), shard(first))).collect();
+    let got = combine(&parts, p.labels, c, cfg.label_smoothing as f64, cfg.reduction).unwrap();
+    check_combined(ctx, &got, want, tol);
+    let wt = weights(cfg, p.labels);
+    let mut dx = vec![0.0; b * d];
+    let mut dw = Vec::new();
+    for &(first, n) in part {
+        let (gx, gw) = backward(&shard_of(p, k, first, n, p.w), shard(first), &got.lse, &wt);
+        for i in (0..b).filter(|&i| p.labels[i] < 0) {
+            assert!(gx[i * d..(i + 1) * d].iter().all(|&v| v == 0.0), "{ctx}: ignored row {i}");
+        }
+        dx.iter_mut().zip(&gx).for_each(|(a, v)| *a += v);
+        dw.extend(gw);
+    }
+    let (ex, ew) = (rel_err(dx.iter().copied(), &wg.dx), rel_err(dw.iter().copied(), &wg.dw));
+    assert!(ex <= gtol && ew <= gtol, "{ctx}: dx {ex:e}, dW {ew:e}");
+}
+
+fn widen(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&a| a as f64).collect()
+}
+
 #[test]
 fn oracle_shards_combine_to_the_whole_head() {
     let mut runs = 0;
     for (si, &(b, c, d)) in [(1, 1, 3), (9, 2, 5), (13, 7, 8), (6, 11, 1), (17, 12, 16)].iter().enumerate() {
         for (name, cfg) in configs() {
-            let k = cfg.subcenters as usize;
-            let kc = case(b, c, k, d, 10 + si as u64);
-            let x: Vec<f64> = kc.x.iter().map(|&v| v as f64).collect();
-            let w: Vec<f64> = kc.w.iter().map(|&v| v as f64).collect();
+            let kc = case(b, c, cfg.subcenters as usize, d, 10 + si as u64);
+            let (x, w) = (widen(&kc.x), widen(&kc.w));
             let p = HeadProblemF64 {
                 shape: kc.shape,
                 x: &x,
@@ -158,46 +198,20 @@ fn oracle_shards_combine_to_the_whole_head() {
                 step: 3,
             };
             let want = oracle::forward_f64(&cfg, &p).unwrap();
-            let wt = weights(&cfg, &kc.labels);
-            let wg = oracle::backward_f64(&cfg, &p, upstream(&cfg, &wt)).unwrap();
+            let wg = oracle::backward_f64(&cfg, &p, upstream(&cfg, &weights(&cfg, &kc.labels))).unwrap();
             for part in partitions(c) {
-                let ctx = format!("B={b} C={c} D={d} {name} shards {part:?}");
-                let parts: Vec<ShardPartials> = part
-                    .iter()
-                    .map(|&(first, n)| {
-                        oracle::shard_forward_f64(
-                            &cfg,
-                            &shard_of(&p, k, first, n, &w),
-                            ClassShard { first, total: c },
-                        )
-                        .unwrap()
-                    })
-                    .collect();
-                let got = combine(&parts, &kc.labels, c, cfg.label_smoothing as f64, cfg.reduction).unwrap();
-                check_combined(&ctx, &got, &want, 1e-12);
-                let mut dx = vec![0.0; b * d];
-                let mut dw = Vec::new();
-                for &(first, n) in &part {
-                    let g = oracle::shard_backward_f64(
-                        &cfg,
-                        &shard_of(&p, k, first, n, &w),
-                        ClassShard { first, total: c },
-                        &got.lse,
-                        &wt,
-                    )
-                    .unwrap();
-                    dx.iter_mut().zip(&g.dx).for_each(|(a, v)| *a += v);
-                    dw.extend(g.dw);
-                }
-                assert!(
-                    rel_err(dx.iter().copied(), &wg.dx) <= 1e-12,
-                    "{ctx}: dx {:e}",
-                    rel_err(dx.iter().copied(), &wg.dx)
-                );
-                assert!(
-                    rel_err(dw.iter().copied(), &wg.dw) <= 1e-12,
-                    "{ctx}: dW {:e}",
-                    rel_err(dw.iter().copied(), &wg.dw)
+                check_partition(
+                    &format!("B={b} C={c} D={d} {name} shards {part:?}"),
+                    &cfg,
+                    &p,
+                    &part,
+                    |sp, sh| oracle::shard_forward_f64(&cfg, sp, sh).unwrap(),
+                    |sp, sh, lse, wt| {
+                        let g = oracle::shard_backward_f64(&cfg, sp, sh, lse, wt).unwrap();
+                        (g.dx, g.dw)
+                    },
+                    (&want, &wg),
+                    (1e-12, 1e-12),
                 );
                 runs += 1;
             }
@@ -210,8 +224,7 @@ fn oracle_shards_combine_to_the_whole_head() {
 fn cpu_shards_match_the_oracle_within_spec_tolerances() {
     for (si, &(b, c, d)) in [(1, 1, 3), (9, 2, 5), (13, 7, 8), (33, 20, 13), (5, 9, 512)].iter().enumerate() {
         for (name, cfg) in configs() {
-            let k = cfg.subcenters as usize;
-            let kc = case(b, c, k, d, 50 + si as u64);
+            let kc = case(b, c, cfg.subcenters as usize, d, 50 + si as u64);
             let p = HeadProblem {
                 shape: kc.shape,
                 x: &kc.x,
@@ -222,50 +235,20 @@ fn cpu_shards_match_the_oracle_within_spec_tolerances() {
                 step: 3,
             };
             let want = oracle::forward(&cfg, &p).unwrap();
-            let wt = weights(&cfg, &kc.labels);
-            let wg = oracle::backward(&cfg, &p, upstream(&cfg, &wt)).unwrap();
+            let wg = oracle::backward(&cfg, &p, upstream(&cfg, &weights(&cfg, &kc.labels))).unwrap();
             for part in partitions(c) {
-                let ctx = format!("B={b} C={c} D={d} {name} shards {part:?}");
-                let parts: Vec<ShardPartials> = part
-                    .iter()
-                    .map(|&(first, n)| {
-                        cpu::shard_forward(
-                            &cfg,
-                            &shard_of(&p, k, first, n, &kc.w),
-                            ClassShard { first, total: c },
-                        )
-                        .unwrap()
-                    })
-                    .collect();
-                let got = combine(&parts, &kc.labels, c, cfg.label_smoothing as f64, cfg.reduction).unwrap();
-                check_combined(&ctx, &got, &want, 1e-5);
-                let mut dx = vec![0.0f64; b * d];
-                let mut dw = Vec::new();
-                for &(first, n) in &part {
-                    let g = cpu::shard_backward(
-                        &cfg,
-                        &shard_of(&p, k, first, n, &kc.w),
-                        ClassShard { first, total: c },
-                        &got.lse,
-                        &wt,
-                    )
-                    .unwrap();
-                    dx.iter_mut().zip(&g.dx).for_each(|(a, &v)| *a += v as f64);
-                    dw.extend(g.dw.iter().map(|&v| v as f64));
-                    // Ignored rows (NaN-filled) get exactly 0 from every shard.
-                    for i in (0..b).filter(|&i| kc.labels[i] < 0) {
-                        assert!(g.dx[i * d..(i + 1) * d].iter().all(|&v| v == 0.0), "{ctx}: ignored row {i}");
-                    }
-                }
-                assert!(
-                    rel_err(dx.iter().copied(), &wg.dx) <= 1e-4,
-                    "{ctx}: dx {:e}",
-                    rel_err(dx.iter().copied(), &wg.dx)
-                );
-                assert!(
-                    rel_err(dw.iter().copied(), &wg.dw) <= 1e-4,
-                    "{ctx}: dW {:e}",
-                    rel_err(dw.iter().copied(), &wg.dw)
+                check_partition(
+                    &format!("B={b} C={c} D={d} {name} shards {part:?}"),
+                    &cfg,
+                    &p,
+                    &part,
+                    |sp, sh| cpu::shard_forward(&cfg, sp, sh).unwrap(),
+                    |sp, sh, lse, wt| {
+                        let g = cpu::shard_backward(&cfg, sp, sh, lse, wt).unwrap();
+                        (widen(&g.dx), widen(&g.dw))
+                    },
+                    (&want, &wg),
+                    (1e-5, 1e-4),
                 );
             }
         }
