@@ -25,10 +25,11 @@ def run_case(case, rank, world):
         head = ParallelMarginHead.from_insightface(pc.C, pc.D, dtype=case["dtype"], init_seed=3, **case["insightface"])
     else:
         head = cls(pc.C, pc.D, dtype=case["dtype"], init_seed=3, **case["options"])
-    out = {"weight": head.weight.detach().clone(), "losses": [], "dx": [], "dw": [], "kept": []}
+    out = {"weight": head.weight.detach().clone(), "losses": [], "dx": [], "dw": [], "kept": [], "rows": []}
     for step in range(case.get("steps", 1)):
         x.grad, head.weight.grad = None, None
-        loss = head(x, labels)
+        loss, rows = head(x, labels, return_rows=True)
+        out["rows"].append(rows)
         (loss * pc.upstream(loss)).sum().backward()
         out["losses"].append(loss.detach().clone())
         out["dx"].append(x.grad.clone())
@@ -63,6 +64,9 @@ def error_cases(rank, world):
     def wrong_dtype():
         ParallelMarginHead(pc.C, pc.D)(torch.randn(4, pc.D, dtype=torch.float64), torch.zeros(4, dtype=torch.int64))
 
+    def x_on_another_device():
+        ParallelMarginHead(pc.C, pc.D)(torch.randn(4, pc.D, device="meta"), torch.zeros(4, dtype=torch.int64))
+
     def too_few_classes():
         ParallelMarginHead(world - 1, pc.D)
 
@@ -96,6 +100,7 @@ def error_cases(rank, world):
         ("label_out_of_range", label_out_of_range),
         ("wrong_dtype", wrong_dtype),
         ("too_few_classes", too_few_classes),
+        ("x_on_another_device", x_on_another_device),
         ("nan_weight_on_the_last_rank", nan_weight_on_the_last_rank),
         ("bad_statistics_on_the_last_rank", bad_statistics_on_the_last_rank),
         ("different_steps", different_steps),

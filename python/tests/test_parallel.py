@@ -78,12 +78,13 @@ def _head_options(case):
     return {k: v for k, v in case["options"].items() if k not in ("sample_rate", "seed")}
 
 
-def _reference(case, world, weight, x_all, labels_all):
+def _reference(case, world, weight, x_all, labels_all, rows=False):
     x = x_all.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
-    loss = margin_loss(x, w, labels_all, **_head_options(case))
+    loss, head_rows = margin_loss(x, w, labels_all, return_rows=True, **_head_options(case))
     (loss * _global_upstream(world, loss)).sum().backward()
-    return loss.detach(), x.grad, w.grad
+    out = (loss.detach(), x.grad, w.grad)
+    return out + (head_rows,) if rows else out
 
 
 def _rows(world, r):
@@ -101,12 +102,17 @@ def test_shards_equal_the_single_process_head(ranks, name):
     weight = torch.cat([res[r][name]["weight"] for r in range(world)])
     assert weight.shape == (pc.C * k, pc.D)
     x_all, labels_all = pc.batch(case, world)
-    loss, dx, dw = _reference(case, world, weight, x_all, labels_all)
+    loss, dx, dw, rows = _reference(case, world, weight, x_all, labels_all, rows=True)
     for r in range(world):
         got = res[r][name]
         first, n = shard_range(pc.C, world, r)
         want_loss = loss if loss.dim() == 0 else loss[_rows(world, r)]
         _close(got["losses"][0], want_loss, tol, f"R={world} {name} rank {r} loss")
+        # The rows this rank's forward returns (return_rows): lse, c_iy, t, alpha, k_iy.
+        for field in ("lse", "c_iy", "t", "alpha"):
+            want_field = getattr(rows, field)[_rows(world, r)]
+            _close(getattr(got["rows"][0], field), want_field, tol, f"R={world} {name} rank {r} {field}")
+        assert torch.equal(got["rows"][0].k_iy, rows.k_iy[_rows(world, r)])
         _close(got["dx"][0], dx[_rows(world, r)], gtol, f"R={world} {name} rank {r} dx")
         _close(got["dw"][0], dw[first * k : (first + n) * k], gtol, f"R={world} {name} rank {r} dW")
     # Every rank gathers the whole W (after the step: the weight did not change).
@@ -210,6 +216,7 @@ def test_leap_statistics_shard_with_the_weight(ranks):
         ("wrong_dtype", "TypeError", "dtype"),
         ("too_few_classes", "ValueError", "cannot be sharded"),
         ("different_steps", "ValueError", "different steps"),
+        ("x_on_another_device", "ValueError", "one device"),
         # Only the last rank's input is bad: it raises why, every other rank names it.
         ("nan_weight_on_the_last_rank", "ValueError", "W"),
         ("bad_statistics_on_the_last_rank", "ValueError", "stats_n"),

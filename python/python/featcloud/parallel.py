@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from . import _native
-from .torch import _CPU_DTYPES, _config_json, _labels_i32, insightface_options, LeapHead, MarginHead
+from .torch import _CPU_DTYPES, _config_json, _labels_i32, HeadRows, insightface_options, LeapHead, MarginHead
 
 __all__ = ["ParallelMarginHead", "ParallelLeapHead", "shard_range"]
 
@@ -390,9 +390,11 @@ class ParallelMarginHead(torch.nn.Module):
         rows = ((kept_t - self.first) * k).repeat_interleave(k) + torch.arange(k).repeat(len(kept))
         return rows, int(offsets[self.rank]), int(counts.sum()), mapped, kept_t
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, return_rows: bool = False):
         """The loss of the whole batch (every rank's ``x`` ``[B, D]`` and ``labels`` ``[B]``);
-        see the module doc."""
+        see the module doc. With ``return_rows``, ``(loss, HeadRows)``: this rank's rows' lse,
+        c_iy, t, alpha and k_iy (``featcloud.torch.HeadRows``; lse over the classes of the step,
+        the sampled ones when sampling)."""
         x_all, labels_all = self._gather_batch(x, labels)
         rows_idx, first, total, mapped, kept = self._sampled(labels_all)
         if self.training:
@@ -416,10 +418,13 @@ class ParallelMarginHead(torch.nn.Module):
             with torch.no_grad():
                 self._after_step(x_all.detach(), labels_all, rows)
                 self.step += 1
+        mine = slice(self.rank * x.shape[0], (self.rank + 1) * x.shape[0])
         if o["reduction"] == "none":
-            b = x.shape[0]
-            return loss[self.rank * b : (self.rank + 1) * b]
-        return loss
+            loss = loss[mine]
+        if not return_rows:
+            return loss
+        r = rows[:, mine]
+        return loss, HeadRows(*(r[i].to(x.dtype, copy=True) for i in range(4)), r[4].to(torch.int64, copy=True))
 
 
 class ParallelLeapHead(ParallelMarginHead):
