@@ -435,24 +435,12 @@ class ParallelLeapHead(ParallelMarginHead):
     ranks. Options as :class:`featcloud.torch.LeapHead` (``class_counts`` global, ``[C]``).
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        *,
-        cloud: str = "symmetric",
-        beta: float = 0.9,
-        center: str = "ema",
-        split: str = "threshold",
-        threshold: int = 100,
-        warmup_steps: int = 100,
-        class_counts=None,
-        **options,
-    ):
-        self._leap_args = dict(
-            cloud=cloud, beta=beta, center=center, split=split, threshold=threshold, warmup_steps=warmup_steps,
-            class_counts=None if class_counts is None else [int(n) for n in class_counts],
-        )  # fmt: skip
+    #: The options that are LeapHead's (its defaults apply); the rest are the head's.
+    _LEAP_OPTIONS = ("cloud", "beta", "center", "split", "threshold", "warmup_steps")
+
+    def __init__(self, num_classes: int, embedding_size: int, *, class_counts=None, **options):
+        leap = {k: options.pop(k) for k in self._LEAP_OPTIONS if k in options}
+        self._leap_args = dict(leap, class_counts=None if class_counts is None else [int(n) for n in class_counts])
         super().__init__(num_classes, embedding_size, **options)
         if class_counts is not None and len(class_counts) != num_classes:
             raise ValueError(f"class_counts must be {num_classes} counts (the whole head's)")
@@ -461,9 +449,8 @@ class ParallelLeapHead(ParallelMarginHead):
         # checks and the crate's update) without its weight and step (this head's weight shard
         # and step are the ones; a second registration would make state_dict ambiguous).
         self.stats = LeapHead(
-            self.num_local, embedding_size, cloud=cloud, beta=beta, center=center, split=split,
-            threshold=threshold, warmup_steps=warmup_steps, class_counts=counts, seed=self.seed,
-            subcenters=self.options["subcenters"], dtype=self.weight.dtype,
+            self.num_local, embedding_size, class_counts=counts, seed=self.seed,
+            subcenters=self.options["subcenters"], dtype=self.weight.dtype, **leap,
         )  # fmt: skip
         del self.stats.weight, self.stats.step
         self._ignore_in_ddp()
@@ -492,7 +479,7 @@ class ParallelLeapHead(ParallelMarginHead):
         return sigma
 
     def _cloud(self):
-        return self._leap_args["cloud"], self.cloud_sigma()
+        return self.stats.cloud, self.cloud_sigma()
 
     def _after_step(self, x_all, labels_all, rows):
         # This shard's classes' rows, as local labels; every other row is ignored here.
