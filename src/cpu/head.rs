@@ -34,7 +34,7 @@ use crate::config::{HeadConfig, Reduction};
 use crate::cpu::gemm::sgemm;
 use crate::error::{Error, Result};
 use crate::oracle::head::{
-    check_shard_problem, check_shard_rows, cloud_alpha, row_loss, target_logit, NORM_EPS,
+    check_shard_problem, check_shard_rows, cloud_alpha, row_loss, shard_sums, target_logit, NORM_EPS,
 };
 use crate::shape::HeadShape;
 use crate::shard::{ClassShard, ShardPartials};
@@ -231,7 +231,7 @@ fn forward_impl(cfg: &HeadConfig, p: &HeadProblem, shard: Option<ClassShard>) ->
                 // Another shard holds the label: only the sums over this shard's logits.
                 return RowOut {
                     valid: true,
-                    sums: shard_sums(c, |j| s * row[j] as f64),
+                    sums: shard_sums(|j| s * row[j] as f64, c),
                     ..Default::default()
                 };
             };
@@ -253,20 +253,13 @@ fn forward_impl(cfg: &HeadConfig, p: &HeadProblem, shard: Option<ClassShard>) ->
             let ((loss, lse), sums) = if is_whole {
                 (row_loss(z, c, y, ls), (0.0, 0.0, 0.0))
             } else {
-                ((0.0, 0.0), shard_sums(c, z))
+                ((0.0, 0.0), shard_sums(z, c))
             };
             let k_iy = (ry - y * k) as u32;
             RowOut { loss, lse, c_iy, t, alpha, dt, dc_target: 0.0, k_iy, valid: true, target: Some(y), sums }
         })
         .collect();
     Ok(Fwd { rows, cos, k, kstar, xh, nx, wh, nw })
-}
-
-/// (max_j z(j), sum_j exp(z(j) - max), sum_j z(j)) over a shard's `c` logits, in f64 and
-/// index order (SPEC 5c).
-fn shard_sums(c: usize, z: impl Fn(usize) -> f64) -> (f64, f64, f64) {
-    let m = (0..c).map(&z).fold(f64::NEG_INFINITY, f64::max);
-    (m, (0..c).map(|j| (z(j) - m).exp()).sum(), (0..c).map(&z).sum())
 }
 
 fn pack(cfg: &HeadConfig, rows: &[RowOut]) -> HeadForward {

@@ -530,7 +530,7 @@ fn evaluate(cfg: &HeadConfig, p: &HeadProblemF64, shard: Option<ClassShard>) -> 
         // The target column, where this shard holds the label (always for the whole head).
         let Some(y) = shard.local(y_global, c) else {
             let zi = &z[i * c..(i + 1) * c];
-            (partials.max[i], partials.sum_exp[i], partials.sum_z[i]) = shard_sums(zi);
+            (partials.max[i], partials.sum_exp[i], partials.sum_z[i]) = shard_sums(|j| zi[j], c);
             continue;
         };
         target[i] = Some(y);
@@ -543,7 +543,7 @@ fn evaluate(cfg: &HeadConfig, p: &HeadProblemF64, shard: Option<ClassShard>) -> 
         if is_whole {
             (rows.loss[i], rows.lse[i]) = row_loss(|j| zi[j], c, y, ls);
         } else {
-            (partials.max[i], partials.sum_exp[i], partials.sum_z[i]) = shard_sums(zi);
+            (partials.max[i], partials.sum_exp[i], partials.sum_z[i]) = shard_sums(|j| zi[j], c);
         }
         (partials.z_y[i], partials.c_iy[i], partials.t[i], partials.alpha[i]) = (s * t, c_iy, t, alpha);
         partials.k_iy[i] = kstar[i * c + y] as u32;
@@ -573,11 +573,11 @@ fn evaluate(cfg: &HeadConfig, p: &HeadProblemF64, shard: Option<ClassShard>) -> 
     }
 }
 
-/// (max_j z_j, sum_j exp(z_j - max), sum_j z_j) of one row of a shard's logits, in index
-/// order (SPEC 5c).
-fn shard_sums(z: &[f64]) -> (f64, f64, f64) {
-    let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    (m, z.iter().map(|v| (v - m).exp()).sum(), z.iter().sum())
+/// (max_j z(j), sum_j exp(z(j) - max), sum_j z(j)) over one row's `c` logits of a shard
+/// (SPEC 5c), in f64 and index order; the CPU backend calls it too, as it does [`row_loss`].
+pub fn shard_sums(z: impl Fn(usize) -> f64, c: usize) -> (f64, f64, f64) {
+    let m = (0..c).map(&z).fold(f64::NEG_INFINITY, f64::max);
+    (m, (0..c).map(|j| (z(j) - m).exp()).sum(), (0..c).map(&z).sum())
 }
 
 fn reduce(cfg: &HeadConfig, ev: &Evaluation) -> ForwardOutput {
