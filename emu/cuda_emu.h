@@ -62,7 +62,8 @@
 //   - a C++ exception escaping a kernel.
 //
 // Not modelled (only a GPU shows these)
-//   inter-block concurrency and the memory model (fences, atomics, races between blocks);
+//   inter-block concurrency and the memory model (fences, the atomicity of atomics, races
+//   between blocks: atomicInc, __threadfence and __ldcg are plain operations here);
 //   cp.async copies landing before their wait; the tensor cores' accumulation order and
 //   truncation; libdevice's ulp errors; FMA contraction; registers, shared memory per SM and
 //   occupancy (the Rust side checks __launch_bounds__ and ptxas's table); timing.
@@ -681,6 +682,19 @@ inline int max(int a, int b) { return a > b ? a : b; }
 inline long long min(long long a, long long b) { return a < b ? a : b; }
 inline long long max(long long a, long long b) { return a > b ? a : b; }
 inline unsigned long long __cvta_generic_to_shared(const void* p) { return (unsigned long long)(uintptr_t)p; }
+// Inter-block hand-offs (attn_bwd's row splits: the last CTA of a class tile sums the others'
+// partials). Blocks run one at a time to completion and a block's fibers switch only at
+// barriers and collectives, so an atomic is a plain read-modify-write, a fence has nothing
+// to order and an L2-only load is a load: these give the results of a correct hand-off in
+// every block order, and a CTA that reads a partial no CTA wrote sees the scratch's NaN
+// poison. A missing fence is not caught (only a GPU shows it).
+inline unsigned atomicInc(unsigned* a, unsigned val) {
+    const unsigned old = *a;
+    *a = old >= val ? 0u : old + 1u;
+    return old;
+}
+inline void __threadfence() {}
+inline float __ldcg(const float* p) { return *p; }
 
 // ---- PTX emulation helpers (used by the FC_EMU branches of kernels/*.cuh) ---------------------
 

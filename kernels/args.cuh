@@ -413,7 +413,7 @@ struct AttnCombineArgs {
 };
 FC_ASSERT_LAYOUT(AttnCombineArgs<float>, 208, p, 128, _pad0, 204);
 
-// attn_bwd_d<DP>[_scalar]_<T>: one CTA per class tile
+// attn_bwd_d<DP>[_scalar]_<T>: one CTA per (class tile, row split)
 template <typename T>
 struct AttnBwdArgs {
     const T* x;            // [B, D] in
@@ -433,6 +433,8 @@ struct AttnBwdArgs {
     float* dw32;           // [C*K, D] out in f32; null when dw is set
     float* total;          // [1] out: loss_scale * sum of loss_rows (block 0; head_reduce); may be null
     const u32* k_iy;       // [B] in (forward): k*_iy; null when K = 1
+    float* dwpart;         // [gridDim.y, C*K, D] scratch: each row split's dW-hat partial; unread when gridDim.y = 1
+    u32* counters;         // [gridDim.x] in/out: 0 on entry, left 0 (each class tile's count of finished splits); unread when gridDim.y = 1
     HeadParams p;
     float g_scale;         // multiplies row_g (1 / N_valid for a mean)
     float loss_scale;      // the forward's reduction factor (1 / N_valid for a mean)
@@ -440,5 +442,7 @@ struct AttnBwdArgs {
     int c;                 // C (classes; W and dW have C*K rows)
     int d;                 // D
     int k;                 // K, sub-centers per class (>= 1)
+    int rtiles_per_split;  // x row tiles (of BT rows) per row split (blockIdx.y); the last split may have fewer
+    int _pad0;
 };
-FC_ASSERT_LAYOUT(AttnBwdArgs<float>, 216, p, 136, k, 212);
+FC_ASSERT_LAYOUT(AttnBwdArgs<float>, 240, p, 152, _pad0, 236);

@@ -1,10 +1,11 @@
 // head_attn.cu — the fused head in the attention form (SPEC 4, "dx in the attention form"):
 // the forward computes dx, the backward computes only dW. Three launches per forward+backward
-// (tiles, combine, backward; the backward's block 0 also reduces the loss), no partial sums in
-// global memory besides one [n_cs][B][D] buffer,
-// no atomics, no memsets, no scratch for dW. For D <= 512 (the face shapes), every dtype, and
-// D <= 2048 (re-ID, LT) in bf16, where the device has the shared memory; src/cuda/head/plan.rs
-// routes every other case to the tiles path (head_fused.cu).
+// (tiles, combine, backward; the backward's block 0 also reduces the loss), no memsets, no
+// partial sums in global memory besides the forward's [n_cs][B][D] O partials and, only where
+// the backward splits its rows (small C), its [row splits][C*K][D] dW partials (in the same
+// scratch) and one self-resetting counter per class tile. For D <= 512 (the face shapes),
+// every dtype, and D <= 2048 (re-ID, LT) in bf16, where the device has the shared memory;
+// src/cuda/head/plan.rs routes every other case to the tiles path (head_fused.cu).
 //
 // Both tile kernels have one skeleton: a CTA keeps RM rows of one operand resident in shared
 // memory (R, all of D padded to DP) and streams BT-row tiles of the other (T) through a
@@ -29,9 +30,12 @@
 // Backward (attn_bwd_d<DP>[_scalar]_<T>): R = W rows (a class tile of 64; 32 in f32; 16 at DP = 2048), T = x row
 //   tiles of 32; E = dc * inv_x (SPEC 4; lse, t, dt from the forward); ACC = dwh of the class
 //   tile over every row, then the normalization backward in the epilogue and one store of dW.
-//   Each CTA also writes dx = w_i u_i for rows blockIdx.x*8 + warp, step gridDim.x*8.
+//   Grid (class tiles, row splits): with few class tiles (small C) the rows are split
+//   (plan::attn_bwd_row_splits, fixed by the shape) and the last CTA of a class tile to
+//   finish sums the splits' partials in split order (attn_bwd_sum_splits) before the epilogue.
+//   Each CTA also writes dx = w_i u_i for rows (its linear block index)*8 + warp, step 8 x CTAs.
 // Every output element has one writer and a fixed summation order: bitwise deterministic in any
-// block order.
+// block order (the row splits' one atomic only elects which CTA sums; the order is fixed).
 //
 // DP = 2048 (bf16): 16 resident rows, one T buffer, and the S product split over K between 4
 // warp groups (AttnCfg says how); the rest is the same skeleton.
@@ -652,6 +656,69 @@ FC_ENTRY(attn_combine_fwd_d2048_bf16, bf16_t, (ATTN_THREADS), AttnCombineArgs, a
 __device__ __forceinline__ f16_t to_operand_f16(float v) { return from_f32<f16_t>(fminf(fmaxf(v, -65504.0f), 65504.0f)); }
 
 // ---- backward -----------------------------------------------------------------------------
+// Row splits (gridDim.y > 1, small C: enough CTAs for the SMs): each CTA of class tile
+// blockIdx.x holds dW-hat over its split's rows only. It stores that partial to
+// dwpart[blockIdx.y] (W rows w0 .. w0 + TW, columns < D), fences, and counts itself in
+// counters[blockIdx.x]; the CTA that counts last (atomicInc wraps the count back to 0 for
+// the next launch: no memset) reads every split's partial from L2 and sums them in split
+// order 0, 1, ..., its own included, so the sum and dW do not depend on which CTA came last.
+// Returns whether this CTA is the last (it then holds the whole dW-hat in acc and runs the
+// epilogue); the others return from the kernel. acc is whole per row (cl) and column (col):
+// elements past TW, CK or D are never stored and come back 0 (as with one split, where the
+// zero-padded x columns and masked rows leave them 0).
+// Everything but acc is recomputed from the kernel parameters (constant memory) and the
+// thread index: the d512 bf16 kernel has no register to spare for it.
+template <int RM, int AWM, int AWN, int DP, int MI, int NI, typename A>
+__device__ __forceinline__ bool attn_bwd_sum_splits(float (&acc)[MI][NI][4], const A& a) {
+    __shared__ int s_last;
+    const int lane = threadIdx.x % WARP_SIZE, g = lane >> 2, q = lane & 3, warp = threadIdx.x / WARP_SIZE;
+    const int am0 = (warp / AWN) * (RM / AWM), an0 = (warp % AWN) * (DP / AWN);
+    const int K = a.k, TW = RM / K * K, w0 = blockIdx.x * TW, CK = a.c * K, D = a.d;
+    float* dwpart = a.dwpart;
+    const size_t stride = (size_t)CK * D;
+    // Element (mi, ni, 2h + e) is W row w0 + am0 + mi*16 + g + 8h, column c0 + ni*8 + e: one
+    // row pointer per (mi, h) and immediate offsets, so that no per-element address stays live
+    // across the hand-off (128 of them spill at DP = 2048).
+    const int c0 = an0 + 2 * q;
+    float* mine = dwpart + blockIdx.y * stride;
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int cl = am0 + mi * 16 + g + 8 * h;
+            if (cl >= TW || w0 + cl >= CK) continue;
+            float* row = mine + (size_t)(w0 + cl) * D + c0;
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+                    if (c0 + ni * 8 + e < D) row[ni * 8 + e] = acc[mi][ni][2 * h + e];
+        }
+    __threadfence();  // this CTA's partial visible device-wide before it counts itself
+    __syncthreads();
+    if (threadIdx.x == 0) s_last = atomicInc(&a.counters[blockIdx.x], gridDim.y - 1) == gridDim.y - 1;
+    __syncthreads();
+    if (!s_last) return false;
+    __threadfence();  // the other splits' partials, counted before this CTA, are visible
+    zero_acc(acc);
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int cl = am0 + mi * 16 + g + 8 * h;
+            if (cl >= TW || w0 + cl >= CK) continue;
+            const float* row = dwpart + (size_t)(w0 + cl) * D + c0;
+#pragma unroll 1
+            for (unsigned sp = 0; sp < gridDim.y; ++sp, row += stride)
+#pragma unroll
+                for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)  // __ldcg: from L2, never a stale L1 line
+                        if (c0 + ni * 8 + e < D) acc[mi][ni][2 * h + e] += __ldcg(row + ni * 8 + e);
+        }
+    return true;
+}
+
 template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd(const AttnBwdArgs<T>& a) {
     using Cfg = AttnCfg<T, DP>;
     constexpr int RM = Cfg::RM, BT = Cfg::BT, P = DP + Cfg::PAD, EP = BT + Cfg::PAD;
@@ -691,6 +758,11 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
     // starting at row w0 (the rest masked). K = 1: RM classes.
     const int CPR = RM / K, TW = CPR * K, CK = C * K;
     const int j0 = blockIdx.x * CPR, w0 = j0 * K, n_rt = ceil_div(B, BT);
+    // Row split blockIdx.y: n_it x row tiles from blockIdx.y * rtiles_per_split (the host
+    // makes none empty). The first is recomputed where needed rather than kept live (the d512
+    // kernels have no register to spare).
+    const int n_it = min(n_rt, (int)(blockIdx.y + 1) * a.rtiles_per_split) - (int)blockIdx.y * a.rtiles_per_split;
+    const int bid = blockIdx.y * gridDim.x + blockIdx.x, nblocks = gridDim.x * gridDim.y;
     // S warp: fragment swarp, K range ks (warp-uniform); only group ks = 0 runs the S epilogue.
     const int swarp = KS == 1 ? warp : warp % SW, ks = KS == 1 ? 0 : warp / SW;
     const bool s_owner = KS == 1 || ks == 0;
@@ -698,13 +770,13 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
     const int am0 = (warp / AWN) * (RM / Cfg::AWM), an0 = (warp % AWN) * (DP / AWN);
 
     attn_load<T, VEC, RM, DP, NT>(sR, P, a.w, w0, CK, D);
-    attn_load<T, VEC, BT, DP, NT>(sT, P, a.x, 0, B, D);
+    attn_load<T, VEC, BT, DP, NT>(sT, P, a.x, (int)blockIdx.y * a.rtiles_per_split * BT, B, D);
     cp_async_commit();
 
     // The forward's reduced loss (forward_backward queues no head_reduce launch): block 0.
-    if (a.total && blockIdx.x == 0) head_reduce(a.loss_rows, B, a.loss_scale, a.total);
+    if (a.total && bid == 0) head_reduce(a.loss_rows, B, a.loss_scale, a.total);
     // dx = w_i u_i for this CTA's rows (while the first tiles are in flight).
-    for (int i = blockIdx.x * (NT / WARP_SIZE) + warp; i < B; i += gridDim.x * (NT / WARP_SIZE)) {
+    for (int i = bid * (NT / WARP_SIZE) + warp; i < B; i += nblocks * (NT / WARP_SIZE)) {
         const float wt = a.labels[i] >= 0 ? a.g_scale * (a.row_g ? a.row_g[i] : 1.0f) : 0.0f;
         const float* ur = a.u + (size_t)i * D;
         for (int k = lane; k < D; k += WARP_SIZE) {
@@ -720,9 +792,9 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
 
     float acc[AMI][ANI][4];
     zero_acc(acc);
-    for (int rt = 0; rt < n_rt; ++rt) {
-        const int r0 = rt * BT;
-        T* cur = sT + (Cfg::STAGES == 2 ? (rt & 1) : 0) * BT * P;
+    for (int it = 0; it < n_it; ++it) {
+        const int r0 = ((int)blockIdx.y * a.rtiles_per_split + it) * BT;
+        T* cur = sT + (Cfg::STAGES == 2 ? (it & 1) : 0) * BT * P;
         if (tid < BT) {
             const int r = r0 + tid;
             const int y = r < B ? a.labels[r] : -1;
@@ -738,9 +810,9 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
         cp_async_wait<0>();
         __syncthreads();  // this row tile landed; the s_* rows visible
         zero_ignored_rows<T, BT, DP, NT>(cur, P, s_y);  // E's zeros would not cancel their NaN
-        if (Cfg::STAGES == 2 && rt + 1 < n_rt) {
+        if (Cfg::STAGES == 2 && it + 1 < n_it) {
             // The other buffer was last read in the previous iteration, which ended with __syncthreads.
-            attn_load<T, VEC, BT, DP, NT>(sT + ((rt + 1) & 1) * BT * P, P, a.x, r0 + BT, B, D);
+            attn_load<T, VEC, BT, DP, NT>(sT + ((it + 1) & 1) * BT * P, P, a.x, r0 + BT, B, D);
         }
         cp_async_commit();
 
@@ -843,13 +915,14 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
         __syncthreads();  // E visible
         acc_product<T, AMI, ANI, BT>(acc, sE, EP, am0, SCALED ? sC : cur, P, an0);
         __syncthreads();  // E, the s_* rows and (one stage) the buffer are free
-        if (Cfg::STAGES == 1 && rt + 1 < n_rt) {
+        if (Cfg::STAGES == 1 && it + 1 < n_it) {
             attn_load<T, VEC, BT, DP, NT>(sT, P, a.x, r0 + BT, B, D);
             cp_async_commit();
         }
     }
 
     if constexpr (SCALED) scale_acc_rows(acc, am0, [&](int r) { return 1.0f / s_cls[r]; });  // 2^-k: exact
+    if (gridDim.y > 1 && !attn_bwd_sum_splits<RM, Cfg::AWM, AWN, DP>(acc, a)) return;
     // dW = (dwh - wh (wh . dwh)) * inv_w (SPEC 4): the dot over D from the register tiles (quad,
     // then the 4 warps of a row band, in order), wh from the resident W rows.
 #pragma unroll
@@ -891,7 +964,8 @@ template <typename T, bool VEC, int DP> __device__ __forceinline__ void attn_bwd
         }
 }
 
-// Entry points: AttnBwdArgs<T>; grid ceil(C / RM), dynamic smem attn_smem_bytes<T, DP>().
+// Entry points: AttnBwdArgs<T>; grid (class tiles of floor(RM / K) classes, row splits of
+// rtiles_per_split x row tiles), dynamic smem attn_smem_bytes<T, DP>().
 FC_DTYPES(attn_bwd_d512, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, true, 512>(a))
 FC_DTYPES(attn_bwd_d512_scalar, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, false, 512>(a))
 FC_DTYPES(attn_bwd_d128, (ATTN_THREADS, 1), AttnBwdArgs, attn_bwd<T, true, 128>(a))

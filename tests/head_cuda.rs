@@ -317,6 +317,64 @@ fn fused_100_runs_are_bitwise_identical() {
     }
 }
 
+/// The attention-form backward's row splits (small C: the last CTA of a class tile sums the
+/// splits' dW partials after an atomic count) on the device: on a GPU at LT (512 x 2048 x 1000,
+/// bf16: the dispatcher's own 2 splits), on the emulated device at a small shape in every
+/// dtype with 3 splits asked for. Both the split run and a one-split run match the oracle at
+/// SPEC 8's tolerances, and the split run gives the same bits 20 times (on the emulated
+/// device in fresh random block orders, so a different CTA sums each time; on a GPU as
+/// scheduled, where a missing fence would show as a changed or stale dW).
+#[test]
+fn attention_row_splits_match_oracle_and_repeat_bitwise() {
+    let Some(dev) = test_device() else { return };
+    let cfg = HeadConfig::default();
+    let (shape, dtypes, asked): (_, &[DType], _) = sized(
+        &dev,
+        (HeadShape { b: 512, c: 1000, d: 2048 }, &[DType::BF16], None),
+        (HeadShape { b: 140, c: 100, d: 64 }, &DTYPES, Some(3)),
+    );
+    for &dtype in dtypes {
+        let attention = |row_splits| RunOptions {
+            tuning: FusedTuning {
+                kernels: Some(FusedKernels::Attention),
+                attn_row_splits: row_splits,
+                ..Default::default()
+            },
+            pad: 0,
+        };
+        let head = featcloud::cuda::head::HeadOn::new(&*dev, cfg, HeadPath::Fused)
+            .unwrap()
+            .with_tuning(attention(asked).tuning);
+        let splits = head.attention_row_splits(shape, dtype).0;
+        assert!(splits > 1, "{} {shape:?}: no row splits", dtype.name());
+        let p = make_problem(shape, dtype, true, 31);
+        let split =
+            run_device_with(&dev, HeadPath::Fused, &cfg, &p, GradDtype::Input, attention(asked)).unwrap();
+        let one =
+            run_device_with(&dev, HeadPath::Fused, &cfg, &p, GradDtype::Input, attention(Some(1))).unwrap();
+        for (what, r) in [("split", &split), ("one split", &one)] {
+            let c = compare_with_oracle(&cfg, &p, r).unwrap();
+            assert!(c.passed(dtype), "{} {shape:?} {what}: {c:?}", dtype.name());
+        }
+        let first = all_bits(&split);
+        for run in 1..20u64 {
+            dev.set_emu_order(EmuOrder::Random(run), EmuOrder::Ascending);
+            let r =
+                run_device_with(&dev, HeadPath::Fused, &cfg, &p, GradDtype::Input, attention(asked)).unwrap();
+            dev.set_emu_order(EmuOrder::Ascending, EmuOrder::Ascending);
+            assert!(
+                all_bits(&r) == first,
+                "{} {shape:?}: run {run} of {splits} row splits differs",
+                dtype.name()
+            );
+        }
+        println!(
+            "attention {} {shape:?}: {splits} row splits match the oracle, 20 runs bitwise identical",
+            dtype.name()
+        );
+    }
+}
+
 #[test]
 fn nan_poisoned_padding_is_never_read() {
     let Some(dev) = test_device() else { return };

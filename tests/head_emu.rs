@@ -12,8 +12,8 @@ use common::*;
 use featcloud::config::{CloudMode, Fallback, HeadConfig, Reduction};
 use featcloud::cuda::head::verify::{oracle_outputs, tolerances, Problem};
 use featcloud::cuda::head::{
-    attn_supported, backward_cols_for, backward_grid_for, forward_tile_for, fused_vectorized, FusedKernels,
-    FusedTuning, GradDtype, HeadOn, HeadPath, HeadUpstream,
+    attn_row_split_tiles, attn_supported, backward_cols_for, backward_grid_for, forward_tile_for,
+    fused_vectorized, FusedKernels, FusedTuning, GradDtype, HeadOn, HeadPath, HeadUpstream,
 };
 use featcloud::cuda::{Device, DeviceElem, EmuOrder, Tensor};
 use featcloud::dtype::DType;
@@ -109,6 +109,8 @@ struct HeadRun {
     dw: Vec<f32>,
     launches: u64,
     plan: FusedPlan,
+    /// The attention-form backward's row splits (grid.y) the head ran with.
+    attn_row_splits: usize,
 }
 
 impl HeadRun {
@@ -175,6 +177,7 @@ fn run_head<T: DeviceElem>(
         dx: g.dx.to_f32_host(dev).unwrap(),
         dw: g.dw.to_f32_host(dev).unwrap(),
         launches,
+        attn_row_splits: head.attention_row_splits(p.shape, T::DTYPE).0,
         plan: FusedPlan {
             kernels: head.fused_kernels(p.shape, T::DTYPE).unwrap(),
             fwd: head.forward_tile(p.shape),
@@ -195,6 +198,7 @@ fn tuning(fwd: (usize, usize), cols: usize, g: usize, s: usize, scalar: bool) ->
         scalar_loads: scalar,
         kernels: Some(FusedKernels::Tiles),
         class_splits: None,
+        attn_row_splits: None,
     }
 }
 
@@ -323,27 +327,44 @@ fn fused_head_matches_oracle() {
     }
 }
 
-/// One forward_backward on the attention-form kernels (element loads if `scalar`, the shape's
-/// class splits or `class_splits`), asserting they ran and took 3 launches.
+/// The attention-form kernels' tuning: element loads if `scalar`, the shape's class splits
+/// or `class_splits`, the shape's backward row splits or `row_splits`.
+fn attention_tuning(scalar: bool, class_splits: Option<usize>, row_splits: Option<usize>) -> FusedTuning {
+    FusedTuning {
+        kernels: Some(FusedKernels::Attention),
+        scalar_loads: scalar,
+        class_splits,
+        attn_row_splits: row_splits,
+        ..Default::default()
+    }
+}
+
+/// One forward_backward on the attention-form kernels ([`attention_tuning`]), asserting they
+/// ran, with the row splits asked (clamped to the x row tiles), and took 3 launches.
 fn run_attention(
     dev: &Device,
     cfg: &HeadConfig,
     p: &Prob,
-    scalar: bool,
-    class_splits: Option<usize>,
+    (scalar, class_splits, row_splits): (bool, Option<usize>, Option<usize>),
     grad: GradDtype,
 ) -> HeadRun {
-    let t = FusedTuning {
-        kernels: Some(FusedKernels::Attention),
-        scalar_loads: scalar,
-        class_splits,
-        ..Default::default()
-    };
+    let t = attention_tuning(scalar, class_splits, row_splits);
     let r = run_head_dt(dev, HeadPath::Fused, cfg, t, p, grad);
     assert_eq!(r.plan.kernels, FusedKernels::Attention);
+    if let Some(n) = row_splits {
+        assert_eq!(r.attn_row_splits, attn_row_split_tiles(p.shape, n).0);
+    }
     assert_eq!(r.launches, 3, "launches of the attention-form forward_backward");
     r
 }
+
+/// The attention sweeps' launch variants (scalar, class splits, row splits): the shape's own
+/// plan; up to 3 backward row splits (the last CTA of a class tile sums the splits' dW
+/// partials) with element loads, and up to 2 with cp.async loads; one class split and one row
+/// split, where every forward CTA streams all class tiles (the online rescaling across
+/// tiles) and every backward CTA all rows.
+const ATTENTION_VARIANTS: [(bool, Option<usize>, Option<usize>); 4] =
+    [(false, None, None), (true, None, Some(3)), (false, None, Some(2)), (false, Some(1), Some(1))];
 
 /// The attention sweeps' option sets: plain ArcFace; the cloud with label smoothing; the
 /// one-sided cloud with the clamp fallback and per-row weights (Reduction::None);
@@ -396,18 +417,17 @@ fn attention_kernels_match_oracle() {
             let p = case(&mut rng, sh, dt, sig);
             let (fo, go) = oracle_of(cfg, &p);
             regions.extend(fo.rows.region.iter().copied());
-            // The shape's own class splits (one class tile per split at these sizes), and one
-            // split, where every CTA streams all class tiles (the online rescaling across tiles).
-            for (scalar, class_splits) in [(false, None), (true, None), (false, Some(1))] {
-                if !scalar && !fused_vectorized(dt, d) {
+            for v in ATTENTION_VARIANTS {
+                if !v.0 && !fused_vectorized(dt, d) {
                     continue;
                 }
                 let grad = if k % 3 == 1 { GradDtype::F32 } else { GradDtype::Input };
-                let r = run_attention(&dev, cfg, &p, scalar, class_splits, grad);
+                let r = run_attention(&dev, cfg, &p, v, grad);
                 check_fused(
                     &format!(
-                        "attention {} B={b} C={c} D={d} scalar={scalar} splits={class_splits:?}",
-                        dt.name()
+                        "attention {} B={b} C={c} D={d} (scalar, class splits, row splits) {v:?}, {} row splits",
+                        dt.name(),
+                        r.attn_row_splits
                     ),
                     cfg,
                     &p,
@@ -447,14 +467,15 @@ fn attention_d2048_kernels_match_oracle() {
         let sh = HeadShape { b, c, d };
         let p = case(&mut rng, sh, dt, sig);
         let (fo, go) = oracle_of(cfg, &p);
-        for (scalar, class_splits) in [(false, None), (true, None), (false, Some(1)), (true, Some(1))] {
+        for v in ATTENTION_VARIANTS.into_iter().chain([(true, Some(1), Some(2))]) {
+            let (scalar, class_splits, row_splits) = v;
             if !scalar && !fused_vectorized(dt, d) {
                 continue;
             }
             let grad = if k % 2 == 1 { GradDtype::F32 } else { GradDtype::Input };
-            let r = run_attention(&dev, cfg, &p, scalar, class_splits, grad);
+            let r = run_attention(&dev, cfg, &p, v, grad);
             check_fused(
-                &format!("attention bf16 B={b} C={c} D={d} scalar={scalar} splits={class_splits:?}"),
+                &format!("attention bf16 B={b} C={c} D={d} {v:?}, {} row splits", r.attn_row_splits),
                 cfg,
                 &p,
                 &fo,
@@ -468,11 +489,11 @@ fn attention_d2048_kernels_match_oracle() {
                     [(EmuOrder::Descending, EmuOrder::Random(5)), (EmuOrder::Random(9), EmuOrder::Descending)]
                 {
                     dev.set_emu_order(blocks, threads);
-                    let o = run_attention(&dev, cfg, &p, scalar, class_splits, grad);
+                    let o = run_attention(&dev, cfg, &p, v, grad);
                     dev.set_emu_order(EmuOrder::Ascending, EmuOrder::Ascending);
                     assert!(
                         r.bits() == o.bits(),
-                        "D={d} scalar={scalar} splits={class_splits:?}: results depend on the order ({blocks:?}, {threads:?})"
+                        "D={d} scalar={scalar} splits={class_splits:?} row splits={row_splits:?}: results depend on the order ({blocks:?}, {threads:?})"
                     );
                 }
             }
@@ -780,19 +801,16 @@ fn fused_head_is_deterministic() {
         (EmuOrder::Descending, EmuOrder::Random(7)),
         (EmuOrder::Random(11), EmuOrder::Ascending),
     ];
-    let attention = |scalar, class_splits| FusedTuning {
-        kernels: Some(FusedKernels::Attention),
-        scalar_loads: scalar,
-        class_splits,
-        ..Default::default()
-    };
-    let configs: [(HeadPath, FusedTuning); 7] = [
+    let configs: [(HeadPath, FusedTuning); 8] = [
         (HeadPath::Fused, tuning((128, 128), 128, 3, 2, false)),
         (HeadPath::Fused, tuning((64, 128), 64, 3, 2, true)),
         (HeadPath::Fused, tuning((64, 64), 64, 5, 2, false)),
-        (HeadPath::Fused, attention(false, None)),
-        (HeadPath::Fused, attention(true, None)),
-        (HeadPath::Fused, attention(false, Some(2))),
+        (HeadPath::Fused, attention_tuning(false, None, None)),
+        (HeadPath::Fused, attention_tuning(true, None, None)),
+        (HeadPath::Fused, attention_tuning(false, Some(2), None)),
+        // 3 row splits of one row tile: which CTA of a class tile sums the partials depends
+        // on the block order; the sum's order and so the bits do not.
+        (HeadPath::Fused, attention_tuning(false, None, Some(3))),
         (HeadPath::Reference, FusedTuning::default()),
     ];
     for dt in DTYPES {
@@ -1328,8 +1346,8 @@ fn fused_subcenter_configs(k: u32) -> [(&'static str, HeadConfig); 3] {
 /// classes streamed, floor(RM / K) resident), odd D (element loads), ignored rows poisoned
 /// with NaN, both margins, a row in the fallback region, the cloud on and off, and the
 /// class splits the dispatcher picks as well as a single split (several class tiles per CTA:
-/// the online rescaling across class-aligned tiles). Unpicked sub-centers get dW rows of
-/// exact zeros.
+/// the online rescaling across class-aligned tiles), and backward row splits. Unpicked
+/// sub-centers get dW rows of exact zeros.
 #[test]
 fn subcenter_fused_head_matches_oracle() {
     use featcloud::cuda::head::verify::{compare_with_oracle, run_device_with, RunOptions};
@@ -1347,15 +1365,21 @@ fn subcenter_fused_head_matches_oracle() {
                         p.x[i * d..(i + 1) * d].fill(f32::NAN);
                     }
                     // One split (every class tile in one CTA) on the first option set, the
-                    // dispatcher's on the others.
+                    // dispatcher's on the others; on the others also up to 3 backward row
+                    // splits (B = 33 and 70: 2 and 3 row tiles), whose partials the last CTA
+                    // of each class-aligned tile sums.
                     let class_splits = (ci == 0).then_some(1);
+                    let row_splits = (ci != 0).then_some(3);
                     let tuning = FusedTuning {
                         kernels: Some(FusedKernels::Attention),
                         class_splits,
+                        attn_row_splits: row_splits,
                         ..Default::default()
                     };
-                    let what =
-                        format!("{name} K={k} {} B={b} C={c} D={d} splits {class_splits:?}", dt.name());
+                    let what = format!(
+                        "{name} K={k} {} B={b} C={c} D={d} splits {class_splits:?} row splits {row_splits:?}",
+                        dt.name()
+                    );
                     let r = run_device_with(
                         &dev,
                         HeadPath::Fused,
@@ -1476,16 +1500,10 @@ fn subcenter_fused_head_is_deterministic() {
         (EmuOrder::Random(3), EmuOrder::Random(12345)),
         (EmuOrder::Random(11), EmuOrder::Ascending),
     ];
-    let attention = |scalar, class_splits| FusedTuning {
-        kernels: Some(FusedKernels::Attention),
-        scalar_loads: scalar,
-        class_splits,
-        ..Default::default()
-    };
     for (k, dt) in [(3usize, DType::F32), (2, DType::BF16), (4, DType::F16), (3, DType::BF16)] {
         let p = subcenter_problem(HeadShape { b: 70, c: 45, d: 32 }, k, dt, 17 + k as u64);
         let cfg = HeadConfig { subcenters: k as u32, cloud: CloudMode::Symmetric, ..HeadConfig::arcface() };
-        for t in [attention(false, None), attention(true, Some(2))] {
+        for t in [attention_tuning(false, None, None), attention_tuning(true, Some(2), Some(3))] {
             dev.set_emu_order(EmuOrder::Ascending, EmuOrder::Ascending);
             let a = run_head_dt(&dev, HeadPath::Fused, &cfg, t, &p, GradDtype::Input);
             assert!(a.bits().iter().all(|&u| !f32::from_bits(u).is_nan()), "{}: NaN output", dt.name());

@@ -110,14 +110,14 @@ fn step_inputs(
     (x, w, sigma, labels)
 }
 
-/// One fused forward+backward's device operations.
+/// One fused forward+backward's device operations, and its dW (read back after counting).
 fn fused_step(
     head: &CudaHead,
     x: &Tensor<half::bf16>,
     w: &Tensor<half::bf16>,
     labels: &[i32],
     sigma: &Tensor<f32>,
-) -> CounterSnapshot {
+) -> (CounterSnapshot, Vec<f32>) {
     let dev = head.device();
     let before = dev.counters();
     let (fwd, grads) = head
@@ -125,8 +125,7 @@ fn fused_step(
         .unwrap();
     let used = dev.counters() - before;
     assert!(fwd.loss.is_finite());
-    drop(grads);
-    used
+    (used, grads.dw.to_f32_host(dev).unwrap())
 }
 
 #[test]
@@ -141,8 +140,8 @@ fn a_fused_step_is_seven_launches_one_upload_one_readback_and_allocates_only_its
         };
         let head =
             CudaHead::new(dev.clone(), HeadConfig::arcface(), HeadPath::Fused).unwrap().with_tuning(tuning);
-        let first = fused_step(&head, &x, &w, &labels, &sigma);
-        let second = fused_step(&head, &x, &w, &labels, &sigma);
+        let (first, _) = fused_step(&head, &x, &w, &labels, &sigma);
+        let (second, _) = fused_step(&head, &x, &w, &labels, &sigma);
         // Row norms of x and W, tiles, combine, reduce; backward tiles, dx normback, and
         // with row splits the dW normback.
         let launches = 7 + u64::from(splits > 1);
@@ -189,11 +188,24 @@ fn attention_plans_split_by_shape_only_and_cover_every_tile() {
                 "{ctas}"
             );
             let fwd = plan::attn_fwd(dtype, shape, 1, (splits, per), true, AttnFwdArgs::default());
-            let bwd = plan::attn_bwd(dtype, shape, 1, true, AttnBwdArgs::default());
+            let (rsplits, rper) = plan::attn_bwd_row_splits(dtype, shape, 1);
+            let n_rt = shape.b.div_ceil(plan::ATTN_BT);
+            // Every x row tile in exactly one row split, none empty; within the CTA target
+            // unless one split already passes it; the dW partials within the O budget.
+            assert!(rsplits * rper >= n_rt && (rsplits - 1) * rper < n_rt, "{shape:?}: {rsplits} x {rper}");
+            let n_cb = shape.c.div_ceil(rm);
+            assert!(rsplits == 1 || n_cb * rsplits <= plan::ATTN_BWD_TARGET_CTAS, "{shape:?}: {rsplits}");
+            assert!(
+                rsplits == 1
+                    || rsplits * shape.c * shape.d * 4
+                        <= plan::ATTN_OPART_BUDGET.max(shape.c * shape.d * dtype.size())
+            );
+            let bwd = plan::attn_bwd(dtype, shape, 1, (rsplits, rper), true, AttnBwdArgs::default());
             let (fwd, bwd) = (fwd.unwrap(), bwd.unwrap());
             assert_eq!(fwd.grid, [shape.b.div_ceil(rm) as u32, splits as u32, 1]);
             assert_eq!(fwd.args_as::<AttnFwdArgs>().unwrap().tiles_per_split, per as i32);
-            assert_eq!(bwd.grid, [shape.c.div_ceil(rm) as u32, 1, 1]);
+            assert_eq!(bwd.grid, [n_cb as u32, rsplits as u32, 1]);
+            assert_eq!(bwd.args_as::<AttnBwdArgs>().unwrap().rtiles_per_split, rper as i32);
             assert_eq!(
                 dp,
                 if shape.d <= 128 {
@@ -229,8 +241,31 @@ fn attention_plans_split_by_shape_only_and_cover_every_tile() {
                 || per == 1
         );
         assert!(plan::attn_fwd(dtype, SHAPE, 1, (splits + 1, per), true, AttnFwdArgs::default()).is_err());
-        assert!(plan::attn_bwd(dtype, wide, 1, true, AttnBwdArgs::default()).is_err());
+        assert!(plan::attn_bwd(dtype, wide, 1, (1, 1), true, AttnBwdArgs::default()).is_err());
+        // Row splits that leave a row tile out or hold an empty one are refused (B = 100:
+        // 4 row tiles of 32).
+        let rows = HeadShape { b: 100, c: 10, d: 64 };
+        for bad in [(0, 1), (1, 3), (3, 1), (4, 2), (2, 1), (3, 2)] {
+            assert!(plan::attn_bwd(dtype, rows, 1, bad, true, AttnBwdArgs::default()).is_err(), "{bad:?}");
+        }
+        for good in [(1, 4), (2, 2), (4, 1)] {
+            assert_eq!(plan::attn_row_split_tiles(rows, good.0), good, "{good:?}");
+            assert!(plan::attn_bwd(dtype, rows, 1, good, true, AttnBwdArgs::default()).is_ok(), "{good:?}");
+        }
+        // Three wanted: 2 tiles per split, so 2 splits (a third would be empty).
+        assert_eq!(plan::attn_row_split_tiles(rows, 3), (2, 2));
     }
+    // The row splits the dispatcher picks (the busiest CTA's bytes, see attn_bwd_row_splits):
+    // two at LT (126 CTAs); one at re-ID (2 row tiles: the partials would cost more than the
+    // rows they save) and at face-93k (1,460 class tiles fill the device).
+    assert_eq!(plan::attn_bwd_row_splits(DType::BF16, HeadShape { b: 512, c: 1000, d: 2048 }, 1), (2, 8));
+    assert_eq!(plan::attn_bwd_row_splits(DType::BF16, HeadShape { b: 64, c: 751, d: 2048 }, 1), (1, 2));
+    assert_eq!(plan::attn_bwd_row_splits(DType::BF16, HeadShape { b: 512, c: 93_431, d: 512 }, 1), (1, 16));
+    // A bf16 tile of 64 W rows at D = 512 holds a partial of 4 x tiles' worth: no split pays.
+    assert_eq!(plan::attn_bwd_row_splits(DType::BF16, HeadShape { b: 512, c: 1000, d: 512 }, 1).0, 1);
+    // f32 (32 resident rows, 4-byte x) at the same shape: 32 class tiles, so at most 4 splits,
+    // and per column 4 x 128 + 5 x 128 bytes beat 6 x 128 + 4 x 128, 8 x 128 + 3 x 128 and 16 x 128.
+    assert_eq!(plan::attn_bwd_row_splits(DType::F32, HeadShape { b: 512, c: 1000, d: 512 }, 1), (4, 4));
     // The device's SM count plays no part: the same shape gives the same grid everywhere.
     assert_eq!(plan::attn_splits(DType::BF16, SHAPE), plan::attn_splits(DType::BF16, SHAPE));
     // The shared memory the .cu file asserts.
@@ -246,30 +281,43 @@ fn attention_plans_split_by_shape_only_and_cover_every_tile() {
     assert!(!plan::attn_supported(DType::F32, 513, plan::SM90_MAX_SMEM));
 }
 
+/// Also with the backward's row splits (3 over STEP's 5 row tiles): their dW partials and
+/// counters are scratch kept between calls (no allocation, no memset on the second call), and
+/// the counters come back 0, so the second call elects the same summing CTAs and gives dW's bits
+/// again (a counter left non-zero would elect none, or the wrong one, and leave dW unwritten).
 #[test]
 fn an_attention_step_is_three_launches_one_upload_one_readback_and_allocates_only_its_outputs() {
     let Some(dev) = test_device() else { return };
     let (x, w, sigma, labels) = step_inputs(&dev);
     let (b, c, d) = (STEP.b, STEP.c, STEP.d);
-    let head = CudaHead::new(dev.clone(), HeadConfig::arcface(), HeadPath::Fused).unwrap();
-    assert_eq!(head.fused_kernels(HeadShape { b, c, d }, DType::BF16).unwrap(), FusedKernels::Attention);
-    let first = fused_step(&head, &x, &w, &labels, &sigma);
-    let second = fused_step(&head, &x, &w, &labels, &sigma);
-    // Tiles (with dx), combine; backward (dW, dx scaling and the loss reduction).
-    // Outputs: loss, lse, c_iy, t, alpha, dt per row; the saved dx for unit weights and the
-    // two inverse norms; dx; dW.
-    let want = CounterSnapshot {
-        launches: 3,
-        allocations: 11,
-        htod: 1,
-        htod_pageable: 0,
-        dtoh: 1,
-        syncs: 0,
-        gemms: 0,
-    };
-    assert_eq!(second, want, "a second call of the same shape");
-    assert_eq!(first.launches, 3);
-    assert!(first.allocations > 11, "the first call allocates the scratch too");
+    for row_splits in [None, Some(3)] {
+        let tuning = FusedTuning { attn_row_splits: row_splits, ..Default::default() };
+        let head =
+            CudaHead::new(dev.clone(), HeadConfig::arcface(), HeadPath::Fused).unwrap().with_tuning(tuning);
+        assert_eq!(head.fused_kernels(HeadShape { b, c, d }, DType::BF16).unwrap(), FusedKernels::Attention);
+        let splits = head.attention_row_splits(STEP, DType::BF16).0;
+        assert_eq!(splits, if row_splits.is_some() { 3 } else { 1 });
+        let (first, dw1) = fused_step(&head, &x, &w, &labels, &sigma);
+        let (second, dw2) = fused_step(&head, &x, &w, &labels, &sigma);
+        // Tiles (with dx), combine; backward (dW, dx scaling and the loss reduction).
+        // Outputs: loss, lse, c_iy, t, alpha, dt per row; the saved dx for unit weights and the
+        // two inverse norms; dx; dW.
+        let want = CounterSnapshot {
+            launches: 3,
+            allocations: 11,
+            htod: 1,
+            htod_pageable: 0,
+            dtoh: 1,
+            syncs: 0,
+            gemms: 0,
+        };
+        assert_eq!(second, want, "a second call of the same shape, {splits} row splits");
+        assert_eq!(first.launches, 3);
+        assert!(first.allocations > 11, "the first call allocates the scratch too");
+        assert!(dw1.iter().all(|v| v.is_finite()) && dw1.iter().any(|&v| v != 0.0));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(bits(&dw1) == bits(&dw2), "{splits} row splits: the second call's dW differs");
+    }
 }
 
 /// Sub-centers (SPEC 5b) in the attention-form plans: class-aligned tiles of floor(32 / K)
@@ -299,18 +347,23 @@ fn attention_plans_with_subcenters_use_class_aligned_tiles() {
                 let fwd =
                     plan::attn_fwd(dtype, shape, k, (splits, per), true, AttnFwdArgs::default()).unwrap();
                 let comb = plan::attn_combine(dtype, shape, k, splits, AttnCombineArgs::default()).unwrap();
-                let bwd = plan::attn_bwd(dtype, shape, k, true, AttnBwdArgs::default()).unwrap();
+                let rs = plan::attn_bwd_row_splits(dtype, shape, k);
+                let bwd = plan::attn_bwd(dtype, shape, k, rs, true, AttnBwdArgs::default()).unwrap();
                 assert_eq!(fwd.args_as::<AttnFwdArgs>().unwrap().k, k as i32);
                 assert_eq!(comb.args_as::<AttnCombineArgs>().unwrap().k, k as i32);
                 assert_eq!(bwd.args_as::<AttnBwdArgs>().unwrap().k, k as i32);
-                assert_eq!(bwd.grid, [shape.c.div_ceil(rm / k) as u32, 1, 1], "{shape:?} K={k}");
+                assert_eq!(bwd.grid, [shape.c.div_ceil(rm / k) as u32, rs.0 as u32, 1], "{shape:?} K={k}");
                 assert!(fused_takes_subcenters(dtype, shape.d, k, plan::SM90_MAX_SMEM));
                 // A split count set by hand covers the same class-aligned tiles.
                 let (s2, p2) = plan::attn_split_tiles_k(shape, k, 2);
                 assert!(plan::attn_fwd(dtype, shape, k, (s2, p2), true, AttnFwdArgs::default()).is_ok());
             }
             for k in [0usize, rm.min(32) + 1] {
-                assert!(plan::attn_bwd(dtype, shape, k, true, AttnBwdArgs::default()).is_err(), "K={k}");
+                assert!(
+                    plan::attn_bwd(dtype, shape, k, (1, shape.b.div_ceil(32)), true, AttnBwdArgs::default())
+                        .is_err(),
+                    "K={k}"
+                );
                 assert!(!fused_takes_subcenters(dtype, shape.d, k, plan::SM90_MAX_SMEM) || k == 0);
             }
         }

@@ -357,7 +357,15 @@ fn attention_launch_list() {
             let want = [
                 plan::attn_fwd(dtype, s, 1, (splits, per), vec, AttnFwdArgs::default()).unwrap(),
                 plan::attn_combine(dtype, s, 1, splits, AttnCombineArgs::default()).unwrap(),
-                plan::attn_bwd(dtype, s, 1, vec, AttnBwdArgs::default()).unwrap(),
+                plan::attn_bwd(
+                    dtype,
+                    s,
+                    1,
+                    plan::attn_bwd_row_splits(dtype, s, 1),
+                    vec,
+                    AttnBwdArgs::default(),
+                )
+                .unwrap(),
             ];
             assert_eq!(p.kernels.len(), want.len(), "{dtype:?} {s:?}");
             for (k, l) in p.kernels.iter().zip(&want) {
@@ -368,7 +376,8 @@ fn attention_launch_list() {
             // Forward grid: row tiles x class splits; backward: one CTA per class tile.
             let rm = plan::attn_rows(dtype, plan::attn_dp(s.d));
             assert_eq!(want[0].grid, [s.b.div_ceil(rm) as u32, splits as u32, 1]);
-            assert_eq!(want[2].grid, [s.c.div_ceil(rm) as u32, 1, 1]);
+            let rs = plan::attn_bwd_row_splits(dtype, s, 1).0;
+            assert_eq!(want[2].grid, [s.c.div_ceil(rm) as u32, rs as u32, 1]);
             assert_eq!(want[0].smem, plan::attn_smem_bytes(dtype, plan::attn_dp(s.d)));
         }
     }
@@ -537,6 +546,33 @@ fn attention_face_1m_anchor() {
     // block 0 reduces: each once.
     let hbm_b = x + w + 5.0 * 2048.0 * 4.0 + 4e6 + 2048.0 * 512.0 * 4.0 + 2048.0 * 4.0 + x + w + 2048.0 * 4.0;
     assert_eq!(b.traffic.hbm_bytes, hbm_b);
+}
+
+/// LT (512 x 2048 x 1000, bf16): the backward splits its rows in two (`attn_bwd_row_splits`):
+/// 63 class tiles of 16 W rows x 2 = 126 CTAs, each streaming 8 of the 16 row tiles. L2, by
+/// hand: x (2,097,152 bytes) and 5 f32 inputs per row (10,240) by each class tile column, W
+/// read and dW written (4,096,000 each), inv_w (4,000), u + dx + labels + row losses
+/// (6,295,552), and the split's hand-off: 2 partials of C x D f32 (8,192,000 each) written
+/// and read back, 63 counters incremented by 2 CTAs each (4 bytes read and written). The
+/// busiest CTA (the last of a class tile): half of the x traffic of its column, W's share,
+/// and its own partial out plus 2 in (3 x 16 x 2048 x 4 bytes), at one SM's share of L2.
+#[test]
+fn attention_lt_row_split_anchor() {
+    let s = shape(512, 1000, 2048);
+    assert_eq!(plan::attn_bwd_row_splits(DType::BF16, s, 1), (2, 8));
+    let dev = h200();
+    let p = perf_model::attention(s, DType::BF16, &dev).unwrap();
+    let b = kernel(&p, "attn_bwd_d2048_bf16");
+    assert_eq!(b.grid.map(|g| (g.ctas, g.waves)), Some((126, 1)));
+    let col = 2_097_152.0 + 10_240.0;
+    let l2 = 63.0 * col + 4_096_000.0 + 4_000.0 + 6_295_552.0 + 4_096_000.0 + 4.0 * 8_192_000.0 + 4.0 * 252.0;
+    assert_eq!(b.traffic.l2_bytes, l2);
+    let busiest = (col / 2.0 + 4_096_000.0 / 63.0 + 3.0 * 16.0 * 2048.0 * 4.0) / l2;
+    let want = l2 / 5.5e12 * 1e3 * 132.0 * busiest + dev.launch_us * 1e-3;
+    assert_eq!(b.time.bound, Bound::Latency);
+    assert!((b.time.predicted_ms - want).abs() < 1e-12, "{} against {want}", b.time.predicted_ms);
+    // Below the one-split backward's 0.060 ms (63 CTAs, each streaming all 16 row tiles).
+    assert!(b.time.predicted_ms < 0.041, "{}", b.time.predicted_ms);
 }
 
 /// The attention form with K sub-centers (SPEC 5b): the same three launches; the forward's

@@ -107,8 +107,10 @@ pub struct BenchRow {
     pub fused_backward_cols: usize,
     /// The fused backward's grid (G class-tile CTAs, S row splits).
     pub fused_backward_grid: (usize, usize),
-    /// Where the dispatcher split the rows (S > 1): the fused path re-timed with fewer
-    /// splits, (S, median ms, extra MiB), so the speed / memory trade is on record.
+    /// Where the dispatcher split the rows (S > 1; the tiles' backward grid.1, or the
+    /// attention form's backward row splits): the fused path re-timed with fewer splits
+    /// (halving for the tiles, 1 for the attention form), (S, median ms, extra MiB), so the
+    /// speed / memory trade is on record.
     pub row_split_sweep: Vec<(usize, f64, f64)>,
 }
 
@@ -269,7 +271,7 @@ fn bench_shape<T: DeviceElem>(
         .with_tuning(FusedTuning { kernels: Some(FusedKernels::Tiles), ..FusedTuning::default() });
     let fused_tiles = if kernels == FusedKernels::Attention { Some(measure(&tiles_head)?) } else { None };
     let mut row_split_sweep = vec![];
-    // Row splits exist only in the tiles kernels.
+    // The tiles kernels' row splits (the attention form's, `attn_row_splits`, are swept below).
     if kernels == FusedKernels::Tiles && grid.1 > 1 {
         row_split_sweep.push((grid.1, f.timing.median_ms, f.extra_mib));
         let mut fewer = grid.1 / 2;
@@ -284,6 +286,15 @@ fn bench_shape<T: DeviceElem>(
             row_split_sweep.push((fewer, m.timing.median_ms, m.extra_mib));
             fewer /= 2;
         }
+    }
+    // The attention form's backward row splits (small C, `plan::attn_bwd_row_splits`): the
+    // dispatcher's count against one split, so the first GPU run tests the model's choice.
+    let attn_splits = fused.attention_row_splits(shape, T::DTYPE).0;
+    if kernels == FusedKernels::Attention && attn_splits > 1 {
+        row_split_sweep.push((attn_splits, f.timing.median_ms, f.extra_mib));
+        let tuning = FusedTuning { attn_row_splits: Some(1), ..FusedTuning::default() };
+        let m = measure(&CudaHead::new(dev.clone(), cfg, HeadPath::Fused)?.with_tuning(tuning))?;
+        row_split_sweep.push((1, m.timing.median_ms, m.extra_mib));
     }
     let r = measure(&reference)?;
     let mut g3 = ThreeGemm::<T>::new(dev, s.b, s.d, s.c)?;

@@ -841,8 +841,8 @@ const _: () = assert!(std::mem::offset_of!(AttnCombineArgs, _pad0) == 204);
 // (size and offsets asserted above and there).
 unsafe impl KernelArgs for AttnCombineArgs {}
 
-/// `attn_bwd_d{128,512}[_scalar]_<T>`: dW of one class tile per CTA, and dx from the
-/// combine's unit-weight rows.
+/// `attn_bwd_d{128,512,2048}[_scalar]_<T>`: dW of one class tile per CTA column (its row
+/// splits summed by the last of them), and dx from the combine's unit-weight rows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct AttnBwdArgs {
@@ -881,6 +881,12 @@ pub struct AttnBwdArgs {
     pub total: DevPtr,
     /// `[B]` u32 in (forward): k*_iy; null when K = 1.
     pub k_iy: DevPtr,
+    /// `[row splits, C*K, D]` f32 scratch: each row split's dW-hat partial; unread with one
+    /// row split.
+    pub dwpart: DevPtr,
+    /// `[class tiles]` u32 in/out: 0 on entry and left 0 (each class tile counts its finished
+    /// row splits); unread with one row split.
+    pub counters: DevPtr,
     /// Head parameters.
     pub p: HeadParams,
     /// Multiplies row_g (1 / N_valid for a mean).
@@ -895,10 +901,15 @@ pub struct AttnBwdArgs {
     pub d: i32,
     /// K, sub-centers per class (>= 1).
     pub k: i32,
+    /// x row tiles (of [`crate::cuda::head::plan::ATTN_BT`] rows) per row split (grid.y);
+    /// the last split may have fewer.
+    pub rtiles_per_split: i32,
+    /// Padding (0).
+    pub _pad0: i32,
 }
-const _: () = assert!(std::mem::size_of::<AttnBwdArgs>() == 216);
-const _: () = assert!(std::mem::offset_of!(AttnBwdArgs, p) == 136);
-const _: () = assert!(std::mem::offset_of!(AttnBwdArgs, k) == 212);
+const _: () = assert!(std::mem::size_of::<AttnBwdArgs>() == 240);
+const _: () = assert!(std::mem::offset_of!(AttnBwdArgs, p) == 152);
+const _: () = assert!(std::mem::offset_of!(AttnBwdArgs, _pad0) == 236);
 // SAFETY: #[repr(C)], Pod, and the layout of `AttnBwdArgs<T>` in kernels/args.cuh
 // (size and offsets asserted above and there).
 unsafe impl KernelArgs for AttnBwdArgs {}

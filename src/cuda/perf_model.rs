@@ -670,23 +670,43 @@ pub fn attention_k(shape: HeadShape, k: usize, dtype: DType, dev: &DeviceModel) 
     let hbm = if scratch <= dev.l2_bytes { 0.0 } else { scratch } + rows_io + 2.0 * x_bytes + u_bytes;
     kernels.push(launch_model(dev, &lc, mem_work(hbm, l2, rows_share(b, rows_per_cta))));
 
-    // Backward: one CTA per class tile of RM W rows, each streaming all of x in BT-row tiles
-    // with labels, inv_x, lse, t, dt per row (row_g too under per-row upstream weights: not
-    // modelled); dW written once; dx = w_i u_i for its share of the rows; block 0 also
-    // reduces the B row losses (forward_backward queues no head_reduce launch).
-    let lb = plan::attn_bwd(dtype, shape, k, vec, AttnBwdArgs::default()).expect(supported);
-    let (n_cb, n_rt) = (c.div_ceil(plan::attn_bwd_classes(dtype, d, k)), b.div_ceil(bt));
+    // Backward: grid (class tiles of RM W rows, row splits). Each CTA streams its split's x
+    // rows in BT-row tiles with labels, inv_x, lse, t, dt per row (row_g too under per-row
+    // upstream weights: not modelled); dx = w_i u_i for its share of the rows; block 0 also
+    // reduces the B row losses (forward_backward queues no head_reduce launch). One split:
+    // dW written once. Row splits (small C): every CTA stores its dW-hat partial (RM x D f32,
+    // L2: the partials are within the O partials' budget, far below L2) and the last CTA of
+    // each class tile reads all of them back before writing dW.
+    let (n_rs, per_rs) = plan::attn_bwd_row_splits(dtype, shape, k);
+    let lb = plan::attn_bwd(dtype, shape, k, (n_rs, per_rs), vec, AttnBwdArgs::default()).expect(supported);
+    let (n_cb, n_rt) = (plan::attn_bwd_class_tiles(dtype, shape, k), b.div_ceil(bt));
     let flops = tile_flops * (n_cb * n_rt) as f64;
     let rows_in = if k > 1 { 6.0 } else { 5.0 } * bf * 4.0;
     let dx_io = u_bytes + bf * 4.0 + x_bytes + bf * 4.0;
-    let l2 = n_cb as f64 * (x_bytes + rows_in) + w_bytes + kf * cf * 4.0 + dx_io + w_bytes;
-    // x is re-read by every CTA; the CTAs of one wave stream it together, so a set that
-    // does not fit comes from HBM once per wave.
+    // One split's dW-hat partial over every class (each split's CTAs write one, the summing
+    // CTAs read all of them) and the counters (an atomic read-modify-write per CTA).
+    let (dwpart, counters) = if n_rs > 1 { (kf * cf * df * 4.0, n_cb as f64 * 4.0) } else { (0.0, 0.0) };
+    let l2 = n_cb as f64 * (x_bytes + rows_in)
+        + w_bytes
+        + kf * cf * 4.0
+        + dx_io
+        + w_bytes
+        + 2.0 * n_rs as f64 * dwpart
+        + 2.0 * n_rs as f64 * counters;
+    // x is re-read by every CTA column; the CTAs of one wave stream it together, so a set
+    // that does not fit comes from HBM once per wave.
     let x_hbm =
         if L2Left::new(dev).fits(x_bytes) { x_bytes } else { grid_model(dev, &lb).waves as f64 * x_bytes };
     // u was written two kernels back: HBM.
     let hbm = x_hbm + w_bytes + rows_in + kf * cf * 4.0 + dx_io + w_bytes;
-    let busiest = 1.0 / n_cb as f64;
+    // The busiest CTA: the last of a class tile, with the most row tiles (per_rs) and the
+    // sum of the splits (its RM x D partial out, n_rs partials in), as a share of the l2 bytes
+    // (the largest memory term); its FLOPs' share is per_rs / (n_cb n_rt) <= that.
+    let rm_d = (rm * d) as f64 * 4.0;
+    let busiest_l2 = per_rs as f64 / n_rt as f64 * (x_bytes + rows_in)
+        + w_bytes / n_cb as f64
+        + if n_rs > 1 { (1.0 + n_rs as f64) * rm_d } else { 0.0 };
+    let busiest = (busiest_l2 / l2).max(per_rs as f64 / (n_cb * n_rt) as f64);
     kernels.push(launch_model(dev, &lb, Work { flops, tflops: rate, hbm, l2, busiest }));
     Some(PathModel { path: "fused", kernel_set: Some(FusedKernels::Attention), kernels })
 }

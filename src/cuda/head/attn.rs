@@ -7,8 +7,10 @@
 //!
 //! Launches per call (checked by `tests/head_emu.rs` and `tests/head_plans.rs` through the
 //! device counters): forward 3 (tiles, combine, loss reduction); backward 1; forward_backward
-//! 3 (the backward's first block does the loss reduction). No memsets; the forward's scratch
-//! (split partials) is kept between calls, the backward has none.
+//! 3 (the backward's first block does the loss reduction). No memsets; the scratch is kept
+//! between calls: the forward's split partials, and where the backward splits its rows
+//! (small C, [`plan::attn_bwd_row_splits`]) its dW partials in the same buffer and one
+//! counter per class tile, zeroed when allocated and left 0 by every launch.
 
 use super::fused::vectorized;
 use super::plan;
@@ -33,12 +35,15 @@ pub(super) struct AttnSaved {
 
 /// The attention-form forward over `splits` class splits of `per` class tiles: every per-row
 /// output, the reduced loss (on the device, unless `defer_reduce` leaves it to the backward)
-/// and the saved state of [`AttnSaved`].
+/// and the saved state of [`AttnSaved`]. `bwd_row_splits`: the backward's row splits, which
+/// size the partials buffer the two passes share ([`plan::attn_partials_len`]).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn forward<T: DeviceElem>(
     dev: &Device,
     inp: &Inputs<'_, T>,
     job: ForwardJob<'_>,
     (splits, per): (usize, usize),
+    bwd_row_splits: usize,
     scalar: bool,
     defer_reduce: bool,
     scratch: &mut Scratch,
@@ -62,7 +67,8 @@ pub(super) fn forward<T: DeviceElem>(
     // The tiles write part and opart for every (split, row < B), and swh for every (split,
     // column < D) when ls > 0, the only case in which the combine reads it.
     let part = scratch.take(dev, Slot::Part, &[3 * splits * b])?;
-    let opart = scratch.take(dev, Slot::Opart, &[splits * b * d])?;
+    let opart =
+        scratch.take(dev, Slot::Opart, &[plan::attn_partials_len(shape, k, splits, bwd_row_splits)])?;
     let swh = scratch.take(dev, Slot::Swh, &[splits * d])?;
     let total = scratch.take(dev, Slot::Total, &[1])?;
     let tiles = plan::attn_fwd(
@@ -158,8 +164,19 @@ fn grad_ptrs<T: DeviceElem>(g: &GradTensor<T>) -> (crate::cuda::DevPtr, crate::c
     }
 }
 
-/// The attention-form backward: dW from one launch over the class tiles, dx = w_i u_i, and
-/// with `reduce = Some((scale, total))` the forward's deferred loss reduction into `total`.
+/// The attention-form backward's launch choices.
+pub(super) struct BwdChoice {
+    /// (row splits, x row tiles per split): [`plan::attn_bwd_row_splits`] or the tuning's.
+    pub row_splits: (usize, usize),
+    /// The forward's class splits (with the row splits, they size the shared partials buffer).
+    pub class_splits: usize,
+    /// Element loads even where 16-byte cp.async would do.
+    pub scalar: bool,
+}
+
+/// The attention-form backward: dW from one launch over (class tiles, row splits), dx =
+/// w_i u_i, and with `reduce = Some((scale, total))` the forward's deferred loss reduction
+/// into `total`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward<T: DeviceElem>(
     dev: &Device,
@@ -168,9 +185,11 @@ pub(super) fn backward<T: DeviceElem>(
     saved: &AttnSaved,
     up: Upstream<'_>,
     grad_dtype: GradDtype,
-    scalar: bool,
+    choice: BwdChoice,
     reduce: Option<(f32, crate::cuda::DevPtr)>,
+    scratch: &mut Scratch,
 ) -> Result<Grads<T>> {
+    let BwdChoice { row_splits, class_splits, scalar } = choice;
     let (shape, p, k) = (inp.shape, inp.p, inp.k);
     let HeadShape { b, c, d } = shape;
     let f32_grads = grad_dtype == GradDtype::F32 || T::DTYPE == DType::F32;
@@ -188,10 +207,21 @@ pub(super) fn backward<T: DeviceElem>(
         }
     };
     let ((dxp, dx32), (dwp, dw32)) = (grad_ptrs(&dx), grad_ptrs(&dw));
+    // Row splits: each split's CTAs write their dW partials for every (W row, column < D)
+    // before any CTA reads them (the last of a class tile, after the counter says all wrote).
+    let split = row_splits.0 > 1;
+    let len = plan::attn_partials_len(shape, k, class_splits, row_splits.0);
+    let dwpart = if split { Some(scratch.take(dev, Slot::Opart, &[len])?) } else { None };
+    let counters = if split {
+        Some(scratch.take_counters(dev, plan::attn_bwd_class_tiles(T::DTYPE, shape, k))?)
+    } else {
+        None
+    };
     let l = plan::attn_bwd(
         T::DTYPE,
         shape,
         k,
+        row_splits,
         vectorized(inp.x, inp.w, d, scalar),
         AttnBwdArgs {
             x: inp.x.ptr(),
@@ -208,6 +238,8 @@ pub(super) fn backward<T: DeviceElem>(
             total: reduce.map_or(crate::cuda::DevPtr::NULL, |r| r.1),
             loss_scale: reduce.map_or(0.0, |r| r.0),
             k_iy,
+            dwpart: dwpart.as_ref().map_or(crate::cuda::DevPtr::NULL, |t| t.ptr()),
+            counters: counters.as_ref().map_or(crate::cuda::DevPtr::NULL, |t| t.ptr()),
             dx: dxp,
             dx32,
             dw: dwp,
@@ -222,7 +254,16 @@ pub(super) fn backward<T: DeviceElem>(
     // K > 1, checked above), inv_w [C*K], u [B, D]; exactly one of dx / dx32 and one of
     // dw / dw32 non-null, each [B, D] / [C*K, D]
     // in its dtype; all distinct buffers; the dynamic shared memory is the kernel's; total,
-    // when set, is the forward's [1] loss buffer and row_loss its [B] row losses.
-    unsafe { dev.launch(&l) }?;
+    // when set, is the forward's [1] loss buffer and row_loss its [B] row losses; with row
+    // splits (grid.y > 1) dwpart holds at least [grid.y, C*K, D] f32 (attn_partials_len) and
+    // counters [grid.x] u32, all 0.
+    let launched = unsafe { dev.launch(&l) };
+    if let Some(t) = dwpart {
+        scratch.put(Slot::Opart, t);
+    }
+    if let (Some(t), Ok(())) = (counters, &launched) {
+        scratch.put_counters(t);
+    }
+    launched?;
     Ok(Grads { dx, dw })
 }

@@ -39,8 +39,8 @@ mod scratch;
 pub mod verify;
 
 pub use plan::{
-    attn_supported, backward_cols_for, backward_grid_for, forward_tile_for, fused_vectorized, workspace_for,
-    FusedKernels, FusedTuning, FORWARD_TILES,
+    attn_row_split_tiles, attn_supported, backward_cols_for, backward_grid_for, forward_tile_for,
+    fused_vectorized, workspace_for, FusedKernels, FusedTuning, FORWARD_TILES,
 };
 
 use super::args::{HeadParams, HeadReduceArgs};
@@ -429,6 +429,15 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         }
     }
 
+    /// The attention-form backward's (row splits, x row tiles per split) at `shape`, as the
+    /// dispatcher (or the tuning) picks them.
+    pub fn attention_row_splits(&self, shape: HeadShape, dtype: DType) -> (usize, usize) {
+        match self.tuning.attn_row_splits {
+            Some(n) => plan::attn_row_split_tiles(shape, n),
+            None => plan::attn_bwd_row_splits(dtype, shape, self.subcenters()),
+        }
+    }
+
     /// The fused backward's launch grid at `shape`: (G CTAs over the class tiles, S row
     /// splits), as the dispatcher (or the tuning) picks it.
     pub fn backward_grid(&self, shape: HeadShape) -> (usize, usize) {
@@ -453,6 +462,7 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
         let plan = Plan {
             kernels,
             class_splits: self.attention_splits(shape, dtype).0,
+            attn_row_splits: self.attention_row_splits(shape, dtype).0,
             fwd_cols: self.forward_tile(shape).1,
             bwd_cols: self.bwd_cols(shape),
             g,
@@ -717,6 +727,7 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
                         &inputs,
                         job,
                         splits,
+                        self.attention_row_splits(shape, T::DTYPE).0,
                         self.tuning.scalar_loads,
                         defer_reduce,
                         scratch,
@@ -776,16 +787,12 @@ impl<D: Deref<Target = Device>> HeadOn<D> {
             HeadPath::Fused if attention => {
                 let saved = fwd.attn.as_ref().expect("checked by the guard");
                 let reduce = deferred.map(|(scale, total)| (scale, total.ptr()));
-                attn::backward(
-                    &self.dev,
-                    &inputs,
-                    fwd,
-                    saved,
-                    up,
-                    grad_dtype,
-                    self.tuning.scalar_loads,
-                    reduce,
-                )
+                let choice = attn::BwdChoice {
+                    row_splits: self.attention_row_splits(shape, T::DTYPE),
+                    class_splits: self.attention_splits(shape, T::DTYPE).0,
+                    scalar: self.tuning.scalar_loads,
+                };
+                attn::backward(&self.dev, &inputs, fwd, saved, up, grad_dtype, choice, reduce, scratch)
             }
             HeadPath::Fused => {
                 let (groups, splits) = self.bwd_grid(shape);

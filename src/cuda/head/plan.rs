@@ -117,6 +117,7 @@ pub fn workspace_for(
     let plan = Plan {
         kernels,
         class_splits: attn_splits(dtype, shape).0,
+        attn_row_splits: attn_bwd_row_splits(dtype, shape, 1).0,
         fwd_cols: forward_tile_for(shape, sm_count).1,
         bwd_cols: backward_cols_for(shape, sm_count),
         g,
@@ -132,6 +133,8 @@ pub(super) struct Plan {
     pub(super) kernels: FusedKernels,
     /// The attention-form forward's class splits.
     pub(super) class_splits: usize,
+    /// The attention-form backward's row splits.
+    pub(super) attn_row_splits: usize,
     /// Classes per forward tile.
     pub(super) fwd_cols: usize,
     /// Classes per backward tile.
@@ -152,7 +155,8 @@ pub(super) fn workspace_with_groups(
     grad: GradDtype,
     plan: Plan,
 ) -> Workspace {
-    let Plan { kernels, class_splits: n_cs, fwd_cols, bwd_cols, g, s: splits, k } = plan;
+    let Plan { kernels, class_splits: n_cs, attn_row_splits: n_rs, fwd_cols, bwd_cols, g, s: splits, k } =
+        plan;
     let HeadShape { b, c, d } = shape;
     let f = 4;
     match path {
@@ -163,12 +167,18 @@ pub(super) fn workspace_with_groups(
             backward: (2 * b * d + 2 * c * d + b + c + 2 * b * c + b) * f,
         },
         HeadPath::Fused if kernels == FusedKernels::Attention => {
+            // The O partials and, with row splits, the backward's dW partials share one buffer
+            // (attn_partials_len; attn_bwd_row_splits keeps both within one budget); with row
+            // splits the backward also keeps one u32 counter per class tile.
+            let partials = attn_partials_len(shape, k, n_cs, n_rs);
+            let counters = if n_rs > 1 { attn_bwd_class_tiles(dtype, shape, k) } else { 0 };
             Workspace {
-                // split partials (part, opart, swh), the saved dx for unit weights and
-                // inverse norms (of W's C*K rows), labels; the backward only the labels
-                // (k*_iy, B u32 with K > 1, is an output like c_iy)
-                forward: (3 * n_cs * b + n_cs * b * d + n_cs * d + b * d + b + c * k + b) * f,
-                backward: b * f,
+                // split partials (part, the shared partials, swh), the saved dx for unit
+                // weights and inverse norms (of W's C*K rows), labels; the backward the labels,
+                // and with row splits the shared partials and the counters (k*_iy, B u32 with
+                // K > 1, is an output like c_iy)
+                forward: (3 * n_cs * b + partials + n_cs * d + b * d + b + c * k + b) * f,
+                backward: (b + if n_rs > 1 { partials + counters } else { 0 }) * f,
             }
         }
         HeadPath::Fused => {
@@ -220,6 +230,10 @@ pub struct FusedTuning {
     /// rescaling across tiles); a different count regroups the sums (equal within
     /// tolerance, not bitwise).
     pub class_splits: Option<usize>,
+    /// The attention-form backward's row splits (see [`attn_row_split_tiles`]); `None`:
+    /// [`attn_bwd_row_splits`]. A different count regroups dW's sums (equal within
+    /// tolerance, not bitwise).
+    pub attn_row_splits: Option<usize>,
 }
 
 /// The two kernel sets of the fused path (serialized as [`FusedKernels::name`]).
@@ -607,14 +621,87 @@ pub fn attn_combine(
     }
 }
 
-/// `attn_bwd_*`: one CTA per class tile of [`attn_bwd_classes`] classes (`k` sub-centers each).
-pub fn attn_bwd(dtype: DType, shape: HeadShape, k: usize, vec: bool, mut a: AttnBwdArgs) -> Result<Launch> {
+/// f32 elements of the attention form's shared partials buffer (the forward's O partials
+/// `[class splits][B][D]`, and with more than one backward row split the backward's dW
+/// partials `[row splits][C*K][D]`): both passes take it at this one size, so that it is kept
+/// between calls (on the emulated device, reused only at its exact size) and its bytes are
+/// counted once.
+pub fn attn_partials_len(shape: HeadShape, k: usize, class_splits: usize, row_splits: usize) -> usize {
+    let dwpart = if row_splits > 1 { row_splits * shape.c * k * shape.d } else { 0 };
+    (class_splits * shape.b * shape.d).max(dwpart)
+}
+
+/// The attention-form backward aims at this many CTAs (class tiles x row splits) where the
+/// class tiles alone leave SMs idle: about one wave of its one-CTA-per-SM kernels on an H200
+/// (132 SMs). A constant, not the device's SM count, so that the split (and every output bit)
+/// is the same on every GPU.
+pub const ATTN_BWD_TARGET_CTAS: usize = 128;
+
+/// The attention-form backward's class tiles at `shape` with `k` sub-centers per class: one
+/// CTA column each ([`attn_bwd_classes`] classes).
+pub fn attn_bwd_class_tiles(dtype: DType, shape: HeadShape, k: usize) -> usize {
+    shape.c.div_ceil(attn_bwd_classes(dtype, shape.d, k.max(1)))
+}
+
+/// The attention-form backward's row splits at `shape` with `k` sub-centers per class:
+/// (splits, x row tiles of [`ATTN_BT`] rows per split). Splitting the rows gives a small C
+/// more CTAs, but every CTA then stores its dW-hat partial (RM x D f32) and the last CTA of a
+/// class tile reads all of them back, so the split count n is the one (the smallest of
+/// equals) that minimizes the busiest CTA's global bytes per column of D, (row tiles of its
+/// split) x BT x (storage bytes) + (n > 1: (1 + n) x RM x 4), among those with class tiles x
+/// n within [`ATTN_BWD_TARGET_CTAS`] and the dW partials (`[n][C*K][D]` f32, in the forward's
+/// O partials' scratch) within [`ATTN_OPART_BUDGET`] or W's bytes. So one split wherever the
+/// class tiles reach the target (every face shape: nothing changes there) or the rows are
+/// few (re-ID's 64), two at LT (512 x 2048 x 1000 in bf16: 126 CTAs). A function of the
+/// shape, the dtype and K only.
+pub fn attn_bwd_row_splits(dtype: DType, shape: HeadShape, k: usize) -> (usize, usize) {
+    let n_cb = attn_bwd_class_tiles(dtype, shape, k).max(1);
+    let budget = ATTN_OPART_BUDGET.max(shape.c * k * shape.d * dtype.size());
+    let by_memory = budget / (shape.c * k * shape.d * 4).max(1);
+    let most = (ATTN_BWD_TARGET_CTAS / n_cb).min(by_memory).max(1);
+    let rm = attn_rows(dtype, attn_dp(shape.d));
+    let busiest = |n: usize| {
+        let (n, per) = attn_row_split_tiles(shape, n);
+        per * ATTN_BT * dtype.size() + if n > 1 { (1 + n) * rm * 4 } else { 0 }
+    };
+    let best = (1..=most.min(shape.b.div_ceil(ATTN_BT))).min_by_key(|&n| (busiest(n), n)).unwrap_or(1);
+    attn_row_split_tiles(shape, best)
+}
+
+/// (splits, row tiles per split) for about `want` row splits of the backward (clamped to
+/// [1, row tiles]; every split gets the same number of row tiles but the last, none is empty).
+pub fn attn_row_split_tiles(shape: HeadShape, want: usize) -> (usize, usize) {
+    let n_rt = shape.b.div_ceil(ATTN_BT).max(1);
+    let per = n_rt.div_ceil(want.clamp(1, n_rt));
+    (n_rt.div_ceil(per), per)
+}
+
+/// `attn_bwd_*`: grid (class tiles of [`attn_bwd_classes`] classes, `k` sub-centers each;
+/// `splits` row splits of `per` row tiles: [`attn_bwd_row_splits`] or [`attn_row_split_tiles`]).
+/// With more than one split the caller passes `dwpart` (`[splits, C*K, D]` f32) and `counters`
+/// (`[class tiles]` u32, all 0).
+pub fn attn_bwd(
+    dtype: DType,
+    shape: HeadShape,
+    k: usize,
+    (splits, per): (usize, usize),
+    vec: bool,
+    mut a: AttnBwdArgs,
+) -> Result<Launch> {
     attn_check_d(shape.d)?;
     a.k = attn_check_k(dtype, shape.d, k)?;
+    let n_rt = shape.b.div_ceil(ATTN_BT).max(1);
+    if splits == 0 || per == 0 || (splits - 1) * per >= n_rt || splits * per < n_rt {
+        return Err(Error::InvalidConfig(format!(
+            "{splits} row splits of {per} row tiles do not cover B = {}",
+            shape.b
+        )));
+    }
     let kernel = attn_kernel(dtype, shape.d, vec, false)?;
     a.b = shape.b as i32;
     a.c = shape.c as i32;
     a.d = shape.d as i32;
-    let grid = [shape.c.div_ceil(attn_bwd_classes(dtype, shape.d, k)) as u32, 1, 1];
+    a.rtiles_per_split = per as i32;
+    let grid = [attn_bwd_class_tiles(dtype, shape, k) as u32, splits as u32, 1];
     Ok(Launch::new(kernel, grid, [THREADS, 1, 1], attn_smem_bytes(dtype, attn_dp(shape.d)), &a))
 }

@@ -27,7 +27,9 @@ pub(super) enum Slot {
     Dxp,
     /// Backward dW partials `[S, C, D]` or the 16-bit dW accumulators `[G, cols, D]`.
     Dw,
-    /// The attention-form forward's per-split attention outputs `[splits, B, D]`.
+    /// The attention-form forward's per-split attention outputs `[splits, B, D]`, and in the
+    /// attention-form backward with row splits its dW partials `[row splits, C*K, D]` (the
+    /// forward's are consumed by its combine before any backward runs).
     Opart,
     /// The attention-form forward's per-split sums of normalized W rows `[splits, D]`.
     Swh,
@@ -40,6 +42,8 @@ const SLOTS: usize = 8;
 pub(super) struct Scratch {
     f32s: [Option<Tensor<f32>>; SLOTS],
     labels: Option<Tensor<i32>>,
+    /// The attention-form backward's counters (one per class tile), all 0 between calls.
+    counters: Option<Tensor<u32>>,
     /// Pinned host memory the labels are uploaded from.
     labels_host: Staging<i32>,
 }
@@ -82,5 +86,26 @@ impl Scratch {
     /// Returns the labels buffer.
     pub(super) fn put_labels(&mut self, t: Tensor<i32>) {
         self.labels = Some(t);
+    }
+
+    /// `n` u32 counters, all 0: the kept buffer (every kernel that uses it leaves it 0) if it
+    /// fits (exactly, on the emulated device), else a new zeroed one. Never poisoned: its
+    /// zeros are the kernel's precondition.
+    pub(super) fn take_counters(&mut self, dev: &Device, n: usize) -> Result<Tensor<u32>> {
+        match self.counters.take() {
+            Some(t) if t.capacity() == n.max(1) || (!dev.is_emulated() && t.capacity() >= n) => {
+                t.reshaped(&[n])
+            }
+            _ => Tensor::zeros(dev, &[n]),
+        }
+    }
+
+    /// Returns the counters after a launch that was accepted: every kernel that runs to the
+    /// end leaves them 0, and a GPU kernel that faults later leaves the context unusable (a
+    /// sticky error), so no later launch sees them (on the emulated device a launch runs
+    /// to the end before it returns). After a launch that failed they are dropped instead, so
+    /// that the next call starts from new zeros.
+    pub(super) fn put_counters(&mut self, t: Tensor<u32>) {
+        self.counters = Some(t);
     }
 }
